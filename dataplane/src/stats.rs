@@ -1,0 +1,239 @@
+//! Per-worker counters.
+//!
+//! Every frame the gateway does not forward is dropped under exactly one [`DropReason`], and every reason is a
+//! counter (`egressd_drops_total{reason="…"}`); tests assert on them. Each worker owns one [`WorkerStats`] and is
+//! its only writer, so an increment is a relaxed load + store (no locked instruction); readers (metrics, `stats`)
+//! sum all workers with relaxed loads and may see a value a few packets old.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::Side;
+
+macro_rules! drop_reasons {
+    ($( $(#[$doc:meta])* $variant:ident => $name:literal, )+) => {
+        /// Why a frame was not forwarded. The string is the Prometheus label value and never changes.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        #[repr(u8)]
+        pub enum DropReason {
+            $( $(#[$doc])* $variant, )+
+        }
+
+        impl DropReason {
+            /// Every reason, in declaration order (the index is the discriminant).
+            pub const ALL: &'static [DropReason] = &[ $( DropReason::$variant, )+ ];
+            pub const COUNT: usize = Self::ALL.len();
+
+            /// Stable snake_case name used in metrics and logs.
+            pub fn as_str(self) -> &'static str {
+                match self { $( DropReason::$variant => $name, )+ }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    // --- frame and header validity (hostile or unsupported input) ---
+    /// Frame ends before a header it announces (any layer).
+    Truncated => "truncated",
+    /// Ethertype is neither IPv4 nor IPv6 (ARP and friends go to the kernel before reaching us).
+    NotIp => "not_ip",
+    /// More VLAN tags than the gateway supports (one 802.1Q tag).
+    TooManyVlanTags => "too_many_vlan_tags",
+    /// IP version nibble does not match the ethertype.
+    IpVersionMismatch => "ip_version_mismatch",
+    /// IPv4 IHL < 5, or header longer than the packet.
+    BadIpHeader => "bad_ip_header",
+    /// IPv4 total length shorter than the header or beyond the frame.
+    BadIpLength => "bad_ip_length",
+    /// IPv4 header checksum does not verify.
+    BadIpChecksum => "bad_ip_checksum",
+    /// IP fragment (the gateway does not reassemble; see the pipeline docs).
+    Fragment => "fragment",
+    /// TTL or hop limit would reach zero.
+    TtlExceeded => "ttl_exceeded",
+    /// IPv6 is parsed and judged but not forwarded (NAT44 only).
+    Ipv6Unsupported => "ipv6_unsupported",
+    /// IPv6 extension header chain too long or malformed.
+    BadIpv6ExtensionChain => "bad_ipv6_extension_chain",
+    /// TCP/UDP/ICMP header malformed (e.g. TCP data offset < 5 or beyond the packet).
+    BadL4Header => "bad_l4_header",
+    /// A transport the gateway cannot translate (not TCP, UDP or ICMP).
+    UnsupportedProtocol => "unsupported_protocol",
+    /// UDP over IPv6 with checksum 0 (forbidden by RFC 8200).
+    ZeroUdpChecksumV6 => "zero_udp_checksum_v6",
+    /// Frame larger than a UMEM chunk.
+    FrameTooLarge => "frame_too_large",
+    /// RX descriptor pointing outside the UMEM.
+    BadRxDescriptor => "bad_rx_descriptor",
+
+    // --- policy ---
+    /// Source address belongs to no group.
+    NoGroup => "no_group",
+    /// An explicit deny rule matched.
+    PolicyDeny => "policy_deny",
+    /// No rule of the source's group matched (default deny).
+    DefaultDeny => "default_deny",
+    /// The flow needs the L7 path, which is not available.
+    L7Unavailable => "l7_unavailable",
+    /// The L7 path's queue is full.
+    L7QueueFull => "l7_queue_full",
+
+    // --- conntrack and NAT ---
+    /// Flow table full: new flows are refused, established ones keep working.
+    ConntrackFull => "conntrack_full",
+    /// The source already holds its configured maximum of flows.
+    SourceFlowLimit => "source_flow_limit",
+    /// No free port on the egress IP for this flow.
+    OutOfPorts => "out_of_ports",
+    /// Packet from outside matches no mapping (unsolicited inbound).
+    NoMapping => "no_mapping",
+    /// ICMP error quoting a packet of no known flow.
+    IcmpErrorNoMapping => "icmp_error_no_mapping",
+    /// Invalid TCP flag combination (SYN+FIN, SYN+RST, none set).
+    InvalidTcpFlags => "invalid_tcp_flags",
+    /// First packet of a TCP flow is not a SYN.
+    TcpNotSyn => "tcp_not_syn",
+    /// RST outside the receive window (ignored, state kept).
+    TcpRstOutOfWindow => "tcp_rst_out_of_window",
+    /// ICMP checksum, or an embedded IP header checksum, does not verify.
+    BadIcmpChecksum => "bad_icmp_checksum",
+    /// ICMP type the gateway does not translate.
+    UnsupportedIcmp => "unsupported_icmp",
+
+    // --- forwarding ---
+    /// Packet from outside not addressed to an egress IP.
+    NotForEgressIp => "not_for_egress_ip",
+    /// No route to the destination out of the chosen interface.
+    NoRoute => "no_route",
+    /// Next hop's MAC address unknown (resolution requested from the kernel).
+    NoNeighbour => "no_neighbour",
+    /// TX ring full.
+    TxRingFull => "tx_ring_full",
+    /// Reply belongs to another worker and its hand-over queue is full.
+    HandoffQueueFull => "handoff_queue_full",
+}
+
+/// A counter with a single writer (its worker): increments are plain load + store, reads are relaxed.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    #[inline]
+    pub fn add(&self, n: u64) {
+        // Single writer: no read-modify-write needed, so no locked instruction on the hot path.
+        self.0.store(self.0.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Packets and bytes through one direction of one interface.
+#[derive(Debug, Default)]
+pub struct PacketBytes {
+    pub packets: Counter,
+    pub bytes: Counter,
+}
+
+impl PacketBytes {
+    #[inline]
+    pub fn add(&self, len: usize) {
+        self.packets.inc();
+        self.bytes.add(len as u64);
+    }
+}
+
+/// One worker's counters. Written only by that worker; read by anyone.
+#[derive(Debug)]
+pub struct WorkerStats {
+    /// Frames received, indexed by [`Side`] of arrival.
+    pub rx: [PacketBytes; 2],
+    /// Frames transmitted, indexed by [`Side`] of departure.
+    pub tx: [PacketBytes; 2],
+    /// Frames dropped, indexed by [`DropReason`].
+    pub drops: [Counter; DropReason::COUNT],
+    /// New flows the policy allowed (or allowed in dry-run while it would have denied).
+    pub flows_allowed: Counter,
+    /// New flows a dry-run rule would have denied but let through.
+    pub flows_dry_run_denied: Counter,
+    /// Batches processed (rx bursts that returned at least one frame).
+    pub batches: Counter,
+}
+
+impl Default for WorkerStats {
+    fn default() -> Self {
+        WorkerStats {
+            rx: Default::default(),
+            tx: Default::default(),
+            drops: std::array::from_fn(|_| Counter::default()),
+            flows_allowed: Counter::default(),
+            flows_dry_run_denied: Counter::default(),
+            batches: Counter::default(),
+        }
+    }
+}
+
+impl WorkerStats {
+    #[inline]
+    pub fn drop(&self, reason: DropReason) {
+        self.drops[reason as usize].inc();
+    }
+
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize].get()
+    }
+
+    #[inline]
+    pub fn rx(&self, side: Side) -> &PacketBytes {
+        &self.rx[side_index(side)]
+    }
+
+    #[inline]
+    pub fn tx(&self, side: Side) -> &PacketBytes {
+        &self.tx[side_index(side)]
+    }
+}
+
+#[inline]
+fn side_index(side: Side) -> usize {
+    match side {
+        Side::Inside => 0,
+        Side::Outside => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_indexed_by_discriminant_and_named_uniquely() {
+        let mut names = std::collections::HashSet::new();
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i);
+            assert!(names.insert(r.as_str()), "duplicate name {}", r.as_str());
+            assert!(r.as_str().chars().all(|c| c.is_ascii_lowercase() || c == '_' || c.is_ascii_digit()));
+        }
+    }
+
+    #[test]
+    fn counters_accumulate_per_reason_and_side() {
+        let s = WorkerStats::default();
+        s.drop(DropReason::NoMapping);
+        s.drop(DropReason::NoMapping);
+        s.drop(DropReason::Truncated);
+        s.rx(Side::Outside).add(60);
+        assert_eq!(s.drops(DropReason::NoMapping), 2);
+        assert_eq!(s.drops(DropReason::Truncated), 1);
+        assert_eq!(s.drops(DropReason::OutOfPorts), 0);
+        assert_eq!(s.rx(Side::Outside).bytes.get(), 60);
+        assert_eq!(s.rx(Side::Inside).packets.get(), 0);
+    }
+}

@@ -1,0 +1,1 @@
+//! The pinned busy-poll loop that ties `xsk` rings to the `pipeline`.

@@ -1,0 +1,80 @@
+//! The command line: one module per subcommand; this one owns parsing and dispatch.
+
+pub mod check;
+pub mod explain;
+pub mod reload;
+pub mod run;
+pub mod stats;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "egressd",
+    version,
+    about = "Egress gateway on AF_XDP: default-deny policy, SNAT, L7 checks"
+)]
+pub struct Cli {
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway: attach to the interfaces and forward until SIGINT/SIGTERM. SIGHUP reloads the policy.
+    Run(run::RunArgs),
+    /// Validate and compile a configuration; print a summary. Exit 1 on any error.
+    Check(check::CheckArgs),
+    /// Show how the policy judges one flow: group, deciding rule, verdict, egress IP, and why.
+    Explain(explain::ExplainArgs),
+    /// Print a running gateway's counters.
+    Stats(AdminArgs),
+    /// Ask a running gateway to re-read its configuration.
+    Reload(AdminArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// The running gateway's admin endpoint.
+    #[arg(long, default_value = "127.0.0.1:9900")]
+    pub admin: SocketAddr,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// Path to the TOML configuration.
+    pub config: PathBuf,
+}
+
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Check(args) => check::check(args),
+        Command::Explain(args) => explain::explain(args),
+        Command::Stats(args) => stats::stats(args),
+        Command::Reload(args) => reload::reload(args),
+    }
+}

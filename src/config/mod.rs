@@ -1,0 +1,194 @@
+//! The TOML configuration: model, loading, and validation with file:line:column errors.
+//!
+//! Each section lives in its own module and validates itself; this module owns the top-level shape, turns byte
+//! spans into line:column, and collects every error in a file (not just the first) so an operator fixes them in
+//! one pass. Unknown keys anywhere are rejected (`deny_unknown_fields`).
+
+pub mod admin;
+pub mod dataplane;
+pub mod nat;
+pub mod policy;
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Interfaces, cores and batch sizes.
+    pub dataplane: dataplane::DataplaneConfig,
+    /// Admin HTTP endpoint (metrics, health, reload).
+    #[serde(default)]
+    pub admin: admin::AdminConfig,
+    /// NAT and conntrack limits and timers.
+    #[serde(default)]
+    pub nat: nat::NatConfig,
+    /// Policy-wide settings (default action, dry run).
+    #[serde(default)]
+    pub policy: policy::PolicySettings,
+    /// Source groups: who.
+    #[serde(default)]
+    pub group: Vec<policy::GroupConfig>,
+    /// Rules: what each group may reach.
+    #[serde(default)]
+    pub rule: Vec<policy::RuleConfig>,
+}
+
+/// The text of a configuration file and where it came from; turns byte spans into positions.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+impl Source {
+    pub fn new(path: impl Into<PathBuf>, text: impl Into<String>) -> Source {
+        Source { path: path.into(), text: text.into() }
+    }
+
+    pub fn read(path: &Path) -> Result<Source, ConfigError> {
+        std::fs::read_to_string(path).map(|text| Source::new(path, text)).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read: {e}"),
+        })
+    }
+
+    /// 1-based line and column (in characters) of byte `offset`.
+    pub fn line_col(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let before = &self.text[..floor_char_boundary(&self.text, offset)];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before[line_start..].chars().count() + 1;
+        (line, column)
+    }
+
+    /// An error at the start of `span`.
+    pub fn error(&self, span: Range<usize>, message: impl Into<String>) -> ConfigError {
+        let (line, column) = self.line_col(span.start);
+        ConfigError { path: self.path.clone(), line, column, message: message.into() }
+    }
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while i > 0 && !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// One problem in a configuration file, printed as `file:line:column: message`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    /// 1-based; 0 when the problem is not at a place in the file (e.g. unreadable file).
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.path.display(), self.message)
+        } else {
+            write!(f, "{}:{}:{}: {}", self.path.display(), self.line, self.column, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Every error found in one file (at least one).
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        ConfigErrors(vec![e])
+    }
+}
+
+/// Errors and warnings gathered while validating one file.
+#[derive(Debug, Default)]
+pub struct Diagnostics {
+    pub errors: Vec<ConfigError>,
+    pub warnings: Vec<ConfigError>,
+}
+
+impl Diagnostics {
+    pub fn error(&mut self, src: &Source, span: Range<usize>, message: impl Into<String>) {
+        self.errors.push(src.error(span, message));
+    }
+
+    pub fn warn(&mut self, src: &Source, span: Range<usize>, message: impl Into<String>) {
+        self.warnings.push(src.error(span, message));
+    }
+}
+
+/// A configuration that parsed and validated, with the warnings it produced.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub source: Source,
+    pub warnings: Vec<ConfigError>,
+}
+
+/// Parses and validates `source`. Every error in the file is reported, sorted by position.
+pub fn parse(source: Source) -> Result<Loaded, ConfigErrors> {
+    let config: Config = toml::from_str(&source.text).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        source.error(span, e.message().trim().to_string())
+    })?;
+    let mut diags = Diagnostics::default();
+    config.dataplane.validate(&source, &mut diags);
+    config.admin.validate(&source, &mut diags);
+    config.nat.validate(&source, &mut diags);
+    policy::validate(&config, &source, &mut diags);
+    if diags.errors.is_empty() {
+        Ok(Loaded { config, source, warnings: diags.warnings })
+    } else {
+        diags.errors.sort_by_key(|e| (e.line, e.column));
+        Err(ConfigErrors(diags.errors))
+    }
+}
+
+/// Reads, parses and validates the file at `path`.
+pub fn load(path: &Path) -> Result<Loaded, ConfigErrors> {
+    parse(Source::read(path)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_lines_and_characters() {
+        let s = Source::new("x.toml", "a = 1\nbé = 2\n");
+        assert_eq!(s.line_col(0), (1, 1));
+        assert_eq!(s.line_col(6), (2, 1));
+        // 'é' is two bytes but one column.
+        assert_eq!(s.line_col(9), (2, 3));
+        assert_eq!(s.line_col(1000), (3, 1));
+    }
+}

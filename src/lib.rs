@@ -1,0 +1,6 @@
+//! egressd, the program: command line, configuration, policy compilation, reload, admin endpoint, L7 path.
+//! The packet engine lives in the `dataplane` crate.
+#![forbid(unsafe_code)]
+
+pub mod cli;
+pub mod config;
