@@ -2,5 +2,6 @@
 //! The packet engine lives in the `dataplane` crate.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
 pub mod config;

@@ -182,7 +182,7 @@ impl Default for WorkerStats {
 
 impl WorkerStats {
     #[inline]
-    pub fn drop(&self, reason: DropReason) {
+    pub fn count_drop(&self, reason: DropReason) {
         self.drops[reason as usize].inc();
     }
 
@@ -226,9 +226,9 @@ mod tests {
     #[test]
     fn counters_accumulate_per_reason_and_side() {
         let s = WorkerStats::default();
-        s.drop(DropReason::NoMapping);
-        s.drop(DropReason::NoMapping);
-        s.drop(DropReason::Truncated);
+        s.count_drop(DropReason::NoMapping);
+        s.count_drop(DropReason::NoMapping);
+        s.count_drop(DropReason::Truncated);
         s.rx(Side::Outside).add(60);
         assert_eq!(s.drops(DropReason::NoMapping), 2);
         assert_eq!(s.drops(DropReason::Truncated), 1);

@@ -1,7 +1,14 @@
-//! `egressd reload`: ask a running gateway to re-read its configuration.
+//! `egressd reload`: ask a running gateway to re-read its configuration (same as SIGHUP, but says the outcome).
 
 use std::process::ExitCode;
 
-pub fn reload(_args: super::AdminArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("reload is not implemented yet")
+pub fn reload(args: super::AdminArgs) -> anyhow::Result<ExitCode> {
+    let (status, body) = crate::admin::http_request(args.admin, "POST", "/reload")?;
+    if status == 200 {
+        println!("{}", body.trim());
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!("reload refused, running configuration kept:\n{}", body.trim());
+        Ok(ExitCode::FAILURE)
+    }
 }

@@ -1,0 +1,319 @@
+//! The admin HTTP endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`, `POST /reload`.
+//!
+//! It listens on loopback by default and runs on its own thread, never on a worker's core: a scrape reads the
+//! workers' single-writer counters with relaxed loads, so it cannot stall the data path. Anything else the
+//! program wants exported (NAT port use, policy generation) is added as an extra [`Collector`].
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use dataplane::stats::{DropReason, WorkerStats};
+use dataplane::Side;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+/// What reloading does: returns a one-line summary, or the reason the new file was refused.
+pub type ReloadFn = Box<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+/// Shared between the admin thread and the rest of the program.
+pub struct AdminState {
+    /// One entry per worker; each is written only by its worker.
+    pub workers: Vec<Arc<WorkerStats>>,
+    /// Set once every worker is polling and the XDP programs are attached.
+    pub ready: AtomicBool,
+    /// Set when shutdown starts: `/healthz` and `/readyz` then answer 503 so a load balancer drains us.
+    pub stopping: AtomicBool,
+    /// Re-reads the configuration; `None` where the program has nothing to reload.
+    pub reload: Option<ReloadFn>,
+    /// Reload attempts that succeeded / were refused.
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+    /// More metrics from other parts of the program.
+    pub extra_collectors: Vec<Arc<dyn Collector>>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState").field("workers", &self.workers.len()).finish_non_exhaustive()
+    }
+}
+
+impl AdminState {
+    pub fn new(workers: Vec<Arc<WorkerStats>>) -> AdminState {
+        AdminState {
+            workers,
+            ready: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            reload: None,
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+            extra_collectors: Vec::new(),
+        }
+    }
+
+    /// Runs the reload hook and counts the outcome.
+    pub fn reload(&self) -> Result<String, String> {
+        let Some(reload) = &self.reload else {
+            return Err("this process has nothing to reload".into());
+        };
+        let result = reload();
+        match &result {
+            Ok(_) => self.reloads_ok.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.reloads_failed.fetch_add(1, Ordering::Relaxed),
+        };
+        result
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render_metrics(self: &Arc<Self>) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(CoreCollector(Arc::clone(self))));
+        for extra in &self.extra_collectors {
+            registry.register_collector(Box::new(SharedCollector(Arc::clone(extra))));
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
+/// Lets a collector that other parts of the program also hold be registered for one scrape.
+#[derive(Debug)]
+struct SharedCollector(Arc<dyn Collector>);
+
+impl Collector for SharedCollector {
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+}
+
+/// Sums the workers' counters at scrape time.
+#[derive(Debug)]
+struct CoreCollector(Arc<AdminState>);
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[(&[(&str, &str)], u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family =
+        encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+    for (labels, value) in series {
+        let labels: Vec<(&str, &str)> = labels.to_vec();
+        ConstCounter::new(*value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for CoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let state = &self.0;
+        let sum = |f: &dyn Fn(&WorkerStats) -> u64| state.workers.iter().map(|w| f(w)).sum::<u64>();
+        let sides = [Side::Inside, Side::Outside];
+
+        for (name, help, is_rx, bytes) in [
+            ("egressd_rx_packets", "Frames received, by interface side.", true, false),
+            ("egressd_rx_bytes", "Bytes received, by interface side.", true, true),
+            ("egressd_tx_packets", "Frames transmitted, by interface side.", false, false),
+            ("egressd_tx_bytes", "Bytes transmitted, by interface side.", false, true),
+        ] {
+            let values: Vec<(String, u64)> = sides
+                .iter()
+                .map(|&side| {
+                    let v = sum(&|w: &WorkerStats| {
+                        let pb = if is_rx { w.rx(side) } else { w.tx(side) };
+                        if bytes {
+                            pb.bytes.get()
+                        } else {
+                            pb.packets.get()
+                        }
+                    });
+                    (side.as_str().to_string(), v)
+                })
+                .collect();
+            let labels: Vec<[(&str, &str); 1]> = values.iter().map(|(s, _)| [("side", s.as_str())]).collect();
+            let series: Vec<(&[(&str, &str)], u64)> =
+                labels.iter().zip(&values).map(|(l, (_, v))| (&l[..], *v)).collect();
+            counter(&mut encoder, name, help, &series)?;
+        }
+
+        let drops: Vec<([(&str, &str); 1], u64)> = DropReason::ALL
+            .iter()
+            .map(|&r| ([("reason", r.as_str())], sum(&|w: &WorkerStats| w.drops(r))))
+            .collect();
+        let series: Vec<(&[(&str, &str)], u64)> = drops.iter().map(|(l, v)| (&l[..], *v)).collect();
+        counter(&mut encoder, "egressd_drops", "Frames not forwarded, by reason.", &series)?;
+
+        counter(
+            &mut encoder,
+            "egressd_flows_allowed",
+            "New flows the policy let through.",
+            &[(&[], sum(&|w: &WorkerStats| w.flows_allowed.get()))],
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_flows_dry_run_denied",
+            "New flows a dry-run rule would have denied but let through.",
+            &[(&[], sum(&|w: &WorkerStats| w.flows_dry_run_denied.get()))],
+        )?;
+        counter(
+            &mut encoder,
+            "egressd_reloads",
+            "Configuration reloads, by result.",
+            &[
+                (&[("result", "ok")], state.reloads_ok.load(Ordering::Relaxed)),
+                (&[("result", "failed")], state.reloads_failed.load(Ordering::Relaxed)),
+            ],
+        )?;
+        let workers = ConstGauge::new(state.workers.len() as i64);
+        workers.encode(encoder.encode_descriptor(
+            "egressd_workers",
+            "Dataplane worker threads.",
+            None,
+            workers.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+/// Starts the admin server on its own thread. Fails if the address cannot be bound.
+pub fn spawn(listen: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<JoinHandle<()>> {
+    let server = tiny_http::Server::http(listen)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("admin endpoint: cannot listen on {listen}"))?;
+    tracing::info!(%listen, "admin endpoint listening");
+    let handle = std::thread::Builder::new().name("egressd-admin".into()).spawn(move || {
+        for request in server.incoming_requests() {
+            respond(&state, request);
+        }
+    })?;
+    Ok(handle)
+}
+
+fn respond(state: &Arc<AdminState>, mut request: tiny_http::Request) {
+    use tiny_http::Method;
+    let path = request.url().split('?').next().unwrap_or("").to_string();
+    let (status, body, content_type) = match (request.method(), path.as_str()) {
+        (Method::Get, "/metrics") => {
+            (200, state.render_metrics(), "text/plain; version=0.0.4; charset=utf-8")
+        }
+        (Method::Get, "/healthz") => {
+            if state.stopping.load(Ordering::Relaxed) {
+                (503, "stopping\n".into(), "text/plain")
+            } else {
+                (200, "ok\n".into(), "text/plain")
+            }
+        }
+        (Method::Get, "/readyz") => {
+            if state.ready.load(Ordering::Relaxed) && !state.stopping.load(Ordering::Relaxed) {
+                (200, "ready\n".into(), "text/plain")
+            } else {
+                (503, "not ready\n".into(), "text/plain")
+            }
+        }
+        (Method::Post, "/reload") => {
+            // Drain the body, if any; the reload reads the file named at start-up.
+            let _ = std::io::copy(&mut request.as_reader().take(64 * 1024), &mut std::io::sink());
+            match state.reload() {
+                Ok(summary) => (200, format!("{summary}\n"), "text/plain"),
+                Err(reason) => (422, format!("{reason}\n"), "text/plain"),
+            }
+        }
+        (_, "/metrics" | "/healthz" | "/readyz" | "/reload") => {
+            (405, "method not allowed\n".into(), "text/plain")
+        }
+        _ => (404, "not found: try /metrics, /healthz, /readyz, POST /reload\n".into(), "text/plain"),
+    };
+    let header = tiny_http::Header::from_bytes("Content-Type", content_type).expect("static header is valid");
+    let response = tiny_http::Response::from_string(body).with_status_code(status).with_header(header);
+    if let Err(e) = request.respond(response) {
+        tracing::debug!(error = %e, "admin: client went away");
+    }
+}
+
+/// A minimal HTTP/1.0 client for the CLI's `stats` and `reload` (loopback, plain text; no TLS needed).
+pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::Write;
+    use std::time::Duration;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("cannot reach the admin endpoint at {addr} (is egressd running?)"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(stream, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("malformed response from {addr}"))?;
+    Ok((status, body.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state_with_traffic() -> Arc<AdminState> {
+        let w1 = Arc::new(WorkerStats::default());
+        let w2 = Arc::new(WorkerStats::default());
+        w1.rx(Side::Inside).add(100);
+        w2.rx(Side::Inside).add(50);
+        w2.tx(Side::Outside).add(60);
+        w1.count_drop(DropReason::NoMapping);
+        w2.count_drop(DropReason::NoMapping);
+        Arc::new(AdminState::new(vec![w1, w2]))
+    }
+
+    #[test]
+    fn metrics_sum_workers_and_name_every_drop_reason() {
+        let text = state_with_traffic().render_metrics();
+        assert!(text.contains("egressd_rx_packets_total{side=\"inside\"} 2"), "{text}");
+        assert!(text.contains("egressd_rx_bytes_total{side=\"inside\"} 150"), "{text}");
+        assert!(text.contains("egressd_tx_packets_total{side=\"outside\"} 1"), "{text}");
+        assert!(text.contains("egressd_drops_total{reason=\"no_mapping\"} 2"), "{text}");
+        for r in DropReason::ALL {
+            assert!(text.contains(&format!("reason=\"{}\"", r.as_str())), "missing {}", r.as_str());
+        }
+        assert!(text.contains("egressd_workers 2"), "{text}");
+    }
+
+    #[test]
+    fn endpoints_answer_over_http() {
+        let mut state = AdminState::new(vec![Arc::new(WorkerStats::default())]);
+        state.reload = Some(Box::new(|| Err("conf.toml:3:7: bad CIDR".into())));
+        let state = Arc::new(state);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        spawn(addr, Arc::clone(&state)).unwrap();
+
+        assert_eq!(http_request(addr, "GET", "/healthz").unwrap().0, 200);
+        assert_eq!(http_request(addr, "GET", "/readyz").unwrap().0, 503);
+        state.ready.store(true, Ordering::Relaxed);
+        assert_eq!(http_request(addr, "GET", "/readyz").unwrap().0, 200);
+
+        let (status, body) = http_request(addr, "POST", "/reload").unwrap();
+        assert_eq!(status, 422);
+        assert!(body.contains("conf.toml:3:7"));
+        assert_eq!(state.reloads_failed.load(Ordering::Relaxed), 1);
+
+        let (status, body) = http_request(addr, "GET", "/metrics").unwrap();
+        assert_eq!(status, 200);
+        assert!(body.contains("egressd_reloads_total{result=\"failed\"} 1"), "{body}");
+        assert_eq!(http_request(addr, "GET", "/nope").unwrap().0, 404);
+
+        state.stopping.store(true, Ordering::Relaxed);
+        assert_eq!(http_request(addr, "GET", "/healthz").unwrap().0, 503);
+        assert_eq!(http_request(addr, "GET", "/readyz").unwrap().0, 503);
+    }
+}
