@@ -52,7 +52,7 @@ pub struct InterfaceTable {
 
 impl InterfaceTable {
     pub fn new(mac: Mac, mut routes: Vec<Route>, mut neighbours: Vec<(Ipv4Addr, Mac)>) -> InterfaceTable {
-        routes.sort_by(|a, b| b.prefix_len.cmp(&a.prefix_len));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix_len));
         neighbours.sort_by_key(|(ip, _)| *ip);
         neighbours.dedup_by_key(|(ip, _)| *ip);
         InterfaceTable { mac, routes, neighbours }
