@@ -5,3 +5,4 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod policy;

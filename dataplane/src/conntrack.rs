@@ -1,1 +1,488 @@
-//! Per-worker flow table: TCP/UDP/ICMP state, timers with RFC defaults, expiry without a stop-the-world sweep. (Issue 5.)
+//! Per-worker flow table: the storage under [`crate::nat::Nat`].
+//!
+//! What it owns: a preallocated slab of [`Session`]s (one per 5-tuple flow), a slab of [`Mapping`]s (one per inside
+//! endpoint, RFC 4787 endpoint-independent mapping), a slab of per-source flow counters, the open-addressing hash
+//! indexes over them, and one LRU list per timeout class.
+//!
+//! Why it is shaped so (VPP NAT44-ED habits):
+//! - Everything is allocated in `new` and sized from `max_flows`; the data path never allocates. Slab slots are
+//!   `u32` indexes; free slots form an intrusive free list.
+//! - The indexes are linear-probing tables of `(hash, slot)` pairs (8 bytes) at a load factor ≤ 2/3, with
+//!   backward-shift deletion (no tombstones, so lookups never degrade after churn). The full 32-bit hash stored in
+//!   each entry filters almost every false candidate without touching the slab.
+//! - Expiry: each timeout class (UDP, ICMP, TCP transitory, TCP established) has a fixed timeout, so a list kept in
+//!   last-seen order is also in expiry order. Refreshing moves a session to the tail at most once per second
+//!   (its `last_seen` is kept in whole seconds), so the fast path rarely touches neighbours. Expiry pops from the
+//!   heads with a budget: no stop-the-world sweep.
+//! - TCP tracking keeps, per side, the next sequence number and the window the side advertised, enough to tell an
+//!   in-window RST from an out-of-window one (RFC 5382 / RFC 5961 spirit).
+
+// Not yet used: the `nat` engine that consumes these pieces is unfinished (issue 5).
+#![allow(dead_code)]
+
+/// "No slot": empty index entry, end of a list.
+pub(crate) const NONE: u32 = u32::MAX;
+
+/// Timeout classes, one LRU list each.
+pub(crate) const CLASS_UDP: u8 = 0;
+pub(crate) const CLASS_ICMP: u8 = 1;
+pub(crate) const CLASS_TCP_TRANSITORY: u8 = 2;
+pub(crate) const CLASS_TCP_ESTABLISHED: u8 = 3;
+pub(crate) const CLASSES: usize = 4;
+/// Marks a free session slot.
+pub(crate) const CLASS_FREE: u8 = 0xff;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Index
+// ---------------------------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+struct Slot {
+    hash: u32,
+    val: u32,
+}
+
+const EMPTY: Slot = Slot { hash: 0, val: NONE };
+
+/// Linear-probing hash index from a 32-bit hash to a slab slot. The caller compares the candidate slot's key.
+pub(crate) struct Index {
+    slots: Box<[Slot]>,
+}
+
+impl Index {
+    /// An index for up to `entries` entries at load factor ≤ 2/3.
+    pub fn with_capacity(entries: usize) -> Index {
+        let cap = (entries + entries / 2).max(8);
+        Index { slots: vec![EMPTY; cap].into_boxed_slice() }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.slots.len() * std::mem::size_of::<Slot>()
+    }
+
+    /// Home slot: multiply-shift reduction (works for any table size).
+    #[inline]
+    fn home(&self, hash: u32) -> usize {
+        ((hash as u64 * self.slots.len() as u64) >> 32) as usize
+    }
+
+    #[inline]
+    pub fn find(&self, hash: u32, mut eq: impl FnMut(u32) -> bool) -> Option<u32> {
+        let n = self.slots.len();
+        let mut i = self.home(hash);
+        for _ in 0..n {
+            let s = self.slots[i];
+            if s.val == NONE {
+                return None;
+            }
+            if s.hash == hash && eq(s.val) {
+                return Some(s.val);
+            }
+            i += 1;
+            if i == n {
+                i = 0;
+            }
+        }
+        None
+    }
+
+    /// Inserts `val` (the caller knows its key is absent). Returns false only if the table is full, which sizing
+    /// rules out.
+    #[inline]
+    pub fn insert(&mut self, hash: u32, val: u32) -> bool {
+        let n = self.slots.len();
+        let mut i = self.home(hash);
+        for _ in 0..n {
+            if self.slots[i].val == NONE {
+                self.slots[i] = Slot { hash, val };
+                return true;
+            }
+            i += 1;
+            if i == n {
+                i = 0;
+            }
+        }
+        false
+    }
+
+    /// Removes the entry `(hash, val)` with backward-shift deletion.
+    pub fn remove(&mut self, hash: u32, val: u32) {
+        let n = self.slots.len();
+        let mut i = self.home(hash);
+        let mut found = None;
+        for _ in 0..n {
+            let s = self.slots[i];
+            if s.val == NONE {
+                break;
+            }
+            if s.val == val {
+                found = Some(i);
+                break;
+            }
+            i += 1;
+            if i == n {
+                i = 0;
+            }
+        }
+        let Some(mut hole) = found else { return };
+        let mut j = hole;
+        loop {
+            j += 1;
+            if j == n {
+                j = 0;
+            }
+            let s = self.slots[j];
+            if s.val == NONE || j == hole {
+                break;
+            }
+            let h = self.home(s.hash);
+            // The entry at j may move back into the hole unless its home lies cyclically in (hole, j].
+            let stays = if hole <= j { h > hole && h <= j } else { h > hole || h <= j };
+            if !stays {
+                self.slots[hole] = s;
+                hole = j;
+            }
+        }
+        self.slots[hole] = EMPTY;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Slab entries
+// ---------------------------------------------------------------------------------------------------------------
+
+/// One side of a TCP connection as seen by the NAT.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct TcpPeer {
+    /// Next sequence number this side will send (highest `seq + len` seen, SYN and FIN counted).
+    pub nxt: u32,
+    /// Largest receive window this side advertised, scaled.
+    pub win: u32,
+    /// Window scale from this side's SYN; `NO_WSCALE` if absent.
+    pub wscale: u8,
+}
+
+pub(crate) const NO_WSCALE: u8 = 0xff;
+
+pub(crate) const TCP_SYN_OUT: u8 = 1;
+pub(crate) const TCP_SYN_IN: u8 = 2;
+pub(crate) const TCP_ESTABLISHED: u8 = 4;
+pub(crate) const TCP_FIN_OUT: u8 = 8;
+pub(crate) const TCP_FIN_IN: u8 = 16;
+pub(crate) const TCP_RST: u8 = 32;
+pub(crate) const TCP_OUT_SEEN: u8 = 64;
+pub(crate) const TCP_IN_SEEN: u8 = 128;
+
+/// Session flag: created by an inbound packet (TCP endpoint-independent filtering or hairpin); the policy has not
+/// judged it yet, so its next outbound packet is judged.
+pub(crate) const SESSION_UNJUDGED: u8 = 1;
+
+/// One flow (5-tuple). `in_*` is the inside endpoint, `remote_*` the outside one; the external endpoint is
+/// `(egress[ip_idx], ext_port)`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Session {
+    pub in_addr: u32,
+    pub remote_addr: u32,
+    pub in_port: u16,
+    pub remote_port: u16,
+    pub ext_port: u16,
+    pub ip_idx: u16,
+    pub proto: u8,
+    pub class: u8,
+    pub tcp_flags: u8,
+    pub flags: u8,
+    pub mapping: u32,
+    /// LRU links; `next` doubles as the free-list link.
+    pub prev: u32,
+    pub next: u32,
+    /// Whole seconds of the last refresh.
+    pub last_seen: u32,
+    /// Low 32 bits of the policy generation that last judged this flow.
+    pub generation: u32,
+    pub out: TcpPeer,
+    pub inn: TcpPeer,
+}
+
+impl Session {
+    pub const FREE: Session = Session {
+        in_addr: 0,
+        remote_addr: 0,
+        in_port: 0,
+        remote_port: 0,
+        ext_port: 0,
+        ip_idx: 0,
+        proto: 0,
+        class: CLASS_FREE,
+        tcp_flags: 0,
+        flags: 0,
+        mapping: NONE,
+        prev: NONE,
+        next: NONE,
+        last_seen: 0,
+        generation: 0,
+        out: TcpPeer { nxt: 0, win: 0, wscale: NO_WSCALE },
+        inn: TcpPeer { nxt: 0, win: 0, wscale: NO_WSCALE },
+    };
+}
+
+/// One endpoint-independent mapping: inside `(in_addr, in_port, proto)` ↔ external `(egress[ip_idx], ext_port)`.
+/// Lives while at least one session uses it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Mapping {
+    pub in_addr: u32,
+    /// Sessions using this mapping; when free, the free-list link.
+    pub refs: u32,
+    pub in_port: u16,
+    pub ext_port: u16,
+    pub ip_idx: u16,
+    pub proto: u8,
+    pub live: bool,
+}
+
+impl Mapping {
+    pub const FREE: Mapping =
+        Mapping { in_addr: 0, refs: NONE, in_port: 0, ext_port: 0, ip_idx: 0, proto: 0, live: false };
+}
+
+/// Flows held by one inside source address (RFC 6888 REQ-4/5 per-source limit).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SourceCount {
+    pub addr: u32,
+    /// Flows of this source; when free, the free-list link.
+    pub count: u32,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// LRU lists
+// ---------------------------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Lru {
+    pub head: u32,
+    pub tail: u32,
+    pub len: u32,
+}
+
+impl Lru {
+    pub const EMPTY: Lru = Lru { head: NONE, tail: NONE, len: 0 };
+}
+
+/// Appends `sid` to the tail of `lru`.
+#[inline]
+pub(crate) fn lru_push(sessions: &mut [Session], lru: &mut Lru, sid: u32) {
+    let tail = lru.tail;
+    if let Some(s) = sessions.get_mut(sid as usize) {
+        s.prev = tail;
+        s.next = NONE;
+    }
+    if tail == NONE {
+        lru.head = sid;
+    } else if let Some(t) = sessions.get_mut(tail as usize) {
+        t.next = sid;
+    }
+    lru.tail = sid;
+    lru.len += 1;
+}
+
+/// Unlinks `sid` from `lru`.
+#[inline]
+pub(crate) fn lru_unlink(sessions: &mut [Session], lru: &mut Lru, sid: u32) {
+    let (prev, next) = match sessions.get(sid as usize) {
+        Some(s) => (s.prev, s.next),
+        None => return,
+    };
+    if prev == NONE {
+        lru.head = next;
+    } else if let Some(p) = sessions.get_mut(prev as usize) {
+        p.next = next;
+    }
+    if next == NONE {
+        lru.tail = prev;
+    } else if let Some(n) = sessions.get_mut(next as usize) {
+        n.prev = prev;
+    }
+    lru.len = lru.len.saturating_sub(1);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Hashing
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Keyed hash of two 64-bit words (folded multiply, as foldhash). The key comes from the std `RandomState` so an
+/// inside host cannot precompute colliding flows.
+#[inline]
+pub(crate) fn hash2(seed: (u64, u64), a: u64, b: u64) -> u32 {
+    let r = ((a ^ seed.0) as u128).wrapping_mul((b ^ seed.1) as u128 | 1);
+    let x = (r as u64) ^ ((r >> 64) as u64);
+    let x = (x ^ (x >> 29)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    (x ^ (x >> 32)) as u32
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// TCP tracking
+// ---------------------------------------------------------------------------------------------------------------
+
+pub(crate) const F_FIN: u8 = 0x01;
+pub(crate) const F_SYN: u8 = 0x02;
+pub(crate) const F_RST: u8 = 0x04;
+pub(crate) const F_ACK: u8 = 0x10;
+
+/// RFC 5382 / REQUIREMENTS "Invalid flag combinations (SYN+FIN, SYN+RST, NULL) create no state".
+#[inline]
+pub(crate) fn tcp_flags_invalid(flags: u8) -> bool {
+    let f = flags & 0x3f;
+    f & (F_SYN | F_FIN) == (F_SYN | F_FIN) || f & (F_SYN | F_RST) == (F_SYN | F_RST) || f == 0
+}
+
+/// A TCP segment's fields the tracker needs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Segment {
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub window: u16,
+    pub payload: u32,
+    /// Window scale option carried by a SYN, or `NO_WSCALE`.
+    pub wscale: u8,
+}
+
+/// Outcome of tracking one segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum TcpVerdict {
+    /// Forward; the session's timeout class may have changed.
+    Forward,
+    /// RST outside the window: ignore it (drop, state kept).
+    RstOutOfWindow,
+}
+
+#[inline]
+fn seq_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// Updates `s`'s TCP state with a segment travelling `outbound` (inside → outside) or inbound.
+pub(crate) fn tcp_track(s: &mut Session, outbound: bool, seg: &Segment) -> TcpVerdict {
+    let (snd_seen, syn_bit, fin_bit) = if outbound {
+        (TCP_OUT_SEEN, TCP_SYN_OUT, TCP_FIN_OUT)
+    } else {
+        (TCP_IN_SEEN, TCP_SYN_IN, TCP_FIN_IN)
+    };
+    let rcv_seen = if outbound { TCP_IN_SEEN } else { TCP_OUT_SEEN };
+
+    if seg.flags & F_RST != 0 {
+        // RFC 5382 / RFC 793: an RST is valid only if its sequence number is in the receiver's window. When this
+        // side has sent nothing yet (we are in SYN-SENT from the receiver's view), it must ACK the receiver's SYN.
+        let (snd, rcv) = if outbound { (&s.out, &s.inn) } else { (&s.inn, &s.out) };
+        let valid = if s.tcp_flags & snd_seen != 0 {
+            let win = if s.tcp_flags & rcv_seen != 0 { rcv.win.max(1) } else { u32::from(u16::MAX) };
+            let d = seg.seq.wrapping_sub(snd.nxt) as i32 as i64;
+            d.abs() <= i64::from(win)
+        } else {
+            s.tcp_flags & rcv_seen != 0 && seg.flags & F_ACK != 0 && seg.ack == rcv.nxt
+        };
+        if !valid {
+            return TcpVerdict::RstOutOfWindow;
+        }
+        s.tcp_flags |= TCP_RST;
+        return TcpVerdict::Forward;
+    }
+
+    if seg.flags & F_SYN != 0 {
+        let closed = s.tcp_flags & TCP_RST != 0
+            || s.tcp_flags & (TCP_FIN_OUT | TCP_FIN_IN) == (TCP_FIN_OUT | TCP_FIN_IN);
+        if closed && seg.flags & F_ACK == 0 {
+            // A new connection on the same 5-tuple after the old one closed (TIME-WAIT reuse): start over.
+            s.tcp_flags = 0;
+            s.out = Session::FREE.out;
+            s.inn = Session::FREE.inn;
+        }
+        s.tcp_flags |= syn_bit;
+    }
+
+    let both_scale = s.out.wscale != NO_WSCALE && s.inn.wscale != NO_WSCALE;
+    let first = s.tcp_flags & snd_seen == 0;
+    let snd = if outbound { &mut s.out } else { &mut s.inn };
+    if seg.flags & F_SYN != 0 {
+        snd.wscale = seg.wscale;
+    }
+    let end = seg
+        .seq
+        .wrapping_add(seg.payload)
+        .wrapping_add(u32::from(seg.flags & F_SYN != 0))
+        .wrapping_add(u32::from(seg.flags & F_FIN != 0));
+    if first || seq_after(end, snd.nxt) {
+        snd.nxt = end;
+    }
+    // Windows in SYNs are never scaled (RFC 7323).
+    let shift = if seg.flags & F_SYN == 0 && both_scale { u32::from(snd.wscale.min(14)) } else { 0 };
+    let win = u32::from(seg.window) << shift;
+    if first || win > snd.win {
+        snd.win = win;
+    }
+    s.tcp_flags |= snd_seen;
+
+    if seg.flags & F_FIN != 0 {
+        s.tcp_flags |= fin_bit;
+    }
+    if seg.flags & F_ACK != 0
+        && seg.flags & F_SYN == 0
+        && s.tcp_flags & (TCP_SYN_OUT | TCP_SYN_IN) == (TCP_SYN_OUT | TCP_SYN_IN)
+    {
+        s.tcp_flags |= TCP_ESTABLISHED;
+    }
+    TcpVerdict::Forward
+}
+
+/// The timeout class a TCP session's state puts it in (RFC 5382 REQ-5: established vs transitory).
+#[inline]
+pub(crate) fn tcp_class(tcp_flags: u8) -> u8 {
+    let closing =
+        tcp_flags & TCP_RST != 0 || tcp_flags & (TCP_FIN_OUT | TCP_FIN_IN) == (TCP_FIN_OUT | TCP_FIN_IN);
+    if !closing && tcp_flags & TCP_ESTABLISHED != 0 {
+        CLASS_TCP_ESTABLISHED
+    } else {
+        CLASS_TCP_TRANSITORY
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // The index agrees with a HashMap model under random insert/remove, including heavy collisions.
+        #[test]
+        fn index_matches_a_model(ops in proptest::collection::vec((any::<bool>(), 0u32..64, 0u32..4), 1..400)) {
+            let mut idx = Index::with_capacity(64);
+            let mut model = std::collections::HashMap::new();
+            for (insert, key, hbits) in ops {
+                // Few distinct hashes force long probe chains and wrap-around.
+                let hash = hbits.wrapping_mul(0x4000_0001) ^ (key & 1);
+                if insert {
+                    if let std::collections::hash_map::Entry::Vacant(e) = model.entry(key) {
+                        prop_assert!(idx.insert(hash, key));
+                        e.insert(hash);
+                    }
+                } else if let Some(h) = model.remove(&key) {
+                    idx.remove(h, key);
+                }
+                for (k, h) in &model {
+                    prop_assert_eq!(idx.find(*h, |v| v == *k), Some(*k));
+                }
+                prop_assert_eq!(idx.find(hash, |v| v == 1000), None);
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_flag_combinations() {
+        assert!(tcp_flags_invalid(0));
+        assert!(tcp_flags_invalid(F_SYN | F_FIN));
+        assert!(tcp_flags_invalid(F_SYN | F_RST | F_ACK));
+        assert!(!tcp_flags_invalid(F_SYN));
+        assert!(!tcp_flags_invalid(F_SYN | F_ACK));
+        assert!(!tcp_flags_invalid(F_RST));
+        assert!(!tcp_flags_invalid(F_FIN | F_ACK));
+    }
+}

@@ -12,7 +12,9 @@
 #![deny(unsafe_code)]
 
 pub mod conntrack;
+pub mod frames;
 pub mod nat;
+pub mod nexthop;
 pub mod pipeline;
 pub mod policy;
 pub mod stats;

@@ -1,1 +1,138 @@
-//! The pinned busy-poll loop that ties `xsk` rings to the `pipeline`.
+//! The pinned poll loop that ties the `xsk` ports to the [`Pipeline`].
+//!
+//! One worker per configured core. It owns one inside and one outside [`Port`] (the same queue index on both
+//! interfaces), its [`Pipeline`] and its [`WorkerStats`] (which it alone writes). Per iteration, for each
+//! direction: take a burst off the rx ring, run the pipeline on each frame, copy forwarded frames into the other
+//! port's tx ring, give the rx frames back; then reap completions, refill the fill rings and kick TX.
+//!
+//! Idle behaviour ([`IdleMode`]): `Busy` spins forever (lowest latency, burns its core). `Adaptive` (default)
+//! spins while there is traffic and, after `idle_polls` empty iterations in a row, blocks in `poll()` on both
+//! sockets for at most `idle_timeout_ms`: a frame wakes it at once, and an idle gateway costs no CPU. This
+//! matters on small machines where the worker shares cores with the kernel's NAPI threads and other work.
+//!
+//! A shared `AtomicBool` stops every worker; the loop checks it once per iteration.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::pipeline::{Action, Pipeline};
+use crate::stats::WorkerStats;
+use crate::time::Instant;
+use crate::xsk::{wait_readable, Port};
+use crate::Side;
+
+/// How a worker waits when there is no traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IdleMode {
+    /// Never block: poll the rings continuously.
+    Busy,
+    /// Poll continuously while busy; block in `poll()` after a run of empty polls.
+    #[default]
+    Adaptive,
+}
+
+/// A worker's knobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// Core to pin the thread to (`None`: leave it to the scheduler).
+    pub core: Option<usize>,
+    pub idle: IdleMode,
+    /// Empty iterations in a row before an adaptive worker blocks.
+    pub idle_polls: u32,
+    /// Longest block in `poll()`; bounds how late the stop flag is noticed.
+    pub idle_timeout_ms: i32,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig { core: None, idle: IdleMode::Adaptive, idle_polls: 1000, idle_timeout_ms: 20 }
+    }
+}
+
+/// One worker: two ports, a pipeline, counters.
+#[derive(Debug)]
+pub struct Worker {
+    pub config: WorkerConfig,
+    pub inside: Port,
+    pub outside: Port,
+    pub pipeline: Pipeline,
+    pub stop: Arc<AtomicBool>,
+}
+
+impl Worker {
+    /// Runs the loop on the current thread until `stop` is set. Pins the thread first if a core is configured.
+    pub fn run(mut self) {
+        if let Some(core) = self.config.core {
+            if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                tracing::warn!(core, "cannot pin worker to core; running unpinned");
+            }
+        }
+        let stats = self.pipeline.stats().clone();
+        let fds = [self.inside.fd(), self.outside.fd()];
+        let mut empty_polls: u32 = 0;
+        while !self.stop.load(Ordering::Relaxed) {
+            self.pipeline.begin_batch();
+            let moved =
+                forward_burst(&mut self.inside, &mut self.outside, Side::Inside, &mut self.pipeline, &stats)
+                    + forward_burst(
+                        &mut self.outside,
+                        &mut self.inside,
+                        Side::Outside,
+                        &mut self.pipeline,
+                        &stats,
+                    );
+            for port in [&mut self.inside, &mut self.outside] {
+                port.reap_completions();
+                port.refill();
+            }
+            if moved > 0 || self.inside.tx_outstanding() || self.outside.tx_outstanding() {
+                empty_polls = 0;
+                continue;
+            }
+            empty_polls = empty_polls.saturating_add(1);
+            match self.config.idle {
+                IdleMode::Busy => std::hint::spin_loop(),
+                IdleMode::Adaptive if empty_polls >= self.config.idle_polls => {
+                    wait_readable(&fds, self.config.idle_timeout_ms)
+                }
+                IdleMode::Adaptive => std::hint::spin_loop(),
+            }
+        }
+        tracing::debug!(
+            inside_bogus_completions = self.inside.bogus_completions(),
+            outside_bogus_completions = self.outside.bogus_completions(),
+            "worker stopped"
+        );
+    }
+}
+
+/// One burst from `from` (which sits on `side`): pipeline each frame, stage forwarded frames on `to`, flush.
+/// Returns the number of frames received.
+fn forward_burst(
+    from: &mut Port,
+    to: &mut Port,
+    side: Side,
+    pipeline: &mut Pipeline,
+    stats: &WorkerStats,
+) -> usize {
+    let n = from.receive(stats);
+    if n == 0 {
+        to.flush_tx(stats, side.other());
+        return 0;
+    }
+    stats.batches.inc();
+    let now = Instant::monotonic();
+    for i in 0..n {
+        let frame = from.received_frame(i);
+        stats.rx(side).add(frame.len());
+        if let Action::Forward { len, .. } = pipeline.process(now, side, frame) {
+            let out = &frame[..len.min(frame.len())];
+            if let Err(e) = to.stage_tx(out) {
+                stats.count_drop(e.drop_reason());
+            }
+        }
+    }
+    from.release_received();
+    to.flush_tx(stats, side.other());
+    n
+}

@@ -1,4 +1,4 @@
-//! `egressd check CONFIG`.
+//! `egressd check CONFIG`: validate, compile, print a summary; exit 1 with file:line:col errors.
 
 use std::process::ExitCode;
 
@@ -14,7 +14,26 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
             for w in &loaded.warnings {
                 eprintln!("warning: {w}");
             }
+            let started = std::time::Instant::now();
+            let snapshot = match crate::policy::compile(&loaded.config, 1) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{}: {e}", args.config.config.display());
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            let s = snapshot.stats();
             println!("{}: ok", args.config.config.display());
+            println!(
+                "groups {}, rules {}, source prefixes {}, destination leaves {}, port runs {}, trie nodes {}",
+                s.groups, s.rules, s.source_prefixes, s.destination_leaves, s.port_runs, s.trie_nodes
+            );
+            println!(
+                "tables {} KiB, compiled in {:?}, warnings {}",
+                s.table_bytes.div_ceil(1024),
+                started.elapsed(),
+                loaded.warnings.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(errors) => {

@@ -1,1 +1,0 @@
-//! Compiled, immutable policy snapshot: source-group and destination longest-prefix-match tables and per-rule protocol/port sets. Built off the data path, published by atomic pointer swap, read by workers once per batch. (Issue 4.)

@@ -1,0 +1,905 @@
+//! The compiled L3/L4 policy: an immutable [`PolicySnapshot`] that judges the first packet of a flow.
+//!
+//! This module owns the policy's *meaning* at packet time. The `egressd` crate validates the TOML model and
+//! feeds it through [`PolicyBuilder`]; workers only ever see finished snapshots, published by atomic pointer swap
+//! in a [`SharedPolicy`] and loaded once per batch, so a reload never blocks or stalls a worker.
+//!
+//! # Semantics (the one precedence rule)
+//! 1. The source address selects a group: the group owning the longest source prefix that contains it. No group
+//!    → `Deny(NoGroup)`.
+//! 2. Among that group's rules whose protocol and port match the packet and one of whose `to` prefixes contains
+//!    the destination (and none of whose `except` prefixes does), the rule with the most specific (longest)
+//!    matching `to` prefix decides; ties go to the rule written first (lowest [`RuleId`]). No such rule →
+//!    `Deny(DefaultDeny)`.
+//! 3. Protocol: `tcp` (6), `udp` (17), `icmp` (1 and 58), `any` (every protocol). A rule with ports matches only
+//!    TCP and UDP packets whose destination port is in one of its ranges (`any` + ports = TCP and UDP).
+//! 4. Dry run: with the global switch, or on the deciding rule, a deny is reported with `dry_run = true`: the
+//!    flow is forwarded and counted as "would deny". On an `l7` verdict `dry_run` tells the L7 path to let host
+//!    mismatches through the same way. An allow never carries `dry_run`.
+//!
+//! # How it is compiled
+//! Per group and family, every `to` and `except` prefix of the group's rules goes into one longest-prefix-match
+//! table ([`lpm`]). The prefixes containing an address are exactly the ancestors of the longest one, so each
+//! table leaf can precompute the group's candidate rules for its region, sorted by precedence. Each candidate
+//! list (interned: equal lists share one leaf) is then "painted" into per-protocol port run tables: for every
+//! port, the first candidate in precedence order that matches it. A /16 tcp:443 rule therefore still beats a /24
+//! udp rule for a tcp:443 packet: the udp rule never paints TCP ports. A lookup is two trie walks (source, then
+//! destination; each at most 4 reads for IPv4), one leaf read, and a binary search over the leaf's port runs
+//! (a handful of entries); none of it grows with the number of rules, and nothing allocates.
+
+mod host;
+pub mod lpm;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+use std::sync::Arc;
+
+pub use host::{HostPattern, HostPatternError};
+use lpm::LpmTable;
+
+use crate::stats::DropReason;
+
+/// IP protocol numbers the policy distinguishes.
+pub mod ip_proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+}
+
+/// The live policy, shared by the reloader (writer) and the workers (readers).
+pub type SharedPolicy = arc_swap::ArcSwap<PolicySnapshot>;
+
+/// A [`SharedPolicy`] holding `snapshot`.
+pub fn shared(snapshot: PolicySnapshot) -> SharedPolicy {
+    arc_swap::ArcSwap::new(Arc::new(snapshot))
+}
+
+/// A source group, by index in the order groups were added (the order of `[[group]]` tables).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GroupId(pub u32);
+
+/// A rule, by index in the order rules were added (the order of `[[rule]]` tables in the file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleId(pub u32);
+
+/// The policy's answer for the first packet of a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    /// The source's group, if any.
+    pub group: Option<GroupId>,
+    /// The deciding rule, if any (none for `NoGroup` and `DefaultDeny`).
+    pub rule: Option<RuleId>,
+    /// The verdict would deny, but the flow is to be forwarded anyway and counted as such. On `L7`: the L7 path
+    /// lets host mismatches through the same way.
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forward (translate and track).
+    Allow,
+    /// Hand the flow to the L7 path, which checks the host names of the deciding rule.
+    L7,
+    Deny(DenyReason),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenyReason {
+    /// The source is in no group.
+    NoGroup,
+    /// No rule of the group matched.
+    DefaultDeny,
+    /// A `deny` rule decided.
+    Rule,
+}
+
+impl DenyReason {
+    /// The drop counter this denial is counted under.
+    pub fn drop_reason(self) -> DropReason {
+        match self {
+            DenyReason::NoGroup => DropReason::NoGroup,
+            DenyReason::DefaultDeny => DropReason::DefaultDeny,
+            DenyReason::Rule => DropReason::PolicyDeny,
+        }
+    }
+}
+
+impl Decision {
+    /// Whether an L4 flow is forwarded: allowed, or denied in dry run. (`L7` flows go to the L7 path instead.)
+    pub fn forwards(&self) -> bool {
+        match self.verdict {
+            Verdict::Allow => true,
+            Verdict::Deny(_) => self.dry_run,
+            Verdict::L7 => false,
+        }
+    }
+
+    /// The drop reason when the flow is dropped at L4 (`None` when allowed, dry-run, or sent to the L7 path).
+    pub fn drop_reason(&self) -> Option<DropReason> {
+        match self.verdict {
+            Verdict::Deny(reason) if !self.dry_run => Some(reason.drop_reason()),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verdict::Allow => "allow",
+            Verdict::L7 => "l7",
+            Verdict::Deny(DenyReason::NoGroup) => "deny (no group)",
+            Verdict::Deny(DenyReason::DefaultDeny) => "deny (default deny)",
+            Verdict::Deny(DenyReason::Rule) => "deny (rule)",
+        })
+    }
+}
+
+/// What a rule does with the traffic it decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    Allow,
+    Deny,
+    /// Check host names on the L7 path.
+    L7,
+}
+
+/// Which protocols a rule matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProtoMatch {
+    Any,
+    Tcp,
+    Udp,
+    /// ICMP and ICMPv6.
+    Icmp,
+}
+
+impl ProtoMatch {
+    /// Whether a packet of IP protocol `proto` matches.
+    pub fn matches(self, proto: u8) -> bool {
+        match self {
+            ProtoMatch::Any => true,
+            ProtoMatch::Tcp => proto == ip_proto::TCP,
+            ProtoMatch::Udp => proto == ip_proto::UDP,
+            ProtoMatch::Icmp => proto == ip_proto::ICMP || proto == ip_proto::ICMPV6,
+        }
+    }
+
+    /// Whether some protocol matches both.
+    pub fn overlaps(self, other: ProtoMatch) -> bool {
+        self == ProtoMatch::Any || other == ProtoMatch::Any || self == other
+    }
+}
+
+/// An inclusive destination port range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn contains(self, port: u16) -> bool {
+        self.first <= port && port <= self.last
+    }
+}
+
+/// An IP prefix with no host bits set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Prefix {
+    addr: IpAddr,
+    len: u8,
+}
+
+/// Why a prefix is invalid; `Display` is a one-line reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PrefixError {
+    Syntax(String),
+    TooLong { len: u32, max: u8 },
+    HostBitsSet { network: Prefix },
+}
+
+impl fmt::Display for PrefixError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PrefixError::Syntax(s) => {
+                write!(f, "\"{s}\" is not an IP prefix (expected ADDRESS/LENGTH or ADDRESS)")
+            }
+            PrefixError::TooLong { len, max } => write!(f, "prefix length /{len} is longer than /{max}"),
+            PrefixError::HostBitsSet { network } => {
+                write!(f, "host bits are set after the prefix length (did you mean {network}?)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for PrefixError {}
+
+impl Prefix {
+    /// A prefix; rejects lengths beyond the family's width and addresses with host bits set.
+    pub fn new(addr: IpAddr, len: u8) -> Result<Prefix, PrefixError> {
+        let max = family_bits(addr) as u8;
+        if len > max {
+            return Err(PrefixError::TooLong { len: len.into(), max });
+        }
+        let network = Prefix { addr: mask(addr, len), len };
+        if network.addr != addr {
+            return Err(PrefixError::HostBitsSet { network });
+        }
+        Ok(network)
+    }
+
+    /// A prefix with host bits cleared.
+    pub fn truncating(addr: IpAddr, len: u8) -> Prefix {
+        let len = len.min(family_bits(addr) as u8);
+        Prefix { addr: mask(addr, len), len }
+    }
+
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    pub fn prefix_len(&self) -> u8 {
+        self.len
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
+
+    /// The address as a right-aligned integer (IPv4 in the low 32 bits).
+    fn key(&self) -> u128 {
+        addr_key(self.addr)
+    }
+
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        addr.is_ipv4() == self.addr.is_ipv4() && mask(addr, self.len) == self.addr
+    }
+
+    /// Whether every address of `other` is in `self`.
+    pub fn covers(&self, other: &Prefix) -> bool {
+        other.len >= self.len && self.contains(other.addr)
+    }
+
+    pub fn overlaps(&self, other: &Prefix) -> bool {
+        self.covers(other) || other.covers(self)
+    }
+}
+
+impl FromStr for Prefix {
+    type Err = PrefixError;
+
+    /// `ADDRESS/LENGTH`, or a bare address meaning a host prefix (/32 or /128).
+    fn from_str(s: &str) -> Result<Prefix, PrefixError> {
+        let syntax = || PrefixError::Syntax(s.to_string());
+        match s.split_once('/') {
+            None => {
+                let addr: IpAddr = s.parse().map_err(|_| syntax())?;
+                Ok(Prefix { addr, len: family_bits(addr) as u8 })
+            }
+            Some((addr, len)) => {
+                let addr: IpAddr = addr.parse().map_err(|_| syntax())?;
+                if len.is_empty() || !len.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(syntax());
+                }
+                let len: u32 = len.parse().unwrap_or(u32::MAX);
+                let max = family_bits(addr) as u8;
+                if len > u32::from(max) {
+                    return Err(PrefixError::TooLong { len, max });
+                }
+                Prefix::new(addr, len as u8)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+fn family_bits(addr: IpAddr) -> u32 {
+    if addr.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+fn addr_key(addr: IpAddr) -> u128 {
+    match addr {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+fn mask(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
+        }
+        IpAddr::V6(a) => {
+            let m = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) };
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
+        }
+    }
+}
+
+/// One rule as handed to the builder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub group: GroupId,
+    /// Destinations (either family).
+    pub to: Vec<Prefix>,
+    /// Destinations removed from `to`.
+    pub except: Vec<Prefix>,
+    pub proto: ProtoMatch,
+    /// Destination port ranges; empty = every port (and every protocol of `proto`).
+    pub ports: Vec<PortRange>,
+    pub action: Action,
+    /// Report denials of this rule as dry run (forwarded and counted).
+    pub dry_run: bool,
+    /// For `Action::L7`: the names the L7 path lets through.
+    pub hosts: Vec<HostPattern>,
+}
+
+impl RuleSpec {
+    /// Whether the rule's protocol and ports match a packet (destinations aside).
+    pub fn matches_proto_port(&self, proto: u8, dst_port: u16) -> bool {
+        self.proto.matches(proto)
+            && (self.ports.is_empty()
+                || ((proto == ip_proto::TCP || proto == ip_proto::UDP)
+                    && self.ports.iter().any(|r| r.contains(dst_port))))
+    }
+
+    /// The most specific `to` prefix containing `dst`, unless an `except` prefix contains it.
+    pub fn matching_prefix(&self, dst: IpAddr) -> Option<Prefix> {
+        if self.except.iter().any(|e| e.contains(dst)) {
+            return None;
+        }
+        self.to.iter().filter(|p| p.contains(dst)).max_by_key(|p| p.len).copied()
+    }
+}
+
+/// Why a builder refused its input.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    #[error("unknown group id {0:?}")]
+    UnknownGroup(GroupId),
+    #[error("source prefix {prefix} is in two groups ({first:?} and {second:?})")]
+    SourceInTwoGroups { prefix: Prefix, first: GroupId, second: GroupId },
+    #[error("too many groups or rules for the table format")]
+    TooLarge,
+}
+
+struct GroupSpec {
+    name: String,
+    egress_ips: Vec<Ipv4Addr>,
+}
+
+/// Assembles a policy and compiles it into a [`PolicySnapshot`]. Used by the `egressd` crate (from the validated
+/// TOML model), by tests and by benchmarks.
+#[derive(Default)]
+pub struct PolicyBuilder {
+    groups: Vec<GroupSpec>,
+    sources: Vec<(Prefix, GroupId)>,
+    rules: Vec<RuleSpec>,
+    dry_run: bool,
+}
+
+impl PolicyBuilder {
+    pub fn new() -> PolicyBuilder {
+        PolicyBuilder::default()
+    }
+
+    /// The global dry-run switch (`[policy] dry_run`): every denial is forwarded and counted.
+    pub fn dry_run(&mut self, on: bool) -> &mut Self {
+        self.dry_run = on;
+        self
+    }
+
+    /// Adds a group; ids are given in order from 0.
+    pub fn add_group(&mut self, name: impl Into<String>, egress_ips: Vec<Ipv4Addr>) -> GroupId {
+        self.groups.push(GroupSpec { name: name.into(), egress_ips });
+        GroupId(self.groups.len() as u32 - 1)
+    }
+
+    /// Puts source `prefix` in `group`. Nested prefixes in different groups resolve by longest match; the very same
+    /// prefix in two groups is refused by [`build`](Self::build).
+    pub fn add_source(&mut self, group: GroupId, prefix: Prefix) -> &mut Self {
+        self.sources.push((prefix, group));
+        self
+    }
+
+    /// Adds a rule; ids are given in order from 0, and earlier rules win ties.
+    pub fn add_rule(&mut self, rule: RuleSpec) -> RuleId {
+        self.rules.push(rule);
+        RuleId(self.rules.len() as u32 - 1)
+    }
+
+    /// Compiles the tables. `generation` identifies the snapshot (the reloader passes the previous one + 1).
+    pub fn build(self, generation: u64) -> Result<PolicySnapshot, BuildError> {
+        if self.groups.len() >= lpm::MAX_VALUE as usize || self.rules.len() >= NO_RULE as usize {
+            return Err(BuildError::TooLarge);
+        }
+        let group_count = self.groups.len() as u32;
+        let check_group =
+            |g: GroupId| if g.0 < group_count { Ok(()) } else { Err(BuildError::UnknownGroup(g)) };
+
+        // Sources: value = group index + 1 (0 = no group).
+        let mut seen: HashMap<Prefix, GroupId> = HashMap::new();
+        let (mut src_v4, mut src_v6) = (Vec::new(), Vec::new());
+        for &(prefix, group) in &self.sources {
+            check_group(group)?;
+            match seen.insert(prefix, group) {
+                Some(first) if first != group => {
+                    return Err(BuildError::SourceInTwoGroups { prefix, first, second: group });
+                }
+                Some(_) => continue,
+                None => {}
+            }
+            let entry = (prefix.key(), prefix.len, group.0 + 1);
+            if prefix.is_ipv4() {
+                src_v4.push(entry);
+            } else {
+                src_v6.push(entry);
+            }
+        }
+        for rule in &self.rules {
+            check_group(rule.group)?;
+        }
+
+        let mut compiler = LeafCompiler::new(&self.rules);
+        let mut groups = Vec::with_capacity(self.groups.len());
+        for (index, spec) in self.groups.into_iter().enumerate() {
+            let group = GroupId(index as u32);
+            let dest_v4 = compiler.group_table(group, true);
+            let dest_v6 = compiler.group_table(group, false);
+            groups.push(CompiledGroup { name: spec.name, egress_ips: spec.egress_ips, dest_v4, dest_v6 });
+        }
+        let LeafCompiler { leaves, runs, .. } = compiler;
+        let rules = self
+            .rules
+            .into_iter()
+            .map(|spec| CompiledRule { action: spec.action, dry_run: spec.dry_run || self.dry_run, spec })
+            .collect();
+        Ok(PolicySnapshot {
+            generation,
+            dry_run: self.dry_run,
+            sources_v4: LpmTable::build(32, &src_v4, 0),
+            sources_v6: LpmTable::build(128, &src_v6, 0),
+            source_prefixes: seen.len(),
+            groups,
+            rules,
+            leaves,
+            runs,
+        })
+    }
+}
+
+/// "No rule" in port runs and leaf slots.
+const NO_RULE: u32 = u32::MAX;
+
+/// A run of destination ports decided by one rule, from `first_port` up to the next run's first port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PortRun {
+    first_port: u16,
+    rule: u32,
+}
+
+/// A slice of [`PolicySnapshot::runs`].
+#[derive(Clone, Copy, Debug, Default)]
+struct RunSlice {
+    start: u32,
+    len: u32,
+}
+
+/// What a destination region decides, per protocol class.
+#[derive(Clone, Copy, Debug)]
+struct DestLeaf {
+    tcp: RunSlice,
+    udp: RunSlice,
+    /// ICMP/ICMPv6: ports play no part.
+    icmp: u32,
+    /// Any other protocol: only `any` rules without ports match.
+    other: u32,
+}
+
+/// Turns the group's prefixes into tables whose leaves are interned [`DestLeaf`]s.
+struct LeafCompiler<'a> {
+    rules: &'a [RuleSpec],
+    rules_by_group: HashMap<GroupId, Vec<u32>>,
+    leaves: Vec<DestLeaf>,
+    runs: Vec<PortRun>,
+    /// Candidate list (rule ids in precedence order) → leaf index.
+    interned: HashMap<Vec<u32>, u32>,
+}
+
+/// A prefix's role in one rule: one of its `to` prefixes, or one of its `except` prefixes.
+#[derive(Clone, Copy)]
+enum PrefixUse {
+    To(u32),
+    Except(u32),
+}
+
+impl<'a> LeafCompiler<'a> {
+    fn new(rules: &'a [RuleSpec]) -> Self {
+        let mut rules_by_group: HashMap<GroupId, Vec<u32>> = HashMap::new();
+        for (i, r) in rules.iter().enumerate() {
+            rules_by_group.entry(r.group).or_default().push(i as u32);
+        }
+        let mut this = LeafCompiler {
+            rules,
+            rules_by_group,
+            leaves: Vec::new(),
+            runs: Vec::new(),
+            interned: HashMap::new(),
+        };
+        // Leaf 0: nothing matches (default deny).
+        let empty = this.compile_leaf(&[]);
+        this.leaves.push(empty);
+        this.interned.insert(Vec::new(), 0);
+        this
+    }
+
+    fn group_table(&mut self, group: GroupId, ipv4: bool) -> LpmTable {
+        let bits = if ipv4 { 32 } else { 128 };
+        let Some(rule_ids) = self.rules_by_group.get(&group) else { return LpmTable::build(bits, &[], 0) };
+        // Every distinct prefix of the group with its uses.
+        let mut uses: HashMap<(u128, u8), Vec<PrefixUse>> = HashMap::new();
+        for &r in rule_ids {
+            let rule = &self.rules[r as usize];
+            for p in rule.to.iter().filter(|p| p.is_ipv4() == ipv4) {
+                uses.entry((p.key(), p.len)).or_default().push(PrefixUse::To(r));
+            }
+            for p in rule.except.iter().filter(|p| p.is_ipv4() == ipv4) {
+                uses.entry((p.key(), p.len)).or_default().push(PrefixUse::Except(r));
+            }
+        }
+        let max: u128 = if ipv4 { u32::MAX as u128 } else { u128::MAX };
+        let last_of = |key: u128, len: u8| if u32::from(len) == bits { key } else { key | (max >> len) };
+        let mut prefixes: Vec<(u128, u8)> = uses.keys().copied().collect();
+        prefixes.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut entries = Vec::with_capacity(prefixes.len());
+        // The chain of prefixes containing the current one (each nested in the previous).
+        let mut chain: Vec<(u128, u8)> = Vec::new();
+        let mut best: Vec<(u32, u8)> = Vec::new();
+        let mut excluded: Vec<u32> = Vec::new();
+        for &(key, len) in &prefixes {
+            while let Some(&(k, l)) = chain.last() {
+                if last_of(k, l) >= key {
+                    break;
+                }
+                chain.pop();
+            }
+            chain.push((key, len));
+            best.clear();
+            excluded.clear();
+            for link in &chain {
+                for u in &uses[link] {
+                    match *u {
+                        PrefixUse::To(r) => match best.iter_mut().find(|(rule, _)| *rule == r) {
+                            Some(entry) => entry.1 = entry.1.max(link.1),
+                            None => best.push((r, link.1)),
+                        },
+                        PrefixUse::Except(r) => excluded.push(r),
+                    }
+                }
+            }
+            best.retain(|(r, _)| !excluded.contains(r));
+            best.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            let candidates: Vec<u32> = best.iter().map(|&(r, _)| r).collect();
+            let leaf = match self.interned.get(&candidates) {
+                Some(&leaf) => leaf,
+                None => {
+                    let compiled = self.compile_leaf(&candidates);
+                    let leaf = self.leaves.len() as u32;
+                    self.leaves.push(compiled);
+                    self.interned.insert(candidates, leaf);
+                    leaf
+                }
+            };
+            entries.push((key, len, leaf));
+        }
+        LpmTable::build(bits, &entries, 0)
+    }
+
+    /// Paints the candidates (precedence order) into per-protocol decisions.
+    fn compile_leaf(&mut self, candidates: &[u32]) -> DestLeaf {
+        let tcp = self.paint_ports(candidates, ip_proto::TCP);
+        let udp = self.paint_ports(candidates, ip_proto::UDP);
+        let first_portless = |proto: u8| {
+            candidates
+                .iter()
+                .copied()
+                .find(|&r| {
+                    let rule = &self.rules[r as usize];
+                    rule.proto.matches(proto) && rule.ports.is_empty()
+                })
+                .unwrap_or(NO_RULE)
+        };
+        // 255 (reserved) stands for "any other protocol": only `any` matches it.
+        DestLeaf { tcp, udp, icmp: first_portless(ip_proto::ICMP), other: first_portless(255) }
+    }
+
+    fn paint_ports(&mut self, candidates: &[u32], proto: u8) -> RunSlice {
+        let rules = self.rules;
+        let matching: Vec<&RuleSpec> =
+            candidates.iter().map(|&r| &rules[r as usize]).filter(|r| r.proto.matches(proto)).collect();
+        let ids: Vec<u32> =
+            candidates.iter().copied().filter(|&r| rules[r as usize].proto.matches(proto)).collect();
+        // Cut points: every place some candidate's port set starts or ends.
+        let mut cuts: Vec<u32> = vec![0];
+        for r in &matching {
+            if r.ports.is_empty() {
+                break; // nothing below a port-less candidate can win
+            }
+            for p in &r.ports {
+                cuts.push(u32::from(p.first));
+                cuts.push(u32::from(p.last) + 1);
+            }
+        }
+        cuts.sort_unstable();
+        cuts.dedup();
+        let start = self.runs.len() as u32;
+        for &cut in cuts.iter().filter(|&&c| c <= u32::from(u16::MAX)) {
+            let port = cut as u16;
+            let rule = matching
+                .iter()
+                .zip(&ids)
+                .find(|(r, _)| r.ports.is_empty() || r.ports.iter().any(|p| p.contains(port)))
+                .map_or(NO_RULE, |(_, &id)| id);
+            if self.runs.len() as u32 > start && self.runs.last().is_some_and(|last| last.rule == rule) {
+                continue;
+            }
+            self.runs.push(PortRun { first_port: port, rule });
+        }
+        RunSlice { start, len: self.runs.len() as u32 - start }
+    }
+}
+
+struct CompiledGroup {
+    name: String,
+    egress_ips: Vec<Ipv4Addr>,
+    dest_v4: LpmTable,
+    dest_v6: LpmTable,
+}
+
+struct CompiledRule {
+    action: Action,
+    /// The rule's own flag or the global one.
+    dry_run: bool,
+    spec: RuleSpec,
+}
+
+/// Sizes of a compiled snapshot, for `egressd check`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyStats {
+    pub groups: usize,
+    pub rules: usize,
+    pub source_prefixes: usize,
+    /// Distinct candidate lists (destination regions with different outcomes).
+    pub destination_leaves: usize,
+    pub port_runs: usize,
+    pub trie_nodes: usize,
+    /// Heap bytes of all lookup tables (tries, leaves, port runs).
+    pub table_bytes: usize,
+}
+
+/// An immutable, compiled policy. `Send + Sync`; share it through a [`SharedPolicy`].
+pub struct PolicySnapshot {
+    generation: u64,
+    dry_run: bool,
+    sources_v4: LpmTable,
+    sources_v6: LpmTable,
+    source_prefixes: usize,
+    groups: Vec<CompiledGroup>,
+    rules: Vec<CompiledRule>,
+    leaves: Vec<DestLeaf>,
+    runs: Vec<PortRun>,
+}
+
+impl fmt::Debug for PolicySnapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PolicySnapshot")
+            .field("generation", &self.generation)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolicySnapshot {
+    /// A policy with no groups: everything is `Deny(NoGroup)`. What a gateway runs before its first load.
+    pub fn empty(generation: u64) -> PolicySnapshot {
+        match PolicyBuilder::new().build(generation) {
+            Ok(s) => s,
+            Err(_) => unreachable!("an empty policy always builds"),
+        }
+    }
+
+    /// Identifies this snapshot; the reloader bumps it on every successful reload. A flow records the generation
+    /// it was judged under and is judged again when it changes.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Whether the global dry-run switch is on.
+    pub fn global_dry_run(&self) -> bool {
+        self.dry_run
+    }
+
+    /// Judges a new flow. IPv4-mapped IPv6 addresses are IPv6 here. `dst_port` is 0 for ICMP.
+    #[inline]
+    pub fn evaluate(&self, src: IpAddr, dst: IpAddr, proto: u8, dst_port: u16) -> Decision {
+        match (src, dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => self.evaluate_v4(s, d, proto, dst_port),
+            _ => {
+                let group = self.lookup_group(src);
+                self.decide(group, |g| g.dest_lookup(dst), proto, dst_port)
+            }
+        }
+    }
+
+    /// The IPv4 fast path. Never allocates or panics.
+    #[inline]
+    pub fn evaluate_v4(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, dst_port: u16) -> Decision {
+        let group = self.sources_v4.lookup_u32(u32::from(src));
+        self.decide(group, |g| g.dest_v4.lookup_u32(u32::from(dst)), proto, dst_port)
+    }
+
+    /// The group a source belongs to.
+    pub fn group_of(&self, src: IpAddr) -> Option<GroupId> {
+        self.lookup_group(src).checked_sub(1).map(GroupId)
+    }
+
+    fn lookup_group(&self, src: IpAddr) -> u32 {
+        match src {
+            IpAddr::V4(a) => self.sources_v4.lookup_u32(u32::from(a)),
+            IpAddr::V6(a) => self.sources_v6.lookup_u128(u128::from(a)),
+        }
+    }
+
+    #[inline(always)]
+    fn decide(
+        &self,
+        group_value: u32,
+        dest_leaf: impl FnOnce(&CompiledGroup) -> u32,
+        proto: u8,
+        dst_port: u16,
+    ) -> Decision {
+        let Some(index) = group_value.checked_sub(1) else {
+            return Decision {
+                verdict: Verdict::Deny(DenyReason::NoGroup),
+                group: None,
+                rule: None,
+                dry_run: self.dry_run,
+            };
+        };
+        let group = Some(GroupId(index));
+        let rule = self
+            .groups
+            .get(index as usize)
+            .and_then(|g| self.leaves.get(dest_leaf(g) as usize))
+            .map_or(NO_RULE, |leaf| self.leaf_rule(leaf, proto, dst_port));
+        match self.rules.get(rule as usize) {
+            None => Decision {
+                verdict: Verdict::Deny(DenyReason::DefaultDeny),
+                group,
+                rule: None,
+                dry_run: self.dry_run,
+            },
+            Some(r) => {
+                let (verdict, dry_run) = match r.action {
+                    Action::Allow => (Verdict::Allow, false),
+                    Action::Deny => (Verdict::Deny(DenyReason::Rule), r.dry_run),
+                    Action::L7 => (Verdict::L7, r.dry_run),
+                };
+                Decision { verdict, group, rule: Some(RuleId(rule)), dry_run }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn leaf_rule(&self, leaf: &DestLeaf, proto: u8, dst_port: u16) -> u32 {
+        let runs = match proto {
+            ip_proto::TCP => leaf.tcp,
+            ip_proto::UDP => leaf.udp,
+            ip_proto::ICMP | ip_proto::ICMPV6 => return leaf.icmp,
+            _ => return leaf.other,
+        };
+        let Some(runs) = self.runs.get(runs.start as usize..(runs.start as usize + runs.len as usize)) else {
+            return NO_RULE;
+        };
+        // Last run starting at or below the port (the first run starts at port 0).
+        let after = runs.partition_point(|run| run.first_port <= dst_port);
+        runs.get(after.wrapping_sub(1)).map_or(NO_RULE, |run| run.rule)
+    }
+
+    /// The egress IPs of a group (empty for an unknown group).
+    pub fn egress_ips(&self, group: GroupId) -> &[Ipv4Addr] {
+        self.groups.get(group.0 as usize).map_or(&[], |g| &g.egress_ips)
+    }
+
+    /// Paired pooling (RFC 4787 REQ-2): the egress IP an inside host always leaves from. Rendezvous hashing of
+    /// (source, egress IP): stable across restarts and reloads, and adding or removing one egress IP of a group
+    /// moves only the hosts that had (or now get) that IP. `None` when the group has no egress IP.
+    pub fn egress_ip_for(&self, group: GroupId, src: Ipv4Addr) -> Option<Ipv4Addr> {
+        self.egress_ips(group)
+            .iter()
+            .copied()
+            .max_by_key(|ip| mix64((u64::from(u32::from(src)) << 32) | u64::from(u32::from(*ip))))
+    }
+
+    /// The group's name (empty for an unknown group).
+    pub fn group_name(&self, group: GroupId) -> &str {
+        self.groups.get(group.0 as usize).map_or("", |g| &g.name)
+    }
+
+    /// The group called `name`.
+    pub fn group_by_name(&self, name: &str) -> Option<GroupId> {
+        self.groups.iter().position(|g| g.name == name).map(|i| GroupId(i as u32))
+    }
+
+    /// The rule as it was given to the builder.
+    pub fn rule(&self, rule: RuleId) -> Option<&RuleSpec> {
+        self.rules.get(rule.0 as usize).map(|r| &r.spec)
+    }
+
+    /// For the L7 path: whether `host` (SNI or Host, any case, optional trailing dot) is allowed by `rule`'s host
+    /// patterns. False for an unknown rule or one with no hosts.
+    pub fn host_allowed(&self, rule: RuleId, host: &str) -> bool {
+        self.rule(rule).is_some_and(|r| r.hosts.iter().any(|p| p.matches(host)))
+    }
+
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn stats(&self) -> PolicyStats {
+        let tables = || {
+            [&self.sources_v4, &self.sources_v6]
+                .into_iter()
+                .chain(self.groups.iter().flat_map(|g| [&g.dest_v4, &g.dest_v6]))
+        };
+        PolicyStats {
+            groups: self.groups.len(),
+            rules: self.rules.len(),
+            source_prefixes: self.source_prefixes,
+            destination_leaves: self.leaves.len(),
+            port_runs: self.runs.len(),
+            trie_nodes: tables().map(LpmTable::node_count).sum(),
+            table_bytes: tables().map(LpmTable::memory_bytes).sum::<usize>()
+                + self.leaves.len() * std::mem::size_of::<DestLeaf>()
+                + self.runs.len() * std::mem::size_of::<PortRun>(),
+        }
+    }
+}
+
+impl CompiledGroup {
+    fn dest_lookup(&self, dst: IpAddr) -> u32 {
+        match dst {
+            IpAddr::V4(a) => self.dest_v4.lookup_u32(u32::from(a)),
+            IpAddr::V6(a) => self.dest_v6.lookup_u128(u128::from(a)),
+        }
+    }
+}
+
+/// SplitMix64's finaliser: a fixed, well-mixed 64-bit hash (stable across builds and platforms).
+fn mix64(mut x: u64) -> u64 {
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests;
