@@ -319,7 +319,8 @@ fn check_rule<'a>(
             Ok(p) => {
                 if to.iter().any(|(t, _)| *t == p) {
                     diags.error(src, e.span(), format!("except {p} removes a whole `to` prefix"));
-                } else if !to.iter().any(|(t, _)| t.covers(&p)) {
+                } else if to.len() == r.to.len() && !to.iter().any(|(t, _)| t.covers(&p)) {
+                    // (Only when every `to` parsed: an except inside a malformed `to` is not a second error.)
                     diags.error(
                         src,
                         e.span(),

@@ -325,6 +325,14 @@ fn except_outside_its_rule() {
 }
 
 #[test]
+fn except_inside_a_malformed_to_is_not_a_second_error() {
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"203.0.113.1/24\"]\nexcept = [\"203.0.113.128/25\"]\naction = \"allow\"\n"),
+        ["t.toml:12:7: host bits are set after the prefix length (did you mean 203.0.113.0/24?)"]
+    );
+}
+
+#[test]
 fn every_error_of_a_file_is_reported_in_order() {
     let e = errors(
         "[[rule]]\ngroup = \"nope\"\nto = [\"10.0.0.1/8\"]\nproto = \"tcp\"\nports = [\"2-1\"]\naction = \"allow\"\nhosts = [\"a.com\"]\n",
