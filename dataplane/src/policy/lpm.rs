@@ -55,11 +55,19 @@ impl LpmTable {
     /// address is `u32::from(addr) as u128`). Longest prefix wins; an address covered by no prefix maps to
     /// `default`. Host bits of `network` are ignored; for two entries with the same prefix the last one wins.
     /// Values above [`MAX_VALUE`] are clamped to `default`.
+    /// The root is 16 bits wide for tables of 2048 prefixes or more, 8 bits below that.
     pub fn build(bits: u32, entries: &[(u128, u8, u32)], default: u32) -> LpmTable {
+        let root_bits = if entries.len() >= 2048 { 16 } else { 8 };
+        LpmTable::build_with_root(bits, entries, default, root_bits)
+    }
+
+    /// [`build`](Self::build) with a root of `root_bits` (1–16) bits: 16 makes every prefix up to /16 a single
+    /// read, for 256 KiB.
+    pub fn build_with_root(bits: u32, entries: &[(u128, u8, u32)], default: u32, root_bits: u32) -> LpmTable {
         let bits = bits.clamp(1, 128);
         let default = if default > MAX_VALUE { 0 } else { default };
         let ranges = prefixes_to_ranges(bits, entries, default);
-        let root_bits = if entries.len() >= 2048 { 16 } else { 8 }.min(bits);
+        let root_bits = root_bits.clamp(1, 16).min(bits);
         let mut table =
             LpmTable { bits, root_bits, root: Vec::new(), nodes: Vec::new(), leaves: Vec::new(), default };
         // Boundaries strictly after address 0, with the value that starts there.
@@ -371,6 +379,8 @@ mod tests {
             let mut seen = std::collections::HashSet::new();
             dedup.retain(|&(n, l, _)| seen.insert((n, l)));
             let t = LpmTable::build(32, &entries, 0);
+            // Every root width: the default ones (8, 16) and odd ones.
+            let wide = [3, 13, 16].map(|root| LpmTable::build_with_root(32, &entries, 0, root));
             for &(pick, noise, keep) in &probes {
                 // Bias keys toward the prefixes: keep `keep` bits of a prefix, randomise the rest.
                 let key = match entries.get(pick) {
@@ -380,7 +390,11 @@ mod tests {
                     }
                     _ => noise,
                 };
-                proptest::prop_assert_eq!(t.lookup_u32(key), naive(32, &dedup, 0, key as u128));
+                let want = naive(32, &dedup, 0, key as u128);
+                proptest::prop_assert_eq!(t.lookup_u32(key), want);
+                for table in &wide {
+                    proptest::prop_assert_eq!(table.lookup_u32(key), want);
+                }
             }
         }
 

@@ -473,7 +473,9 @@ impl PolicyBuilder {
         Ok(PolicySnapshot {
             generation,
             dry_run: self.dry_run,
-            sources_v4: LpmTable::build(32, &src_v4, 0),
+            // Every new flow starts with this lookup: a 16-bit root (256 KiB, once per snapshot) answers sources
+            // of /16 or shorter in one read.
+            sources_v4: LpmTable::build_with_root(32, &src_v4, 0, 16),
             sources_v6: LpmTable::build(128, &src_v6, 0),
             source_prefixes: seen.len(),
             groups,
