@@ -130,7 +130,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
             },
             inside: inside_port,
             outside: outside_port,
-            pipeline: Pipeline::new(worker_stats, next_hops.clone()),
+            pipeline: Pipeline::new(worker_stats, next_hops.clone(), policy.clone()),
             stop: stop_workers.clone(),
         };
         let handle = std::thread::Builder::new()

@@ -60,3 +60,61 @@ fn node_keeps_its_own_traffic_while_egressd_runs() {
     assert!(neigh.contains("10.10.0.2") && neigh.contains("192.0.2.2"), "neighbours:\n{neigh}");
     drop(gw);
 }
+
+/// The policy decides in the lab: the payments group (10.10.1.0/24) may reach 198.51.100.10:80 but not
+/// 203.0.113.10 (default deny, counted). SIGHUP swaps in a file that allows it; a broken file is refused, counted,
+/// and the running policy stays.
+#[test]
+fn policy_decides_in_the_lab_and_sighup_reloads_it() {
+    let lab = Lab::up(true);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("lab.toml");
+    let original = std::fs::read_to_string(repo_root().join("conf/lab.toml")).expect("read conf/lab.toml");
+    std::fs::write(&config, &original).expect("write config");
+    let gw = Gateway::start(&lab, &config);
+    let payments_get = |url: &str| {
+        let out = lab.exec("client", "curl", &["-sf", "-m", "2", "--interface", "10.10.1.2", url]);
+        out.status.success()
+    };
+
+    assert!(payments_get("http://198.51.100.10/"), "payments → partner allowed; log:\n{}", gw.log_text());
+    let denied_before = gw.metric(r#"egressd_drops_total{reason="default_deny"}"#);
+    assert!(!payments_get("http://203.0.113.10/"), "payments → 203.0.113.10 must be denied");
+    assert!(gw.metric(r#"egressd_drops_total{reason="default_deny"}"#) > denied_before);
+    assert!(lab.curl("http://203.0.113.10/", 3).is_some(), "the web group is still allowed there");
+
+    // A broken file: refused, counted, old policy kept.
+    std::fs::write(&config, original.replace("action = \"allow\"", "action = \"alow\"")).unwrap();
+    let gw_pids = || std::process::Command::new("ip").args(["netns", "pids", &lab.ns("gw")]).output().unwrap();
+    let signal_egressd = |sig: &str| {
+        let pids = String::from_utf8_lossy(&gw_pids().stdout).into_owned();
+        for pid in pids.split_whitespace() {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "egressd" {
+                std::process::Command::new("kill").args([sig, pid]).status().unwrap();
+            }
+        }
+    };
+    signal_egressd("-HUP");
+    wait_for(|| gw.metric(r#"egressd_reloads_total{result="failed"}"#) >= 1.0, "failed reload counted");
+    assert!(gw.log_text().contains("lab.toml:"), "the refused reload is logged with file:line:col");
+    assert!(payments_get("http://198.51.100.10/"), "the running policy stays after a bad reload");
+
+    // A good file that lets payments reach 203.0.113.0/24 too.
+    std::fs::write(
+        &config,
+        original.replace("to = [\"198.51.100.0/24\"]", "to = [\"198.51.100.0/24\", \"203.0.113.0/24\"]"),
+    )
+    .unwrap();
+    signal_egressd("-HUP");
+    wait_for(|| gw.metric(r#"egressd_reloads_total{result="ok"}"#) >= 1.0, "good reload counted");
+    assert!(payments_get("http://203.0.113.10/"), "reloaded policy allows payments → 203.0.113.10");
+}
+
+fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}

@@ -12,8 +12,8 @@
 //!    the IP total length is fine: the padding is dropped on output), header checksum, no fragments (the gateway
 //!    does not reassemble and non-first fragments carry no ports, so NAT could not track them), TTL > 1.
 //!    IPv6 → [`DropReason::Ipv6Unsupported`] (NAT44 only).
-//! 3. The hook where policy and NAT (`dataplane::nat`) will translate the IPv4 packet in place
-//!    (`frame[ip_start..ip_end]`): see [`Pipeline::translate`].
+//! 3. Policy and NAT on the IPv4 packet in place (`frame[ip_start..ip_end]`): see [`Pipeline::translate`]. The
+//!    policy snapshot, like the next-hop table, is loaded once per batch.
 //! 4. Next hop: route + neighbour lookup out of the other interface; a missing neighbour is counted
 //!    ([`DropReason::NoNeighbour`]) and its resolution requested from the control thread.
 //! 5. TTL decrement with an incremental header checksum update (RFC 1624), MAC rewrite.
@@ -27,6 +27,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
+use crate::policy::{ip_proto, PolicySnapshot, SharedPolicy, Verdict};
 use crate::stats::{DropReason, WorkerStats};
 use crate::time::Instant;
 use crate::wire::checksum;
@@ -110,6 +111,33 @@ pub fn parse_ipv4_frame(frame: &[u8]) -> Result<Ipv4Frame, DropReason> {
     Ok(Ipv4Frame { ip_start, ip_end: ip_start + total_len, header_len })
 }
 
+/// What the policy judges a packet by: addresses, protocol, destination port (0 for ICMP and other protocols).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowKey {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    pub dst_port: u16,
+}
+
+impl FlowKey {
+    /// Reads the key of a validated IPv4 packet (header through total length). A TCP or UDP header too short to
+    /// hold its ports is [`DropReason::BadL4Header`].
+    pub fn parse(packet: &[u8]) -> Result<FlowKey, DropReason> {
+        let header_len = usize::from(packet.first().ok_or(DropReason::Truncated)? & 0x0f) * 4;
+        let addr = |at: usize| -> Result<Ipv4Addr, DropReason> {
+            let b = packet.get(at..at + 4).ok_or(DropReason::Truncated)?;
+            Ok(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+        };
+        let proto = *packet.get(9).ok_or(DropReason::Truncated)?;
+        let dst_port = match proto {
+            ip_proto::TCP | ip_proto::UDP => be16(packet, header_len + 2).ok_or(DropReason::BadL4Header)?,
+            _ => 0,
+        };
+        Ok(FlowKey { src: addr(12)?, dst: addr(16)?, proto, dst_port })
+    }
+}
+
 /// Where next-hop snapshots come from and where resolution requests go.
 #[derive(Clone, Debug)]
 pub struct NextHops {
@@ -130,13 +158,16 @@ pub struct Pipeline {
     stats: Arc<WorkerStats>,
     next_hops: NextHops,
     snapshot: Arc<NextHopTable>,
+    policy: Arc<SharedPolicy>,
+    policy_snapshot: Arc<PolicySnapshot>,
     last_resolve_request: Option<(Ipv4Addr, Instant)>,
 }
 
 impl Pipeline {
-    pub fn new(stats: Arc<WorkerStats>, next_hops: NextHops) -> Pipeline {
+    pub fn new(stats: Arc<WorkerStats>, next_hops: NextHops, policy: Arc<SharedPolicy>) -> Pipeline {
         let snapshot = next_hops.table.load_full();
-        Pipeline { stats, next_hops, snapshot, last_resolve_request: None }
+        let policy_snapshot = policy.load_full();
+        Pipeline { stats, next_hops, snapshot, policy, policy_snapshot, last_resolve_request: None }
     }
 
     pub fn stats(&self) -> &Arc<WorkerStats> {
@@ -149,6 +180,10 @@ impl Pipeline {
         let current = self.next_hops.table.load();
         if !Arc::ptr_eq(&current, &self.snapshot) {
             self.snapshot = arc_swap::Guard::into_inner(current);
+        }
+        let current = self.policy.load();
+        if !Arc::ptr_eq(&current, &self.policy_snapshot) {
+            self.policy_snapshot = arc_swap::Guard::into_inner(current);
         }
     }
 
@@ -202,10 +237,26 @@ impl Pipeline {
     /// Policy and NAT hook: receives the IPv4 packet (header through total length, padding excluded), already
     /// validated and with TTL > 1, and may translate it in place (addresses, ports, checksums) or refuse it.
     /// The forwarding step after it routes by the (translated) destination and fixes TTL and MACs.
-    /// Until policy (issue 4) and NAT (issue 5) land, everything passes untranslated.
+    ///
+    /// Until NAT (issue 5) lands there is no conntrack: every packet from inside is judged by the policy, and
+    /// traffic from outside passes (the lab routes the client subnets back to gw).
     #[inline]
-    fn translate(&mut self, _now: Instant, _arrived_on: Side, _packet: &mut [u8]) -> Result<(), DropReason> {
-        Ok(())
+    fn translate(&mut self, _now: Instant, arrived_on: Side, packet: &mut [u8]) -> Result<(), DropReason> {
+        if arrived_on == Side::Outside {
+            return Ok(());
+        }
+        let flow = FlowKey::parse(packet)?;
+        let decision = self.policy_snapshot.evaluate_v4(flow.src, flow.dst, flow.proto, flow.dst_port);
+        match decision.verdict {
+            Verdict::Allow => Ok(()),
+            Verdict::L7 => Err(DropReason::L7Unavailable),
+            Verdict::Deny(reason) if decision.dry_run => {
+                let _ = reason;
+                self.stats.flows_dry_run_denied.inc();
+                Ok(())
+            }
+            Verdict::Deny(reason) => Err(reason.drop_reason()),
+        }
     }
 
     fn request_resolution(&mut self, now: Instant, hop: Ipv4Addr) {
@@ -223,6 +274,7 @@ impl Pipeline {
 mod tests {
     use super::*;
     use crate::nexthop::{InterfaceTable, Route};
+    use crate::policy::{Action as PolicyAction, GroupId, PolicyBuilder, PortRange, ProtoMatch, RuleSpec};
     use proptest::prelude::*;
 
     const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
@@ -253,7 +305,141 @@ mod tests {
     }
 
     fn pipeline(table: NextHopTable) -> Pipeline {
-        Pipeline::new(Arc::new(WorkerStats::default()), NextHops::fixed(table))
+        Pipeline::new(Arc::new(WorkerStats::default()), NextHops::fixed(table), Arc::new(allow_all()))
+    }
+
+    fn rule(
+        group: GroupId,
+        to: &str,
+        proto: ProtoMatch,
+        ports: &[(u16, u16)],
+        action: PolicyAction,
+    ) -> RuleSpec {
+        RuleSpec {
+            group,
+            to: vec![to.parse().unwrap()],
+            except: vec![],
+            proto,
+            ports: ports.iter().map(|&(lo, hi)| PortRange { first: lo, last: hi }).collect(),
+            action,
+            dry_run: false,
+            hosts: vec![],
+        }
+    }
+
+    /// One group holding every IPv4 source, allowed everywhere.
+    fn allow_all() -> SharedPolicy {
+        let mut b = PolicyBuilder::new();
+        let g = b.add_group("all", vec![]);
+        b.add_source(g, "0.0.0.0/0".parse().unwrap());
+        b.add_rule(rule(g, "0.0.0.0/0", ProtoMatch::Any, &[], PolicyAction::Allow));
+        crate::policy::shared(b.build(1).unwrap())
+    }
+
+    /// 10.10.0.0/24: UDP 53 to 203.0.113.0/24 allowed, 203.0.113.128/25 denied by rule, TCP 443 to l7;
+    /// everything else default-denied. 10.10.9.0/24 is in no group.
+    fn lab_policy(dry_run: bool, generation: u64) -> PolicySnapshot {
+        let mut b = PolicyBuilder::new();
+        b.dry_run(dry_run);
+        let g = b.add_group("web", vec![]);
+        b.add_source(g, "10.10.0.0/24".parse().unwrap());
+        b.add_rule(rule(g, "203.0.113.0/24", ProtoMatch::Udp, &[(53, 53)], PolicyAction::Allow));
+        b.add_rule(rule(g, "203.0.113.128/25", ProtoMatch::Any, &[], PolicyAction::Deny));
+        let mut l7 = rule(g, "198.51.100.0/24", ProtoMatch::Tcp, &[(443, 443)], PolicyAction::L7);
+        l7.hosts = vec![crate::policy::HostPattern::parse("example.com").unwrap()];
+        b.add_rule(l7);
+        b.build(generation).unwrap()
+    }
+
+    fn tcp_frame(src: [u8; 4], dst: [u8; 4], dst_port: u16) -> Vec<u8> {
+        let builder = etherparse::PacketBuilder::ethernet2(CLIENT_MAC, GW_IN_MAC)
+            .ipv4(src, dst, 64)
+            .tcp(40000, dst_port, 1, 1024)
+            .syn();
+        let mut out = Vec::with_capacity(builder.size(0));
+        builder.write(&mut out, &[]).unwrap();
+        out
+    }
+
+    #[test]
+    fn policy_judges_packets_from_inside_and_counts_each_denial_under_its_reason() {
+        let policy = Arc::new(crate::policy::shared(lab_policy(false, 1)));
+        let stats = Arc::new(WorkerStats::default());
+        let mut p = Pipeline::new(stats.clone(), NextHops::fixed(lab_table(true)), policy);
+        let mut send = |f: Vec<u8>| p.process(Instant::ZERO, Side::Inside, &mut f.clone());
+        assert!(matches!(
+            send(udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"q")),
+            Action::Forward { .. }
+        ));
+        assert_eq!(
+            send(udp_frame([10, 10, 0, 2], [203, 0, 113, 200], 64, b"q")),
+            Action::Drop(DropReason::PolicyDeny)
+        );
+        assert_eq!(
+            send(tcp_frame([10, 10, 0, 2], [203, 0, 113, 10], 80)),
+            Action::Drop(DropReason::DefaultDeny)
+        );
+        assert_eq!(send(tcp_frame([10, 10, 9, 2], [203, 0, 113, 10], 53)), Action::Drop(DropReason::NoGroup));
+        assert_eq!(
+            send(tcp_frame([10, 10, 0, 2], [198, 51, 100, 7], 443)),
+            Action::Drop(DropReason::L7Unavailable)
+        );
+        for reason in
+            [DropReason::PolicyDeny, DropReason::DefaultDeny, DropReason::NoGroup, DropReason::L7Unavailable]
+        {
+            assert_eq!(stats.drops(reason), 1, "{reason:?}");
+        }
+    }
+
+    #[test]
+    fn dry_run_forwards_what_it_would_deny_and_counts_it() {
+        let policy = Arc::new(crate::policy::shared(lab_policy(true, 1)));
+        let stats = Arc::new(WorkerStats::default());
+        let mut p = Pipeline::new(stats.clone(), NextHops::fixed(lab_table(true)), policy);
+        let mut f = tcp_frame([10, 10, 0, 2], [203, 0, 113, 10], 80);
+        assert!(matches!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Forward { .. }));
+        assert_eq!(stats.flows_dry_run_denied.get(), 1);
+        assert_eq!(stats.drops(DropReason::DefaultDeny), 0);
+    }
+
+    #[test]
+    fn a_swapped_policy_takes_effect_at_the_next_batch() {
+        let policy = Arc::new(crate::policy::shared(lab_policy(false, 1)));
+        let mut p =
+            Pipeline::new(Arc::new(WorkerStats::default()), NextHops::fixed(lab_table(true)), policy.clone());
+        let frame = tcp_frame([10, 10, 0, 2], [203, 0, 113, 10], 80);
+        assert_eq!(
+            p.process(Instant::ZERO, Side::Inside, &mut frame.clone()),
+            Action::Drop(DropReason::DefaultDeny)
+        );
+        policy.store(Arc::new({
+            let mut b = PolicyBuilder::new();
+            let g = b.add_group("web", vec![]);
+            b.add_source(g, "10.10.0.0/24".parse().unwrap());
+            b.add_rule(rule(g, "203.0.113.0/24", ProtoMatch::Tcp, &[(80, 80)], PolicyAction::Allow));
+            b.build(2).unwrap()
+        }));
+        // Within the batch the old snapshot holds; the next batch sees the new one.
+        assert_eq!(
+            p.process(Instant::ZERO, Side::Inside, &mut frame.clone()),
+            Action::Drop(DropReason::DefaultDeny)
+        );
+        p.begin_batch();
+        assert!(matches!(p.process(Instant::ZERO, Side::Inside, &mut frame.clone()), Action::Forward { .. }));
+    }
+
+    #[test]
+    fn tcp_or_udp_too_short_for_ports_is_a_bad_l4_header() {
+        let mut p = pipeline(lab_table(true));
+        let mut f = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"");
+        // Cut the packet inside the UDP header and fix the IPv4 total length and checksum to match.
+        let cut = 14 + 20 + 3;
+        f.truncate(cut);
+        f[16..18].copy_from_slice(&(23u16).to_be_bytes());
+        f[24..26].copy_from_slice(&[0, 0]);
+        let sum = checksum::compute(&f[14..34]);
+        f[24..26].copy_from_slice(&sum.to_be_bytes());
+        assert_eq!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Drop(DropReason::BadL4Header));
     }
 
     fn udp_frame(src: [u8; 4], dst: [u8; 4], ttl: u8, payload: &[u8]) -> Vec<u8> {
@@ -409,7 +595,7 @@ mod tests {
     fn unknown_neighbour_is_dropped_and_resolution_requested_once_per_interval() {
         let hops = NextHops::fixed(lab_table(false));
         let resolve = hops.resolve.clone();
-        let mut p = Pipeline::new(Arc::new(WorkerStats::default()), hops.clone());
+        let mut p = Pipeline::new(Arc::new(WorkerStats::default()), hops.clone(), Arc::new(allow_all()));
         let frame = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"");
         for i in 0..5 {
             let mut f = frame.clone();
