@@ -85,7 +85,8 @@ fn policy_decides_in_the_lab_and_sighup_reloads_it() {
 
     // A broken file: refused, counted, old policy kept.
     std::fs::write(&config, original.replace("action = \"allow\"", "action = \"alow\"")).unwrap();
-    let gw_pids = || std::process::Command::new("ip").args(["netns", "pids", &lab.ns("gw")]).output().unwrap();
+    let gw_pids =
+        || std::process::Command::new("ip").args(["netns", "pids", &lab.ns("gw")]).output().unwrap();
     let signal_egressd = |sig: &str| {
         let pids = String::from_utf8_lossy(&gw_pids().stdout).into_owned();
         for pid in pids.split_whitespace() {
