@@ -195,7 +195,8 @@ fn check_against_reference(
         .collect();
     let addr_near = |i: usize, noise: u128| -> IpAddr {
         let base = all[i % all.len()];
-        let host_bits = if v6 { 128 - u32::from(base.prefix_len()) } else { 32 - u32::from(base.prefix_len()) };
+        let host_bits =
+            if v6 { 128 - u32::from(base.prefix_len()) } else { 32 - u32::from(base.prefix_len()) };
         let host = if host_bits == 0 { 0 } else { noise & (u128::MAX >> (128 - host_bits)) };
         match base.addr() {
             IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) | host as u32)),
