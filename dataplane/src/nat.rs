@@ -1114,7 +1114,7 @@ impl Nat {
                 self.check_limits(in_addr)?;
                 // Hairpin peer: a reply flow, never judged. UDP sibling (address-dependent filtering): judged by
                 // the policy on its first outbound packet.
-                let flags = if hairpin { SESSION_HAIRPIN_PEER } else { SESSION_UNJUDGED };
+                let flags = if hairpin { SESSION_HAIRPIN | SESSION_HAIRPIN_PEER } else { SESSION_UNJUDGED };
                 let gen = if sibling != NONE { self.sessions[sibling as usize].generation } else { 0 };
                 self.create_session(mid, l4.src, remote_port, now_s, flags, gen)
             }
