@@ -57,6 +57,11 @@ mod tests;
 /// Egress IPs one worker can translate to (their port tables are preallocated).
 pub const MAX_EGRESS_IPS: usize = 16;
 
+/// UDP sessions one mapping may hold towards one remote address (different remote ports). They share one hash in
+/// the inbound index (that is how address-dependent filtering finds them), so the cap bounds that probe run.
+/// Beyond it new sessions are refused as `SourceFlowLimit`.
+pub const MAX_UDP_SESSIONS_PER_REMOTE_ADDR: u32 = 128;
+
 /// Idle timeouts in seconds. `Default` is the RFC defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timeouts {
@@ -110,7 +115,7 @@ pub enum Outbound {
     /// The destination was one of our egress `ip:port` mappings: translated both ways, send back inside.
     Hairpin,
     /// As `Hairpin`, but the destination port belongs to worker `n`: the source is translated; hand the packet to
-    /// worker `n` as an inbound packet (its [`Nat::inbound`] translates the destination and returns `Forward`).
+    /// worker `n`, whose [`Nat::inbound_hairpin`] translates the destination and returns `Forward` (send inside).
     HairpinOtherWorker(u16),
     /// The policy says `l7`: nothing was changed or created.
     L7,
@@ -634,7 +639,8 @@ impl Nat {
         })
     }
 
-    /// The session of an external 5-tuple, and (UDP) a session of the same mapping and remote address.
+    /// The session of an external 5-tuple, and (UDP) a session of the same mapping and remote address with
+    /// another remote port (a "sibling") and how many such siblings were passed (all of them on a miss).
     #[inline]
     fn find_in(
         &self,
@@ -643,10 +649,11 @@ impl Nat {
         remote: u32,
         remote_port: u16,
         proto: u8,
-    ) -> (Option<u32>, u32) {
+    ) -> (Option<u32>, u32, u32) {
         let h = self.in_hash(ip_idx, ext_port, remote, remote_port, proto);
         let sessions = &self.sessions;
         let mut sibling = NONE;
+        let mut siblings = 0;
         let exact = self.in_idx.find(h, |v| {
             sessions.get(v as usize).is_some_and(|s| {
                 let same = s.ip_idx == ip_idx
@@ -655,11 +662,12 @@ impl Nat {
                     && s.proto == proto;
                 if same && s.remote_port != remote_port {
                     sibling = v;
+                    siblings += 1;
                 }
                 same && s.remote_port == remote_port
             })
         });
-        (exact, sibling)
+        (exact, sibling, siblings)
     }
 
     #[inline]
@@ -1036,6 +1044,13 @@ impl Nat {
                 };
                 self.check_limits(l4.src)?;
                 let mid = self.get_or_create_mapping(l4.src, l4.sport, l4.proto, ip_idx, now_s)?;
+                let m = self.mappings[mid as usize];
+                if l4.proto == ip_proto::UDP && m.refs >= MAX_UDP_SESSIONS_PER_REMOTE_ADDR {
+                    let (_, _, siblings) = self.find_in(m.ip_idx, m.ext_port, l4.dst, l4.dport, l4.proto);
+                    if siblings >= MAX_UDP_SESSIONS_PER_REMOTE_ADDR {
+                        return Err(DropReason::SourceFlowLimit);
+                    }
+                }
                 let flags = if self.egress_index(l4.dst).is_some() { SESSION_HAIRPIN } else { 0 };
                 self.create_session(mid, l4.dst, l4.dport, now_s, flags, gen)
             }
@@ -1061,7 +1076,7 @@ impl Nat {
             if owner != self.worker {
                 return Ok(Outbound::HairpinOtherWorker(owner));
             }
-            return match self.inbound(now, packet)? {
+            return match self.inbound_hairpin(now, packet)? {
                 Inbound::Forward => Ok(Outbound::Hairpin),
                 Inbound::OtherWorker(w) => Ok(Outbound::HairpinOtherWorker(w)),
             };
@@ -1075,7 +1090,27 @@ impl Nat {
 
     /// Outside → inside: a packet addressed to an egress IP. Translates the destination back (for an ICMP error,
     /// the outer destination and the quoted packet's source), or says which worker owns it.
+    ///
+    /// A packet from the wire whose source is one of our own egress IPs never creates state (it would be a
+    /// spoofed hairpin); hairpinned packets handed over by another worker go through [`Nat::inbound_hairpin`].
     pub fn inbound(&mut self, now: Instant, packet: &mut [u8]) -> Result<Inbound, DropReason> {
+        self.inbound_leg(now, packet, false)
+    }
+
+    /// The inbound leg of a hairpinned packet that another worker SNATed and handed over
+    /// ([`Outbound::HairpinOtherWorker`]): translates the destination like [`Nat::inbound`], creating the far
+    /// side's session if needed (hairpinned traffic is filtered endpoint-independently). `Forward` means: send it
+    /// out of the inside interface.
+    pub fn inbound_hairpin(&mut self, now: Instant, packet: &mut [u8]) -> Result<Inbound, DropReason> {
+        self.inbound_leg(now, packet, true)
+    }
+
+    fn inbound_leg(
+        &mut self,
+        now: Instant,
+        packet: &mut [u8],
+        from_hairpin: bool,
+    ) -> Result<Inbound, DropReason> {
         let (l4, kind) = parse(packet, false)?;
         let Some(ip_idx) = self.egress_index(l4.dst) else {
             return Err(DropReason::NotForEgressIp);
@@ -1095,11 +1130,11 @@ impl Nat {
         if tcp && tcp_flags_invalid(l4.seg.flags) {
             return Err(DropReason::InvalidTcpFlags);
         }
-        let (exact, sibling) = self.find_in(ip_idx, ext_port, l4.src, remote_port, l4.proto);
+        let (exact, sibling, siblings) = self.find_in(ip_idx, ext_port, l4.src, remote_port, l4.proto);
         let sid = match exact {
             Some(sid) => sid,
             None => {
-                let hairpin = self.egress_index(l4.src).is_some();
+                let hairpin = from_hairpin && self.egress_index(l4.src).is_some();
                 if !hairpin && sibling == NONE {
                     // RFC 5382 REQ-4 / RFC 4787 REQ-8: unsolicited inbound traffic creates nothing.
                     return Err(DropReason::NoMapping);
@@ -1112,6 +1147,9 @@ impl Nat {
                 };
                 let in_addr = self.mappings[mid as usize].in_addr;
                 self.check_limits(in_addr)?;
+                if siblings >= MAX_UDP_SESSIONS_PER_REMOTE_ADDR {
+                    return Err(DropReason::SourceFlowLimit);
+                }
                 // Hairpin peer: a reply flow, never judged. UDP sibling (address-dependent filtering): judged by
                 // the policy on its first outbound packet.
                 let flags = if hairpin { SESSION_HAIRPIN | SESSION_HAIRPIN_PEER } else { SESSION_UNJUDGED };
@@ -1225,7 +1263,7 @@ impl Nat {
         if owner != self.worker {
             return Ok(Inbound::OtherWorker(owner));
         }
-        let (Some(sid), _) = self.find_in(ip_idx, qsport, qdst, qdport, proto) else {
+        let (Some(sid), _, _) = self.find_in(ip_idx, qsport, qdst, qdport, proto) else {
             return Err(DropReason::IcmpErrorNoMapping);
         };
         // RFC 5508 REQ-6 / 5382 REQ-10: the flow is neither ended nor refreshed.

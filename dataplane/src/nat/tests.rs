@@ -842,7 +842,10 @@ fn hairpin_to_another_workers_port_is_handed_over() {
     assert_eq!(reply_owner(2, ip(EG), 17, b_ext), 1);
     let mut pk = udp(C1, 7000, EG, b_ext);
     assert_eq!(out(&mut w0, 1, &mut pk, &pol), Ok(Outbound::HairpinOtherWorker(1)));
-    assert_eq!(w1.inbound(t(1), &mut pk), Ok(Inbound::Forward));
+    // From the wire, a packet claiming to come from our own egress IP creates nothing (anti-spoofing).
+    let mut spoofed = pk.clone();
+    assert_eq!(w1.inbound(t(1), &mut spoofed), Err(DropReason::NoMapping));
+    assert_eq!(w1.inbound_hairpin(t(1), &mut pk), Ok(Inbound::Forward));
     assert!(checksums_ok(&pk));
     assert_eq!(dst_of(&pk), (ip(C2), 60000));
 }
@@ -927,6 +930,19 @@ fn rfc6888_req4_per_source_flow_limit() {
     // Expiry gives the source its budget back.
     expire_all(&mut nat, 300);
     udp_out(&mut nat, 301, C1, 1, SRV, 53, &pol);
+}
+
+#[test]
+fn udp_sessions_of_one_mapping_towards_one_address_are_capped() {
+    let pol = policy();
+    let mut nat = Nat::new(&cfg(), 0);
+    for port in 0..MAX_UDP_SESSIONS_PER_REMOTE_ADDR as u16 {
+        udp_out(&mut nat, 0, C1, 40000, SRV, 1000 + port, &pol);
+    }
+    assert_eq!(out(&mut nat, 0, &mut udp(C1, 40000, SRV, 9), &pol), Err(DropReason::SourceFlowLimit));
+    assert_eq!(inb(&mut nat, 0, &mut udp(SRV, 9, EG, 40000)), Err(DropReason::SourceFlowLimit));
+    // Other addresses are unaffected.
+    udp_out(&mut nat, 0, C1, 40000, SRV2, 9, &pol);
 }
 
 #[test]
