@@ -83,8 +83,10 @@ drop_reasons! {
     ConntrackFull => "conntrack_full",
     /// The source already holds its configured maximum of flows.
     SourceFlowLimit => "source_flow_limit",
-    /// No free port on the egress IP for this flow.
+    /// No free port on the egress IP for this flow (or more egress IPs than a worker's port tables hold).
     OutOfPorts => "out_of_ports",
+    /// The policy allowed the flow but the source's group has no egress IP to translate it to.
+    NoEgressIp => "no_egress_ip",
     /// Packet from outside matches no mapping (unsolicited inbound).
     NoMapping => "no_mapping",
     /// ICMP error quoting a packet of no known flow.
