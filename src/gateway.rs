@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use dataplane::handoff::Handoffs;
 use dataplane::nexthop::{NextHopTable, ResolveQueue};
 use dataplane::pipeline::{NextHops, Pipeline};
 use dataplane::stats::WorkerStats;
@@ -34,6 +35,8 @@ use crate::config::Loaded;
 use crate::fib::{self, Fib};
 use crate::policy::PolicyReloader;
 
+/// Frames each worker's handoff queue holds (replies that arrived on another worker's queue).
+const HANDOFF_QUEUE_FRAMES: usize = 1024;
 /// How often the kernel's routes and neighbours are re-read.
 const FIB_REFRESH: Duration = Duration::from_millis(250);
 /// How long the control loop sleeps between checks of signals and resolution requests.
@@ -112,6 +115,15 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
         programs[1].register(outside_port)?;
     }
 
+    let workers_count = cores.len() as u16;
+    let nat_config = config.nat.to_engine(workers_count);
+    let handoffs = Arc::new(Handoffs::new(cores.len(), HANDOFF_QUEUE_FRAMES));
+    tracing::info!(
+        max_flows_per_worker = nat_config.max_flows,
+        udp_timeout_s = nat_config.timeouts.udp_secs,
+        tcp_established_timeout_s = nat_config.timeouts.tcp_established_secs,
+        "NAT sized"
+    );
     let stop_workers = Arc::new(AtomicBool::new(false));
     let mut stats = Vec::with_capacity(cores.len());
     let mut workers = Vec::with_capacity(cores.len());
@@ -130,7 +142,14 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
             },
             inside: inside_port,
             outside: outside_port,
-            pipeline: Pipeline::new(worker_stats, next_hops.clone(), policy.clone()),
+            pipeline: Pipeline::new(
+                worker_stats,
+                next_hops.clone(),
+                policy.clone(),
+                &nat_config,
+                i as u16,
+                handoffs.clone(),
+            ),
             stop: stop_workers.clone(),
         };
         let handle = std::thread::Builder::new()

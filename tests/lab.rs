@@ -9,7 +9,7 @@ use support::{repo_root, Gateway, Lab};
 /// crosses was forwarded by egressd, and its counters move. After SIGTERM it exits 0 with no XDP program left.
 #[test]
 fn http_and_udp_cross_only_through_egressd() {
-    let lab = Lab::up(true);
+    let lab = Lab::up(false);
     assert!(lab.curl("http://203.0.113.10/", 2).is_none(), "HTTP crossed gw without egressd");
     assert_eq!(lab.udp_echo("203.0.113.10:7", "before"), "", "UDP crossed gw without egressd");
 
@@ -45,7 +45,7 @@ fn http_and_udp_cross_only_through_egressd() {
 /// own addresses to the kernel (ping to gw's inside address is answered by the kernel, not forwarded).
 #[test]
 fn node_keeps_its_own_traffic_while_egressd_runs() {
-    let lab = Lab::up(true);
+    let lab = Lab::up(false);
     let gw = Gateway::start(&lab, &repo_root().join("conf/lab.toml"));
     let ping = lab.exec("client", "ping", &["-c", "2", "-i", "0.2", "-W", "1", "10.10.0.1"]);
     assert!(
@@ -66,7 +66,7 @@ fn node_keeps_its_own_traffic_while_egressd_runs() {
 /// and the running policy stays.
 #[test]
 fn policy_decides_in_the_lab_and_sighup_reloads_it() {
-    let lab = Lab::up(true);
+    let lab = Lab::up(false);
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("lab.toml");
     let original = std::fs::read_to_string(repo_root().join("conf/lab.toml")).expect("read conf/lab.toml");

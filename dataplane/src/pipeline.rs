@@ -26,8 +26,10 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::handoff::{HandoffFrame, HandoffKind, Handoffs};
+use crate::nat::{Inbound, Nat, NatConfig, Outbound};
 use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
-use crate::policy::{ip_proto, PolicySnapshot, SharedPolicy, Verdict};
+use crate::policy::{PolicySnapshot, SharedPolicy};
 use crate::stats::{DropReason, WorkerStats};
 use crate::time::Instant;
 use crate::wire::checksum;
@@ -40,6 +42,8 @@ pub enum Action {
     Forward { out: Side, len: usize },
     /// Do not forward; the reason has been counted.
     Drop(DropReason),
+    /// Copied to the worker that owns the flow's NAT port; this frame can be released.
+    HandedOff,
 }
 
 const ETH_HEADER_LEN: usize = 14;
@@ -111,33 +115,6 @@ pub fn parse_ipv4_frame(frame: &[u8]) -> Result<Ipv4Frame, DropReason> {
     Ok(Ipv4Frame { ip_start, ip_end: ip_start + total_len, header_len })
 }
 
-/// What the policy judges a packet by: addresses, protocol, destination port (0 for ICMP and other protocols).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FlowKey {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
-    pub proto: u8,
-    pub dst_port: u16,
-}
-
-impl FlowKey {
-    /// Reads the key of a validated IPv4 packet (header through total length). A TCP or UDP header too short to
-    /// hold its ports is [`DropReason::BadL4Header`].
-    pub fn parse(packet: &[u8]) -> Result<FlowKey, DropReason> {
-        let header_len = usize::from(packet.first().ok_or(DropReason::Truncated)? & 0x0f) * 4;
-        let addr = |at: usize| -> Result<Ipv4Addr, DropReason> {
-            let b = packet.get(at..at + 4).ok_or(DropReason::Truncated)?;
-            Ok(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-        };
-        let proto = *packet.get(9).ok_or(DropReason::Truncated)?;
-        let dst_port = match proto {
-            ip_proto::TCP | ip_proto::UDP => be16(packet, header_len + 2).ok_or(DropReason::BadL4Header)?,
-            _ => 0,
-        };
-        Ok(FlowKey { src: addr(12)?, dst: addr(16)?, proto, dst_port })
-    }
-}
-
 /// Where next-hop snapshots come from and where resolution requests go.
 #[derive(Clone, Debug)]
 pub struct NextHops {
@@ -153,29 +130,83 @@ impl NextHops {
 }
 
 /// One worker's pipeline. Not shared: each worker owns one.
-#[derive(Debug)]
 pub struct Pipeline {
     stats: Arc<WorkerStats>,
     next_hops: NextHops,
     snapshot: Arc<NextHopTable>,
     policy: Arc<SharedPolicy>,
     policy_snapshot: Arc<PolicySnapshot>,
+    nat: Nat,
+    worker: u16,
+    handoffs: Arc<Handoffs>,
     last_resolve_request: Option<(Ipv4Addr, Instant)>,
 }
 
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline").field("worker", &self.worker).finish_non_exhaustive()
+    }
+}
+
+/// Where a translated packet goes next.
+enum Next {
+    Out(Side),
+    HandOff(u16, HandoffKind),
+}
+
+/// How a frame reached this worker.
+#[derive(Clone, Copy)]
+enum Leg {
+    Arrived(Side),
+    HandedOver(HandoffKind),
+}
+
 impl Pipeline {
-    pub fn new(stats: Arc<WorkerStats>, next_hops: NextHops, policy: Arc<SharedPolicy>) -> Pipeline {
+    /// Worker `worker`'s pipeline; `handoffs` is shared by all workers, `nat` sized for this worker.
+    pub fn new(
+        stats: Arc<WorkerStats>,
+        next_hops: NextHops,
+        policy: Arc<SharedPolicy>,
+        nat: &NatConfig,
+        worker: u16,
+        handoffs: Arc<Handoffs>,
+    ) -> Pipeline {
         let snapshot = next_hops.table.load_full();
         let policy_snapshot = policy.load_full();
-        Pipeline { stats, next_hops, snapshot, policy, policy_snapshot, last_resolve_request: None }
+        Pipeline {
+            stats,
+            next_hops,
+            snapshot,
+            policy,
+            policy_snapshot,
+            nat: Nat::new(nat, worker),
+            worker,
+            handoffs,
+            last_resolve_request: None,
+        }
     }
 
     pub fn stats(&self) -> &Arc<WorkerStats> {
         &self.stats
     }
 
+    pub fn nat(&self) -> &Nat {
+        &self.nat
+    }
+
+    /// A lone worker's pipeline (worker 0 of 1, its own handoff queue): tests, benches, tools.
+    pub fn single(
+        stats: Arc<WorkerStats>,
+        next_hops: NextHops,
+        policy: Arc<SharedPolicy>,
+        nat: &NatConfig,
+    ) -> Pipeline {
+        let nat = NatConfig { workers: 1, ..*nat };
+        Pipeline::new(stats, next_hops, policy, &nat, 0, Arc::new(Handoffs::new(1, 64)))
+    }
+
     /// Call once per burst, before the burst's [`process`](Self::process) calls: picks up the newest next-hop
-    /// snapshot (one atomic load; the `Arc` is replaced only when the control thread published a new one).
+    /// and policy snapshots (one atomic load each; an `Arc` is replaced only when a new one was published).
     pub fn begin_batch(&mut self) {
         let current = self.next_hops.table.load();
         if !Arc::ptr_eq(&current, &self.snapshot) {
@@ -190,7 +221,32 @@ impl Pipeline {
     /// Decides what happens to one frame that arrived on `arrived_on`, rewriting it in place when it is to be
     /// forwarded. Every drop is counted under its reason before returning.
     pub fn process(&mut self, now: Instant, arrived_on: Side, frame: &mut [u8]) -> Action {
-        match self.forward(now, arrived_on, frame) {
+        self.counted(now, Leg::Arrived(arrived_on), frame)
+    }
+
+    /// The next frame another worker handed to this one, if any.
+    pub fn next_handoff(&self) -> Option<HandoffFrame> {
+        self.handoffs.pop(self.worker)
+    }
+
+    /// Finishes a frame another worker handed over: its NAT leg on this worker's conntrack, then routing.
+    pub fn process_handoff(&mut self, now: Instant, handed: &mut HandoffFrame) -> Action {
+        let kind = handed.kind;
+        self.counted(now, Leg::HandedOver(kind), handed.bytes_mut())
+    }
+
+    /// Expires at most `budget` idle flows; returns how many went.
+    pub fn poll_expiry(&mut self, now: Instant, budget: usize) -> usize {
+        self.nat.poll_expiry(now, budget)
+    }
+
+    /// Publishes the NAT gauges into this worker's stats (for the admin endpoint).
+    pub fn publish_gauges(&self) {
+        self.stats.nat.publish(&self.nat.stats());
+    }
+
+    fn counted(&mut self, now: Instant, leg: Leg, frame: &mut [u8]) -> Action {
+        match self.forward(now, leg, frame) {
             Ok(action) => action,
             Err(reason) => {
                 self.stats.count_drop(reason);
@@ -199,15 +255,20 @@ impl Pipeline {
         }
     }
 
-    fn forward(&mut self, now: Instant, arrived_on: Side, frame: &mut [u8]) -> Result<Action, DropReason> {
+    fn forward(&mut self, now: Instant, leg: Leg, frame: &mut [u8]) -> Result<Action, DropReason> {
         let l3 = parse_ipv4_frame(frame)?;
         let ttl_at = l3.ip_start + 8;
         if frame[ttl_at] <= 1 {
             return Err(DropReason::TtlExceeded);
         }
-        let out = arrived_on.other();
 
-        self.translate(now, arrived_on, &mut frame[l3.ip_start..l3.ip_end])?;
+        let out = match self.translate(now, leg, &mut frame[l3.ip_start..l3.ip_end])? {
+            Next::Out(side) => side,
+            Next::HandOff(worker, kind) => {
+                self.handoffs.push(worker, kind, &frame[..l3.ip_end])?;
+                return Ok(Action::HandedOff);
+            }
+        };
 
         let dst_at = l3.ip_start + 16;
         let dst = Ipv4Addr::new(frame[dst_at], frame[dst_at + 1], frame[dst_at + 2], frame[dst_at + 3]);
@@ -234,28 +295,38 @@ impl Pipeline {
         Ok(Action::Forward { out, len: l3.ip_end })
     }
 
-    /// Policy and NAT hook: receives the IPv4 packet (header through total length, padding excluded), already
-    /// validated and with TTL > 1, and may translate it in place (addresses, ports, checksums) or refuse it.
-    /// The forwarding step after it routes by the (translated) destination and fixes TTL and MACs.
-    ///
-    /// Until NAT (issue 5) lands there is no conntrack: every packet from inside is judged by the policy, and
-    /// traffic from outside passes (the lab routes the client subnets back to gw).
+    /// Policy and NAT: receives the IPv4 packet (header through total length, padding excluded), already
+    /// validated and with TTL > 1. From inside, `Nat::outbound` judges new flows by the policy snapshot and
+    /// translates the source; from outside, `Nat::inbound` translates replies back (or names the worker owning
+    /// their port). The forwarding step after it routes by the (translated) destination and fixes TTL and MACs.
     #[inline]
-    fn translate(&mut self, _now: Instant, arrived_on: Side, packet: &mut [u8]) -> Result<(), DropReason> {
-        if arrived_on == Side::Outside {
-            return Ok(());
-        }
-        let flow = FlowKey::parse(packet)?;
-        let decision = self.policy_snapshot.evaluate_v4(flow.src, flow.dst, flow.proto, flow.dst_port);
-        match decision.verdict {
-            Verdict::Allow => Ok(()),
-            Verdict::L7 => Err(DropReason::L7Unavailable),
-            Verdict::Deny(reason) if decision.dry_run => {
-                let _ = reason;
-                self.stats.flows_dry_run_denied.inc();
-                Ok(())
+    fn translate(&mut self, now: Instant, leg: Leg, packet: &mut [u8]) -> Result<Next, DropReason> {
+        match leg {
+            Leg::Arrived(Side::Inside) => match self.nat.outbound(now, packet, &self.policy_snapshot)? {
+                Outbound::Forward => Ok(Next::Out(Side::Outside)),
+                Outbound::DryRunDenied => {
+                    self.stats.flows_dry_run_denied.inc();
+                    Ok(Next::Out(Side::Outside))
+                }
+                Outbound::Hairpin => Ok(Next::Out(Side::Inside)),
+                Outbound::HairpinOtherWorker(worker) => Ok(Next::HandOff(worker, HandoffKind::Hairpin)),
+                Outbound::L7 => Err(DropReason::L7Unavailable),
+            },
+            Leg::Arrived(Side::Outside) => match self.nat.inbound(now, packet)? {
+                Inbound::Forward => Ok(Next::Out(Side::Inside)),
+                Inbound::OtherWorker(worker) => Ok(Next::HandOff(worker, HandoffKind::Inbound)),
+            },
+            Leg::HandedOver(kind) => {
+                let result = match kind {
+                    HandoffKind::Inbound => self.nat.inbound(now, packet)?,
+                    HandoffKind::Hairpin => self.nat.inbound_hairpin(now, packet)?,
+                };
+                match result {
+                    Inbound::Forward => Ok(Next::Out(Side::Inside)),
+                    // Handed to us because we own the port, yet we do not: never bounce it again.
+                    Inbound::OtherWorker(_) => Err(DropReason::NoMapping),
+                }
             }
-            Verdict::Deny(reason) => Err(reason.drop_reason()),
         }
     }
 
@@ -281,6 +352,7 @@ mod tests {
     const GW_IN_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
     const GW_OUT_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
     const EXT_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
+    const EGRESS_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
@@ -305,7 +377,12 @@ mod tests {
     }
 
     fn pipeline(table: NextHopTable) -> Pipeline {
-        Pipeline::new(Arc::new(WorkerStats::default()), NextHops::fixed(table), Arc::new(allow_all()))
+        Pipeline::single(
+            Arc::new(WorkerStats::default()),
+            NextHops::fixed(table),
+            Arc::new(allow_all()),
+            &small_nat(),
+        )
     }
 
     fn rule(
@@ -327,10 +404,14 @@ mod tests {
         }
     }
 
+    fn small_nat() -> NatConfig {
+        NatConfig { max_flows: 4096, max_flows_per_source: 1024, ..NatConfig::default() }
+    }
+
     /// One group holding every IPv4 source, allowed everywhere.
     fn allow_all() -> SharedPolicy {
         let mut b = PolicyBuilder::new();
-        let g = b.add_group("all", vec![]);
+        let g = b.add_group("all", vec![EGRESS_IP]);
         b.add_source(g, "0.0.0.0/0".parse().unwrap());
         b.add_rule(rule(g, "0.0.0.0/0", ProtoMatch::Any, &[], PolicyAction::Allow));
         crate::policy::shared(b.build(1).unwrap())
@@ -341,7 +422,7 @@ mod tests {
     fn lab_policy(dry_run: bool, generation: u64) -> PolicySnapshot {
         let mut b = PolicyBuilder::new();
         b.dry_run(dry_run);
-        let g = b.add_group("web", vec![]);
+        let g = b.add_group("web", vec![EGRESS_IP]);
         b.add_source(g, "10.10.0.0/24".parse().unwrap());
         b.add_rule(rule(g, "203.0.113.0/24", ProtoMatch::Udp, &[(53, 53)], PolicyAction::Allow));
         b.add_rule(rule(g, "203.0.113.128/25", ProtoMatch::Any, &[], PolicyAction::Deny));
@@ -365,7 +446,7 @@ mod tests {
     fn policy_judges_packets_from_inside_and_counts_each_denial_under_its_reason() {
         let policy = Arc::new(crate::policy::shared(lab_policy(false, 1)));
         let stats = Arc::new(WorkerStats::default());
-        let mut p = Pipeline::new(stats.clone(), NextHops::fixed(lab_table(true)), policy);
+        let mut p = Pipeline::single(stats.clone(), NextHops::fixed(lab_table(true)), policy, &small_nat());
         let mut send = |f: Vec<u8>| p.process(Instant::ZERO, Side::Inside, &mut f.clone());
         assert!(matches!(
             send(udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"q")),
@@ -395,7 +476,7 @@ mod tests {
     fn dry_run_forwards_what_it_would_deny_and_counts_it() {
         let policy = Arc::new(crate::policy::shared(lab_policy(true, 1)));
         let stats = Arc::new(WorkerStats::default());
-        let mut p = Pipeline::new(stats.clone(), NextHops::fixed(lab_table(true)), policy);
+        let mut p = Pipeline::single(stats.clone(), NextHops::fixed(lab_table(true)), policy, &small_nat());
         let mut f = tcp_frame([10, 10, 0, 2], [203, 0, 113, 10], 80);
         assert!(matches!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Forward { .. }));
         assert_eq!(stats.flows_dry_run_denied.get(), 1);
@@ -405,8 +486,12 @@ mod tests {
     #[test]
     fn a_swapped_policy_takes_effect_at_the_next_batch() {
         let policy = Arc::new(crate::policy::shared(lab_policy(false, 1)));
-        let mut p =
-            Pipeline::new(Arc::new(WorkerStats::default()), NextHops::fixed(lab_table(true)), policy.clone());
+        let mut p = Pipeline::single(
+            Arc::new(WorkerStats::default()),
+            NextHops::fixed(lab_table(true)),
+            policy.clone(),
+            &small_nat(),
+        );
         let frame = tcp_frame([10, 10, 0, 2], [203, 0, 113, 10], 80);
         assert_eq!(
             p.process(Instant::ZERO, Side::Inside, &mut frame.clone()),
@@ -414,7 +499,7 @@ mod tests {
         );
         policy.store(Arc::new({
             let mut b = PolicyBuilder::new();
-            let g = b.add_group("web", vec![]);
+            let g = b.add_group("web", vec![EGRESS_IP]);
             b.add_source(g, "10.10.0.0/24".parse().unwrap());
             b.add_rule(rule(g, "203.0.113.0/24", ProtoMatch::Tcp, &[(80, 80)], PolicyAction::Allow));
             b.build(2).unwrap()
@@ -429,7 +514,7 @@ mod tests {
     }
 
     #[test]
-    fn tcp_or_udp_too_short_for_ports_is_a_bad_l4_header() {
+    fn udp_header_cut_short_inside_a_consistent_ip_packet_is_truncated() {
         let mut p = pipeline(lab_table(true));
         let mut f = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"");
         // Cut the packet inside the UDP header and fix the IPv4 total length and checksum to match.
@@ -439,7 +524,7 @@ mod tests {
         f[24..26].copy_from_slice(&[0, 0]);
         let sum = checksum::compute(&f[14..34]);
         f[24..26].copy_from_slice(&sum.to_be_bytes());
-        assert_eq!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Drop(DropReason::BadL4Header));
+        assert_eq!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Drop(DropReason::Truncated));
     }
 
     fn udp_frame(src: [u8; 4], dst: [u8; 4], ttl: u8, payload: &[u8]) -> Vec<u8> {
@@ -468,18 +553,31 @@ mod tests {
         assert_eq!(&f[6..12], &GW_OUT_MAC);
         assert_eq!(f[14 + 8], 63);
         assert!(ip_header_ok(&f, 14));
-        // The transport layer is untouched and still parses.
-        let parsed = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
-        match parsed.transport {
-            Some(etherparse::TransportSlice::Udp(udp)) => assert_eq!(udp.payload(), b"hello"),
-            other => panic!("expected UDP, got {other:?}"),
-        }
+        // SNAT: the source is the group's egress IP, and the UDP checksum is still right.
+        let headers = etherparse::PacketHeaders::from_ethernet_slice(&f).unwrap();
+        let Some(etherparse::NetHeaders::Ipv4(ip4, _)) = &headers.net else { panic!("not IPv4") };
+        assert_eq!(Ipv4Addr::from(ip4.source), EGRESS_IP);
+        let Some(etherparse::TransportHeader::Udp(udp)) = &headers.transport else { panic!("not UDP") };
+        assert_eq!(udp.checksum, udp.calc_checksum_ipv4(ip4, headers.payload.slice()).unwrap());
+        assert_eq!(headers.payload.slice(), b"hello");
+    }
+
+    /// Sends one UDP datagram 10.10.0.2:4000 → 203.0.113.10:53 out; returns the egress port it was mapped to.
+    fn open_udp_flow(p: &mut Pipeline) -> u16 {
+        let mut f = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"q");
+        assert!(matches!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Forward { .. }));
+        u16::from_be_bytes([f[34], f[35]])
     }
 
     #[test]
-    fn forwards_replies_inward_on_link() {
+    fn forwards_replies_inward_translated_back() {
         let mut p = pipeline(lab_table(true));
-        let mut f = udp_frame([203, 0, 113, 10], [10, 10, 0, 2], 2, b"x");
+        let port = open_udp_flow(&mut p);
+        let builder = etherparse::PacketBuilder::ethernet2(EXT_MAC, GW_OUT_MAC)
+            .ipv4([203, 0, 113, 10], EGRESS_IP.octets(), 2)
+            .udp(53, port);
+        let mut f = Vec::new();
+        builder.write(&mut f, b"x").unwrap();
         let len = f.len();
         assert_eq!(
             p.process(Instant::ZERO, Side::Outside, &mut f),
@@ -489,6 +587,24 @@ mod tests {
         assert_eq!(&f[6..12], &GW_IN_MAC);
         assert_eq!(f[14 + 8], 1);
         assert!(ip_header_ok(&f, 14));
+        assert_eq!(&f[30..34], &[10, 10, 0, 2]);
+        assert_eq!(u16::from_be_bytes([f[36], f[37]]), 4000);
+    }
+
+    #[test]
+    fn unsolicited_traffic_from_outside_is_dropped() {
+        let mut p = pipeline(lab_table(true));
+        let mut to_inside = udp_frame([203, 0, 113, 10], [10, 10, 0, 2], 64, b"x");
+        assert_eq!(
+            p.process(Instant::ZERO, Side::Outside, &mut to_inside),
+            Action::Drop(DropReason::NotForEgressIp)
+        );
+        open_udp_flow(&mut p);
+        let mut to_unmapped = udp_frame([203, 0, 113, 10], EGRESS_IP.octets(), 64, b"x");
+        assert_eq!(
+            p.process(Instant::ZERO, Side::Outside, &mut to_unmapped),
+            Action::Drop(DropReason::NoMapping)
+        );
     }
 
     #[test]
@@ -573,7 +689,16 @@ mod tests {
             ("no route", Box::new(|f| f[30..34].copy_from_slice(&[10, 99, 0, 1])), DropReason::NoRoute),
         ];
         for (name, mutate, reason) in cases {
-            let mut p = pipeline(lab_table(true));
+            // "no route": gw has no default route outside, and 10.99.0.1 is not on-link.
+            let mut table = lab_table(true);
+            if name == "no route" {
+                table.outside = InterfaceTable::new(
+                    GW_OUT_MAC,
+                    vec![Route { destination: ip("192.0.2.0"), prefix_len: 24, gateway: None }],
+                    vec![],
+                );
+            }
+            let mut p = pipeline(table);
             let mut f = good.clone();
             mutate(&mut f);
             // Mutations of covered header fields get a valid checksum, so the intended check is what fails.
@@ -584,9 +709,7 @@ mod tests {
             {
                 fix_checksum(&mut f);
             }
-            // "no route" is about routing back inside (10.99/16 is not an inside prefix).
-            let side = if name == "no route" { Side::Outside } else { Side::Inside };
-            assert_eq!(p.process(Instant::ZERO, side, &mut f), Action::Drop(reason), "{name}");
+            assert_eq!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Drop(reason), "{name}");
             assert_eq!(p.stats().drops(reason), 1, "{name}");
         }
     }
@@ -595,7 +718,12 @@ mod tests {
     fn unknown_neighbour_is_dropped_and_resolution_requested_once_per_interval() {
         let hops = NextHops::fixed(lab_table(false));
         let resolve = hops.resolve.clone();
-        let mut p = Pipeline::new(Arc::new(WorkerStats::default()), hops.clone(), Arc::new(allow_all()));
+        let mut p = Pipeline::single(
+            Arc::new(WorkerStats::default()),
+            hops.clone(),
+            Arc::new(allow_all()),
+            &small_nat(),
+        );
         let frame = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"");
         for i in 0..5 {
             let mut f = frame.clone();
@@ -669,6 +797,7 @@ mod tests {
                     prop_assert_eq!(l3.ip_end, len);
                 }
                 Action::Drop(reason) => prop_assert_eq!(p.stats().drops(reason), 1),
+                Action::HandedOff => prop_assert!(false, "a lone worker never hands off"),
             }
         }
     }
