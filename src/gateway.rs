@@ -39,6 +39,8 @@ use crate::policy::PolicyReloader;
 const HANDOFF_QUEUE_FRAMES: usize = 1024;
 /// How often the kernel's routes and neighbours are re-read.
 const FIB_REFRESH: Duration = Duration::from_millis(250);
+/// After a resolution request, the tables are re-read every tick for this long (workers hold frames meanwhile).
+const FAST_REFRESH_FOR: Duration = Duration::from_secs(1);
 /// How long the control loop sleeps between checks of signals and resolution requests.
 const CONTROL_TICK: Duration = Duration::from_millis(20);
 
@@ -178,6 +180,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     tracing::info!(workers = workers.len(), "egressd is forwarding");
 
     let mut last_refresh = Instant::now();
+    let mut fast_refresh_until = Instant::now();
     while !stop_requested.load(Ordering::Relaxed) {
         std::thread::sleep(CONTROL_TICK);
         if reload_requested.swap(false, Ordering::Relaxed) {
@@ -187,8 +190,10 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
         for hop in next_hops.resolve.drain() {
             tracing::debug!(%hop, "asking the kernel to resolve a next hop");
             fib::request_resolution(hop);
+            // Frames wait in the workers: look again every tick until the kernel has the answer.
+            fast_refresh_until = Instant::now() + FAST_REFRESH_FOR;
         }
-        if last_refresh.elapsed() >= FIB_REFRESH {
+        if last_refresh.elapsed() >= FIB_REFRESH || Instant::now() < fast_refresh_until {
             last_refresh = Instant::now();
             match fib.read() {
                 Ok(table) => {

@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{repo_root, Gateway, Lab};
+use support::{repo_root, wait_for, Gateway, Lab};
 
 /// HTTP (curl → nginx) and UDP echo cross the gateway only while egressd runs: gw has ip_forward=0, so what
 /// crosses was forwarded by egressd, and its counters move. After SIGTERM it exits 0 with no XDP program left.
@@ -110,12 +110,4 @@ fn policy_decides_in_the_lab_and_sighup_reloads_it() {
     signal_egressd("-HUP");
     wait_for(|| gw.metric(r#"egressd_reloads_total{result="ok"}"#) >= 1.0, "good reload counted");
     assert!(payments_get("http://203.0.113.10/"), "reloaded policy allows payments → 203.0.113.10");
-}
-
-fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !condition() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
 }

@@ -14,8 +14,9 @@
 //!    IPv6 → [`DropReason::Ipv6Unsupported`] (NAT44 only).
 //! 3. Policy and NAT on the IPv4 packet in place (`frame[ip_start..ip_end]`): see [`Pipeline::translate`]. The
 //!    policy snapshot, like the next-hop table, is loaded once per batch.
-//! 4. Next hop: route + neighbour lookup out of the other interface; a missing neighbour is counted
-//!    ([`DropReason::NoNeighbour`]) and its resolution requested from the control thread.
+//! 4. Next hop: route + neighbour lookup out of the chosen interface. A missing neighbour's resolution is
+//!    requested from the control thread and the frame waits, copied aside, as the kernel's ARP queue does (at
+//!    most [`HOLD_FRAMES`] for at most [`HOLD_NANOS`]; beyond that [`DropReason::NoNeighbour`]).
 //! 5. TTL decrement with an incremental header checksum update (RFC 1624), MAC rewrite.
 //!
 //! Counting: the pipeline counts every drop it decides in [`WorkerStats`]; the worker counts rx/tx and the drops
@@ -44,6 +45,8 @@ pub enum Action {
     Drop(DropReason),
     /// Copied to the worker that owns the flow's NAT port; this frame can be released.
     HandedOff,
+    /// Copied aside until its next hop's MAC is known ([`Pipeline::release_held`]); this frame can be released.
+    Held,
 }
 
 const ETH_HEADER_LEN: usize = 14;
@@ -140,6 +143,23 @@ pub struct Pipeline {
     worker: u16,
     handoffs: Arc<Handoffs>,
     last_resolve_request: Option<(Ipv4Addr, Instant)>,
+    /// Frames waiting for their next hop's MAC (preallocated, at most [`HOLD_FRAMES`]).
+    held: Vec<HeldFrame>,
+}
+
+/// Frames a worker keeps while their neighbour resolves (the kernel's default `unres_qlen` is of this order).
+pub const HOLD_FRAMES: usize = 16;
+/// How long a frame waits for its neighbour before it is dropped as `no_neighbour`.
+pub const HOLD_NANOS: u64 = 1_000_000_000;
+const HOLD_FRAME_BYTES: usize = 1536;
+
+#[derive(Clone, Copy)]
+struct HeldFrame {
+    out: Side,
+    since: Instant,
+    ip_start: u16,
+    len: u16,
+    bytes: [u8; HOLD_FRAME_BYTES],
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -183,6 +203,7 @@ impl Pipeline {
             worker,
             handoffs,
             last_resolve_request: None,
+            held: Vec::with_capacity(HOLD_FRAMES),
         }
     }
 
@@ -270,7 +291,36 @@ impl Pipeline {
             }
         };
 
-        let dst_at = l3.ip_start + 16;
+        match self.route(now, out, frame, l3.ip_start, l3.ip_end) {
+            Err(DropReason::NoNeighbour)
+                if self.held.len() < HOLD_FRAMES && l3.ip_end <= HOLD_FRAME_BYTES =>
+            {
+                // As the kernel's ARP queue does: keep the frame until the neighbour resolves (or a deadline).
+                let mut held = HeldFrame {
+                    out,
+                    since: now,
+                    ip_start: l3.ip_start as u16,
+                    len: l3.ip_end as u16,
+                    bytes: [0; HOLD_FRAME_BYTES],
+                };
+                held.bytes[..l3.ip_end].copy_from_slice(&frame[..l3.ip_end]);
+                self.held.push(held);
+                Ok(Action::Held)
+            }
+            result => result,
+        }
+    }
+
+    /// Routes a translated frame out of `out`: next-hop lookup, TTL decrement, MAC rewrite.
+    fn route(
+        &mut self,
+        now: Instant,
+        out: Side,
+        frame: &mut [u8],
+        ip_start: usize,
+        ip_end: usize,
+    ) -> Result<Action, DropReason> {
+        let dst_at = ip_start + 16;
         let dst = Ipv4Addr::new(frame[dst_at], frame[dst_at + 1], frame[dst_at + 2], frame[dst_at + 3]);
         let (src_mac, dst_mac) = match self.snapshot.lookup(out, dst) {
             NextHop::Resolved { src, dst } => (src, dst),
@@ -282,17 +332,52 @@ impl Pipeline {
         };
 
         // TTL and protocol share one 16-bit word of the header checksum.
+        let ttl_at = ip_start + 8;
         let old_word = u16::from_be_bytes([frame[ttl_at], frame[ttl_at + 1]]);
         frame[ttl_at] -= 1;
         let new_word = u16::from_be_bytes([frame[ttl_at], frame[ttl_at + 1]]);
-        let check_at = l3.ip_start + 10;
+        let check_at = ip_start + 10;
         let check = u16::from_be_bytes([frame[check_at], frame[check_at + 1]]);
         frame[check_at..check_at + 2]
             .copy_from_slice(&checksum::update16(check, old_word, new_word).to_be_bytes());
 
         frame[0..6].copy_from_slice(&dst_mac);
         frame[6..12].copy_from_slice(&src_mac);
-        Ok(Action::Forward { out, len: l3.ip_end })
+        Ok(Action::Forward { out, len: ip_end })
+    }
+
+    /// Whether frames wait for a neighbour.
+    pub fn has_held(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Retries the frames waiting for a neighbour: those whose neighbour is now known go to `emit(out, frame)`;
+    /// those still unresolved after [`HOLD_NANOS`] (or now without a route) are dropped and counted.
+    pub fn release_held(&mut self, now: Instant, mut emit: impl FnMut(Side, &[u8])) {
+        let mut i = 0;
+        while i < self.held.len() {
+            let mut held = self.held[i];
+            let (ip_start, len) = (usize::from(held.ip_start), usize::from(held.len));
+            // Lookups only: a frame still waiting must not request resolution again on every retry.
+            let dst_at = ip_start + 16;
+            let dst = Ipv4Addr::new(
+                held.bytes[dst_at],
+                held.bytes[dst_at + 1],
+                held.bytes[dst_at + 2],
+                held.bytes[dst_at + 3],
+            );
+            let waiting = matches!(self.snapshot.lookup(held.out, dst), NextHop::NoNeighbour(_));
+            if waiting && now.saturating_since(held.since).as_nanos() < u128::from(HOLD_NANOS) {
+                i += 1;
+                continue;
+            }
+            self.held.swap_remove(i);
+            match self.route(now, held.out, &mut held.bytes[..len], ip_start, len) {
+                Ok(Action::Forward { out, len }) => emit(out, &held.bytes[..len]),
+                Ok(_) => {}
+                Err(reason) => self.stats.count_drop(reason),
+            }
+        }
     }
 
     /// Policy and NAT: receives the IPv4 packet (header through total length, padding excluded), already
@@ -715,28 +800,49 @@ mod tests {
     }
 
     #[test]
-    fn unknown_neighbour_is_dropped_and_resolution_requested_once_per_interval() {
+    fn frames_wait_for_an_unknown_neighbour_then_leave_or_time_out() {
         let hops = NextHops::fixed(lab_table(false));
         let resolve = hops.resolve.clone();
-        let mut p = Pipeline::single(
-            Arc::new(WorkerStats::default()),
-            hops.clone(),
-            Arc::new(allow_all()),
-            &small_nat(),
-        );
-        let frame = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"");
-        for i in 0..5 {
+        let stats = Arc::new(WorkerStats::default());
+        let mut p = Pipeline::single(stats.clone(), hops.clone(), Arc::new(allow_all()), &small_nat());
+        let frame = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"wait");
+        for i in 0..(HOLD_FRAMES as u64 + 2) {
             let mut f = frame.clone();
-            assert_eq!(p.process(Instant(i), Side::Inside, &mut f), Action::Drop(DropReason::NoNeighbour));
+            let expect =
+                if i < HOLD_FRAMES as u64 { Action::Held } else { Action::Drop(DropReason::NoNeighbour) };
+            assert_eq!(p.process(Instant(i), Side::Inside, &mut f), expect, "frame {i}");
         }
+        // One resolution request per interval, not one per frame.
         assert_eq!(resolve.drain().collect::<Vec<_>>(), vec![ip("192.0.2.2")]);
-        assert_eq!(p.stats().drops(DropReason::NoNeighbour), 5);
+        assert_eq!(stats.drops(DropReason::NoNeighbour), 2);
 
-        // The control thread learns the neighbour and publishes a new snapshot: the next batch forwards.
+        // Not resolved yet: nothing leaves.
+        let mut sent = Vec::new();
+        p.release_held(Instant(1000), |out, f| sent.push((out, f.to_vec())));
+        assert!(sent.is_empty());
+
+        // The control thread learns the neighbour: the held frames leave, routed and rewritten, in order.
         hops.table.store(Arc::new(lab_table(true)));
         p.begin_batch();
+        p.release_held(Instant(2000), |out, f| sent.push((out, f.to_vec())));
+        assert_eq!(sent.len(), HOLD_FRAMES);
+        for (out, f) in &sent {
+            assert_eq!(*out, Side::Outside);
+            assert_eq!((&f[0..6], &f[6..12], f[14 + 8]), (&EXT_MAC[..], &GW_OUT_MAC[..], 63));
+            assert!(ip_header_ok(f, 14));
+        }
+        assert!(!p.has_held());
+
+        // A neighbour that never resolves: the frame is dropped after the hold time.
+        hops.table.store(Arc::new(lab_table(false)));
+        p.begin_batch();
         let mut f = frame.clone();
-        assert!(matches!(p.process(Instant(10), Side::Inside, &mut f), Action::Forward { .. }));
+        assert_eq!(p.process(Instant(3000), Side::Inside, &mut f), Action::Held);
+        p.release_held(Instant(3000 + HOLD_NANOS - 1), |_, _| panic!("not yet"));
+        assert!(p.has_held());
+        p.release_held(Instant(3000 + HOLD_NANOS), |_, _| panic!("never resolved"));
+        assert!(!p.has_held());
+        assert_eq!(stats.drops(DropReason::NoNeighbour), 3);
     }
 
     #[test]
@@ -798,6 +904,7 @@ mod tests {
                 }
                 Action::Drop(reason) => prop_assert_eq!(p.stats().drops(reason), 1),
                 Action::HandedOff => prop_assert!(false, "a lone worker never hands off"),
+                Action::Held => prop_assert!(false, "every neighbour is known"),
             }
         }
     }

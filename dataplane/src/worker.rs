@@ -87,6 +87,9 @@ impl Worker {
                     );
             let now = Instant::monotonic();
             let moved = moved + self.drain_handoffs(now, &stats);
+            if self.pipeline.has_held() {
+                self.release_held(now, &stats);
+            }
             self.pipeline.poll_expiry(now, EXPIRY_BUDGET);
             if now.saturating_since(last_gauges).as_nanos() >= GAUGE_INTERVAL_NANOS {
                 self.pipeline.publish_gauges();
@@ -145,6 +148,24 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// Sends the frames whose neighbour has resolved since they were held.
+    fn release_held(&mut self, now: Instant, stats: &WorkerStats) {
+        let (inside, outside) = (&mut self.inside, &mut self.outside);
+        self.pipeline.release_held(now, |out, frame| {
+            let port = match out {
+                Side::Inside => &mut *inside,
+                Side::Outside => &mut *outside,
+            };
+            if let Err(e) = port.stage_tx(frame) {
+                stats.count_drop(e.drop_reason());
+            }
+        });
+        self.inside.flush_tx(stats, Side::Inside);
+        self.outside.flush_tx(stats, Side::Outside);
+    }
+}
+
 /// Most handed-over frames finished per loop iteration.
 const HANDOFF_BURST: usize = 64;
 /// Most idle flows expired per loop iteration: expiry never stalls forwarding.
@@ -171,6 +192,7 @@ fn forward_burst(
     for i in 0..n {
         let frame = from.received_frame(i);
         stats.rx(side).add(frame.len());
+        // Dropped, held and handed-off frames need nothing more here (their bytes were copied where needed).
         if let Action::Forward { len, .. } = pipeline.process(now, side, frame) {
             let out = &frame[..len.min(frame.len())];
             if let Err(e) = to.stage_tx(out) {

@@ -201,3 +201,12 @@ impl Drop for Gateway<'_> {
         self.stop();
     }
 }
+
+/// Polls `condition` every 100 ms for at most 10 s; fails the test naming `what` if it never holds.
+pub fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
