@@ -193,13 +193,18 @@ impl Pipeline {
     ) -> Pipeline {
         let snapshot = next_hops.table.load_full();
         let policy_snapshot = policy.load_full();
+        let nat = {
+            let mut engine = Nat::new(nat, worker);
+            engine.sync_policy(&policy_snapshot);
+            engine
+        };
         Pipeline {
             stats,
             next_hops,
             snapshot,
             policy,
             policy_snapshot,
-            nat: Nat::new(nat, worker),
+            nat,
             worker,
             handoffs,
             last_resolve_request: None,
@@ -237,6 +242,7 @@ impl Pipeline {
         if !Arc::ptr_eq(&current, &self.policy_snapshot) {
             self.policy_snapshot = arc_swap::Guard::into_inner(current);
         }
+        self.nat.sync_policy(&self.policy_snapshot);
     }
 
     /// Decides what happens to one frame that arrived on `arrived_on`, rewriting it in place when it is to be
@@ -674,6 +680,72 @@ mod tests {
         assert!(ip_header_ok(&f, 14));
         assert_eq!(&f[30..34], &[10, 10, 0, 2]);
         assert_eq!(u16::from_be_bytes([f[36], f[37]]), 4000);
+    }
+
+    /// A reply whose NAT port belongs to worker 0 arrives on worker 1's queue: worker 1 hands it over through the
+    /// bounded queue, worker 0 translates it and sends it inside.
+    #[test]
+    fn a_reply_on_another_workers_queue_is_handed_to_the_port_owner() {
+        let handoffs = Arc::new(Handoffs::new(2, 8));
+        let policy = Arc::new(allow_all());
+        let nat = NatConfig { workers: 2, ..small_nat() };
+        let stats0 = Arc::new(WorkerStats::default());
+        let mut w0 = Pipeline::new(
+            stats0.clone(),
+            NextHops::fixed(lab_table(true)),
+            policy.clone(),
+            &nat,
+            0,
+            handoffs.clone(),
+        );
+        let mut w1 = Pipeline::new(
+            Arc::new(WorkerStats::default()),
+            NextHops::fixed(lab_table(true)),
+            policy,
+            &nat,
+            1,
+            handoffs.clone(),
+        );
+        let port = open_udp_flow(&mut w0);
+        assert_eq!(crate::nat::reply_owner(2, EGRESS_IP, 17, port), 0);
+        let builder = etherparse::PacketBuilder::ethernet2(EXT_MAC, GW_OUT_MAC)
+            .ipv4([203, 0, 113, 10], EGRESS_IP.octets(), 64)
+            .udp(53, port);
+        let mut reply = Vec::new();
+        builder.write(&mut reply, b"answer").unwrap();
+        assert_eq!(w1.process(Instant::ZERO, Side::Outside, &mut reply), Action::HandedOff);
+        assert!(w1.next_handoff().is_none(), "nothing for worker 1");
+        let mut handed = w0.next_handoff().expect("worker 0 got the frame");
+        let len = reply.len();
+        assert_eq!(
+            w0.process_handoff(Instant::ZERO, &mut handed),
+            Action::Forward { out: Side::Inside, len }
+        );
+        let f = handed.bytes_mut();
+        assert_eq!(&f[30..34], &[10, 10, 0, 2]);
+        assert_eq!(u16::from_be_bytes([f[36], f[37]]), 4000);
+        assert_eq!(&f[0..6], &CLIENT_MAC);
+    }
+
+    /// RFC 4787 REQ-9 through the pipeline: an inside host reaching another inside host's egress ip:port is
+    /// translated both ways and sent back inside.
+    #[test]
+    fn hairpinned_packets_go_back_inside_translated_both_ways() {
+        let mut p = pipeline(lab_table(true));
+        let port = open_udp_flow(&mut p);
+        let mut f = udp_frame([10, 10, 0, 3], EGRESS_IP.octets(), 64, b"hairpin");
+        // The frame is UDP 4000 → 53 by construction; aim it at the first flow's mapping.
+        f[36..38].copy_from_slice(&port.to_be_bytes());
+        f[40..42].copy_from_slice(&[0, 0]); // UDP checksum 0: none
+        let len = f.len();
+        assert_eq!(
+            p.process(Instant::ZERO, Side::Inside, &mut f),
+            Action::Forward { out: Side::Inside, len }
+        );
+        assert_eq!(&f[26..30], &EGRESS_IP.octets(), "source translated to the egress IP");
+        assert_eq!(&f[30..34], &[10, 10, 0, 2], "destination translated to the mapped inside host");
+        assert_eq!(u16::from_be_bytes([f[36], f[37]]), 4000);
+        assert!(ip_header_ok(&f, 14));
     }
 
     #[test]
