@@ -112,7 +112,12 @@ fn family<M: EncodeMetric>(
 ) -> Result<(), std::fmt::Error> {
     let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
     for (labels, metric) in series {
-        metric.encode(family.encode_family(&labels)?)?;
+        if labels.is_empty() {
+            // An unlabelled metric has one series.
+            return metric.encode(family);
+        } else {
+            metric.encode(family.encode_family(&labels)?)?;
+        }
     }
     Ok(())
 }
@@ -355,6 +360,9 @@ mod tests {
             assert!(text.contains(&format!("reason=\"{}\"", r.as_str())), "missing {}", r.as_str());
         }
         assert!(text.contains("egressd_workers 2"), "{text}");
+        // Unlabelled series print without braces; NAT flows are labelled by state.
+        assert!(text.contains("\negressd_nat_mappings 0\n"), "{text}");
+        assert!(text.contains("egressd_nat_flows{state=\"tcp_established\"} 0"), "{text}");
     }
 
     #[test]
