@@ -1,16 +1,17 @@
 //! Per-worker flow table: the storage under [`crate::nat::Nat`].
 //!
-//! What it owns: a preallocated slab of [`Session`]s (one per 5-tuple flow), a slab of [`Mapping`]s (one per inside
-//! endpoint, RFC 4787 endpoint-independent mapping), a slab of per-source flow counters, the open-addressing hash
-//! indexes over them, and one LRU list per timeout class.
+//! What it owns: the building blocks of the flow table — a preallocated slab of [`Session`]s (one per 5-tuple
+//! flow, 56 bytes), a slab of [`Mapping`]s (one per inside endpoint, RFC 4787 endpoint-independent mapping, 16
+//! bytes), the open-addressing hash indexes over them (the per-source flow counters live directly in an index:
+//! their hash is a bijection of the address), one LRU list per timeout class, and the TCP tracker.
 //!
 //! Why it is shaped so (VPP NAT44-ED habits):
 //! - Everything is allocated in `new` and sized from `max_flows`; the data path never allocates. Slab slots are
 //!   `u32` indexes; free slots form an intrusive free list.
-//! - The indexes are linear-probing tables of `(hash, slot)` pairs (8 bytes) at a load factor ≤ 2/3, with
+//! - The indexes are linear-probing tables of `(hash, slot)` pairs (8 bytes) at a load factor ≤ 4/5, with
 //!   backward-shift deletion (no tombstones, so lookups never degrade after churn). The full 32-bit hash stored in
 //!   each entry filters almost every false candidate without touching the slab.
-//! - Expiry: each timeout class (UDP, ICMP, TCP transitory, TCP established) has a fixed timeout, so a list kept in
+//! - Expiry: each timeout class (UDP, ICMP, TCP handshake, TCP transitory, TCP established) has a fixed timeout, so a list kept in
 //!   last-seen order is also in expiry order. Refreshing moves a session to the tail at most once per second
 //!   (its `last_seen` is kept in whole seconds), so the fast path rarely touches neighbours. Expiry pops from the
 //!   heads with a budget: no stop-the-world sweep.

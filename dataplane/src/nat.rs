@@ -430,6 +430,7 @@ fn l4_layout(proto: u8) -> (usize, bool) {
 /// Rewrites an address (at `addr_off`: 12 source, 16 destination) and a port/identifier (at `ihl + port_off`)
 /// with incremental updates of the IPv4 header checksum and the L4 checksum (RFC 1624). UDP checksum 0 stays 0
 /// (RFC 768). A checksum beyond the end of `pkt` is left alone.
+#[inline]
 fn rewrite(
     pkt: &mut [u8],
     ihl: usize,
@@ -449,25 +450,28 @@ fn rewrite(
     let ck = ihl + ck_off;
     let po = ihl + port_off;
     let old_port = rd16(pkt, po);
-    let has_ck = ck + 2 <= pkt.len();
-    let mut c = rd16(pkt, ck);
-    if proto == ip_proto::UDP {
-        if pseudo && old_addr != new_addr {
-            c = checksum::update32_udp(c, old_addr, new_addr);
-        }
-        c = checksum::update16_udp(c, old_port, new_port);
-    } else {
-        if pseudo && old_addr != new_addr {
-            c = checksum::update32(c, old_addr, new_addr);
-        }
-        if old_port != new_port {
-            c = checksum::update16(c, old_port, new_port);
-        }
-    }
     wr16(pkt, po, new_port);
-    if has_ck {
-        wr16(pkt, ck, c);
+    if ck + 2 > pkt.len() {
+        return;
     }
+    let c = rd16(pkt, ck);
+    if proto == ip_proto::UDP && c == 0 {
+        // RFC 768: no checksum stays no checksum.
+        return;
+    }
+    // RFC 1624 eqn. 3 with every changed word summed before one fold: HC' = ~(~HC + Σ~m + Σm').
+    let mut acc = u32::from(!c) + u32::from(!old_port) + u32::from(new_port);
+    if pseudo {
+        acc += u32::from(!((old_addr >> 16) as u16))
+            + u32::from(!(old_addr as u16))
+            + (new_addr >> 16)
+            + (new_addr & 0xffff);
+    }
+    let mut new = checksum::finish(acc);
+    if proto == ip_proto::UDP && new == 0 {
+        new = 0xffff;
+    }
+    wr16(pkt, ck, new);
 }
 
 /// Writes a 16-bit word of an ICMP message and keeps the ICMP checksum (at `icmp + 2`) valid.
