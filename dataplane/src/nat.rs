@@ -1027,10 +1027,8 @@ impl Nat {
                 sid
             }
             None => {
-                // RFC 5382: a TCP flow starts with a SYN (a bare SYN; SYN+ACK with no state is not a new flow).
-                if tcp && l4.seg.flags & (F_SYN | F_ACK) != F_SYN {
-                    return Err(DropReason::TcpNotSyn);
-                }
+                // The policy first: every packet of an `l7` flow (not only its SYN) goes to the L7 path, which
+                // keeps no state here.
                 let d =
                     policy.evaluate_v4(Ipv4Addr::from(l4.src), Ipv4Addr::from(l4.dst), l4.proto, l4.dport);
                 match d.verdict {
@@ -1038,6 +1036,10 @@ impl Nat {
                     Verdict::L7 => return Ok(Outbound::L7),
                     Verdict::Deny(r) if !d.dry_run => return Err(r.drop_reason()),
                     Verdict::Deny(_) => result = Outbound::DryRunDenied,
+                }
+                // RFC 5382: a TCP flow starts with a SYN (a bare SYN; SYN+ACK with no state is not a new flow).
+                if tcp && l4.seg.flags & (F_SYN | F_ACK) != F_SYN {
+                    return Err(DropReason::TcpNotSyn);
                 }
                 // RFC 4787 REQ-2: paired pooling.
                 let egress = d.group.and_then(|g| policy.egress_ip_for(g, Ipv4Addr::from(l4.src)));

@@ -383,6 +383,8 @@ fn policy_denies_create_nothing_and_l7_and_missing_egress_ip_are_reported() {
     let orig = pk.clone();
     assert_eq!(out(&mut nat, 0, &mut pk, &l7), Ok(Outbound::L7));
     assert_eq!(pk, orig);
+    // Later segments of the flow go to the L7 path too.
+    assert_eq!(out(&mut nat, 0, &mut tcp(C1, 40000, SRV, 443, 2, 1, "A"), &l7), Ok(Outbound::L7));
     assert_eq!(nat.stats().flows(), 0);
 }
 
