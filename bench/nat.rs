@@ -80,7 +80,7 @@ fn established(c: &mut Criterion) {
                     black_box(r.is_ok());
                 }
             },
-            BatchSize::SmallInput,
+            BatchSize::PerIteration,
         )
     });
     g.finish();
@@ -127,7 +127,7 @@ fn new_flows(c: &mut Criterion) {
                     black_box(r.is_ok());
                 }
             },
-            BatchSize::SmallInput,
+            BatchSize::PerIteration,
         )
     });
     let s = nat.borrow().stats();

@@ -213,20 +213,13 @@ pub(crate) const SESSION_HAIRPIN: u8 = 2;
 pub(crate) const SESSION_HAIRPIN_PEER: u8 = 4;
 
 /// One flow (5-tuple). `in_*` is the inside endpoint, `remote_*` the outside one; the external endpoint is
-/// `(egress[ip_idx], ext_port)`. 56 bytes.
+/// `(egress[ip_idx], ext_port)`. 56 bytes; `repr(C)` keeps what every packet reads (key, translation, timer,
+/// generation) in the first 32 bytes and the TCP window state and LRU links after it.
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub(crate) struct Session {
     pub in_addr: u32,
     pub remote_addr: u32,
-    /// LRU links; `next` doubles as the free-list link.
-    pub prev: u32,
-    pub next: u32,
-    /// Whole seconds of the last refresh.
-    pub last_seen: u32,
-    /// Low 32 bits of the policy generation that last judged this flow.
-    pub generation: u32,
-    pub out: TcpPeer,
-    pub inn: TcpPeer,
     pub in_port: u16,
     pub remote_port: u16,
     pub ext_port: u16,
@@ -237,7 +230,16 @@ pub(crate) struct Session {
     pub flags: u8,
     /// Window scale from each side's SYN, or `NO_WSCALE`.
     pub out_wscale: u8,
+    /// Whole seconds of the last refresh.
+    pub last_seen: u32,
+    /// Low 32 bits of the policy generation that last judged this flow.
+    pub generation: u32,
     pub in_wscale: u8,
+    pub out: TcpPeer,
+    pub inn: TcpPeer,
+    /// LRU links; `next` doubles as the free-list link.
+    pub prev: u32,
+    pub next: u32,
 }
 
 impl Session {
