@@ -340,6 +340,7 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAM_PROBLEM: u8 = 12;
 
 /// Parses the IPv4 + L4 headers the NAT needs. `outbound` selects which ICMP echo type is a flow packet.
+#[inline]
 fn parse(pkt: &[u8], outbound: bool) -> Result<(L4, Kind), DropReason> {
     if pkt.len() < 20 || pkt[0] >> 4 != 4 {
         return Err(DropReason::BadIpHeader);
