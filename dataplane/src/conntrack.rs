@@ -1,16 +1,17 @@
 //! Per-worker flow table: the storage under [`crate::nat::Nat`].
 //!
-//! What it owns: a preallocated slab of [`Session`]s (one per 5-tuple flow), a slab of [`Mapping`]s (one per inside
-//! endpoint, RFC 4787 endpoint-independent mapping), a slab of per-source flow counters, the open-addressing hash
-//! indexes over them, and one LRU list per timeout class.
+//! What it owns: the building blocks of the flow table — a preallocated slab of [`Session`]s (one per 5-tuple
+//! flow, 56 bytes), a slab of [`Mapping`]s (one per inside endpoint, RFC 4787 endpoint-independent mapping, 16
+//! bytes), the open-addressing hash indexes over them (the per-source flow counters live directly in an index:
+//! their hash is a bijection of the address), one LRU list per timeout class, and the TCP tracker.
 //!
 //! Why it is shaped so (VPP NAT44-ED habits):
 //! - Everything is allocated in `new` and sized from `max_flows`; the data path never allocates. Slab slots are
 //!   `u32` indexes; free slots form an intrusive free list.
-//! - The indexes are linear-probing tables of `(hash, slot)` pairs (8 bytes) at a load factor ≤ 2/3, with
+//! - The indexes are linear-probing tables of `(hash, slot)` pairs (8 bytes) at a load factor ≤ 4/5, with
 //!   backward-shift deletion (no tombstones, so lookups never degrade after churn). The full 32-bit hash stored in
 //!   each entry filters almost every false candidate without touching the slab.
-//! - Expiry: each timeout class (UDP, ICMP, TCP transitory, TCP established) has a fixed timeout, so a list kept in
+//! - Expiry: each timeout class (UDP, ICMP, TCP handshake, TCP transitory, TCP established) has a fixed timeout, so a list kept in
 //!   last-seen order is also in expiry order. Refreshing moves a session to the tail at most once per second
 //!   (its `last_seen` is kept in whole seconds), so the fast path rarely touches neighbours. Expiry pops from the
 //!   heads with a budget: no stop-the-world sweep.
@@ -212,20 +213,13 @@ pub(crate) const SESSION_HAIRPIN: u8 = 2;
 pub(crate) const SESSION_HAIRPIN_PEER: u8 = 4;
 
 /// One flow (5-tuple). `in_*` is the inside endpoint, `remote_*` the outside one; the external endpoint is
-/// `(egress[ip_idx], ext_port)`. 56 bytes.
+/// `(egress[ip_idx], ext_port)`. 56 bytes; `repr(C)` keeps what every packet reads (key, translation, timer,
+/// generation) in the first 32 bytes and the TCP window state and LRU links after it.
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub(crate) struct Session {
     pub in_addr: u32,
     pub remote_addr: u32,
-    /// LRU links; `next` doubles as the free-list link.
-    pub prev: u32,
-    pub next: u32,
-    /// Whole seconds of the last refresh.
-    pub last_seen: u32,
-    /// Low 32 bits of the policy generation that last judged this flow.
-    pub generation: u32,
-    pub out: TcpPeer,
-    pub inn: TcpPeer,
     pub in_port: u16,
     pub remote_port: u16,
     pub ext_port: u16,
@@ -236,7 +230,16 @@ pub(crate) struct Session {
     pub flags: u8,
     /// Window scale from each side's SYN, or `NO_WSCALE`.
     pub out_wscale: u8,
+    /// Whole seconds of the last refresh.
+    pub last_seen: u32,
+    /// Low 32 bits of the policy generation that last judged this flow.
+    pub generation: u32,
     pub in_wscale: u8,
+    pub out: TcpPeer,
+    pub inn: TcpPeer,
+    /// LRU links; `next` doubles as the free-list link.
+    pub prev: u32,
+    pub next: u32,
 }
 
 impl Session {

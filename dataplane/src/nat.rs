@@ -340,6 +340,7 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAM_PROBLEM: u8 = 12;
 
 /// Parses the IPv4 + L4 headers the NAT needs. `outbound` selects which ICMP echo type is a flow packet.
+#[inline]
 fn parse(pkt: &[u8], outbound: bool) -> Result<(L4, Kind), DropReason> {
     if pkt.len() < 20 || pkt[0] >> 4 != 4 {
         return Err(DropReason::BadIpHeader);
@@ -430,6 +431,7 @@ fn l4_layout(proto: u8) -> (usize, bool) {
 /// Rewrites an address (at `addr_off`: 12 source, 16 destination) and a port/identifier (at `ihl + port_off`)
 /// with incremental updates of the IPv4 header checksum and the L4 checksum (RFC 1624). UDP checksum 0 stays 0
 /// (RFC 768). A checksum beyond the end of `pkt` is left alone.
+#[inline]
 fn rewrite(
     pkt: &mut [u8],
     ihl: usize,
@@ -449,25 +451,28 @@ fn rewrite(
     let ck = ihl + ck_off;
     let po = ihl + port_off;
     let old_port = rd16(pkt, po);
-    let has_ck = ck + 2 <= pkt.len();
-    let mut c = rd16(pkt, ck);
-    if proto == ip_proto::UDP {
-        if pseudo && old_addr != new_addr {
-            c = checksum::update32_udp(c, old_addr, new_addr);
-        }
-        c = checksum::update16_udp(c, old_port, new_port);
-    } else {
-        if pseudo && old_addr != new_addr {
-            c = checksum::update32(c, old_addr, new_addr);
-        }
-        if old_port != new_port {
-            c = checksum::update16(c, old_port, new_port);
-        }
-    }
     wr16(pkt, po, new_port);
-    if has_ck {
-        wr16(pkt, ck, c);
+    if ck + 2 > pkt.len() {
+        return;
     }
+    let c = rd16(pkt, ck);
+    if proto == ip_proto::UDP && c == 0 {
+        // RFC 768: no checksum stays no checksum.
+        return;
+    }
+    // RFC 1624 eqn. 3 with every changed word summed before one fold: HC' = ~(~HC + Σ~m + Σm').
+    let mut acc = u32::from(!c) + u32::from(!old_port) + u32::from(new_port);
+    if pseudo {
+        acc += u32::from(!((old_addr >> 16) as u16))
+            + u32::from(!(old_addr as u16))
+            + (new_addr >> 16)
+            + (new_addr & 0xffff);
+    }
+    let mut new = checksum::finish(acc);
+    if proto == ip_proto::UDP && new == 0 {
+        new = 0xffff;
+    }
+    wr16(pkt, ck, new);
 }
 
 /// Writes a 16-bit word of an ICMP message and keeps the ICMP checksum (at `icmp + 2`) valid.
@@ -1030,10 +1035,8 @@ impl Nat {
                 sid
             }
             None => {
-                // RFC 5382: a TCP flow starts with a SYN (a bare SYN; SYN+ACK with no state is not a new flow).
-                if tcp && l4.seg.flags & (F_SYN | F_ACK) != F_SYN {
-                    return Err(DropReason::TcpNotSyn);
-                }
+                // The policy first: every packet of an `l7` flow (not only its SYN) goes to the L7 path, which
+                // keeps no state here.
                 let d =
                     policy.evaluate_v4(Ipv4Addr::from(l4.src), Ipv4Addr::from(l4.dst), l4.proto, l4.dport);
                 match d.verdict {
@@ -1041,6 +1044,10 @@ impl Nat {
                     Verdict::L7 => return Ok(Outbound::L7),
                     Verdict::Deny(r) if !d.dry_run => return Err(r.drop_reason()),
                     Verdict::Deny(_) => result = Outbound::DryRunDenied,
+                }
+                // RFC 5382: a TCP flow starts with a SYN (a bare SYN; SYN+ACK with no state is not a new flow).
+                if tcp && l4.seg.flags & (F_SYN | F_ACK) != F_SYN {
+                    return Err(DropReason::TcpNotSyn);
                 }
                 // RFC 4787 REQ-2: paired pooling.
                 let egress = d.group.and_then(|g| policy.egress_ip_for(g, Ipv4Addr::from(l4.src)));

@@ -383,6 +383,8 @@ fn policy_denies_create_nothing_and_l7_and_missing_egress_ip_are_reported() {
     let orig = pk.clone();
     assert_eq!(out(&mut nat, 0, &mut pk, &l7), Ok(Outbound::L7));
     assert_eq!(pk, orig);
+    // Later segments of the flow go to the L7 path too.
+    assert_eq!(out(&mut nat, 0, &mut tcp(C1, 40000, SRV, 443, 2, 1, "A"), &l7), Ok(Outbound::L7));
     assert_eq!(nat.stats().flows(), 0);
 }
 
@@ -896,6 +898,34 @@ fn each_worker_allocates_only_in_its_slice_and_points_replies_to_the_owner() {
     let orig = r.clone();
     assert_eq!(nats[0].inbound(t(1), &mut r), Ok(Inbound::OtherWorker(3)));
     assert_eq!(r, orig);
+    // So does an ICMP error quoting one of worker 3's packets, and an echo reply to one of its identifiers.
+    let mut sent = udp(C2, 64000, SRV, 53);
+    nats[3].outbound(t(0), &mut sent, &pol).unwrap();
+    let mut err = icmp_error(SRV, EG, 3, 3, &sent, 28);
+    assert_eq!(nats[0].inbound(t(1), &mut err), Ok(Inbound::OtherWorker(3)));
+    assert_eq!(nats[3].inbound(t(1), &mut err), Ok(Inbound::Forward));
+    let mut e = echo(C1, SRV, 5, false);
+    assert_eq!(nats[2].outbound(t(0), &mut e, &pol), Ok(Outbound::Forward));
+    let mut reply = echo(SRV, EG, src_of(&e).1, true);
+    assert_eq!(nats[1].inbound(t(1), &mut reply), Ok(Inbound::OtherWorker(2)));
+    assert_eq!(nats[2].inbound(t(1), &mut reply), Ok(Inbound::Forward));
+    assert_eq!(dst_of(&reply), (ip(C1), 5));
+}
+
+#[test]
+fn stats_count_flows_by_state_and_ports_by_egress_ip() {
+    let pol = policy_with(1, &[EG], true);
+    let mut nat = Nat::new(&cfg(), 0);
+    handshake(&mut nat, 0, &pol);
+    out(&mut nat, 0, &mut tcp(C2, 1, SRV, 443, 1, 0, "S"), &pol).unwrap();
+    udp_out(&mut nat, 0, C1, 5, SRV, 53, &pol);
+    udp_out(&mut nat, 0, C1, 5, SRV2, 53, &pol);
+    out(&mut nat, 0, &mut echo(C1, SRV, 1, false), &pol).unwrap();
+    let s = nat.stats();
+    assert_eq!((s.tcp_syn_sent, s.tcp_established, s.tcp_transitory, s.udp, s.icmp), (1, 1, 0, 2, 1));
+    assert_eq!(s.flows(), 5);
+    assert_eq!(s.mappings, 4);
+    assert_eq!(s.egress_ports(), &[EgressPorts { ip: ip(EG), tcp: 2, udp: 1, icmp: 1 }]);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
