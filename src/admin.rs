@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::Context;
+use dataplane::policy::{Action as PolicyAction, RuleId, SharedPolicy};
 use dataplane::stats::{DropReason, WorkerStats};
 use dataplane::Side;
 use prometheus_client::collector::Collector;
@@ -38,6 +39,8 @@ pub struct AdminState {
     pub reloads_failed: AtomicU64,
     /// More metrics from other parts of the program.
     pub extra_collectors: Vec<Arc<dyn Collector>>,
+    /// The running policy, to name the rules in the per-rule decision counters.
+    pub policy: Option<Arc<SharedPolicy>>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -56,6 +59,7 @@ impl AdminState {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             extra_collectors: Vec::new(),
+            policy: None,
         }
     }
 
@@ -240,6 +244,39 @@ impl Collector for CoreCollector {
             }),
         )?;
 
+        if let Some(policy) = &state.policy {
+            let snapshot = policy.load();
+            let hits: Vec<_> = state.workers.iter().map(|w| w.rule_hits.load_full()).collect();
+            let series = (0..snapshot.rule_count()).filter_map(|i| {
+                let rule = snapshot.rule(RuleId(i as u32))?;
+                let action = match rule.action {
+                    PolicyAction::Allow => "allow",
+                    PolicyAction::Deny => "deny",
+                    PolicyAction::L7 => "l7",
+                };
+                // Workers still on an older generation are not counted against the new rule numbering.
+                let n = hits.iter().filter(|h| h.generation == snapshot.generation()).map(|h| h.get(i)).sum();
+                let labels = vec![
+                    ("group", snapshot.group_name(rule.group).to_string()),
+                    ("rule", (i + 1).to_string()),
+                    ("action", action.to_string()),
+                ];
+                Some((labels, n))
+            });
+            counters(
+                &mut encoder,
+                "egressd_policy_decisions",
+                "Policy decisions per rule (rule = its position among the [[rule]] tables, from 1) since the last \
+                 reload: new flows, flows judged again after a reload, and each packet of denied or l7 flows.",
+                series,
+            )?;
+        }
+        counters(
+            &mut encoder,
+            "egressd_audit_suppressed",
+            "Denials left out of the audit log by its rate limit.",
+            [(vec![], sum(&|w: &WorkerStats| w.audit_suppressed.get()))],
+        )?;
         counters(
             &mut encoder,
             "egressd_reloads",

@@ -81,6 +81,17 @@ fn policy_decides_in_the_lab_and_sighup_reloads_it() {
     let denied_before = gw.metric(r#"egressd_drops_total{reason="default_deny"}"#);
     assert!(!payments_get("http://203.0.113.10/"), "payments → 203.0.113.10 must be denied");
     assert!(gw.metric(r#"egressd_drops_total{reason="default_deny"}"#) > denied_before);
+    // Which rule decided: the payments allow rule is the 4th [[rule]] of conf/lab.toml.
+    assert!(gw.metric(r#"egressd_policy_decisions_total{group="payments",rule="4",action="allow"}"#) >= 1.0);
+    // The denial is in the audit log with its flow and reason.
+    wait_for(
+        || {
+            gw.log_text().lines().any(|l| {
+                l.contains("flow denied") && l.contains("dst=203.0.113.10") && l.contains("default_deny")
+            })
+        },
+        "an audit line for the denied flow",
+    );
     assert!(lab.curl("http://203.0.113.10/", 3).is_some(), "the web group is still allowed there");
 
     // A broken file: refused, counted, old policy kept.

@@ -11,6 +11,7 @@
 //! [`stats::DropReason`].
 #![deny(unsafe_code)]
 
+pub mod audit;
 pub mod conntrack;
 pub mod frames;
 pub mod handoff;

@@ -46,7 +46,7 @@
 use std::net::Ipv4Addr;
 
 use crate::conntrack::*;
-use crate::policy::{ip_proto, PolicySnapshot, Verdict};
+use crate::policy::{ip_proto, Decision, PolicySnapshot, Verdict};
 use crate::stats::DropReason;
 use crate::time::Instant;
 use crate::wire::checksum;
@@ -266,6 +266,8 @@ pub struct Nat {
     /// Next port offset to try, per `[ip][proto class][low/high]`.
     cursor: [[[u32; 2]; PCS]; MAX_EGRESS_IPS],
     allocation_failures: u64,
+    /// The policy's answer the last time `outbound` consulted it (see [`Nat::take_decision`]).
+    last_decision: Option<Decision>,
 }
 
 /// Layer-4 fields of a parsed packet.
@@ -557,6 +559,7 @@ impl Nat {
             in_use: [[0; PCS]; MAX_EGRESS_IPS],
             cursor: [[[0; 2]; PCS]; MAX_EGRESS_IPS],
             allocation_failures: 0,
+            last_decision: None,
         }
     }
 
@@ -689,6 +692,12 @@ impl Nat {
     #[inline]
     fn egress_index(&self, addr: u32) -> Option<u8> {
         self.egress[..self.egress_len].iter().position(|&a| a == addr).map(|i| i as u8)
+    }
+
+    /// The policy decision the last [`Nat::outbound`] call acted on, if it consulted the policy (a new flow, a
+    /// flow judged again after a reload, or a flow that keeps no state: denied or `l7`). For counters and audit.
+    pub fn take_decision(&mut self) -> Option<Decision> {
+        self.last_decision.take()
     }
 
     /// Learns the egress IPs of a new policy snapshot before any packet needs them: a worker that only ever sees
@@ -1018,6 +1027,7 @@ impl Nat {
                         l4.proto,
                         l4.dport,
                     );
+                    self.last_decision = Some(d);
                     let denied = match d.verdict {
                         Verdict::Allow => None,
                         Verdict::L7 => Some(DropReason::L7Unavailable),
@@ -1039,6 +1049,7 @@ impl Nat {
                 // keeps no state here.
                 let d =
                     policy.evaluate_v4(Ipv4Addr::from(l4.src), Ipv4Addr::from(l4.dst), l4.proto, l4.dport);
+                self.last_decision = Some(d);
                 match d.verdict {
                     Verdict::Allow => {}
                     Verdict::L7 => return Ok(Outbound::L7),

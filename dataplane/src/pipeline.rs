@@ -27,11 +27,12 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::audit::{AuditEvent, AuditLimiter, AuditQueue};
 use crate::handoff::{HandoffFrame, HandoffKind, Handoffs};
 use crate::nat::{Inbound, Nat, NatConfig, Outbound};
 use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
-use crate::policy::{PolicySnapshot, SharedPolicy};
-use crate::stats::{DropReason, WorkerStats};
+use crate::policy::{Decision, PolicySnapshot, SharedPolicy, Verdict};
+use crate::stats::{DropReason, RuleHits, WorkerStats};
 use crate::time::Instant;
 use crate::wire::checksum;
 use crate::Side;
@@ -145,6 +146,10 @@ pub struct Pipeline {
     last_resolve_request: Option<(Ipv4Addr, Instant)>,
     /// Frames waiting for their next hop's MAC (preallocated, at most [`HOLD_FRAMES`]).
     held: Vec<HeldFrame>,
+    /// Per-rule decision counters of the current policy generation (also published in `stats.rule_hits`).
+    rule_hits: Arc<RuleHits>,
+    audit: Option<Arc<AuditQueue>>,
+    audit_limiter: AuditLimiter,
 }
 
 /// Frames a worker keeps while their neighbour resolves (the kernel's default `unres_qlen` is of this order).
@@ -198,7 +203,7 @@ impl Pipeline {
             engine.sync_policy(&policy_snapshot);
             engine
         };
-        Pipeline {
+        let mut pipeline = Pipeline {
             stats,
             next_hops,
             snapshot,
@@ -209,7 +214,12 @@ impl Pipeline {
             handoffs,
             last_resolve_request: None,
             held: Vec::with_capacity(HOLD_FRAMES),
-        }
+            rule_hits: Arc::new(RuleHits::new(0, 0)),
+            audit: None,
+            audit_limiter: AuditLimiter::default(),
+        };
+        pipeline.publish_rule_hits();
+        pipeline
     }
 
     pub fn stats(&self) -> &Arc<WorkerStats> {
@@ -241,8 +251,44 @@ impl Pipeline {
         let current = self.policy.load();
         if !Arc::ptr_eq(&current, &self.policy_snapshot) {
             self.policy_snapshot = arc_swap::Guard::into_inner(current);
+            self.publish_rule_hits();
         }
         self.nat.sync_policy(&self.policy_snapshot);
+    }
+
+    /// Sends denial events to `queue` (the control thread writes the audit log).
+    pub fn with_audit(mut self, queue: Arc<AuditQueue>) -> Pipeline {
+        self.audit = Some(queue);
+        self
+    }
+
+    /// Fresh per-rule counters for the policy generation now running (allocates; only when the policy changes).
+    fn publish_rule_hits(&mut self) {
+        let hits =
+            Arc::new(RuleHits::new(self.policy_snapshot.generation(), self.policy_snapshot.rule_count()));
+        self.rule_hits = hits.clone();
+        self.stats.rule_hits.store(hits);
+    }
+
+    /// Counts a policy decision the NAT acted on, and reports denials to the audit log (rate-limited).
+    fn observe(&mut self, now: Instant, decision: &Decision, packet: &[u8]) {
+        if let Some(rule) = decision.rule {
+            self.rule_hits.hit(rule.0 as usize);
+        }
+        match decision.verdict {
+            Verdict::Allow => self.stats.flows_allowed.inc(),
+            Verdict::L7 => {}
+            Verdict::Deny(_) => {
+                let Some(queue) = &self.audit else { return };
+                let generation = self.policy_snapshot.generation();
+                let reported = self.audit_limiter.allow(now)
+                    && AuditEvent::new(packet, decision, generation, self.worker)
+                        .is_some_and(|e| queue.push(e));
+                if !reported {
+                    self.stats.audit_suppressed.inc();
+                }
+            }
+        }
     }
 
     /// Decides what happens to one frame that arrived on `arrived_on`, rewriting it in place when it is to be
@@ -393,16 +439,13 @@ impl Pipeline {
     #[inline]
     fn translate(&mut self, now: Instant, leg: Leg, packet: &mut [u8]) -> Result<Next, DropReason> {
         match leg {
-            Leg::Arrived(Side::Inside) => match self.nat.outbound(now, packet, &self.policy_snapshot)? {
-                Outbound::Forward => Ok(Next::Out(Side::Outside)),
-                Outbound::DryRunDenied => {
-                    self.stats.flows_dry_run_denied.inc();
-                    Ok(Next::Out(Side::Outside))
+            Leg::Arrived(Side::Inside) => {
+                let result = self.nat.outbound(now, packet, &self.policy_snapshot);
+                if let Some(decision) = self.nat.take_decision() {
+                    self.observe(now, &decision, packet);
                 }
-                Outbound::Hairpin => Ok(Next::Out(Side::Inside)),
-                Outbound::HairpinOtherWorker(worker) => Ok(Next::HandOff(worker, HandoffKind::Hairpin)),
-                Outbound::L7 => Err(DropReason::L7Unavailable),
-            },
+                self.after_outbound(result?)
+            }
             Leg::Arrived(Side::Outside) => match self.nat.inbound(now, packet)? {
                 Inbound::Forward => Ok(Next::Out(Side::Inside)),
                 Inbound::OtherWorker(worker) => Ok(Next::HandOff(worker, HandoffKind::Inbound)),
@@ -418,6 +461,19 @@ impl Pipeline {
                     Inbound::OtherWorker(_) => Err(DropReason::NoMapping),
                 }
             }
+        }
+    }
+
+    fn after_outbound(&mut self, outbound: Outbound) -> Result<Next, DropReason> {
+        match outbound {
+            Outbound::Forward => Ok(Next::Out(Side::Outside)),
+            Outbound::DryRunDenied => {
+                self.stats.flows_dry_run_denied.inc();
+                Ok(Next::Out(Side::Outside))
+            }
+            Outbound::Hairpin => Ok(Next::Out(Side::Inside)),
+            Outbound::HairpinOtherWorker(worker) => Ok(Next::HandOff(worker, HandoffKind::Hairpin)),
+            Outbound::L7 => Err(DropReason::L7Unavailable),
         }
     }
 
@@ -537,7 +593,9 @@ mod tests {
     fn policy_judges_packets_from_inside_and_counts_each_denial_under_its_reason() {
         let policy = Arc::new(crate::policy::shared(lab_policy(false, 1)));
         let stats = Arc::new(WorkerStats::default());
-        let mut p = Pipeline::single(stats.clone(), NextHops::fixed(lab_table(true)), policy, &small_nat());
+        let audit = Arc::new(AuditQueue::new(16));
+        let mut p = Pipeline::single(stats.clone(), NextHops::fixed(lab_table(true)), policy, &small_nat())
+            .with_audit(audit.clone());
         let mut send = |f: Vec<u8>| p.process(Instant::ZERO, Side::Inside, &mut f.clone());
         assert!(matches!(
             send(udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"q")),
@@ -561,6 +619,17 @@ mod tests {
         {
             assert_eq!(stats.drops(reason), 1, "{reason:?}");
         }
+        // Which rule decided: rule 0 (allow) once, rule 1 (deny) once, rule 2 (l7) once.
+        let hits = stats.rule_hits.load();
+        assert_eq!((hits.generation, hits.len()), (1, 3));
+        assert_eq!((hits.get(0), hits.get(1), hits.get(2)), (1, 1, 1));
+        assert_eq!(stats.flows_allowed.get(), 1);
+        // One audit event per denial, in order, with the flow and the deciding rule.
+        let events: Vec<AuditEvent> = std::iter::from_fn(|| audit.pop()).collect();
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert_eq!((events[0].dst, events[0].rule), (ip("203.0.113.200"), Some(crate::policy::RuleId(1))));
+        assert_eq!((events[1].dst_port, events[1].rule), (80, None));
+        assert_eq!((events[2].src, events[2].group), (ip("10.10.9.2"), None));
     }
 
     #[test]

@@ -169,6 +169,43 @@ pub struct WorkerStats {
     pub batches: Counter,
     /// The worker's NAT gauges, republished about once a second.
     pub nat: NatGauges,
+    /// Policy decisions per rule of the snapshot the worker runs (replaced when the policy is reloaded).
+    pub rule_hits: arc_swap::ArcSwap<RuleHits>,
+    /// Audit events left out by the rate limit or because the audit queue was full.
+    pub audit_suppressed: Counter,
+}
+
+/// Policy decisions per rule, for one policy generation. Written by one worker.
+#[derive(Debug)]
+pub struct RuleHits {
+    pub generation: u64,
+    hits: Box<[Counter]>,
+}
+
+impl RuleHits {
+    /// Zeroed counters for `rules` rules (allocates: called on reload, never per packet).
+    pub fn new(generation: u64, rules: usize) -> RuleHits {
+        RuleHits { generation, hits: (0..rules).map(|_| Counter::default()).collect() }
+    }
+
+    #[inline]
+    pub fn hit(&self, rule: usize) {
+        if let Some(c) = self.hits.get(rule) {
+            c.inc();
+        }
+    }
+
+    pub fn get(&self, rule: usize) -> u64 {
+        self.hits.get(rule).map_or(0, Counter::get)
+    }
+
+    pub fn len(&self) -> usize {
+        self.hits.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hits.is_empty()
+    }
 }
 
 /// A worker's conntrack/NAT gauges as of its last publication: written by the worker (relaxed stores, about once
@@ -227,6 +264,8 @@ impl Default for WorkerStats {
             flows_dry_run_denied: Counter::default(),
             batches: Counter::default(),
             nat: NatGauges::default(),
+            rule_hits: arc_swap::ArcSwap::from_pointee(RuleHits::new(0, 0)),
+            audit_suppressed: Counter::default(),
         }
     }
 }
