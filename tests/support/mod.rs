@@ -177,6 +177,13 @@ impl<'a> Gateway<'a> {
         self.metrics().into_iter().find(|(n, _)| n == series).map_or(0.0, |(_, v)| v)
     }
 
+    /// Sends `signal` (e.g. "HUP") to egressd (`ip netns exec` execs it, so the child is egressd itself).
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("egressd is running");
+        let status = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} egressd failed");
+    }
+
     /// Sends SIGTERM and waits (at most 10 s); returns whether egressd exited with status 0.
     pub fn stop(&mut self) -> bool {
         let Some(mut child) = self.child.take() else { return false };
