@@ -273,6 +273,12 @@ impl Collector for CoreCollector {
         }
         counters(
             &mut encoder,
+            "egressd_handoffs",
+            "Frames a worker copied to the worker owning their NAT port (replies on another worker's queue).",
+            [(vec![], sum(&|w: &WorkerStats| w.handed_off.get()))],
+        )?;
+        counters(
+            &mut encoder,
             "egressd_audit_suppressed",
             "Denials left out of the audit log by its rate limit.",
             [(vec![], sum(&|w: &WorkerStats| w.audit_suppressed.get()))],

@@ -339,6 +339,7 @@ impl Pipeline {
             Next::Out(side) => side,
             Next::HandOff(worker, kind) => {
                 self.handoffs.push(worker, kind, &frame[..l3.ip_end])?;
+                self.stats.handed_off.inc();
                 return Ok(Action::HandedOff);
             }
         };

@@ -173,6 +173,8 @@ pub struct WorkerStats {
     pub rule_hits: arc_swap::ArcSwap<RuleHits>,
     /// Audit events left out by the rate limit or because the audit queue was full.
     pub audit_suppressed: Counter,
+    /// Frames copied to the worker that owns their NAT port.
+    pub handed_off: Counter,
 }
 
 /// Policy decisions per rule, for one policy generation. Written by one worker.
@@ -266,6 +268,7 @@ impl Default for WorkerStats {
             nat: NatGauges::default(),
             rule_hits: arc_swap::ArcSwap::from_pointee(RuleHits::new(0, 0)),
             audit_suppressed: Counter::default(),
+            handed_off: Counter::default(),
         }
     }
 }

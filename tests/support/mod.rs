@@ -46,6 +46,11 @@ pub struct Lab {
 impl Lab {
     /// Brings up a lab. `route_back`: ext routes the client subnets back to gw (forwarding without NAT).
     pub fn up(route_back: bool) -> Lab {
+        Lab::up_with(route_back, 1)
+    }
+
+    /// As [`Lab::up`], with `queues` active queues on every veth (2: one per worker of a 2-worker gateway).
+    pub fn up_with(route_back: bool, queues: u32) -> Lab {
         require_lab_preconditions();
         let serialised = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let id = format!(
@@ -58,6 +63,7 @@ impl Lab {
         if route_back {
             cmd.arg("--route-back");
         }
+        cmd.args(["--queues", &queues.to_string()]);
         let lab = Lab { id, _serialised: serialised };
         let out = cmd.output().expect("run scripts/lab up");
         assert!(
