@@ -473,7 +473,9 @@ impl PolicyBuilder {
         Ok(PolicySnapshot {
             generation,
             dry_run: self.dry_run,
-            sources_v4: LpmTable::build(32, &src_v4, 0),
+            // Every new flow starts with this lookup: a 16-bit root (256 KiB, once per snapshot) answers sources
+            // of /16 or shorter in one read.
+            sources_v4: LpmTable::build_with_root(32, &src_v4, 0, 16),
             sources_v6: LpmTable::build(128, &src_v6, 0),
             source_prefixes: seen.len(),
             groups,
@@ -519,8 +521,10 @@ struct LeafCompiler<'a> {
     rules_by_group: Vec<Vec<u32>>,
     leaves: Vec<DestLeaf>,
     runs: Vec<PortRun>,
-    /// Candidate list (rule ids in precedence order) → leaf index.
+    /// Candidate list (rule ids in precedence order, two or more) → leaf index.
     interned: HashMap<Vec<u32>, u32, FxBuildHasher>,
+    /// Rule id → the leaf whose only candidate it is (`NO_RULE`: none yet).
+    single_rule_leaf: Vec<u32>,
     /// Scratch for [`paint_ports`](Self::paint_ports), kept to save allocations.
     scratch_ids: Vec<u32>,
     scratch_cuts: Vec<u32>,
@@ -548,13 +552,13 @@ impl<'a> LeafCompiler<'a> {
             leaves: Vec::new(),
             runs: Vec::new(),
             interned: HashMap::default(),
+            single_rule_leaf: vec![NO_RULE; rules.len()],
             scratch_ids: Vec::new(),
             scratch_cuts: Vec::new(),
         };
         // Leaf 0: nothing matches (default deny).
         let empty = this.compile_leaf(&[]);
         this.leaves.push(empty);
-        this.interned.insert(Vec::new(), 0);
         this
     }
 
@@ -613,19 +617,43 @@ impl<'a> LeafCompiler<'a> {
             best.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
             candidates.clear();
             candidates.extend(best.iter().map(|&(r, _)| r));
-            let leaf = match self.interned.get(candidates.as_slice()) {
-                Some(&leaf) => leaf,
+            let leaf = match self.interned_leaf(&candidates) {
+                Some(leaf) => leaf,
                 None => {
                     let compiled = self.compile_leaf(&candidates);
                     let leaf = self.leaves.len() as u32;
                     self.leaves.push(compiled);
-                    self.interned.insert(candidates.clone(), leaf);
+                    self.intern(&candidates, leaf);
                     leaf
                 }
             };
             entries.push((key, len, leaf));
         }
         LpmTable::build(bits, &entries, 0)
+    }
+
+    /// The leaf already compiled for this candidate list. Lists of one rule (most leaves) are found by index,
+    /// without hashing.
+    fn interned_leaf(&self, candidates: &[u32]) -> Option<u32> {
+        match candidates {
+            [] => Some(0),
+            [rule] => self.single_rule_leaf.get(*rule as usize).copied().filter(|&leaf| leaf != NO_RULE),
+            _ => self.interned.get(candidates).copied(),
+        }
+    }
+
+    fn intern(&mut self, candidates: &[u32], leaf: u32) {
+        match candidates {
+            [] => {}
+            [rule] => {
+                if let Some(slot) = self.single_rule_leaf.get_mut(*rule as usize) {
+                    *slot = leaf;
+                }
+            }
+            _ => {
+                self.interned.insert(candidates.to_vec(), leaf);
+            }
+        }
     }
 
     /// Paints the candidates (precedence order) into per-protocol decisions.
