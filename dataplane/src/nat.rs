@@ -1028,6 +1028,12 @@ impl Nat {
                 sid
             }
             None => {
+                // A miss in a big table costs a few cache misses (mapping index, source counter, then the
+                // inbound index). Load their first slots now so they overlap with each other and with the
+                // policy lookup instead of coming one after the other.
+                let early = self.map_idx.peek(self.map_hash(l4.src, l4.sport, l4.proto))
+                    ^ self.sources.peek(hash_addr(self.seed.0, l4.src));
+                std::hint::black_box(early);
                 // The policy first: every packet of an `l7` flow (not only its SYN) goes to the L7 path, which
                 // keeps no state here.
                 let d =
@@ -1049,6 +1055,10 @@ impl Nat {
                     self.allocation_failures += 1;
                     return Err(DropReason::OutOfPorts);
                 };
+                // Most new mappings keep their original port: warm that inbound index slot too.
+                std::hint::black_box(
+                    self.in_idx.peek(self.in_hash(ip_idx, l4.sport, l4.dst, l4.dport, l4.proto)),
+                );
                 self.check_limits(l4.src)?;
                 let mid = self.get_or_create_mapping(l4.src, l4.sport, l4.proto, ip_idx, now_s)?;
                 let m = self.mappings[mid as usize];
