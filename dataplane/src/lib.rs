@@ -13,6 +13,7 @@
 
 pub mod conntrack;
 pub mod frames;
+pub mod handoff;
 pub mod nat;
 pub mod nexthop;
 pub mod pipeline;

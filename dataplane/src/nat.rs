@@ -691,6 +691,13 @@ impl Nat {
         self.egress[..self.egress_len].iter().position(|&a| a == addr).map(|i| i as u8)
     }
 
+    /// Learns the egress IPs of a new policy snapshot before any packet needs them: a worker that only ever sees
+    /// replies (RSS put the outbound flows on another queue) must still recognise its egress IPs. Cheap when the
+    /// generation is unchanged; the pipeline calls it once per batch.
+    pub fn sync_policy(&mut self, policy: &PolicySnapshot) {
+        self.sync_egress(policy);
+    }
+
     /// Adds the policy's egress IPs to this worker's table (once per policy generation). The table never
     /// shrinks: mappings on a removed IP keep working until they expire.
     fn sync_egress(&mut self, policy: &PolicySnapshot) {

@@ -167,6 +167,54 @@ pub struct WorkerStats {
     pub flows_dry_run_denied: Counter,
     /// Batches processed (rx bursts that returned at least one frame).
     pub batches: Counter,
+    /// The worker's NAT gauges, republished about once a second.
+    pub nat: NatGauges,
+}
+
+/// A worker's conntrack/NAT gauges as of its last publication: written by the worker (relaxed stores, about once
+/// a second, never per packet), read by the admin endpoint.
+#[derive(Debug, Default)]
+pub struct NatGauges {
+    pub tcp_syn_sent: AtomicU64,
+    pub tcp_established: AtomicU64,
+    pub tcp_transitory: AtomicU64,
+    pub udp: AtomicU64,
+    pub icmp: AtomicU64,
+    pub mappings: AtomicU64,
+    pub allocation_failures: AtomicU64,
+    /// Per egress IP this worker has used: (IPv4 as u32, TCP, UDP, ICMP ports in use).
+    pub egress: [[AtomicU64; 4]; crate::nat::MAX_EGRESS_IPS],
+    pub egress_len: AtomicU64,
+}
+
+impl NatGauges {
+    pub fn publish(&self, s: &crate::nat::NatStats) {
+        let set = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+        set(&self.tcp_syn_sent, s.tcp_syn_sent.into());
+        set(&self.tcp_established, s.tcp_established.into());
+        set(&self.tcp_transitory, s.tcp_transitory.into());
+        set(&self.udp, s.udp.into());
+        set(&self.icmp, s.icmp.into());
+        set(&self.mappings, s.mappings.into());
+        set(&self.allocation_failures, s.allocation_failures);
+        let ports = s.egress_ports();
+        for (slot, e) in self.egress.iter().zip(ports) {
+            set(&slot[0], u32::from(e.ip).into());
+            set(&slot[1], e.tcp.into());
+            set(&slot[2], e.udp.into());
+            set(&slot[3], e.icmp.into());
+        }
+        set(&self.egress_len, ports.len() as u64);
+    }
+
+    /// (egress IP, TCP, UDP, ICMP ports in use) for each egress IP this worker has used.
+    pub fn egress_ports(&self) -> impl Iterator<Item = (std::net::Ipv4Addr, u64, u64, u64)> + '_ {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let n = (get(&self.egress_len) as usize).min(self.egress.len());
+        self.egress[..n]
+            .iter()
+            .map(move |e| (std::net::Ipv4Addr::from(get(&e[0]) as u32), get(&e[1]), get(&e[2]), get(&e[3])))
+    }
 }
 
 impl Default for WorkerStats {
@@ -178,6 +226,7 @@ impl Default for WorkerStats {
             flows_allowed: Counter::default(),
             flows_dry_run_denied: Counter::default(),
             batches: Counter::default(),
+            nat: NatGauges::default(),
         }
     }
 }

@@ -60,11 +60,9 @@ impl LpmTable {
         let root_bits = if entries.len() >= 2048 { 16 } else { 8 }.min(bits);
         let mut table =
             LpmTable { bits, root_bits, root: Vec::new(), nodes: Vec::new(), leaves: Vec::new(), default };
-        let mut root = Vec::with_capacity(1 << root_bits);
         // Boundaries strictly after address 0, with the value that starts there.
         let boundaries = &ranges[1..];
-        table.fill_slots(0, 0, root_bits, ranges[0].1, boundaries, &mut |_, entry| root.push(entry));
-        table.root = root;
+        table.root = table.fill_slots(0, 0, root_bits, ranges[0].1, boundaries);
         table
     }
 
@@ -130,9 +128,10 @@ impl LpmTable {
         self.nodes.len()
     }
 
-    /// Walks the `2^width` slots of the block of `2^(bits - offset)` addresses starting at `block_start`, calling
-    /// `emit(slot, entry)` for each in order. `value` is the value at `block_start`; `boundaries` are the value
-    /// changes strictly inside the block, sorted. Slots with a change inside them become nodes (built here).
+    /// The `2^width` slot entries of the block of `2^(bits - offset)` addresses starting at `block_start`, in
+    /// order. `value` is the value at `block_start`; `boundaries` are the value changes strictly inside the block,
+    /// sorted. Slots with a change inside them become nodes (built here). Runs of slots with no change are filled
+    /// in bulk, so a call costs O(boundaries) plus the fill, not a search per slot.
     fn fill_slots(
         &mut self,
         block_start: u128,
@@ -140,17 +139,17 @@ impl LpmTable {
         width: u32,
         mut value: u32,
         boundaries: &[(u128, u32)],
-        emit: &mut dyn FnMut(u32, u32),
-    ) {
+    ) -> Vec<u32> {
         let sub_bits = self.bits - offset - width;
+        let slot_count = 1u32 << width;
         let mut rest = boundaries;
         // Pending children: (slot, value at sub-block start, boundaries inside it, sub-block start).
         let mut pending: Vec<(u32, u32, usize, usize, u128)> = Vec::new();
         let mut consumed = 0usize;
-        let mut entries: Vec<u32> = Vec::with_capacity(1 << width);
-        for slot in 0..(1u32 << width) {
+        let mut entries: Vec<u32> = Vec::with_capacity(slot_count as usize);
+        let mut slot = 0u32;
+        while slot < slot_count {
             let sub_start = block_start + ((slot as u128) << sub_bits);
-            let sub_last = sub_start + ((1u128 << sub_bits) - 1);
             // Changes at or before the sub-block start set its starting value.
             while let Some(&(start, v)) = rest.first() {
                 if start > sub_start {
@@ -160,25 +159,26 @@ impl LpmTable {
                 rest = &rest[1..];
                 consumed += 1;
             }
-            // Changes strictly inside the sub-block make it a node.
-            let inside = rest.partition_point(|&(start, _)| start <= sub_last);
-            if inside == 0 {
-                entries.push(value);
-            } else {
-                pending.push((slot, value, consumed, consumed + inside, sub_start));
-                entries.push(NODE_FLAG); // patched below
-                if let Some(&(_, v)) = rest[..inside].last() {
-                    value = v;
-                }
-                rest = &rest[inside..];
-                consumed += inside;
+            // Every slot before the one holding the next change is uniform.
+            let next_change_slot = rest.first().map_or(slot_count, |&(start, _)| {
+                u32::try_from((start - block_start) >> sub_bits).unwrap_or(u32::MAX).min(slot_count)
+            });
+            if next_change_slot > slot {
+                entries.resize(entries.len() + (next_change_slot - slot) as usize, value);
+                slot = next_change_slot;
+                continue;
             }
-        }
-        if pending.is_empty() {
-            for (slot, e) in entries.into_iter().enumerate() {
-                emit(slot as u32, e);
+            // The next change is strictly inside this slot: it becomes a node.
+            let sub_last = sub_start + ((1u128 << sub_bits) - 1);
+            let inside = rest.iter().take_while(|&&(start, _)| start <= sub_last).count();
+            pending.push((slot, value, consumed, consumed + inside, sub_start));
+            entries.push(NODE_FLAG); // patched below
+            if let Some(&(_, v)) = rest[..inside].last() {
+                value = v;
             }
-            return;
+            rest = &rest[inside..];
+            consumed += inside;
+            slot += 1;
         }
         // Reserve the children contiguously, then build each (its own children go after).
         let first_child = self.nodes.len() as u32;
@@ -193,9 +193,7 @@ impl LpmTable {
                 &boundaries[from..to],
             );
         }
-        for (slot, e) in entries.into_iter().enumerate() {
-            emit(slot as u32, e);
-        }
+        entries
     }
 
     fn build_node(
@@ -207,8 +205,7 @@ impl LpmTable {
         boundaries: &[(u128, u32)],
     ) {
         let width = STRIDE.min(self.bits - offset);
-        let mut slots: Vec<u32> = Vec::with_capacity(1 << width);
-        self.fill_slots(block_start, offset, width, value, boundaries, &mut |_, e| slots.push(e));
+        let slots = self.fill_slots(block_start, offset, width, value, boundaries);
         let mut node = Node { leaf_base: self.leaves.len() as u32, ..Node::default() };
         let mut child_base = None;
         let mut last_leaf = None;
