@@ -37,11 +37,16 @@
 //!   inbound packets (e.g. port unreachable) are translated outbound the same way.
 //! - **Hairpinning** (4787 REQ-9): an outbound packet to one of our egress `ip:port` mappings is SNATed and then
 //!   goes through the inbound leg of the port's owner (here: [`Outbound::Hairpin`]; another worker:
-//!   [`Outbound::HairpinOtherWorker`]). Hairpinned traffic is filtered endpoint-independently (both ends are ours)
-//!   and the far side's session is a reply flow the policy does not judge.
+//!   [`Outbound::HairpinOtherWorker`], whose [`Nat::inbound_hairpin`] finishes it). Hairpinned traffic is
+//!   filtered endpoint-independently (both ends are ours) and the far side's session is a reply flow the policy
+//!   does not judge. From the wire, packets whose source is one of our egress IPs never create state
+//!   (anti-spoofing). ICMP echo is not hairpinned (the inbound leg only accepts echo replies).
 //! - **Limits**: `max_flows` sessions per worker (`ConntrackFull`), `max_flows_per_source` per inside address
-//!   (`SourceFlowLimit`, 6888 REQ-4/5), no free port (`OutOfPorts`). At most [`MAX_EGRESS_IPS`] distinct egress
-//!   IPs per worker; flows needing another one are dropped as `OutOfPorts`.
+//!   (`SourceFlowLimit`, 6888 REQ-4/5), [`MAX_UDP_SESSIONS_PER_REMOTE_ADDR`] UDP sessions per mapping and remote
+//!   address (`SourceFlowLimit`), no free port (`OutOfPorts`). At most [`MAX_EGRESS_IPS`] distinct egress IPs per
+//!   worker; flows needing another one are dropped as `OutOfPorts`.
+//! - **Not handled**: an existing mapping keeps its egress IP when a reload moves its source to another one (new
+//!   mappings use the new IP); flows are re-judged on outbound packets only (a receive-only UDP flow is not).
 
 use std::net::Ipv4Addr;
 
