@@ -1,7 +1,7 @@
 //! Per-worker flow table: the storage under [`crate::nat::Nat`].
 //!
-//! What it owns: the building blocks of the flow table — a preallocated slab of [`Session`]s (one per 5-tuple
-//! flow, 56 bytes), a slab of [`Mapping`]s (one per inside endpoint, RFC 4787 endpoint-independent mapping, 16
+//! What it owns: the building blocks of the flow table — a preallocated slab of `Session`s (one per 5-tuple
+//! flow, 56 bytes), a slab of `Mapping`s (one per inside endpoint, RFC 4787 endpoint-independent mapping, 16
 //! bytes), the open-addressing hash indexes over them (the per-source flow counters live directly in an index:
 //! their hash is a bijection of the address), one LRU list per timeout class, and the TCP tracker.
 //!
