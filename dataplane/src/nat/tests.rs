@@ -423,6 +423,29 @@ fn reload_keeps_flows_and_rechecks_a_flow_whose_rule_was_removed() {
     assert_eq!(out(&mut nat, 1, &mut ack, &reloaded), Ok(Outbound::Forward));
 }
 
+#[test]
+fn reload_that_removes_an_egress_ip_moves_its_flows_and_adding_one_keeps_them() {
+    let one = policy_with(1, &[EG], true);
+    let mut nat = Nat::new(&cfg(), 0);
+    udp_out(&mut nat, 0, C1, 40000, SRV, 53, &one);
+    udp_out(&mut nat, 0, C1, 40000, SRV2, 53, &one);
+    // An IP is added: running flows keep theirs (even if paired pooling would now pick the other).
+    let two = policy_with(2, &[EG, EG2], true);
+    assert_eq!(udp_out(&mut nat, 1, C1, 40000, SRV, 53, &two).0, ip(EG));
+    // EG is removed: its flows stop on their next packet; the next new flow gets a fresh mapping on EG2, while the
+    // retired mapping's port stays held by its last session until that goes.
+    let moved = policy_with(3, &[EG2], true);
+    assert_eq!(out(&mut nat, 2, &mut udp(C1, 40000, SRV, 53), &moved), Err(DropReason::NoEgressIp));
+    let (e, _) = udp_out(&mut nat, 2, C1, 40000, [198, 51, 100, 99], 53, &moved);
+    assert_eq!(e, ip(EG2));
+    assert_eq!(nat.stats().mappings, 2);
+    assert_eq!(out(&mut nat, 2, &mut udp(C1, 40000, SRV2, 53), &moved), Err(DropReason::NoEgressIp));
+    assert_eq!(nat.stats().mappings, 1);
+    assert_eq!(nat.stats().egress_ports()[0], EgressPorts { ip: ip(EG), tcp: 0, udp: 0, icmp: 0 });
+    // The new mapping serves every destination again.
+    assert_eq!(udp_out(&mut nat, 3, C1, 40000, SRV2, 53, &moved).0, ip(EG2));
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Timers (virtual clock)
 // ---------------------------------------------------------------------------------------------------------------
