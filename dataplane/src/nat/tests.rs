@@ -1065,12 +1065,30 @@ proptest! {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Udp { host: u8, port: u16, dst: u8 },
-    Syn { host: u8, port: u16, dst: u8 },
-    Rst { host: u8, port: u16, dst: u8 },
-    Reply { host: u8, port: u16, dst: u8 },
+    Udp {
+        host: u8,
+        port: u16,
+        dst: u8,
+    },
+    Syn {
+        host: u8,
+        port: u16,
+        dst: u8,
+    },
+    Rst {
+        host: u8,
+        port: u16,
+        dst: u8,
+    },
+    Reply {
+        host: u8,
+        port: u16,
+        dst: u8,
+    },
     Advance(u16),
     Expire(u8),
+    /// Switch to policy `n % 3` (egress IPs {EG, EG2}, {EG2} or {EG}) under a new generation.
+    Reload(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -1084,6 +1102,7 @@ fn op() -> impl Strategy<Value = Op> {
         (h, pt, d).prop_map(|(host, port, dst)| Op::Reply { host, port, dst }),
         (0u16..400).prop_map(Op::Advance),
         any::<u8>().prop_map(Op::Expire),
+        any::<u8>().prop_map(Op::Reload),
     ]
 }
 
@@ -1094,7 +1113,8 @@ proptest! {
     // port freed at time T is not handed out again before T + quarantine (RFC 6888 REQ-8).
     #[test]
     fn mappings_stay_a_bijection_and_quarantined_ports_are_not_reused(ops in proptest::collection::vec(op(), 1..120)) {
-        let pol = policy_with(1, &[EG, EG2], true);
+        let mut generation = 1;
+        let mut pol = policy_with(generation, &[EG, EG2], true);
         let c = NatConfig { workers: 2, max_flows: 64, max_flows_per_source: 16, ..cfg() };
         let mut nat = Nat::new(&c, 1);
         let mut now = 0u64;
@@ -1129,6 +1149,11 @@ proptest! {
                 }
                 Op::Advance(s) => now += u64::from(s),
                 Op::Expire(b) => { nat.poll_expiry(t(now), usize::from(b)); }
+                Op::Reload(n) => {
+                    generation += 1;
+                    let sets: [&[A]; 3] = [&[EG, EG2], &[EG2], &[EG]];
+                    pol = policy_with(generation, sets[usize::from(n % 3)], true);
+                }
             }
             // Rebuild the mapping view from the engine and check the invariants.
             let mut now_live = std::collections::HashMap::new();
