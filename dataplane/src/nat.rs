@@ -37,11 +37,19 @@
 //!   inbound packets (e.g. port unreachable) are translated outbound the same way.
 //! - **Hairpinning** (4787 REQ-9): an outbound packet to one of our egress `ip:port` mappings is SNATed and then
 //!   goes through the inbound leg of the port's owner (here: [`Outbound::Hairpin`]; another worker:
-//!   [`Outbound::HairpinOtherWorker`]). Hairpinned traffic is filtered endpoint-independently (both ends are ours)
-//!   and the far side's session is a reply flow the policy does not judge.
+//!   [`Outbound::HairpinOtherWorker`], whose [`Nat::inbound_hairpin`] finishes it). Hairpinned traffic is
+//!   filtered endpoint-independently (both ends are ours) and the far side's session is a reply flow the policy
+//!   does not judge. From the wire, packets whose source is one of our egress IPs never create state
+//!   (anti-spoofing). ICMP echo is not hairpinned (the inbound leg only accepts echo replies).
 //! - **Limits**: `max_flows` sessions per worker (`ConntrackFull`), `max_flows_per_source` per inside address
-//!   (`SourceFlowLimit`, 6888 REQ-4/5), no free port (`OutOfPorts`). At most [`MAX_EGRESS_IPS`] distinct egress
-//!   IPs per worker; flows needing another one are dropped as `OutOfPorts`.
+//!   (`SourceFlowLimit`, 6888 REQ-4/5), [`MAX_UDP_SESSIONS_PER_REMOTE_ADDR`] UDP sessions per mapping and remote
+//!   address (`SourceFlowLimit`), no free port (`OutOfPorts`). At most [`MAX_EGRESS_IPS`] distinct egress IPs per
+//!   worker; flows needing another one are dropped as `OutOfPorts`.
+//! - **Reload and egress IPs**: a mapping keeps its egress IP while that IP stays in its source's group, even if
+//!   paired pooling would now pick another (an added IP does not break running flows). When a reload removes the
+//!   IP from the group, each of its flows is dropped (`NoEgressIp`) on its next outbound packet, and the next new
+//!   flow of the inside endpoint retires the old mapping and gets a new one. Flows are re-judged on outbound
+//!   packets only (a receive-only UDP flow is not).
 
 use std::net::Ipv4Addr;
 
@@ -707,6 +715,12 @@ impl Nat {
         self.sync_egress(policy);
     }
 
+    /// Whether egress IP `ip_idx` is still one of `group`'s egress IPs.
+    fn egress_listed(&self, policy: &PolicySnapshot, group: crate::policy::GroupId, ip_idx: u8) -> bool {
+        let ip = Ipv4Addr::from(self.egress[usize::from(ip_idx)]);
+        policy.egress_ips(group).contains(&ip)
+    }
+
     /// Adds the policy's egress IPs to this worker's table (once per policy generation). The table never
     /// shrinks: mappings on a removed IP keep working until they expire.
     fn sync_egress(&mut self, policy: &PolicySnapshot) {
@@ -937,7 +951,11 @@ impl Nat {
         self.sessions[sid as usize] = Session { next: self.free_session, ..Session::FREE };
         self.free_session = sid;
         self.session_count -= 1;
-        if let Some(mid) = self.find_mapping(s.in_addr, s.in_port, s.proto) {
+        // The port table names the mapping exactly (even a retired one no longer in the inside-endpoint index).
+        let mid = self.mapping_at(s.ip_idx, s.proto, s.ext_port).filter(|&mid| {
+            self.mappings.get(mid as usize).is_some_and(|m| m.in_addr == s.in_addr && m.in_port == s.in_port)
+        });
+        if let Some(mid) = mid {
             let m = &mut self.mappings[mid as usize];
             m.refs = m.refs.saturating_sub(1);
             if m.refs == 0 {
@@ -1034,6 +1052,9 @@ impl Nat {
                         Verdict::Deny(r) if !d.dry_run => Some(r.drop_reason()),
                         Verdict::Deny(_) => None,
                     };
+                    // Its egress IP was taken away from its group: the flow cannot go on from it.
+                    let ip_gone = d.group.is_some_and(|g| !self.egress_listed(policy, g, s.ip_idx));
+                    let denied = denied.or(ip_gone.then_some(DropReason::NoEgressIp));
                     if let Some(reason) = denied {
                         self.remove_session(sid, now_s);
                         return Err(reason);
@@ -1045,6 +1066,12 @@ impl Nat {
                 sid
             }
             None => {
+                // A miss in a big table costs a few cache misses (mapping index, source counter, then the
+                // inbound index). Load their first slots now so they overlap with each other and with the
+                // policy lookup instead of coming one after the other.
+                let early = self.map_idx.peek(self.map_hash(l4.src, l4.sport, l4.proto))
+                    ^ self.sources.peek(hash_addr(self.seed.0, l4.src));
+                std::hint::black_box(early);
                 // The policy first: every packet of an `l7` flow (not only its SYN) goes to the L7 path, which
                 // keeps no state here.
                 let d =
@@ -1067,7 +1094,20 @@ impl Nat {
                     self.allocation_failures += 1;
                     return Err(DropReason::OutOfPorts);
                 };
+                // Most new mappings keep their original port: warm that inbound index slot too.
+                std::hint::black_box(
+                    self.in_idx.peek(self.in_hash(ip_idx, l4.sport, l4.dst, l4.dport, l4.proto)),
+                );
                 self.check_limits(l4.src)?;
+                if let (Some(old), Some(g)) = (self.find_mapping(l4.src, l4.sport, l4.proto), d.group) {
+                    let old_ip = self.mappings[old as usize].ip_idx;
+                    if !self.egress_listed(policy, g, old_ip) {
+                        // A reload took this mapping's egress IP away from the group: retire the mapping (its
+                        // sessions keep it, and its port, until they go) and map the endpoint afresh.
+                        let h = self.map_hash(l4.src, l4.sport, l4.proto);
+                        self.map_idx.remove(h, old);
+                    }
+                }
                 let mid = self.get_or_create_mapping(l4.src, l4.sport, l4.proto, ip_idx, now_s)?;
                 let m = self.mappings[mid as usize];
                 if l4.proto == ip_proto::UDP && m.refs >= MAX_UDP_SESSIONS_PER_REMOTE_ADDR {

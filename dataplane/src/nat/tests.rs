@@ -423,6 +423,29 @@ fn reload_keeps_flows_and_rechecks_a_flow_whose_rule_was_removed() {
     assert_eq!(out(&mut nat, 1, &mut ack, &reloaded), Ok(Outbound::Forward));
 }
 
+#[test]
+fn reload_that_removes_an_egress_ip_moves_its_flows_and_adding_one_keeps_them() {
+    let one = policy_with(1, &[EG], true);
+    let mut nat = Nat::new(&cfg(), 0);
+    udp_out(&mut nat, 0, C1, 40000, SRV, 53, &one);
+    udp_out(&mut nat, 0, C1, 40000, SRV2, 53, &one);
+    // An IP is added: running flows keep theirs (even if paired pooling would now pick the other).
+    let two = policy_with(2, &[EG, EG2], true);
+    assert_eq!(udp_out(&mut nat, 1, C1, 40000, SRV, 53, &two).0, ip(EG));
+    // EG is removed: its flows stop on their next packet; the next new flow gets a fresh mapping on EG2, while the
+    // retired mapping's port stays held by its last session until that goes.
+    let moved = policy_with(3, &[EG2], true);
+    assert_eq!(out(&mut nat, 2, &mut udp(C1, 40000, SRV, 53), &moved), Err(DropReason::NoEgressIp));
+    let (e, _) = udp_out(&mut nat, 2, C1, 40000, [198, 51, 100, 99], 53, &moved);
+    assert_eq!(e, ip(EG2));
+    assert_eq!(nat.stats().mappings, 2);
+    assert_eq!(out(&mut nat, 2, &mut udp(C1, 40000, SRV2, 53), &moved), Err(DropReason::NoEgressIp));
+    assert_eq!(nat.stats().mappings, 1);
+    assert_eq!(nat.stats().egress_ports()[0], EgressPorts { ip: ip(EG), tcp: 0, udp: 0, icmp: 0 });
+    // The new mapping serves every destination again.
+    assert_eq!(udp_out(&mut nat, 3, C1, 40000, SRV2, 53, &moved).0, ip(EG2));
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Timers (virtual clock)
 // ---------------------------------------------------------------------------------------------------------------
@@ -1042,12 +1065,30 @@ proptest! {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Udp { host: u8, port: u16, dst: u8 },
-    Syn { host: u8, port: u16, dst: u8 },
-    Rst { host: u8, port: u16, dst: u8 },
-    Reply { host: u8, port: u16, dst: u8 },
+    Udp {
+        host: u8,
+        port: u16,
+        dst: u8,
+    },
+    Syn {
+        host: u8,
+        port: u16,
+        dst: u8,
+    },
+    Rst {
+        host: u8,
+        port: u16,
+        dst: u8,
+    },
+    Reply {
+        host: u8,
+        port: u16,
+        dst: u8,
+    },
     Advance(u16),
     Expire(u8),
+    /// Switch to policy `n % 3` (egress IPs {EG, EG2}, {EG2} or {EG}) under a new generation.
+    Reload(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -1061,6 +1102,7 @@ fn op() -> impl Strategy<Value = Op> {
         (h, pt, d).prop_map(|(host, port, dst)| Op::Reply { host, port, dst }),
         (0u16..400).prop_map(Op::Advance),
         any::<u8>().prop_map(Op::Expire),
+        any::<u8>().prop_map(Op::Reload),
     ]
 }
 
@@ -1071,7 +1113,8 @@ proptest! {
     // port freed at time T is not handed out again before T + quarantine (RFC 6888 REQ-8).
     #[test]
     fn mappings_stay_a_bijection_and_quarantined_ports_are_not_reused(ops in proptest::collection::vec(op(), 1..120)) {
-        let pol = policy_with(1, &[EG, EG2], true);
+        let mut generation = 1;
+        let mut pol = policy_with(generation, &[EG, EG2], true);
         let c = NatConfig { workers: 2, max_flows: 64, max_flows_per_source: 16, ..cfg() };
         let mut nat = Nat::new(&c, 1);
         let mut now = 0u64;
@@ -1106,6 +1149,11 @@ proptest! {
                 }
                 Op::Advance(s) => now += u64::from(s),
                 Op::Expire(b) => { nat.poll_expiry(t(now), usize::from(b)); }
+                Op::Reload(n) => {
+                    generation += 1;
+                    let sets: [&[A]; 3] = [&[EG, EG2], &[EG2], &[EG]];
+                    pol = policy_with(generation, sets[usize::from(n % 3)], true);
+                }
             }
             // Rebuild the mapping view from the engine and check the invariants.
             let mut now_live = std::collections::HashMap::new();
