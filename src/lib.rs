@@ -5,4 +5,6 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod fib;
+pub mod gateway;
 pub mod policy;

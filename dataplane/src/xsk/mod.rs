@@ -35,6 +35,9 @@ use crate::frames::FrameLedger;
 use crate::stats::{DropReason, WorkerStats};
 use crate::Side;
 
+/// Frames the kernel transmits per `sendto()` on a copy-mode socket (`TX_BATCH_SIZE` in net/xdp/xsk.c).
+const COPY_MODE_TX_PER_KICK: usize = 32;
+
 /// Sizes of one port's UMEM and rings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortConfig {
@@ -380,19 +383,22 @@ impl Port {
             self.staged.clear();
             self.staged_frames.clear();
         }
-        self.kick_tx();
+        self.kick_tx(sent);
         sent
     }
 
-    /// Copy mode transmits only inside a syscall, and the kernel sends a bounded number of frames per call, so we
-    /// kick while anything is outstanding; zero-copy only when the ring says it needs a wakeup.
-    fn kick_tx(&mut self) {
+    /// Copy mode transmits only inside a syscall, and the kernel sends at most [`COPY_MODE_TX_PER_KICK`] frames
+    /// per call, so we kick once per started group of that many frames just put on the ring (at least once while
+    /// anything is outstanding): one kick per burst would let a 64-frame burst leave half its frames on the ring
+    /// and the ring fill up under load. Zero-copy kicks once, and only when the ring says it needs a wakeup.
+    fn kick_tx(&mut self, just_sent: usize) {
         let outstanding = self.ledger.count(crate::frames::FrameState::InTx) > 0;
-        let kick = match self.mode {
-            BindMode::Copy => outstanding,
-            BindMode::ZeroCopy => outstanding && self.tx.needs_wakeup(),
+        let kicks = match self.mode {
+            BindMode::Copy if outstanding => just_sent.div_ceil(COPY_MODE_TX_PER_KICK).max(1),
+            BindMode::ZeroCopy if outstanding && self.tx.needs_wakeup() => 1,
+            _ => 0,
         };
-        if kick {
+        for _ in 0..kicks {
             // EAGAIN/EBUSY/ENOBUFS are swallowed by xsk-rs: the next kick retries.
             let _ = self.tx.wakeup();
         }

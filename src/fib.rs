@@ -1,0 +1,227 @@
+//! The control thread's view of the kernel's forwarding state: it reads the routes and neighbours of the two
+//! interfaces egressd owns, publishes them to the workers as a `dataplane::nexthop::NextHopTable` snapshot, and
+//! asks the kernel to resolve next hops the workers could not find.
+//!
+//! Why read the kernel's tables instead of resolving ARP ourselves: the XDP program passes ARP to the kernel, so
+//! the kernel keeps its neighbour table fresh (and the node keeps working while egressd runs); egressd only
+//! mirrors it. Reading `/proc/net/route` and `/proc/net/arp` is namespace-aware and needs no netlink code; the
+//! files are small on a gateway, and a re-read every few hundred milliseconds costs microseconds.
+//!
+//! Resolution: when a worker meets a next hop with no neighbour entry, the control thread sends one zero-byte UDP
+//! datagram to the hop's discard port (9) from the kernel's own stack. The kernel must resolve the hop's MAC to
+//! send it, so an entry appears (or the hop is unreachable and stays INCOMPLETE/FAILED, and the worker keeps
+//! counting `no_neighbour`). This is the portable way to trigger resolution without netlink.
+
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::path::Path;
+
+use dataplane::nexthop::{InterfaceTable, Mac, NextHopTable, Route};
+
+/// `RTF_UP`, `RTF_GATEWAY` from `<linux/route.h>`.
+const RTF_UP: u32 = 0x1;
+const RTF_GATEWAY: u32 = 0x2;
+/// `ATF_COM` from `<linux/if_arp.h>`: the entry has a hardware address.
+const ATF_COM: u32 = 0x2;
+/// The discard service: a resolution probe lands there if it is delivered at all.
+const DISCARD_PORT: u16 = 9;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FibError {
+    #[error("interface {0:?} does not exist in this network namespace")]
+    NoSuchInterface(String),
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("interface {interface:?} has no usable MAC address ({text:?})")]
+    BadMac { interface: String, text: String },
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(text: &str) -> Option<Mac> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.trim().split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// An address as `/proc/net/route` prints it: the network-order bytes read as a native-endian u32, in hex.
+fn proc_route_addr(hex: &str) -> Option<Ipv4Addr> {
+    u32::from_str_radix(hex, 16).ok().map(|v| Ipv4Addr::from(v.to_ne_bytes()))
+}
+
+/// The up routes of `interface` in `/proc/net/route` text (main table). Malformed lines are skipped.
+pub fn parse_proc_route(text: &str, interface: &str) -> Vec<Route> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 8 || f[0] != interface {
+                return None;
+            }
+            let destination = proc_route_addr(f[1])?;
+            let gateway = proc_route_addr(f[2])?;
+            let flags = u32::from_str_radix(f[3], 16).ok()?;
+            let mask = u32::from_be_bytes(proc_route_addr(f[7])?.octets());
+            if flags & RTF_UP == 0 || mask.leading_ones() != mask.count_ones() {
+                return None;
+            }
+            Some(Route {
+                destination,
+                prefix_len: mask.count_ones() as u8,
+                gateway: (flags & RTF_GATEWAY != 0).then_some(gateway),
+            })
+        })
+        .collect()
+}
+
+/// The complete neighbour entries of `interface` in `/proc/net/arp` text.
+pub fn parse_proc_arp(text: &str, interface: &str) -> Vec<(Ipv4Addr, Mac)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 6 || f[5] != interface {
+                return None;
+            }
+            let flags = u32::from_str_radix(f[2].trim_start_matches("0x"), 16).ok()?;
+            if flags & ATF_COM == 0 {
+                return None;
+            }
+            let mac = parse_mac(f[3])?;
+            (mac != [0; 6]).then_some((f[0].parse().ok()?, mac))
+        })
+        .collect()
+}
+
+fn read(path: &str) -> Result<String, FibError> {
+    std::fs::read_to_string(path).map_err(|source| FibError::Read { path: path.to_string(), source })
+}
+
+/// Reads the kernel's routes and neighbours for the inside and outside interfaces.
+#[derive(Debug, Clone)]
+pub struct Fib {
+    pub inside: String,
+    pub outside: String,
+}
+
+impl Fib {
+    pub fn new(inside: &str, outside: &str) -> Fib {
+        Fib { inside: inside.to_string(), outside: outside.to_string() }
+    }
+
+    fn mac_of(interface: &str) -> Result<Mac, FibError> {
+        let path = format!("/sys/class/net/{interface}/address");
+        if !Path::new(&format!("/sys/class/net/{interface}")).exists() {
+            return Err(FibError::NoSuchInterface(interface.to_string()));
+        }
+        let text = read(&path)?;
+        parse_mac(&text).ok_or_else(|| FibError::BadMac { interface: interface.to_string(), text })
+    }
+
+    /// One consistent-enough snapshot of both interfaces (each file is read once).
+    pub fn read(&self) -> Result<NextHopTable, FibError> {
+        let routes = read("/proc/net/route")?;
+        let arp = read("/proc/net/arp")?;
+        let table = |interface: &str| -> Result<InterfaceTable, FibError> {
+            Ok(InterfaceTable::new(
+                Self::mac_of(interface)?,
+                parse_proc_route(&routes, interface),
+                parse_proc_arp(&arp, interface),
+            ))
+        };
+        Ok(NextHopTable { inside: table(&self.inside)?, outside: table(&self.outside)? })
+    }
+}
+
+/// Makes the kernel resolve `next_hop`'s MAC by sending it one empty datagram (see the module docs).
+pub fn request_resolution(next_hop: Ipv4Addr) {
+    let sent = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        .and_then(|s| s.send_to(&[], SocketAddrV4::new(next_hop, DISCARD_PORT)));
+    if let Err(e) = sent {
+        tracing::debug!(%next_hop, error = %e, "resolution probe not sent");
+    }
+}
+
+/// The node's own IPv4 addresses on every interface, except `egress_ips` (their traffic is egressd's). The XDP
+/// program passes frames to these addresses to the kernel.
+pub fn node_addresses(egress_ips: &[Ipv4Addr]) -> std::io::Result<Vec<Ipv4Addr>> {
+    let mut addrs: Vec<Ipv4Addr> = if_addrs::get_if_addrs()?
+        .into_iter()
+        .filter_map(|i| match i.ip() {
+            std::net::IpAddr::V4(a) if !egress_ips.contains(&a) => Some(a),
+            _ => None,
+        })
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    Ok(addrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROUTE: &str = "\
+Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
+gw-out\t00000000\t020200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
+gw-out\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+gw-in\t00000A0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
+gw-in\t0000140A\t FE000A0A\t0002\t0\t0\t0\t0000FFFF\t0\t0\t0
+gw-in\t0000150A\t00000000\t0001\t0\t0\t0\t00FF00FF\t0\t0\t0
+garbage
+";
+
+    const ARP: &str = "\
+IP address       HW type     Flags       HW address            Mask     Device
+192.0.2.2        0x1         0x2         02:00:00:00:01:02     *        gw-out
+192.0.2.7        0x1         0x0         00:00:00:00:00:00     *        gw-out
+10.10.0.2        0x1         0x2         02:00:00:00:00:02     *        gw-in
+10.10.0.9        0x1         0x6         02:00:00:00:00:09     *        gw-in
+10.10.0.3        0x1         0x2         zz:00:00:00:00:02     *        gw-in
+";
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn routes_are_read_per_interface_with_gateways_and_prefix_lengths() {
+        assert_eq!(
+            parse_proc_route(ROUTE, "gw-out"),
+            vec![
+                Route { destination: ip("0.0.0.0"), prefix_len: 0, gateway: Some(ip("192.0.2.2")) },
+                Route { destination: ip("192.0.2.0"), prefix_len: 24, gateway: None },
+            ]
+        );
+        // The route that is not up (flags 0002) and the one with a non-contiguous mask are skipped.
+        assert_eq!(
+            parse_proc_route(ROUTE, "gw-in"),
+            vec![Route { destination: ip("10.10.0.0"), prefix_len: 24, gateway: None }]
+        );
+        assert!(parse_proc_route(ROUTE, "eth0").is_empty());
+    }
+
+    #[test]
+    fn only_complete_neighbours_with_valid_macs_are_kept() {
+        assert_eq!(parse_proc_arp(ARP, "gw-out"), vec![(ip("192.0.2.2"), [2, 0, 0, 0, 1, 2])]);
+        assert_eq!(
+            parse_proc_arp(ARP, "gw-in"),
+            vec![(ip("10.10.0.2"), [2, 0, 0, 0, 0, 2]), (ip("10.10.0.9"), [2, 0, 0, 0, 0, 9])]
+        );
+    }
+
+    #[test]
+    fn mac_parsing_rejects_malformed_text() {
+        assert_eq!(parse_mac("0a:1b:2c:3d:4e:5f\n"), Some([0x0a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f]));
+        assert_eq!(parse_mac("0a:1b:2c:3d:4e"), None);
+        assert_eq!(parse_mac("0a:1b:2c:3d:4e:5f:60"), None);
+        assert_eq!(parse_mac("0a:1b:2c:3d:4e:xx"), None);
+    }
+
+    #[test]
+    fn a_missing_interface_is_a_clear_error() {
+        let err = Fib::new("no-such-if0", "no-such-if1").read().unwrap_err();
+        assert!(matches!(err, FibError::NoSuchInterface(ref n) if n == "no-such-if0"), "{err}");
+    }
+}

@@ -1,0 +1,293 @@
+//! `egressd run`: brings the gateway up, keeps its control-plane state fresh, and takes it down cleanly.
+//!
+//! Start-up, in order (any failure undoes what was done and exits non-zero with the reason):
+//! 1. read the kernel's routes and neighbours for both interfaces ([`crate::fib`]);
+//! 2. compile the policy;
+//! 3. per worker `i`: open an AF_XDP port on queue `i` of the inside and of the outside interface;
+//! 4. attach egressd's XDP program to both interfaces (it passes ARP and the node's own traffic to the kernel)
+//!    and steer each queue to its port;
+//! 5. start the workers, pinned one per configured core, then the admin endpoint; mark ready.
+//!
+//! The main thread then runs the control loop: publish a new next-hop snapshot when the kernel's tables change,
+//! ask the kernel to resolve next hops the workers missed, reload the policy on SIGHUP, and stop on
+//! SIGINT/SIGTERM: `/healthz` turns 503, the XDP programs are detached first (new frames go back to the
+//! kernel), the workers finish their burst and exit, and their sockets and UMEMs are freed as they drop.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use dataplane::audit::{AuditEvent, AuditQueue};
+use dataplane::handoff::Handoffs;
+use dataplane::nexthop::{NextHopTable, ResolveQueue};
+use dataplane::pipeline::{NextHops, Pipeline};
+use dataplane::policy::{PolicySnapshot, Verdict};
+use dataplane::stats::WorkerStats;
+use dataplane::worker::{IdleMode, Worker, WorkerConfig};
+use dataplane::xsk::xdp::{XdpModeChoice, XdpProgram};
+use dataplane::xsk::{Port, PortConfig};
+
+use crate::admin::{self, AdminState};
+use crate::config::dataplane::{IdleMode as IdleConfig, XdpMode};
+use crate::config::Loaded;
+use crate::fib::{self, Fib};
+use crate::policy::PolicyReloader;
+
+/// Frames each worker's handoff queue holds (replies that arrived on another worker's queue).
+const HANDOFF_QUEUE_FRAMES: usize = 1024;
+/// Denials waiting for the control thread to write them to the audit log.
+const AUDIT_QUEUE_EVENTS: usize = 4096;
+/// How often the kernel's routes and neighbours are re-read.
+const FIB_REFRESH: Duration = Duration::from_millis(250);
+/// After a resolution request, the tables are re-read every tick for this long (workers hold frames meanwhile).
+const FAST_REFRESH_FOR: Duration = Duration::from_secs(1);
+/// How long the control loop sleeps between checks of signals and resolution requests.
+const CONTROL_TICK: Duration = Duration::from_millis(20);
+
+/// Everything `run` needs besides the parsed configuration.
+#[derive(Debug)]
+pub struct RunOptions {
+    pub config_path: PathBuf,
+}
+
+/// Runs the gateway until SIGINT or SIGTERM.
+pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
+    let config = &loaded.config;
+    let dp = &config.dataplane;
+    let inside = dp.inside.get_ref().clone();
+    let outside = dp.outside.get_ref().clone();
+
+    let stop_requested = Arc::new(AtomicBool::new(false));
+    let reload_requested = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop_requested.clone()).context("installing signal handlers")?;
+    }
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, reload_requested.clone())
+        .context("installing signal handlers")?;
+
+    let fib = Fib::new(&inside, &outside);
+    let table = fib.read().context("reading the kernel's routes and neighbours")?;
+    // Resolve the routers now rather than dropping the first packets that need them.
+    resolve_gateways(&table);
+    let next_hops =
+        NextHops { table: Arc::new(ArcSwap::from_pointee(table)), resolve: Arc::new(ResolveQueue::new(256)) };
+
+    let snapshot =
+        crate::policy::compile(config, 1).map_err(|e| anyhow::anyhow!("compiling the policy: {e}"))?;
+    let policy = Arc::new(ArcSwap::from_pointee(snapshot));
+    let reloader = Arc::new(PolicyReloader::default());
+
+    let egress_ips = egress_ips(&loaded);
+    let node_addrs = fib::node_addresses(&egress_ips).context("listing the node's addresses")?;
+    tracing::info!(
+        ?egress_ips,
+        ?node_addrs,
+        "addresses: egress IPs are egressd's, node addresses stay with the kernel"
+    );
+
+    let port_config =
+        PortConfig { frame_size: dp.frame_size(), ring_size: dp.ring_size(), batch_size: dp.batch_size() };
+    let cores = dp.cores();
+    let mut ports = Vec::with_capacity(cores.len());
+    for queue in 0..cores.len() as u32 {
+        let inside_port = Port::open(&inside, queue, port_config)?;
+        let outside_port = Port::open(&outside, queue, port_config)?;
+        tracing::info!(
+            queue,
+            inside = inside_port.bind_mode().as_str(),
+            outside = outside_port.bind_mode().as_str(),
+            "AF_XDP sockets bound"
+        );
+        ports.push((inside_port, outside_port));
+    }
+
+    let mode = match dp.xdp_mode {
+        XdpMode::Auto => XdpModeChoice::Auto,
+        XdpMode::Native => XdpModeChoice::Native,
+        XdpMode::Skb => XdpModeChoice::Skb,
+    };
+    let mut programs = Vec::with_capacity(2);
+    for interface in [&inside, &outside] {
+        let program = XdpProgram::attach(interface, mode, &node_addrs)?;
+        tracing::info!(interface = %interface, mode = program.mode().as_str(), "XDP program attached");
+        programs.push(program);
+    }
+    for (inside_port, outside_port) in &ports {
+        programs[0].register(inside_port)?;
+        programs[1].register(outside_port)?;
+    }
+
+    let workers_count = cores.len() as u16;
+    let nat_config = config.nat.to_engine(workers_count);
+    let handoffs = Arc::new(Handoffs::new(cores.len(), HANDOFF_QUEUE_FRAMES));
+    let audit = Arc::new(AuditQueue::new(AUDIT_QUEUE_EVENTS));
+    tracing::info!(
+        max_flows_per_worker = nat_config.max_flows,
+        udp_timeout_s = nat_config.timeouts.udp_secs,
+        tcp_established_timeout_s = nat_config.timeouts.tcp_established_secs,
+        "NAT sized"
+    );
+    let stop_workers = Arc::new(AtomicBool::new(false));
+    let mut stats = Vec::with_capacity(cores.len());
+    let mut workers = Vec::with_capacity(cores.len());
+    for (i, ((inside_port, outside_port), core)) in ports.into_iter().zip(cores.iter().copied()).enumerate() {
+        let worker_stats = Arc::new(WorkerStats::default());
+        stats.push(worker_stats.clone());
+        let worker = Worker {
+            config: WorkerConfig {
+                core: Some(core),
+                idle: match dp.idle {
+                    IdleConfig::Busy => IdleMode::Busy,
+                    IdleConfig::Adaptive => IdleMode::Adaptive,
+                },
+                idle_polls: dp.idle_polls(),
+                ..WorkerConfig::default()
+            },
+            inside: inside_port,
+            outside: outside_port,
+            pipeline: Pipeline::new(
+                worker_stats,
+                next_hops.clone(),
+                policy.clone(),
+                &nat_config,
+                i as u16,
+                handoffs.clone(),
+            )
+            .with_audit(audit.clone()),
+            stop: stop_workers.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("egressd-w{i}"))
+            .spawn(move || worker.run())
+            .context("starting a worker thread")?;
+        tracing::info!(worker = i, core, "worker started");
+        workers.push(handle);
+    }
+
+    let mut admin_state = AdminState::new(stats);
+    admin_state.policy = Some(policy.clone());
+    {
+        let reloader = reloader.clone();
+        let policy = policy.clone();
+        let path = options.config_path.clone();
+        admin_state.reload = Some(Box::new(move || {
+            reloader
+                .reload(&path, &policy)
+                .map(|generation| format!("policy generation {generation} loaded"))
+                .map_err(|errors| errors.to_string())
+        }));
+    }
+    let admin_state = Arc::new(admin_state);
+    admin::spawn(config.admin.listen, admin_state.clone())?;
+    admin_state.ready.store(true, Ordering::Relaxed);
+    tracing::info!(workers = workers.len(), "egressd is forwarding");
+
+    let mut last_refresh = Instant::now();
+    let mut fast_refresh_until = Instant::now();
+    while !stop_requested.load(Ordering::Relaxed) {
+        std::thread::sleep(CONTROL_TICK);
+        if reload_requested.swap(false, Ordering::Relaxed) {
+            // Outcome is logged and counted by the reload itself.
+            let _ = admin_state.reload();
+        }
+        while let Some(event) = audit.pop() {
+            write_audit(&event, &policy.load());
+        }
+        for hop in next_hops.resolve.drain() {
+            tracing::debug!(%hop, "asking the kernel to resolve a next hop");
+            fib::request_resolution(hop);
+            // Frames wait in the workers: look again every tick until the kernel has the answer.
+            fast_refresh_until = Instant::now() + FAST_REFRESH_FOR;
+        }
+        if last_refresh.elapsed() >= FIB_REFRESH || Instant::now() < fast_refresh_until {
+            last_refresh = Instant::now();
+            match fib.read() {
+                Ok(table) => {
+                    resolve_gateways(&table);
+                    if table != **next_hops.table.load() {
+                        tracing::debug!("next-hop table changed");
+                        next_hops.table.store(Arc::new(table));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot refresh next hops; keeping the last table"),
+            }
+        }
+    }
+
+    tracing::info!("stopping: detaching XDP programs, then stopping workers");
+    admin_state.stopping.store(true, Ordering::Relaxed);
+    for mut program in programs {
+        if let Err(e) = program.detach() {
+            tracing::error!(error = %e, "detaching XDP program");
+        }
+    }
+    stop_workers.store(true, Ordering::Relaxed);
+    for worker in workers {
+        if worker.join().is_err() {
+            anyhow::bail!("a worker thread panicked");
+        }
+    }
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// The addresses whose traffic belongs to egressd: `[dataplane] egress_ips` and every group's egress IPs.
+fn egress_ips(loaded: &Loaded) -> Vec<Ipv4Addr> {
+    let mut ips = loaded.config.dataplane.egress_ips();
+    for group in &loaded.config.group {
+        ips.extend(group.egress_ips.iter().filter_map(|ip| ip.get_ref().parse::<Ipv4Addr>().ok()));
+    }
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// Asks the kernel to resolve every route gateway of both interfaces that has no neighbour entry yet.
+fn resolve_gateways(table: &NextHopTable) {
+    for side in [&table.inside, &table.outside] {
+        for gateway in side.routes().iter().filter_map(|r| r.gateway) {
+            if side.neighbour(gateway).is_none() {
+                fib::request_resolution(gateway);
+            }
+        }
+    }
+}
+
+/// One audit line per reported denial (target `egressd::audit`; a JSON object with `--log-format json`).
+fn write_audit(event: &AuditEvent, policy: &PolicySnapshot) {
+    let proto = match event.proto {
+        1 => "icmp",
+        6 => "tcp",
+        17 => "udp",
+        _ => "other",
+    };
+    let verdict = match event.verdict {
+        Verdict::Deny(reason) => reason.drop_reason().as_str(),
+        Verdict::Allow => "allow",
+        Verdict::L7 => "l7",
+    };
+    // Group names are only meaningful for the generation that decided.
+    let group = event
+        .group
+        .filter(|_| policy.generation() == event.generation)
+        .map(|g| policy.group_name(g).to_string())
+        .unwrap_or_default();
+    tracing::info!(
+        target: "egressd::audit",
+        src = %event.src,
+        dst = %event.dst,
+        proto,
+        dst_port = event.dst_port,
+        group,
+        rule = event.rule.map(|r| r.0 + 1),
+        verdict,
+        dry_run = event.dry_run,
+        policy_generation = event.generation,
+        worker = event.worker,
+        "flow denied"
+    );
+}

@@ -1,0 +1,174 @@
+//! Lab tests: real traffic from the client namespace to servers in ext, through egressd in gw (issue 3).
+//! They need root and the lab tools (scripts/setup installs them); without them they fail, loudly.
+
+mod support;
+
+use support::{repo_root, wait_for, Gateway, Lab};
+
+/// HTTP (curl → nginx) and UDP echo cross the gateway only while egressd runs: gw has ip_forward=0, so what
+/// crosses was forwarded by egressd, and its counters move. After SIGTERM it exits 0 with no XDP program left.
+#[test]
+fn http_and_udp_cross_only_through_egressd() {
+    let lab = Lab::up(false);
+    assert!(lab.curl("http://203.0.113.10/", 2).is_none(), "HTTP crossed gw without egressd");
+    assert_eq!(lab.udp_echo("203.0.113.10:7", "before"), "", "UDP crossed gw without egressd");
+
+    let mut gw = Gateway::start(&lab, &repo_root().join("conf/lab.toml"));
+    let body = lab.curl("http://203.0.113.10/", 5);
+    assert_eq!(body.as_deref(), Some("hello from ext\n"), "HTTP through egressd; log:\n{}", gw.log_text());
+    assert_eq!(lab.udp_echo("203.0.113.10:7", "ping-through-egressd"), "ping-through-egressd");
+    let big = lab.exec(
+        "client",
+        "curl",
+        &["-sf", "-m", "10", "-o", "/dev/null", "-w", "%{size_download}", "http://198.51.100.10/1m.bin"],
+    );
+    assert_eq!(String::from_utf8_lossy(&big.stdout), "1048576", "1 MiB download through egressd");
+
+    for series in [
+        r#"egressd_rx_packets_total{side="inside"}"#,
+        r#"egressd_rx_packets_total{side="outside"}"#,
+        r#"egressd_tx_packets_total{side="inside"}"#,
+        r#"egressd_tx_packets_total{side="outside"}"#,
+    ] {
+        // The 1 MiB download alone is > 700 frames from outside.
+        assert!(gw.metric(series) >= 10.0, "{series} = {}", gw.metric(series));
+    }
+    assert!(gw.metric(r#"egressd_rx_packets_total{side="outside"}"#) >= 700.0);
+    assert!(lab.gw_links().contains("xdp"), "no XDP program attached while running:\n{}", lab.gw_links());
+
+    assert!(gw.stop(), "egressd did not exit 0 on SIGTERM; log:\n{}", gw.log_text());
+    assert!(!lab.gw_links().contains("xdp"), "XDP program left attached after shutdown:\n{}", lab.gw_links());
+    assert!(lab.curl("http://203.0.113.10/", 2).is_none(), "HTTP crossed gw after egressd stopped");
+}
+
+/// The node keeps its own traffic while egressd runs: the XDP program passes ARP and frames addressed to gw's
+/// own addresses to the kernel (ping to gw's inside address is answered by the kernel, not forwarded).
+#[test]
+fn node_keeps_its_own_traffic_while_egressd_runs() {
+    let lab = Lab::up(false);
+    let gw = Gateway::start(&lab, &repo_root().join("conf/lab.toml"));
+    let ping = lab.exec("client", "ping", &["-c", "2", "-i", "0.2", "-W", "1", "10.10.0.1"]);
+    assert!(
+        ping.status.success(),
+        "gw's own address stopped answering:\n{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    let ping = lab.exec("ext", "ping", &["-c", "2", "-i", "0.2", "-W", "1", "192.0.2.1"]);
+    assert!(ping.status.success(), "gw's outside address stopped answering");
+    // The kernel's neighbour table is alive (ARP reached the kernel) for both sides.
+    let neigh = String::from_utf8_lossy(&lab.exec("gw", "ip", &["neigh", "show"]).stdout).into_owned();
+    assert!(neigh.contains("10.10.0.2") && neigh.contains("192.0.2.2"), "neighbours:\n{neigh}");
+    drop(gw);
+}
+
+/// The policy decides in the lab: the payments group (10.10.1.0/24) may reach 198.51.100.10:80 but not
+/// 203.0.113.10 (default deny, counted). SIGHUP swaps in a file that allows it; a broken file is refused, counted,
+/// and the running policy stays.
+#[test]
+fn policy_decides_in_the_lab_and_sighup_reloads_it() {
+    let lab = Lab::up(false);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("lab.toml");
+    let original = std::fs::read_to_string(repo_root().join("conf/lab.toml")).expect("read conf/lab.toml");
+    std::fs::write(&config, &original).expect("write config");
+    let gw = Gateway::start(&lab, &config);
+    let payments_get = |url: &str| {
+        let out = lab.exec("client", "curl", &["-sf", "-m", "2", "--interface", "10.10.1.2", url]);
+        out.status.success()
+    };
+
+    assert!(payments_get("http://198.51.100.10/"), "payments → partner allowed; log:\n{}", gw.log_text());
+    let denied_before = gw.metric(r#"egressd_drops_total{reason="default_deny"}"#);
+    assert!(!payments_get("http://203.0.113.10/"), "payments → 203.0.113.10 must be denied");
+    assert!(gw.metric(r#"egressd_drops_total{reason="default_deny"}"#) > denied_before);
+    // Which rule decided: the payments allow rule is the 4th [[rule]] of conf/lab.toml.
+    assert!(gw.metric(r#"egressd_policy_decisions_total{group="payments",rule="4",action="allow"}"#) >= 1.0);
+    // The denial is in the audit log with its flow and reason.
+    wait_for(
+        || {
+            gw.log_text().lines().any(|l| {
+                l.contains("flow denied") && l.contains("dst=203.0.113.10") && l.contains("default_deny")
+            })
+        },
+        "an audit line for the denied flow",
+    );
+    assert!(lab.curl("http://203.0.113.10/", 3).is_some(), "the web group is still allowed there");
+
+    // A broken file: refused, counted, old policy kept.
+    std::fs::write(&config, original.replace("action = \"allow\"", "action = \"alow\"")).unwrap();
+    gw.signal("HUP");
+    wait_for(|| gw.metric(r#"egressd_reloads_total{result="failed"}"#) >= 1.0, "failed reload counted");
+    assert!(gw.log_text().contains("lab.toml:"), "the refused reload is logged with file:line:col");
+    assert!(payments_get("http://198.51.100.10/"), "the running policy stays after a bad reload");
+
+    // A good file that lets payments reach 203.0.113.0/24 too.
+    std::fs::write(
+        &config,
+        original.replace("to = [\"198.51.100.0/24\"]", "to = [\"198.51.100.0/24\", \"203.0.113.0/24\"]"),
+    )
+    .unwrap();
+    gw.signal("HUP");
+    wait_for(|| gw.metric(r#"egressd_reloads_total{result="ok"}"#) >= 1.0, "good reload counted");
+    assert!(payments_get("http://203.0.113.10/"), "reloaded policy allows payments → 203.0.113.10");
+}
+
+/// Reload keeps established flows: a kept-alive HTTP connection opened before a reload that leaves its rule alone
+/// carries its next request after it. A flow whose rule a reload removes is judged again on its next packet and
+/// dropped.
+#[test]
+fn reload_keeps_established_flows_and_rechecks_those_whose_rule_went_away() {
+    let lab = Lab::up(false);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("lab.toml");
+    let original = std::fs::read_to_string(repo_root().join("conf/lab.toml")).expect("read conf/lab.toml");
+    std::fs::write(&config, &original).expect("write config");
+    let gw = Gateway::start(&lab, &config);
+    // Two requests on one connection, `pause` seconds apart; prints "ok ok", or where it failed.
+    let keepalive = |pause: u32| {
+        let script = format!(
+            r#"
+import http.client, time
+c = http.client.HTTPConnection("203.0.113.10", 80, timeout=3)
+c.request("GET", "/ip"); first = c.getresponse().read().decode().strip()
+time.sleep({pause})
+try:
+    c.request("GET", "/ip"); second = c.getresponse().read().decode().strip()
+    print("ok" if first == second else "other-connection")
+except Exception as e:
+    print("failed", type(e).__name__)
+"#
+        );
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.ns("client"), "python3", "-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn python")
+    };
+    let reloads = |n: f64| {
+        wait_for(|| gw.metric(r#"egressd_reloads_total{result="ok"}"#) >= n, "the reload");
+    };
+
+    // 1. A reload that leaves the web rules alone (payments loses its rule).
+    let survivor = keepalive(3);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    std::fs::write(&config, original.replace("to = [\"198.51.100.0/24\"]", "to = [\"198.51.100.128/25\"]"))
+        .unwrap();
+    gw.signal("HUP");
+    reloads(1.0);
+    let out = survivor.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok", "established flow across a reload");
+
+    // 2. A reload that removes the web group's TCP rule: the open connection's next packet is judged again.
+    let doomed = keepalive(3);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    std::fs::write(&config, original.replace("ports = [80, 443]", "ports = [443]")).unwrap();
+    gw.signal("HUP");
+    reloads(2.0);
+    let out = doomed.wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("failed"),
+        "a flow whose rule was removed must stop: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(gw.metric(r#"egressd_drops_total{reason="default_deny"}"#) >= 1.0);
+}

@@ -1,0 +1,225 @@
+//! Lab fixtures for integration tests: a [`Lab`] (three namespaces from `scripts/lab`, torn down on drop, even
+//! when the test panics) and a running [`Gateway`] (egressd in the lab's gw namespace, stopped on drop).
+//!
+//! Lab tests need root, iproute2, nginx, socat and curl. When one is missing they fail with a message naming
+//! it: a lab test that silently passes would prove nothing. Labs are serialised within a test binary (the
+//! gateway pins its worker to the same core in every lab).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+static LAB_LOCK: Mutex<()> = Mutex::new(());
+static LAB_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn egressd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_egressd"))
+}
+
+/// Fails the test (does not skip it) when the lab cannot run here.
+pub fn require_lab_preconditions() {
+    let uid = Command::new("id").arg("-u").output().expect("run id -u");
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "lab tests must run as root (they create network namespaces and attach XDP programs); run scripts/test as root"
+    );
+    for tool in ["ip", "ethtool", "nginx", "socat", "curl", "ping"] {
+        let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().expect("run sh");
+        assert!(found.status.success(), "lab tests need `{tool}`: run scripts/setup first");
+    }
+}
+
+/// Three namespaces joined by veth pairs, with servers in ext. Removed on drop.
+pub struct Lab {
+    pub id: String,
+    _serialised: MutexGuard<'static, ()>,
+}
+
+impl Lab {
+    /// Brings up a lab. `route_back`: ext routes the client subnets back to gw (forwarding without NAT).
+    pub fn up(route_back: bool) -> Lab {
+        Lab::up_with(route_back, 1)
+    }
+
+    /// As [`Lab::up`], with `queues` active queues on every veth (2: one per worker of a 2-worker gateway).
+    pub fn up_with(route_back: bool, queues: u32) -> Lab {
+        require_lab_preconditions();
+        let serialised = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let id = format!(
+            "t{}x{}",
+            std::process::id() % 100_000,
+            LAB_COUNTER.fetch_add(1, Ordering::Relaxed) % 100
+        );
+        let mut cmd = Command::new(repo_root().join("scripts/lab"));
+        cmd.args(["up", &id]);
+        if route_back {
+            cmd.arg("--route-back");
+        }
+        cmd.args(["--queues", &queues.to_string()]);
+        let lab = Lab { id, _serialised: serialised };
+        let out = cmd.output().expect("run scripts/lab up");
+        assert!(
+            out.status.success(),
+            "scripts/lab up failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lab
+    }
+
+    pub fn ns(&self, role: &str) -> String {
+        format!("egd-{}-{}", self.id, role)
+    }
+
+    /// Runs `program args…` in the namespace of `role` and returns its output (never panics on failure).
+    pub fn exec(&self, role: &str, program: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(role), program])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program} in {role}: {e}"))
+    }
+
+    /// Runs a shell snippet in the namespace of `role`.
+    pub fn sh(&self, role: &str, script: &str) -> Output {
+        self.exec(role, "sh", &["-c", script])
+    }
+
+    /// GETs `url` from the client namespace; `Some(body)` on HTTP 200 within `timeout_s` seconds.
+    pub fn curl(&self, url: &str, timeout_s: u32) -> Option<String> {
+        let out = self.exec("client", "curl", &["-sf", "-m", &timeout_s.to_string(), url]);
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Sends `payload` to `addr:port` over UDP from the client; returns what came back within 2 s.
+    pub fn udp_echo(&self, target: &str, payload: &str) -> String {
+        let out = self.sh("client", &format!("printf '%s' '{payload}' | socat -T2 - UDP4:{target}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `ip link` of the gw namespace: shows any XDP program attached.
+    pub fn gw_links(&self) -> String {
+        String::from_utf8_lossy(&self.exec("gw", "ip", &["-d", "link", "show"]).stdout).into_owned()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new(repo_root().join("scripts/lab"))
+            .args(["down", &self.id])
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+/// egressd running in the lab's gw namespace. Stopped (SIGTERM) on drop.
+pub struct Gateway<'a> {
+    lab: &'a Lab,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl<'a> Gateway<'a> {
+    /// Starts `egressd run config` in gw and waits until `/readyz` answers 200 (at most 20 s).
+    pub fn start(lab: &'a Lab, config: &Path) -> Gateway<'a> {
+        let log = std::env::temp_dir().join(format!("egressd-lab-{}.log", lab.id));
+        let log_file = std::fs::File::create(&log).expect("create gateway log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.ns("gw")])
+            .arg(egressd_bin())
+            .arg("run")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(log_file.try_clone().expect("clone log"))
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn egressd");
+        let mut gw = Gateway { lab, child: Some(child), log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = gw.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("egressd exited during start-up ({status}):\n{}", gw.log_text());
+            }
+            let ready = lab.exec("gw", "curl", &["-sf", "-m", "1", "http://127.0.0.1:9900/readyz"]);
+            if ready.status.success() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "egressd not ready after 20 s:\n{}", gw.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Keep the veth receive work off the worker's core (FACTS.md: on 2 cores this decides everything).
+        let _ = Command::new(repo_root().join("scripts/lab")).args(["pin-napi", &lab.id, "0"]).output();
+        gw
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The running gateway's metrics as (name{labels}, value) pairs.
+    pub fn metrics(&self) -> Vec<(String, f64)> {
+        let out = self.lab.exec("gw", "curl", &["-sf", "-m", "2", "http://127.0.0.1:9900/metrics"]);
+        assert!(out.status.success(), "GET /metrics failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                Some((name.to_string(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// One metric sample by its exact name and labels, e.g. `egressd_drops_total{reason="policy_deny"}`.
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics().into_iter().find(|(n, _)| n == series).map_or(0.0, |(_, v)| v)
+    }
+
+    /// Sends `signal` (e.g. "HUP") to egressd (`ip netns exec` execs it, so the child is egressd itself).
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("egressd is running");
+        let status = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} egressd failed");
+    }
+
+    /// Sends SIGTERM and waits (at most 10 s); returns whether egressd exited with status 0.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else { return false };
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Gateway<'_> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls `condition` every 100 ms for at most 10 s; fails the test naming `what` if it never holds.
+pub fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
