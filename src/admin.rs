@@ -147,13 +147,8 @@ fn gauges(
     help: &str,
     series: impl IntoIterator<Item = (Labels, u64)>,
 ) -> Result<(), std::fmt::Error> {
-    family(
-        encoder,
-        name,
-        help,
-        MetricType::Gauge,
-        series.into_iter().map(|(l, v)| (l, ConstGauge::new(v as i64))),
-    )
+    let as_gauge = |(l, v): (Labels, u64)| (l, ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX)));
+    family(encoder, name, help, MetricType::Gauge, series.into_iter().map(as_gauge))
 }
 
 /// Egress ports per IP and protocol: TCP and UDP use 1–65535, ICMP echo identifiers 1024–65535.

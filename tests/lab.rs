@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{repo_root, wait_for, Gateway, Lab};
+use support::{lab_config, repo_root, wait_for, Gateway, Lab};
 
 /// HTTP (curl → nginx) and UDP echo cross the gateway only while egressd runs: gw has ip_forward=0, so what
 /// crosses was forwarded by egressd, and its counters move. After SIGTERM it exits 0 with no XDP program left.
@@ -67,10 +67,7 @@ fn node_keeps_its_own_traffic_while_egressd_runs() {
 #[test]
 fn policy_decides_in_the_lab_and_sighup_reloads_it() {
     let lab = Lab::up(false);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("lab.toml");
-    let original = std::fs::read_to_string(repo_root().join("conf/lab.toml")).expect("read conf/lab.toml");
-    std::fs::write(&config, &original).expect("write config");
+    let (_dir, config, original) = lab_config(str::to_string);
     let gw = Gateway::start(&lab, &config);
     let payments_get = |url: &str| {
         let out = lab.exec("client", "curl", &["-sf", "-m", "2", "--interface", "10.10.1.2", url]);
@@ -118,10 +115,7 @@ fn policy_decides_in_the_lab_and_sighup_reloads_it() {
 #[test]
 fn reload_keeps_established_flows_and_rechecks_those_whose_rule_went_away() {
     let lab = Lab::up(false);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("lab.toml");
-    let original = std::fs::read_to_string(repo_root().join("conf/lab.toml")).expect("read conf/lab.toml");
-    std::fs::write(&config, &original).expect("write config");
+    let (_dir, config, original) = lab_config(str::to_string);
     let gw = Gateway::start(&lab, &config);
     // Two requests on one connection, `pause` seconds apart; prints "ok ok", or where it failed.
     let keepalive = |pause: u32| {
