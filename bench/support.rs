@@ -1,11 +1,12 @@
 //! Prebuilt traffic and policies for the pipeline bench (`bench/pipeline.rs`) and the allocation test
 //! (`tests/no_alloc.rs`): the lab's addresses and MACs, 64-byte IPv4/UDP frames in one flat buffer, and policies
-//! of any size built with [`PolicyBuilder`].
+//! of any size built with [`PolicyBuilder`], and a NAT pipeline with flows already established.
 #![allow(dead_code)]
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use dataplane::nat::NatConfig;
 use dataplane::nexthop::{InterfaceTable, NextHopTable, Route};
 use dataplane::pipeline::{Action, NextHops, Pipeline};
 use dataplane::policy::{Action as PolicyAction, PolicyBuilder, PortRange, ProtoMatch, RuleSpec};
@@ -27,11 +28,11 @@ const EXT_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
 /// What one frame of a batch is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
-    /// 10.10.0.2:1024+i → 203.0.113.(1+i%16):7, allowed by the web group.
+    /// 10.10.0.2:1024+i → 203.0.113.(1+i%16):7, allowed by the web group (established once [`established`] ran).
     Allowed,
     /// 10.10.0.2 → 198.18.0.x:7, matched by no rule: default deny.
     Denied,
-    /// 203.0.113.x:7 → 10.10.0.2:1024+i arriving outside (a reply).
+    /// The server's answer to an established `Allowed` flow, to the egress IP and mapped port (outside → inside).
     Reply,
 }
 
@@ -43,7 +44,23 @@ pub struct Batch {
     pub kinds: Vec<Kind>,
 }
 
-fn udp_frame(
+impl Batch {
+    fn with_capacity(n: usize) -> Batch {
+        Batch { bytes: Vec::with_capacity(n * FRAME_LEN), sides: vec![], kinds: vec![] }
+    }
+
+    fn push(&mut self, frame: &[u8; FRAME_LEN], side: Side, kind: Kind) {
+        self.bytes.extend_from_slice(frame);
+        self.sides.push(side);
+        self.kinds.push(kind);
+    }
+
+    pub fn len(&self) -> usize {
+        self.sides.len()
+    }
+}
+
+pub fn udp_frame(
     src: Ipv4Addr,
     dst: Ipv4Addr,
     sport: u16,
@@ -71,30 +88,91 @@ fn udp_frame(
     f
 }
 
-/// One frame of `kind`; `i` picks the flow (1024 source ports, 16 servers).
+/// An outbound frame from the client (inside). UDP checksum 0 ("none", allowed for IPv4).
+pub fn outbound(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> [u8; FRAME_LEN] {
+    udp_frame(src, dst, sport, dport, GW_IN_MAC, CLIENT_MAC)
+}
+
+/// Frame `i` of kind `Allowed` or `Denied` (1024 source ports, 16 servers).
 pub fn frame(kind: Kind, i: usize) -> ([u8; FRAME_LEN], Side) {
     let client = Ipv4Addr::new(10, 10, 0, 2);
     let port = 1024 + (i % 1024) as u16;
-    let server = Ipv4Addr::new(203, 0, 113, 1 + (i % 16) as u8);
     match kind {
-        Kind::Allowed => (udp_frame(client, server, port, 7, GW_IN_MAC, CLIENT_MAC), Side::Inside),
-        Kind::Denied => {
-            let dst = Ipv4Addr::new(198, 18, 0, (i % 256) as u8);
-            (udp_frame(client, dst, port, 7, GW_IN_MAC, CLIENT_MAC), Side::Inside)
+        Kind::Allowed => {
+            (outbound(client, port, Ipv4Addr::new(203, 0, 113, 1 + (i % 16) as u8), 7), Side::Inside)
         }
-        Kind::Reply => (udp_frame(server, client, 7, port, GW_OUT_MAC, EXT_MAC), Side::Outside),
+        Kind::Denied => (outbound(client, port, Ipv4Addr::new(198, 18, 0, (i % 256) as u8), 7), Side::Inside),
+        Kind::Reply => panic!("replies are built from translated frames: see `established`"),
     }
 }
 
-/// `BATCH` frames whose kinds follow `pattern` (repeated), e.g. `&[Allowed]` or the 80/15/5 mix.
+/// The reply a server sends to a translated outbound frame: addresses and ports swapped, from ext0 to gw-out.
+pub fn reply_to(translated: &[u8]) -> [u8; FRAME_LEN] {
+    let ip4 =
+        |at: usize| Ipv4Addr::new(translated[at], translated[at + 1], translated[at + 2], translated[at + 3]);
+    let port = |at: usize| u16::from_be_bytes([translated[at], translated[at + 1]]);
+    udp_frame(ip4(30), ip4(26), port(36), port(34), GW_OUT_MAC, EXT_MAC)
+}
+
+/// `BATCH` frames of kinds `Allowed`/`Denied` following `pattern` (repeated). `Reply` slots are filled by
+/// [`established`].
 pub fn batch(pattern: &[Kind]) -> Batch {
-    let mut b = Batch { bytes: Vec::with_capacity(BATCH * FRAME_LEN), sides: vec![], kinds: vec![] };
+    let mut b = Batch::with_capacity(BATCH);
     for i in 0..BATCH {
         let kind = pattern[i % pattern.len()];
-        let (f, side) = frame(kind, i);
-        b.bytes.extend_from_slice(&f);
-        b.sides.push(side);
-        b.kinds.push(kind);
+        let (f, side) = if kind == Kind::Reply { frame(Kind::Allowed, i) } else { frame(kind, i) };
+        b.push(&f, side, kind);
+    }
+    b
+}
+
+/// Runs a copy of `b` through `p` (establishing its allowed flows), then turns every `Reply` slot into the reply
+/// to what its outbound frame became. Returns the batch to measure: outbound frames of established flows,
+/// denials and replies.
+pub fn established(p: &mut Pipeline, mut b: Batch) -> Batch {
+    let mut translated = b.clone();
+    run(p, &mut translated);
+    for i in 0..b.len() {
+        if b.kinds[i] == Kind::Reply {
+            let reply = reply_to(&translated.bytes[i * FRAME_LEN..(i + 1) * FRAME_LEN]);
+            b.bytes[i * FRAME_LEN..(i + 1) * FRAME_LEN].copy_from_slice(&reply);
+            b.sides[i] = Side::Outside;
+        }
+    }
+    b
+}
+
+/// Outbound frames of `n` distinct flows starting at flow number `first` (for new-flow runs): 254 sources of
+/// the web group × 64 000 source ports × 2 destination ports (7, 9999) × 256 servers.
+pub fn new_flows(first: u64, n: usize) -> Batch {
+    let mut b = Batch::with_capacity(n);
+    for k in first..first + n as u64 {
+        let host = 2 + (k % 253) as u8;
+        let rest = k / 253;
+        let sport = 1024 + (rest % 64_000) as u16;
+        let rest = rest / 64_000;
+        let dport = if rest % 2 == 0 { 7 } else { 9999 };
+        let server = Ipv4Addr::new(203, 0, 113, (rest / 2 % 256) as u8);
+        b.push(&outbound(Ipv4Addr::new(10, 10, 0, host), sport, server, dport), Side::Inside, Kind::Allowed);
+    }
+    b
+}
+
+/// Flow `k` (< 2^20) of a large table: 128 inside hosts 10.10.0.(2..130) × 16 source ports × 256 servers
+/// 203.0.113.x × destination ports 7 and 9999 (8 192 sessions per source, 2 048 NAT mappings).
+pub fn spread_flow(k: usize) -> [u8; FRAME_LEN] {
+    let host = 2 + (k % 128) as u8;
+    let sport = 1024 + (k / 128 % 16) as u16;
+    let server = Ipv4Addr::new(203, 0, 113, (k / 2048 % 256) as u8);
+    let dport = if (k >> 19) & 1 == 0 { 7 } else { 9999 };
+    outbound(Ipv4Addr::new(10, 10, 0, host), sport, server, dport)
+}
+
+/// Outbound frames of flows `first`, `first + stride`, … (mod 2^20), `n` of them.
+pub fn spread_flows(first: usize, stride: usize, n: usize) -> Batch {
+    let mut b = Batch::with_capacity(n);
+    for j in 0..n {
+        b.push(&spread_flow((first + j * stride) % (1 << 20)), Side::Inside, Kind::Allowed);
     }
     b
 }
@@ -137,7 +215,7 @@ pub fn policy(rules: usize) -> dataplane::policy::SharedPolicy {
     let mut b = PolicyBuilder::new();
     let groups: Vec<_> = (0..10u8)
         .map(|g| {
-            let id = b.add_group(format!("g{g}"), vec![Ipv4Addr::new(192, 0, 2, 10)]);
+            let id = b.add_group(format!("g{g}"), vec![Ipv4Addr::new(192, 0, 2, 10 + g % 2)]);
             b.add_source(id, format!("10.10.{g}.0/24").parse().unwrap());
             id
         })
@@ -169,8 +247,14 @@ pub fn policy(rules: usize) -> dataplane::policy::SharedPolicy {
     dataplane::policy::shared(b.build(1).expect("bench policy builds"))
 }
 
+/// A lone worker's pipeline with NAT (the default `NatConfig`: 1 M flows) and a policy of `rules` rules.
 pub fn pipeline(rules: usize) -> Pipeline {
-    Pipeline::new(Arc::new(WorkerStats::default()), NextHops::fixed(lab_table()), Arc::new(policy(rules)))
+    Pipeline::single(
+        Arc::new(WorkerStats::default()),
+        NextHops::fixed(lab_table()),
+        Arc::new(policy(rules)),
+        &NatConfig::default(),
+    )
 }
 
 /// Runs the whole batch through the pipeline as the worker would: `begin_batch` every [`BURST`] frames. Returns

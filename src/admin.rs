@@ -11,12 +11,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::Context;
+use dataplane::policy::{Action as PolicyAction, RuleId, SharedPolicy};
 use dataplane::stats::{DropReason, WorkerStats};
 use dataplane::Side;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 /// What reloading does: returns a one-line summary, or the reason the new file was refused.
@@ -37,6 +39,8 @@ pub struct AdminState {
     pub reloads_failed: AtomicU64,
     /// More metrics from other parts of the program.
     pub extra_collectors: Vec<Arc<dyn Collector>>,
+    /// The running policy, to name the rules in the per-rule decision counters.
+    pub policy: Option<Arc<SharedPolicy>>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -55,6 +59,7 @@ impl AdminState {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             extra_collectors: Vec::new(),
+            policy: None,
         }
     }
 
@@ -99,79 +104,192 @@ impl Collector for SharedCollector {
 #[derive(Debug)]
 struct CoreCollector(Arc<AdminState>);
 
-fn counter(
+/// One metric's labels.
+type Labels = Vec<(&'static str, String)>;
+
+fn family<M: EncodeMetric>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    series: &[(&[(&str, &str)], u64)],
+    metric_type: MetricType,
+    series: impl IntoIterator<Item = (Labels, M)>,
 ) -> Result<(), std::fmt::Error> {
-    let mut family =
-        encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
-    for (labels, value) in series {
-        let labels: Vec<(&str, &str)> = labels.to_vec();
-        ConstCounter::new(*value).encode(family.encode_family(&labels)?)?;
+    let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (labels, metric) in series {
+        if labels.is_empty() {
+            // An unlabelled metric has one series.
+            return metric.encode(family);
+        } else {
+            metric.encode(family.encode_family(&labels)?)?;
+        }
     }
     Ok(())
 }
+
+fn counters(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Labels, u64)>,
+) -> Result<(), std::fmt::Error> {
+    family(
+        encoder,
+        name,
+        help,
+        MetricType::Counter,
+        series.into_iter().map(|(l, v)| (l, ConstCounter::new(v))),
+    )
+}
+
+fn gauges(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: impl IntoIterator<Item = (Labels, u64)>,
+) -> Result<(), std::fmt::Error> {
+    family(
+        encoder,
+        name,
+        help,
+        MetricType::Gauge,
+        series.into_iter().map(|(l, v)| (l, ConstGauge::new(v as i64))),
+    )
+}
+
+/// Egress ports per IP and protocol: TCP and UDP use 1–65535, ICMP echo identifiers 1024–65535.
+const PORTS_PER_IP: [(&str, u64); 3] = [("tcp", 65535), ("udp", 65535), ("icmp", 64512)];
 
 impl Collector for CoreCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let state = &self.0;
         let sum = |f: &dyn Fn(&WorkerStats) -> u64| state.workers.iter().map(|w| f(w)).sum::<u64>();
         let sides = [Side::Inside, Side::Outside];
+        let by_side = |f: &dyn Fn(&WorkerStats, Side) -> u64| {
+            sides.map(|side| (vec![("side", side.as_str().to_string())], sum(&|w: &WorkerStats| f(w, side))))
+        };
 
-        for (name, help, is_rx, bytes) in [
-            ("egressd_rx_packets", "Frames received, by interface side.", true, false),
-            ("egressd_rx_bytes", "Bytes received, by interface side.", true, true),
-            ("egressd_tx_packets", "Frames transmitted, by interface side.", false, false),
-            ("egressd_tx_bytes", "Bytes transmitted, by interface side.", false, true),
-        ] {
-            let values: Vec<(String, u64)> = sides
-                .iter()
-                .map(|&side| {
-                    let v = sum(&|w: &WorkerStats| {
-                        let pb = if is_rx { w.rx(side) } else { w.tx(side) };
-                        if bytes {
-                            pb.bytes.get()
-                        } else {
-                            pb.packets.get()
-                        }
-                    });
-                    (side.as_str().to_string(), v)
-                })
-                .collect();
-            let labels: Vec<[(&str, &str); 1]> = values.iter().map(|(s, _)| [("side", s.as_str())]).collect();
-            let series: Vec<(&[(&str, &str)], u64)> =
-                labels.iter().zip(&values).map(|(l, (_, v))| (&l[..], *v)).collect();
-            counter(&mut encoder, name, help, &series)?;
-        }
+        let rx_packets = by_side(&|w, side| w.rx(side).packets.get());
+        counters(&mut encoder, "egressd_rx_packets", "Frames received, by interface side.", rx_packets)?;
+        let rx_bytes = by_side(&|w, side| w.rx(side).bytes.get());
+        counters(&mut encoder, "egressd_rx_bytes", "Bytes received, by interface side.", rx_bytes)?;
+        let tx_packets = by_side(&|w, side| w.tx(side).packets.get());
+        counters(&mut encoder, "egressd_tx_packets", "Frames transmitted, by interface side.", tx_packets)?;
+        let tx_bytes = by_side(&|w, side| w.tx(side).bytes.get());
+        counters(&mut encoder, "egressd_tx_bytes", "Bytes transmitted, by interface side.", tx_bytes)?;
 
-        let drops: Vec<([(&str, &str); 1], u64)> = DropReason::ALL
+        let drops = DropReason::ALL
             .iter()
-            .map(|&r| ([("reason", r.as_str())], sum(&|w: &WorkerStats| w.drops(r))))
-            .collect();
-        let series: Vec<(&[(&str, &str)], u64)> = drops.iter().map(|(l, v)| (&l[..], *v)).collect();
-        counter(&mut encoder, "egressd_drops", "Frames not forwarded, by reason.", &series)?;
+            .map(|&r| (vec![("reason", r.as_str().to_string())], sum(&|w: &WorkerStats| w.drops(r))));
+        counters(&mut encoder, "egressd_drops", "Frames not forwarded, by reason.", drops)?;
 
-        counter(
+        counters(
             &mut encoder,
             "egressd_flows_allowed",
             "New flows the policy let through.",
-            &[(&[], sum(&|w: &WorkerStats| w.flows_allowed.get()))],
+            [(vec![], sum(&|w: &WorkerStats| w.flows_allowed.get()))],
         )?;
-        counter(
+        counters(
             &mut encoder,
             "egressd_flows_dry_run_denied",
             "New flows a dry-run rule would have denied but let through.",
-            &[(&[], sum(&|w: &WorkerStats| w.flows_dry_run_denied.get()))],
+            [(vec![], sum(&|w: &WorkerStats| w.flows_dry_run_denied.get()))],
         )?;
-        counter(
+
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let flows = [
+            ("tcp_syn_sent", sum(&|w: &WorkerStats| get(&w.nat.tcp_syn_sent))),
+            ("tcp_established", sum(&|w: &WorkerStats| get(&w.nat.tcp_established))),
+            ("tcp_transitory", sum(&|w: &WorkerStats| get(&w.nat.tcp_transitory))),
+            ("udp", sum(&|w: &WorkerStats| get(&w.nat.udp))),
+            ("icmp", sum(&|w: &WorkerStats| get(&w.nat.icmp))),
+        ];
+        let flows = flows.map(|(state, v)| (vec![("state", state.to_string())], v));
+        gauges(&mut encoder, "egressd_nat_flows", "Tracked flows, by state.", flows)?;
+        gauges(
+            &mut encoder,
+            "egressd_nat_mappings",
+            "Endpoint-independent mappings (inside ip:port:proto → egress ip:port).",
+            [(vec![], sum(&|w: &WorkerStats| get(&w.nat.mappings)))],
+        )?;
+        counters(
+            &mut encoder,
+            "egressd_nat_port_allocation_failures",
+            "New flows that found no free egress port.",
+            [(vec![], sum(&|w: &WorkerStats| get(&w.nat.allocation_failures)))],
+        )?;
+        let mut in_use: std::collections::BTreeMap<(std::net::Ipv4Addr, &str), u64> = Default::default();
+        for w in &state.workers {
+            for (ip, tcp, udp, icmp) in w.nat.egress_ports() {
+                for (proto, n) in [("tcp", tcp), ("udp", udp), ("icmp", icmp)] {
+                    *in_use.entry((ip, proto)).or_default() += n;
+                }
+            }
+        }
+        let labels = |ip: &std::net::Ipv4Addr, proto: &str| {
+            vec![("egress_ip", ip.to_string()), ("proto", proto.to_string())]
+        };
+        gauges(
+            &mut encoder,
+            "egressd_nat_ports_in_use",
+            "Egress ports held by mappings, per egress IP and protocol.",
+            in_use.iter().map(|((ip, proto), n)| (labels(ip, proto), *n)),
+        )?;
+        gauges(
+            &mut encoder,
+            "egressd_nat_ports_free",
+            "Egress ports still free, per egress IP and protocol.",
+            in_use.iter().map(|((ip, proto), n)| {
+                let total = PORTS_PER_IP.iter().find(|(p, _)| p == proto).map_or(0, |(_, t)| *t);
+                (labels(ip, proto), total.saturating_sub(*n))
+            }),
+        )?;
+
+        if let Some(policy) = &state.policy {
+            let snapshot = policy.load();
+            let hits: Vec<_> = state.workers.iter().map(|w| w.rule_hits.load_full()).collect();
+            let series = (0..snapshot.rule_count()).filter_map(|i| {
+                let rule = snapshot.rule(RuleId(i as u32))?;
+                let action = match rule.action {
+                    PolicyAction::Allow => "allow",
+                    PolicyAction::Deny => "deny",
+                    PolicyAction::L7 => "l7",
+                };
+                // Workers still on an older generation are not counted against the new rule numbering.
+                let n = hits.iter().filter(|h| h.generation == snapshot.generation()).map(|h| h.get(i)).sum();
+                let labels = vec![
+                    ("group", snapshot.group_name(rule.group).to_string()),
+                    ("rule", (i + 1).to_string()),
+                    ("action", action.to_string()),
+                ];
+                Some((labels, n))
+            });
+            counters(
+                &mut encoder,
+                "egressd_policy_decisions",
+                "Policy decisions per rule (rule = its position among the [[rule]] tables, from 1) since the last \
+                 reload: new flows, flows judged again after a reload, and each packet of denied or l7 flows.",
+                series,
+            )?;
+        }
+        counters(
+            &mut encoder,
+            "egressd_handoffs",
+            "Frames a worker copied to the worker owning their NAT port (replies on another worker's queue).",
+            [(vec![], sum(&|w: &WorkerStats| w.handed_off.get()))],
+        )?;
+        counters(
+            &mut encoder,
+            "egressd_audit_suppressed",
+            "Denials left out of the audit log by its rate limit.",
+            [(vec![], sum(&|w: &WorkerStats| w.audit_suppressed.get()))],
+        )?;
+        counters(
             &mut encoder,
             "egressd_reloads",
             "Configuration reloads, by result.",
-            &[
-                (&[("result", "ok")], state.reloads_ok.load(Ordering::Relaxed)),
-                (&[("result", "failed")], state.reloads_failed.load(Ordering::Relaxed)),
+            [
+                (vec![("result", "ok".to_string())], state.reloads_ok.load(Ordering::Relaxed)),
+                (vec![("result", "failed".to_string())], state.reloads_failed.load(Ordering::Relaxed)),
             ],
         )?;
         let workers = ConstGauge::new(state.workers.len() as i64);
@@ -285,6 +403,9 @@ mod tests {
             assert!(text.contains(&format!("reason=\"{}\"", r.as_str())), "missing {}", r.as_str());
         }
         assert!(text.contains("egressd_workers 2"), "{text}");
+        // Unlabelled series print without braces; NAT flows are labelled by state.
+        assert!(text.contains("\negressd_nat_mappings 0\n"), "{text}");
+        assert!(text.contains("egressd_nat_flows{state=\"tcp_established\"} 0"), "{text}");
     }
 
     #[test]

@@ -21,8 +21,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
+use dataplane::audit::{AuditEvent, AuditQueue};
+use dataplane::handoff::Handoffs;
 use dataplane::nexthop::{NextHopTable, ResolveQueue};
 use dataplane::pipeline::{NextHops, Pipeline};
+use dataplane::policy::{PolicySnapshot, Verdict};
 use dataplane::stats::WorkerStats;
 use dataplane::worker::{IdleMode, Worker, WorkerConfig};
 use dataplane::xsk::xdp::{XdpModeChoice, XdpProgram};
@@ -34,8 +37,14 @@ use crate::config::Loaded;
 use crate::fib::{self, Fib};
 use crate::policy::PolicyReloader;
 
+/// Frames each worker's handoff queue holds (replies that arrived on another worker's queue).
+const HANDOFF_QUEUE_FRAMES: usize = 1024;
+/// Denials waiting for the control thread to write them to the audit log.
+const AUDIT_QUEUE_EVENTS: usize = 4096;
 /// How often the kernel's routes and neighbours are re-read.
 const FIB_REFRESH: Duration = Duration::from_millis(250);
+/// After a resolution request, the tables are re-read every tick for this long (workers hold frames meanwhile).
+const FAST_REFRESH_FOR: Duration = Duration::from_secs(1);
 /// How long the control loop sleeps between checks of signals and resolution requests.
 const CONTROL_TICK: Duration = Duration::from_millis(20);
 
@@ -112,6 +121,16 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
         programs[1].register(outside_port)?;
     }
 
+    let workers_count = cores.len() as u16;
+    let nat_config = config.nat.to_engine(workers_count);
+    let handoffs = Arc::new(Handoffs::new(cores.len(), HANDOFF_QUEUE_FRAMES));
+    let audit = Arc::new(AuditQueue::new(AUDIT_QUEUE_EVENTS));
+    tracing::info!(
+        max_flows_per_worker = nat_config.max_flows,
+        udp_timeout_s = nat_config.timeouts.udp_secs,
+        tcp_established_timeout_s = nat_config.timeouts.tcp_established_secs,
+        "NAT sized"
+    );
     let stop_workers = Arc::new(AtomicBool::new(false));
     let mut stats = Vec::with_capacity(cores.len());
     let mut workers = Vec::with_capacity(cores.len());
@@ -130,7 +149,15 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
             },
             inside: inside_port,
             outside: outside_port,
-            pipeline: Pipeline::new(worker_stats, next_hops.clone(), policy.clone()),
+            pipeline: Pipeline::new(
+                worker_stats,
+                next_hops.clone(),
+                policy.clone(),
+                &nat_config,
+                i as u16,
+                handoffs.clone(),
+            )
+            .with_audit(audit.clone()),
             stop: stop_workers.clone(),
         };
         let handle = std::thread::Builder::new()
@@ -142,6 +169,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     }
 
     let mut admin_state = AdminState::new(stats);
+    admin_state.policy = Some(policy.clone());
     {
         let reloader = reloader.clone();
         let policy = policy.clone();
@@ -159,17 +187,23 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     tracing::info!(workers = workers.len(), "egressd is forwarding");
 
     let mut last_refresh = Instant::now();
+    let mut fast_refresh_until = Instant::now();
     while !stop_requested.load(Ordering::Relaxed) {
         std::thread::sleep(CONTROL_TICK);
         if reload_requested.swap(false, Ordering::Relaxed) {
             // Outcome is logged and counted by the reload itself.
             let _ = admin_state.reload();
         }
+        while let Some(event) = audit.pop() {
+            write_audit(&event, &policy.load());
+        }
         for hop in next_hops.resolve.drain() {
             tracing::debug!(%hop, "asking the kernel to resolve a next hop");
             fib::request_resolution(hop);
+            // Frames wait in the workers: look again every tick until the kernel has the answer.
+            fast_refresh_until = Instant::now() + FAST_REFRESH_FOR;
         }
-        if last_refresh.elapsed() >= FIB_REFRESH {
+        if last_refresh.elapsed() >= FIB_REFRESH || Instant::now() < fast_refresh_until {
             last_refresh = Instant::now();
             match fib.read() {
                 Ok(table) => {
@@ -221,4 +255,39 @@ fn resolve_gateways(table: &NextHopTable) {
             }
         }
     }
+}
+
+/// One audit line per reported denial (target `egressd::audit`; a JSON object with `--log-format json`).
+fn write_audit(event: &AuditEvent, policy: &PolicySnapshot) {
+    let proto = match event.proto {
+        1 => "icmp",
+        6 => "tcp",
+        17 => "udp",
+        _ => "other",
+    };
+    let verdict = match event.verdict {
+        Verdict::Deny(reason) => reason.drop_reason().as_str(),
+        Verdict::Allow => "allow",
+        Verdict::L7 => "l7",
+    };
+    // Group names are only meaningful for the generation that decided.
+    let group = event
+        .group
+        .filter(|_| policy.generation() == event.generation)
+        .map(|g| policy.group_name(g).to_string())
+        .unwrap_or_default();
+    tracing::info!(
+        target: "egressd::audit",
+        src = %event.src,
+        dst = %event.dst,
+        proto,
+        dst_port = event.dst_port,
+        group,
+        rule = event.rule.map(|r| r.0 + 1),
+        verdict,
+        dry_run = event.dry_run,
+        policy_generation = event.generation,
+        worker = event.worker,
+        "flow denied"
+    );
 }

@@ -15,7 +15,7 @@ use dataplane::policy::{
     Action, GroupId, HostPattern, PolicyBuilder, PolicySnapshot, Prefix, ProtoMatch, RuleSpec, SharedPolicy,
 };
 
-use crate::config::policy::{parse_port_range, ActionConfig, Proto};
+use crate::config::policy::{parse_port_spec, ActionConfig, Proto};
 use crate::config::{Config, ConfigError, ConfigErrors};
 
 /// Compiles a validated configuration. Errors only if the model was not validated first.
@@ -31,7 +31,7 @@ pub fn compile(config: &Config, generation: u64) -> Result<PolicySnapshot, Strin
             b.add_source(id, s.get_ref().parse::<Prefix>().map_err(|e| e.to_string())?);
         }
     }
-    for r in &config.rule {
+    for r in config.rule.iter().map(toml::Spanned::get_ref) {
         let group: GroupId = *ids.get(r.group.get_ref().as_str()).ok_or("unknown group")?;
         let prefixes = |v: &[toml::Spanned<String>]| -> Result<Vec<Prefix>, String> {
             v.iter().map(|s| s.get_ref().parse::<Prefix>().map_err(|e| e.to_string())).collect()
@@ -46,7 +46,7 @@ pub fn compile(config: &Config, generation: u64) -> Result<PolicySnapshot, Strin
                 Proto::Icmp => ProtoMatch::Icmp,
                 Proto::Any => ProtoMatch::Any,
             },
-            ports: r.ports.iter().map(|p| parse_port_range(p.get_ref())).collect::<Result<_, _>>()?,
+            ports: r.ports.iter().map(|p| parse_port_spec(p.get_ref())).collect::<Result<_, _>>()?,
             action: match r.action.get_ref() {
                 ActionConfig::Allow => Action::Allow,
                 ActionConfig::Deny => Action::Deny,

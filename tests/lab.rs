@@ -3,13 +3,13 @@
 
 mod support;
 
-use support::{repo_root, Gateway, Lab};
+use support::{repo_root, wait_for, Gateway, Lab};
 
 /// HTTP (curl → nginx) and UDP echo cross the gateway only while egressd runs: gw has ip_forward=0, so what
 /// crosses was forwarded by egressd, and its counters move. After SIGTERM it exits 0 with no XDP program left.
 #[test]
 fn http_and_udp_cross_only_through_egressd() {
-    let lab = Lab::up(true);
+    let lab = Lab::up(false);
     assert!(lab.curl("http://203.0.113.10/", 2).is_none(), "HTTP crossed gw without egressd");
     assert_eq!(lab.udp_echo("203.0.113.10:7", "before"), "", "UDP crossed gw without egressd");
 
@@ -45,7 +45,7 @@ fn http_and_udp_cross_only_through_egressd() {
 /// own addresses to the kernel (ping to gw's inside address is answered by the kernel, not forwarded).
 #[test]
 fn node_keeps_its_own_traffic_while_egressd_runs() {
-    let lab = Lab::up(true);
+    let lab = Lab::up(false);
     let gw = Gateway::start(&lab, &repo_root().join("conf/lab.toml"));
     let ping = lab.exec("client", "ping", &["-c", "2", "-i", "0.2", "-W", "1", "10.10.0.1"]);
     assert!(
@@ -66,7 +66,7 @@ fn node_keeps_its_own_traffic_while_egressd_runs() {
 /// and the running policy stays.
 #[test]
 fn policy_decides_in_the_lab_and_sighup_reloads_it() {
-    let lab = Lab::up(true);
+    let lab = Lab::up(false);
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("lab.toml");
     let original = std::fs::read_to_string(repo_root().join("conf/lab.toml")).expect("read conf/lab.toml");
@@ -81,22 +81,22 @@ fn policy_decides_in_the_lab_and_sighup_reloads_it() {
     let denied_before = gw.metric(r#"egressd_drops_total{reason="default_deny"}"#);
     assert!(!payments_get("http://203.0.113.10/"), "payments → 203.0.113.10 must be denied");
     assert!(gw.metric(r#"egressd_drops_total{reason="default_deny"}"#) > denied_before);
+    // Which rule decided: the payments allow rule is the 4th [[rule]] of conf/lab.toml.
+    assert!(gw.metric(r#"egressd_policy_decisions_total{group="payments",rule="4",action="allow"}"#) >= 1.0);
+    // The denial is in the audit log with its flow and reason.
+    wait_for(
+        || {
+            gw.log_text().lines().any(|l| {
+                l.contains("flow denied") && l.contains("dst=203.0.113.10") && l.contains("default_deny")
+            })
+        },
+        "an audit line for the denied flow",
+    );
     assert!(lab.curl("http://203.0.113.10/", 3).is_some(), "the web group is still allowed there");
 
     // A broken file: refused, counted, old policy kept.
     std::fs::write(&config, original.replace("action = \"allow\"", "action = \"alow\"")).unwrap();
-    let gw_pids =
-        || std::process::Command::new("ip").args(["netns", "pids", &lab.ns("gw")]).output().unwrap();
-    let signal_egressd = |sig: &str| {
-        let pids = String::from_utf8_lossy(&gw_pids().stdout).into_owned();
-        for pid in pids.split_whitespace() {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == "egressd" {
-                std::process::Command::new("kill").args([sig, pid]).status().unwrap();
-            }
-        }
-    };
-    signal_egressd("-HUP");
+    gw.signal("HUP");
     wait_for(|| gw.metric(r#"egressd_reloads_total{result="failed"}"#) >= 1.0, "failed reload counted");
     assert!(gw.log_text().contains("lab.toml:"), "the refused reload is logged with file:line:col");
     assert!(payments_get("http://198.51.100.10/"), "the running policy stays after a bad reload");
@@ -107,15 +107,68 @@ fn policy_decides_in_the_lab_and_sighup_reloads_it() {
         original.replace("to = [\"198.51.100.0/24\"]", "to = [\"198.51.100.0/24\", \"203.0.113.0/24\"]"),
     )
     .unwrap();
-    signal_egressd("-HUP");
+    gw.signal("HUP");
     wait_for(|| gw.metric(r#"egressd_reloads_total{result="ok"}"#) >= 1.0, "good reload counted");
     assert!(payments_get("http://203.0.113.10/"), "reloaded policy allows payments → 203.0.113.10");
 }
 
-fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !condition() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting for: {what}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+/// Reload keeps established flows: a kept-alive HTTP connection opened before a reload that leaves its rule alone
+/// carries its next request after it. A flow whose rule a reload removes is judged again on its next packet and
+/// dropped.
+#[test]
+fn reload_keeps_established_flows_and_rechecks_those_whose_rule_went_away() {
+    let lab = Lab::up(false);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("lab.toml");
+    let original = std::fs::read_to_string(repo_root().join("conf/lab.toml")).expect("read conf/lab.toml");
+    std::fs::write(&config, &original).expect("write config");
+    let gw = Gateway::start(&lab, &config);
+    // Two requests on one connection, `pause` seconds apart; prints "ok ok", or where it failed.
+    let keepalive = |pause: u32| {
+        let script = format!(
+            r#"
+import http.client, time
+c = http.client.HTTPConnection("203.0.113.10", 80, timeout=3)
+c.request("GET", "/ip"); first = c.getresponse().read().decode().strip()
+time.sleep({pause})
+try:
+    c.request("GET", "/ip"); second = c.getresponse().read().decode().strip()
+    print("ok" if first == second else "other-connection")
+except Exception as e:
+    print("failed", type(e).__name__)
+"#
+        );
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.ns("client"), "python3", "-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn python")
+    };
+    let reloads = |n: f64| {
+        wait_for(|| gw.metric(r#"egressd_reloads_total{result="ok"}"#) >= n, "the reload");
+    };
+
+    // 1. A reload that leaves the web rules alone (payments loses its rule).
+    let survivor = keepalive(3);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    std::fs::write(&config, original.replace("to = [\"198.51.100.0/24\"]", "to = [\"198.51.100.128/25\"]"))
+        .unwrap();
+    gw.signal("HUP");
+    reloads(1.0);
+    let out = survivor.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok", "established flow across a reload");
+
+    // 2. A reload that removes the web group's TCP rule: the open connection's next packet is judged again.
+    let doomed = keepalive(3);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    std::fs::write(&config, original.replace("ports = [80, 443]", "ports = [443]")).unwrap();
+    gw.signal("HUP");
+    reloads(2.0);
+    let out = doomed.wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("failed"),
+        "a flow whose rule was removed must stop: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(gw.metric(r#"egressd_drops_total{reason="default_deny"}"#) >= 1.0);
 }

@@ -1,6 +1,7 @@
 //! No allocation per packet in steady state: a counting global allocator around `System` proves that
 //! `Pipeline::process` (with `begin_batch` every 64 frames, as the worker calls it) allocates nothing over
-//! 10 000 packets of each kind once warm, for a 10-rule and a 100 000-rule policy.
+//! 10 000 packets of each kind once warm (established flows, denials, replies, the 80/15/5 mix, new flows), for a
+//! 10-rule and a 100 000-rule policy.
 //!
 //! The allocator is test tooling: it forwards every call to `System` and counts, per thread, the calls made while
 //! counting is on. `GlobalAlloc` is an `unsafe` trait, so this file holds the crate's only `unsafe impl` outside
@@ -11,7 +12,7 @@ use std::cell::Cell;
 
 #[path = "../bench/support.rs"]
 mod support;
-use support::{batch, mixed_pattern, pipeline, run, Kind, BATCH};
+use support::{batch, established, mixed_pattern, new_flows, pipeline, run, Kind, BATCH};
 
 struct CountingAlloc;
 
@@ -77,7 +78,7 @@ fn the_counter_sees_allocations() {
 #[test]
 fn pipeline_process_does_not_allocate_per_packet_in_steady_state() {
     let cases: [(&str, Vec<Kind>); 4] = [
-        ("allowed", vec![Kind::Allowed]),
+        ("established", vec![Kind::Allowed]),
         ("denied", vec![Kind::Denied]),
         ("replies", vec![Kind::Reply]),
         ("mixed 80/15/5", mixed_pattern()),
@@ -85,7 +86,7 @@ fn pipeline_process_does_not_allocate_per_packet_in_steady_state() {
     for rules in [10, 100_000] {
         let mut p = pipeline(rules);
         for (name, pattern) in &cases {
-            let template = batch(pattern);
+            let template = established(&mut p, batch(pattern));
             // Fresh copies prepared outside the counted region (`process` decrements the TTL in place).
             let rounds = 10_000usize.div_ceil(BATCH);
             let mut copies: Vec<_> = (0..rounds + 1).map(|_| template.clone()).collect();
@@ -105,4 +106,21 @@ fn pipeline_process_does_not_allocate_per_packet_in_steady_state() {
             );
         }
     }
+}
+
+#[test]
+fn new_flows_do_not_allocate_either() {
+    let mut p = pipeline(10);
+    let warm = run(&mut p, &mut new_flows(0, BATCH));
+    assert_eq!(warm, BATCH);
+    let mut frames: Vec<_> = (1..=10).map(|i| new_flows(i * BATCH as u64, BATCH)).collect();
+    let mut forwarded = 0;
+    let n = allocations_during(|| {
+        for f in &mut frames {
+            forwarded += run(&mut p, f);
+        }
+    });
+    assert_eq!(n, 0, "{n} allocations over {} new flows", 10 * BATCH);
+    assert_eq!(forwarded, 10 * BATCH);
+    assert_eq!(p.nat().stats().flows() as usize, 11 * BATCH);
 }

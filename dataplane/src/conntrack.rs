@@ -1,24 +1,22 @@
 //! Per-worker flow table: the storage under [`crate::nat::Nat`].
 //!
-//! What it owns: a preallocated slab of [`Session`]s (one per 5-tuple flow), a slab of [`Mapping`]s (one per inside
-//! endpoint, RFC 4787 endpoint-independent mapping), a slab of per-source flow counters, the open-addressing hash
-//! indexes over them, and one LRU list per timeout class.
+//! What it owns: the building blocks of the flow table — a preallocated slab of `Session`s (one per 5-tuple
+//! flow, 56 bytes), a slab of `Mapping`s (one per inside endpoint, RFC 4787 endpoint-independent mapping, 16
+//! bytes), the open-addressing hash indexes over them (the per-source flow counters live directly in an index:
+//! their hash is a bijection of the address), one LRU list per timeout class, and the TCP tracker.
 //!
 //! Why it is shaped so (VPP NAT44-ED habits):
 //! - Everything is allocated in `new` and sized from `max_flows`; the data path never allocates. Slab slots are
 //!   `u32` indexes; free slots form an intrusive free list.
-//! - The indexes are linear-probing tables of `(hash, slot)` pairs (8 bytes) at a load factor ≤ 2/3, with
+//! - The indexes are linear-probing tables of `(hash, slot)` pairs (8 bytes) at a load factor ≤ 4/5, with
 //!   backward-shift deletion (no tombstones, so lookups never degrade after churn). The full 32-bit hash stored in
 //!   each entry filters almost every false candidate without touching the slab.
-//! - Expiry: each timeout class (UDP, ICMP, TCP transitory, TCP established) has a fixed timeout, so a list kept in
+//! - Expiry: each timeout class (UDP, ICMP, TCP handshake, TCP transitory, TCP established) has a fixed timeout, so a list kept in
 //!   last-seen order is also in expiry order. Refreshing moves a session to the tail at most once per second
 //!   (its `last_seen` is kept in whole seconds), so the fast path rarely touches neighbours. Expiry pops from the
 //!   heads with a budget: no stop-the-world sweep.
 //! - TCP tracking keeps, per side, the next sequence number and the window the side advertised, enough to tell an
 //!   in-window RST from an out-of-window one (RFC 5382 / RFC 5961 spirit).
-
-// Not yet used: the `nat` engine that consumes these pieces is unfinished (issue 5).
-#![allow(dead_code)]
 
 /// "No slot": empty index entry, end of a list.
 pub(crate) const NONE: u32 = u32::MAX;
@@ -28,7 +26,10 @@ pub(crate) const CLASS_UDP: u8 = 0;
 pub(crate) const CLASS_ICMP: u8 = 1;
 pub(crate) const CLASS_TCP_TRANSITORY: u8 = 2;
 pub(crate) const CLASS_TCP_ESTABLISHED: u8 = 3;
-pub(crate) const CLASSES: usize = 4;
+/// Handshake in progress (SYN seen one or both ways, not yet established): the transitory timeout applies, but it
+/// is counted apart (`syn_sent` in the stats).
+pub(crate) const CLASS_TCP_SYN: u8 = 4;
+pub(crate) const CLASSES: usize = 5;
 /// Marks a free session slot.
 pub(crate) const CLASS_FREE: u8 = 0xff;
 
@@ -50,9 +51,10 @@ pub(crate) struct Index {
 }
 
 impl Index {
-    /// An index for up to `entries` entries at load factor ≤ 2/3.
+    /// An index for up to `entries` entries at load factor ≤ 4/5 (linear probing stays short there, and the
+    /// memory-per-flow budget of 128 bytes needs the headroom).
     pub fn with_capacity(entries: usize) -> Index {
-        let cap = (entries + entries / 2).max(8);
+        let cap = (entries + entries / 4 + 1).max(8);
         Index { slots: vec![EMPTY; cap].into_boxed_slice() }
     }
 
@@ -105,26 +107,62 @@ impl Index {
         false
     }
 
-    /// Removes the entry `(hash, val)` with backward-shift deletion.
-    pub fn remove(&mut self, hash: u32, val: u32) {
+    /// Reads the home slot of `hash` (its value), so that a lookup that follows finds it in cache: a prefetch in
+    /// safe code, for overlapping several independent cache misses.
+    #[inline]
+    pub fn peek(&self, hash: u32) -> u32 {
+        self.slots.get(self.home(hash)).map_or(NONE, |s| s.val)
+    }
+
+    /// Position of the entry whose value satisfies `eq` among those with `hash`.
+    #[inline]
+    pub fn find_pos(&self, hash: u32, mut eq: impl FnMut(u32) -> bool) -> Option<usize> {
         let n = self.slots.len();
         let mut i = self.home(hash);
-        let mut found = None;
         for _ in 0..n {
             let s = self.slots[i];
             if s.val == NONE {
-                break;
+                return None;
             }
-            if s.val == val {
-                found = Some(i);
-                break;
+            if s.hash == hash && eq(s.val) {
+                return Some(i);
             }
             i += 1;
             if i == n {
                 i = 0;
             }
         }
-        let Some(mut hole) = found else { return };
+        None
+    }
+
+    /// The value stored at `pos` (from [`Index::find_pos`]).
+    #[inline]
+    pub fn value_at(&self, pos: usize) -> u32 {
+        self.slots.get(pos).map_or(NONE, |s| s.val)
+    }
+
+    /// Replaces the value at `pos` (same hash, so the entry stays where it is).
+    #[inline]
+    pub fn set_value_at(&mut self, pos: usize, val: u32) {
+        if let Some(s) = self.slots.get_mut(pos) {
+            s.val = val;
+        }
+    }
+
+    /// Removes the entry `(hash, val)` with backward-shift deletion.
+    pub fn remove(&mut self, hash: u32, val: u32) {
+        if let Some(pos) = self.find_pos(hash, |v| v == val) {
+            self.remove_at(pos);
+        }
+    }
+
+    /// Removes the entry at `pos` with backward-shift deletion (no tombstones).
+    pub fn remove_at(&mut self, pos: usize) {
+        let n = self.slots.len();
+        if pos >= n || self.slots[pos].val == NONE {
+            return;
+        }
+        let mut hole = pos;
         let mut j = hole;
         loop {
             j += 1;
@@ -158,8 +196,6 @@ pub(crate) struct TcpPeer {
     pub nxt: u32,
     /// Largest receive window this side advertised, scaled.
     pub win: u32,
-    /// Window scale from this side's SYN; `NO_WSCALE` if absent.
-    pub wscale: u8,
 }
 
 pub(crate) const NO_WSCALE: u8 = 0xff;
@@ -173,40 +209,56 @@ pub(crate) const TCP_RST: u8 = 32;
 pub(crate) const TCP_OUT_SEEN: u8 = 64;
 pub(crate) const TCP_IN_SEEN: u8 = 128;
 
-/// Session flag: created by an inbound packet (TCP endpoint-independent filtering or hairpin); the policy has not
-/// judged it yet, so its next outbound packet is judged.
+/// Session flag: the policy has not judged this flow's destination (created by an inbound packet under
+/// address-dependent filtering); its next outbound packet is judged.
 pub(crate) const SESSION_UNJUDGED: u8 = 1;
+/// Session flag: the destination is one of our own egress endpoints (hairpin, RFC 4787 REQ-9): outbound packets
+/// are translated both ways.
+pub(crate) const SESSION_HAIRPIN: u8 = 2;
+/// Session flag: the far side of a hairpinned flow (created by the hairpin's inbound leg). It is a reply flow:
+/// never judged by the policy.
+pub(crate) const SESSION_HAIRPIN_PEER: u8 = 4;
 
 /// One flow (5-tuple). `in_*` is the inside endpoint, `remote_*` the outside one; the external endpoint is
-/// `(egress[ip_idx], ext_port)`.
+/// `(egress[ip_idx], ext_port)`. 56 bytes; `repr(C)` keeps what every packet reads (key, translation, timer,
+/// generation) in the first 32 bytes and the TCP window state and LRU links after it.
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub(crate) struct Session {
     pub in_addr: u32,
     pub remote_addr: u32,
     pub in_port: u16,
     pub remote_port: u16,
     pub ext_port: u16,
-    pub ip_idx: u16,
+    pub ip_idx: u8,
     pub proto: u8,
     pub class: u8,
     pub tcp_flags: u8,
     pub flags: u8,
-    pub mapping: u32,
-    /// LRU links; `next` doubles as the free-list link.
-    pub prev: u32,
-    pub next: u32,
+    /// Window scale from each side's SYN, or `NO_WSCALE`.
+    pub out_wscale: u8,
     /// Whole seconds of the last refresh.
     pub last_seen: u32,
     /// Low 32 bits of the policy generation that last judged this flow.
     pub generation: u32,
+    pub in_wscale: u8,
     pub out: TcpPeer,
     pub inn: TcpPeer,
+    /// LRU links; `next` doubles as the free-list link.
+    pub prev: u32,
+    pub next: u32,
 }
 
 impl Session {
     pub const FREE: Session = Session {
         in_addr: 0,
         remote_addr: 0,
+        prev: NONE,
+        next: NONE,
+        last_seen: 0,
+        generation: 0,
+        out: TcpPeer { nxt: 0, win: 0 },
+        inn: TcpPeer { nxt: 0, win: 0 },
         in_port: 0,
         remote_port: 0,
         ext_port: 0,
@@ -215,18 +267,13 @@ impl Session {
         class: CLASS_FREE,
         tcp_flags: 0,
         flags: 0,
-        mapping: NONE,
-        prev: NONE,
-        next: NONE,
-        last_seen: 0,
-        generation: 0,
-        out: TcpPeer { nxt: 0, win: 0, wscale: NO_WSCALE },
-        inn: TcpPeer { nxt: 0, win: 0, wscale: NO_WSCALE },
+        out_wscale: NO_WSCALE,
+        in_wscale: NO_WSCALE,
     };
 }
 
 /// One endpoint-independent mapping: inside `(in_addr, in_port, proto)` ↔ external `(egress[ip_idx], ext_port)`.
-/// Lives while at least one session uses it.
+/// Lives while at least one session uses it. 16 bytes.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Mapping {
     pub in_addr: u32,
@@ -234,22 +281,13 @@ pub(crate) struct Mapping {
     pub refs: u32,
     pub in_port: u16,
     pub ext_port: u16,
-    pub ip_idx: u16,
+    pub ip_idx: u8,
     pub proto: u8,
-    pub live: bool,
 }
 
 impl Mapping {
     pub const FREE: Mapping =
-        Mapping { in_addr: 0, refs: NONE, in_port: 0, ext_port: 0, ip_idx: 0, proto: 0, live: false };
-}
-
-/// Flows held by one inside source address (RFC 6888 REQ-4/5 per-source limit).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct SourceCount {
-    pub addr: u32,
-    /// Flows of this source; when free, the free-list link.
-    pub count: u32,
+        Mapping { in_addr: 0, refs: NONE, in_port: 0, ext_port: 0, ip_idx: 0, proto: 0 };
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -318,6 +356,19 @@ pub(crate) fn hash2(seed: (u64, u64), a: u64, b: u64) -> u32 {
     (x ^ (x >> 32)) as u32
 }
 
+/// A keyed bijection of a 32-bit address: equal hashes mean equal addresses, so an index keyed by it needs no
+/// slab to compare keys (the per-source flow counters store the count directly as the index value).
+#[inline]
+pub(crate) fn hash_addr(seed: u64, addr: u32) -> u32 {
+    // Each step (xor with a constant, multiply by an odd constant, xor-shift right) is invertible.
+    let mut x = addr ^ (seed as u32);
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b | 1);
+    x ^= x >> 16;
+    x ^ ((seed >> 32) as u32)
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // TCP tracking
 // ---------------------------------------------------------------------------------------------------------------
@@ -372,7 +423,7 @@ pub(crate) fn tcp_track(s: &mut Session, outbound: bool, seg: &Segment) -> TcpVe
     if seg.flags & F_RST != 0 {
         // RFC 5382 / RFC 793: an RST is valid only if its sequence number is in the receiver's window. When this
         // side has sent nothing yet (we are in SYN-SENT from the receiver's view), it must ACK the receiver's SYN.
-        let (snd, rcv) = if outbound { (&s.out, &s.inn) } else { (&s.inn, &s.out) };
+        let (snd, rcv) = if outbound { (s.out, s.inn) } else { (s.inn, s.out) };
         let valid = if s.tcp_flags & snd_seen != 0 {
             let win = if s.tcp_flags & rcv_seen != 0 { rcv.win.max(1) } else { u32::from(u16::MAX) };
             let d = seg.seq.wrapping_sub(snd.nxt) as i32 as i64;
@@ -395,16 +446,21 @@ pub(crate) fn tcp_track(s: &mut Session, outbound: bool, seg: &Segment) -> TcpVe
             s.tcp_flags = 0;
             s.out = Session::FREE.out;
             s.inn = Session::FREE.inn;
+            s.out_wscale = NO_WSCALE;
+            s.in_wscale = NO_WSCALE;
         }
         s.tcp_flags |= syn_bit;
+        if outbound {
+            s.out_wscale = seg.wscale;
+        } else {
+            s.in_wscale = seg.wscale;
+        }
     }
 
-    let both_scale = s.out.wscale != NO_WSCALE && s.inn.wscale != NO_WSCALE;
+    let both_scale = s.out_wscale != NO_WSCALE && s.in_wscale != NO_WSCALE;
     let first = s.tcp_flags & snd_seen == 0;
+    let snd_wscale = if outbound { s.out_wscale } else { s.in_wscale };
     let snd = if outbound { &mut s.out } else { &mut s.inn };
-    if seg.flags & F_SYN != 0 {
-        snd.wscale = seg.wscale;
-    }
     let end = seg
         .seq
         .wrapping_add(seg.payload)
@@ -414,7 +470,7 @@ pub(crate) fn tcp_track(s: &mut Session, outbound: bool, seg: &Segment) -> TcpVe
         snd.nxt = end;
     }
     // Windows in SYNs are never scaled (RFC 7323).
-    let shift = if seg.flags & F_SYN == 0 && both_scale { u32::from(snd.wscale.min(14)) } else { 0 };
+    let shift = if seg.flags & F_SYN == 0 && both_scale { u32::from(snd_wscale.min(14)) } else { 0 };
     let win = u32::from(seg.window) << shift;
     if first || win > snd.win {
         snd.win = win;
@@ -438,10 +494,12 @@ pub(crate) fn tcp_track(s: &mut Session, outbound: bool, seg: &Segment) -> TcpVe
 pub(crate) fn tcp_class(tcp_flags: u8) -> u8 {
     let closing =
         tcp_flags & TCP_RST != 0 || tcp_flags & (TCP_FIN_OUT | TCP_FIN_IN) == (TCP_FIN_OUT | TCP_FIN_IN);
-    if !closing && tcp_flags & TCP_ESTABLISHED != 0 {
+    if closing {
+        CLASS_TCP_TRANSITORY
+    } else if tcp_flags & TCP_ESTABLISHED != 0 {
         CLASS_TCP_ESTABLISHED
     } else {
-        CLASS_TCP_TRANSITORY
+        CLASS_TCP_SYN
     }
 }
 

@@ -11,8 +11,10 @@
 //! [`stats::DropReason`].
 #![deny(unsafe_code)]
 
+pub mod audit;
 pub mod conntrack;
 pub mod frames;
+pub mod handoff;
 pub mod nat;
 pub mod nexthop;
 pub mod pipeline;

@@ -1,1 +1,1369 @@
-//! SNAT to fixed egress IPs: egress pools per group, paired pooling, endpoint-independent port allocation split per worker, in-place translation both ways including ICMP errors. (Issue 5.)
+//! SNAT to fixed egress IPs with connection tracking: one [`Nat`] per worker, sans-IO.
+//!
+//! What it owns: the worker's flows ([`crate::conntrack`] slabs, indexes and LRU lists), its endpoint-independent
+//! mappings, its share of every egress IP's port space, and the in-place translation of IPv4 packets both ways
+//! (ICMP errors included) with incremental checksum updates (RFC 1624).
+//!
+//! What it promises: no allocation after [`Nat::new`], no panic on any input, every refusal is one
+//! [`DropReason`], and time only ever comes in as an argument.
+//!
+//! # Behaviour (REQUIREMENTS.md "NAT behaviour")
+//! - **Mapping**: endpoint-independent (RFC 4787 REQ-1, RFC 5382 REQ-1) for UDP, TCP and ICMP echo identifiers:
+//!   keyed by inside `(ip, port, proto)`, the same egress `ip:port` for every destination. Paired pooling (4787
+//!   REQ-2): the egress IP is `policy.egress_ip_for(group, src)`; an existing mapping keeps its IP.
+//! - **Ports**: no overloading (4787 REQ-3, 5382 REQ-7): an egress `ip:port:proto` has one owner at a time. Each
+//!   egress IP's two port ranges, 1–1023 and 1024–65535, are each split into `workers` contiguous slices, so the
+//!   worker owning a reply is [`reply_owner`]`(port)` — a function of the port alone. Port 0 is never allocated.
+//!   A worker allocates only in its slices: the original port is tried first when it lies in this worker's slice
+//!   of the right range; otherwise (or when taken) the next free port of the slice, found by a rotating cursor.
+//!   Source ports 1–1023 stay in 1–1023 (REQ-3a); ICMP echo identifiers always use the 1024–65535 range.
+//! - **Quarantine** (RFC 6888 REQ-8): a port freed when its last session expires is not reused for
+//!   `port_quarantine_secs` (default 120 s).
+//! - **Filtering**: address-dependent for UDP (4787 REQ-8): an inbound datagram is accepted from any port of a
+//!   remote address the inside endpoint has sent to, and creates a session that the policy judges on its next
+//!   outbound packet. TCP and ICMP echo are filtered address-and-port-dependently (5382 REQ-3 allows it): inbound
+//!   packets must match a session. Unsolicited inbound traffic creates nothing (`NoMapping`, 5382 REQ-4).
+//! - **Policy**: judged on the first packet of a flow (`evaluate_v4(src, dst, proto, dst_port)`; ICMP echo uses
+//!   port 0, as the policy defines for ICMP). The session records the policy generation; when it changes the next
+//!   outbound packet is judged again: still allowed → goes on; now denied → the session is removed and the packet
+//!   dropped with the deny reason. Dry-run denials forward and return [`Outbound::DryRunDenied`] on the first
+//!   packet. `l7` verdicts create no state ([`Outbound::L7`]).
+//! - **Timers** (5 classes, one LRU list each): UDP 300 s, ICMP 60 s, TCP established 7440 s, TCP transitory
+//!   (handshake, FIN both ways, RST) 240 s. Outbound packets refresh; inbound packets refresh too except RSTs and
+//!   ICMP errors, which never do (5382 REQ-9/10, 5508 REQ-6). Expiry is incremental: [`Nat::poll_expiry`] pops
+//!   expired heads within a budget.
+//! - **ICMP errors** (types 3, 11, 12) quoting a translated packet are translated both ways, outer and quoted
+//!   headers and all checksums, and never end or refresh the flow (5508 REQ-4/6). Inside hosts' errors about
+//!   inbound packets (e.g. port unreachable) are translated outbound the same way.
+//! - **Hairpinning** (4787 REQ-9): an outbound packet to one of our egress `ip:port` mappings is SNATed and then
+//!   goes through the inbound leg of the port's owner (here: [`Outbound::Hairpin`]; another worker:
+//!   [`Outbound::HairpinOtherWorker`], whose [`Nat::inbound_hairpin`] finishes it). Hairpinned traffic is
+//!   filtered endpoint-independently (both ends are ours) and the far side's session is a reply flow the policy
+//!   does not judge. From the wire, packets whose source is one of our egress IPs never create state
+//!   (anti-spoofing). ICMP echo is not hairpinned (the inbound leg only accepts echo replies).
+//! - **Limits**: `max_flows` sessions per worker (`ConntrackFull`), `max_flows_per_source` per inside address
+//!   (`SourceFlowLimit`, 6888 REQ-4/5), [`MAX_UDP_SESSIONS_PER_REMOTE_ADDR`] UDP sessions per mapping and remote
+//!   address (`SourceFlowLimit`), no free port (`OutOfPorts`). At most [`MAX_EGRESS_IPS`] distinct egress IPs per
+//!   worker; flows needing another one are dropped as `OutOfPorts`.
+//! - **Reload and egress IPs**: a mapping keeps its egress IP while that IP stays in its source's group, even if
+//!   paired pooling would now pick another (an added IP does not break running flows). When a reload removes the
+//!   IP from the group, each of its flows is dropped (`NoEgressIp`) on its next outbound packet, and the next new
+//!   flow of the inside endpoint retires the old mapping and gets a new one. Flows are re-judged on outbound
+//!   packets only (a receive-only UDP flow is not).
+
+use std::net::Ipv4Addr;
+
+use crate::conntrack::*;
+use crate::policy::{ip_proto, Decision, PolicySnapshot, Verdict};
+use crate::stats::DropReason;
+use crate::time::Instant;
+use crate::wire::checksum;
+
+#[cfg(test)]
+mod tests;
+
+/// Egress IPs one worker can translate to (their port tables are preallocated).
+pub const MAX_EGRESS_IPS: usize = 16;
+
+/// UDP sessions one mapping may hold towards one remote address (different remote ports). They share one hash in
+/// the inbound index (that is how address-dependent filtering finds them), so the cap bounds that probe run.
+/// Beyond it new sessions are refused as `SourceFlowLimit`.
+pub const MAX_UDP_SESSIONS_PER_REMOTE_ADDR: u32 = 128;
+
+/// Idle timeouts in seconds. `Default` is the RFC defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// RFC 4787 REQ-5: ≥ 120 s, 300 s recommended.
+    pub udp_secs: u32,
+    /// RFC 5382 REQ-5: ≥ 2 h 4 min.
+    pub tcp_established_secs: u32,
+    /// RFC 5382 REQ-5 / RFC 7857: 4 min for handshakes and closing connections.
+    pub tcp_transitory_secs: u32,
+    /// RFC 5508 REQ-2: ≥ 60 s.
+    pub icmp_secs: u32,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { udp_secs: 300, tcp_established_secs: 7440, tcp_transitory_secs: 240, icmp_secs: 60 }
+    }
+}
+
+/// One worker's NAT sizing and timers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatConfig {
+    /// Sessions (5-tuple flows) this worker holds at most.
+    pub max_flows: u32,
+    /// Sessions one inside address holds at most on this worker (RFC 6888 REQ-4/5).
+    pub max_flows_per_source: u32,
+    pub timeouts: Timeouts,
+    /// A freed egress port is not reused for this long (RFC 6888 REQ-8).
+    pub port_quarantine_secs: u32,
+    /// Number of workers sharing each egress IP's port space.
+    pub workers: u16,
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        NatConfig {
+            max_flows: 1 << 20,
+            max_flows_per_source: 16384,
+            timeouts: Timeouts::default(),
+            port_quarantine_secs: 120,
+            workers: 1,
+        }
+    }
+}
+
+/// Where an outbound packet goes after [`Nat::outbound`] translated it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outbound {
+    /// Send out of the outside interface.
+    Forward,
+    /// The destination was one of our egress `ip:port` mappings: translated both ways, send back inside.
+    Hairpin,
+    /// As `Hairpin`, but the destination port belongs to worker `n`: the source is translated; hand the packet to
+    /// worker `n`, whose [`Nat::inbound_hairpin`] translates the destination and returns `Forward` (send inside).
+    HairpinOtherWorker(u16),
+    /// The policy says `l7`: nothing was changed or created.
+    L7,
+    /// First packet of a flow the policy denies in dry run: translated and tracked like `Forward`; count it.
+    DryRunDenied,
+}
+
+/// Where an inbound packet goes after [`Nat::inbound`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// Translated: send out of the inside interface.
+    Forward,
+    /// The packet belongs to worker `n` (its port is in that worker's slice); nothing was changed.
+    OtherWorker(u16),
+}
+
+/// Ports in use on one egress IP by this worker, per protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EgressPorts {
+    pub ip: Ipv4Addr,
+    pub tcp: u32,
+    pub udp: u32,
+    pub icmp: u32,
+}
+
+impl EgressPorts {
+    const EMPTY: EgressPorts = EgressPorts { ip: Ipv4Addr::UNSPECIFIED, tcp: 0, udp: 0, icmp: 0 };
+}
+
+/// A snapshot of one worker's NAT gauges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatStats {
+    pub tcp_syn_sent: u32,
+    pub tcp_established: u32,
+    pub tcp_transitory: u32,
+    pub udp: u32,
+    pub icmp: u32,
+    pub mappings: u32,
+    /// Port allocations that found no free port (each also dropped a packet as `OutOfPorts`).
+    pub allocation_failures: u64,
+    egress: [EgressPorts; MAX_EGRESS_IPS],
+    egress_len: usize,
+}
+
+impl NatStats {
+    /// All sessions.
+    pub fn flows(&self) -> u32 {
+        self.tcp_syn_sent + self.tcp_established + self.tcp_transitory + self.udp + self.icmp
+    }
+
+    /// Ports in use per egress IP this worker has used.
+    pub fn egress_ports(&self) -> &[EgressPorts] {
+        &self.egress[..self.egress_len.min(MAX_EGRESS_IPS)]
+    }
+}
+
+const LOW_FIRST: u32 = 1;
+const LOW_LEN: u32 = 1023;
+const HIGH_FIRST: u32 = 1024;
+const HIGH_LEN: u32 = 65536 - 1024;
+
+/// The worker that owns egress `port` (of any egress IP and protocol) when `workers` share the port space: the
+/// ranges 1–1023 and 1024–65535 are each cut into `workers` contiguous slices. Port 0 → worker 0 (never
+/// allocated). Usable without a [`Nat`], e.g. to steer replies.
+#[inline]
+pub fn reply_owner(workers: u16, _egress_ip: Ipv4Addr, _proto: u8, port: u16) -> u16 {
+    port_owner(workers, port)
+}
+
+#[inline]
+fn port_owner(workers: u16, port: u16) -> u16 {
+    let w = u32::from(workers.max(1));
+    let p = u32::from(port);
+    if p == 0 {
+        0
+    } else if p < HIGH_FIRST {
+        ((p - LOW_FIRST) * w / LOW_LEN) as u16
+    } else {
+        ((p - HIGH_FIRST) * w / HIGH_LEN) as u16
+    }
+}
+
+/// `[first, end)` of `worker`'s slice of a range: the ports `p` with `(p - first) * workers / len == worker`.
+fn slice_of(first: u32, len: u32, workers: u16, worker: u16) -> (u32, u32) {
+    let w = u32::from(workers.max(1));
+    let k = u32::from(worker);
+    let start = (k * len).div_ceil(w);
+    let end = ((k + 1) * len).div_ceil(w);
+    (first + start.min(len), first + end.min(len))
+}
+
+/// Port slot values: `IN_USE | mapping` while held; otherwise the second from which the port may be allocated
+/// again (0 = never used).
+const IN_USE: u32 = 1 << 31;
+
+/// Protocol classes of the port tables.
+const PC_TCP: usize = 0;
+const PC_UDP: usize = 1;
+const PC_ICMP: usize = 2;
+const PCS: usize = 3;
+
+#[inline]
+fn proto_class(proto: u8) -> usize {
+    match proto {
+        ip_proto::TCP => PC_TCP,
+        ip_proto::UDP => PC_UDP,
+        _ => PC_ICMP,
+    }
+}
+
+/// One NAT engine per worker. See the module docs.
+pub struct Nat {
+    worker: u16,
+    workers: u16,
+    timeouts: [u32; CLASSES],
+    quarantine: u32,
+    max_flows: u32,
+    per_source: u32,
+    seed: (u64, u64),
+
+    sessions: Box<[Session]>,
+    free_session: u32,
+    session_count: u32,
+    /// Inside 5-tuple → session.
+    out_idx: Index,
+    /// External 5-tuple → session (UDP: hashed without the remote port, for address-dependent filtering).
+    in_idx: Index,
+    lru: [Lru; CLASSES],
+
+    mappings: Box<[Mapping]>,
+    free_mapping: u32,
+    mapping_count: u32,
+    /// Inside `(ip, port, proto)` → mapping.
+    map_idx: Index,
+    /// Inside address → flows it holds (the value is the count; the hash is a bijection of the address).
+    sources: Index,
+
+    egress: [u32; MAX_EGRESS_IPS],
+    egress_len: usize,
+    /// Policy generation whose egress IPs were last added to `egress`.
+    egress_generation: Option<u64>,
+    /// `[ip][proto class][port offset]` slot values; offsets 0.. are the low slice, then the high slice.
+    ports: Box<[u32]>,
+    low: (u32, u32),
+    high: (u32, u32),
+    per_table: usize,
+    in_use: [[u32; PCS]; MAX_EGRESS_IPS],
+    /// Next port offset to try, per `[ip][proto class][low/high]`.
+    cursor: [[[u32; 2]; PCS]; MAX_EGRESS_IPS],
+    allocation_failures: u64,
+    /// The policy's answer the last time `outbound` consulted it (see [`Nat::take_decision`]).
+    last_decision: Option<Decision>,
+}
+
+/// Layer-4 fields of a parsed packet.
+#[derive(Clone, Copy, Debug)]
+struct L4 {
+    proto: u8,
+    ihl: usize,
+    src: u32,
+    dst: u32,
+    /// TCP/UDP source port or ICMP echo identifier.
+    sport: u16,
+    /// TCP/UDP destination port; 0 for ICMP.
+    dport: u16,
+    seg: Segment,
+}
+
+/// Where an ICMP error's quoted packet is and what it says.
+#[derive(Clone, Copy, Debug)]
+struct Quote {
+    /// Offset of the quoted IP header in the packet, and its length.
+    q: usize,
+    qihl: usize,
+    proto: u8,
+    src: u32,
+    dst: u32,
+    /// Ports (identifier in `sport` for a quoted echo).
+    sport: u16,
+    dport: u16,
+}
+
+/// Packet kinds `parse` recognises.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Flow,
+    IcmpError,
+}
+
+#[inline]
+fn rd16(p: &[u8], o: usize) -> u16 {
+    match p.get(o..o + 2) {
+        Some(b) => u16::from_be_bytes([b[0], b[1]]),
+        None => 0,
+    }
+}
+
+#[inline]
+fn rd32(p: &[u8], o: usize) -> u32 {
+    match p.get(o..o + 4) {
+        Some(b) => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+        None => 0,
+    }
+}
+
+#[inline]
+fn wr16(p: &mut [u8], o: usize, v: u16) {
+    if let Some(b) = p.get_mut(o..o + 2) {
+        b.copy_from_slice(&v.to_be_bytes());
+    }
+}
+
+#[inline]
+fn wr32(p: &mut [u8], o: usize, v: u32) {
+    if let Some(b) = p.get_mut(o..o + 4) {
+        b.copy_from_slice(&v.to_be_bytes());
+    }
+}
+
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAM_PROBLEM: u8 = 12;
+
+/// Parses the IPv4 + L4 headers the NAT needs. `outbound` selects which ICMP echo type is a flow packet.
+#[inline]
+fn parse(pkt: &[u8], outbound: bool) -> Result<(L4, Kind), DropReason> {
+    if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+        return Err(DropReason::BadIpHeader);
+    }
+    let ihl = usize::from(pkt[0] & 0x0f) * 4;
+    if ihl < 20 || ihl > pkt.len() {
+        return Err(DropReason::BadIpHeader);
+    }
+    let proto = pkt[9];
+    let src = rd32(pkt, 12);
+    let dst = rd32(pkt, 16);
+    let l4 = &pkt[ihl..];
+    let mut seg = Segment { seq: 0, ack: 0, flags: 0, window: 0, payload: 0, wscale: NO_WSCALE };
+    let (sport, dport, kind) = match proto {
+        ip_proto::TCP => {
+            if l4.len() < 20 {
+                return Err(DropReason::Truncated);
+            }
+            let doff = usize::from(l4[12] >> 4) * 4;
+            if doff < 20 || doff > l4.len() {
+                return Err(DropReason::BadL4Header);
+            }
+            seg.seq = rd32(l4, 4);
+            seg.ack = rd32(l4, 8);
+            seg.flags = l4[13];
+            seg.window = rd16(l4, 14);
+            seg.payload = (l4.len() - doff) as u32;
+            if seg.flags & F_SYN != 0 {
+                seg.wscale = wscale_option(&l4[20..doff]);
+            }
+            (rd16(l4, 0), rd16(l4, 2), Kind::Flow)
+        }
+        ip_proto::UDP => {
+            if l4.len() < 8 {
+                return Err(DropReason::Truncated);
+            }
+            (rd16(l4, 0), rd16(l4, 2), Kind::Flow)
+        }
+        ip_proto::ICMP => {
+            if l4.len() < 8 {
+                return Err(DropReason::Truncated);
+            }
+            let echo = if outbound { ICMP_ECHO_REQUEST } else { ICMP_ECHO_REPLY };
+            match l4[0] {
+                t if t == echo => (rd16(l4, 4), 0, Kind::Flow),
+                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM => (0, 0, Kind::IcmpError),
+                ICMP_ECHO_REQUEST => return Err(DropReason::NoMapping),
+                _ => return Err(DropReason::UnsupportedIcmp),
+            }
+        }
+        _ => return Err(DropReason::UnsupportedProtocol),
+    };
+    Ok((L4 { proto, ihl, src, dst, sport, dport, seg }, kind))
+}
+
+/// The window scale option of a SYN (RFC 7323), or `NO_WSCALE`.
+fn wscale_option(mut opts: &[u8]) -> u8 {
+    while let Some(&kind) = opts.first() {
+        match kind {
+            0 => break,
+            1 => opts = &opts[1..],
+            _ => {
+                let len = usize::from(opts.get(1).copied().unwrap_or(0));
+                if len < 2 || len > opts.len() {
+                    break;
+                }
+                if kind == 3 && len == 3 {
+                    return opts[2].min(14);
+                }
+                opts = &opts[len..];
+            }
+        }
+    }
+    NO_WSCALE
+}
+
+/// Offset of the L4 checksum and of the port/identifier rewritten for each protocol; whether the checksum covers
+/// the IP pseudo header.
+#[inline]
+fn l4_layout(proto: u8) -> (usize, bool) {
+    match proto {
+        ip_proto::TCP => (16, true),
+        ip_proto::UDP => (6, true),
+        _ => (2, false),
+    }
+}
+
+/// Rewrites an address (at `addr_off`: 12 source, 16 destination) and a port/identifier (at `ihl + port_off`)
+/// with incremental updates of the IPv4 header checksum and the L4 checksum (RFC 1624). UDP checksum 0 stays 0
+/// (RFC 768). A checksum beyond the end of `pkt` is left alone.
+#[inline]
+fn rewrite(
+    pkt: &mut [u8],
+    ihl: usize,
+    proto: u8,
+    addr_off: usize,
+    new_addr: u32,
+    port_off: usize,
+    new_port: u16,
+) {
+    let old_addr = rd32(pkt, addr_off);
+    if old_addr != new_addr {
+        wr32(pkt, addr_off, new_addr);
+        let c = rd16(pkt, 10);
+        wr16(pkt, 10, checksum::update32(c, old_addr, new_addr));
+    }
+    let (ck_off, pseudo) = l4_layout(proto);
+    let ck = ihl + ck_off;
+    let po = ihl + port_off;
+    let old_port = rd16(pkt, po);
+    wr16(pkt, po, new_port);
+    if ck + 2 > pkt.len() {
+        return;
+    }
+    let c = rd16(pkt, ck);
+    if proto == ip_proto::UDP && c == 0 {
+        // RFC 768: no checksum stays no checksum.
+        return;
+    }
+    // RFC 1624 eqn. 3 with every changed word summed before one fold: HC' = ~(~HC + Σ~m + Σm').
+    let mut acc = u32::from(!c) + u32::from(!old_port) + u32::from(new_port);
+    if pseudo {
+        acc += u32::from(!((old_addr >> 16) as u16))
+            + u32::from(!(old_addr as u16))
+            + (new_addr >> 16)
+            + (new_addr & 0xffff);
+    }
+    let mut new = checksum::finish(acc);
+    if proto == ip_proto::UDP && new == 0 {
+        new = 0xffff;
+    }
+    wr16(pkt, ck, new);
+}
+
+/// Writes a 16-bit word of an ICMP message and keeps the ICMP checksum (at `icmp + 2`) valid.
+#[inline]
+fn icmp_wr16(pkt: &mut [u8], icmp: usize, off: usize, new: u16) {
+    let old = rd16(pkt, off);
+    if old == new || off + 2 > pkt.len() {
+        return;
+    }
+    wr16(pkt, off, new);
+    let c = rd16(pkt, icmp + 2);
+    wr16(pkt, icmp + 2, checksum::update16(c, old, new));
+}
+
+#[inline]
+fn secs(now: Instant) -> u32 {
+    (now.as_nanos() / 1_000_000_000).min(u64::from(u32::MAX >> 1)) as u32
+}
+
+#[inline]
+fn low_gen(g: u64) -> u32 {
+    g as u32
+}
+
+impl Nat {
+    /// A worker's engine; allocates every table (sized from `config.max_flows`) here and never again.
+    pub fn new(config: &NatConfig, worker: u16) -> Nat {
+        let workers = config.workers.max(1);
+        let worker = worker.min(workers - 1);
+        let max_flows = config.max_flows.clamp(1, IN_USE - 2);
+        let n = max_flows as usize;
+        let t = &config.timeouts;
+        let mut timeouts = [0u32; CLASSES];
+        timeouts[CLASS_UDP as usize] = t.udp_secs;
+        timeouts[CLASS_ICMP as usize] = t.icmp_secs;
+        timeouts[CLASS_TCP_TRANSITORY as usize] = t.tcp_transitory_secs;
+        timeouts[CLASS_TCP_ESTABLISHED as usize] = t.tcp_established_secs;
+        timeouts[CLASS_TCP_SYN as usize] = t.tcp_transitory_secs;
+
+        let mut sessions = vec![Session::FREE; n].into_boxed_slice();
+        for (i, s) in sessions.iter_mut().enumerate() {
+            s.next = if i + 1 < n { i as u32 + 1 } else { NONE };
+        }
+        let mut mappings = vec![Mapping::FREE; n].into_boxed_slice();
+        for (i, m) in mappings.iter_mut().enumerate() {
+            m.refs = if i + 1 < n { i as u32 + 1 } else { NONE };
+        }
+        let low = slice_of(LOW_FIRST, LOW_LEN, workers, worker);
+        let high = slice_of(HIGH_FIRST, HIGH_LEN, workers, worker);
+        let per_table = ((low.1 - low.0) + (high.1 - high.0)) as usize;
+        let seed = {
+            use std::hash::BuildHasher;
+            let rs = std::collections::hash_map::RandomState::new();
+            (rs.hash_one(0x5eed_u64), rs.hash_one(0xfeed_u64))
+        };
+        Nat {
+            worker,
+            workers,
+            timeouts,
+            quarantine: config.port_quarantine_secs,
+            max_flows,
+            per_source: config.max_flows_per_source.max(1),
+            seed,
+            sessions,
+            free_session: 0,
+            session_count: 0,
+            out_idx: Index::with_capacity(n),
+            in_idx: Index::with_capacity(n),
+            lru: [Lru::EMPTY; CLASSES],
+            mappings,
+            free_mapping: 0,
+            mapping_count: 0,
+            map_idx: Index::with_capacity(n),
+            sources: Index::with_capacity(n),
+            egress: [0; MAX_EGRESS_IPS],
+            egress_len: 0,
+            egress_generation: None,
+            ports: vec![0u32; per_table * PCS * MAX_EGRESS_IPS].into_boxed_slice(),
+            low,
+            high,
+            per_table,
+            in_use: [[0; PCS]; MAX_EGRESS_IPS],
+            cursor: [[[0; 2]; PCS]; MAX_EGRESS_IPS],
+            allocation_failures: 0,
+            last_decision: None,
+        }
+    }
+
+    /// The worker that owns `port` (see [`reply_owner`]).
+    pub fn reply_owner(&self, egress_ip: Ipv4Addr, proto: u8, port: u16) -> u16 {
+        reply_owner(self.workers, egress_ip, proto, port)
+    }
+
+    /// Heap bytes held by this engine (all allocated in `new`).
+    pub fn bytes_allocated(&self) -> usize {
+        std::mem::size_of_val(&*self.sessions)
+            + std::mem::size_of_val(&*self.mappings)
+            + std::mem::size_of_val(&*self.ports)
+            + self.out_idx.bytes()
+            + self.in_idx.bytes()
+            + self.map_idx.bytes()
+            + self.sources.bytes()
+    }
+
+    pub fn stats(&self) -> NatStats {
+        let mut egress = [EgressPorts::EMPTY; MAX_EGRESS_IPS];
+        for (i, e) in egress.iter_mut().enumerate().take(self.egress_len) {
+            *e = EgressPorts {
+                ip: Ipv4Addr::from(self.egress[i]),
+                tcp: self.in_use[i][PC_TCP],
+                udp: self.in_use[i][PC_UDP],
+                icmp: self.in_use[i][PC_ICMP],
+            };
+        }
+        NatStats {
+            tcp_syn_sent: self.lru[CLASS_TCP_SYN as usize].len,
+            tcp_established: self.lru[CLASS_TCP_ESTABLISHED as usize].len,
+            tcp_transitory: self.lru[CLASS_TCP_TRANSITORY as usize].len,
+            udp: self.lru[CLASS_UDP as usize].len,
+            icmp: self.lru[CLASS_ICMP as usize].len,
+            mappings: self.mapping_count,
+            allocation_failures: self.allocation_failures,
+            egress,
+            egress_len: self.egress_len,
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------------------------
+    // Hashing and lookups
+    // -----------------------------------------------------------------------------------------------------------
+
+    #[inline]
+    fn out_hash(&self, in_addr: u32, in_port: u16, remote: u32, remote_port: u16, proto: u8) -> u32 {
+        hash2(
+            self.seed,
+            (u64::from(in_addr) << 32) | u64::from(remote),
+            (u64::from(in_port) << 32) | (u64::from(remote_port) << 16) | u64::from(proto),
+        )
+    }
+
+    /// UDP sessions hash without the remote port, so one probe sequence finds both the exact session and any
+    /// session of the same mapping with the same remote address (address-dependent filtering, RFC 4787 REQ-8).
+    #[inline]
+    fn in_hash(&self, ip_idx: u8, ext_port: u16, remote: u32, remote_port: u16, proto: u8) -> u32 {
+        let rp = if proto == ip_proto::UDP { 0 } else { remote_port };
+        hash2(
+            (self.seed.1, self.seed.0),
+            (u64::from(ip_idx) << 32) | u64::from(remote),
+            (u64::from(ext_port) << 32) | (u64::from(rp) << 16) | u64::from(proto),
+        )
+    }
+
+    #[inline]
+    fn map_hash(&self, in_addr: u32, in_port: u16, proto: u8) -> u32 {
+        hash2(self.seed, u64::from(in_addr), (u64::from(in_port) << 8) | u64::from(proto) | (1 << 40))
+    }
+
+    #[inline]
+    fn find_out(&self, in_addr: u32, in_port: u16, remote: u32, remote_port: u16, proto: u8) -> Option<u32> {
+        let h = self.out_hash(in_addr, in_port, remote, remote_port, proto);
+        let sessions = &self.sessions;
+        self.out_idx.find(h, |v| {
+            sessions.get(v as usize).is_some_and(|s| {
+                s.in_addr == in_addr
+                    && s.remote_addr == remote
+                    && s.in_port == in_port
+                    && s.remote_port == remote_port
+                    && s.proto == proto
+            })
+        })
+    }
+
+    /// The session of an external 5-tuple, and (UDP) a session of the same mapping and remote address with
+    /// another remote port (a "sibling") and how many such siblings were passed (all of them on a miss).
+    #[inline]
+    fn find_in(
+        &self,
+        ip_idx: u8,
+        ext_port: u16,
+        remote: u32,
+        remote_port: u16,
+        proto: u8,
+    ) -> (Option<u32>, u32, u32) {
+        let h = self.in_hash(ip_idx, ext_port, remote, remote_port, proto);
+        let sessions = &self.sessions;
+        let mut sibling = NONE;
+        let mut siblings = 0;
+        let exact = self.in_idx.find(h, |v| {
+            sessions.get(v as usize).is_some_and(|s| {
+                let same = s.ip_idx == ip_idx
+                    && s.ext_port == ext_port
+                    && s.remote_addr == remote
+                    && s.proto == proto;
+                if same && s.remote_port != remote_port {
+                    sibling = v;
+                    siblings += 1;
+                }
+                same && s.remote_port == remote_port
+            })
+        });
+        (exact, sibling, siblings)
+    }
+
+    #[inline]
+    fn find_mapping(&self, in_addr: u32, in_port: u16, proto: u8) -> Option<u32> {
+        let h = self.map_hash(in_addr, in_port, proto);
+        let mappings = &self.mappings;
+        self.map_idx.find(h, |v| {
+            mappings
+                .get(v as usize)
+                .is_some_and(|m| m.in_addr == in_addr && m.in_port == in_port && m.proto == proto)
+        })
+    }
+
+    #[inline]
+    fn egress_index(&self, addr: u32) -> Option<u8> {
+        self.egress[..self.egress_len].iter().position(|&a| a == addr).map(|i| i as u8)
+    }
+
+    /// The policy decision the last [`Nat::outbound`] call acted on, if it consulted the policy (a new flow, a
+    /// flow judged again after a reload, or a flow that keeps no state: denied or `l7`). For counters and audit.
+    pub fn take_decision(&mut self) -> Option<Decision> {
+        self.last_decision.take()
+    }
+
+    /// Learns the egress IPs of a new policy snapshot before any packet needs them: a worker that only ever sees
+    /// replies (RSS put the outbound flows on another queue) must still recognise its egress IPs. Cheap when the
+    /// generation is unchanged; the pipeline calls it once per batch.
+    pub fn sync_policy(&mut self, policy: &PolicySnapshot) {
+        self.sync_egress(policy);
+    }
+
+    /// Whether egress IP `ip_idx` is still one of `group`'s egress IPs.
+    fn egress_listed(&self, policy: &PolicySnapshot, group: crate::policy::GroupId, ip_idx: u8) -> bool {
+        let ip = Ipv4Addr::from(self.egress[usize::from(ip_idx)]);
+        policy.egress_ips(group).contains(&ip)
+    }
+
+    /// Adds the policy's egress IPs to this worker's table (once per policy generation). The table never
+    /// shrinks: mappings on a removed IP keep working until they expire.
+    fn sync_egress(&mut self, policy: &PolicySnapshot) {
+        if self.egress_generation == Some(policy.generation()) {
+            return;
+        }
+        self.egress_generation = Some(policy.generation());
+        for g in 0..policy.group_count() {
+            for ip in policy.egress_ips(crate::policy::GroupId(g as u32)) {
+                let a = u32::from(*ip);
+                if self.egress_index(a).is_none() && self.egress_len < MAX_EGRESS_IPS {
+                    self.egress[self.egress_len] = a;
+                    self.egress_len += 1;
+                }
+            }
+        }
+    }
+
+    /// The port table slot of `(ip, proto class, port)` if `port` is in this worker's slices.
+    #[inline]
+    fn port_slot(&self, ip_idx: u8, pc: usize, port: u16) -> Option<usize> {
+        let p = u32::from(port);
+        let off = if p >= self.low.0 && p < self.low.1 {
+            p - self.low.0
+        } else if p >= self.high.0 && p < self.high.1 {
+            (self.low.1 - self.low.0) + (p - self.high.0)
+        } else {
+            return None;
+        };
+        Some((usize::from(ip_idx) * PCS + pc) * self.per_table + off as usize)
+    }
+
+    /// The mapping holding external `(ip, port, proto)`, if this worker holds it.
+    #[inline]
+    fn mapping_at(&self, ip_idx: u8, proto: u8, port: u16) -> Option<u32> {
+        let slot = self.port_slot(ip_idx, proto_class(proto), port)?;
+        let v = *self.ports.get(slot)?;
+        (v & IN_USE != 0).then_some(v & !IN_USE)
+    }
+
+    // -----------------------------------------------------------------------------------------------------------
+    // Allocation
+    // -----------------------------------------------------------------------------------------------------------
+
+    /// RFC 4787 REQ-3 / 5382 REQ-7 (no overloading), REQ-3a (1–1023 stays in 1–1023), original port first,
+    /// RFC 6888 REQ-8 (quarantine): a free external port for `orig` on `ip_idx`, marked as held by `mapping`.
+    fn alloc_port(&mut self, ip_idx: u8, proto: u8, orig: u16, mapping: u32, now_s: u32) -> Option<u16> {
+        let pc = proto_class(proto);
+        let low = proto != ip_proto::ICMP && orig != 0 && u32::from(orig) < HIGH_FIRST;
+        let (first, end) = if low { self.low } else { self.high };
+        let len = end - first;
+        if len == 0 {
+            return None;
+        }
+        let base_off = if low { 0 } else { self.low.1 - self.low.0 };
+        let table = (usize::from(ip_idx) * PCS + pc) * self.per_table;
+        let ports = &mut self.ports;
+        let mut take = |off: u32| -> bool {
+            let i = table + (base_off + off) as usize;
+            match ports.get_mut(i) {
+                Some(v) if *v & IN_USE == 0 && *v <= now_s => {
+                    *v = IN_USE | mapping;
+                    true
+                }
+                _ => false,
+            }
+        };
+        let o = u32::from(orig);
+        let port = if o >= first && o < end && take(o - first) {
+            Some(orig)
+        } else {
+            let cur = &mut self.cursor[usize::from(ip_idx)][pc][usize::from(!low)];
+            let mut found = None;
+            for k in 0..len {
+                let off = (*cur + k) % len;
+                if take(off) {
+                    *cur = (off + 1) % len;
+                    found = Some((first + off) as u16);
+                    break;
+                }
+            }
+            found
+        };
+        if port.is_some() {
+            self.in_use[usize::from(ip_idx)][pc] += 1;
+        }
+        port
+    }
+
+    fn free_port(&mut self, ip_idx: u8, proto: u8, port: u16, now_s: u32) {
+        let pc = proto_class(proto);
+        if let Some(slot) = self.port_slot(ip_idx, pc, port) {
+            if let Some(v) = self.ports.get_mut(slot) {
+                // RFC 6888 REQ-8: not reusable before the quarantine has passed.
+                *v = now_s.saturating_add(self.quarantine).min(IN_USE - 1);
+                let u = &mut self.in_use[usize::from(ip_idx)][pc];
+                *u = u.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Flows held by `addr`, and the position of its counter.
+    #[inline]
+    fn source_count(&self, addr: u32) -> (u32, Option<usize>) {
+        let h = hash_addr(self.seed.0, addr);
+        match self.sources.find_pos(h, |_| true) {
+            Some(pos) => (self.sources.value_at(pos), Some(pos)),
+            None => (0, None),
+        }
+    }
+
+    fn source_add(&mut self, addr: u32, delta: i32) {
+        let h = hash_addr(self.seed.0, addr);
+        match self.sources.find_pos(h, |_| true) {
+            Some(pos) => {
+                let c = self.sources.value_at(pos).saturating_add_signed(delta);
+                if c == 0 {
+                    self.sources.remove_at(pos);
+                } else {
+                    self.sources.set_value_at(pos, c);
+                }
+            }
+            None => {
+                if delta > 0 {
+                    self.sources.insert(h, delta as u32);
+                }
+            }
+        }
+    }
+
+    /// Checks the flow limits for a new session of inside address `addr`.
+    #[inline]
+    fn check_limits(&self, addr: u32) -> Result<(), DropReason> {
+        if self.session_count >= self.max_flows || self.free_session == NONE {
+            return Err(DropReason::ConntrackFull);
+        }
+        if self.source_count(addr).0 >= self.per_source {
+            return Err(DropReason::SourceFlowLimit);
+        }
+        Ok(())
+    }
+
+    /// The mapping for inside `(addr, port, proto)`, created on `ip_idx` if absent.
+    fn get_or_create_mapping(
+        &mut self,
+        in_addr: u32,
+        in_port: u16,
+        proto: u8,
+        ip_idx: u8,
+        now_s: u32,
+    ) -> Result<u32, DropReason> {
+        if let Some(m) = self.find_mapping(in_addr, in_port, proto) {
+            return Ok(m);
+        }
+        let mid = self.free_mapping;
+        if mid == NONE {
+            return Err(DropReason::ConntrackFull);
+        }
+        let Some(ext_port) = self.alloc_port(ip_idx, proto, in_port, mid, now_s) else {
+            self.allocation_failures += 1;
+            return Err(DropReason::OutOfPorts);
+        };
+        let next_free = self.mappings[mid as usize].refs;
+        self.free_mapping = next_free;
+        self.mappings[mid as usize] = Mapping { in_addr, refs: 0, in_port, ext_port, ip_idx, proto };
+        self.mapping_count += 1;
+        let h = self.map_hash(in_addr, in_port, proto);
+        self.map_idx.insert(h, mid);
+        Ok(mid)
+    }
+
+    /// Creates a session on mapping `mid` towards `(remote, remote_port)`. Limits are checked by the caller.
+    fn create_session(
+        &mut self,
+        mid: u32,
+        remote: u32,
+        remote_port: u16,
+        now_s: u32,
+        flags: u8,
+        generation: u32,
+    ) -> u32 {
+        let sid = self.free_session;
+        let m = self.mappings[mid as usize];
+        let next_free = self.sessions[sid as usize].next;
+        self.free_session = next_free;
+        self.session_count += 1;
+        let class = match m.proto {
+            ip_proto::TCP => CLASS_TCP_SYN,
+            ip_proto::UDP => CLASS_UDP,
+            _ => CLASS_ICMP,
+        };
+        self.sessions[sid as usize] = Session {
+            in_addr: m.in_addr,
+            remote_addr: remote,
+            in_port: m.in_port,
+            remote_port,
+            ext_port: m.ext_port,
+            ip_idx: m.ip_idx,
+            proto: m.proto,
+            class,
+            flags,
+            last_seen: now_s,
+            generation,
+            ..Session::FREE
+        };
+        self.mappings[mid as usize].refs += 1;
+        let ho = self.out_hash(m.in_addr, m.in_port, remote, remote_port, m.proto);
+        self.out_idx.insert(ho, sid);
+        let hi = self.in_hash(m.ip_idx, m.ext_port, remote, remote_port, m.proto);
+        self.in_idx.insert(hi, sid);
+        lru_push(&mut self.sessions, &mut self.lru[usize::from(class)], sid);
+        self.source_add(m.in_addr, 1);
+        sid
+    }
+
+    /// Removes a session; frees its mapping (port into quarantine) when it was the last user.
+    fn remove_session(&mut self, sid: u32, now_s: u32) {
+        let Some(&s) = self.sessions.get(sid as usize) else { return };
+        if s.class == CLASS_FREE {
+            return;
+        }
+        lru_unlink(&mut self.sessions, &mut self.lru[usize::from(s.class)], sid);
+        let ho = self.out_hash(s.in_addr, s.in_port, s.remote_addr, s.remote_port, s.proto);
+        self.out_idx.remove(ho, sid);
+        let hi = self.in_hash(s.ip_idx, s.ext_port, s.remote_addr, s.remote_port, s.proto);
+        self.in_idx.remove(hi, sid);
+        self.source_add(s.in_addr, -1);
+        self.sessions[sid as usize] = Session { next: self.free_session, ..Session::FREE };
+        self.free_session = sid;
+        self.session_count -= 1;
+        // The port table names the mapping exactly (even a retired one no longer in the inside-endpoint index).
+        let mid = self.mapping_at(s.ip_idx, s.proto, s.ext_port).filter(|&mid| {
+            self.mappings.get(mid as usize).is_some_and(|m| m.in_addr == s.in_addr && m.in_port == s.in_port)
+        });
+        if let Some(mid) = mid {
+            let m = &mut self.mappings[mid as usize];
+            m.refs = m.refs.saturating_sub(1);
+            if m.refs == 0 {
+                let m = *m;
+                let h = self.map_hash(m.in_addr, m.in_port, m.proto);
+                self.map_idx.remove(h, mid);
+                self.free_port(m.ip_idx, m.proto, m.ext_port, now_s);
+                self.mappings[mid as usize] = Mapping { refs: self.free_mapping, ..Mapping::FREE };
+                self.free_mapping = mid;
+                self.mapping_count -= 1;
+            }
+        }
+    }
+
+    /// Moves a session to the tail of its class's list with `last_seen = now_s` (a refresh), or to a new class.
+    #[inline]
+    fn touch(&mut self, sid: u32, class: u8, now_s: u32) {
+        let Some(s) = self.sessions.get(sid as usize) else { return };
+        if s.class == class && s.last_seen == now_s {
+            return;
+        }
+        let old = usize::from(s.class);
+        lru_unlink(&mut self.sessions, &mut self.lru[old], sid);
+        if let Some(s) = self.sessions.get_mut(sid as usize) {
+            s.class = class;
+            s.last_seen = now_s;
+        }
+        lru_push(&mut self.sessions, &mut self.lru[usize::from(class)], sid);
+    }
+
+    /// Expires at most `budget` idle sessions (their mappings go when their last session goes). Returns how many
+    /// sessions were removed. No sweep: each class's list is in expiry order, so only expired heads are visited.
+    pub fn poll_expiry(&mut self, now: Instant, budget: usize) -> usize {
+        let now_s = secs(now);
+        let mut removed = 0;
+        for class in 0..CLASSES {
+            while removed < budget {
+                let head = self.lru[class].head;
+                let Some(s) = self.sessions.get(head as usize) else { break };
+                if now_s < s.last_seen.saturating_add(self.timeouts[class]) {
+                    break;
+                }
+                self.remove_session(head, now_s);
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    // -----------------------------------------------------------------------------------------------------------
+    // Outbound
+    // -----------------------------------------------------------------------------------------------------------
+
+    /// Inside → outside. `packet` is the IPv4 packet (header through total length), already validated by the
+    /// pipeline (version, IHL, lengths, header checksum, not a fragment). Rewrites the source (and for hairpin the
+    /// destination) in place.
+    pub fn outbound(
+        &mut self,
+        now: Instant,
+        packet: &mut [u8],
+        policy: &PolicySnapshot,
+    ) -> Result<Outbound, DropReason> {
+        self.sync_egress(policy);
+        let (l4, kind) = parse(packet, true)?;
+        if kind == Kind::IcmpError {
+            return self.outbound_icmp_error(packet, &l4);
+        }
+        let now_s = secs(now);
+        let tcp = l4.proto == ip_proto::TCP;
+        // RFC 5382 / REQUIREMENTS: invalid flag combinations (SYN+FIN, SYN+RST, NULL) create no state and are
+        // never forwarded.
+        if tcp && tcp_flags_invalid(l4.seg.flags) {
+            return Err(DropReason::InvalidTcpFlags);
+        }
+        let gen = low_gen(policy.generation());
+        let mut result = Outbound::Forward;
+        let sid = match self.find_out(l4.src, l4.sport, l4.dst, l4.dport, l4.proto) {
+            Some(sid) => {
+                let s = self.sessions[sid as usize];
+                if s.flags & SESSION_HAIRPIN_PEER == 0
+                    && (s.generation != gen || s.flags & SESSION_UNJUDGED != 0)
+                {
+                    // Reload: the flow is judged again on its next packet.
+                    let d = policy.evaluate_v4(
+                        Ipv4Addr::from(l4.src),
+                        Ipv4Addr::from(l4.dst),
+                        l4.proto,
+                        l4.dport,
+                    );
+                    self.last_decision = Some(d);
+                    let denied = match d.verdict {
+                        Verdict::Allow => None,
+                        Verdict::L7 => Some(DropReason::L7Unavailable),
+                        Verdict::Deny(r) if !d.dry_run => Some(r.drop_reason()),
+                        Verdict::Deny(_) => None,
+                    };
+                    // Its egress IP was taken away from its group: the flow cannot go on from it.
+                    let ip_gone = d.group.is_some_and(|g| !self.egress_listed(policy, g, s.ip_idx));
+                    let denied = denied.or(ip_gone.then_some(DropReason::NoEgressIp));
+                    if let Some(reason) = denied {
+                        self.remove_session(sid, now_s);
+                        return Err(reason);
+                    }
+                    let s = &mut self.sessions[sid as usize];
+                    s.generation = gen;
+                    s.flags &= !SESSION_UNJUDGED;
+                }
+                sid
+            }
+            None => {
+                // A miss in a big table costs a few cache misses (mapping index, source counter, then the
+                // inbound index). Load their first slots now so they overlap with each other and with the
+                // policy lookup instead of coming one after the other.
+                let early = self.map_idx.peek(self.map_hash(l4.src, l4.sport, l4.proto))
+                    ^ self.sources.peek(hash_addr(self.seed.0, l4.src));
+                std::hint::black_box(early);
+                // The policy first: every packet of an `l7` flow (not only its SYN) goes to the L7 path, which
+                // keeps no state here.
+                let d =
+                    policy.evaluate_v4(Ipv4Addr::from(l4.src), Ipv4Addr::from(l4.dst), l4.proto, l4.dport);
+                self.last_decision = Some(d);
+                match d.verdict {
+                    Verdict::Allow => {}
+                    Verdict::L7 => return Ok(Outbound::L7),
+                    Verdict::Deny(r) if !d.dry_run => return Err(r.drop_reason()),
+                    Verdict::Deny(_) => result = Outbound::DryRunDenied,
+                }
+                // RFC 5382: a TCP flow starts with a SYN (a bare SYN; SYN+ACK with no state is not a new flow).
+                if tcp && l4.seg.flags & (F_SYN | F_ACK) != F_SYN {
+                    return Err(DropReason::TcpNotSyn);
+                }
+                // RFC 4787 REQ-2: paired pooling.
+                let egress = d.group.and_then(|g| policy.egress_ip_for(g, Ipv4Addr::from(l4.src)));
+                let Some(egress) = egress else { return Err(DropReason::NoEgressIp) };
+                let Some(ip_idx) = self.egress_index(u32::from(egress)) else {
+                    self.allocation_failures += 1;
+                    return Err(DropReason::OutOfPorts);
+                };
+                // Most new mappings keep their original port: warm that inbound index slot too.
+                std::hint::black_box(
+                    self.in_idx.peek(self.in_hash(ip_idx, l4.sport, l4.dst, l4.dport, l4.proto)),
+                );
+                self.check_limits(l4.src)?;
+                if let (Some(old), Some(g)) = (self.find_mapping(l4.src, l4.sport, l4.proto), d.group) {
+                    let old_ip = self.mappings[old as usize].ip_idx;
+                    if !self.egress_listed(policy, g, old_ip) {
+                        // A reload took this mapping's egress IP away from the group: retire the mapping (its
+                        // sessions keep it, and its port, until they go) and map the endpoint afresh.
+                        let h = self.map_hash(l4.src, l4.sport, l4.proto);
+                        self.map_idx.remove(h, old);
+                    }
+                }
+                let mid = self.get_or_create_mapping(l4.src, l4.sport, l4.proto, ip_idx, now_s)?;
+                let m = self.mappings[mid as usize];
+                if l4.proto == ip_proto::UDP && m.refs >= MAX_UDP_SESSIONS_PER_REMOTE_ADDR {
+                    let (_, _, siblings) = self.find_in(m.ip_idx, m.ext_port, l4.dst, l4.dport, l4.proto);
+                    if siblings >= MAX_UDP_SESSIONS_PER_REMOTE_ADDR {
+                        return Err(DropReason::SourceFlowLimit);
+                    }
+                }
+                let flags = if self.egress_index(l4.dst).is_some() { SESSION_HAIRPIN } else { 0 };
+                self.create_session(mid, l4.dst, l4.dport, now_s, flags, gen)
+            }
+        };
+        let mut class = self.sessions[sid as usize].class;
+        if tcp {
+            let s = &mut self.sessions[sid as usize];
+            if tcp_track(s, true, &l4.seg) == TcpVerdict::RstOutOfWindow {
+                return Err(DropReason::TcpRstOutOfWindow);
+            }
+            class = tcp_class(s.tcp_flags);
+        }
+        // Outbound packets refresh the flow (RFC 4787 REQ-6, RFC 5382).
+        self.touch(sid, class, now_s);
+        let s = self.sessions[sid as usize];
+        let egress = self.egress[usize::from(s.ip_idx)];
+        let port_off = if l4.proto == ip_proto::ICMP { 4 } else { 0 };
+        rewrite(packet, l4.ihl, l4.proto, 12, egress, port_off, s.ext_port);
+        if s.flags & SESSION_HAIRPIN != 0 {
+            // RFC 4787 REQ-9: hairpinning. The SNATed packet now looks like an inbound one from our own egress
+            // endpoint; the owner of the destination port runs the inbound leg.
+            let owner = port_owner(self.workers, l4.dport);
+            if owner != self.worker {
+                return Ok(Outbound::HairpinOtherWorker(owner));
+            }
+            return match self.inbound_hairpin(now, packet)? {
+                Inbound::Forward => Ok(Outbound::Hairpin),
+                Inbound::OtherWorker(w) => Ok(Outbound::HairpinOtherWorker(w)),
+            };
+        }
+        Ok(result)
+    }
+
+    // -----------------------------------------------------------------------------------------------------------
+    // Inbound
+    // -----------------------------------------------------------------------------------------------------------
+
+    /// Outside → inside: a packet addressed to an egress IP. Translates the destination back (for an ICMP error,
+    /// the outer destination and the quoted packet's source), or says which worker owns it.
+    ///
+    /// A packet from the wire whose source is one of our own egress IPs never creates state (it would be a
+    /// spoofed hairpin); hairpinned packets handed over by another worker go through [`Nat::inbound_hairpin`].
+    pub fn inbound(&mut self, now: Instant, packet: &mut [u8]) -> Result<Inbound, DropReason> {
+        self.inbound_leg(now, packet, false)
+    }
+
+    /// The inbound leg of a hairpinned packet that another worker SNATed and handed over
+    /// ([`Outbound::HairpinOtherWorker`]): translates the destination like [`Nat::inbound`], creating the far
+    /// side's session if needed (hairpinned traffic is filtered endpoint-independently). `Forward` means: send it
+    /// out of the inside interface.
+    pub fn inbound_hairpin(&mut self, now: Instant, packet: &mut [u8]) -> Result<Inbound, DropReason> {
+        self.inbound_leg(now, packet, true)
+    }
+
+    fn inbound_leg(
+        &mut self,
+        now: Instant,
+        packet: &mut [u8],
+        from_hairpin: bool,
+    ) -> Result<Inbound, DropReason> {
+        let (l4, kind) = parse(packet, false)?;
+        let Some(ip_idx) = self.egress_index(l4.dst) else {
+            return Err(DropReason::NotForEgressIp);
+        };
+        if kind == Kind::IcmpError {
+            return self.inbound_icmp_error(packet, &l4, ip_idx);
+        }
+        // Echo replies carry the external identifier where TCP/UDP carry the destination port.
+        let (ext_port, remote_port) =
+            if l4.proto == ip_proto::ICMP { (l4.sport, 0) } else { (l4.dport, l4.sport) };
+        let owner = port_owner(self.workers, ext_port);
+        if owner != self.worker {
+            return Ok(Inbound::OtherWorker(owner));
+        }
+        let now_s = secs(now);
+        let tcp = l4.proto == ip_proto::TCP;
+        if tcp && tcp_flags_invalid(l4.seg.flags) {
+            return Err(DropReason::InvalidTcpFlags);
+        }
+        let (exact, sibling, siblings) = self.find_in(ip_idx, ext_port, l4.src, remote_port, l4.proto);
+        let sid = match exact {
+            Some(sid) => sid,
+            None => {
+                let hairpin = from_hairpin && self.egress_index(l4.src).is_some();
+                if !hairpin && sibling == NONE {
+                    // RFC 5382 REQ-4 / RFC 4787 REQ-8: unsolicited inbound traffic creates nothing.
+                    return Err(DropReason::NoMapping);
+                }
+                if tcp && l4.seg.flags & (F_SYN | F_ACK) != F_SYN {
+                    return Err(DropReason::NoMapping);
+                }
+                let Some(mid) = self.mapping_at(ip_idx, l4.proto, ext_port) else {
+                    return Err(DropReason::NoMapping);
+                };
+                let in_addr = self.mappings[mid as usize].in_addr;
+                self.check_limits(in_addr)?;
+                if siblings >= MAX_UDP_SESSIONS_PER_REMOTE_ADDR {
+                    return Err(DropReason::SourceFlowLimit);
+                }
+                // Hairpin peer: a reply flow, never judged. UDP sibling (address-dependent filtering): judged by
+                // the policy on its first outbound packet.
+                let flags = if hairpin { SESSION_HAIRPIN | SESSION_HAIRPIN_PEER } else { SESSION_UNJUDGED };
+                let gen = if sibling != NONE { self.sessions[sibling as usize].generation } else { 0 };
+                self.create_session(mid, l4.src, remote_port, now_s, flags, gen)
+            }
+        };
+        let s = &mut self.sessions[sid as usize];
+        let mut class = s.class;
+        let mut refresh = true;
+        if tcp {
+            if tcp_track(s, false, &l4.seg) == TcpVerdict::RstOutOfWindow {
+                // RFC 5382 / 5961 spirit: an out-of-window RST is ignored; the state is kept.
+                return Err(DropReason::TcpRstOutOfWindow);
+            }
+            class = tcp_class(s.tcp_flags);
+            // RSTs do not refresh (a valid one moves the flow to transitory, kept 4 min from now).
+            refresh = l4.seg.flags & F_RST == 0 || class != s.class;
+        }
+        let s = *s;
+        if refresh {
+            self.touch(sid, class, now_s);
+        }
+        let port_off = if l4.proto == ip_proto::ICMP { 4 } else { 2 };
+        rewrite(packet, l4.ihl, l4.proto, 16, s.in_addr, port_off, s.in_port);
+        Ok(Inbound::Forward)
+    }
+
+    // -----------------------------------------------------------------------------------------------------------
+    // ICMP errors (RFC 5508 REQ-3/3a/4/6, RFC 5382 REQ-9/10)
+    // -----------------------------------------------------------------------------------------------------------
+
+    /// Checks an ICMP error's checksum and quoted header. Returns the quote's offset, its IHL, protocol, and the
+    /// quoted source/destination address and port (identifier for a quoted echo).
+    fn quoted(packet: &[u8], ihl: usize) -> Result<Quote, DropReason> {
+        let icmp = packet.get(ihl..).ok_or(DropReason::Truncated)?;
+        // RFC 5508 REQ-3: a bad ICMP checksum is dropped.
+        if !checksum::verify(icmp) {
+            return Err(DropReason::BadIcmpChecksum);
+        }
+        let q = ihl + 8;
+        let inner = packet.get(q..).ok_or(DropReason::Truncated)?;
+        if inner.len() < 20 || inner[0] >> 4 != 4 {
+            return Err(DropReason::Truncated);
+        }
+        let qihl = usize::from(inner[0] & 0x0f) * 4;
+        // An 8-byte L4 quote (RFC 792) is enough: ports, and the UDP checksum, are in it.
+        if qihl < 20 || inner.len() < qihl + 8 {
+            return Err(DropReason::Truncated);
+        }
+        // RFC 5508 REQ-3a: a bad embedded IP header checksum is dropped.
+        if !checksum::verify(&inner[..qihl]) {
+            return Err(DropReason::BadIcmpChecksum);
+        }
+        let proto = inner[9];
+        let (sport, dport) = match proto {
+            ip_proto::TCP | ip_proto::UDP => (rd16(inner, qihl), rd16(inner, qihl + 2)),
+            ip_proto::ICMP if inner[qihl] == ICMP_ECHO_REQUEST || inner[qihl] == ICMP_ECHO_REPLY => {
+                (rd16(inner, qihl + 4), 0)
+            }
+            _ => return Err(DropReason::UnsupportedIcmp),
+        };
+        Ok(Quote { q, qihl, proto, src: rd32(inner, 12), dst: rd32(inner, 16), sport, dport })
+    }
+
+    /// Rewrites the quoted header's address (`addr_off` 12 or 16 in the quote) and port/identifier, keeping the
+    /// quoted IP checksum, the quoted L4 checksum (when it is inside the quote) and the ICMP checksum valid.
+    fn rewrite_quote(
+        packet: &mut [u8],
+        icmp: usize,
+        qt: &Quote,
+        addr_off: usize,
+        addr: u32,
+        port_off: usize,
+        port: u16,
+    ) {
+        let Quote { q, qihl, proto, .. } = *qt;
+        let old_addr = rd32(packet, q + addr_off);
+        let old_port = rd16(packet, q + qihl + port_off);
+        // Quoted IP header: the address and its checksum.
+        icmp_wr16(packet, icmp, q + addr_off, (addr >> 16) as u16);
+        icmp_wr16(packet, icmp, q + addr_off + 2, addr as u16);
+        let c = rd16(packet, q + 10);
+        icmp_wr16(packet, icmp, q + 10, checksum::update32(c, old_addr, addr));
+        // Quoted L4 checksum, when quoted: pseudo-header address (TCP/UDP) and the port.
+        let (ck_off, pseudo) = l4_layout(proto);
+        let ck = q + qihl + ck_off;
+        if ck + 2 <= packet.len() {
+            let mut c = rd16(packet, ck);
+            if proto == ip_proto::UDP {
+                c = checksum::update16_udp(checksum::update32_udp(c, old_addr, addr), old_port, port);
+            } else {
+                if pseudo {
+                    c = checksum::update32(c, old_addr, addr);
+                }
+                c = checksum::update16(c, old_port, port);
+            }
+            icmp_wr16(packet, icmp, ck, c);
+        }
+        icmp_wr16(packet, icmp, q + qihl + port_off, port);
+    }
+
+    /// An ICMP error from outside about a packet we translated: the quote's source is our egress endpoint.
+    fn inbound_icmp_error(&mut self, packet: &mut [u8], l4: &L4, ip_idx: u8) -> Result<Inbound, DropReason> {
+        let qt = Self::quoted(packet, l4.ihl)?;
+        let Quote { proto, src: qsrc, dst: qdst, sport: qsport, dport: qdport, .. } = qt;
+        if qsrc != l4.dst {
+            return Err(DropReason::IcmpErrorNoMapping);
+        }
+        let owner = port_owner(self.workers, qsport);
+        if owner != self.worker {
+            return Ok(Inbound::OtherWorker(owner));
+        }
+        let (Some(sid), _, _) = self.find_in(ip_idx, qsport, qdst, qdport, proto) else {
+            return Err(DropReason::IcmpErrorNoMapping);
+        };
+        // RFC 5508 REQ-6 / 5382 REQ-10: the flow is neither ended nor refreshed.
+        let s = self.sessions[sid as usize];
+        let port_off = if proto == ip_proto::ICMP { 4 } else { 0 };
+        Self::rewrite_quote(packet, l4.ihl, &qt, 12, s.in_addr, port_off, s.in_port);
+        let old = rd32(packet, 16);
+        wr32(packet, 16, s.in_addr);
+        wr16(packet, 10, checksum::update32(rd16(packet, 10), old, s.in_addr));
+        Ok(Inbound::Forward)
+    }
+
+    /// An ICMP error from inside about a packet we translated inbound (e.g. port unreachable from a client): the
+    /// quote's destination is the inside endpoint. Translated like the flow's packets; never refreshes.
+    fn outbound_icmp_error(&mut self, packet: &mut [u8], l4: &L4) -> Result<Outbound, DropReason> {
+        let qt = Self::quoted(packet, l4.ihl)?;
+        let Quote { proto, src: qsrc, dst: qdst, sport: qsport, dport: qdport, .. } = qt;
+        // For a quoted echo the identifier is the inside one and sits where the source port would.
+        let (in_port, remote_port) = if proto == ip_proto::ICMP { (qsport, 0) } else { (qdport, qsport) };
+        let Some(sid) = self.find_out(qdst, in_port, qsrc, remote_port, proto) else {
+            return Err(DropReason::IcmpErrorNoMapping);
+        };
+        let s = self.sessions[sid as usize];
+        let egress = self.egress[usize::from(s.ip_idx)];
+        let port_off = if proto == ip_proto::ICMP { 4 } else { 2 };
+        Self::rewrite_quote(packet, l4.ihl, &qt, 16, egress, port_off, s.ext_port);
+        let old = rd32(packet, 12);
+        wr32(packet, 12, egress);
+        wr16(packet, 10, checksum::update32(rd16(packet, 10), old, egress));
+        Ok(Outbound::Forward)
+    }
+
+    /// For tests and the bench: the external endpoint of inside `(addr, port, proto)`.
+    pub fn mapping_of(&self, in_addr: Ipv4Addr, in_port: u16, proto: u8) -> Option<(Ipv4Addr, u16)> {
+        let m = self.mappings.get(self.find_mapping(u32::from(in_addr), in_port, proto)? as usize)?;
+        Some((Ipv4Addr::from(*self.egress.get(usize::from(m.ip_idx))?), m.ext_port))
+    }
+}

@@ -14,8 +14,9 @@
 //!    IPv6 → [`DropReason::Ipv6Unsupported`] (NAT44 only).
 //! 3. Policy and NAT on the IPv4 packet in place (`frame[ip_start..ip_end]`): see [`Pipeline::translate`]. The
 //!    policy snapshot, like the next-hop table, is loaded once per batch.
-//! 4. Next hop: route + neighbour lookup out of the other interface; a missing neighbour is counted
-//!    ([`DropReason::NoNeighbour`]) and its resolution requested from the control thread.
+//! 4. Next hop: route + neighbour lookup out of the chosen interface. A missing neighbour's resolution is
+//!    requested from the control thread and the frame waits, copied aside, as the kernel's ARP queue does (at
+//!    most [`HOLD_FRAMES`] for at most [`HOLD_NANOS`]; beyond that [`DropReason::NoNeighbour`]).
 //! 5. TTL decrement with an incremental header checksum update (RFC 1624), MAC rewrite.
 //!
 //! Counting: the pipeline counts every drop it decides in [`WorkerStats`]; the worker counts rx/tx and the drops
@@ -26,9 +27,12 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::audit::{AuditEvent, AuditLimiter, AuditQueue};
+use crate::handoff::{HandoffFrame, HandoffKind, Handoffs};
+use crate::nat::{Inbound, Nat, NatConfig, Outbound};
 use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
-use crate::policy::{ip_proto, PolicySnapshot, SharedPolicy, Verdict};
-use crate::stats::{DropReason, WorkerStats};
+use crate::policy::{Decision, PolicySnapshot, SharedPolicy, Verdict};
+use crate::stats::{DropReason, RuleHits, WorkerStats};
 use crate::time::Instant;
 use crate::wire::checksum;
 use crate::Side;
@@ -40,6 +44,10 @@ pub enum Action {
     Forward { out: Side, len: usize },
     /// Do not forward; the reason has been counted.
     Drop(DropReason),
+    /// Copied to the worker that owns the flow's NAT port; this frame can be released.
+    HandedOff,
+    /// Copied aside until its next hop's MAC is known ([`Pipeline::release_held`]); this frame can be released.
+    Held,
 }
 
 const ETH_HEADER_LEN: usize = 14;
@@ -111,33 +119,6 @@ pub fn parse_ipv4_frame(frame: &[u8]) -> Result<Ipv4Frame, DropReason> {
     Ok(Ipv4Frame { ip_start, ip_end: ip_start + total_len, header_len })
 }
 
-/// What the policy judges a packet by: addresses, protocol, destination port (0 for ICMP and other protocols).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FlowKey {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
-    pub proto: u8,
-    pub dst_port: u16,
-}
-
-impl FlowKey {
-    /// Reads the key of a validated IPv4 packet (header through total length). A TCP or UDP header too short to
-    /// hold its ports is [`DropReason::BadL4Header`].
-    pub fn parse(packet: &[u8]) -> Result<FlowKey, DropReason> {
-        let header_len = usize::from(packet.first().ok_or(DropReason::Truncated)? & 0x0f) * 4;
-        let addr = |at: usize| -> Result<Ipv4Addr, DropReason> {
-            let b = packet.get(at..at + 4).ok_or(DropReason::Truncated)?;
-            Ok(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-        };
-        let proto = *packet.get(9).ok_or(DropReason::Truncated)?;
-        let dst_port = match proto {
-            ip_proto::TCP | ip_proto::UDP => be16(packet, header_len + 2).ok_or(DropReason::BadL4Header)?,
-            _ => 0,
-        };
-        Ok(FlowKey { src: addr(12)?, dst: addr(16)?, proto, dst_port })
-    }
-}
-
 /// Where next-hop snapshots come from and where resolution requests go.
 #[derive(Clone, Debug)]
 pub struct NextHops {
@@ -153,29 +134,115 @@ impl NextHops {
 }
 
 /// One worker's pipeline. Not shared: each worker owns one.
-#[derive(Debug)]
 pub struct Pipeline {
     stats: Arc<WorkerStats>,
     next_hops: NextHops,
     snapshot: Arc<NextHopTable>,
     policy: Arc<SharedPolicy>,
     policy_snapshot: Arc<PolicySnapshot>,
+    nat: Nat,
+    worker: u16,
+    handoffs: Arc<Handoffs>,
     last_resolve_request: Option<(Ipv4Addr, Instant)>,
+    /// Frames waiting for their next hop's MAC (preallocated, at most [`HOLD_FRAMES`]).
+    held: Vec<HeldFrame>,
+    /// Per-rule decision counters of the current policy generation (also published in `stats.rule_hits`).
+    rule_hits: Arc<RuleHits>,
+    audit: Option<Arc<AuditQueue>>,
+    audit_limiter: AuditLimiter,
+}
+
+/// Frames a worker keeps while their neighbour resolves (the kernel's default `unres_qlen` is of this order).
+pub const HOLD_FRAMES: usize = 16;
+/// How long a frame waits for its neighbour before it is dropped as `no_neighbour`.
+pub const HOLD_NANOS: u64 = 1_000_000_000;
+const HOLD_FRAME_BYTES: usize = 1536;
+
+#[derive(Clone, Copy)]
+struct HeldFrame {
+    out: Side,
+    since: Instant,
+    ip_start: u16,
+    len: u16,
+    bytes: [u8; HOLD_FRAME_BYTES],
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline").field("worker", &self.worker).finish_non_exhaustive()
+    }
+}
+
+/// Where a translated packet goes next.
+enum Next {
+    Out(Side),
+    HandOff(u16, HandoffKind),
+}
+
+/// How a frame reached this worker.
+#[derive(Clone, Copy)]
+enum Leg {
+    Arrived(Side),
+    HandedOver(HandoffKind),
 }
 
 impl Pipeline {
-    pub fn new(stats: Arc<WorkerStats>, next_hops: NextHops, policy: Arc<SharedPolicy>) -> Pipeline {
+    /// Worker `worker`'s pipeline; `handoffs` is shared by all workers, `nat` sized for this worker.
+    pub fn new(
+        stats: Arc<WorkerStats>,
+        next_hops: NextHops,
+        policy: Arc<SharedPolicy>,
+        nat: &NatConfig,
+        worker: u16,
+        handoffs: Arc<Handoffs>,
+    ) -> Pipeline {
         let snapshot = next_hops.table.load_full();
         let policy_snapshot = policy.load_full();
-        Pipeline { stats, next_hops, snapshot, policy, policy_snapshot, last_resolve_request: None }
+        let nat = {
+            let mut engine = Nat::new(nat, worker);
+            engine.sync_policy(&policy_snapshot);
+            engine
+        };
+        let mut pipeline = Pipeline {
+            stats,
+            next_hops,
+            snapshot,
+            policy,
+            policy_snapshot,
+            nat,
+            worker,
+            handoffs,
+            last_resolve_request: None,
+            held: Vec::with_capacity(HOLD_FRAMES),
+            rule_hits: Arc::new(RuleHits::new(0, 0)),
+            audit: None,
+            audit_limiter: AuditLimiter::default(),
+        };
+        pipeline.publish_rule_hits();
+        pipeline
     }
 
     pub fn stats(&self) -> &Arc<WorkerStats> {
         &self.stats
     }
 
+    pub fn nat(&self) -> &Nat {
+        &self.nat
+    }
+
+    /// A lone worker's pipeline (worker 0 of 1, its own handoff queue): tests, benches, tools.
+    pub fn single(
+        stats: Arc<WorkerStats>,
+        next_hops: NextHops,
+        policy: Arc<SharedPolicy>,
+        nat: &NatConfig,
+    ) -> Pipeline {
+        let nat = NatConfig { workers: 1, ..*nat };
+        Pipeline::new(stats, next_hops, policy, &nat, 0, Arc::new(Handoffs::new(1, 64)))
+    }
+
     /// Call once per burst, before the burst's [`process`](Self::process) calls: picks up the newest next-hop
-    /// snapshot (one atomic load; the `Arc` is replaced only when the control thread published a new one).
+    /// and policy snapshots (one atomic load each; an `Arc` is replaced only when a new one was published).
     pub fn begin_batch(&mut self) {
         let current = self.next_hops.table.load();
         if !Arc::ptr_eq(&current, &self.snapshot) {
@@ -184,13 +251,75 @@ impl Pipeline {
         let current = self.policy.load();
         if !Arc::ptr_eq(&current, &self.policy_snapshot) {
             self.policy_snapshot = arc_swap::Guard::into_inner(current);
+            self.publish_rule_hits();
+        }
+        self.nat.sync_policy(&self.policy_snapshot);
+    }
+
+    /// Sends denial events to `queue` (the control thread writes the audit log).
+    pub fn with_audit(mut self, queue: Arc<AuditQueue>) -> Pipeline {
+        self.audit = Some(queue);
+        self
+    }
+
+    /// Fresh per-rule counters for the policy generation now running (allocates; only when the policy changes).
+    fn publish_rule_hits(&mut self) {
+        let hits =
+            Arc::new(RuleHits::new(self.policy_snapshot.generation(), self.policy_snapshot.rule_count()));
+        self.rule_hits = hits.clone();
+        self.stats.rule_hits.store(hits);
+    }
+
+    /// Counts a policy decision the NAT acted on, and reports denials to the audit log (rate-limited).
+    fn observe(&mut self, now: Instant, decision: &Decision, packet: &[u8]) {
+        if let Some(rule) = decision.rule {
+            self.rule_hits.hit(rule.0 as usize);
+        }
+        match decision.verdict {
+            Verdict::Allow => self.stats.flows_allowed.inc(),
+            Verdict::L7 => {}
+            Verdict::Deny(_) => {
+                let Some(queue) = &self.audit else { return };
+                let generation = self.policy_snapshot.generation();
+                let reported = self.audit_limiter.allow(now)
+                    && AuditEvent::new(packet, decision, generation, self.worker)
+                        .is_some_and(|e| queue.push(e));
+                if !reported {
+                    self.stats.audit_suppressed.inc();
+                }
+            }
         }
     }
 
     /// Decides what happens to one frame that arrived on `arrived_on`, rewriting it in place when it is to be
     /// forwarded. Every drop is counted under its reason before returning.
     pub fn process(&mut self, now: Instant, arrived_on: Side, frame: &mut [u8]) -> Action {
-        match self.forward(now, arrived_on, frame) {
+        self.counted(now, Leg::Arrived(arrived_on), frame)
+    }
+
+    /// The next frame another worker handed to this one, if any.
+    pub fn next_handoff(&self) -> Option<HandoffFrame> {
+        self.handoffs.pop(self.worker)
+    }
+
+    /// Finishes a frame another worker handed over: its NAT leg on this worker's conntrack, then routing.
+    pub fn process_handoff(&mut self, now: Instant, handed: &mut HandoffFrame) -> Action {
+        let kind = handed.kind;
+        self.counted(now, Leg::HandedOver(kind), handed.bytes_mut())
+    }
+
+    /// Expires at most `budget` idle flows; returns how many went.
+    pub fn poll_expiry(&mut self, now: Instant, budget: usize) -> usize {
+        self.nat.poll_expiry(now, budget)
+    }
+
+    /// Publishes the NAT gauges into this worker's stats (for the admin endpoint).
+    pub fn publish_gauges(&self) {
+        self.stats.nat.publish(&self.nat.stats());
+    }
+
+    fn counted(&mut self, now: Instant, leg: Leg, frame: &mut [u8]) -> Action {
+        match self.forward(now, leg, frame) {
             Ok(action) => action,
             Err(reason) => {
                 self.stats.count_drop(reason);
@@ -199,17 +328,52 @@ impl Pipeline {
         }
     }
 
-    fn forward(&mut self, now: Instant, arrived_on: Side, frame: &mut [u8]) -> Result<Action, DropReason> {
+    fn forward(&mut self, now: Instant, leg: Leg, frame: &mut [u8]) -> Result<Action, DropReason> {
         let l3 = parse_ipv4_frame(frame)?;
         let ttl_at = l3.ip_start + 8;
         if frame[ttl_at] <= 1 {
             return Err(DropReason::TtlExceeded);
         }
-        let out = arrived_on.other();
 
-        self.translate(now, arrived_on, &mut frame[l3.ip_start..l3.ip_end])?;
+        let out = match self.translate(now, leg, &mut frame[l3.ip_start..l3.ip_end])? {
+            Next::Out(side) => side,
+            Next::HandOff(worker, kind) => {
+                self.handoffs.push(worker, kind, &frame[..l3.ip_end])?;
+                self.stats.handed_off.inc();
+                return Ok(Action::HandedOff);
+            }
+        };
 
-        let dst_at = l3.ip_start + 16;
+        match self.route(now, out, frame, l3.ip_start, l3.ip_end) {
+            Err(DropReason::NoNeighbour)
+                if self.held.len() < HOLD_FRAMES && l3.ip_end <= HOLD_FRAME_BYTES =>
+            {
+                // As the kernel's ARP queue does: keep the frame until the neighbour resolves (or a deadline).
+                let mut held = HeldFrame {
+                    out,
+                    since: now,
+                    ip_start: l3.ip_start as u16,
+                    len: l3.ip_end as u16,
+                    bytes: [0; HOLD_FRAME_BYTES],
+                };
+                held.bytes[..l3.ip_end].copy_from_slice(&frame[..l3.ip_end]);
+                self.held.push(held);
+                Ok(Action::Held)
+            }
+            result => result,
+        }
+    }
+
+    /// Routes a translated frame out of `out`: next-hop lookup, TTL decrement, MAC rewrite.
+    fn route(
+        &mut self,
+        now: Instant,
+        out: Side,
+        frame: &mut [u8],
+        ip_start: usize,
+        ip_end: usize,
+    ) -> Result<Action, DropReason> {
+        let dst_at = ip_start + 16;
         let dst = Ipv4Addr::new(frame[dst_at], frame[dst_at + 1], frame[dst_at + 2], frame[dst_at + 3]);
         let (src_mac, dst_mac) = match self.snapshot.lookup(out, dst) {
             NextHop::Resolved { src, dst } => (src, dst),
@@ -221,41 +385,96 @@ impl Pipeline {
         };
 
         // TTL and protocol share one 16-bit word of the header checksum.
+        let ttl_at = ip_start + 8;
         let old_word = u16::from_be_bytes([frame[ttl_at], frame[ttl_at + 1]]);
         frame[ttl_at] -= 1;
         let new_word = u16::from_be_bytes([frame[ttl_at], frame[ttl_at + 1]]);
-        let check_at = l3.ip_start + 10;
+        let check_at = ip_start + 10;
         let check = u16::from_be_bytes([frame[check_at], frame[check_at + 1]]);
         frame[check_at..check_at + 2]
             .copy_from_slice(&checksum::update16(check, old_word, new_word).to_be_bytes());
 
         frame[0..6].copy_from_slice(&dst_mac);
         frame[6..12].copy_from_slice(&src_mac);
-        Ok(Action::Forward { out, len: l3.ip_end })
+        Ok(Action::Forward { out, len: ip_end })
     }
 
-    /// Policy and NAT hook: receives the IPv4 packet (header through total length, padding excluded), already
-    /// validated and with TTL > 1, and may translate it in place (addresses, ports, checksums) or refuse it.
-    /// The forwarding step after it routes by the (translated) destination and fixes TTL and MACs.
-    ///
-    /// Until NAT (issue 5) lands there is no conntrack: every packet from inside is judged by the policy, and
-    /// traffic from outside passes (the lab routes the client subnets back to gw).
-    #[inline]
-    fn translate(&mut self, _now: Instant, arrived_on: Side, packet: &mut [u8]) -> Result<(), DropReason> {
-        if arrived_on == Side::Outside {
-            return Ok(());
-        }
-        let flow = FlowKey::parse(packet)?;
-        let decision = self.policy_snapshot.evaluate_v4(flow.src, flow.dst, flow.proto, flow.dst_port);
-        match decision.verdict {
-            Verdict::Allow => Ok(()),
-            Verdict::L7 => Err(DropReason::L7Unavailable),
-            Verdict::Deny(reason) if decision.dry_run => {
-                let _ = reason;
-                self.stats.flows_dry_run_denied.inc();
-                Ok(())
+    /// Whether frames wait for a neighbour.
+    pub fn has_held(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// Retries the frames waiting for a neighbour: those whose neighbour is now known go to `emit(out, frame)`;
+    /// those still unresolved after [`HOLD_NANOS`] (or now without a route) are dropped and counted.
+    pub fn release_held(&mut self, now: Instant, mut emit: impl FnMut(Side, &[u8])) {
+        let mut i = 0;
+        while i < self.held.len() {
+            let mut held = self.held[i];
+            let (ip_start, len) = (usize::from(held.ip_start), usize::from(held.len));
+            // Lookups only: a frame still waiting must not request resolution again on every retry.
+            let dst_at = ip_start + 16;
+            let dst = Ipv4Addr::new(
+                held.bytes[dst_at],
+                held.bytes[dst_at + 1],
+                held.bytes[dst_at + 2],
+                held.bytes[dst_at + 3],
+            );
+            let waiting = matches!(self.snapshot.lookup(held.out, dst), NextHop::NoNeighbour(_));
+            if waiting && now.saturating_since(held.since).as_nanos() < u128::from(HOLD_NANOS) {
+                i += 1;
+                continue;
             }
-            Verdict::Deny(reason) => Err(reason.drop_reason()),
+            self.held.swap_remove(i);
+            match self.route(now, held.out, &mut held.bytes[..len], ip_start, len) {
+                Ok(Action::Forward { out, len }) => emit(out, &held.bytes[..len]),
+                Ok(_) => {}
+                Err(reason) => self.stats.count_drop(reason),
+            }
+        }
+    }
+
+    /// Policy and NAT: receives the IPv4 packet (header through total length, padding excluded), already
+    /// validated and with TTL > 1. From inside, `Nat::outbound` judges new flows by the policy snapshot and
+    /// translates the source; from outside, `Nat::inbound` translates replies back (or names the worker owning
+    /// their port). The forwarding step after it routes by the (translated) destination and fixes TTL and MACs.
+    #[inline]
+    fn translate(&mut self, now: Instant, leg: Leg, packet: &mut [u8]) -> Result<Next, DropReason> {
+        match leg {
+            Leg::Arrived(Side::Inside) => {
+                let result = self.nat.outbound(now, packet, &self.policy_snapshot);
+                if let Some(decision) = self.nat.take_decision() {
+                    self.observe(now, &decision, packet);
+                }
+                self.after_outbound(result?)
+            }
+            Leg::Arrived(Side::Outside) => match self.nat.inbound(now, packet)? {
+                Inbound::Forward => Ok(Next::Out(Side::Inside)),
+                Inbound::OtherWorker(worker) => Ok(Next::HandOff(worker, HandoffKind::Inbound)),
+            },
+            Leg::HandedOver(kind) => {
+                let result = match kind {
+                    HandoffKind::Inbound => self.nat.inbound(now, packet)?,
+                    HandoffKind::Hairpin => self.nat.inbound_hairpin(now, packet)?,
+                };
+                match result {
+                    Inbound::Forward => Ok(Next::Out(Side::Inside)),
+                    // Handed to us because we own the port, yet we do not: never bounce it again.
+                    Inbound::OtherWorker(_) => Err(DropReason::NoMapping),
+                }
+            }
+        }
+    }
+
+    fn after_outbound(&mut self, outbound: Outbound) -> Result<Next, DropReason> {
+        match outbound {
+            Outbound::Forward => Ok(Next::Out(Side::Outside)),
+            Outbound::DryRunDenied => {
+                self.stats.flows_dry_run_denied.inc();
+                Ok(Next::Out(Side::Outside))
+            }
+            Outbound::Hairpin => Ok(Next::Out(Side::Inside)),
+            Outbound::HairpinOtherWorker(worker) => Ok(Next::HandOff(worker, HandoffKind::Hairpin)),
+            Outbound::L7 => Err(DropReason::L7Unavailable),
         }
     }
 
@@ -281,6 +500,7 @@ mod tests {
     const GW_IN_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
     const GW_OUT_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
     const EXT_MAC: [u8; 6] = [2, 0, 0, 0, 1, 2];
+    const EGRESS_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
@@ -305,7 +525,12 @@ mod tests {
     }
 
     fn pipeline(table: NextHopTable) -> Pipeline {
-        Pipeline::new(Arc::new(WorkerStats::default()), NextHops::fixed(table), Arc::new(allow_all()))
+        Pipeline::single(
+            Arc::new(WorkerStats::default()),
+            NextHops::fixed(table),
+            Arc::new(allow_all()),
+            &small_nat(),
+        )
     }
 
     fn rule(
@@ -327,10 +552,14 @@ mod tests {
         }
     }
 
+    fn small_nat() -> NatConfig {
+        NatConfig { max_flows: 4096, max_flows_per_source: 1024, ..NatConfig::default() }
+    }
+
     /// One group holding every IPv4 source, allowed everywhere.
     fn allow_all() -> SharedPolicy {
         let mut b = PolicyBuilder::new();
-        let g = b.add_group("all", vec![]);
+        let g = b.add_group("all", vec![EGRESS_IP]);
         b.add_source(g, "0.0.0.0/0".parse().unwrap());
         b.add_rule(rule(g, "0.0.0.0/0", ProtoMatch::Any, &[], PolicyAction::Allow));
         crate::policy::shared(b.build(1).unwrap())
@@ -341,7 +570,7 @@ mod tests {
     fn lab_policy(dry_run: bool, generation: u64) -> PolicySnapshot {
         let mut b = PolicyBuilder::new();
         b.dry_run(dry_run);
-        let g = b.add_group("web", vec![]);
+        let g = b.add_group("web", vec![EGRESS_IP]);
         b.add_source(g, "10.10.0.0/24".parse().unwrap());
         b.add_rule(rule(g, "203.0.113.0/24", ProtoMatch::Udp, &[(53, 53)], PolicyAction::Allow));
         b.add_rule(rule(g, "203.0.113.128/25", ProtoMatch::Any, &[], PolicyAction::Deny));
@@ -365,7 +594,9 @@ mod tests {
     fn policy_judges_packets_from_inside_and_counts_each_denial_under_its_reason() {
         let policy = Arc::new(crate::policy::shared(lab_policy(false, 1)));
         let stats = Arc::new(WorkerStats::default());
-        let mut p = Pipeline::new(stats.clone(), NextHops::fixed(lab_table(true)), policy);
+        let audit = Arc::new(AuditQueue::new(16));
+        let mut p = Pipeline::single(stats.clone(), NextHops::fixed(lab_table(true)), policy, &small_nat())
+            .with_audit(audit.clone());
         let mut send = |f: Vec<u8>| p.process(Instant::ZERO, Side::Inside, &mut f.clone());
         assert!(matches!(
             send(udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"q")),
@@ -389,13 +620,24 @@ mod tests {
         {
             assert_eq!(stats.drops(reason), 1, "{reason:?}");
         }
+        // Which rule decided: rule 0 (allow) once, rule 1 (deny) once, rule 2 (l7) once.
+        let hits = stats.rule_hits.load();
+        assert_eq!((hits.generation, hits.len()), (1, 3));
+        assert_eq!((hits.get(0), hits.get(1), hits.get(2)), (1, 1, 1));
+        assert_eq!(stats.flows_allowed.get(), 1);
+        // One audit event per denial, in order, with the flow and the deciding rule.
+        let events: Vec<AuditEvent> = std::iter::from_fn(|| audit.pop()).collect();
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert_eq!((events[0].dst, events[0].rule), (ip("203.0.113.200"), Some(crate::policy::RuleId(1))));
+        assert_eq!((events[1].dst_port, events[1].rule), (80, None));
+        assert_eq!((events[2].src, events[2].group), (ip("10.10.9.2"), None));
     }
 
     #[test]
     fn dry_run_forwards_what_it_would_deny_and_counts_it() {
         let policy = Arc::new(crate::policy::shared(lab_policy(true, 1)));
         let stats = Arc::new(WorkerStats::default());
-        let mut p = Pipeline::new(stats.clone(), NextHops::fixed(lab_table(true)), policy);
+        let mut p = Pipeline::single(stats.clone(), NextHops::fixed(lab_table(true)), policy, &small_nat());
         let mut f = tcp_frame([10, 10, 0, 2], [203, 0, 113, 10], 80);
         assert!(matches!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Forward { .. }));
         assert_eq!(stats.flows_dry_run_denied.get(), 1);
@@ -405,8 +647,12 @@ mod tests {
     #[test]
     fn a_swapped_policy_takes_effect_at_the_next_batch() {
         let policy = Arc::new(crate::policy::shared(lab_policy(false, 1)));
-        let mut p =
-            Pipeline::new(Arc::new(WorkerStats::default()), NextHops::fixed(lab_table(true)), policy.clone());
+        let mut p = Pipeline::single(
+            Arc::new(WorkerStats::default()),
+            NextHops::fixed(lab_table(true)),
+            policy.clone(),
+            &small_nat(),
+        );
         let frame = tcp_frame([10, 10, 0, 2], [203, 0, 113, 10], 80);
         assert_eq!(
             p.process(Instant::ZERO, Side::Inside, &mut frame.clone()),
@@ -414,7 +660,7 @@ mod tests {
         );
         policy.store(Arc::new({
             let mut b = PolicyBuilder::new();
-            let g = b.add_group("web", vec![]);
+            let g = b.add_group("web", vec![EGRESS_IP]);
             b.add_source(g, "10.10.0.0/24".parse().unwrap());
             b.add_rule(rule(g, "203.0.113.0/24", ProtoMatch::Tcp, &[(80, 80)], PolicyAction::Allow));
             b.build(2).unwrap()
@@ -429,7 +675,7 @@ mod tests {
     }
 
     #[test]
-    fn tcp_or_udp_too_short_for_ports_is_a_bad_l4_header() {
+    fn udp_header_cut_short_inside_a_consistent_ip_packet_is_truncated() {
         let mut p = pipeline(lab_table(true));
         let mut f = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"");
         // Cut the packet inside the UDP header and fix the IPv4 total length and checksum to match.
@@ -439,7 +685,7 @@ mod tests {
         f[24..26].copy_from_slice(&[0, 0]);
         let sum = checksum::compute(&f[14..34]);
         f[24..26].copy_from_slice(&sum.to_be_bytes());
-        assert_eq!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Drop(DropReason::BadL4Header));
+        assert_eq!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Drop(DropReason::Truncated));
     }
 
     fn udp_frame(src: [u8; 4], dst: [u8; 4], ttl: u8, payload: &[u8]) -> Vec<u8> {
@@ -468,18 +714,31 @@ mod tests {
         assert_eq!(&f[6..12], &GW_OUT_MAC);
         assert_eq!(f[14 + 8], 63);
         assert!(ip_header_ok(&f, 14));
-        // The transport layer is untouched and still parses.
-        let parsed = etherparse::SlicedPacket::from_ethernet(&f).unwrap();
-        match parsed.transport {
-            Some(etherparse::TransportSlice::Udp(udp)) => assert_eq!(udp.payload(), b"hello"),
-            other => panic!("expected UDP, got {other:?}"),
-        }
+        // SNAT: the source is the group's egress IP, and the UDP checksum is still right.
+        let headers = etherparse::PacketHeaders::from_ethernet_slice(&f).unwrap();
+        let Some(etherparse::NetHeaders::Ipv4(ip4, _)) = &headers.net else { panic!("not IPv4") };
+        assert_eq!(Ipv4Addr::from(ip4.source), EGRESS_IP);
+        let Some(etherparse::TransportHeader::Udp(udp)) = &headers.transport else { panic!("not UDP") };
+        assert_eq!(udp.checksum, udp.calc_checksum_ipv4(ip4, headers.payload.slice()).unwrap());
+        assert_eq!(headers.payload.slice(), b"hello");
+    }
+
+    /// Sends one UDP datagram 10.10.0.2:4000 → 203.0.113.10:53 out; returns the egress port it was mapped to.
+    fn open_udp_flow(p: &mut Pipeline) -> u16 {
+        let mut f = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"q");
+        assert!(matches!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Forward { .. }));
+        u16::from_be_bytes([f[34], f[35]])
     }
 
     #[test]
-    fn forwards_replies_inward_on_link() {
+    fn forwards_replies_inward_translated_back() {
         let mut p = pipeline(lab_table(true));
-        let mut f = udp_frame([203, 0, 113, 10], [10, 10, 0, 2], 2, b"x");
+        let port = open_udp_flow(&mut p);
+        let builder = etherparse::PacketBuilder::ethernet2(EXT_MAC, GW_OUT_MAC)
+            .ipv4([203, 0, 113, 10], EGRESS_IP.octets(), 2)
+            .udp(53, port);
+        let mut f = Vec::new();
+        builder.write(&mut f, b"x").unwrap();
         let len = f.len();
         assert_eq!(
             p.process(Instant::ZERO, Side::Outside, &mut f),
@@ -489,6 +748,90 @@ mod tests {
         assert_eq!(&f[6..12], &GW_IN_MAC);
         assert_eq!(f[14 + 8], 1);
         assert!(ip_header_ok(&f, 14));
+        assert_eq!(&f[30..34], &[10, 10, 0, 2]);
+        assert_eq!(u16::from_be_bytes([f[36], f[37]]), 4000);
+    }
+
+    /// A reply whose NAT port belongs to worker 0 arrives on worker 1's queue: worker 1 hands it over through the
+    /// bounded queue, worker 0 translates it and sends it inside.
+    #[test]
+    fn a_reply_on_another_workers_queue_is_handed_to_the_port_owner() {
+        let handoffs = Arc::new(Handoffs::new(2, 8));
+        let policy = Arc::new(allow_all());
+        let nat = NatConfig { workers: 2, ..small_nat() };
+        let stats0 = Arc::new(WorkerStats::default());
+        let mut w0 = Pipeline::new(
+            stats0.clone(),
+            NextHops::fixed(lab_table(true)),
+            policy.clone(),
+            &nat,
+            0,
+            handoffs.clone(),
+        );
+        let mut w1 = Pipeline::new(
+            Arc::new(WorkerStats::default()),
+            NextHops::fixed(lab_table(true)),
+            policy,
+            &nat,
+            1,
+            handoffs.clone(),
+        );
+        let port = open_udp_flow(&mut w0);
+        assert_eq!(crate::nat::reply_owner(2, EGRESS_IP, 17, port), 0);
+        let builder = etherparse::PacketBuilder::ethernet2(EXT_MAC, GW_OUT_MAC)
+            .ipv4([203, 0, 113, 10], EGRESS_IP.octets(), 64)
+            .udp(53, port);
+        let mut reply = Vec::new();
+        builder.write(&mut reply, b"answer").unwrap();
+        assert_eq!(w1.process(Instant::ZERO, Side::Outside, &mut reply), Action::HandedOff);
+        assert!(w1.next_handoff().is_none(), "nothing for worker 1");
+        let mut handed = w0.next_handoff().expect("worker 0 got the frame");
+        let len = reply.len();
+        assert_eq!(
+            w0.process_handoff(Instant::ZERO, &mut handed),
+            Action::Forward { out: Side::Inside, len }
+        );
+        let f = handed.bytes_mut();
+        assert_eq!(&f[30..34], &[10, 10, 0, 2]);
+        assert_eq!(u16::from_be_bytes([f[36], f[37]]), 4000);
+        assert_eq!(&f[0..6], &CLIENT_MAC);
+    }
+
+    /// RFC 4787 REQ-9 through the pipeline: an inside host reaching another inside host's egress ip:port is
+    /// translated both ways and sent back inside.
+    #[test]
+    fn hairpinned_packets_go_back_inside_translated_both_ways() {
+        let mut p = pipeline(lab_table(true));
+        let port = open_udp_flow(&mut p);
+        let mut f = udp_frame([10, 10, 0, 3], EGRESS_IP.octets(), 64, b"hairpin");
+        // The frame is UDP 4000 → 53 by construction; aim it at the first flow's mapping.
+        f[36..38].copy_from_slice(&port.to_be_bytes());
+        f[40..42].copy_from_slice(&[0, 0]); // UDP checksum 0: none
+        let len = f.len();
+        assert_eq!(
+            p.process(Instant::ZERO, Side::Inside, &mut f),
+            Action::Forward { out: Side::Inside, len }
+        );
+        assert_eq!(&f[26..30], &EGRESS_IP.octets(), "source translated to the egress IP");
+        assert_eq!(&f[30..34], &[10, 10, 0, 2], "destination translated to the mapped inside host");
+        assert_eq!(u16::from_be_bytes([f[36], f[37]]), 4000);
+        assert!(ip_header_ok(&f, 14));
+    }
+
+    #[test]
+    fn unsolicited_traffic_from_outside_is_dropped() {
+        let mut p = pipeline(lab_table(true));
+        let mut to_inside = udp_frame([203, 0, 113, 10], [10, 10, 0, 2], 64, b"x");
+        assert_eq!(
+            p.process(Instant::ZERO, Side::Outside, &mut to_inside),
+            Action::Drop(DropReason::NotForEgressIp)
+        );
+        open_udp_flow(&mut p);
+        let mut to_unmapped = udp_frame([203, 0, 113, 10], EGRESS_IP.octets(), 64, b"x");
+        assert_eq!(
+            p.process(Instant::ZERO, Side::Outside, &mut to_unmapped),
+            Action::Drop(DropReason::NoMapping)
+        );
     }
 
     #[test]
@@ -573,7 +916,16 @@ mod tests {
             ("no route", Box::new(|f| f[30..34].copy_from_slice(&[10, 99, 0, 1])), DropReason::NoRoute),
         ];
         for (name, mutate, reason) in cases {
-            let mut p = pipeline(lab_table(true));
+            // "no route": gw has no default route outside, and 10.99.0.1 is not on-link.
+            let mut table = lab_table(true);
+            if name == "no route" {
+                table.outside = InterfaceTable::new(
+                    GW_OUT_MAC,
+                    vec![Route { destination: ip("192.0.2.0"), prefix_len: 24, gateway: None }],
+                    vec![],
+                );
+            }
+            let mut p = pipeline(table);
             let mut f = good.clone();
             mutate(&mut f);
             // Mutations of covered header fields get a valid checksum, so the intended check is what fails.
@@ -584,31 +936,55 @@ mod tests {
             {
                 fix_checksum(&mut f);
             }
-            // "no route" is about routing back inside (10.99/16 is not an inside prefix).
-            let side = if name == "no route" { Side::Outside } else { Side::Inside };
-            assert_eq!(p.process(Instant::ZERO, side, &mut f), Action::Drop(reason), "{name}");
+            assert_eq!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Drop(reason), "{name}");
             assert_eq!(p.stats().drops(reason), 1, "{name}");
         }
     }
 
     #[test]
-    fn unknown_neighbour_is_dropped_and_resolution_requested_once_per_interval() {
+    fn frames_wait_for_an_unknown_neighbour_then_leave_or_time_out() {
         let hops = NextHops::fixed(lab_table(false));
         let resolve = hops.resolve.clone();
-        let mut p = Pipeline::new(Arc::new(WorkerStats::default()), hops.clone(), Arc::new(allow_all()));
-        let frame = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"");
-        for i in 0..5 {
+        let stats = Arc::new(WorkerStats::default());
+        let mut p = Pipeline::single(stats.clone(), hops.clone(), Arc::new(allow_all()), &small_nat());
+        let frame = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"wait");
+        for i in 0..(HOLD_FRAMES as u64 + 2) {
             let mut f = frame.clone();
-            assert_eq!(p.process(Instant(i), Side::Inside, &mut f), Action::Drop(DropReason::NoNeighbour));
+            let expect =
+                if i < HOLD_FRAMES as u64 { Action::Held } else { Action::Drop(DropReason::NoNeighbour) };
+            assert_eq!(p.process(Instant(i), Side::Inside, &mut f), expect, "frame {i}");
         }
+        // One resolution request per interval, not one per frame.
         assert_eq!(resolve.drain().collect::<Vec<_>>(), vec![ip("192.0.2.2")]);
-        assert_eq!(p.stats().drops(DropReason::NoNeighbour), 5);
+        assert_eq!(stats.drops(DropReason::NoNeighbour), 2);
 
-        // The control thread learns the neighbour and publishes a new snapshot: the next batch forwards.
+        // Not resolved yet: nothing leaves.
+        let mut sent = Vec::new();
+        p.release_held(Instant(1000), |out, f| sent.push((out, f.to_vec())));
+        assert!(sent.is_empty());
+
+        // The control thread learns the neighbour: the held frames leave, routed and rewritten, in order.
         hops.table.store(Arc::new(lab_table(true)));
         p.begin_batch();
+        p.release_held(Instant(2000), |out, f| sent.push((out, f.to_vec())));
+        assert_eq!(sent.len(), HOLD_FRAMES);
+        for (out, f) in &sent {
+            assert_eq!(*out, Side::Outside);
+            assert_eq!((&f[0..6], &f[6..12], f[14 + 8]), (&EXT_MAC[..], &GW_OUT_MAC[..], 63));
+            assert!(ip_header_ok(f, 14));
+        }
+        assert!(!p.has_held());
+
+        // A neighbour that never resolves: the frame is dropped after the hold time.
+        hops.table.store(Arc::new(lab_table(false)));
+        p.begin_batch();
         let mut f = frame.clone();
-        assert!(matches!(p.process(Instant(10), Side::Inside, &mut f), Action::Forward { .. }));
+        assert_eq!(p.process(Instant(3000), Side::Inside, &mut f), Action::Held);
+        p.release_held(Instant(3000 + HOLD_NANOS - 1), |_, _| panic!("not yet"));
+        assert!(p.has_held());
+        p.release_held(Instant(3000 + HOLD_NANOS), |_, _| panic!("never resolved"));
+        assert!(!p.has_held());
+        assert_eq!(stats.drops(DropReason::NoNeighbour), 3);
     }
 
     #[test]
@@ -669,6 +1045,8 @@ mod tests {
                     prop_assert_eq!(l3.ip_end, len);
                 }
                 Action::Drop(reason) => prop_assert_eq!(p.stats().drops(reason), 1),
+                Action::HandedOff => prop_assert!(false, "a lone worker never hands off"),
+                Action::Held => prop_assert!(false, "every neighbour is known"),
             }
         }
     }

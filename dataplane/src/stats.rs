@@ -83,8 +83,10 @@ drop_reasons! {
     ConntrackFull => "conntrack_full",
     /// The source already holds its configured maximum of flows.
     SourceFlowLimit => "source_flow_limit",
-    /// No free port on the egress IP for this flow.
+    /// No free port on the egress IP for this flow (or more egress IPs than a worker's port tables hold).
     OutOfPorts => "out_of_ports",
+    /// The policy allowed the flow but the source's group has no egress IP to translate it to.
+    NoEgressIp => "no_egress_ip",
     /// Packet from outside matches no mapping (unsolicited inbound).
     NoMapping => "no_mapping",
     /// ICMP error quoting a packet of no known flow.
@@ -165,6 +167,93 @@ pub struct WorkerStats {
     pub flows_dry_run_denied: Counter,
     /// Batches processed (rx bursts that returned at least one frame).
     pub batches: Counter,
+    /// The worker's NAT gauges, republished about once a second.
+    pub nat: NatGauges,
+    /// Policy decisions per rule of the snapshot the worker runs (replaced when the policy is reloaded).
+    pub rule_hits: arc_swap::ArcSwap<RuleHits>,
+    /// Audit events left out by the rate limit or because the audit queue was full.
+    pub audit_suppressed: Counter,
+    /// Frames copied to the worker that owns their NAT port.
+    pub handed_off: Counter,
+}
+
+/// Policy decisions per rule, for one policy generation. Written by one worker.
+#[derive(Debug)]
+pub struct RuleHits {
+    pub generation: u64,
+    hits: Box<[Counter]>,
+}
+
+impl RuleHits {
+    /// Zeroed counters for `rules` rules (allocates: called on reload, never per packet).
+    pub fn new(generation: u64, rules: usize) -> RuleHits {
+        RuleHits { generation, hits: (0..rules).map(|_| Counter::default()).collect() }
+    }
+
+    #[inline]
+    pub fn hit(&self, rule: usize) {
+        if let Some(c) = self.hits.get(rule) {
+            c.inc();
+        }
+    }
+
+    pub fn get(&self, rule: usize) -> u64 {
+        self.hits.get(rule).map_or(0, Counter::get)
+    }
+
+    pub fn len(&self) -> usize {
+        self.hits.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hits.is_empty()
+    }
+}
+
+/// A worker's conntrack/NAT gauges as of its last publication: written by the worker (relaxed stores, about once
+/// a second, never per packet), read by the admin endpoint.
+#[derive(Debug, Default)]
+pub struct NatGauges {
+    pub tcp_syn_sent: AtomicU64,
+    pub tcp_established: AtomicU64,
+    pub tcp_transitory: AtomicU64,
+    pub udp: AtomicU64,
+    pub icmp: AtomicU64,
+    pub mappings: AtomicU64,
+    pub allocation_failures: AtomicU64,
+    /// Per egress IP this worker has used: (IPv4 as u32, TCP, UDP, ICMP ports in use).
+    pub egress: [[AtomicU64; 4]; crate::nat::MAX_EGRESS_IPS],
+    pub egress_len: AtomicU64,
+}
+
+impl NatGauges {
+    pub fn publish(&self, s: &crate::nat::NatStats) {
+        let set = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+        set(&self.tcp_syn_sent, s.tcp_syn_sent.into());
+        set(&self.tcp_established, s.tcp_established.into());
+        set(&self.tcp_transitory, s.tcp_transitory.into());
+        set(&self.udp, s.udp.into());
+        set(&self.icmp, s.icmp.into());
+        set(&self.mappings, s.mappings.into());
+        set(&self.allocation_failures, s.allocation_failures);
+        let ports = s.egress_ports();
+        for (slot, e) in self.egress.iter().zip(ports) {
+            set(&slot[0], u32::from(e.ip).into());
+            set(&slot[1], e.tcp.into());
+            set(&slot[2], e.udp.into());
+            set(&slot[3], e.icmp.into());
+        }
+        set(&self.egress_len, ports.len() as u64);
+    }
+
+    /// (egress IP, TCP, UDP, ICMP ports in use) for each egress IP this worker has used.
+    pub fn egress_ports(&self) -> impl Iterator<Item = (std::net::Ipv4Addr, u64, u64, u64)> + '_ {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let n = (get(&self.egress_len) as usize).min(self.egress.len());
+        self.egress[..n]
+            .iter()
+            .map(move |e| (std::net::Ipv4Addr::from(get(&e[0]) as u32), get(&e[1]), get(&e[2]), get(&e[3])))
+    }
 }
 
 impl Default for WorkerStats {
@@ -176,6 +265,10 @@ impl Default for WorkerStats {
             flows_allowed: Counter::default(),
             flows_dry_run_denied: Counter::default(),
             batches: Counter::default(),
+            nat: NatGauges::default(),
+            rule_hits: arc_swap::ArcSwap::from_pointee(RuleHits::new(0, 0)),
+            audit_suppressed: Counter::default(),
+            handed_off: Counter::default(),
         }
     }
 }

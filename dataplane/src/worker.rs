@@ -10,6 +10,9 @@
 //! sockets for at most `idle_timeout_ms`: a frame wakes it at once, and an idle gateway costs no CPU. This
 //! matters on small machines where the worker shares cores with the kernel's NAPI threads and other work.
 //!
+//! Once per iteration it also finishes frames other workers handed over (`crate::handoff`), expires idle flows
+//! within a budget, and about once a second publishes its NAT gauges.
+//!
 //! A shared `AtomicBool` stops every worker; the loop checks it once per iteration.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -70,6 +73,7 @@ impl Worker {
         let stats = self.pipeline.stats().clone();
         let fds = [self.inside.fd(), self.outside.fd()];
         let mut empty_polls: u32 = 0;
+        let mut last_gauges = Instant::ZERO;
         while !self.stop.load(Ordering::Relaxed) {
             self.pipeline.begin_batch();
             let moved =
@@ -81,6 +85,16 @@ impl Worker {
                         &mut self.pipeline,
                         &stats,
                     );
+            let now = Instant::monotonic();
+            let moved = moved + self.drain_handoffs(now, &stats);
+            if self.pipeline.has_held() {
+                self.release_held(now, &stats);
+            }
+            self.pipeline.poll_expiry(now, EXPIRY_BUDGET);
+            if now.saturating_since(last_gauges).as_nanos() >= GAUGE_INTERVAL_NANOS {
+                self.pipeline.publish_gauges();
+                last_gauges = now;
+            }
             for port in [&mut self.inside, &mut self.outside] {
                 port.reap_completions();
                 port.refill();
@@ -98,6 +112,7 @@ impl Worker {
                 IdleMode::Adaptive => std::hint::spin_loop(),
             }
         }
+        self.pipeline.publish_gauges();
         tracing::debug!(
             inside_bogus_completions = self.inside.bogus_completions(),
             outside_bogus_completions = self.outside.bogus_completions(),
@@ -105,6 +120,58 @@ impl Worker {
         );
     }
 }
+
+impl Worker {
+    /// Finishes up to one burst of frames other workers handed to this one (replies whose NAT port this worker
+    /// owns, hairpinned packets); they leave by the inside port. Returns how many were taken.
+    fn drain_handoffs(&mut self, now: Instant, stats: &WorkerStats) -> usize {
+        let mut taken = 0;
+        while taken < HANDOFF_BURST {
+            let Some(mut handed) = self.pipeline.next_handoff() else { break };
+            taken += 1;
+            if let Action::Forward { out, len } = self.pipeline.process_handoff(now, &mut handed) {
+                let port = match out {
+                    Side::Inside => &mut self.inside,
+                    Side::Outside => &mut self.outside,
+                };
+                let bytes = handed.bytes_mut();
+                if let Err(e) = port.stage_tx(&bytes[..len.min(bytes.len())]) {
+                    stats.count_drop(e.drop_reason());
+                }
+            }
+        }
+        if taken > 0 {
+            self.inside.flush_tx(stats, Side::Inside);
+            self.outside.flush_tx(stats, Side::Outside);
+        }
+        taken
+    }
+}
+
+impl Worker {
+    /// Sends the frames whose neighbour has resolved since they were held.
+    fn release_held(&mut self, now: Instant, stats: &WorkerStats) {
+        let (inside, outside) = (&mut self.inside, &mut self.outside);
+        self.pipeline.release_held(now, |out, frame| {
+            let port = match out {
+                Side::Inside => &mut *inside,
+                Side::Outside => &mut *outside,
+            };
+            if let Err(e) = port.stage_tx(frame) {
+                stats.count_drop(e.drop_reason());
+            }
+        });
+        self.inside.flush_tx(stats, Side::Inside);
+        self.outside.flush_tx(stats, Side::Outside);
+    }
+}
+
+/// Most handed-over frames finished per loop iteration.
+const HANDOFF_BURST: usize = 64;
+/// Most idle flows expired per loop iteration: expiry never stalls forwarding.
+const EXPIRY_BUDGET: usize = 64;
+/// How often the NAT gauges are republished for the admin endpoint.
+const GAUGE_INTERVAL_NANOS: u128 = 1_000_000_000;
 
 /// One burst from `from` (which sits on `side`): pipeline each frame, stage forwarded frames on `to`, flush.
 /// Returns the number of frames received.
@@ -125,6 +192,7 @@ fn forward_burst(
     for i in 0..n {
         let frame = from.received_frame(i);
         stats.rx(side).add(frame.len());
+        // Dropped, held and handed-off frames need nothing more here (their bytes were copied where needed).
         if let Action::Forward { len, .. } = pipeline.process(now, side, frame) {
             let out = &frame[..len.min(frame.len())];
             if let Err(e) = to.stage_tx(out) {

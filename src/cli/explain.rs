@@ -1,13 +1,362 @@
-//! `egressd explain CONFIG --src IP --dst IP:PORT`. (Issue 4.)
+//! `egressd explain CONFIG --src IP --dst IP[:PORT] [--proto tcp|udp|icmp] [--host NAME] [--json]`: how the policy
+//! judges one flow.
+//!
+//! The verdict comes from [`PolicySnapshot::evaluate`], the very lookup the workers run, on a snapshot compiled
+//! by the same `crate::policy::compile`; this module only adds the words around it: which group and rule (with
+//! their file:line), the egress IP the flow would leave from, and a one-line reason reconstructed from the rules
+//! as written (the most specific matching destination, the excepts that did or did not apply, the rules it beat).
+//! Exit status 0 whatever the verdict; 1 when the configuration or the flow cannot be read.
 
+use std::fmt::Write as _;
+use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
+
+use dataplane::policy::{ip_proto, DenyReason, GroupId, PolicySnapshot, RuleId, RuleSpec, Verdict};
+use serde::Serialize;
+
+use crate::config::Loaded;
 
 #[derive(Debug, clap::Args)]
 pub struct ExplainArgs {
     #[command(flatten)]
     pub config: super::ConfigArg,
+    /// Source address of the flow (an inside workload).
+    #[arg(long)]
+    pub src: String,
+    /// Destination: IP, IP:PORT or [IPv6]:PORT. The port is required for tcp and udp.
+    #[arg(long)]
+    pub dst: String,
+    /// Protocol of the flow: tcp, udp or icmp.
+    #[arg(long, default_value = "tcp")]
+    pub proto: String,
+    /// SNI or Host name the client would present (checked against the hosts of an l7 rule).
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
-pub fn explain(_args: ExplainArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("explain is not implemented yet (issue 4)")
+/// The flow to explain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// IP protocol number (`ip_proto::TCP`, `UDP` or `ICMP`).
+    pub proto: u8,
+    /// Destination port; 0 for ICMP.
+    pub port: u16,
+    pub host: Option<String>,
+}
+
+impl Flow {
+    /// Parses the command-line form. Errors are one line, naming the bad argument.
+    pub fn parse(src: &str, dst: &str, proto: &str, host: Option<&str>) -> Result<Flow, String> {
+        let src: IpAddr = src.trim().parse().map_err(|_| format!("--src: \"{src}\" is not an IP address"))?;
+        let proto = match proto.to_ascii_lowercase().as_str() {
+            "tcp" => ip_proto::TCP,
+            "udp" => ip_proto::UDP,
+            "icmp" => ip_proto::ICMP,
+            _ => return Err(format!("--proto: \"{proto}\" is not tcp, udp or icmp")),
+        };
+        let dst_text = dst.trim();
+        let (dst, port) = if let Ok(addr) = dst_text.parse::<IpAddr>() {
+            (addr, None)
+        } else if let Ok(sa) = dst_text.parse::<SocketAddr>() {
+            (sa.ip(), Some(sa.port()))
+        } else {
+            return Err(format!("--dst: \"{dst}\" is not IP, IP:PORT or [IPv6]:PORT"));
+        };
+        let port = match (proto, port) {
+            (ip_proto::ICMP, _) => 0,
+            (_, Some(0)) => return Err("--dst: port 0 is not a destination port".to_string()),
+            (_, Some(port)) => port,
+            (_, None) => {
+                return Err(format!("--dst: give the destination port for tcp and udp, as in {dst}:443"))
+            }
+        };
+        if src.is_ipv4() != dst.is_ipv4() {
+            return Err("--src and --dst must be of the same address family".to_string());
+        }
+        Ok(Flow { src, dst, proto, port, host: host.map(str::to_string) })
+    }
+
+    fn proto_name(&self) -> &'static str {
+        match self.proto {
+            ip_proto::TCP => "tcp",
+            ip_proto::UDP => "udp",
+            _ => "icmp",
+        }
+    }
+
+    /// `tcp 10.0.0.5 -> 203.0.113.7:443`
+    pub fn describe(&self) -> String {
+        let dst = match (self.proto, self.dst) {
+            (ip_proto::ICMP, d) => d.to_string(),
+            (_, d) => SocketAddr::new(d, self.port).to_string(),
+        };
+        format!("{} {} -> {}", self.proto_name(), self.src, dst)
+    }
+}
+
+/// What `explain` prints; the JSON form is this struct.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Explanation {
+    pub flow: String,
+    /// `allow`, `deny` (a deny rule), `l7`, `default-deny` (no rule of the group matched) or `no-group`.
+    pub verdict: &'static str,
+    /// The source's group.
+    pub group: Option<String>,
+    /// Where the group is defined, `file:line` of its name.
+    pub group_at: Option<String>,
+    /// The deciding rule, `file:line` of its `[[rule]]` header.
+    pub rule: Option<String>,
+    /// The address the flow leaves from (null when the flow is not forwarded).
+    pub egress_ip: Option<String>,
+    /// A denial that is forwarded and counted (global or per-rule dry run); on l7, host mismatches pass too.
+    pub dry_run: bool,
+    /// `L4` (decided here) or `L7` (handed to the L7 path, which checks the host).
+    pub layer: &'static str,
+    /// Whether the dataplane forwards the first packet at L4 (allow, or a dry-run denial).
+    pub forwarded: bool,
+    /// One line: why.
+    pub reason: String,
+    /// With `--host` on an l7 verdict: whether the rule's host patterns allow it.
+    pub host_allowed: Option<bool>,
+}
+
+/// Judges `flow` with `snapshot` (compiled from `loaded`) and says why.
+pub fn explain_flow(loaded: &Loaded, snapshot: &PolicySnapshot, flow: &Flow) -> Explanation {
+    let decision = snapshot.evaluate(flow.src, flow.dst, flow.proto, flow.port);
+    let path = loaded.source.path.display().to_string();
+    let rule_at = |id: RuleId| {
+        let line =
+            loaded.config.rule.get(id.0 as usize).map_or(0, |r| loaded.source.line_col(r.span().start).0);
+        format!("{path}:{line}")
+    };
+    let group_at = |g: GroupId| {
+        let line = loaded
+            .config
+            .group
+            .get(g.0 as usize)
+            .map_or(0, |c| loaded.source.line_col(c.name.span().start).0);
+        format!("{path}:{line}")
+    };
+    let verdict = match decision.verdict {
+        Verdict::Allow => "allow",
+        Verdict::L7 => "l7",
+        Verdict::Deny(DenyReason::Rule) => "deny",
+        Verdict::Deny(DenyReason::DefaultDeny) => "default-deny",
+        Verdict::Deny(DenyReason::NoGroup) => "no-group",
+    };
+    let leaves = decision.forwards() || decision.verdict == Verdict::L7;
+    let egress_ip = match (decision.group, flow.src) {
+        (Some(g), IpAddr::V4(src)) if leaves => snapshot.egress_ip_for(g, src).map(|ip| ip.to_string()),
+        _ => None,
+    };
+    // Rules of the source's group, in file order.
+    let group_rules: Vec<(RuleId, &RuleSpec)> = match decision.group {
+        Some(g) => (0..snapshot.rule_count() as u32)
+            .map(RuleId)
+            .filter_map(|id| snapshot.rule(id).map(|r| (id, r)))
+            .filter(|(_, r)| r.group == g)
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut reason = String::new();
+    let mut host_allowed = None;
+    match (decision.group, decision.rule.and_then(|id| snapshot.rule(id).map(|r| (id, r)))) {
+        (None, _) => reason.push_str(&format!("source {} is in no group's sources", flow.src)),
+        (Some(g), None) => {
+            let _ =
+                write!(reason, "no rule of group \"{}\" matches {}", snapshot.group_name(g), flow.describe());
+            let misses = near_misses(&group_rules, flow, &rule_at);
+            if !misses.is_empty() {
+                let _ = write!(reason, " ({})", misses.join("; "));
+            }
+        }
+        (Some(_), Some((id, spec))) => {
+            let matched = spec.matching_prefix(flow.dst).map_or("?".to_string(), |p| p.to_string());
+            let _ = write!(reason, "longest matching destination {matched} in rule at {}", rule_at(id));
+            if !spec.ports.is_empty() {
+                let ranges: Vec<String> = spec
+                    .ports
+                    .iter()
+                    .map(|r| {
+                        if r.first == r.last {
+                            r.first.to_string()
+                        } else {
+                            format!("{}-{}", r.first, r.last)
+                        }
+                    })
+                    .collect();
+                let _ = write!(reason, ", port {} in ports [{}]", flow.port, ranges.join(", "));
+            }
+            if !spec.except.is_empty() {
+                let list: Vec<String> = spec.except.iter().map(ToString::to_string).collect();
+                let _ = write!(reason, "; except {} did not match", list.join(", "));
+            }
+            let beaten: Vec<String> = group_rules
+                .iter()
+                .filter(|(other, r)| *other != id && r.matches_proto_port(flow.proto, flow.port))
+                .filter_map(|(other, r)| {
+                    r.matching_prefix(flow.dst).map(|p| format!("{} ({p})", rule_at(*other)))
+                })
+                .take(3)
+                .collect();
+            if !beaten.is_empty() {
+                let _ = write!(reason, "; beats rule at {}", beaten.join(", "));
+            }
+            if decision.verdict == Verdict::L7 {
+                let hosts: Vec<String> = spec.hosts.iter().map(ToString::to_string).collect();
+                match &flow.host {
+                    Some(host) => {
+                        let allowed = snapshot.host_allowed(id, host);
+                        host_allowed = Some(allowed);
+                        match spec.hosts.iter().find(|p| p.matches(host)) {
+                            Some(p) => {
+                                let _ = write!(reason, "; host {host} matches {p}");
+                            }
+                            None => {
+                                let _ = write!(
+                                    reason,
+                                    "; host {host} matches none of {}: the L7 path refuses it{}",
+                                    hosts.join(", "),
+                                    if decision.dry_run {
+                                        " (dry run: lets it through and counts it)"
+                                    } else {
+                                        ""
+                                    }
+                                );
+                            }
+                        }
+                    }
+                    None => {
+                        let _ = write!(reason, "; the L7 path checks SNI/Host against {}", hosts.join(", "));
+                    }
+                }
+            }
+        }
+    }
+    if matches!(decision.verdict, Verdict::Deny(_)) {
+        reason.push_str(if decision.dry_run {
+            "; dry run: forwarded and counted"
+        } else {
+            "; dropped and counted"
+        });
+    }
+    Explanation {
+        flow: flow.describe(),
+        verdict,
+        group: decision.group.map(|g| snapshot.group_name(g).to_string()),
+        group_at: decision.group.map(group_at),
+        rule: decision.rule.map(rule_at),
+        egress_ip,
+        dry_run: decision.dry_run,
+        layer: if decision.verdict == Verdict::L7 { "L7" } else { "L4" },
+        forwarded: decision.forwards(),
+        reason,
+        host_allowed,
+    }
+}
+
+/// Rules whose destinations contain the flow's but which did not match: an except took it out, or the protocol
+/// or port differs.
+fn near_misses(
+    group_rules: &[(RuleId, &RuleSpec)],
+    flow: &Flow,
+    rule_at: &dyn Fn(RuleId) -> String,
+) -> Vec<String> {
+    let mut misses = Vec::new();
+    for (id, r) in group_rules {
+        if !r.to.iter().any(|p| p.contains(flow.dst)) {
+            continue;
+        }
+        if let Some(e) = r.except.iter().find(|e| e.contains(flow.dst)) {
+            misses.push(format!("rule at {}: except {e} contains {}", rule_at(*id), flow.dst));
+        } else if !r.matches_proto_port(flow.proto, flow.port) {
+            misses.push(format!("rule at {} covers {} but not {}", rule_at(*id), flow.dst, proto_port(flow)));
+        }
+        if misses.len() == 3 {
+            break;
+        }
+    }
+    misses
+}
+
+fn proto_port(flow: &Flow) -> String {
+    match flow.proto {
+        ip_proto::ICMP => "icmp".to_string(),
+        _ => format!("{}/{}", flow.proto_name(), flow.port),
+    }
+}
+
+impl Explanation {
+    /// The text form: one `key: value` line each.
+    pub fn to_text(&self) -> String {
+        let none = || "-".to_string();
+        let group = match (&self.group, &self.group_at) {
+            (Some(g), Some(at)) => format!("{g} ({at})"),
+            _ => "none".to_string(),
+        };
+        let mut out = String::new();
+        let _ = writeln!(out, "flow:      {}", self.flow);
+        let _ = writeln!(out, "group:     {group}");
+        let _ = writeln!(out, "rule:      {}", self.rule.clone().unwrap_or_else(none));
+        let _ = writeln!(out, "verdict:   {}", self.verdict);
+        let _ = writeln!(out, "dry_run:   {}", self.dry_run);
+        let _ = writeln!(
+            out,
+            "egress IP: {}",
+            self.egress_ip.clone().unwrap_or_else(|| "none (not forwarded)".into())
+        );
+        let _ = writeln!(out, "layer:     {}", self.layer);
+        if let Some(allowed) = self.host_allowed {
+            let _ = writeln!(out, "host:      {}", if allowed { "allowed" } else { "refused" });
+        }
+        let _ = writeln!(out, "why:       {}", self.reason);
+        out
+    }
+}
+
+pub fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let loaded = match crate::config::load(&args.config.config) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    for w in &loaded.warnings {
+        eprintln!("warning: {w}");
+    }
+    let flow = match Flow::parse(&args.src, &args.dst, &args.proto, args.host.as_deref()) {
+        Ok(flow) => flow,
+        Err(e) => {
+            eprintln!("egressd explain: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let snapshot = match crate::policy::compile(&loaded.config, 1) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{}: {e}", args.config.config.display());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let explanation = explain_flow(&loaded, &snapshot, &flow);
+    if args.json {
+        println!("{}", serde_json::to_string(&explanation)?);
+    } else {
+        print!("{}", explanation.to_text());
+        if flow.host.is_some() && explanation.host_allowed.is_none() {
+            println!("note:      --host plays no part: the verdict is decided at L4");
+        }
+        if explanation.layer == "L7" {
+            println!(
+                "note:      until the L7 path exists the dataplane drops l7 flows (counter l7_unavailable)"
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -199,7 +199,8 @@ mod tests {
     #[test]
     fn bad_values_are_reported_with_positions() {
         let text = "[dataplane]\ninside = \"same\"\noutside = \"same\"\nring_size = 1000\nbatch_size = 0\n\
-                    frame_size = 3000\ncores = [1, 1]\negress_ips = [\"192.0.2.10\", \"192.0.2.10\"]\n";
+                    frame_size = 3000\ncores = [1, 1]\negress_ips = [\"192.0.2.10\", \"192.0.2.10\"]\n\
+                    [[group]]\nname = \"g\"\nsources = [\"10.0.0.0/8\"]\negress_ips = [\"192.0.2.10\"]\n";
         let e = errors(text);
         let expect = [
             "t.toml:3:11: outside: must be a different interface",

@@ -33,9 +33,10 @@ pub struct Config {
     /// Source groups: who.
     #[serde(default)]
     pub group: Vec<policy::GroupConfig>,
-    /// Rules: what each group may reach.
+    /// Rules: what each group may reach, in precedence order for ties. Each keeps the span of its `[[rule]]`
+    /// header, so a `RuleId` (the index here) maps back to a file:line.
     #[serde(default)]
-    pub rule: Vec<policy::RuleConfig>,
+    pub rule: Vec<toml::Spanned<policy::RuleConfig>>,
 }
 
 /// The text of a configuration file and where it came from; turns byte spans into positions.

@@ -1,8 +1,17 @@
 //! `[policy]`, `[[group]]`, `[[rule]]`: the L3/L4 policy model and its validation. The meaning at packet time is
-//! documented in `dataplane::policy`; `crate::policy` compiles this model into a snapshot.
+//! documented in `dataplane::policy` (and for operators in `conf/README.md`); `crate::policy` compiles this model
+//! into a snapshot.
+//!
+//! Validation reports every problem of a file with its line and column: values that do not parse (prefixes with
+//! host bits set or too long, port ranges reversed or out of range, malformed host patterns), references that do
+//! not resolve (unknown groups, egress IPs in no group), and rules that contradict each other (one prefix with two
+//! actions for the same traffic in one group). A rule that can never decide because others always win is only a
+//! warning: the policy still means something, probably not what its author wanted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
+use std::ops::Range;
 
 use dataplane::policy::{HostPattern, PortRange, Prefix};
 use serde::Deserialize;
@@ -22,8 +31,10 @@ pub struct PolicySettings {
 #[serde(deny_unknown_fields)]
 pub struct GroupConfig {
     pub name: Spanned<String>,
+    /// Source prefixes; an inside address belongs to the group owning its longest matching source prefix.
     #[serde(default)]
     pub sources: Vec<Spanned<String>>,
+    /// IPv4 addresses the group's flows leave from (one per inside host, chosen by rendezvous hashing).
     #[serde(default)]
     pub egress_ips: Vec<Spanned<String>>,
 }
@@ -45,18 +56,41 @@ pub enum ActionConfig {
     L7,
 }
 
+impl fmt::Display for ActionConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ActionConfig::Allow => "allow",
+            ActionConfig::Deny => "deny",
+            ActionConfig::L7 => "l7",
+        })
+    }
+}
+
+/// One entry of `ports`: `443` or `"443"` or `"8000-8100"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum PortSpec {
+    Number(i64),
+    Text(String),
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     pub group: Spanned<String>,
+    /// Destination prefixes (at least one).
+    #[serde(default)]
     pub to: Vec<Spanned<String>>,
     #[serde(default)]
     pub except: Vec<Spanned<String>>,
+    /// Default `any`.
     #[serde(default)]
     pub proto: Option<Spanned<Proto>>,
+    /// Destination ports; empty = every port.
     #[serde(default)]
-    pub ports: Vec<Spanned<String>>,
+    pub ports: Vec<Spanned<PortSpec>>,
     pub action: Spanned<ActionConfig>,
+    /// For `l7` rules: the SNI / Host names allowed.
     #[serde(default)]
     pub hosts: Vec<Spanned<String>>,
     #[serde(default)]
@@ -69,31 +103,80 @@ impl RuleConfig {
     }
 }
 
+/// Parses one `ports` entry (1–65535, first ≤ last).
+pub fn parse_port_spec(spec: &PortSpec) -> Result<PortRange, String> {
+    match spec {
+        PortSpec::Number(n) => {
+            let port = port_number(*n)?;
+            Ok(PortRange { first: port, last: port })
+        }
+        PortSpec::Text(s) => parse_port_range(s),
+    }
+}
+
+fn port_number(n: i64) -> Result<u16, String> {
+    match u16::try_from(n) {
+        Ok(port) if port != 0 => Ok(port),
+        _ => Err(format!("port {n} is out of range (1-65535)")),
+    }
+}
+
 /// Parses `"443"` or `"8000-8100"` (1–65535, first ≤ last).
 pub fn parse_port_range(s: &str) -> Result<PortRange, String> {
     let one = |t: &str| -> Result<u16, String> {
-        let n: u32 = t
-            .trim()
-            .parse()
-            .map_err(|_| format!("\"{s}\" is not a port or port range (e.g. \"443\" or \"8000-8100\")"))?;
-        if n == 0 || n > 65535 {
-            return Err(format!("port {n} is out of range (1-65535)"));
+        let t = t.trim();
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("\"{s}\" is not a port or port range (e.g. \"443\" or \"8000-8100\")"));
         }
-        Ok(n as u16)
+        port_number(t.parse().unwrap_or(i64::MAX))
     };
     let (first, last) = match s.split_once('-') {
         Some((a, b)) => (one(a)?, one(b)?),
         None => (one(s)?, one(s)?),
     };
     if first > last {
-        return Err(format!("port range {first}-{last} is reversed"));
+        return Err(format!("port range {first}-{last} is reversed (write {last}-{first})"));
     }
     Ok(PortRange { first, last })
 }
 
 /// Cross-section checks of the policy model.
 pub fn validate(config: &Config, src: &Source, diags: &mut Diagnostics) {
-    let mut group_names: HashMap<&str, usize> = HashMap::new();
+    let egress_owners = validate_groups(config, src, diags);
+    validate_egress_ips(config, &egress_owners, src, diags);
+    let group_names: HashSet<&str> = config.group.iter().map(|g| g.name.get_ref().as_str()).collect();
+    let mut checked = Vec::new();
+    let mut groups_needing_egress = HashSet::new();
+    for (index, rule) in config.rule.iter().enumerate() {
+        let errors_before = diags.errors.len();
+        let r = check_rule(index, rule, &group_names, src, diags);
+        if *rule.get_ref().action.get_ref() != ActionConfig::Deny {
+            groups_needing_egress.insert(r.group);
+        }
+        if diags.errors.len() == errors_before {
+            checked.push(r);
+        }
+    }
+    check_conflicts_and_shadows(&checked, src, diags);
+    for g in &config.group {
+        let name = g.name.get_ref().as_str();
+        if groups_needing_egress.contains(name) && g.egress_ips.is_empty() {
+            diags.error(
+                src,
+                g.name.span(),
+                format!("group \"{name}\" has allow or l7 rules but no egress_ips"),
+            );
+        }
+    }
+}
+
+/// Names, sources and egress IPs of the groups. Returns the owner of each valid egress IP.
+fn validate_groups<'a>(
+    config: &'a Config,
+    src: &Source,
+    diags: &mut Diagnostics,
+) -> HashMap<Ipv4Addr, &'a str> {
+    let mut group_names: HashSet<&str> = HashSet::new();
     let mut egress_owner: HashMap<Ipv4Addr, &str> = HashMap::new();
     let mut source_owner: HashMap<Prefix, &str> = HashMap::new();
     for g in &config.group {
@@ -101,7 +184,7 @@ pub fn validate(config: &Config, src: &Source, diags: &mut Diagnostics) {
         if name.is_empty() {
             diags.error(src, g.name.span(), "group name is empty");
         }
-        if group_names.insert(name, 0).is_some() {
+        if !group_names.insert(name) {
             diags.error(src, g.name.span(), format!("duplicate group name \"{name}\""));
         }
         if g.sources.is_empty() {
@@ -110,11 +193,15 @@ pub fn validate(config: &Config, src: &Source, diags: &mut Diagnostics) {
         for s in &g.sources {
             match s.get_ref().parse::<Prefix>() {
                 Err(e) => diags.error(src, s.span(), e.to_string()),
-                Ok(p) => {
-                    if let Some(other) = source_owner.insert(p, name) {
-                        diags.error(src, s.span(), format!("source {p} is already in group \"{other}\""));
+                Ok(p) => match source_owner.insert(p, name) {
+                    Some(other) if other == name => {
+                        diags.error(src, s.span(), format!("source {p} is listed twice"))
                     }
-                }
+                    Some(other) => {
+                        diags.error(src, s.span(), format!("source {p} is already in group \"{other}\""))
+                    }
+                    None => {}
+                },
             }
         }
         for ip in &g.egress_ips {
@@ -126,153 +213,357 @@ pub fn validate(config: &Config, src: &Source, diags: &mut Diagnostics) {
                 Ok(IpAddr::V4(a)) => {
                     if a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback() {
                         diags.error(src, ip.span(), format!("{a} cannot be an egress IP"));
-                    } else if let Some(other) = egress_owner.insert(a, name) {
-                        diags.error(
-                            src,
-                            ip.span(),
-                            format!("egress IP {a} is already used by group \"{other}\""),
-                        );
+                    } else {
+                        match egress_owner.insert(a, name) {
+                            Some(other) if other == name => {
+                                diags.error(src, ip.span(), format!("egress IP {a} is listed twice"))
+                            }
+                            Some(other) => diags.error(
+                                src,
+                                ip.span(),
+                                format!("egress IP {a} is already used by group \"{other}\""),
+                            ),
+                            None => {}
+                        }
                     }
                 }
             }
         }
     }
-    // Per group: (prefix, proto, ports, action, rule index) for conflict and shadow checks.
-    type Seen = (Prefix, Proto, Vec<PortRange>, ActionConfig, usize, bool);
-    let mut by_group: HashMap<&str, Vec<Seen>> = HashMap::new();
-    let mut groups_needing_egress: HashMap<&str, usize> = HashMap::new();
-    for (index, r) in config.rule.iter().enumerate() {
-        let group = r.group.get_ref().as_str();
-        if !group_names.contains_key(group) {
-            diags.error(src, r.group.span(), format!("unknown group \"{group}\""));
-        }
-        let action = *r.action.get_ref();
-        let proto = r.proto();
-        if action != ActionConfig::Deny {
-            groups_needing_egress.entry(group).or_insert(index);
-        }
-        if r.to.is_empty() {
-            diags.error(src, r.action.span(), "rule has no `to` destinations");
-        }
-        let mut to = Vec::new();
-        for t in &r.to {
-            match t.get_ref().parse::<Prefix>() {
-                Err(e) => diags.error(src, t.span(), e.to_string()),
-                Ok(p) if to.contains(&p) => diags.error(src, t.span(), format!("{p} is listed twice")),
-                Ok(p) => to.push(p),
-            }
-        }
-        for e in &r.except {
-            match e.get_ref().parse::<Prefix>() {
-                Err(err) => diags.error(src, e.span(), err.to_string()),
-                Ok(p) => {
-                    if to.contains(&p) {
-                        diags.error(src, e.span(), format!("except {p} removes a whole `to` prefix"));
-                    } else if !to.iter().any(|t| t.covers(&p)) {
-                        diags.error(
-                            src,
-                            e.span(),
-                            format!("except {p} is inside none of the rule's `to` prefixes"),
-                        );
-                    }
-                }
-            }
-        }
-        let mut ports = Vec::new();
-        for p in &r.ports {
-            match parse_port_range(p.get_ref()) {
-                Err(e) => diags.error(src, p.span(), e),
-                Ok(range) => ports.push(range),
-            }
-        }
-        if !r.ports.is_empty() && proto == Proto::Icmp {
+    egress_owner
+}
+
+/// `[dataplane] egress_ips` and the groups' egress IPs must agree: every address egressd owns serves some group,
+/// and (when the dataplane lists its addresses) every group leaves from one of them.
+fn validate_egress_ips(
+    config: &Config,
+    owners: &HashMap<Ipv4Addr, &str>,
+    src: &Source,
+    diags: &mut Diagnostics,
+) {
+    let dataplane_ips: HashSet<Ipv4Addr> = config.dataplane.egress_ips().into_iter().collect();
+    for ip in &config.dataplane.egress_ips {
+        let addr = *ip.get_ref();
+        if !owners.contains_key(&addr) {
             diags.error(
                 src,
-                r.ports[0].span(),
-                "ports need proto \"tcp\", \"udp\" or \"any\" (ICMP has no ports)",
+                ip.span(),
+                format!("egress IP {addr} is in no group (add it to a [[group]]'s egress_ips, or remove it)"),
             );
         }
-        match action {
-            ActionConfig::L7 => {
-                if r.hosts.is_empty() {
-                    diags.error(src, r.action.span(), "an l7 rule needs `hosts`");
-                }
-                if proto != Proto::Tcp {
-                    let span = r.proto.as_ref().map_or(r.action.span(), |p| p.span());
-                    diags.error(src, span, "an l7 rule needs proto = \"tcp\" (SNI and Host travel over TCP)");
-                }
-            }
-            _ => {
-                if let Some(h) = r.hosts.first() {
-                    diags.error(src, h.span(), "hosts are only allowed on rules with action = \"l7\"");
-                }
-            }
-        }
-        for h in &r.hosts {
-            if let Err(e) = HostPattern::parse(h.get_ref()) {
-                diags.error(src, h.span(), e.to_string());
-            }
-        }
-        // Conflicts (same prefix, overlapping traffic, different action) and shadowing (same prefix, earlier rule
-        // covering the same traffic, no except).
-        let seen = by_group.entry(group).or_default();
-        let mut shadowed_by = None;
-        let overlap = |a: &[PortRange], b: &[PortRange]| {
-            a.is_empty()
-                || b.is_empty()
-                || a.iter().any(|x| b.iter().any(|y| x.first <= y.last && y.first <= x.last))
-        };
-        let covers_ports = |outer: &[PortRange], inner: &[PortRange]| {
-            outer.is_empty()
-                || (!inner.is_empty()
-                    && inner.iter().all(|i| outer.iter().any(|o| o.first <= i.first && i.last <= o.last)))
-        };
-        let proto_overlap = |a: Proto, b: Proto| a == Proto::Any || b == Proto::Any || a == b;
-        let mut all_shadowed = !to.is_empty();
-        for (t, span) in to.iter().zip(&r.to) {
-            let mut this_shadowed = false;
-            for (p, pr, ports2, act, other, has_except) in seen.iter() {
-                if p != t || !proto_overlap(*pr, proto) || !overlap(ports2, &ports) {
-                    continue;
-                }
-                if *act != action {
-                    diags.error(
-                        src,
-                        span.span(),
-                        format!(
-                            "{t} is also in rule #{} of group \"{group}\" with a conflicting action",
-                            other + 1
-                        ),
-                    );
-                }
-                if !has_except && (*pr == Proto::Any || *pr == proto) && covers_ports(ports2, &ports) {
-                    this_shadowed = true;
-                    shadowed_by = Some(*other);
-                }
-            }
-            all_shadowed &= this_shadowed;
-        }
-        if all_shadowed {
-            if let Some(other) = shadowed_by {
-                diags.warn(
-                    src,
-                    r.action.span(),
-                    format!("rule #{} never decides: shadowed by rule #{}", index + 1, other + 1),
-                );
-            }
-        }
-        for t in to {
-            seen.push((t, proto, ports.clone(), action, index, !r.except.is_empty()));
-        }
+    }
+    if dataplane_ips.is_empty() {
+        return;
     }
     for g in &config.group {
-        let name = g.name.get_ref().as_str();
-        if groups_needing_egress.contains_key(name) && g.egress_ips.is_empty() {
-            diags.error(
+        for ip in &g.egress_ips {
+            if let Ok(addr) = ip.get_ref().parse::<Ipv4Addr>() {
+                if !dataplane_ips.contains(&addr) {
+                    diags.error(src, ip.span(), format!("egress IP {addr} is not in [dataplane] egress_ips"));
+                }
+            }
+        }
+    }
+}
+
+/// A rule whose own fields are valid, reduced to what the cross-rule checks need.
+struct CheckedRule<'a> {
+    index: usize,
+    /// Line of the `[[rule]]` header.
+    line: usize,
+    header: Range<usize>,
+    group: &'a str,
+    to: Vec<(Prefix, Range<usize>)>,
+    except: Vec<Prefix>,
+    traffic: Traffic,
+    action: ActionConfig,
+}
+
+/// Checks one rule on its own; the result is only used when no error was reported.
+fn check_rule<'a>(
+    index: usize,
+    rule: &'a Spanned<RuleConfig>,
+    group_names: &HashSet<&str>,
+    src: &Source,
+    diags: &mut Diagnostics,
+) -> CheckedRule<'a> {
+    let header = rule.span();
+    let r = rule.get_ref();
+    let group = r.group.get_ref().as_str();
+    if !group_names.contains(group) {
+        diags.error(src, r.group.span(), format!("unknown group \"{group}\""));
+    }
+    let action = *r.action.get_ref();
+    let proto = r.proto();
+    if r.to.is_empty() {
+        diags.error(
+            src,
+            header.clone(),
+            "rule has no `to` destinations (write \"0.0.0.0/0\" for everywhere)",
+        );
+    }
+    let mut to: Vec<(Prefix, Range<usize>)> = Vec::new();
+    for t in &r.to {
+        match t.get_ref().parse::<Prefix>() {
+            Err(e) => diags.error(src, t.span(), e.to_string()),
+            Ok(p) if to.iter().any(|(q, _)| *q == p) => {
+                diags.error(src, t.span(), format!("{p} is listed twice"))
+            }
+            Ok(p) => to.push((p, t.span())),
+        }
+    }
+    let mut except = Vec::new();
+    for e in &r.except {
+        match e.get_ref().parse::<Prefix>() {
+            Err(err) => diags.error(src, e.span(), err.to_string()),
+            Ok(p) => {
+                if to.iter().any(|(t, _)| *t == p) {
+                    diags.error(src, e.span(), format!("except {p} removes a whole `to` prefix"));
+                } else if to.len() == r.to.len() && !to.iter().any(|(t, _)| t.covers(&p)) {
+                    // (Only when every `to` parsed: an except inside a malformed `to` is not a second error.)
+                    diags.error(
+                        src,
+                        e.span(),
+                        format!("except {p} is inside none of the rule's `to` prefixes"),
+                    );
+                } else {
+                    except.push(p);
+                }
+            }
+        }
+    }
+    let mut ports = Vec::new();
+    for p in &r.ports {
+        match parse_port_spec(p.get_ref()) {
+            Err(e) => diags.error(src, p.span(), e),
+            Ok(range) => ports.push(range),
+        }
+    }
+    if !r.ports.is_empty() && proto == Proto::Icmp {
+        diags.error(
+            src,
+            r.ports[0].span(),
+            "ports need proto \"tcp\", \"udp\" or \"any\" (ICMP has no ports)",
+        );
+    }
+    match action {
+        ActionConfig::L7 => {
+            if r.hosts.is_empty() {
+                diags.error(
+                    src,
+                    r.action.span(),
+                    "an l7 rule needs `hosts` (the SNI / Host names it allows)",
+                );
+            }
+            if proto != Proto::Tcp {
+                let span = r.proto.as_ref().map_or(r.action.span(), |p| p.span());
+                diags.error(src, span, "an l7 rule needs proto = \"tcp\" (SNI and Host travel over TCP)");
+            }
+        }
+        _ => {
+            if let Some(h) = r.hosts.first() {
+                diags.error(src, h.span(), "hosts are only allowed on rules with action = \"l7\"");
+            }
+        }
+    }
+    for h in &r.hosts {
+        if let Err(e) = HostPattern::parse(h.get_ref()) {
+            diags.error(src, h.span(), e.to_string());
+        }
+    }
+    CheckedRule {
+        index,
+        line: src.line_col(header.start).0,
+        header,
+        group,
+        to,
+        except,
+        traffic: Traffic::of(proto, &ports),
+        action,
+    }
+}
+
+/// Within each group: the same prefix with two actions for overlapping traffic is an error; a rule that never
+/// decides (each of its `to` prefixes is taken first by an earlier rule with the same prefix, or tiled by more
+/// specific prefixes of other rules, for all of its traffic) is a warning. The shadow check is conservative: it
+/// may miss a shadowed rule (e.g. one covered only by several rules' combined ports), never flags a live one.
+fn check_conflicts_and_shadows(rules: &[CheckedRule<'_>], src: &Source, diags: &mut Diagnostics) {
+    // Same (group, prefix): rule positions in file order.
+    let mut same_prefix: HashMap<(&str, Prefix), Vec<usize>> = HashMap::new();
+    // Per group: every `to` prefix as (family, first, last, length, rule position), sorted.
+    let mut by_group: HashMap<&str, Vec<TiledPrefix>> = HashMap::new();
+    for (pos, r) in rules.iter().enumerate() {
+        for (t, _) in &r.to {
+            same_prefix.entry((r.group, *t)).or_default().push(pos);
+            let (first, last) = prefix_bounds(t);
+            by_group.entry(r.group).or_default().push(TiledPrefix {
+                ipv4: t.is_ipv4(),
+                first,
+                last,
+                prefix: *t,
+                rule: pos,
+            });
+        }
+    }
+    for list in by_group.values_mut() {
+        list.sort_unstable_by_key(|e| (e.ipv4, e.first, e.prefix.prefix_len(), e.rule));
+    }
+    let excepts_miss = |q: &CheckedRule<'_>, p: &Prefix| !q.except.iter().any(|e| e.overlaps(p));
+    for (pos, r) in rules.iter().enumerate() {
+        let mut shadowing_lines: Vec<usize> = Vec::new();
+        let mut all_shadowed = !r.to.is_empty();
+        for (t, span) in &r.to {
+            let earlier =
+                same_prefix[&(r.group, *t)].iter().map(|&q| &rules[q]).filter(|q| q.index < r.index);
+            let mut shadowed = false;
+            let mut conflict_reported = false;
+            for q in earlier {
+                if q.action != r.action && q.traffic.overlaps(&r.traffic) && !conflict_reported {
+                    diags.error(
+                        src,
+                        span.clone(),
+                        format!(
+                            "{t} is also a destination of the rule at line {} with action {} for some of the same \
+                             traffic (one prefix cannot have two actions in group \"{}\")",
+                            q.line, q.action, r.group
+                        ),
+                    );
+                    conflict_reported = true;
+                }
+                if !shadowed && q.traffic.covers(&r.traffic) && excepts_miss(q, t) {
+                    shadowed = true;
+                    shadowing_lines.push(q.line);
+                }
+            }
+            if !shadowed {
+                // Tiled by strictly more specific prefixes of rules that take all of this rule's traffic?
+                let (t_first, t_last) = prefix_bounds(t);
+                let list = &by_group[r.group];
+                let start = list.partition_point(|e| (e.ipv4, e.first) < (t.is_ipv4(), t_first));
+                let mut next_uncovered = Some(t_first);
+                let mut lines = Vec::new();
+                for &TiledPrefix { ipv4: v4, first, last, prefix: p, rule: q } in &list[start..] {
+                    let Some(cursor) = next_uncovered else { break };
+                    if v4 != t.is_ipv4() || first > t_last || first > cursor {
+                        break;
+                    }
+                    let other = &rules[q];
+                    if q == pos || p.prefix_len() <= t.prefix_len() || !other.traffic.covers(&r.traffic) {
+                        continue;
+                    }
+                    if excepts_miss(other, &p) && last >= cursor {
+                        next_uncovered = last.checked_add(1);
+                        lines.push(other.line);
+                    }
+                }
+                if next_uncovered.is_none_or(|c| c > t_last) {
+                    shadowed = true;
+                    shadowing_lines.extend(lines);
+                }
+            }
+            all_shadowed &= shadowed;
+        }
+        if all_shadowed {
+            shadowing_lines.sort_unstable();
+            shadowing_lines.dedup();
+            let lines: Vec<String> = shadowing_lines.iter().take(5).map(usize::to_string).collect();
+            let more = if shadowing_lines.len() > 5 { ", ..." } else { "" };
+            diags.warn(
                 src,
-                g.name.span(),
-                format!("group \"{name}\" has allow or l7 rules but no egress_ips"),
+                r.header.clone(),
+                format!(
+                    "rule never decides: every destination and port it matches is taken first by the rule(s) at \
+                     line {}{more} (more specific prefix, or same prefix written earlier)",
+                    lines.join(", ")
+                ),
             );
         }
     }
 }
+
+/// A `to` prefix of a rule as an address range, for the shadow check.
+#[derive(Clone, Copy)]
+struct TiledPrefix {
+    ipv4: bool,
+    first: u128,
+    last: u128,
+    prefix: Prefix,
+    /// Position in the checked rules.
+    rule: usize,
+}
+
+/// First and last address of a prefix, right-aligned (IPv4 in the low 32 bits).
+fn prefix_bounds(p: &Prefix) -> (u128, u128) {
+    let (first, bits) = match p.addr() {
+        IpAddr::V4(a) => (u128::from(u32::from(a)), 32),
+        IpAddr::V6(a) => (u128::from(a), 128),
+    };
+    let host_bits = bits - u32::from(p.prefix_len());
+    let host = if host_bits == 0 { 0 } else { u128::MAX >> (128 - host_bits) };
+    (first, first | host)
+}
+
+/// The packets a rule matches, destinations aside: per protocol class (TCP, UDP, ICMP, any other), which
+/// destination ports. Mirrors `RuleSpec::matches_proto_port`: a rule with ports matches only TCP and UDP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Traffic([ClassPorts; 4]);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ClassPorts {
+    Nothing,
+    Every,
+    /// Sorted, merged (disjoint, non-adjacent) ranges.
+    Some(Vec<PortRange>),
+}
+
+impl Traffic {
+    fn of(proto: Proto, ports: &[PortRange]) -> Traffic {
+        use ClassPorts::{Every, Nothing};
+        let l4 = if ports.is_empty() { Every } else { ClassPorts::Some(merge_ranges(ports)) };
+        let portless = if ports.is_empty() { Every } else { Nothing };
+        Traffic(match proto {
+            Proto::Any => [l4.clone(), l4, portless.clone(), portless],
+            Proto::Tcp => [l4, Nothing, Nothing, Nothing],
+            Proto::Udp => [Nothing, l4, Nothing, Nothing],
+            Proto::Icmp => [Nothing, Nothing, Every, Nothing],
+        })
+    }
+
+    /// Some packet matches both.
+    fn overlaps(&self, other: &Traffic) -> bool {
+        self.0.iter().zip(&other.0).any(|pair| match pair {
+            (ClassPorts::Nothing, _) | (_, ClassPorts::Nothing) => false,
+            (ClassPorts::Every, _) | (_, ClassPorts::Every) => true,
+            (ClassPorts::Some(a), ClassPorts::Some(b)) => {
+                a.iter().any(|x| b.iter().any(|y| x.first <= y.last && y.first <= x.last))
+            }
+        })
+    }
+
+    /// Every packet matching `inner` matches `self`.
+    fn covers(&self, inner: &Traffic) -> bool {
+        self.0.iter().zip(&inner.0).all(|pair| match pair {
+            (_, ClassPorts::Nothing) | (ClassPorts::Every, _) => true,
+            (ClassPorts::Nothing, _) | (ClassPorts::Some(_), ClassPorts::Every) => false,
+            (ClassPorts::Some(outer), ClassPorts::Some(inner)) => {
+                inner.iter().all(|i| outer.iter().any(|o| o.first <= i.first && i.last <= o.last))
+            }
+        })
+    }
+}
+
+fn merge_ranges(ranges: &[PortRange]) -> Vec<PortRange> {
+    let mut sorted = ranges.to_vec();
+    sorted.sort_unstable();
+    let mut merged: Vec<PortRange> = Vec::with_capacity(sorted.len());
+    for r in sorted {
+        match merged.last_mut() {
+            Some(last) if u32::from(r.first) <= u32::from(last.last) + 1 => last.last = last.last.max(r.last),
+            _ => merged.push(r),
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests;

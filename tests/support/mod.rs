@@ -46,6 +46,11 @@ pub struct Lab {
 impl Lab {
     /// Brings up a lab. `route_back`: ext routes the client subnets back to gw (forwarding without NAT).
     pub fn up(route_back: bool) -> Lab {
+        Lab::up_with(route_back, 1)
+    }
+
+    /// As [`Lab::up`], with `queues` active queues on every veth (2: one per worker of a 2-worker gateway).
+    pub fn up_with(route_back: bool, queues: u32) -> Lab {
         require_lab_preconditions();
         let serialised = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let id = format!(
@@ -58,6 +63,7 @@ impl Lab {
         if route_back {
             cmd.arg("--route-back");
         }
+        cmd.args(["--queues", &queues.to_string()]);
         let lab = Lab { id, _serialised: serialised };
         let out = cmd.output().expect("run scripts/lab up");
         assert!(
@@ -177,6 +183,13 @@ impl<'a> Gateway<'a> {
         self.metrics().into_iter().find(|(n, _)| n == series).map_or(0.0, |(_, v)| v)
     }
 
+    /// Sends `signal` (e.g. "HUP") to egressd (`ip netns exec` execs it, so the child is egressd itself).
+    pub fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("egressd is running");
+        let status = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} egressd failed");
+    }
+
     /// Sends SIGTERM and waits (at most 10 s); returns whether egressd exited with status 0.
     pub fn stop(&mut self) -> bool {
         let Some(mut child) = self.child.take() else { return false };
@@ -199,5 +212,14 @@ impl<'a> Gateway<'a> {
 impl Drop for Gateway<'_> {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Polls `condition` every 100 ms for at most 10 s; fails the test naming `what` if it never holds.
+pub fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

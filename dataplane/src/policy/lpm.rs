@@ -13,6 +13,8 @@
 //! the number of prefixes. Lookups use `get` and fall back to the table's default value, so a corrupt index can
 //! never panic; the builder guarantees it cannot happen.
 
+use std::ops::Range;
+
 /// Entry of the root array: a final value, or (with [`NODE_FLAG`]) the index of a node.
 const NODE_FLAG: u32 = 1 << 31;
 /// Stride of every node below the root.
@@ -53,18 +55,37 @@ impl LpmTable {
     /// address is `u32::from(addr) as u128`). Longest prefix wins; an address covered by no prefix maps to
     /// `default`. Host bits of `network` are ignored; for two entries with the same prefix the last one wins.
     /// Values above [`MAX_VALUE`] are clamped to `default`.
+    /// The root is 16 bits wide for tables of 2048 prefixes or more, 8 bits below that.
     pub fn build(bits: u32, entries: &[(u128, u8, u32)], default: u32) -> LpmTable {
+        let root_bits = if entries.len() >= 2048 { 16 } else { 8 };
+        LpmTable::build_with_root(bits, entries, default, root_bits)
+    }
+
+    /// [`build`](Self::build) with a root of `root_bits` (1–16) bits: 16 makes every prefix up to /16 a single
+    /// read, for 256 KiB.
+    pub fn build_with_root(bits: u32, entries: &[(u128, u8, u32)], default: u32, root_bits: u32) -> LpmTable {
         let bits = bits.clamp(1, 128);
         let default = if default > MAX_VALUE { 0 } else { default };
         let ranges = prefixes_to_ranges(bits, entries, default);
-        let root_bits = if entries.len() >= 2048 { 16 } else { 8 }.min(bits);
+        let root_bits = root_bits.clamp(1, 16).min(bits);
         let mut table =
             LpmTable { bits, root_bits, root: Vec::new(), nodes: Vec::new(), leaves: Vec::new(), default };
-        let mut root = Vec::with_capacity(1 << root_bits);
         // Boundaries strictly after address 0, with the value that starts there.
         let boundaries = &ranges[1..];
-        table.fill_slots(0, 0, root_bits, ranges[0].1, boundaries, &mut |_, entry| root.push(entry));
+        let mut root = Vec::with_capacity(1 << root_bits);
+        let mut children = Vec::new();
+        table.scan_block(0, 0, root_bits, ranges[0].1, boundaries, &mut root, &mut children);
+        table.nodes.resize(children.len(), Node::default());
+        let work = children
+            .into_iter()
+            .enumerate()
+            .map(|(i, (slot, value, boundaries, block_start))| {
+                root[slot as usize] = NODE_FLAG | i as u32;
+                PendingNode { index: i as u32, block_start, offset: root_bits, value, boundaries }
+            })
+            .collect();
         table.root = root;
+        table.build_nodes(boundaries, work);
         table
     }
 
@@ -130,27 +151,29 @@ impl LpmTable {
         self.nodes.len()
     }
 
-    /// Walks the `2^width` slots of the block of `2^(bits - offset)` addresses starting at `block_start`, calling
-    /// `emit(slot, entry)` for each in order. `value` is the value at `block_start`; `boundaries` are the value
-    /// changes strictly inside the block, sorted. Slots with a change inside them become nodes (built here).
-    fn fill_slots(
-        &mut self,
+    /// Appends to `entries` the `2^width` slot entries of the block of `2^(bits - offset)` addresses starting at
+    /// `block_start`, and to `children` the slots that need a node (their entry is a [`NODE_FLAG`] placeholder),
+    /// as `(slot, value at the sub-block start, range of boundaries inside it, sub-block start)`. `value` is the
+    /// value at `block_start`; `boundaries` are the value changes strictly inside the block, sorted. Runs of slots
+    /// with no change are filled in bulk, so a call costs O(boundaries) plus the fill, not a search per slot.
+    #[allow(clippy::too_many_arguments)]
+    fn scan_block(
+        &self,
         block_start: u128,
         offset: u32,
         width: u32,
         mut value: u32,
         boundaries: &[(u128, u32)],
-        emit: &mut dyn FnMut(u32, u32),
+        entries: &mut Vec<u32>,
+        children: &mut Vec<(u32, u32, Range<usize>, u128)>,
     ) {
         let sub_bits = self.bits - offset - width;
+        let slot_count = 1u32 << width;
         let mut rest = boundaries;
-        // Pending children: (slot, value at sub-block start, boundaries inside it, sub-block start).
-        let mut pending: Vec<(u32, u32, usize, usize, u128)> = Vec::new();
         let mut consumed = 0usize;
-        let mut entries: Vec<u32> = Vec::with_capacity(1 << width);
-        for slot in 0..(1u32 << width) {
+        let mut slot = 0u32;
+        while slot < slot_count {
             let sub_start = block_start + ((slot as u128) << sub_bits);
-            let sub_last = sub_start + ((1u128 << sub_bits) - 1);
             // Changes at or before the sub-block start set its starting value.
             while let Some(&(start, v)) = rest.first() {
                 if start > sub_start {
@@ -160,71 +183,80 @@ impl LpmTable {
                 rest = &rest[1..];
                 consumed += 1;
             }
-            // Changes strictly inside the sub-block make it a node.
-            let inside = rest.partition_point(|&(start, _)| start <= sub_last);
-            if inside == 0 {
-                entries.push(value);
-            } else {
-                pending.push((slot, value, consumed, consumed + inside, sub_start));
-                entries.push(NODE_FLAG); // patched below
-                if let Some(&(_, v)) = rest[..inside].last() {
-                    value = v;
-                }
-                rest = &rest[inside..];
-                consumed += inside;
+            // Every slot before the one holding the next change is uniform.
+            let next_change_slot = rest.first().map_or(slot_count, |&(start, _)| {
+                u32::try_from((start - block_start) >> sub_bits).unwrap_or(u32::MAX).min(slot_count)
+            });
+            if next_change_slot > slot {
+                entries.resize(entries.len() + (next_change_slot - slot) as usize, value);
+                slot = next_change_slot;
+                continue;
             }
-        }
-        if pending.is_empty() {
-            for (slot, e) in entries.into_iter().enumerate() {
-                emit(slot as u32, e);
+            // The next change is strictly inside this slot: it becomes a node.
+            let sub_last = sub_start + ((1u128 << sub_bits) - 1);
+            let inside = rest.iter().take_while(|&&(start, _)| start <= sub_last).count();
+            children.push((slot, value, consumed..consumed + inside, sub_start));
+            entries.push(NODE_FLAG);
+            if let Some(&(_, v)) = rest[..inside].last() {
+                value = v;
             }
-            return;
-        }
-        // Reserve the children contiguously, then build each (its own children go after).
-        let first_child = self.nodes.len() as u32;
-        self.nodes.resize(self.nodes.len() + pending.len(), Node::default());
-        for (i, &(slot, start_value, from, to, sub_start)) in pending.iter().enumerate() {
-            entries[slot as usize] = NODE_FLAG | (first_child + i as u32);
-            self.build_node(
-                first_child + i as u32,
-                sub_start,
-                offset + width,
-                start_value,
-                &boundaries[from..to],
-            );
-        }
-        for (slot, e) in entries.into_iter().enumerate() {
-            emit(slot as u32, e);
+            rest = &rest[inside..];
+            consumed += inside;
+            slot += 1;
         }
     }
 
-    fn build_node(
-        &mut self,
-        index: u32,
-        block_start: u128,
-        offset: u32,
-        value: u32,
-        boundaries: &[(u128, u32)],
-    ) {
-        let width = STRIDE.min(self.bits - offset);
-        let mut slots: Vec<u32> = Vec::with_capacity(1 << width);
-        self.fill_slots(block_start, offset, width, value, boundaries, &mut |_, e| slots.push(e));
-        let mut node = Node { leaf_base: self.leaves.len() as u32, ..Node::default() };
-        let mut child_base = None;
-        let mut last_leaf = None;
-        for (slot, &e) in slots.iter().enumerate() {
-            if e & NODE_FLAG != 0 {
-                node.children |= 1 << slot;
-                child_base.get_or_insert(e & !NODE_FLAG);
-            } else if last_leaf != Some(e) {
-                node.leaf_runs |= 1 << slot;
-                self.leaves.push(e);
-                last_leaf = Some(e);
+    /// Builds the nodes below the root, depth first from an explicit work list (no recursion, and no allocation
+    /// per node: the scratch vectors are reused).
+    fn build_nodes(&mut self, boundaries: &[(u128, u32)], mut work: Vec<PendingNode>) {
+        let mut entries: Vec<u32> = Vec::with_capacity(1 << STRIDE);
+        let mut children = Vec::new();
+        while let Some(p) = work.pop() {
+            let width = STRIDE.min(self.bits - p.offset);
+            let inside = &boundaries[p.boundaries.clone()];
+            entries.clear();
+            children.clear();
+            self.scan_block(p.block_start, p.offset, width, p.value, inside, &mut entries, &mut children);
+            // Children are contiguous, in slot order, so a child's index is `child_base + rank - 1`.
+            let child_base = self.nodes.len() as u32;
+            self.nodes.resize(self.nodes.len() + children.len(), Node::default());
+            let mut node = Node { leaf_base: self.leaves.len() as u32, child_base, ..Node::default() };
+            let mut last_leaf = None;
+            for (slot, &e) in entries.iter().enumerate() {
+                if e == NODE_FLAG {
+                    node.children |= 1 << slot;
+                } else if last_leaf != Some(e) {
+                    node.leaf_runs |= 1 << slot;
+                    self.leaves.push(e);
+                    last_leaf = Some(e);
+                }
+            }
+            if let Some(slot) = self.nodes.get_mut(p.index as usize) {
+                *slot = node;
+            }
+            let base = p.boundaries.start;
+            for (i, (_, value, range, block_start)) in children.drain(..).enumerate() {
+                work.push(PendingNode {
+                    index: child_base + i as u32,
+                    block_start,
+                    offset: p.offset + width,
+                    value,
+                    boundaries: base + range.start..base + range.end,
+                });
             }
         }
-        node.child_base = child_base.unwrap_or(0);
-        self.nodes[index as usize] = node;
     }
+}
+
+/// A node reserved in [`LpmTable::nodes`] and still to be built.
+struct PendingNode {
+    index: u32,
+    block_start: u128,
+    offset: u32,
+    /// The value at `block_start`.
+    value: u32,
+    /// The changes strictly inside the node's block, as a range of the table's boundaries.
+    boundaries: Range<usize>,
 }
 
 /// Turns prefixes (longest wins) into the sorted list of `(first address, value)` runs covering the whole space,
@@ -347,6 +379,8 @@ mod tests {
             let mut seen = std::collections::HashSet::new();
             dedup.retain(|&(n, l, _)| seen.insert((n, l)));
             let t = LpmTable::build(32, &entries, 0);
+            // Every root width: the default ones (8, 16) and odd ones.
+            let wide = [3, 13, 16].map(|root| LpmTable::build_with_root(32, &entries, 0, root));
             for &(pick, noise, keep) in &probes {
                 // Bias keys toward the prefixes: keep `keep` bits of a prefix, randomise the rest.
                 let key = match entries.get(pick) {
@@ -356,7 +390,11 @@ mod tests {
                     }
                     _ => noise,
                 };
-                proptest::prop_assert_eq!(t.lookup_u32(key), naive(32, &dedup, 0, key as u128));
+                let want = naive(32, &dedup, 0, key as u128);
+                proptest::prop_assert_eq!(t.lookup_u32(key), want);
+                for table in &wide {
+                    proptest::prop_assert_eq!(table.lookup_u32(key), want);
+                }
             }
         }
 

@@ -33,6 +33,7 @@ pub mod lpm;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::Range;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -455,7 +456,7 @@ impl PolicyBuilder {
             check_group(rule.group)?;
         }
 
-        let mut compiler = LeafCompiler::new(&self.rules);
+        let mut compiler = LeafCompiler::new(&self.rules, self.groups.len());
         let mut groups = Vec::with_capacity(self.groups.len());
         for (index, spec) in self.groups.into_iter().enumerate() {
             let group = GroupId(index as u32);
@@ -472,7 +473,9 @@ impl PolicyBuilder {
         Ok(PolicySnapshot {
             generation,
             dry_run: self.dry_run,
-            sources_v4: LpmTable::build(32, &src_v4, 0),
+            // Every new flow starts with this lookup: a 16-bit root (256 KiB, once per snapshot) answers sources
+            // of /16 or shorter in one read.
+            sources_v4: LpmTable::build_with_root(32, &src_v4, 0, 16),
             sources_v6: LpmTable::build(128, &src_v6, 0),
             source_prefixes: seen.len(),
             groups,
@@ -514,11 +517,17 @@ struct DestLeaf {
 /// Turns the group's prefixes into tables whose leaves are interned [`DestLeaf`]s.
 struct LeafCompiler<'a> {
     rules: &'a [RuleSpec],
-    rules_by_group: HashMap<GroupId, Vec<u32>>,
+    /// Rule ids of each group, by group index.
+    rules_by_group: Vec<Vec<u32>>,
     leaves: Vec<DestLeaf>,
     runs: Vec<PortRun>,
-    /// Candidate list (rule ids in precedence order) → leaf index.
-    interned: HashMap<Vec<u32>, u32>,
+    /// Candidate list (rule ids in precedence order, two or more) → leaf index.
+    interned: HashMap<Vec<u32>, u32, FxBuildHasher>,
+    /// Rule id → the leaf whose only candidate it is (`NO_RULE`: none yet).
+    single_rule_leaf: Vec<u32>,
+    /// Scratch for [`paint_ports`](Self::paint_ports), kept to save allocations.
+    scratch_ids: Vec<u32>,
+    scratch_cuts: Vec<u32>,
 }
 
 /// A prefix's role in one rule: one of its `to` prefixes, or one of its `except` prefixes.
@@ -529,64 +538,76 @@ enum PrefixUse {
 }
 
 impl<'a> LeafCompiler<'a> {
-    fn new(rules: &'a [RuleSpec]) -> Self {
-        let mut rules_by_group: HashMap<GroupId, Vec<u32>> = HashMap::new();
+    /// `rules` must only name groups below `group_count` (the builder checks).
+    fn new(rules: &'a [RuleSpec], group_count: usize) -> Self {
+        let mut rules_by_group: Vec<Vec<u32>> = vec![Vec::new(); group_count];
         for (i, r) in rules.iter().enumerate() {
-            rules_by_group.entry(r.group).or_default().push(i as u32);
+            if let Some(list) = rules_by_group.get_mut(r.group.0 as usize) {
+                list.push(i as u32);
+            }
         }
         let mut this = LeafCompiler {
             rules,
             rules_by_group,
             leaves: Vec::new(),
             runs: Vec::new(),
-            interned: HashMap::new(),
+            interned: HashMap::default(),
+            single_rule_leaf: vec![NO_RULE; rules.len()],
+            scratch_ids: Vec::new(),
+            scratch_cuts: Vec::new(),
         };
         // Leaf 0: nothing matches (default deny).
         let empty = this.compile_leaf(&[]);
         this.leaves.push(empty);
-        this.interned.insert(Vec::new(), 0);
         this
     }
 
     fn group_table(&mut self, group: GroupId, ipv4: bool) -> LpmTable {
         let bits = if ipv4 { 32 } else { 128 };
-        let Some(rule_ids) = self.rules_by_group.get(&group) else { return LpmTable::build(bits, &[], 0) };
-        // Every distinct prefix of the group with its uses.
-        let mut uses: HashMap<(u128, u8), Vec<PrefixUse>> = HashMap::new();
+        let Some(rule_ids) = self.rules_by_group.get(group.0 as usize) else {
+            return LpmTable::build(bits, &[], 0);
+        };
+        // Every prefix use of the group, sorted by prefix (stable: rule order within one prefix).
+        let mut uses: Vec<(u128, u8, PrefixUse)> = Vec::new();
         for &r in rule_ids {
             let rule = &self.rules[r as usize];
             for p in rule.to.iter().filter(|p| p.is_ipv4() == ipv4) {
-                uses.entry((p.key(), p.len)).or_default().push(PrefixUse::To(r));
+                uses.push((p.key(), p.len, PrefixUse::To(r)));
             }
             for p in rule.except.iter().filter(|p| p.is_ipv4() == ipv4) {
-                uses.entry((p.key(), p.len)).or_default().push(PrefixUse::Except(r));
+                uses.push((p.key(), p.len, PrefixUse::Except(r)));
             }
         }
+        uses.sort_by_key(|&(key, len, _)| (key, len));
         let max: u128 = if ipv4 { u32::MAX as u128 } else { u128::MAX };
         let last_of = |key: u128, len: u8| if u32::from(len) == bits { key } else { key | (max >> len) };
-        let mut prefixes: Vec<(u128, u8)> = uses.keys().copied().collect();
-        prefixes.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
-        let mut entries = Vec::with_capacity(prefixes.len());
-        // The chain of prefixes containing the current one (each nested in the previous).
-        let mut chain: Vec<(u128, u8)> = Vec::new();
+        let mut entries = Vec::new();
+        // The chain of distinct prefixes containing the current one (each nested in the previous), as
+        // (key, len, range of `uses`).
+        let mut chain: Vec<(u128, u8, Range<usize>)> = Vec::new();
         let mut best: Vec<(u32, u8)> = Vec::new();
         let mut excluded: Vec<u32> = Vec::new();
-        for &(key, len) in &prefixes {
-            while let Some(&(k, l)) = chain.last() {
-                if last_of(k, l) >= key {
+        let mut candidates: Vec<u32> = Vec::new();
+        let mut start = 0;
+        while start < uses.len() {
+            let (key, len, _) = uses[start];
+            let end = start + uses[start..].iter().take_while(|u| (u.0, u.1) == (key, len)).count();
+            while let Some((k, l, _)) = chain.last() {
+                if last_of(*k, *l) >= key {
                     break;
                 }
                 chain.pop();
             }
-            chain.push((key, len));
+            chain.push((key, len, start..end));
+            start = end;
             best.clear();
             excluded.clear();
-            for link in &chain {
-                for u in &uses[link] {
-                    match *u {
+            for (_, link_len, range) in &chain {
+                for &(_, _, u) in &uses[range.clone()] {
+                    match u {
                         PrefixUse::To(r) => match best.iter_mut().find(|(rule, _)| *rule == r) {
-                            Some(entry) => entry.1 = entry.1.max(link.1),
-                            None => best.push((r, link.1)),
+                            Some(entry) => entry.1 = entry.1.max(*link_len),
+                            None => best.push((r, *link_len)),
                         },
                         PrefixUse::Except(r) => excluded.push(r),
                     }
@@ -594,20 +615,45 @@ impl<'a> LeafCompiler<'a> {
             }
             best.retain(|(r, _)| !excluded.contains(r));
             best.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-            let candidates: Vec<u32> = best.iter().map(|&(r, _)| r).collect();
-            let leaf = match self.interned.get(&candidates) {
-                Some(&leaf) => leaf,
+            candidates.clear();
+            candidates.extend(best.iter().map(|&(r, _)| r));
+            let leaf = match self.interned_leaf(&candidates) {
+                Some(leaf) => leaf,
                 None => {
                     let compiled = self.compile_leaf(&candidates);
                     let leaf = self.leaves.len() as u32;
                     self.leaves.push(compiled);
-                    self.interned.insert(candidates, leaf);
+                    self.intern(&candidates, leaf);
                     leaf
                 }
             };
             entries.push((key, len, leaf));
         }
         LpmTable::build(bits, &entries, 0)
+    }
+
+    /// The leaf already compiled for this candidate list. Lists of one rule (most leaves) are found by index,
+    /// without hashing.
+    fn interned_leaf(&self, candidates: &[u32]) -> Option<u32> {
+        match candidates {
+            [] => Some(0),
+            [rule] => self.single_rule_leaf.get(*rule as usize).copied().filter(|&leaf| leaf != NO_RULE),
+            _ => self.interned.get(candidates).copied(),
+        }
+    }
+
+    fn intern(&mut self, candidates: &[u32], leaf: u32) {
+        match candidates {
+            [] => {}
+            [rule] => {
+                if let Some(slot) = self.single_rule_leaf.get_mut(*rule as usize) {
+                    *slot = leaf;
+                }
+            }
+            _ => {
+                self.interned.insert(candidates.to_vec(), leaf);
+            }
+        }
     }
 
     /// Paints the candidates (precedence order) into per-protocol decisions.
@@ -630,17 +676,19 @@ impl<'a> LeafCompiler<'a> {
 
     fn paint_ports(&mut self, candidates: &[u32], proto: u8) -> RunSlice {
         let rules = self.rules;
-        let matching: Vec<&RuleSpec> =
-            candidates.iter().map(|&r| &rules[r as usize]).filter(|r| r.proto.matches(proto)).collect();
-        let ids: Vec<u32> =
-            candidates.iter().copied().filter(|&r| rules[r as usize].proto.matches(proto)).collect();
+        let mut ids = std::mem::take(&mut self.scratch_ids);
+        let mut cuts = std::mem::take(&mut self.scratch_cuts);
+        ids.clear();
+        ids.extend(candidates.iter().copied().filter(|&r| rules[r as usize].proto.matches(proto)));
         // Cut points: every place some candidate's port set starts or ends.
-        let mut cuts: Vec<u32> = vec![0];
-        for r in &matching {
-            if r.ports.is_empty() {
+        cuts.clear();
+        cuts.push(0);
+        for &r in &ids {
+            let rule = &rules[r as usize];
+            if rule.ports.is_empty() {
                 break; // nothing below a port-less candidate can win
             }
-            for p in &r.ports {
+            for p in &rule.ports {
                 cuts.push(u32::from(p.first));
                 cuts.push(u32::from(p.last) + 1);
             }
@@ -650,17 +698,69 @@ impl<'a> LeafCompiler<'a> {
         let start = self.runs.len() as u32;
         for &cut in cuts.iter().filter(|&&c| c <= u32::from(u16::MAX)) {
             let port = cut as u16;
-            let rule = matching
+            let rule = ids
                 .iter()
-                .zip(&ids)
-                .find(|(r, _)| r.ports.is_empty() || r.ports.iter().any(|p| p.contains(port)))
-                .map_or(NO_RULE, |(_, &id)| id);
+                .copied()
+                .find(|&r| {
+                    let ports = &rules[r as usize].ports;
+                    ports.is_empty() || ports.iter().any(|p| p.contains(port))
+                })
+                .unwrap_or(NO_RULE);
             if self.runs.len() as u32 > start && self.runs.last().is_some_and(|last| last.rule == rule) {
                 continue;
             }
             self.runs.push(PortRun { first_port: port, rule });
         }
+        self.scratch_ids = ids;
+        self.scratch_cuts = cuts;
         RunSlice { start, len: self.runs.len() as u32 - start }
+    }
+}
+
+/// FxHash (rustc's): a fast, non-keyed hash for the compiler's interning table. The input is the operator's own
+/// policy, not attacker-controlled, so flooding resistance buys nothing there and SipHash showed in profiles.
+#[derive(Clone, Copy, Default)]
+struct FxHasher(u64);
+
+type FxBuildHasher = std::hash::BuildHasherDefault<FxHasher>;
+
+impl FxHasher {
+    #[inline]
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl std::hash::Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
     }
 }
 

@@ -1,0 +1,162 @@
+//! Policy benchmarks: first-packet lookups against compiled snapshots of 10, 10 000 and 100 000 rules, and the
+//! time to compile 100 000 rules and publish the snapshot (what a reload costs).
+//!
+//! Policies are random but fixed (seeded): IPv4 destination prefixes /16–/32 spread over 4 groups, random
+//! protocols and ports, allow or deny. Each lookup batch is 1024 prebuilt packets, half aimed inside a rule's
+//! prefix and half anywhere, from sources spread over the groups.
+//!
+//! Run briefly on a shared machine: `cargo bench --bench policy -- --warm-up-time 1 --measurement-time 3`.
+
+use std::hint::black_box;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use dataplane::policy::{
+    ip_proto, Action, PolicyBuilder, PolicySnapshot, PortRange, Prefix, ProtoMatch, RuleSpec, SharedPolicy,
+};
+
+const GROUPS: u32 = 4;
+const BATCH: usize = 1024;
+
+/// SplitMix64: a small seeded generator, so every run benches the same policy and packets.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Group g's sources: 10.g.0.0/16.
+fn group_source(g: u32) -> Prefix {
+    Prefix::truncating(Ipv4Addr::new(10, g as u8, 0, 0).into(), 16)
+}
+
+/// `count` random rules over the groups.
+fn random_rules(count: usize, rng: &mut Rng) -> Vec<RuleSpec> {
+    (0..count)
+        .map(|_| {
+            let len = 16 + rng.below(17) as u8;
+            let to = Prefix::truncating(Ipv4Addr::from(rng.next() as u32).into(), len);
+            let proto = match rng.below(3) {
+                0 => ProtoMatch::Tcp,
+                1 => ProtoMatch::Udp,
+                _ => ProtoMatch::Any,
+            };
+            let ports = match rng.below(3) {
+                0 => vec![],
+                1 => {
+                    let p = 1 + rng.below(65535) as u16;
+                    vec![PortRange { first: p, last: p }]
+                }
+                _ => {
+                    let first = 1 + rng.below(60000) as u16;
+                    vec![PortRange { first, last: first + rng.below(5000) as u16 }]
+                }
+            };
+            RuleSpec {
+                group: dataplane::policy::GroupId(rng.below(u64::from(GROUPS)) as u32),
+                to: vec![to],
+                except: vec![],
+                proto,
+                ports,
+                action: if rng.below(4) == 0 { Action::Deny } else { Action::Allow },
+                dry_run: false,
+                hosts: vec![],
+            }
+        })
+        .collect()
+}
+
+fn builder(rules: &[RuleSpec]) -> PolicyBuilder {
+    let mut b = PolicyBuilder::new();
+    for g in 0..GROUPS {
+        let id = b.add_group(format!("g{g}"), vec![Ipv4Addr::new(192, 0, 2, 10 + g as u8)]);
+        b.add_source(id, group_source(g));
+    }
+    for r in rules {
+        b.add_rule(r.clone());
+    }
+    b
+}
+
+/// 1024 packets: (src, dst, proto, port). Half aim inside some rule's prefix.
+fn random_packets(rules: &[RuleSpec], rng: &mut Rng) -> Vec<(Ipv4Addr, Ipv4Addr, u8, u16)> {
+    (0..BATCH)
+        .map(|i| {
+            let src = Ipv4Addr::from(
+                u32::from(Ipv4Addr::new(10, rng.below(u64::from(GROUPS)) as u8, 0, 0))
+                    | (rng.next() as u32 & 0xffff),
+            );
+            let dst = match rules.get(rng.below(rules.len() as u64) as usize).and_then(|r| r.to.first()) {
+                Some(p) if i % 2 == 0 => {
+                    let base = match p.addr() {
+                        std::net::IpAddr::V4(a) => u32::from(a),
+                        std::net::IpAddr::V6(_) => 0,
+                    };
+                    let host_bits = 32 - u32::from(p.prefix_len());
+                    let host =
+                        if host_bits == 0 { 0 } else { rng.next() as u32 & (u32::MAX >> (32 - host_bits)) };
+                    Ipv4Addr::from(base | host)
+                }
+                _ => Ipv4Addr::from(rng.next() as u32),
+            };
+            let proto = if rng.below(2) == 0 { ip_proto::TCP } else { ip_proto::UDP };
+            (src, dst, proto, 1 + rng.below(65535) as u16)
+        })
+        .collect()
+}
+
+/// Lookups per second: `PolicySnapshot::evaluate_v4` over a batch of 1024 packets, per policy size.
+fn lookups(c: &mut Criterion) {
+    let mut group = c.benchmark_group("policy_lookup");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for count in [10usize, 10_000, 100_000] {
+        let mut rng = Rng(count as u64);
+        let rules = random_rules(count, &mut rng);
+        let snapshot: PolicySnapshot = builder(&rules).build(1).expect("builds");
+        let packets = random_packets(&rules, &mut rng);
+        group.bench_with_input(BenchmarkId::from_parameter(count), &packets, |b, packets| {
+            b.iter(|| {
+                let mut allowed = 0u32;
+                for &(src, dst, proto, port) in packets {
+                    allowed += u32::from(snapshot.evaluate_v4(src, dst, proto, port).forwards());
+                }
+                black_box(allowed)
+            })
+        });
+    }
+    group.finish();
+}
+
+/// Reload cost: `PolicyBuilder::build` of 100 000 rules plus the `ArcSwap::store` that publishes the snapshot.
+fn compile_and_swap(c: &mut Criterion) {
+    let mut rng = Rng(7);
+    let rules = random_rules(100_000, &mut rng);
+    let shared: SharedPolicy = dataplane::policy::shared(PolicySnapshot::empty(0));
+    let mut group = c.benchmark_group("policy_compile_swap");
+    group.sample_size(10);
+    group.bench_function("100000", |b| {
+        b.iter_batched(
+            || builder(&rules),
+            |b| {
+                let snapshot = b.build(1).expect("builds");
+                shared.store(Arc::new(snapshot));
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, lookups, compile_and_swap);
+criterion_main!(benches);

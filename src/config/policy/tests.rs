@@ -1,0 +1,393 @@
+//! One test per validation error of the policy model: the exact message and line:column. The first nine lines of
+//! every test file are [`BASE`], so the snippets under test start on line 10.
+
+use crate::config::{parse, Source};
+
+/// A valid dataplane section and one group; 9 lines.
+const BASE: &str = "[dataplane]
+inside = \"gw-in\"
+outside = \"gw-out\"
+
+[[group]]
+name = \"web\"
+sources = [\"10.0.0.0/24\"]
+egress_ips = [\"192.0.2.10\"]
+
+";
+
+fn diagnostics(text: &str) -> (Vec<String>, Vec<String>) {
+    match parse(Source::new("t.toml", text)) {
+        Ok(loaded) => (vec![], loaded.warnings.iter().map(ToString::to_string).collect()),
+        Err(e) => (e.0.iter().map(ToString::to_string).collect(), vec![]),
+    }
+}
+
+/// The errors of `BASE` + `snippet`.
+fn errors(snippet: &str) -> Vec<String> {
+    diagnostics(&format!("{BASE}{snippet}")).0
+}
+
+/// The warnings of `BASE` + `snippet`, which must have no errors.
+fn warnings(snippet: &str) -> Vec<String> {
+    let (errors, warnings) = diagnostics(&format!("{BASE}{snippet}"));
+    assert!(errors.is_empty(), "{errors:#?}");
+    warnings
+}
+
+#[test]
+fn base_is_valid_and_quiet() {
+    assert_eq!(diagnostics(BASE), (vec![], vec![]));
+    assert!(warnings("[[rule]]\ngroup = \"web\"\nto = [\"203.0.113.0/24\"]\naction = \"allow\"\n").is_empty());
+}
+
+#[test]
+fn prefix_with_host_bits_set() {
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"203.0.113.1/24\"]\naction = \"allow\"\n"),
+        ["t.toml:12:7: host bits are set after the prefix length (did you mean 203.0.113.0/24?)"]
+    );
+}
+
+#[test]
+fn prefix_too_long() {
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\", \"10.0.0.0/33\"]\naction = \"allow\"\n"),
+        ["t.toml:12:20: prefix length /33 is longer than /32"]
+    );
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"2001:db8::/129\"]\naction = \"allow\"\n"),
+        ["t.toml:12:7: prefix length /129 is longer than /128"]
+    );
+}
+
+#[test]
+fn prefix_that_does_not_parse() {
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"10.0.0/8\"]\naction = \"allow\"\n"),
+        ["t.toml:12:7: \"10.0.0/8\" is not an IP prefix (expected ADDRESS/LENGTH or ADDRESS)"]
+    );
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"10.0.0.0/+8\"]\naction = \"allow\"\n"),
+        ["t.toml:12:7: \"10.0.0.0/+8\" is not an IP prefix (expected ADDRESS/LENGTH or ADDRESS)"]
+    );
+}
+
+#[test]
+fn bad_source_prefix() {
+    let text = BASE.replace("sources = [\"10.0.0.0/24\"]", "sources = [\"10.0.0.1/24\"]");
+    assert_eq!(
+        diagnostics(&text).0,
+        ["t.toml:7:12: host bits are set after the prefix length (did you mean 10.0.0.0/24?)"]
+    );
+}
+
+#[test]
+fn source_in_two_groups_or_twice_in_one() {
+    let e =
+        errors("[[group]]\nname = \"db\"\nsources = [\"10.0.0.0/24\", \"10.1.0.0/16\", \"10.1.0.0/16\"]\n");
+    assert_eq!(
+        e,
+        [
+            "t.toml:12:12: source 10.0.0.0/24 is already in group \"web\"",
+            "t.toml:12:42: source 10.1.0.0/16 is listed twice",
+        ]
+    );
+}
+
+#[test]
+fn reversed_port_range() {
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\nproto = \"tcp\"\nports = [\"9000-8000\"]\naction = \"allow\"\n"),
+        ["t.toml:14:10: port range 9000-8000 is reversed (write 8000-9000)"]
+    );
+}
+
+#[test]
+fn out_of_range_ports() {
+    let e = errors(
+        "[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\nproto = \"tcp\"\nports = [\"70000\", 0, 65536, \"1-65536\", \"99999999999999999999\"]\naction = \"allow\"\n",
+    );
+    assert_eq!(
+        e,
+        [
+            "t.toml:14:10: port 70000 is out of range (1-65535)",
+            "t.toml:14:19: port 0 is out of range (1-65535)",
+            "t.toml:14:22: port 65536 is out of range (1-65535)",
+            "t.toml:14:29: port 65536 is out of range (1-65535)",
+            "t.toml:14:40: port 9223372036854775807 is out of range (1-65535)",
+        ]
+    );
+}
+
+#[test]
+fn port_that_does_not_parse() {
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\nproto = \"tcp\"\nports = [\"https\", \"80-\"]\naction = \"allow\"\n"),
+        [
+            "t.toml:14:10: \"https\" is not a port or port range (e.g. \"443\" or \"8000-8100\")",
+            "t.toml:14:19: \"80-\" is not a port or port range (e.g. \"443\" or \"8000-8100\")",
+        ]
+    );
+}
+
+#[test]
+fn ports_on_an_icmp_rule() {
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\nproto = \"icmp\"\nports = [443]\naction = \"allow\"\n"),
+        ["t.toml:14:10: ports need proto \"tcp\", \"udp\" or \"any\" (ICMP has no ports)"]
+    );
+}
+
+#[test]
+fn unknown_group_in_a_rule() {
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"wbe\"\nto = [\"0.0.0.0/0\"]\naction = \"deny\"\n"),
+        ["t.toml:11:9: unknown group \"wbe\""]
+    );
+}
+
+#[test]
+fn duplicate_group_names() {
+    assert_eq!(
+        errors("[[group]]\nname = \"web\"\nsources = [\"10.9.0.0/16\"]\n"),
+        ["t.toml:11:8: duplicate group name \"web\""]
+    );
+    assert_eq!(errors("[[group]]\nname = \"\"\n"), ["t.toml:11:8: group name is empty"]);
+}
+
+#[test]
+fn egress_ip_that_is_not_ipv4() {
+    let e = errors("[[group]]\nname = \"db\"\nsources = [\"10.9.0.0/16\"]\negress_ips = [\"192.0.2.300\", \"2001:db8::1\", \"224.0.0.1\"]\n");
+    assert_eq!(
+        e,
+        [
+            "t.toml:13:15: \"192.0.2.300\" is not an IP address",
+            "t.toml:13:30: egress IPs must be IPv4 (the NAT is NAT44)",
+            "t.toml:13:45: 224.0.0.1 cannot be an egress IP",
+        ]
+    );
+}
+
+#[test]
+fn egress_ip_in_two_groups_or_twice_in_one() {
+    let e = errors("[[group]]\nname = \"db\"\nsources = [\"10.9.0.0/16\"]\negress_ips = [\"192.0.2.10\", \"192.0.2.11\", \"192.0.2.11\"]\n");
+    assert_eq!(
+        e,
+        [
+            "t.toml:13:15: egress IP 192.0.2.10 is already used by group \"web\"",
+            "t.toml:13:43: egress IP 192.0.2.11 is listed twice",
+        ]
+    );
+}
+
+#[test]
+fn dataplane_egress_ip_in_no_group() {
+    let text = BASE.replace(
+        "outside = \"gw-out\"",
+        "outside = \"gw-out\"\negress_ips = [\"192.0.2.10\", \"192.0.2.99\"]",
+    );
+    assert_eq!(
+        diagnostics(&text).0,
+        ["t.toml:4:29: egress IP 192.0.2.99 is in no group (add it to a [[group]]'s egress_ips, or remove it)"]
+    );
+}
+
+#[test]
+fn group_egress_ip_not_owned_by_the_dataplane() {
+    let text = BASE.replace("outside = \"gw-out\"", "outside = \"gw-out\"\negress_ips = [\"192.0.2.10\"]");
+    assert_eq!(diagnostics(&text), (vec![], vec![]));
+    let text = format!("{text}[[group]]\nname = \"db\"\nsources = [\"10.9.0.0/16\"]\negress_ips = [\"192.0.2.10\", \"192.0.2.77\"]\n");
+    assert_eq!(
+        diagnostics(&text).0,
+        [
+            "t.toml:14:15: egress IP 192.0.2.10 is already used by group \"web\"",
+            "t.toml:14:29: egress IP 192.0.2.77 is not in [dataplane] egress_ips",
+        ]
+    );
+}
+
+#[test]
+fn allowing_group_without_egress_ips() {
+    let e = errors("[[group]]\nname = \"db\"\nsources = [\"10.9.0.0/16\"]\n\n[[rule]]\ngroup = \"db\"\nto = [\"0.0.0.0/0\"]\naction = \"allow\"\n");
+    assert_eq!(e, ["t.toml:11:8: group \"db\" has allow or l7 rules but no egress_ips"]);
+    // Deny-only groups need none.
+    let e = errors("[[group]]\nname = \"db\"\nsources = [\"10.9.0.0/16\"]\n\n[[rule]]\ngroup = \"db\"\nto = [\"0.0.0.0/0\"]\naction = \"deny\"\n");
+    assert!(e.is_empty(), "{e:?}");
+}
+
+#[test]
+fn same_prefix_with_conflicting_actions() {
+    let e = errors(
+        "[[rule]]\ngroup = \"web\"\nto = [\"203.0.113.0/24\"]\nproto = \"tcp\"\naction = \"allow\"\n\n\
+         [[rule]]\ngroup = \"web\"\nto = [\"198.51.100.0/24\", \"203.0.113.0/24\"]\nproto = \"any\"\nports = [\"443\"]\naction = \"deny\"\n",
+    );
+    assert_eq!(
+        e,
+        ["t.toml:18:26: 203.0.113.0/24 is also a destination of the rule at line 10 with action allow for some of \
+          the same traffic (one prefix cannot have two actions in group \"web\")"]
+    );
+}
+
+#[test]
+fn same_prefix_with_different_actions_for_disjoint_traffic_is_fine() {
+    // tcp/443 vs udp; ports (TCP and UDP only) vs icmp; port ranges that do not meet.
+    let w = warnings(
+        "[[rule]]\ngroup = \"web\"\nto = [\"203.0.113.0/24\"]\nproto = \"tcp\"\nports = [\"443\"]\naction = \"allow\"\n\n\
+         [[rule]]\ngroup = \"web\"\nto = [\"203.0.113.0/24\"]\nproto = \"udp\"\naction = \"deny\"\n\n\
+         [[rule]]\ngroup = \"web\"\nto = [\"203.0.113.0/24\"]\nproto = \"icmp\"\naction = \"deny\"\n\n\
+         [[rule]]\ngroup = \"web\"\nto = [\"203.0.113.0/24\"]\nproto = \"tcp\"\nports = [\"444-500\"]\naction = \"deny\"\n",
+    );
+    assert!(w.is_empty(), "{w:?}");
+}
+
+#[test]
+fn hosts_on_a_non_l7_rule() {
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\nproto = \"tcp\"\naction = \"allow\"\nhosts = [\"api.stripe.com\"]\n"),
+        ["t.toml:15:10: hosts are only allowed on rules with action = \"l7\""]
+    );
+}
+
+#[test]
+fn l7_rule_without_hosts_or_tcp() {
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\nproto = \"tcp\"\naction = \"l7\"\n"),
+        ["t.toml:14:10: an l7 rule needs `hosts` (the SNI / Host names it allows)"]
+    );
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\nproto = \"udp\"\naction = \"l7\"\nhosts = [\"a.com\"]\n"),
+        ["t.toml:13:9: an l7 rule needs proto = \"tcp\" (SNI and Host travel over TCP)"]
+    );
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\naction = \"l7\"\nhosts = [\"a.com\"]\n"),
+        ["t.toml:13:10: an l7 rule needs proto = \"tcp\" (SNI and Host travel over TCP)"]
+    );
+}
+
+#[test]
+fn malformed_host_patterns() {
+    let e = errors(
+        "[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\nproto = \"tcp\"\naction = \"l7\"\n\
+         hosts = [\"api.*.com\", \"*\", \"a..com\", \"10.0.0.1\", \"a_b.com\"]\n",
+    );
+    assert_eq!(
+        e,
+        [
+            "t.toml:15:10: a wildcard must be the whole leftmost label, as in \"*.example.com\"",
+            "t.toml:15:23: \"*\" alone matches every name; name a domain, as in \"*.example.com\"",
+            "t.toml:15:28: host name has an empty label (\"..\" or a leading dot)",
+            "t.toml:15:38: an IP address is not a host name; put it in `to`",
+            "t.toml:15:50: character '_' is not allowed in a host name (letters, digits, '-' and '.')",
+        ]
+    );
+}
+
+#[test]
+fn unknown_keys_anywhere() {
+    let e = errors("[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\naction = \"allow\"\nport = [443]\n");
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].starts_with("t.toml:14:1: unknown field `port`, expected one of"), "{e:?}");
+    let e = errors("[[group]]\nname = \"db\"\nsource = [\"10.9.0.0/16\"]\n");
+    assert!(e[0].starts_with("t.toml:12:1: unknown field `source`, expected one of"), "{e:?}");
+    let e = errors("[policy]\ndryrun = true\n");
+    assert!(e[0].starts_with("t.toml:11:1: unknown field `dryrun`, expected `dry_run`"), "{e:?}");
+    let e = errors("[rules]\n");
+    assert!(e[0].starts_with("t.toml:10:2: unknown field `rules`, expected one of"), "{e:?}");
+    let e = errors("[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\naction = \"permit\"\n");
+    assert!(e[0].starts_with("t.toml:13:10: unknown variant `permit`, expected one of"), "{e:?}");
+}
+
+#[test]
+fn rule_without_destinations() {
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\naction = \"deny\"\n"),
+        ["t.toml:10:1: rule has no `to` destinations (write \"0.0.0.0/0\" for everywhere)"]
+    );
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"10.1.0.0/16\", \"10.1.0.0/16\"]\naction = \"deny\"\n"),
+        ["t.toml:12:22: 10.1.0.0/16 is listed twice"]
+    );
+}
+
+#[test]
+fn except_outside_its_rule() {
+    let e = errors(
+        "[[rule]]\ngroup = \"web\"\nto = [\"203.0.113.0/24\"]\nexcept = [\"203.0.113.0/24\", \"198.51.100.0/25\", \"203.0.113.0/33\"]\naction = \"deny\"\n",
+    );
+    assert_eq!(
+        e,
+        [
+            "t.toml:13:11: except 203.0.113.0/24 removes a whole `to` prefix",
+            "t.toml:13:29: except 198.51.100.0/25 is inside none of the rule's `to` prefixes",
+            "t.toml:13:48: prefix length /33 is longer than /32",
+        ]
+    );
+}
+
+#[test]
+fn except_inside_a_malformed_to_is_not_a_second_error() {
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"203.0.113.1/24\"]\nexcept = [\"203.0.113.128/25\"]\naction = \"allow\"\n"),
+        ["t.toml:12:7: host bits are set after the prefix length (did you mean 203.0.113.0/24?)"]
+    );
+}
+
+#[test]
+fn every_error_of_a_file_is_reported_in_order() {
+    let e = errors(
+        "[[rule]]\ngroup = \"nope\"\nto = [\"10.0.0.1/8\"]\nproto = \"tcp\"\nports = [\"2-1\"]\naction = \"allow\"\nhosts = [\"a.com\"]\n",
+    );
+    let positions: Vec<&str> = e.iter().map(|e| e.split(": ").next().unwrap_or("")).collect();
+    assert_eq!(positions, ["t.toml:11:9", "t.toml:12:7", "t.toml:14:10", "t.toml:16:10"]);
+}
+
+#[test]
+fn identical_rule_written_later_is_a_shadow_warning() {
+    let w = warnings(
+        "[[rule]]\ngroup = \"web\"\nto = [\"203.0.113.0/24\"]\nproto = \"tcp\"\naction = \"allow\"\n\n\
+         [[rule]]\ngroup = \"web\"\nto = [\"203.0.113.0/24\"]\nproto = \"tcp\"\nports = [443]\naction = \"allow\"\n",
+    );
+    assert_eq!(
+        w,
+        ["t.toml:16:1: rule never decides: every destination and port it matches is taken first by the rule(s) at \
+          line 10 (more specific prefix, or same prefix written earlier)"]
+    );
+}
+
+#[test]
+fn rule_tiled_by_more_specific_prefixes_is_a_shadow_warning() {
+    // Two /25s (in two rules, one written later) cover the /24 for every protocol.
+    let w = warnings(
+        "[[rule]]\ngroup = \"web\"\nto = [\"203.0.113.0/25\"]\naction = \"allow\"\n\n\
+         [[rule]]\ngroup = \"web\"\nto = [\"203.0.113.0/24\"]\nproto = \"udp\"\nports = [\"53\"]\naction = \"deny\"\n\n\
+         [[rule]]\ngroup = \"web\"\nto = [\"203.0.113.128/25\"]\nproto = \"udp\"\naction = \"allow\"\n",
+    );
+    assert_eq!(
+        w,
+        ["t.toml:15:1: rule never decides: every destination and port it matches is taken first by the rule(s) at \
+          line 10, 22 (more specific prefix, or same prefix written earlier)"]
+    );
+}
+
+#[test]
+fn partly_covered_rules_are_not_shadowed() {
+    // A gap in the tiling; an earlier rule with fewer ports; an earlier rule with an except; a later identical rule
+    // (the later one is the shadowed one, so only one warning, for it).
+    let w = warnings(
+        "[[rule]]\ngroup = \"web\"\nto = [\"203.0.113.0/25\"]\naction = \"allow\"\n\n\
+         [[rule]]\ngroup = \"web\"\nto = [\"203.0.113.0/24\"]\naction = \"allow\"\n\n\
+         [[rule]]\ngroup = \"web\"\nto = [\"198.51.100.0/24\"]\nproto = \"tcp\"\nports = [\"443\"]\naction = \"allow\"\n\n\
+         [[rule]]\ngroup = \"web\"\nto = [\"198.51.100.0/24\"]\nproto = \"tcp\"\nports = [\"443\", \"8443\"]\naction = \"allow\"\n\n\
+         [[rule]]\ngroup = \"web\"\nto = [\"192.0.2.0/24\"]\nexcept = [\"192.0.2.0/28\"]\naction = \"allow\"\n\n\
+         [[rule]]\ngroup = \"web\"\nto = [\"192.0.2.0/24\"]\naction = \"allow\"\n",
+    );
+    assert!(w.is_empty(), "{w:?}");
+}
+
+#[test]
+fn group_without_sources_is_a_warning() {
+    assert_eq!(
+        warnings("[[group]]\nname = \"idle\"\n"),
+        ["t.toml:11:8: group \"idle\" has no sources and never matches"]
+    );
+}
