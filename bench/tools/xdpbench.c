@@ -294,9 +294,11 @@ static int cmd_ping(int argc, char **argv)
                 break;
             }
         }
-        double next = t0 + interval;
-        while (now_s() < next)
-            ;
+        double left = t0 + interval - now_s();
+        if (left > 0) {
+            struct timespec ts = {.tv_sec = (time_t)left, .tv_nsec = (long)((left - (time_t)left) * 1e9)};
+            nanosleep(&ts, NULL);
+        }
     }
     if (got == 0) {
         printf("sent %d lost %d p50_us nan p99_us nan max_us nan\n", count, count);
