@@ -34,6 +34,9 @@ fn http_and_udp_cross_only_through_egressd() {
         assert!(gw.metric(series) >= 10.0, "{series} = {}", gw.metric(series));
     }
     assert!(gw.metric(r#"egressd_rx_packets_total{side="outside"}"#) >= 700.0);
+    // The kernel's socket drop counters are exported (read with getsockopt(XDP_STATISTICS) by the worker).
+    let names: Vec<String> = gw.metrics().into_iter().map(|(n, _)| n).collect();
+    assert!(names.iter().any(|n| n.starts_with("egressd_kernel_drops_total{side=\"outside\"")), "{names:?}");
     assert!(lab.gw_links().contains("xdp"), "no XDP program attached while running:\n{}", lab.gw_links());
 
     assert!(gw.stop(), "egressd did not exit 0 on SIGTERM; log:\n{}", gw.log_text());
