@@ -3,12 +3,16 @@
 //!
 //! `cargo bench --bench nat -- --warm-up-time 1 --measurement-time 3`
 //! Targets: ≥ 20 M established packets/s/core, ≥ 2 M new flows/s/core, ≤ 128 bytes per flow.
+//!
+//! The `_lookahead3` variants call [`Nat::prefetch_outbound`] on the packet 3 ahead of the one translated, as the
+//! pipeline does. `NAT_PROFILE=new` (or `established`) runs only that loop, without criterion, for a profiler:
+//! `NAT_PROFILE=new valgrind --tool=callgrind --toggle-collect='*Nat*outbound*' target/release/deps/nat-…`.
 
 use std::cell::RefCell;
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, BatchSize, Criterion, Throughput};
 use dataplane::nat::{Nat, NatConfig, MAX_EGRESS_IPS};
 use dataplane::policy::{Action, PolicyBuilder, PolicySnapshot, ProtoMatch, RuleSpec};
 use dataplane::time::Instant;
@@ -48,6 +52,24 @@ fn packet(i: usize, out: &mut [u8]) {
 
 const PKT_LEN: usize = 20 + 8 + 16;
 
+/// Packets the lookahead variants look ahead.
+const AHEAD: usize = 3;
+
+/// Translates the batch in `buf` outbound, hinting the packet `ahead` places further on first (0: no hint).
+fn run_batch(nat: &mut Nat, now: Instant, buf: &mut [u8], pol: &PolicySnapshot, ahead: usize) {
+    for k in 0..ahead.min(BATCH) {
+        nat.prefetch_outbound(&buf[k * SLOT..k * SLOT + PKT_LEN]);
+    }
+    for k in 0..BATCH {
+        if ahead > 0 && k + ahead < BATCH {
+            let j = k + ahead;
+            nat.prefetch_outbound(&buf[j * SLOT..j * SLOT + PKT_LEN]);
+        }
+        let r = nat.outbound(now, &mut buf[k * SLOT..k * SLOT + PKT_LEN], pol);
+        black_box(r.is_ok());
+    }
+}
+
 /// This thread's CPU time in ns. On shared cores wall-clock figures include time other processes ran; CPU time
 /// does not, so the benches also print a rate by CPU time.
 fn thread_cpu_ns() -> u64 {
@@ -74,6 +96,11 @@ fn cpu_rate<T>(rounds: usize, mut setup: impl FnMut() -> T, mut routine: impl Fn
 }
 
 fn established(c: &mut Criterion) {
+    established_ahead(c, 0);
+    established_ahead(c, AHEAD);
+}
+
+fn established_ahead(c: &mut Criterion, ahead: usize) {
     let pol = policy();
     let mut nat = Nat::new(&NatConfig { max_flows: 1 << 16, ..NatConfig::default() }, 0);
     let mut pristine = vec![0u8; FLOWS * SLOT];
@@ -96,22 +123,36 @@ fn established(c: &mut Criterion) {
         next = (next + BATCH) % FLOWS;
         buf
     };
-    let mut routine = |buf: &mut Vec<u8>| {
-        let now = Instant::from_secs(1);
-        for k in 0..BATCH {
-            let r = nat.outbound(now, &mut buf[k * SLOT..k * SLOT + PKT_LEN], &pol);
-            black_box(r.is_ok());
-        }
-    };
-    g.bench_function("established_outbound_udp_10k_flows", |b| {
-        b.iter_batched_ref(&mut setup, &mut routine, BatchSize::PerIteration)
-    });
+    let mut routine = |buf: &mut Vec<u8>| run_batch(&mut nat, Instant::from_secs(1), buf, &pol, ahead);
+    let name = suffix("established_outbound_udp_10k_flows", ahead);
+    if profiling() {
+        cpu_rate(2000, &mut setup, &mut routine);
+        return;
+    }
+    g.bench_function(&name, |b| b.iter_batched_ref(&mut setup, &mut routine, BatchSize::PerIteration));
     g.finish();
     let rate = cpu_rate(2000, &mut setup, &mut routine);
-    println!("nat established: {:.1} M packets/s by thread CPU time", rate / 1e6);
+    println!("{name}: {:.1} M packets/s by thread CPU time", rate / 1e6);
+}
+
+fn suffix(name: &str, ahead: usize) -> String {
+    if ahead == 0 {
+        name.to_string()
+    } else {
+        format!("{name}_lookahead{ahead}")
+    }
+}
+
+fn profiling() -> bool {
+    std::env::var_os("NAT_PROFILE").is_some()
 }
 
 fn new_flows(c: &mut Criterion) {
+    new_flows_ahead(c, 0);
+    new_flows_ahead(c, AHEAD);
+}
+
+fn new_flows_ahead(c: &mut Criterion, ahead: usize) {
     let pol = policy();
     let cfg = NatConfig { max_flows: 1 << 20, max_flows_per_source: 1 << 20, ..NatConfig::default() };
     let nat = Nat::new(&cfg, 0);
@@ -143,22 +184,32 @@ fn new_flows(c: &mut Criterion) {
         (buf, now)
     };
     let mut routine = |(buf, now): &mut (Vec<u8>, u64)| {
-        let mut n = nat.borrow_mut();
-        let t = Instant::from_secs(*now);
-        for k in 0..BATCH {
-            let r = n.outbound(t, &mut buf[k * SLOT..k * SLOT + PKT_LEN], &pol);
-            black_box(r.is_ok());
-        }
+        run_batch(&mut nat.borrow_mut(), Instant::from_secs(*now), buf, &pol, ahead)
     };
-    g.bench_function("new_flows_udp", |b| {
-        b.iter_batched_ref(&mut setup, &mut routine, BatchSize::PerIteration)
-    });
+    let name = suffix("new_flows_udp", ahead);
+    if profiling() {
+        cpu_rate(2000, &mut setup, &mut routine);
+        return;
+    }
+    g.bench_function(&name, |b| b.iter_batched_ref(&mut setup, &mut routine, BatchSize::PerIteration));
     let rate = cpu_rate(1000, &mut setup, &mut routine);
-    println!("nat new flows: {:.2} M flows/s by thread CPU time", rate / 1e6);
+    println!("{name}: {:.2} M flows/s by thread CPU time", rate / 1e6);
     let s = nat.borrow().stats();
     println!("nat new flows: {} live flows, {} allocation failures", s.flows(), s.allocation_failures);
     g.finish();
 }
 
 criterion_group!(benches, established, new_flows);
-criterion_main!(benches);
+
+fn main() {
+    match std::env::var("NAT_PROFILE").as_deref() {
+        Ok("new") => new_flows_ahead(&mut Criterion::default(), 0),
+        Ok("new_lookahead") => new_flows_ahead(&mut Criterion::default(), AHEAD),
+        Ok("established") => established_ahead(&mut Criterion::default(), 0),
+        Ok(_) => eprintln!("NAT_PROFILE: new, new_lookahead or established"),
+        Err(_) => {
+            benches();
+            Criterion::default().configure_from_args().final_summary();
+        }
+    }
+}
