@@ -64,7 +64,17 @@ mod tests;
 
 /// Egress IPs one worker can translate to (their port tables are preallocated).
 pub const MAX_EGRESS_IPS: usize = 16;
-const _: () = assert!(MAX_EGRESS_IPS < 32, "egress_index keeps one bit per egress IP in a u32");
+
+const EGRESS_BUCKETS: usize = 64;
+const BUCKET_EMPTY: u8 = 0xff;
+const BUCKET_SHARED: u8 = 0xfe;
+const _: () = assert!(MAX_EGRESS_IPS < BUCKET_SHARED as usize);
+
+/// The bucket of an egress IP in [`Nat::egress_index`]'s table (multiply-shift: the top 6 bits).
+#[inline]
+fn egress_bucket_of(addr: u32) -> usize {
+    (addr.wrapping_mul(0x9e37_79b1) >> 26) as usize
+}
 
 /// UDP sessions one mapping may hold towards one remote address (different remote ports). They share one hash in
 /// the inbound index (that is how address-dependent filtering finds them), so the cap bounds that probe run.
@@ -264,6 +274,8 @@ pub struct Nat {
 
     egress: [u32; MAX_EGRESS_IPS],
     egress_len: usize,
+    /// `egress` positions by [`egress_bucket_of`] (see [`Nat::egress_index`]).
+    egress_bucket: [u8; EGRESS_BUCKETS],
     /// Policy generation whose egress IPs were last added to `egress`.
     egress_generation: Option<u64>,
     /// `[ip][proto class][port offset]` slot values; offsets 0.. are the low slice, then the high slice.
@@ -607,6 +619,7 @@ impl Nat {
             sources: Index::with_capacity(n),
             egress: [0; MAX_EGRESS_IPS],
             egress_len: 0,
+            egress_bucket: [BUCKET_EMPTY; EGRESS_BUCKETS],
             egress_generation: None,
             ports: vec![0u32; per_table * PCS * MAX_EGRESS_IPS].into_boxed_slice(),
             low,
@@ -767,16 +780,15 @@ impl Nat {
         })
     }
 
-    /// The position of `addr` in the egress table: every entry compared at once (no early exit, so the compiler
-    /// makes it a few vector compares), since it runs on every new flow (twice) and every inbound packet.
+    /// The position of `addr` in the egress table. It runs on every new flow (twice) and every inbound packet, so
+    /// a 64-bucket direct-mapped table answers first; only a bucket two egress IPs share falls back to a scan.
     #[inline]
     fn egress_index(&self, addr: u32) -> Option<u8> {
-        let mut hits = 0u32;
-        for (i, &a) in self.egress.iter().enumerate() {
-            hits |= u32::from(a == addr) << i;
+        match self.egress_bucket[egress_bucket_of(addr)] {
+            BUCKET_EMPTY => None,
+            BUCKET_SHARED => self.egress[..self.egress_len].iter().position(|&a| a == addr).map(|i| i as u8),
+            i => (self.egress[usize::from(i)] == addr).then_some(i),
         }
-        hits &= (1u32 << self.egress_len.min(MAX_EGRESS_IPS)) - 1;
-        (hits != 0).then(|| hits.trailing_zeros() as u8)
     }
 
     /// The policy decision the last [`Nat::outbound`] call acted on, if it consulted the policy (a new flow, a
@@ -809,6 +821,8 @@ impl Nat {
             for ip in policy.egress_ips(crate::policy::GroupId(g as u32)) {
                 let a = u32::from(*ip);
                 if self.egress_index(a).is_none() && self.egress_len < MAX_EGRESS_IPS {
+                    let b = &mut self.egress_bucket[egress_bucket_of(a)];
+                    *b = if *b == BUCKET_EMPTY { self.egress_len as u8 } else { BUCKET_SHARED };
                     self.egress[self.egress_len] = a;
                     self.egress_len += 1;
                 }
@@ -871,13 +885,16 @@ impl Nat {
         } else {
             let cur = &mut self.cursor[usize::from(ip_idx)][pc][usize::from(!low)];
             let mut found = None;
-            for k in 0..len {
-                let off = (*cur + k) % len;
+            // From the cursor round the slice once (wrapping without a division per step).
+            let mut off = if *cur < len { *cur } else { 0 };
+            for _ in 0..len {
+                let next = if off + 1 == len { 0 } else { off + 1 };
                 if take(off) {
-                    *cur = (off + 1) % len;
+                    *cur = next;
                     found = Some((first + off) as u16);
                     break;
                 }
+                off = next;
             }
             found
         };
