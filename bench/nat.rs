@@ -5,7 +5,8 @@
 //! Targets: ≥ 20 M established packets/s/core, ≥ 2 M new flows/s/core, ≤ 128 bytes per flow.
 //!
 //! The `_lookahead3` variants call [`Nat::prefetch_outbound`] on the packet 3 ahead of the one translated, as the
-//! pipeline does. `NAT_PROFILE=new` (or `established`) runs only that loop, without criterion, for a profiler:
+//! pipeline does. `NAT_PROFILE=new` (or `established`, `established_1m`, each with an optional `_lookahead`)
+//! runs only that loop, without criterion (for a profiler, or quick A/B runs):
 //! `NAT_PROFILE=new valgrind --tool=callgrind --toggle-collect='*Nat*outbound*' target/release/deps/nat-…`.
 
 use std::cell::RefCell;
@@ -96,40 +97,51 @@ fn cpu_rate<T>(rounds: usize, mut setup: impl FnMut() -> T, mut routine: impl Fn
 }
 
 fn established(c: &mut Criterion) {
-    established_ahead(c, 0);
-    established_ahead(c, AHEAD);
+    established_ahead(c, 0, FLOWS);
+    established_ahead(c, AHEAD, FLOWS);
+    established_ahead(c, 0, BIG_FLOWS);
+    established_ahead(c, AHEAD, BIG_FLOWS);
 }
 
-fn established_ahead(c: &mut Criterion, ahead: usize) {
+/// Established flows in a full-size table (CPU-time rate only; no criterion run).
+const BIG_FLOWS: usize = 1_000_000;
+
+fn established_ahead(c: &mut Criterion, ahead: usize, flows: usize) {
     let pol = policy();
-    let mut nat = Nat::new(&NatConfig { max_flows: 1 << 16, ..NatConfig::default() }, 0);
-    let mut pristine = vec![0u8; FLOWS * SLOT];
-    for i in 0..FLOWS {
+    let max_flows = if flows > FLOWS { 1 << 20 } else { 1 << 16 };
+    let mut nat =
+        Nat::new(&NatConfig { max_flows, max_flows_per_source: 1 << 20, ..NatConfig::default() }, 0);
+    let mut pristine = vec![0u8; flows * SLOT];
+    for i in 0..flows {
         packet(i, &mut pristine[i * SLOT..(i + 1) * SLOT]);
         let mut p = pristine[i * SLOT..i * SLOT + PKT_LEN].to_vec();
         nat.outbound(Instant::ZERO, &mut p, &pol).unwrap();
     }
-    // Batches walk the 10 000 flows in a scattered order.
-    let order: Vec<usize> = (0..FLOWS).map(|i| (i * 7919) % FLOWS).collect();
+    // Batches walk the flows in a scattered order.
+    let order: Vec<usize> = (0..flows).map(|i| (i * 7919) % flows).collect();
     let mut g = c.benchmark_group("nat");
     g.throughput(Throughput::Elements(BATCH as u64));
     let mut next = 0usize;
     let mut setup = || {
         let mut buf = vec![0u8; BATCH * SLOT];
         for k in 0..BATCH {
-            let i = order[(next + k) % FLOWS];
+            let i = order[(next + k) % flows];
             buf[k * SLOT..(k + 1) * SLOT].copy_from_slice(&pristine[i * SLOT..(i + 1) * SLOT]);
         }
-        next = (next + BATCH) % FLOWS;
+        next = (next + BATCH) % flows;
         buf
     };
     let mut routine = |buf: &mut Vec<u8>| run_batch(&mut nat, Instant::from_secs(1), buf, &pol, ahead);
-    let name = suffix("established_outbound_udp_10k_flows", ahead);
+    let size = if flows == BIG_FLOWS { "1m" } else { "10k" };
+    let name = suffix(&format!("established_outbound_udp_{size}_flows"), ahead);
     if profiling() {
-        cpu_rate(2000, &mut setup, &mut routine);
+        let rate = cpu_rate(2000, &mut setup, &mut routine);
+        println!("{name}: {:.2} M/s by thread CPU time", rate / 1e6);
         return;
     }
-    g.bench_function(&name, |b| b.iter_batched_ref(&mut setup, &mut routine, BatchSize::PerIteration));
+    if flows != BIG_FLOWS {
+        g.bench_function(&name, |b| b.iter_batched_ref(&mut setup, &mut routine, BatchSize::PerIteration));
+    }
     g.finish();
     let rate = cpu_rate(2000, &mut setup, &mut routine);
     println!("{name}: {:.1} M packets/s by thread CPU time", rate / 1e6);
@@ -188,7 +200,8 @@ fn new_flows_ahead(c: &mut Criterion, ahead: usize) {
     };
     let name = suffix("new_flows_udp", ahead);
     if profiling() {
-        cpu_rate(2000, &mut setup, &mut routine);
+        let rate = cpu_rate(2000, &mut setup, &mut routine);
+        println!("{name}: {:.2} M/s by thread CPU time", rate / 1e6);
         return;
     }
     g.bench_function(&name, |b| b.iter_batched_ref(&mut setup, &mut routine, BatchSize::PerIteration));
@@ -205,8 +218,11 @@ fn main() {
     match std::env::var("NAT_PROFILE").as_deref() {
         Ok("new") => new_flows_ahead(&mut Criterion::default(), 0),
         Ok("new_lookahead") => new_flows_ahead(&mut Criterion::default(), AHEAD),
-        Ok("established") => established_ahead(&mut Criterion::default(), 0),
-        Ok(_) => eprintln!("NAT_PROFILE: new, new_lookahead or established"),
+        Ok("established") => established_ahead(&mut Criterion::default(), 0, FLOWS),
+        Ok("established_lookahead") => established_ahead(&mut Criterion::default(), AHEAD, FLOWS),
+        Ok("established_1m") => established_ahead(&mut Criterion::default(), 0, BIG_FLOWS),
+        Ok("established_1m_lookahead") => established_ahead(&mut Criterion::default(), AHEAD, BIG_FLOWS),
+        Ok(_) => eprintln!("NAT_PROFILE: new, established, established_1m, each optionally with _lookahead"),
         Err(_) => {
             benches();
             Criterion::default().configure_from_args().final_summary();

@@ -1132,10 +1132,11 @@ impl Nat {
     // -----------------------------------------------------------------------------------------------------------
 
     /// Lookahead hint for a packet [`Nat::outbound`] will see a few packets from now (2–4 ahead in the batch):
-    /// computes its hashes and reads the index slots its lookup (and, for a new flow, the mapping and the source
-    /// counter) will need, and the session an established flow's slot names, so that those cache misses overlap
-    /// the work on the packets before it. Changes nothing and decides nothing: any input is fine, a wrong or
-    /// stale hint only costs the reads.
+    /// computes its flow hash and reads the outbound index slot its lookup starts at and the session that slot
+    /// names, so that those two dependent cache misses of a large table overlap the work on the packets before
+    /// it. (A new flow's other index slots depend on the policy's egress choice; `outbound` issues those loads
+    /// together itself.) Changes nothing and decides nothing: any input is fine, a wrong or stale hint only
+    /// costs the reads.
     #[inline]
     pub fn prefetch_outbound(&self, packet: &[u8]) {
         let Some(&vihl) = packet.first() else { return };
@@ -1153,10 +1154,7 @@ impl Nat {
         let sid = self.out_idx.peek_match(self.out_hash(src, sport, dst, dport, proto));
         // No branch on the slot (it is likely still in flight): a miss reads the last session instead.
         let i = (sid as usize).min(self.sessions.len().saturating_sub(1));
-        let warm = self.sessions.get(i).map_or(0, |s| s.last_seen)
-            ^ self.map_idx.peek(self.map_hash(src, sport, proto))
-            ^ self.sources.peek(hash_addr(self.seed.0, src));
-        std::hint::black_box(warm);
+        std::hint::black_box(self.sessions.get(i).map_or(0, |s| s.last_seen));
     }
 
     /// Inside → outside. `packet` is the IPv4 packet (header through total length), already validated by the
