@@ -3,12 +3,17 @@
 //!
 //! `cargo bench --bench nat -- --warm-up-time 1 --measurement-time 3`
 //! Targets: ≥ 20 M established packets/s/core, ≥ 2 M new flows/s/core, ≤ 128 bytes per flow.
+//!
+//! The `_lookahead3` variants call [`Nat::prefetch_outbound`] on the packet 3 ahead of the one translated, as the
+//! pipeline does. `NAT_PROFILE=new` (or `established`, `established_1m`, each with an optional `_lookahead`)
+//! runs only that loop, without criterion (for a profiler, or quick A/B runs):
+//! `NAT_PROFILE=new valgrind --tool=callgrind --toggle-collect='*Nat*outbound*' target/release/deps/nat-…`.
 
 use std::cell::RefCell;
 use std::hint::black_box;
 use std::net::Ipv4Addr;
 
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use criterion::{criterion_group, BatchSize, Criterion, Throughput};
 use dataplane::nat::{Nat, NatConfig, MAX_EGRESS_IPS};
 use dataplane::policy::{Action, PolicyBuilder, PolicySnapshot, ProtoMatch, RuleSpec};
 use dataplane::time::Instant;
@@ -48,6 +53,24 @@ fn packet(i: usize, out: &mut [u8]) {
 
 const PKT_LEN: usize = 20 + 8 + 16;
 
+/// Packets the lookahead variants look ahead.
+const AHEAD: usize = 3;
+
+/// Translates the batch in `buf` outbound, hinting the packet `ahead` places further on first (0: no hint).
+fn run_batch(nat: &mut Nat, now: Instant, buf: &mut [u8], pol: &PolicySnapshot, ahead: usize) {
+    for k in 0..ahead.min(BATCH) {
+        nat.prefetch_outbound(&buf[k * SLOT..k * SLOT + PKT_LEN]);
+    }
+    for k in 0..BATCH {
+        if ahead > 0 && k + ahead < BATCH {
+            let j = k + ahead;
+            nat.prefetch_outbound(&buf[j * SLOT..j * SLOT + PKT_LEN]);
+        }
+        let r = nat.outbound(now, &mut buf[k * SLOT..k * SLOT + PKT_LEN], pol);
+        black_box(r.is_ok());
+    }
+}
+
 /// This thread's CPU time in ns. On shared cores wall-clock figures include time other processes ran; CPU time
 /// does not, so the benches also print a rate by CPU time.
 fn thread_cpu_ns() -> u64 {
@@ -74,44 +97,74 @@ fn cpu_rate<T>(rounds: usize, mut setup: impl FnMut() -> T, mut routine: impl Fn
 }
 
 fn established(c: &mut Criterion) {
+    established_ahead(c, 0, FLOWS);
+    established_ahead(c, AHEAD, FLOWS);
+    established_ahead(c, 0, BIG_FLOWS);
+    established_ahead(c, AHEAD, BIG_FLOWS);
+}
+
+/// Established flows in a full-size table (CPU-time rate only; no criterion run).
+const BIG_FLOWS: usize = 1_000_000;
+
+fn established_ahead(c: &mut Criterion, ahead: usize, flows: usize) {
     let pol = policy();
-    let mut nat = Nat::new(&NatConfig { max_flows: 1 << 16, ..NatConfig::default() }, 0);
-    let mut pristine = vec![0u8; FLOWS * SLOT];
-    for i in 0..FLOWS {
+    let max_flows = if flows > FLOWS { 1 << 20 } else { 1 << 16 };
+    let mut nat =
+        Nat::new(&NatConfig { max_flows, max_flows_per_source: 1 << 20, ..NatConfig::default() }, 0);
+    let mut pristine = vec![0u8; flows * SLOT];
+    for i in 0..flows {
         packet(i, &mut pristine[i * SLOT..(i + 1) * SLOT]);
         let mut p = pristine[i * SLOT..i * SLOT + PKT_LEN].to_vec();
         nat.outbound(Instant::ZERO, &mut p, &pol).unwrap();
     }
-    // Batches walk the 10 000 flows in a scattered order.
-    let order: Vec<usize> = (0..FLOWS).map(|i| (i * 7919) % FLOWS).collect();
+    // Batches walk the flows in a scattered order.
+    let order: Vec<usize> = (0..flows).map(|i| (i * 7919) % flows).collect();
     let mut g = c.benchmark_group("nat");
     g.throughput(Throughput::Elements(BATCH as u64));
     let mut next = 0usize;
     let mut setup = || {
         let mut buf = vec![0u8; BATCH * SLOT];
         for k in 0..BATCH {
-            let i = order[(next + k) % FLOWS];
+            let i = order[(next + k) % flows];
             buf[k * SLOT..(k + 1) * SLOT].copy_from_slice(&pristine[i * SLOT..(i + 1) * SLOT]);
         }
-        next = (next + BATCH) % FLOWS;
+        next = (next + BATCH) % flows;
         buf
     };
-    let mut routine = |buf: &mut Vec<u8>| {
-        let now = Instant::from_secs(1);
-        for k in 0..BATCH {
-            let r = nat.outbound(now, &mut buf[k * SLOT..k * SLOT + PKT_LEN], &pol);
-            black_box(r.is_ok());
-        }
-    };
-    g.bench_function("established_outbound_udp_10k_flows", |b| {
-        b.iter_batched_ref(&mut setup, &mut routine, BatchSize::PerIteration)
-    });
+    let mut routine = |buf: &mut Vec<u8>| run_batch(&mut nat, Instant::from_secs(1), buf, &pol, ahead);
+    let size = if flows == BIG_FLOWS { "1m" } else { "10k" };
+    let name = suffix(&format!("established_outbound_udp_{size}_flows"), ahead);
+    if profiling() {
+        let rate = cpu_rate(2000, &mut setup, &mut routine);
+        println!("{name}: {:.2} M/s by thread CPU time", rate / 1e6);
+        return;
+    }
+    if flows != BIG_FLOWS {
+        g.bench_function(&name, |b| b.iter_batched_ref(&mut setup, &mut routine, BatchSize::PerIteration));
+    }
     g.finish();
     let rate = cpu_rate(2000, &mut setup, &mut routine);
-    println!("nat established: {:.1} M packets/s by thread CPU time", rate / 1e6);
+    println!("{name}: {:.1} M packets/s by thread CPU time", rate / 1e6);
+}
+
+fn suffix(name: &str, ahead: usize) -> String {
+    if ahead == 0 {
+        name.to_string()
+    } else {
+        format!("{name}_lookahead{ahead}")
+    }
+}
+
+fn profiling() -> bool {
+    std::env::var_os("NAT_PROFILE").is_some()
 }
 
 fn new_flows(c: &mut Criterion) {
+    new_flows_ahead(c, 0);
+    new_flows_ahead(c, AHEAD);
+}
+
+fn new_flows_ahead(c: &mut Criterion, ahead: usize) {
     let pol = policy();
     let cfg = NatConfig { max_flows: 1 << 20, max_flows_per_source: 1 << 20, ..NatConfig::default() };
     let nat = Nat::new(&cfg, 0);
@@ -143,22 +196,36 @@ fn new_flows(c: &mut Criterion) {
         (buf, now)
     };
     let mut routine = |(buf, now): &mut (Vec<u8>, u64)| {
-        let mut n = nat.borrow_mut();
-        let t = Instant::from_secs(*now);
-        for k in 0..BATCH {
-            let r = n.outbound(t, &mut buf[k * SLOT..k * SLOT + PKT_LEN], &pol);
-            black_box(r.is_ok());
-        }
+        run_batch(&mut nat.borrow_mut(), Instant::from_secs(*now), buf, &pol, ahead)
     };
-    g.bench_function("new_flows_udp", |b| {
-        b.iter_batched_ref(&mut setup, &mut routine, BatchSize::PerIteration)
-    });
+    let name = suffix("new_flows_udp", ahead);
+    if profiling() {
+        let rate = cpu_rate(2000, &mut setup, &mut routine);
+        println!("{name}: {:.2} M/s by thread CPU time", rate / 1e6);
+        return;
+    }
+    g.bench_function(&name, |b| b.iter_batched_ref(&mut setup, &mut routine, BatchSize::PerIteration));
     let rate = cpu_rate(1000, &mut setup, &mut routine);
-    println!("nat new flows: {:.2} M flows/s by thread CPU time", rate / 1e6);
+    println!("{name}: {:.2} M flows/s by thread CPU time", rate / 1e6);
     let s = nat.borrow().stats();
     println!("nat new flows: {} live flows, {} allocation failures", s.flows(), s.allocation_failures);
     g.finish();
 }
 
 criterion_group!(benches, established, new_flows);
-criterion_main!(benches);
+
+fn main() {
+    match std::env::var("NAT_PROFILE").as_deref() {
+        Ok("new") => new_flows_ahead(&mut Criterion::default(), 0),
+        Ok("new_lookahead") => new_flows_ahead(&mut Criterion::default(), AHEAD),
+        Ok("established") => established_ahead(&mut Criterion::default(), 0, FLOWS),
+        Ok("established_lookahead") => established_ahead(&mut Criterion::default(), AHEAD, FLOWS),
+        Ok("established_1m") => established_ahead(&mut Criterion::default(), 0, BIG_FLOWS),
+        Ok("established_1m_lookahead") => established_ahead(&mut Criterion::default(), AHEAD, BIG_FLOWS),
+        Ok(_) => eprintln!("NAT_PROFILE: new, established, established_1m, each optionally with _lookahead"),
+        Err(_) => {
+            benches();
+            Criterion::default().configure_from_args().final_summary();
+        }
+    }
+}

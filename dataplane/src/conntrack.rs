@@ -107,11 +107,79 @@ impl Index {
         false
     }
 
+    /// One probe serving both a lookup and the insertion that follows a miss: `Ok(pos)` of the entry whose value
+    /// satisfies `eq` among those with `hash`, or `Err(pos)` of the empty slot that ends the probe sequence — where
+    /// [`Index::insert_at`] puts the key as long as the index is not modified in between (`Err(usize::MAX)` if
+    /// the table is full, which sizing rules out).
+    #[inline]
+    pub fn probe(&self, hash: u32, mut eq: impl FnMut(u32) -> bool) -> Result<usize, usize> {
+        let n = self.slots.len();
+        let mut i = self.home(hash);
+        for _ in 0..n {
+            let s = self.slots[i];
+            if s.val == NONE {
+                return Err(i);
+            }
+            if s.hash == hash && eq(s.val) {
+                return Ok(i);
+            }
+            i += 1;
+            if i == n {
+                i = 0;
+            }
+        }
+        Err(usize::MAX)
+    }
+
+    /// [`Index::probe`] answering with the value found rather than its position.
+    #[inline]
+    pub fn lookup(&self, hash: u32, mut eq: impl FnMut(u32) -> bool) -> Result<u32, usize> {
+        let n = self.slots.len();
+        let mut i = self.home(hash);
+        for _ in 0..n {
+            let s = self.slots[i];
+            if s.val == NONE {
+                return Err(i);
+            }
+            if s.hash == hash && eq(s.val) {
+                return Ok(s.val);
+            }
+            i += 1;
+            if i == n {
+                i = 0;
+            }
+        }
+        Err(usize::MAX)
+    }
+
+    /// Stores `(hash, val)` at `pos`, the empty slot an [`Index::probe`] for `hash` ended on (the index unchanged
+    /// since). Any other position falls back to [`Index::insert`].
+    #[inline]
+    pub fn insert_at(&mut self, pos: usize, hash: u32, val: u32) -> bool {
+        match self.slots.get_mut(pos) {
+            Some(s) if s.val == NONE => {
+                *s = Slot { hash, val };
+                true
+            }
+            _ => self.insert(hash, val),
+        }
+    }
+
     /// Reads the home slot of `hash` (its value), so that a lookup that follows finds it in cache: a prefetch in
     /// safe code, for overlapping several independent cache misses.
     #[inline]
     pub fn peek(&self, hash: u32) -> u32 {
         self.slots.get(self.home(hash)).map_or(NONE, |s| s.val)
+    }
+
+    /// The value in the home slot of `hash` if that slot holds `hash` (the likely entry of a lookup), else
+    /// `NONE`; reading it is the prefetch [`Index::peek`] does.
+    #[inline]
+    pub fn peek_match(&self, hash: u32) -> u32 {
+        match self.slots.get(self.home(hash)) {
+            Some(s) if s.hash == hash => s.val,
+            _ => NONE,
+        }
     }
 
     /// Position of the entry whose value satisfies `eq` among those with `hash`.

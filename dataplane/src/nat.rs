@@ -65,6 +65,17 @@ mod tests;
 /// Egress IPs one worker can translate to (their port tables are preallocated).
 pub const MAX_EGRESS_IPS: usize = 16;
 
+const EGRESS_BUCKETS: usize = 64;
+const BUCKET_EMPTY: u8 = 0xff;
+const BUCKET_SHARED: u8 = 0xfe;
+const _: () = assert!(MAX_EGRESS_IPS < BUCKET_SHARED as usize);
+
+/// The bucket of an egress IP in [`Nat::egress_index`]'s table (multiply-shift: the top 6 bits).
+#[inline]
+fn egress_bucket_of(addr: u32) -> usize {
+    (addr.wrapping_mul(0x9e37_79b1) >> 26) as usize
+}
+
 /// UDP sessions one mapping may hold towards one remote address (different remote ports). They share one hash in
 /// the inbound index (that is how address-dependent filtering finds them), so the cap bounds that probe run.
 /// Beyond it new sessions are refused as `SourceFlowLimit`.
@@ -263,6 +274,8 @@ pub struct Nat {
 
     egress: [u32; MAX_EGRESS_IPS],
     egress_len: usize,
+    /// `egress` positions by [`egress_bucket_of`] (see [`Nat::egress_index`]).
+    egress_bucket: [u8; EGRESS_BUCKETS],
     /// Policy generation whose egress IPs were last added to `egress`.
     egress_generation: Option<u64>,
     /// `[ip][proto class][port offset]` slot values; offsets 0.. are the low slice, then the high slice.
@@ -304,6 +317,16 @@ struct Quote {
     /// Ports (identifier in `sport` for a quoted echo).
     sport: u16,
     dport: u16,
+}
+
+/// What a new session's index insertions need, computed once: the outbound index hash and the empty slot its
+/// lookup ended on (`usize::MAX`: probe again), the inbound index hash, and the source counter's hash and probe.
+struct NewSlots {
+    ho: u32,
+    out_pos: usize,
+    hi: u32,
+    hs: u32,
+    src: Result<usize, usize>,
 }
 
 /// Packet kinds `parse` recognises.
@@ -438,9 +461,18 @@ fn l4_layout(proto: u8) -> (usize, bool) {
     }
 }
 
+/// Ones'-complement fold of a sum of at most 2^20 (up to 16 words of 16 bits), complemented: two folds always
+/// suffice, so no loop ([`checksum::finish`] for the small sums of an incremental update).
+#[inline(always)]
+fn finish_small(acc: u32) -> u16 {
+    let a = (acc & 0xffff) + (acc >> 16);
+    let a = (a & 0xffff) + (a >> 16);
+    !(a as u16)
+}
+
 /// Rewrites an address (at `addr_off`: 12 source, 16 destination) and a port/identifier (at `ihl + port_off`)
 /// with incremental updates of the IPv4 header checksum and the L4 checksum (RFC 1624). UDP checksum 0 stays 0
-/// (RFC 768). A checksum beyond the end of `pkt` is left alone.
+/// (RFC 768). A port or checksum beyond the end of `pkt` is left alone.
 #[inline]
 fn rewrite(
     pkt: &mut [u8],
@@ -451,21 +483,49 @@ fn rewrite(
     port_off: usize,
     new_port: u16,
 ) {
-    let old_addr = rd32(pkt, addr_off);
-    if old_addr != new_addr {
-        wr32(pkt, addr_off, new_addr);
-        let c = rd16(pkt, 10);
-        wr16(pkt, 10, checksum::update32(c, old_addr, new_addr));
-    }
-    let (ck_off, pseudo) = l4_layout(proto);
-    let ck = ihl + ck_off;
-    let po = ihl + port_off;
-    let old_port = rd16(pkt, po);
-    wr16(pkt, po, new_port);
-    if ck + 2 > pkt.len() {
+    if ihl < 20 || ihl > pkt.len() {
         return;
     }
-    let c = rd16(pkt, ck);
+    let (ip, l4) = pkt.split_at_mut(ihl);
+    let old_addr = rd32(ip, addr_off);
+    if old_addr != new_addr {
+        wr32(ip, addr_off, new_addr);
+        let acc = u32::from(!rd16(ip, 10))
+            + u32::from(!((old_addr >> 16) as u16))
+            + u32::from(!(old_addr as u16))
+            + (new_addr >> 16)
+            + (new_addr & 0xffff);
+        wr16(ip, 10, finish_small(acc));
+    }
+    let (ck_off, pseudo) = l4_layout(proto);
+    let Some(l4) = l4.get_mut(..(port_off + 2).max(ck_off + 2)) else {
+        // Too short for both fields (parse rules it out for flow packets): each one that fits.
+        let old_port = rd16(l4, port_off);
+        wr16(l4, port_off, new_port);
+        if ck_off + 2 <= l4.len() {
+            update_l4_checksum(l4, ck_off, proto, pseudo, old_addr, new_addr, old_port, new_port);
+        }
+        return;
+    };
+    let old_port = rd16(l4, port_off);
+    wr16(l4, port_off, new_port);
+    update_l4_checksum(l4, ck_off, proto, pseudo, old_addr, new_addr, old_port, new_port);
+}
+
+/// The L4 checksum update of [`rewrite`] (`l4` holds the checksum at `ck_off`).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn update_l4_checksum(
+    l4: &mut [u8],
+    ck_off: usize,
+    proto: u8,
+    pseudo: bool,
+    old_addr: u32,
+    new_addr: u32,
+    old_port: u16,
+    new_port: u16,
+) {
+    let c = rd16(l4, ck_off);
     if proto == ip_proto::UDP && c == 0 {
         // RFC 768: no checksum stays no checksum.
         return;
@@ -478,11 +538,11 @@ fn rewrite(
             + (new_addr >> 16)
             + (new_addr & 0xffff);
     }
-    let mut new = checksum::finish(acc);
+    let mut new = finish_small(acc);
     if proto == ip_proto::UDP && new == 0 {
         new = 0xffff;
     }
-    wr16(pkt, ck, new);
+    wr16(l4, ck_off, new);
 }
 
 /// Writes a 16-bit word of an ICMP message and keeps the ICMP checksum (at `icmp + 2`) valid.
@@ -559,6 +619,7 @@ impl Nat {
             sources: Index::with_capacity(n),
             egress: [0; MAX_EGRESS_IPS],
             egress_len: 0,
+            egress_bucket: [BUCKET_EMPTY; EGRESS_BUCKETS],
             egress_generation: None,
             ports: vec![0u32; per_table * PCS * MAX_EGRESS_IPS].into_boxed_slice(),
             low,
@@ -643,8 +704,22 @@ impl Nat {
     #[inline]
     fn find_out(&self, in_addr: u32, in_port: u16, remote: u32, remote_port: u16, proto: u8) -> Option<u32> {
         let h = self.out_hash(in_addr, in_port, remote, remote_port, proto);
+        self.probe_out(h, in_addr, in_port, remote, remote_port, proto).ok()
+    }
+
+    /// The session of an inside 5-tuple whose [`Nat::out_hash`] is `h`, or where its index entry goes.
+    #[inline]
+    fn probe_out(
+        &self,
+        h: u32,
+        in_addr: u32,
+        in_port: u16,
+        remote: u32,
+        remote_port: u16,
+        proto: u8,
+    ) -> Result<u32, usize> {
         let sessions = &self.sessions;
-        self.out_idx.find(h, |v| {
+        self.out_idx.lookup(h, |v| {
             sessions.get(v as usize).is_some_and(|s| {
                 s.in_addr == in_addr
                     && s.remote_addr == remote
@@ -689,17 +764,31 @@ impl Nat {
     #[inline]
     fn find_mapping(&self, in_addr: u32, in_port: u16, proto: u8) -> Option<u32> {
         let h = self.map_hash(in_addr, in_port, proto);
+        let pos = self.probe_mapping(h, in_addr, in_port, proto).ok()?;
+        Some(self.map_idx.value_at(pos))
+    }
+
+    /// The index position of inside endpoint `(in_addr, in_port, proto)`'s mapping ([`Nat::map_hash`] `h`), or
+    /// where its entry goes.
+    #[inline]
+    fn probe_mapping(&self, h: u32, in_addr: u32, in_port: u16, proto: u8) -> Result<usize, usize> {
         let mappings = &self.mappings;
-        self.map_idx.find(h, |v| {
+        self.map_idx.probe(h, |v| {
             mappings
                 .get(v as usize)
                 .is_some_and(|m| m.in_addr == in_addr && m.in_port == in_port && m.proto == proto)
         })
     }
 
+    /// The position of `addr` in the egress table. It runs on every new flow (twice) and every inbound packet, so
+    /// a 64-bucket direct-mapped table answers first; only a bucket two egress IPs share falls back to a scan.
     #[inline]
     fn egress_index(&self, addr: u32) -> Option<u8> {
-        self.egress[..self.egress_len].iter().position(|&a| a == addr).map(|i| i as u8)
+        match self.egress_bucket[egress_bucket_of(addr)] {
+            BUCKET_EMPTY => None,
+            BUCKET_SHARED => self.egress[..self.egress_len].iter().position(|&a| a == addr).map(|i| i as u8),
+            i => (self.egress[usize::from(i)] == addr).then_some(i),
+        }
     }
 
     /// The policy decision the last [`Nat::outbound`] call acted on, if it consulted the policy (a new flow, a
@@ -732,6 +821,8 @@ impl Nat {
             for ip in policy.egress_ips(crate::policy::GroupId(g as u32)) {
                 let a = u32::from(*ip);
                 if self.egress_index(a).is_none() && self.egress_len < MAX_EGRESS_IPS {
+                    let b = &mut self.egress_bucket[egress_bucket_of(a)];
+                    *b = if *b == BUCKET_EMPTY { self.egress_len as u8 } else { BUCKET_SHARED };
                     self.egress[self.egress_len] = a;
                     self.egress_len += 1;
                 }
@@ -794,13 +885,16 @@ impl Nat {
         } else {
             let cur = &mut self.cursor[usize::from(ip_idx)][pc][usize::from(!low)];
             let mut found = None;
-            for k in 0..len {
-                let off = (*cur + k) % len;
+            // From the cursor round the slice once (wrapping without a division per step).
+            let mut off = if *cur < len { *cur } else { 0 };
+            for _ in 0..len {
+                let next = if off + 1 == len { 0 } else { off + 1 };
                 if take(off) {
-                    *cur = (off + 1) % len;
+                    *cur = next;
                     found = Some((first + off) as u16);
                     break;
                 }
+                off = next;
             }
             found
         };
@@ -822,14 +916,11 @@ impl Nat {
         }
     }
 
-    /// Flows held by `addr`, and the position of its counter.
+    /// The counter of the inside address whose [`hash_addr`] is `h`: its position, or where it goes.
     #[inline]
-    fn source_count(&self, addr: u32) -> (u32, Option<usize>) {
-        let h = hash_addr(self.seed.0, addr);
-        match self.sources.find_pos(h, |_| true) {
-            Some(pos) => (self.sources.value_at(pos), Some(pos)),
-            None => (0, None),
-        }
+    fn source_probe(&self, h: u32) -> Result<usize, usize> {
+        // The hash is a bijection of the address: an equal hash is the same address.
+        self.sources.probe(h, |_| true)
     }
 
     fn source_add(&mut self, addr: u32, delta: i32) {
@@ -851,30 +942,37 @@ impl Nat {
         }
     }
 
-    /// Checks the flow limits for a new session of inside address `addr`.
+    /// Checks the flow limits for a new session of the inside address whose [`hash_addr`] is `hs`; returns the
+    /// probe of its counter for [`Nat::insert_session`].
     #[inline]
-    fn check_limits(&self, addr: u32) -> Result<(), DropReason> {
+    fn check_limits(&self, hs: u32) -> Result<Result<usize, usize>, DropReason> {
         if self.session_count >= self.max_flows || self.free_session == NONE {
             return Err(DropReason::ConntrackFull);
         }
-        if self.source_count(addr).0 >= self.per_source {
+        let src = self.source_probe(hs);
+        let count = match src {
+            Ok(pos) => self.sources.value_at(pos),
+            Err(_) => 0,
+        };
+        if count >= self.per_source {
             return Err(DropReason::SourceFlowLimit);
         }
-        Ok(())
+        Ok(src)
     }
 
-    /// The mapping for inside `(addr, port, proto)`, created on `ip_idx` if absent.
-    fn get_or_create_mapping(
+    /// Creates the mapping of inside `(addr, port, proto)` (absent; its index entry goes at `map_pos`, from
+    /// [`Nat::probe_mapping`] with hash `hm`) on `ip_idx`.
+    #[allow(clippy::too_many_arguments)]
+    fn create_mapping(
         &mut self,
+        hm: u32,
+        map_pos: usize,
         in_addr: u32,
         in_port: u16,
         proto: u8,
         ip_idx: u8,
         now_s: u32,
     ) -> Result<u32, DropReason> {
-        if let Some(m) = self.find_mapping(in_addr, in_port, proto) {
-            return Ok(m);
-        }
         let mid = self.free_mapping;
         if mid == NONE {
             return Err(DropReason::ConntrackFull);
@@ -887,12 +985,13 @@ impl Nat {
         self.free_mapping = next_free;
         self.mappings[mid as usize] = Mapping { in_addr, refs: 0, in_port, ext_port, ip_idx, proto };
         self.mapping_count += 1;
-        let h = self.map_hash(in_addr, in_port, proto);
-        self.map_idx.insert(h, mid);
+        self.map_idx.insert_at(map_pos, hm, mid);
         Ok(mid)
     }
 
-    /// Creates a session on mapping `mid` towards `(remote, remote_port)`. Limits are checked by the caller.
+    /// Creates a session on mapping `mid` towards `(remote, remote_port)`. Limits are checked by the caller,
+    /// [`Nat::check_limits`] giving `src`, the probe of the source counter (hash `hs`).
+    #[allow(clippy::too_many_arguments)]
     fn create_session(
         &mut self,
         mid: u32,
@@ -901,6 +1000,28 @@ impl Nat {
         now_s: u32,
         flags: u8,
         generation: u32,
+        hs: u32,
+        src: Result<usize, usize>,
+    ) -> u32 {
+        let m = self.mappings[mid as usize];
+        let ho = self.out_hash(m.in_addr, m.in_port, remote, remote_port, m.proto);
+        let hi = self.in_hash(m.ip_idx, m.ext_port, remote, remote_port, m.proto);
+        let slots = NewSlots { ho, out_pos: usize::MAX, hi, hs, src };
+        self.insert_session(mid, remote, remote_port, now_s, flags, generation, &slots)
+    }
+
+    /// [`Nat::create_session`] with the hashes and index probes the caller already has.
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn insert_session(
+        &mut self,
+        mid: u32,
+        remote: u32,
+        remote_port: u16,
+        now_s: u32,
+        flags: u8,
+        generation: u32,
+        slots: &NewSlots,
     ) -> u32 {
         let sid = self.free_session;
         let m = self.mappings[mid as usize];
@@ -927,12 +1048,13 @@ impl Nat {
             ..Session::FREE
         };
         self.mappings[mid as usize].refs += 1;
-        let ho = self.out_hash(m.in_addr, m.in_port, remote, remote_port, m.proto);
-        self.out_idx.insert(ho, sid);
-        let hi = self.in_hash(m.ip_idx, m.ext_port, remote, remote_port, m.proto);
-        self.in_idx.insert(hi, sid);
+        self.out_idx.insert_at(slots.out_pos, slots.ho, sid);
+        self.in_idx.insert(slots.hi, sid);
         lru_push(&mut self.sessions, &mut self.lru[usize::from(class)], sid);
-        self.source_add(m.in_addr, 1);
+        match slots.src {
+            Ok(pos) => self.sources.set_value_at(pos, self.sources.value_at(pos).saturating_add(1)),
+            Err(pos) => _ = self.sources.insert_at(pos, slots.hs, 1),
+        }
         sid
     }
 
@@ -1009,6 +1131,32 @@ impl Nat {
     // Outbound
     // -----------------------------------------------------------------------------------------------------------
 
+    /// Lookahead hint for a packet [`Nat::outbound`] will see a few packets from now (2–4 ahead in the batch):
+    /// computes its flow hash and reads the outbound index slot its lookup starts at and the session that slot
+    /// names, so that those two dependent cache misses of a large table overlap the work on the packets before
+    /// it. (A new flow's other index slots depend on the policy's egress choice; `outbound` issues those loads
+    /// together itself.) Changes nothing and decides nothing: any input is fine, a wrong or stale hint only
+    /// costs the reads.
+    #[inline]
+    pub fn prefetch_outbound(&self, packet: &[u8]) {
+        let Some(&vihl) = packet.first() else { return };
+        if vihl >> 4 != 4 || packet.len() < 20 {
+            return;
+        }
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        let proto = packet[9];
+        let (sport, dport) = match proto {
+            ip_proto::TCP | ip_proto::UDP => (rd16(packet, ihl), rd16(packet, ihl + 2)),
+            ip_proto::ICMP => (rd16(packet, ihl + 4), 0),
+            _ => return,
+        };
+        let (src, dst) = (rd32(packet, 12), rd32(packet, 16));
+        let sid = self.out_idx.peek_match(self.out_hash(src, sport, dst, dport, proto));
+        // No branch on the slot (it is likely still in flight): a miss reads the last session instead.
+        let i = (sid as usize).min(self.sessions.len().saturating_sub(1));
+        std::hint::black_box(self.sessions.get(i).map_or(0, |s| s.last_seen));
+    }
+
     /// Inside → outside. `packet` is the IPv4 packet (header through total length), already validated by the
     /// pipeline (version, IHL, lengths, header checksum, not a fragment). Rewrites the source (and for hairpin the
     /// destination) in place.
@@ -1032,8 +1180,9 @@ impl Nat {
         }
         let gen = low_gen(policy.generation());
         let mut result = Outbound::Forward;
-        let sid = match self.find_out(l4.src, l4.sport, l4.dst, l4.dport, l4.proto) {
-            Some(sid) => {
+        let ho = self.out_hash(l4.src, l4.sport, l4.dst, l4.dport, l4.proto);
+        let sid = match self.probe_out(ho, l4.src, l4.sport, l4.dst, l4.dport, l4.proto) {
+            Ok(sid) => {
                 let s = self.sessions[sid as usize];
                 if s.flags & SESSION_HAIRPIN_PEER == 0
                     && (s.generation != gen || s.flags & SESSION_UNJUDGED != 0)
@@ -1065,7 +1214,7 @@ impl Nat {
                 }
                 sid
             }
-            None => {
+            Err(out_pos) => {
                 // The policy first: every packet of an `l7` flow (not only its SYN) goes to the L7 path, which
                 // keeps no state here.
                 let d =
@@ -1091,21 +1240,27 @@ impl Nat {
                 // A new flow in a big table costs a cache miss in each of the mapping index, the source counters
                 // and the inbound index (most new mappings keep their original port: that is the slot to guess).
                 // Issue the three loads together so the misses overlap; their value is only consumed at the end,
-                // so nothing waits for them here.
-                let warm = self.map_idx.peek(self.map_hash(l4.src, l4.sport, l4.proto))
-                    ^ self.sources.peek(hash_addr(self.seed.0, l4.src))
-                    ^ self.in_idx.peek(self.in_hash(ip_idx, l4.sport, l4.dst, l4.dport, l4.proto));
-                self.check_limits(l4.src)?;
-                if let (Some(old), Some(g)) = (self.find_mapping(l4.src, l4.sport, l4.proto), d.group) {
-                    let old_ip = self.mappings[old as usize].ip_idx;
+                // so nothing waits for them here. Each hash is computed once, and each index is probed once:
+                // a miss's probe ends on the empty slot where the new entry goes.
+                let hm = self.map_hash(l4.src, l4.sport, l4.proto);
+                let hs = hash_addr(self.seed.0, l4.src);
+                let hi = self.in_hash(ip_idx, l4.sport, l4.dst, l4.dport, l4.proto);
+                let warm = self.map_idx.peek(hm) ^ self.sources.peek(hs) ^ self.in_idx.peek(hi);
+                let src = self.check_limits(hs)?;
+                let mut map_pos = self.probe_mapping(hm, l4.src, l4.sport, l4.proto);
+                if let (Ok(pos), Some(g)) = (map_pos, d.group) {
+                    let old_ip = self.mappings[self.map_idx.value_at(pos) as usize].ip_idx;
                     if !self.egress_listed(policy, g, old_ip) {
                         // A reload took this mapping's egress IP away from the group: retire the mapping (its
                         // sessions keep it, and its port, until they go) and map the endpoint afresh.
-                        let h = self.map_hash(l4.src, l4.sport, l4.proto);
-                        self.map_idx.remove(h, old);
+                        self.map_idx.remove_at(pos);
+                        map_pos = Err(usize::MAX);
                     }
                 }
-                let mid = self.get_or_create_mapping(l4.src, l4.sport, l4.proto, ip_idx, now_s)?;
+                let mid = match map_pos {
+                    Ok(pos) => self.map_idx.value_at(pos),
+                    Err(pos) => self.create_mapping(hm, pos, l4.src, l4.sport, l4.proto, ip_idx, now_s)?,
+                };
                 let m = self.mappings[mid as usize];
                 if l4.proto == ip_proto::UDP && m.refs >= MAX_UDP_SESSIONS_PER_REMOTE_ADDR {
                     let (_, _, siblings) = self.find_in(m.ip_idx, m.ext_port, l4.dst, l4.dport, l4.proto);
@@ -1114,7 +1269,13 @@ impl Nat {
                     }
                 }
                 let flags = if self.egress_index(l4.dst).is_some() { SESSION_HAIRPIN } else { 0 };
-                let sid = self.create_session(mid, l4.dst, l4.dport, now_s, flags, gen);
+                let hi = if (m.ip_idx, m.ext_port) == (ip_idx, l4.sport) {
+                    hi
+                } else {
+                    self.in_hash(m.ip_idx, m.ext_port, l4.dst, l4.dport, l4.proto)
+                };
+                let slots = NewSlots { ho, out_pos, hi, hs, src };
+                let sid = self.insert_session(mid, l4.dst, l4.dport, now_s, flags, gen, &slots);
                 std::hint::black_box(warm);
                 sid
             }
@@ -1210,7 +1371,8 @@ impl Nat {
                     return Err(DropReason::NoMapping);
                 };
                 let in_addr = self.mappings[mid as usize].in_addr;
-                self.check_limits(in_addr)?;
+                let hs = hash_addr(self.seed.0, in_addr);
+                let src = self.check_limits(hs)?;
                 if siblings >= MAX_UDP_SESSIONS_PER_REMOTE_ADDR {
                     return Err(DropReason::SourceFlowLimit);
                 }
@@ -1218,7 +1380,7 @@ impl Nat {
                 // the policy on its first outbound packet.
                 let flags = if hairpin { SESSION_HAIRPIN | SESSION_HAIRPIN_PEER } else { SESSION_UNJUDGED };
                 let gen = if sibling != NONE { self.sessions[sibling as usize].generation } else { 0 };
-                self.create_session(mid, l4.src, remote_port, now_s, flags, gen)
+                self.create_session(mid, l4.src, remote_port, now_s, flags, gen, hs, src)
             }
         };
         let s = &mut self.sessions[sid as usize];

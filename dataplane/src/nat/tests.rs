@@ -1182,3 +1182,36 @@ proptest! {
         }
     }
 }
+
+/// The egress table's direct-mapped lookup agrees with a scan for every address, shared buckets included, and
+/// ignores IPs beyond the table's 16.
+#[test]
+fn egress_index_agrees_with_a_scan() {
+    // Two addresses sharing a bucket first, then others: 20 in all.
+    let cand: Vec<A> = (0..=255u8).map(|i| [192, 0, 2, i]).collect();
+    let bucket = |a: &A| egress_bucket_of(u32::from(ip(*a)));
+    let (x, y) = (0..256)
+        .flat_map(|i| (i + 1..256).map(move |j| (i, j)))
+        .find(|&(i, j)| bucket(&cand[i]) == bucket(&cand[j]))
+        .unwrap();
+    let mut ips = vec![cand[x], cand[y]];
+    ips.extend(cand.iter().enumerate().filter(|&(i, _)| i != x && i != y).map(|(_, a)| *a).take(18));
+    let mut nat = Nat::new(&cfg(), 0);
+    nat.sync_policy(&policy_with(1, &ips, false));
+    assert_eq!(nat.egress_len, MAX_EGRESS_IPS);
+    let mut buckets = std::collections::HashSet::new();
+    for (i, a) in ips.iter().enumerate() {
+        let addr = u32::from(ip(*a));
+        let want = (i < MAX_EGRESS_IPS).then_some(i as u8);
+        assert_eq!(nat.egress_index(addr), want, "{a:?}");
+        if i < MAX_EGRESS_IPS && !buckets.insert(egress_bucket_of(addr)) {
+            assert_eq!(nat.egress_bucket[egress_bucket_of(addr)], BUCKET_SHARED);
+        }
+    }
+    assert!(buckets.len() < MAX_EGRESS_IPS, "the test covers a shared bucket");
+    for x in 0..100_000u32 {
+        let addr = x.wrapping_mul(0x0101_0101) ^ 0xc000_0200;
+        let scan = nat.egress[..nat.egress_len].iter().position(|&a| a == addr).map(|i| i as u8);
+        assert_eq!(nat.egress_index(addr), scan);
+    }
+}
