@@ -25,8 +25,8 @@
 //! port, the first candidate in precedence order that matches it. A /16 tcp:443 rule therefore still beats a /24
 //! udp rule for a tcp:443 packet: the udp rule never paints TCP ports. A lookup is two trie walks (source, then
 //! destination; IPv4 sources take one read up to /16 and at most 4, destinations at most 5, or 4 in tables of
-//! 2048+ prefixes), one leaf read, a binary search over the leaf's port runs (a handful of entries), and one byte
-//! pair for the deciding rule's outcome; the work does not grow with the number of rules (only the cache
+//! 2048+ prefixes), one leaf read, and a binary search over the leaf's port runs (a handful of entries), each run
+//! carrying its rule's outcome; the work does not grow with the number of rules (only the cache
 //! footprint does), and nothing allocates.
 
 mod host;
@@ -458,7 +458,7 @@ impl PolicyBuilder {
             check_group(rule.group)?;
         }
 
-        let mut compiler = LeafCompiler::new(&self.rules, self.groups.len());
+        let mut compiler = LeafCompiler::new(&self.rules, self.groups.len(), self.dry_run);
         let mut groups = Vec::with_capacity(self.groups.len());
         for (index, spec) in self.groups.into_iter().enumerate() {
             let group = GroupId(index as u32);
@@ -467,11 +467,6 @@ impl PolicyBuilder {
             groups.push(CompiledGroup { name: spec.name, egress_ips: spec.egress_ips, dest_v4, dest_v6 });
         }
         let LeafCompiler { leaves, runs, .. } = compiler;
-        let rules = self
-            .rules
-            .iter()
-            .map(|spec| CompiledRule { action: spec.action, dry_run: spec.dry_run || self.dry_run })
-            .collect();
         Ok(PolicySnapshot {
             generation,
             dry_run: self.dry_run,
@@ -481,7 +476,6 @@ impl PolicyBuilder {
             sources_v6: LpmTable::build(128, &src_v6, 0),
             source_prefixes: seen.len(),
             groups,
-            rules,
             specs: self.rules,
             leaves,
             runs,
@@ -492,34 +486,66 @@ impl PolicyBuilder {
 /// "No rule" in port runs and leaf slots.
 const NO_RULE: u32 = u32::MAX;
 
-/// A run of destination ports decided by one rule, from `first_port` up to the next run's first port.
+/// The run of no rule (default deny).
+const NO_RUN: PortRun = PortRun { first_port: 0, outcome: NO_OUTCOME, rule: NO_RULE };
+
+/// A run of destination ports decided by one rule, from `first_port` up to the next run's first port. It carries
+/// the rule's outcome in what would be padding, so the lookup ends here instead of reading the rule's entry too
+/// (one dependent cache miss fewer at 100 000 rules).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct PortRun {
     first_port: u16,
+    outcome: Outcome,
     rule: u32,
 }
 
-/// A slice of [`PolicySnapshot::runs`].
-#[derive(Clone, Copy, Debug, Default)]
-struct RunSlice {
-    start: u32,
-    len: u32,
+/// What the deciding rule does: its action, and its own dry-run flag or the global one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Outcome {
+    action: Action,
+    dry_run: bool,
 }
 
-/// What a destination region decides, per protocol class.
+/// The outcome stored with [`NO_RULE`] (never read: no rule means default deny).
+const NO_OUTCOME: Outcome = Outcome { action: Action::Deny, dry_run: false };
+
+/// The port runs of one protocol class in a leaf. A single run (the common case: port-less rules, default deny)
+/// is stored inline and costs no further read; otherwise this is a slice of [`PolicySnapshot::runs`].
 #[derive(Clone, Copy, Debug)]
-struct DestLeaf {
-    tcp: RunSlice,
-    udp: RunSlice,
-    /// ICMP/ICMPv6: ports play no part.
-    icmp: u32,
-    /// Any other protocol: only `any` rules without ports match.
-    other: u32,
+struct RunSlice {
+    /// Inline: the rule (or [`NO_RULE`]); otherwise the first run's index.
+    start: u32,
+    /// Number of runs minus one (a slice has 1 to 65 536 runs); 0 = inline.
+    extra: u16,
+    /// Inline: the rule's outcome.
+    outcome: Outcome,
 }
+
+/// What a destination region decides, per protocol class ([`PROTO_CLASS`]: TCP, UDP, ICMP/ICMPv6, any other).
+/// ICMP and other protocols have a single, inline run (ports play no part; only `any` rules without ports match
+/// other protocols). 32 bytes, aligned so that a leaf never straddles two cache lines.
+#[derive(Clone, Copy, Debug)]
+#[repr(align(32))]
+struct DestLeaf {
+    classes: [RunSlice; 4],
+}
+
+/// Protocol number → index in [`DestLeaf::classes`]: a table read instead of branches that a mix of TCP and UDP
+/// flows would mispredict.
+static PROTO_CLASS: [u8; 256] = {
+    let mut table = [3u8; 256];
+    table[ip_proto::TCP as usize] = 0;
+    table[ip_proto::UDP as usize] = 1;
+    table[ip_proto::ICMP as usize] = 2;
+    table[ip_proto::ICMPV6 as usize] = 2;
+    table
+};
 
 /// Turns the group's prefixes into tables whose leaves are interned [`DestLeaf`]s.
 struct LeafCompiler<'a> {
     rules: &'a [RuleSpec],
+    /// The global dry-run switch, folded into each run's outcome.
+    dry_run: bool,
     /// Rule ids of each group, by group index.
     rules_by_group: Vec<Vec<u32>>,
     leaves: Vec<DestLeaf>,
@@ -542,7 +568,7 @@ enum PrefixUse {
 
 impl<'a> LeafCompiler<'a> {
     /// `rules` must only name groups below `group_count` (the builder checks).
-    fn new(rules: &'a [RuleSpec], group_count: usize) -> Self {
+    fn new(rules: &'a [RuleSpec], group_count: usize, dry_run: bool) -> Self {
         let mut rules_by_group: Vec<Vec<u32>> = vec![Vec::new(); group_count];
         for (i, r) in rules.iter().enumerate() {
             if let Some(list) = rules_by_group.get_mut(r.group.0 as usize) {
@@ -551,6 +577,7 @@ impl<'a> LeafCompiler<'a> {
         }
         let mut this = LeafCompiler {
             rules,
+            dry_run,
             rules_by_group,
             leaves: Vec::new(),
             runs: Vec::new(),
@@ -664,17 +691,30 @@ impl<'a> LeafCompiler<'a> {
         let tcp = self.paint_ports(candidates, ip_proto::TCP);
         let udp = self.paint_ports(candidates, ip_proto::UDP);
         let first_portless = |proto: u8| {
-            candidates
+            let rule = candidates
                 .iter()
                 .copied()
                 .find(|&r| {
                     let rule = &self.rules[r as usize];
                     rule.proto.matches(proto) && rule.ports.is_empty()
                 })
-                .unwrap_or(NO_RULE)
+                .unwrap_or(NO_RULE);
+            RunSlice { start: rule, extra: 0, outcome: self.outcome(rule) }
         };
         // 255 (reserved) stands for "any other protocol": only `any` matches it.
-        DestLeaf { tcp, udp, icmp: first_portless(ip_proto::ICMP), other: first_portless(255) }
+        DestLeaf { classes: [tcp, udp, first_portless(ip_proto::ICMP), first_portless(255)] }
+    }
+
+    /// `rule`'s outcome (the global dry-run switch folded in).
+    fn outcome(&self, rule: u32) -> Outcome {
+        self.rules
+            .get(rule as usize)
+            .map_or(NO_OUTCOME, |r| Outcome { action: r.action, dry_run: r.dry_run || self.dry_run })
+    }
+
+    /// A run starting at `first_port`, decided by `rule` (or by none), with the rule's outcome.
+    fn port_run(&self, first_port: u16, rule: u32) -> PortRun {
+        PortRun { first_port, outcome: self.outcome(rule), rule }
     }
 
     fn paint_ports(&mut self, candidates: &[u32], proto: u8) -> RunSlice {
@@ -712,11 +752,18 @@ impl<'a> LeafCompiler<'a> {
             if self.runs.len() as u32 > start && self.runs.last().is_some_and(|last| last.rule == rule) {
                 continue;
             }
-            self.runs.push(PortRun { first_port: port, rule });
+            let run = self.port_run(port, rule);
+            self.runs.push(run);
         }
         self.scratch_ids = ids;
         self.scratch_cuts = cuts;
-        RunSlice { start, len: self.runs.len() as u32 - start }
+        // At least one run (port 0 is always a cut), at most 65 536.
+        let extra = (self.runs.len() as u32 - start).saturating_sub(1);
+        if extra == 0 {
+            let run = self.runs.pop().unwrap_or(NO_RUN);
+            return RunSlice { start: run.rule, extra: 0, outcome: run.outcome };
+        }
+        RunSlice { start, extra: extra.min(u32::from(u16::MAX)) as u16, outcome: NO_OUTCOME }
     }
 }
 
@@ -774,15 +821,6 @@ struct CompiledGroup {
     dest_v6: LpmTable,
 }
 
-/// What the lookup needs of a rule: two bytes, in an array of their own, so that finding the outcome of rule *n*
-/// of 100 000 does not pull a whole [`RuleSpec`] into the cache.
-#[derive(Clone, Copy)]
-struct CompiledRule {
-    action: Action,
-    /// The rule's own flag or the global one.
-    dry_run: bool,
-}
-
 /// Sizes of a compiled snapshot, for `egressd check`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PolicyStats {
@@ -805,7 +843,6 @@ pub struct PolicySnapshot {
     sources_v6: LpmTable,
     source_prefixes: usize,
     groups: Vec<CompiledGroup>,
-    rules: Vec<CompiledRule>,
     /// The rules as given to the builder, for `explain`, the L7 path's host check and audit lines.
     specs: Vec<RuleSpec>,
     leaves: Vec<DestLeaf>,
@@ -889,43 +926,41 @@ impl PolicySnapshot {
             };
         };
         let group = Some(GroupId(index));
-        let rule = self
+        let run = self
             .groups
             .get(index as usize)
             .and_then(|g| self.leaves.get(dest_leaf(g) as usize))
-            .map_or(NO_RULE, |leaf| self.leaf_rule(leaf, proto, dst_port));
-        match self.rules.get(rule as usize) {
-            None => Decision {
+            .map_or(NO_RUN, |leaf| self.leaf_run(leaf, proto, dst_port));
+        if run.rule == NO_RULE {
+            return Decision {
                 verdict: Verdict::Deny(DenyReason::DefaultDeny),
                 group,
                 rule: None,
                 dry_run: self.dry_run,
-            },
-            Some(r) => {
-                let (verdict, dry_run) = match r.action {
-                    Action::Allow => (Verdict::Allow, false),
-                    Action::Deny => (Verdict::Deny(DenyReason::Rule), r.dry_run),
-                    Action::L7 => (Verdict::L7, r.dry_run),
-                };
-                Decision { verdict, group, rule: Some(RuleId(rule)), dry_run }
-            }
+            };
         }
+        let Outcome { action, dry_run } = run.outcome;
+        let (verdict, dry_run) = match action {
+            Action::Allow => (Verdict::Allow, false),
+            Action::Deny => (Verdict::Deny(DenyReason::Rule), dry_run),
+            Action::L7 => (Verdict::L7, dry_run),
+        };
+        Decision { verdict, group, rule: Some(RuleId(run.rule)), dry_run }
     }
 
     #[inline(always)]
-    fn leaf_rule(&self, leaf: &DestLeaf, proto: u8, dst_port: u16) -> u32 {
-        let runs = match proto {
-            ip_proto::TCP => leaf.tcp,
-            ip_proto::UDP => leaf.udp,
-            ip_proto::ICMP | ip_proto::ICMPV6 => return leaf.icmp,
-            _ => return leaf.other,
-        };
-        let Some(runs) = self.runs.get(runs.start as usize..(runs.start as usize + runs.len as usize)) else {
-            return NO_RULE;
+    fn leaf_run(&self, leaf: &DestLeaf, proto: u8, dst_port: u16) -> PortRun {
+        let slice = leaf.classes[usize::from(PROTO_CLASS[usize::from(proto)] & 3)];
+        if slice.extra == 0 {
+            return PortRun { first_port: 0, outcome: slice.outcome, rule: slice.start };
+        }
+        let start = slice.start as usize;
+        let Some(runs) = self.runs.get(start..=start + usize::from(slice.extra)) else {
+            return NO_RUN;
         };
         // Last run starting at or below the port (the first run starts at port 0).
         let after = runs.partition_point(|run| run.first_port <= dst_port);
-        runs.get(after.wrapping_sub(1)).map_or(NO_RULE, |run| run.rule)
+        runs.get(after.wrapping_sub(1)).copied().unwrap_or(NO_RUN)
     }
 
     /// The egress IPs of a group (empty for an unknown group).
@@ -969,7 +1004,7 @@ impl PolicySnapshot {
     }
 
     pub fn rule_count(&self) -> usize {
-        self.rules.len()
+        self.specs.len()
     }
 
     pub fn stats(&self) -> PolicyStats {
@@ -980,7 +1015,7 @@ impl PolicySnapshot {
         };
         PolicyStats {
             groups: self.groups.len(),
-            rules: self.rules.len(),
+            rules: self.specs.len(),
             source_prefixes: self.source_prefixes,
             destination_leaves: self.leaves.len(),
             port_runs: self.runs.len(),

@@ -168,11 +168,13 @@ fn arb_rule(groups: u32, v6: bool) -> impl Strategy<Value = RuleSpec> {
 
 fn check_against_reference(
     v6: bool,
+    global_dry_run: bool,
     sources: Vec<Vec<Prefix>>,
     rules: Vec<RuleSpec>,
     packets: Vec<(usize, usize, u8, u16, u128)>,
 ) -> Result<(), TestCaseError> {
     let mut b = PolicyBuilder::new();
+    b.dry_run(global_dry_run);
     let mut seen = std::collections::HashSet::new();
     let mut groups: Vec<Vec<Prefix>> = vec![];
     for ps in &sources {
@@ -224,6 +226,12 @@ fn check_against_reference(
             },
         };
         prop_assert_eq!(got.verdict, expected);
+        // Dry run: the deciding rule's flag or the global switch; never on an allow.
+        let dry_run = match rule.map(|r| &rules[r as usize]) {
+            None => global_dry_run,
+            Some(r) => r.action != Action::Allow && (r.dry_run || global_dry_run),
+        };
+        prop_assert_eq!(got.dry_run, dry_run);
     }
     Ok(())
 }
@@ -234,9 +242,10 @@ proptest! {
         sources in prop::collection::vec(prop::collection::vec(arb_prefix(false), 1..3), 1..4),
         rules in prop::collection::vec(arb_rule(3, false), 0..16),
         packets in prop::collection::vec((any::<usize>(), any::<usize>(), 0u8..5, 0u16..130, any::<u128>()), 1..64),
+        global_dry_run in any::<bool>(),
     ) {
         let rules: Vec<RuleSpec> = rules.into_iter().map(|mut r| { r.group.0 %= sources.len() as u32; r }).collect();
-        check_against_reference(false, sources, rules, packets)?;
+        check_against_reference(false, global_dry_run, sources, rules, packets)?;
     }
 
     #[test]
@@ -244,8 +253,9 @@ proptest! {
         sources in prop::collection::vec(prop::collection::vec(arb_prefix(true), 1..3), 1..4),
         rules in prop::collection::vec(arb_rule(3, true), 0..16),
         packets in prop::collection::vec((any::<usize>(), any::<usize>(), 0u8..5, 0u16..130, any::<u128>()), 1..64),
+        global_dry_run in any::<bool>(),
     ) {
         let rules: Vec<RuleSpec> = rules.into_iter().map(|mut r| { r.group.0 %= sources.len() as u32; r }).collect();
-        check_against_reference(true, sources, rules, packets)?;
+        check_against_reference(true, global_dry_run, sources, rules, packets)?;
     }
 }
