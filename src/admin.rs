@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 
 use anyhow::Context;
 use dataplane::policy::{Action as PolicyAction, RuleId, SharedPolicy};
-use dataplane::stats::{DropReason, WorkerStats};
+use dataplane::stats::{side_index, DropReason, WorkerStats, KERNEL_DROP_REASONS};
 use dataplane::Side;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -147,13 +147,8 @@ fn gauges(
     help: &str,
     series: impl IntoIterator<Item = (Labels, u64)>,
 ) -> Result<(), std::fmt::Error> {
-    family(
-        encoder,
-        name,
-        help,
-        MetricType::Gauge,
-        series.into_iter().map(|(l, v)| (l, ConstGauge::new(v as i64))),
-    )
+    let as_gauge = |(l, v): (Labels, u64)| (l, ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX)));
+    family(encoder, name, help, MetricType::Gauge, series.into_iter().map(as_gauge))
 }
 
 /// Egress ports per IP and protocol: TCP and UDP use 1–65535, ICMP echo identifiers 1024–65535.
@@ -271,6 +266,18 @@ impl Collector for CoreCollector {
                 series,
             )?;
         }
+        let kernel_drops = sides.iter().flat_map(|&side| {
+            KERNEL_DROP_REASONS.iter().enumerate().map(move |(i, reason)| {
+                let n = sum(&|w: &WorkerStats| w.kernel_drops[side_index(side)][i].load(Ordering::Relaxed));
+                (vec![("side", side.as_str().to_string()), ("reason", reason.to_string())], n)
+            })
+        });
+        counters(
+            &mut encoder,
+            "egressd_kernel_drops",
+            "Frames the kernel dropped at egressd's AF_XDP sockets before egressd saw them (XDP_STATISTICS).",
+            kernel_drops.collect::<Vec<_>>(),
+        )?;
         counters(
             &mut encoder,
             "egressd_handoffs",
@@ -389,6 +396,7 @@ mod tests {
         w2.tx(Side::Outside).add(60);
         w1.count_drop(DropReason::NoMapping);
         w2.count_drop(DropReason::NoMapping);
+        w2.kernel_drops[0][0].store(5, Ordering::Relaxed);
         Arc::new(AdminState::new(vec![w1, w2]))
     }
 
@@ -403,6 +411,10 @@ mod tests {
             assert!(text.contains(&format!("reason=\"{}\"", r.as_str())), "missing {}", r.as_str());
         }
         assert!(text.contains("egressd_workers 2"), "{text}");
+        assert!(
+            text.contains("egressd_kernel_drops_total{side=\"inside\",reason=\"rx_ring_full\"} 5"),
+            "{text}"
+        );
         // Unlabelled series print without braces; NAT flows are labelled by state.
         assert!(text.contains("\negressd_nat_mappings 0\n"), "{text}");
         assert!(text.contains("egressd_nat_flows{state=\"tcp_established\"} 0"), "{text}");

@@ -293,7 +293,7 @@ fn l7_rule_with_and_without_a_host() {
         "{v}"
     );
     let v =
-        explain_json(&c.path, &["--src", "10.0.0.5", "--dst", "198.51.100.4:443", "--host", "example.org"]);
+        explain_json(&c.path, &["--src", "10.0.0.5", "--dst", "198.51.100.4:443", "--sni", "example.org"]);
     assert_eq!(v["host_allowed"], false);
     let out = explain(&c.path, &["--src", "10.0.0.5", "--dst", "198.51.100.4:443", "--host", "evil.com"]);
     let text = stdout(&out);

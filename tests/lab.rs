@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{repo_root, wait_for, Gateway, Lab};
+use support::{lab_config, repo_root, wait_for, Gateway, Lab};
 
 /// HTTP (curl → nginx) and UDP echo cross the gateway only while egressd runs: gw has ip_forward=0, so what
 /// crosses was forwarded by egressd, and its counters move. After SIGTERM it exits 0 with no XDP program left.
@@ -34,6 +34,9 @@ fn http_and_udp_cross_only_through_egressd() {
         assert!(gw.metric(series) >= 10.0, "{series} = {}", gw.metric(series));
     }
     assert!(gw.metric(r#"egressd_rx_packets_total{side="outside"}"#) >= 700.0);
+    // The kernel's socket drop counters are exported (read with getsockopt(XDP_STATISTICS) by the worker).
+    let names: Vec<String> = gw.metrics().into_iter().map(|(n, _)| n).collect();
+    assert!(names.iter().any(|n| n.starts_with("egressd_kernel_drops_total{side=\"outside\"")), "{names:?}");
     assert!(lab.gw_links().contains("xdp"), "no XDP program attached while running:\n{}", lab.gw_links());
 
     assert!(gw.stop(), "egressd did not exit 0 on SIGTERM; log:\n{}", gw.log_text());
@@ -67,10 +70,7 @@ fn node_keeps_its_own_traffic_while_egressd_runs() {
 #[test]
 fn policy_decides_in_the_lab_and_sighup_reloads_it() {
     let lab = Lab::up(false);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("lab.toml");
-    let original = std::fs::read_to_string(repo_root().join("conf/lab.toml")).expect("read conf/lab.toml");
-    std::fs::write(&config, &original).expect("write config");
+    let (_dir, config, original) = lab_config(str::to_string);
     let gw = Gateway::start(&lab, &config);
     let payments_get = |url: &str| {
         let out = lab.exec("client", "curl", &["-sf", "-m", "2", "--interface", "10.10.1.2", url]);
@@ -118,10 +118,7 @@ fn policy_decides_in_the_lab_and_sighup_reloads_it() {
 #[test]
 fn reload_keeps_established_flows_and_rechecks_those_whose_rule_went_away() {
     let lab = Lab::up(false);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("lab.toml");
-    let original = std::fs::read_to_string(repo_root().join("conf/lab.toml")).expect("read conf/lab.toml");
-    std::fs::write(&config, &original).expect("write config");
+    let (_dir, config, original) = lab_config(str::to_string);
     let gw = Gateway::start(&lab, &config);
     // Two requests on one connection, `pause` seconds apart; prints "ok ok", or where it failed.
     let keepalive = |pause: u32| {

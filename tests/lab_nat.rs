@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::{repo_root, wait_for, Gateway, Lab};
+use support::{lab_config, repo_root, wait_for, Gateway, Lab};
 
 /// Asks the UDP whoami server at `server` from client source `src_ip:src_port`; returns "addr:port" it saw.
 fn whoami(lab: &Lab, server: &str, src_port: u16) -> String {
@@ -132,10 +132,7 @@ print(first == second, first)
 #[test]
 fn two_workers_share_the_port_space_and_hand_replies_to_their_owner() {
     let lab = Lab::up_with(false, 2);
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("lab2.toml");
-    let text = std::fs::read_to_string(repo_root().join("conf/lab.toml")).expect("read conf/lab.toml");
-    std::fs::write(&config, text.replace("cores = [1]", "cores = [0, 1]")).unwrap();
+    let (_dir, config, _) = lab_config(|text| text.replace("cores = [1]", "cores = [0, 1]"));
     let gw = Gateway::start(&lab, &config);
     let mut seen = std::collections::HashSet::new();
     for i in 0..20 {

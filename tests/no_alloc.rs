@@ -3,70 +3,17 @@
 //! 10 000 packets of each kind once warm (established flows, denials, replies, the 80/15/5 mix, new flows), for a
 //! 10-rule and a 100 000-rule policy.
 //!
-//! The allocator is test tooling: it forwards every call to `System` and counts, per thread, the calls made while
-//! counting is on. `GlobalAlloc` is an `unsafe` trait, so this file holds the crate's only `unsafe impl` outside
+//! The counting allocator comes from the `allocation-counter` crate (a dev-dependency that installs itself as the
+//! global allocator of this test binary and counts per thread), so the repository's only `unsafe` stays in
 //! `dataplane::xsk`.
-
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 
 #[path = "../bench/support.rs"]
 mod support;
 use support::{batch, established, mixed_pattern, new_flows, pipeline, run, Kind, BATCH};
 
-struct CountingAlloc;
-
-thread_local! {
-    static COUNTING: Cell<bool> = const { Cell::new(false) };
-    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
-}
-
-fn note_allocation() {
-    // `try_with`: during thread teardown the slots may be gone; such allocations are not ours to count.
-    let _ = COUNTING.try_with(|on| {
-        if on.get() {
-            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
-        }
-    });
-}
-
-// SAFETY: every method forwards to `System` with the caller's arguments unchanged, so `System`'s guarantees are
-// ours; the counting touches only const-initialised thread-locals without destructors, which never allocate.
-unsafe impl GlobalAlloc for CountingAlloc {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note_allocation();
-        // SAFETY: forwarded as is; the caller upholds `GlobalAlloc::alloc`'s contract.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        note_allocation();
-        // SAFETY: as for `alloc`.
-        unsafe { System.alloc_zeroed(layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note_allocation();
-        // SAFETY: `ptr` was allocated by `System` through this wrapper with `layout`, as the caller guarantees.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: as for `realloc`.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: CountingAlloc = CountingAlloc;
-
 /// Allocations made on this thread while `f` runs.
 fn allocations_during(f: impl FnOnce()) -> u64 {
-    ALLOCATIONS.with(|n| n.set(0));
-    COUNTING.with(|on| on.set(true));
-    f();
-    COUNTING.with(|on| on.set(false));
-    ALLOCATIONS.with(|n| n.get())
+    allocation_counter::measure(f).count_total
 }
 
 #[test]

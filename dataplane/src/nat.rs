@@ -1066,12 +1066,6 @@ impl Nat {
                 sid
             }
             None => {
-                // A miss in a big table costs a few cache misses (mapping index, source counter, then the
-                // inbound index). Load their first slots now so they overlap with each other and with the
-                // policy lookup instead of coming one after the other.
-                let early = self.map_idx.peek(self.map_hash(l4.src, l4.sport, l4.proto))
-                    ^ self.sources.peek(hash_addr(self.seed.0, l4.src));
-                std::hint::black_box(early);
                 // The policy first: every packet of an `l7` flow (not only its SYN) goes to the L7 path, which
                 // keeps no state here.
                 let d =
@@ -1094,10 +1088,13 @@ impl Nat {
                     self.allocation_failures += 1;
                     return Err(DropReason::OutOfPorts);
                 };
-                // Most new mappings keep their original port: warm that inbound index slot too.
-                std::hint::black_box(
-                    self.in_idx.peek(self.in_hash(ip_idx, l4.sport, l4.dst, l4.dport, l4.proto)),
-                );
+                // A new flow in a big table costs a cache miss in each of the mapping index, the source counters
+                // and the inbound index (most new mappings keep their original port: that is the slot to guess).
+                // Issue the three loads together so the misses overlap; their value is only consumed at the end,
+                // so nothing waits for them here.
+                let warm = self.map_idx.peek(self.map_hash(l4.src, l4.sport, l4.proto))
+                    ^ self.sources.peek(hash_addr(self.seed.0, l4.src))
+                    ^ self.in_idx.peek(self.in_hash(ip_idx, l4.sport, l4.dst, l4.dport, l4.proto));
                 self.check_limits(l4.src)?;
                 if let (Some(old), Some(g)) = (self.find_mapping(l4.src, l4.sport, l4.proto), d.group) {
                     let old_ip = self.mappings[old as usize].ip_idx;
@@ -1117,7 +1114,9 @@ impl Nat {
                     }
                 }
                 let flags = if self.egress_index(l4.dst).is_some() { SESSION_HAIRPIN } else { 0 };
-                self.create_session(mid, l4.dst, l4.dport, now_s, flags, gen)
+                let sid = self.create_session(mid, l4.dst, l4.dport, now_s, flags, gen);
+                std::hint::black_box(warm);
+                sid
             }
         };
         let mut class = self.sessions[sid as usize].class;

@@ -175,7 +175,14 @@ pub struct WorkerStats {
     pub audit_suppressed: Counter,
     /// Frames copied to the worker that owns their NAT port.
     pub handed_off: Counter,
+    /// Frames the kernel dropped at this worker's AF_XDP sockets before egressd saw them, per side:
+    /// [rx ring full, fill ring empty, other, invalid descriptors] (republished about once a second).
+    pub kernel_drops: [[AtomicU64; 4]; 2],
 }
+
+/// Names of the `kernel_drops` slots, in order.
+pub const KERNEL_DROP_REASONS: [&str; 4] =
+    ["rx_ring_full", "fill_ring_empty", "rx_dropped", "invalid_descriptor"];
 
 /// Policy decisions per rule, for one policy generation. Written by one worker.
 #[derive(Debug)]
@@ -269,6 +276,7 @@ impl Default for WorkerStats {
             rule_hits: arc_swap::ArcSwap::from_pointee(RuleHits::new(0, 0)),
             audit_suppressed: Counter::default(),
             handed_off: Counter::default(),
+            kernel_drops: Default::default(),
         }
     }
 }
@@ -295,7 +303,7 @@ impl WorkerStats {
 }
 
 #[inline]
-fn side_index(side: Side) -> usize {
+pub fn side_index(side: Side) -> usize {
     match side {
         Side::Inside => 0,
         Side::Outside => 1,

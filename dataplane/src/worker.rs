@@ -92,7 +92,7 @@ impl Worker {
             }
             self.pipeline.poll_expiry(now, EXPIRY_BUDGET);
             if now.saturating_since(last_gauges).as_nanos() >= GAUGE_INTERVAL_NANOS {
-                self.pipeline.publish_gauges();
+                self.publish_gauges(&stats);
                 last_gauges = now;
             }
             for port in [&mut self.inside, &mut self.outside] {
@@ -112,7 +112,7 @@ impl Worker {
                 IdleMode::Adaptive => std::hint::spin_loop(),
             }
         }
-        self.pipeline.publish_gauges();
+        self.publish_gauges(&stats);
         tracing::debug!(
             inside_bogus_completions = self.inside.bogus_completions(),
             outside_bogus_completions = self.outside.bogus_completions(),
@@ -149,6 +149,21 @@ impl Worker {
 }
 
 impl Worker {
+    /// Republishes the NAT gauges and the kernel's socket drop counters for the admin endpoint.
+    fn publish_gauges(&self, stats: &WorkerStats) {
+        self.pipeline.publish_gauges();
+        for (side, port) in [(Side::Inside, &self.inside), (Side::Outside, &self.outside)] {
+            if let Some(d) = port.kernel_drops() {
+                let slots = &stats.kernel_drops[crate::stats::side_index(side)];
+                for (slot, v) in
+                    slots.iter().zip([d.rx_ring_full, d.fill_ring_empty, d.rx_dropped, d.invalid_descriptors])
+                {
+                    slot.store(v, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
     /// Sends the frames whose neighbour has resolved since they were held.
     fn release_held(&mut self, now: Instant, stats: &WorkerStats) {
         let (inside, outside) = (&mut self.inside, &mut self.outside);

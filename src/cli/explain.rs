@@ -29,8 +29,8 @@ pub struct ExplainArgs {
     /// Protocol of the flow: tcp, udp or icmp.
     #[arg(long, default_value = "tcp")]
     pub proto: String,
-    /// SNI or Host name the client would present (checked against the hosts of an l7 rule).
-    #[arg(long)]
+    /// SNI or Host name the client would present (checked against the hosts of an l7 rule). Alias: --sni.
+    #[arg(long, alias = "sni")]
     pub host: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]

@@ -14,9 +14,10 @@
 //! egress_ips = ["192.0.2.10"]       # addresses on `outside` that belong to egressd, not to the kernel
 //! ```
 //!
-//! `egress_ips` lives here for now: the XDP program must not pass their traffic to the kernel even though the
-//! kernel holds them as addresses (so that it answers ARP for them). When policy groups name their egress IPs
-//! (issue 4), the dataplane will take the union of this list and theirs.
+//! `egress_ips` lives here because the XDP program must not pass their traffic to the kernel even though the
+//! kernel holds them as addresses (so that it answers ARP for them). Policy groups name the egress IPs they leave
+//! from; validation (`config::policy`) makes the two agree: each address here must be some group's, and when this
+//! list is not empty every group egress IP must be in it.
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;

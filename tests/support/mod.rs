@@ -223,3 +223,13 @@ pub fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A copy of `conf/lab.toml` in a temporary directory (kept alive by the returned guard), edited by `edit`: for
+/// tests that reload a changed file or run another worker layout.
+pub fn lab_config(edit: impl FnOnce(&str) -> String) -> (tempfile::TempDir, PathBuf, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("lab.toml");
+    let original = std::fs::read_to_string(repo_root().join("conf/lab.toml")).expect("read conf/lab.toml");
+    std::fs::write(&path, edit(&original)).expect("write config");
+    (dir, path, original)
+}

@@ -73,6 +73,15 @@ impl BindMode {
     }
 }
 
+/// The kernel's drop counters of one AF_XDP socket (cumulative since the socket was created).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelDrops {
+    pub rx_ring_full: u64,
+    pub fill_ring_empty: u64,
+    pub rx_dropped: u64,
+    pub invalid_descriptors: u64,
+}
+
 /// Why a frame could not be staged for transmission.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StageError {
@@ -416,6 +425,19 @@ impl Port {
             }
         }
         n
+    }
+
+    /// What the kernel dropped on this socket before egressd could see it (`XDP_STATISTICS`): frames lost because
+    /// the rx ring was full, because the fill ring was empty, for other reasons, and invalid descriptors. One
+    /// `getsockopt`; the worker reads it about once a second. `None` if the kernel refuses.
+    pub fn kernel_drops(&self) -> Option<KernelDrops> {
+        let s = self.rx.fd().xdp_statistics().ok()?;
+        Some(KernelDrops {
+            rx_ring_full: s.rx_ring_full(),
+            fill_ring_empty: s.rx_fill_ring_empty_descs(),
+            rx_dropped: s.rx_dropped(),
+            invalid_descriptors: s.rx_invalid_descs() + s.tx_invalid_descs(),
+        })
     }
 
     /// True if frames await completion (the worker keeps polling until they are back).
