@@ -11,6 +11,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use dataplane::pipeline::Pipeline;
 
 #[path = "support.rs"]
 mod support;
@@ -18,15 +19,19 @@ use support::{
     batch, established, mixed_pattern, new_flows, pipeline, run, spread_flows, Batch, Kind, BATCH,
 };
 
-/// Benches `process` over copies of `frames` through `p`.
-fn bench_batch(
-    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    name: &str,
-    p: &mut dataplane::pipeline::Pipeline,
-    frames: &Batch,
-) {
-    c.bench_function(name, |b| {
-        b.iter_batched_ref(|| frames.clone(), |frames| black_box(run(p, frames)), BatchSize::SmallInput)
+type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
+
+/// Benches `process` over copies of the batch `make` returns (given the pipeline, which it may warm up). Nothing is
+/// built unless the bench is selected (so `cargo bench -- established/10_rules` or a profiler start fast).
+fn bench_batch(group: &mut Group<'_>, name: &str, rules: usize, make: impl Fn(&mut Pipeline) -> Batch) {
+    let mut state: Option<(Pipeline, Batch)> = None;
+    group.bench_function(name, |b| {
+        let (p, frames) = state.get_or_insert_with(|| {
+            let mut p = pipeline(rules);
+            let frames = make(&mut p);
+            (p, frames)
+        });
+        b.iter_batched_ref(|| frames.clone(), |f| black_box(run(p, f)), BatchSize::SmallInput)
     });
 }
 
@@ -34,37 +39,37 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("pipeline");
     group.throughput(Throughput::Elements(BATCH as u64));
     for rules in [10usize, 10_000, 100_000] {
-        let mut p = pipeline(rules);
         // Outbound UDP of 1024 established flows: parse, conntrack hit, SNAT rewrite, route, TTL, MACs.
-        let est = established(&mut p, batch(&[Kind::Allowed]));
-        bench_batch(&mut group, &format!("established/{rules}_rules"), &mut p, &est);
+        bench_batch(&mut group, &format!("established/{rules}_rules"), rules, |p| {
+            established(p, batch(&[Kind::Allowed]))
+        });
         // Default-denied UDP from inside: parse, conntrack miss, policy lookup, drop counted.
-        bench_batch(&mut group, &format!("denied/{rules}_rules"), &mut p, &batch(&[Kind::Denied]));
+        bench_batch(&mut group, &format!("denied/{rules}_rules"), rules, |_| batch(&[Kind::Denied]));
         // 80 % established outbound, 15 % their replies, 5 % denied, interleaved.
-        let mixed = established(&mut p, batch(&mixed_pattern()));
-        bench_batch(&mut group, &format!("mixed_80_15_5/{rules}_rules"), &mut p, &mixed);
+        bench_batch(&mut group, &format!("mixed_80_15_5/{rules}_rules"), rules, |p| {
+            established(p, batch(&mixed_pattern()))
+        });
         if rules == 10 {
             // Replies to 1024 established flows: parse, reverse lookup, DNAT rewrite, route, TTL, MACs.
-            let replies = established(&mut p, batch(&[Kind::Reply]));
-            bench_batch(&mut group, "replies/10_rules", &mut p, &replies);
+            bench_batch(&mut group, "replies/10_rules", rules, |p| established(p, batch(&[Kind::Reply])));
         }
         if rules != 10_000 {
             // A new flow per packet: policy lookup, NAT port allocation, conntrack insert, rewrite. A fresh
             // pipeline (untimed) whenever the table nears 900 000 flows.
+            let mut state: Option<(Pipeline, u64)> = None;
             group.bench_function(format!("new_flows/{rules}_rules"), |b| {
-                let mut q = pipeline(rules);
-                let mut next = 0u64;
+                let (q, next) = state.get_or_insert_with(|| (pipeline(rules), 0));
                 b.iter_custom(|iters| {
                     let mut spent = Duration::ZERO;
                     for _ in 0..iters {
-                        if next >= 900_000 {
-                            q = pipeline(rules);
-                            next = 0;
+                        if *next >= 900_000 {
+                            *q = pipeline(rules);
+                            *next = 0;
                         }
-                        let mut frames = new_flows(next, BATCH);
-                        next += BATCH as u64;
+                        let mut frames = new_flows(*next, BATCH);
+                        *next += BATCH as u64;
                         let start = Instant::now();
-                        black_box(run(&mut q, &mut frames));
+                        black_box(run(q, &mut frames));
                         spent += start.elapsed();
                     }
                     spent
@@ -74,26 +79,27 @@ fn bench(c: &mut Criterion) {
     }
 
     // Live flows: the same established traffic with 1 flow in the table vs 1 000 000 (10-rule policy).
-    let mut one = pipeline(10);
-    let single = established(&mut one, spread_flows(0, 0, BATCH));
-    bench_batch(&mut group, "established_live_flows/1", &mut one, &single);
-    let mut big = pipeline(10);
-    let mut filled = 0;
-    for chunk in 0..(1_000_000 / BATCH) {
-        filled += run(&mut big, &mut spread_flows(chunk * BATCH, 1, BATCH));
-    }
-    assert!(big.nat().stats().flows() as usize >= filled * 99 / 100, "1 M flows should be live");
-    // 64 batches, each 1024 flows scattered over the table (stride 977), visited in turn so caches stay cold.
-    let batches: Vec<Batch> = (0..64).map(|i| spread_flows(i * 15_013, 977, BATCH)).collect();
-    let mut turn = 0usize;
+    bench_batch(&mut group, "established_live_flows/1", 10, |p| established(p, spread_flows(0, 0, BATCH)));
+    let mut state: Option<(Pipeline, Vec<Batch>, usize)> = None;
     group.bench_function("established_live_flows/1000000", |b| {
+        let (big, batches, turn) = state.get_or_insert_with(|| {
+            let mut big = pipeline(10);
+            let mut filled = 0;
+            for chunk in 0..(1_000_000 / BATCH) {
+                filled += run(&mut big, &mut spread_flows(chunk * BATCH, 1, BATCH));
+            }
+            assert!(big.nat().stats().flows() as usize >= filled * 99 / 100, "1 M flows should be live");
+            // 64 batches, each 1024 flows scattered over the table (stride 977), visited in turn: caches stay cold.
+            let batches: Vec<Batch> = (0..64).map(|i| spread_flows(i * 15_013, 977, BATCH)).collect();
+            (big, batches, 0)
+        });
         b.iter_custom(|iters| {
             let mut spent = Duration::ZERO;
             for _ in 0..iters {
-                let mut frames = batches[turn % batches.len()].clone();
-                turn += 1;
+                let mut frames = batches[*turn % batches.len()].clone();
+                *turn += 1;
                 let start = Instant::now();
-                black_box(run(&mut big, &mut frames));
+                black_box(run(big, &mut frames));
                 spent += start.elapsed();
             }
             spent
