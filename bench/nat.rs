@@ -74,13 +74,8 @@ fn run_batch(nat: &mut Nat, now: Instant, buf: &mut [u8], pol: &PolicySnapshot, 
 /// This thread's CPU time in ns. On shared cores wall-clock figures include time other processes ran; CPU time
 /// does not, so the benches also print a rate by CPU time.
 fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    // `cpu-time` wraps clock_gettime(CLOCK_THREAD_CPUTIME_ID), keeping `unsafe` out of the repository's benches.
+    cpu_time::ThreadTime::try_now().map_or(0, |t| t.as_duration().as_nanos() as u64)
 }
 
 /// Runs `routine` on `rounds` fresh batches from `setup`, timing only `routine` by thread CPU time; returns
