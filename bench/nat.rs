@@ -27,16 +27,7 @@ fn policy() -> PolicySnapshot {
     let egress = (0..MAX_EGRESS_IPS as u8).map(|i| Ipv4Addr::new(192, 0, 2, 10 + i)).collect();
     let g = b.add_group("apps", egress);
     b.add_source(g, "10.0.0.0/8".parse().unwrap());
-    b.add_rule(RuleSpec {
-        group: g,
-        to: vec!["0.0.0.0/0".parse().unwrap()],
-        except: vec![],
-        proto: ProtoMatch::Any,
-        ports: vec![],
-        action: Action::Allow,
-        dry_run: false,
-        hosts: vec![],
-    });
+    b.add_rule(RuleSpec::new(g, vec!["0.0.0.0/0".parse().unwrap()], ProtoMatch::Any, vec![], Action::Allow));
     b.build(1).unwrap()
 }
 

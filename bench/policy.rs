@@ -63,16 +63,9 @@ fn random_rules(count: usize, rng: &mut Rng) -> Vec<RuleSpec> {
                     vec![PortRange { first, last: first + rng.below(5000) as u16 }]
                 }
             };
-            RuleSpec {
-                group: dataplane::policy::GroupId(rng.below(u64::from(GROUPS)) as u32),
-                to: vec![to],
-                except: vec![],
-                proto,
-                ports,
-                action: if rng.below(4) == 0 { Action::Deny } else { Action::Allow },
-                dry_run: false,
-                hosts: vec![],
-            }
+            let group = dataplane::policy::GroupId(rng.below(u64::from(GROUPS)) as u32);
+            let action = if rng.below(4) == 0 { Action::Deny } else { Action::Allow };
+            RuleSpec::new(group, vec![to], proto, ports, action)
         })
         .collect()
 }

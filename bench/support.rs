@@ -223,27 +223,21 @@ pub fn policy(rules: usize) -> dataplane::policy::SharedPolicy {
     for i in 0..rules.saturating_sub(1) {
         let dst = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + i as u32);
         let (proto, port) = if i % 2 == 0 { (ProtoMatch::Tcp, 443) } else { (ProtoMatch::Udp, 53) };
-        b.add_rule(RuleSpec {
-            group: groups[i % groups.len()],
-            to: vec![format!("{dst}/32").parse().unwrap()],
-            except: vec![],
+        b.add_rule(RuleSpec::new(
+            groups[i % groups.len()],
+            vec![format!("{dst}/32").parse().unwrap()],
             proto,
-            ports: vec![PortRange { first: port, last: port }],
-            action: PolicyAction::Allow,
-            dry_run: false,
-            hosts: vec![],
-        });
+            vec![PortRange { first: port, last: port }],
+            PolicyAction::Allow,
+        ));
     }
-    b.add_rule(RuleSpec {
-        group: groups[0],
-        to: vec!["203.0.113.0/24".parse().unwrap()],
-        except: vec![],
-        proto: ProtoMatch::Udp,
-        ports: vec![PortRange { first: 7, last: 7 }, PortRange { first: 9999, last: 9999 }],
-        action: PolicyAction::Allow,
-        dry_run: false,
-        hosts: vec![],
-    });
+    b.add_rule(RuleSpec::new(
+        groups[0],
+        vec!["203.0.113.0/24".parse().unwrap()],
+        ProtoMatch::Udp,
+        vec![PortRange { first: 7, last: 7 }, PortRange { first: 9999, last: 9999 }],
+        PolicyAction::Allow,
+    ));
     dataplane::policy::shared(b.build(1).expect("bench policy builds"))
 }
 

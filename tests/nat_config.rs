@@ -19,16 +19,7 @@ fn nat_section_configures_the_engine() {
     let mut b = PolicyBuilder::new();
     let g = b.add_group("apps", vec![Ipv4Addr::new(192, 0, 2, 10)]);
     b.add_source(g, "10.0.0.0/8".parse().unwrap());
-    b.add_rule(RuleSpec {
-        group: g,
-        to: vec!["0.0.0.0/0".parse().unwrap()],
-        except: vec![],
-        proto: ProtoMatch::Any,
-        ports: vec![],
-        action: Action::Allow,
-        dry_run: false,
-        hosts: vec![],
-    });
+    b.add_rule(RuleSpec::new(g, vec!["0.0.0.0/0".parse().unwrap()], ProtoMatch::Any, vec![], Action::Allow));
     let pol = b.build(1).unwrap();
 
     let mut nat = Nat::new(&engine, 1);

@@ -69,23 +69,8 @@ impl Index {
     }
 
     #[inline]
-    pub fn find(&self, hash: u32, mut eq: impl FnMut(u32) -> bool) -> Option<u32> {
-        let n = self.slots.len();
-        let mut i = self.home(hash);
-        for _ in 0..n {
-            let s = self.slots[i];
-            if s.val == NONE {
-                return None;
-            }
-            if s.hash == hash && eq(s.val) {
-                return Some(s.val);
-            }
-            i += 1;
-            if i == n {
-                i = 0;
-            }
-        }
-        None
+    pub fn find(&self, hash: u32, eq: impl FnMut(u32) -> bool) -> Option<u32> {
+        self.find_pos(hash, eq).map(|i| self.slots[i].val)
     }
 
     /// Inserts `val` (the caller knows its key is absent). Returns false only if the table is full, which sizing

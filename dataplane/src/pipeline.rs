@@ -540,16 +540,8 @@ mod tests {
         ports: &[(u16, u16)],
         action: PolicyAction,
     ) -> RuleSpec {
-        RuleSpec {
-            group,
-            to: vec![to.parse().unwrap()],
-            except: vec![],
-            proto,
-            ports: ports.iter().map(|&(lo, hi)| PortRange { first: lo, last: hi }).collect(),
-            action,
-            dry_run: false,
-            hosts: vec![],
-        }
+        let ports = ports.iter().map(|&(first, last)| PortRange { first, last }).collect();
+        RuleSpec::new(group, vec![to.parse().unwrap()], proto, ports, action)
     }
 
     fn small_nat() -> NatConfig {

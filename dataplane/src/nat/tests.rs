@@ -24,16 +24,7 @@ fn p(s: &str) -> Prefix {
 }
 
 fn rule(g: crate::policy::GroupId, to: &str, action: Action) -> RuleSpec {
-    RuleSpec {
-        group: g,
-        to: vec![p(to)],
-        except: vec![],
-        proto: ProtoMatch::Any,
-        ports: vec![],
-        action,
-        dry_run: false,
-        hosts: vec![],
-    }
+    RuleSpec::new(g, vec![p(to)], ProtoMatch::Any, vec![], action)
 }
 
 /// 10.0.0.0/8 may reach everything but 203.0.113.66 (denied); egress IPs as given. 172.16.0.0/12 has no egress IP.

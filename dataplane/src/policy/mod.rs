@@ -353,6 +353,17 @@ pub struct RuleSpec {
 }
 
 impl RuleSpec {
+    /// A rule with no `except` prefixes, no host names, and no dry run.
+    pub fn new(
+        group: GroupId,
+        to: Vec<Prefix>,
+        proto: ProtoMatch,
+        ports: Vec<PortRange>,
+        action: Action,
+    ) -> RuleSpec {
+        RuleSpec { group, to, except: Vec::new(), proto, ports, action, dry_run: false, hosts: Vec::new() }
+    }
+
     /// Whether the rule's protocol and ports match a packet (destinations aside).
     pub fn matches_proto_port(&self, proto: u8, dst_port: u16) -> bool {
         self.proto.matches(proto)

@@ -9,16 +9,8 @@ fn p(s: &str) -> Prefix {
 }
 
 fn rule(group: GroupId, to: &[&str], proto: ProtoMatch, ports: &[(u16, u16)], action: Action) -> RuleSpec {
-    RuleSpec {
-        group,
-        to: to.iter().map(|s| p(s)).collect(),
-        except: vec![],
-        proto,
-        ports: ports.iter().map(|&(first, last)| PortRange { first, last }).collect(),
-        action,
-        dry_run: false,
-        hosts: vec![],
-    }
+    let ports = ports.iter().map(|&(first, last)| PortRange { first, last }).collect();
+    RuleSpec::new(group, to.iter().map(|s| p(s)).collect(), proto, ports, action)
 }
 
 fn v4(s: &str) -> Ipv4Addr {
