@@ -411,21 +411,16 @@ impl Pipeline {
         while i < self.held.len() {
             let mut held = self.held[i];
             let (ip_start, len) = (usize::from(held.ip_start), usize::from(held.len));
-            // Lookups only: a frame still waiting must not request resolution again on every retry.
-            let dst_at = ip_start + 16;
-            let dst = Ipv4Addr::new(
-                held.bytes[dst_at],
-                held.bytes[dst_at + 1],
-                held.bytes[dst_at + 2],
-                held.bytes[dst_at + 3],
-            );
-            let waiting = matches!(self.snapshot.lookup(held.out, dst), NextHop::NoNeighbour(_));
-            if waiting && now.saturating_since(held.since).as_nanos() < u128::from(HOLD_NANOS) {
+            // `route` leaves the frame untouched unless it forwards it; its resolution requests are rate-limited.
+            let routed = self.route(now, held.out, &mut held.bytes[..len], ip_start, len);
+            if routed == Err(DropReason::NoNeighbour)
+                && now.saturating_since(held.since).as_nanos() < u128::from(HOLD_NANOS)
+            {
                 i += 1;
                 continue;
             }
             self.held.swap_remove(i);
-            match self.route(now, held.out, &mut held.bytes[..len], ip_start, len) {
+            match routed {
                 Ok(Action::Forward { out, len }) => emit(out, &held.bytes[..len]),
                 Ok(_) => {}
                 Err(reason) => self.stats.count_drop(reason),
