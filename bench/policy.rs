@@ -3,7 +3,8 @@
 //!
 //! Policies are random but fixed (seeded): IPv4 destination prefixes /16–/32 spread over 4 groups, random
 //! protocols and ports, allow or deny. Each lookup batch is 1024 prebuilt packets, half aimed inside a rule's
-//! prefix and half anywhere, from sources spread over the groups.
+//! prefix and half anywhere, from sources spread over the groups. `policy_lookup` judges them one at a time
+//! (`evaluate_v4`), `policy_lookup_batch` in lock-step lanes (`evaluate_v4_batch`).
 //!
 //! Run briefly on a shared machine: `cargo bench --bench policy -- --warm-up-time 1 --measurement-time 3`.
 
@@ -13,7 +14,8 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use dataplane::policy::{
-    ip_proto, Action, PolicyBuilder, PolicySnapshot, PortRange, Prefix, ProtoMatch, RuleSpec, SharedPolicy,
+    ip_proto, Action, PacketV4, PolicyBuilder, PolicySnapshot, PortRange, Prefix, ProtoMatch, RuleSpec,
+    SharedPolicy,
 };
 
 const GROUPS: u32 = 4;
@@ -131,6 +133,30 @@ fn lookups(c: &mut Criterion) {
     group.finish();
 }
 
+/// Lookups per second in lock step: `PolicySnapshot::evaluate_v4_batch` over the same policies and 1024 packets,
+/// into a preallocated slice of decisions.
+fn batch_lookups(c: &mut Criterion) {
+    let mut group = c.benchmark_group("policy_lookup_batch");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for count in [10usize, 10_000, 100_000] {
+        let mut rng = Rng(count as u64);
+        let rules = random_rules(count, &mut rng);
+        let snapshot: PolicySnapshot = builder(&rules).build(1).expect("builds");
+        let packets: Vec<PacketV4> = random_packets(&rules, &mut rng)
+            .into_iter()
+            .map(|(src, dst, proto, dst_port)| PacketV4 { src, dst, proto, dst_port })
+            .collect();
+        let mut out = vec![snapshot.evaluate_v4(packets[0].src, packets[0].dst, 0, 0); BATCH];
+        group.bench_with_input(BenchmarkId::from_parameter(count), &packets, |b, packets| {
+            b.iter(|| {
+                snapshot.evaluate_v4_batch(packets, &mut out);
+                black_box(out.iter().map(|d| u32::from(d.forwards())).sum::<u32>())
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Reload cost: `PolicyBuilder::build` of 100 000 rules plus the `ArcSwap::store` that publishes the snapshot.
 fn compile_and_swap(c: &mut Criterion) {
     let mut rng = Rng(7);
@@ -151,5 +177,5 @@ fn compile_and_swap(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, lookups, compile_and_swap);
+criterion_group!(benches, lookups, batch_lookups, compile_and_swap);
 criterion_main!(benches);

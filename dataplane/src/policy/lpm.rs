@@ -23,6 +23,11 @@ const STRIDE: u32 = 6;
 /// The largest value a table can store (values carry [`NODE_FLAG`] in the same word).
 pub const MAX_VALUE: u32 = NODE_FLAG - 1;
 
+/// How many lookups [`LpmTable::lookup_batch_u32`] walks in lock step: up to this many independent cache misses
+/// are in flight at once instead of one.
+pub const LANES: usize = 8;
+const _: () = assert!(LANES.is_power_of_two() && LANES <= 256);
+
 #[derive(Clone, Copy, Debug, Default)]
 struct Node {
     /// Bit `s` set: slot `s` is a child node.
@@ -51,6 +56,16 @@ fn rank(vector: u64, slot: u32) -> u32 {
 }
 
 impl LpmTable {
+    /// A table mapping every IPv4 address to 0, built at compile time (a stand-in where a lookup needs some table).
+    pub(crate) const EMPTY_V4: LpmTable = LpmTable {
+        bits: 32,
+        root_bits: 1,
+        root: Vec::new(),
+        nodes: Vec::new(),
+        leaves: Vec::new(),
+        default: 0,
+    };
+
     /// Builds a table from `(network, prefix length, value)` triples, keys right-aligned in a `u128` (an IPv4
     /// address is `u32::from(addr) as u128`). Longest prefix wins; an address covered by no prefix maps to
     /// `default`. Host bits of `network` are ignored; for two entries with the same prefix the last one wins.
@@ -99,13 +114,24 @@ impl LpmTable {
         };
         let mut offset = self.root_bits;
         while entry & NODE_FLAG != 0 {
-            let Some(node) = self.nodes.get((entry & !NODE_FLAG) as usize) else { return self.default };
-            let width = STRIDE.min(32u32.saturating_sub(offset)).max(1);
-            let slot = (key.wrapping_shl(offset) >> (64 - width)) as u32;
-            entry = self.step(node, slot);
+            entry = self.step_u32(entry, key, offset);
             offset += STRIDE;
         }
         entry
+    }
+
+    /// [`lookup_u32`](Self::lookup_u32) of many keys: `out[i]` gets the value of `keys[i]`, for every `i` below
+    /// the shorter of the two lengths (the rest of `out` is left as is). Equal to calling `lookup_u32` per key, but
+    /// the keys are walked in groups of [`LANES`] in lock step (all roots, then one node of every unfinished lane
+    /// per pass), so the dependent cache misses of different keys overlap instead of queueing. Worth it when the
+    /// table is bigger than the cache; never panics or allocates.
+    pub fn lookup_batch_u32(&self, keys: &[u32], out: &mut [u32]) {
+        for (keys, out) in keys.chunks(LANES).zip(out.chunks_mut(LANES)) {
+            let values = lookup_lanes_u32(|_| self, keys);
+            for (o, v) in out.iter_mut().zip(values).take(keys.len()) {
+                *o = v;
+            }
+        }
     }
 
     /// The value of the longest prefix containing `key` (an IPv6 address as `u128`). Never panics.
@@ -128,6 +154,26 @@ impl LpmTable {
             offset += STRIDE;
         }
         entry
+    }
+
+    /// One node below the root for an IPv4 key: `entry` (with [`NODE_FLAG`]) names the node, `offset` is the
+    /// number of key bits consumed above it. As one iteration of [`lookup_u32`](Self::lookup_u32)'s loop.
+    #[inline(always)]
+    fn step_u32(&self, entry: u32, key: u64, offset: u32) -> u32 {
+        let Some(node) = self.nodes.get((entry & !NODE_FLAG) as usize) else { return self.default };
+        let slot = (key.wrapping_shl(offset) >> (64 - slot_width_u32(offset))) as u32;
+        self.step(node, slot)
+    }
+
+    /// [`step`](Self::step) without a branch on the node's contents: reads the leaf value even for a child slot
+    /// (from a neighbouring run, or none: the default) and selects.
+    #[inline(always)]
+    fn step_select(&self, node: &Node, slot: u32) -> u32 {
+        let slot = slot & 63;
+        let child = NODE_FLAG | node.child_base.wrapping_add(rank(node.children, slot).wrapping_sub(1));
+        let index = node.leaf_base.wrapping_add(rank(node.leaf_runs, slot).wrapping_sub(1));
+        let leaf = self.leaves.get(index as usize).copied().unwrap_or(self.default);
+        std::hint::select_unpredictable(node.children & (1u64 << slot) != 0, child, leaf)
     }
 
     #[inline(always)]
@@ -246,6 +292,60 @@ impl LpmTable {
             }
         }
     }
+}
+
+/// Looks up `keys[i]` (at most [`LANES`] of them) in `table(i)`, all lanes in lock step: every lane's root entry
+/// first, then passes that step each unfinished lane down one node, until no lane points at a node. Lanes may use
+/// different tables (the policy walks each packet's group table). Returns each lane's value (0 past
+/// `keys.len()`), exactly what [`LpmTable::lookup_u32`] returns.
+///
+/// A pass has no branch that depends on what it loads: it walks a list of the unfinished lanes (rebuilt without
+/// branches as it goes), and a node step reads both the child index and the leaf value and picks one with a
+/// conditional move. So the core issues the loads of every lane of a pass before any of them returns, and their
+/// cache misses overlap; a mispredicted branch on a loaded value would throw the younger lanes' loads away.
+#[inline(always)]
+pub(crate) fn lookup_lanes_u32<'t>(table: impl Fn(usize) -> &'t LpmTable, keys: &[u32]) -> [u32; LANES] {
+    let mut entry = [0u32; LANES];
+    let mut offset = [0u32; LANES];
+    let mut wide = [0u64; LANES];
+    // The unfinished lanes, `walking` of them.
+    let mut lanes = [0u8; LANES];
+    let mut walking = 0usize;
+    for (i, (((e, o), w), &key)) in entry.iter_mut().zip(&mut offset).zip(&mut wide).zip(keys).enumerate() {
+        let t = table(i);
+        *w = u64::from(key) << 32;
+        *e = t.root.get((*w >> (64 - t.root_bits)) as usize).copied().unwrap_or(t.default);
+        *o = t.root_bits;
+        lanes[walking % LANES] = i as u8;
+        walking += usize::from(*e & NODE_FLAG != 0);
+    }
+    while walking != 0 {
+        let mut still = 0usize;
+        for k in 0..walking.min(LANES) {
+            // `% LANES` (a power of two: a mask) proves every index in bounds.
+            let i = usize::from(lanes[k % LANES]) % LANES;
+            let t = table(i);
+            let (e, o) = (entry[i], offset[i]);
+            let next = match t.nodes.get((e & !NODE_FLAG) as usize) {
+                Some(node) => {
+                    t.step_select(node, (wide[i].wrapping_shl(o) >> (64 - slot_width_u32(o))) as u32)
+                }
+                None => t.default,
+            };
+            entry[i] = next;
+            offset[i] = o.saturating_add(STRIDE);
+            lanes[still % LANES] = i as u8;
+            still += usize::from(next & NODE_FLAG != 0);
+        }
+        walking = still;
+    }
+    entry
+}
+
+/// Width in bits of the slot of a node `offset` bits into an IPv4 key.
+#[inline(always)]
+fn slot_width_u32(offset: u32) -> u32 {
+    STRIDE.min(32u32.saturating_sub(offset)).max(1)
 }
 
 /// A node reserved in [`LpmTable::nodes`] and still to be built.
@@ -394,6 +494,42 @@ mod tests {
                 proptest::prop_assert_eq!(t.lookup_u32(key), want);
                 for table in &wide {
                     proptest::prop_assert_eq!(table.lookup_u32(key), want);
+                }
+            }
+        }
+
+        #[test]
+        fn batch_lookup_agrees_with_single_lookups(
+            raw in proptest::collection::vec((proptest::num::u32::ANY, 0u8..=32, 1u32..50), 0..3000),
+            probes in proptest::collection::vec((0usize..3000, proptest::num::u32::ANY, 0u8..=32), 0..40),
+            root in 1u32..=16,
+            short_out in 0usize..3,
+        ) {
+            let entries: Vec<(u128, u8, u32)> = raw.iter().map(|&(a, l, v)| {
+                let masked = if l == 0 { 0 } else { a & (u32::MAX << (32 - u32::from(l))) };
+                (masked as u128, l, v)
+            }).collect();
+            // Keys near the prefixes, so lanes end at different depths.
+            let keys: Vec<u32> = probes.iter().map(|&(pick, noise, keep)| match entries.get(pick) {
+                Some(&(n, _, _)) if keep > 0 => {
+                    let mask = u32::MAX << (32 - u32::from(keep));
+                    ((n as u32) & mask) | (noise & !mask)
+                }
+                _ => noise,
+            }).collect();
+            for table in [LpmTable::build(32, &entries, 0), LpmTable::build_with_root(32, &entries, 0, root)] {
+                // `out` longer than `keys`: the tail stays as it was.
+                let mut out = vec![u32::MAX; keys.len() + 3];
+                table.lookup_batch_u32(&keys, &mut out);
+                for (i, &key) in keys.iter().enumerate() {
+                    proptest::prop_assert_eq!(out[i], table.lookup_u32(key), "key {} of {}", i, keys.len());
+                }
+                proptest::prop_assert!(out[keys.len()..].iter().all(|&v| v == u32::MAX));
+                // `out` shorter than `keys`: only its length is looked up.
+                let mut out = vec![u32::MAX; keys.len().saturating_sub(short_out)];
+                table.lookup_batch_u32(&keys, &mut out);
+                for (i, &v) in out.iter().enumerate() {
+                    proptest::prop_assert_eq!(v, table.lookup_u32(keys[i]));
                 }
             }
         }

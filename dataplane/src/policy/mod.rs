@@ -142,6 +142,16 @@ impl fmt::Display for Verdict {
     }
 }
 
+/// What the policy reads of a flow's first IPv4 packet, for [`PolicySnapshot::evaluate_v4_batch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacketV4 {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub proto: u8,
+    /// 0 for ICMP.
+    pub dst_port: u16,
+}
+
 /// What a rule does with the traffic it decides.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
@@ -541,6 +551,15 @@ struct DestLeaf {
     classes: [RunSlice; 4],
 }
 
+/// The run slice of no rule (default deny).
+const NO_SLICE: RunSlice = RunSlice { start: NO_RULE, extra: 0, outcome: NO_OUTCOME };
+
+/// The index in [`DestLeaf::classes`] of protocol `proto`.
+#[inline(always)]
+fn proto_class(proto: u8) -> usize {
+    usize::from(PROTO_CLASS[usize::from(proto)] & 3)
+}
+
 /// Protocol number → index in [`DestLeaf::classes`]: a table read instead of branches that a mix of TCP and UDP
 /// flows would mispredict.
 static PROTO_CLASS: [u8; 256] = {
@@ -908,6 +927,58 @@ impl PolicySnapshot {
         self.decide(group, |g| g.dest_v4.lookup_u32(u32::from(dst)), proto, dst_port)
     }
 
+    /// [`evaluate_v4`](Self::evaluate_v4) of many packets: `out[i]` gets the decision for `packets[i]`, for every
+    /// `i` below the shorter of the two lengths (the rest of `out` is left as is). Never allocates or panics.
+    ///
+    /// Packets go through in groups of [`lpm::LANES`] in lock step: the source lookups of the whole group, then
+    /// the destination lookups (each lane in its own group's table), then leaf and port run per lane. One packet's
+    /// lookup is a chain of dependent loads; here the chains of different packets are in flight together, so with
+    /// policies larger than the cache the misses overlap instead of adding up (`bench/policy.rs`,
+    /// `policy_lookup_batch`, and bench/RESULTS.md for the figures). With small policies it gains little.
+    ///
+    /// Who should call it: a batch-first pipeline stage that collects the new (or re-judged) flows of a receive
+    /// batch before judging them. Today nothing does: the pipeline is per frame and the policy is consulted inside
+    /// `Nat::outbound` for one flow at a time, where no batch exists without restructuring the pipeline.
+    pub fn evaluate_v4_batch(&self, packets: &[PacketV4], out: &mut [Decision]) {
+        /// The destination table of lanes without a group (their lookup result is not used).
+        static NO_GROUP: LpmTable = LpmTable::EMPTY_V4;
+        for (packets, out) in packets.chunks(lpm::LANES).zip(out.chunks_mut(lpm::LANES)) {
+            let n = packets.len();
+            let mut keys = [0u32; lpm::LANES];
+            for (k, p) in keys.iter_mut().zip(packets) {
+                *k = u32::from(p.src);
+            }
+            let groups = lpm::lookup_lanes_u32(|_| &self.sources_v4, keys.get(..n).unwrap_or(&[]));
+            let mut tables = [&NO_GROUP; lpm::LANES];
+            for (t, &g) in tables.iter_mut().zip(&groups) {
+                if let Some(group) = g.checked_sub(1).and_then(|i| self.groups.get(i as usize)) {
+                    *t = &group.dest_v4;
+                }
+            }
+            for (k, p) in keys.iter_mut().zip(packets) {
+                *k = u32::from(p.dst);
+            }
+            let leaves = lpm::lookup_lanes_u32(
+                |i| tables.get(i).copied().unwrap_or(&NO_GROUP),
+                keys.get(..n).unwrap_or(&[]),
+            );
+            // Every lane's leaf read before any lane's port search, so those misses overlap too.
+            let mut slices = [NO_SLICE; lpm::LANES];
+            for (((slice, &leaf), &t), p) in slices.iter_mut().zip(&leaves).zip(&tables).zip(packets) {
+                if !std::ptr::eq(t, &NO_GROUP) {
+                    *slice =
+                        self.leaves.get(leaf as usize).map_or(NO_SLICE, |l| l.classes[proto_class(p.proto)]);
+                }
+            }
+            for (((o, p), &g), &slice) in out.iter_mut().zip(packets).zip(&groups).zip(&slices) {
+                *o = match g.checked_sub(1) {
+                    Some(index) => self.decision(GroupId(index), self.slice_run(slice, p.dst_port)),
+                    None => self.no_group(),
+                };
+            }
+        }
+    }
+
     /// The group a source belongs to.
     pub fn group_of(&self, src: IpAddr) -> Option<GroupId> {
         self.lookup_group(src).checked_sub(1).map(GroupId)
@@ -928,20 +999,30 @@ impl PolicySnapshot {
         proto: u8,
         dst_port: u16,
     ) -> Decision {
-        let Some(index) = group_value.checked_sub(1) else {
-            return Decision {
-                verdict: Verdict::Deny(DenyReason::NoGroup),
-                group: None,
-                rule: None,
-                dry_run: self.dry_run,
-            };
-        };
-        let group = Some(GroupId(index));
+        let Some(index) = group_value.checked_sub(1) else { return self.no_group() };
         let run = self
             .groups
             .get(index as usize)
             .and_then(|g| self.leaves.get(dest_leaf(g) as usize))
             .map_or(NO_RUN, |leaf| self.leaf_run(leaf, proto, dst_port));
+        self.decision(GroupId(index), run)
+    }
+
+    /// The decision for a source in no group.
+    #[inline(always)]
+    fn no_group(&self) -> Decision {
+        Decision {
+            verdict: Verdict::Deny(DenyReason::NoGroup),
+            group: None,
+            rule: None,
+            dry_run: self.dry_run,
+        }
+    }
+
+    /// The decision of a packet of `group` whose port run is `run` ([`NO_RUN`]: no rule matched).
+    #[inline(always)]
+    fn decision(&self, group: GroupId, run: PortRun) -> Decision {
+        let group = Some(group);
         if run.rule == NO_RULE {
             return Decision {
                 verdict: Verdict::Deny(DenyReason::DefaultDeny),
@@ -961,7 +1042,12 @@ impl PolicySnapshot {
 
     #[inline(always)]
     fn leaf_run(&self, leaf: &DestLeaf, proto: u8, dst_port: u16) -> PortRun {
-        let slice = leaf.classes[usize::from(PROTO_CLASS[usize::from(proto)] & 3)];
+        self.slice_run(leaf.classes[proto_class(proto)], dst_port)
+    }
+
+    /// The run of `slice` (one protocol class of a leaf) that holds `dst_port`.
+    #[inline(always)]
+    fn slice_run(&self, slice: RunSlice, dst_port: u16) -> PortRun {
         if slice.extra == 0 {
             return PortRun { first_port: 0, outcome: slice.outcome, rule: slice.start };
         }
