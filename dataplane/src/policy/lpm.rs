@@ -16,7 +16,7 @@
 use std::ops::Range;
 
 /// Entry of the root array: a final value, or (with [`NODE_FLAG`]) the index of a node.
-const NODE_FLAG: u32 = 1 << 31;
+pub(crate) const NODE_FLAG: u32 = 1 << 31;
 /// Stride of every node below the root.
 const STRIDE: u32 = 6;
 
@@ -104,6 +104,14 @@ impl LpmTable {
         table
     }
 
+    /// The root entry of `key` (an IPv4 address as `u32`): its value, or (with the top bit set) a node that
+    /// [`finish_lanes_u32`] walks on. What [`lookup_u32`](Self::lookup_u32) returns when the top bit is clear.
+    #[inline(always)]
+    pub(crate) fn root_entry_u32(&self, key: u32) -> u32 {
+        let key = u64::from(key) << 32;
+        self.root.get((key >> (64 - self.root_bits)) as usize).copied().unwrap_or(self.default)
+    }
+
     /// The value of the longest prefix containing `key` (an IPv4 address as `u32`). Never panics.
     #[inline]
     pub fn lookup_u32(&self, key: u32) -> u32 {
@@ -163,17 +171,6 @@ impl LpmTable {
         let Some(node) = self.nodes.get((entry & !NODE_FLAG) as usize) else { return self.default };
         let slot = (key.wrapping_shl(offset) >> (64 - slot_width_u32(offset))) as u32;
         self.step(node, slot)
-    }
-
-    /// [`step`](Self::step) without a branch on the node's contents: reads the leaf value even for a child slot
-    /// (from a neighbouring run, or none: the default) and selects.
-    #[inline(always)]
-    fn step_select(&self, node: &Node, slot: u32) -> u32 {
-        let slot = slot & 63;
-        let child = NODE_FLAG | node.child_base.wrapping_add(rank(node.children, slot).wrapping_sub(1));
-        let index = node.leaf_base.wrapping_add(rank(node.leaf_runs, slot).wrapping_sub(1));
-        let leaf = self.leaves.get(index as usize).copied().unwrap_or(self.default);
-        std::hint::select_unpredictable(node.children & (1u64 << slot) != 0, child, leaf)
     }
 
     #[inline(always)]
@@ -295,29 +292,42 @@ impl LpmTable {
 }
 
 /// Looks up `keys[i]` (at most [`LANES`] of them) in `table(i)`, all lanes in lock step: every lane's root entry
-/// first, then passes that step each unfinished lane down one node, until no lane points at a node. Lanes may use
-/// different tables (the policy walks each packet's group table). Returns each lane's value (0 past
-/// `keys.len()`), exactly what [`LpmTable::lookup_u32`] returns.
-///
-/// A pass has no branch that depends on what it loads: it walks a list of the unfinished lanes (rebuilt without
-/// branches as it goes), and a node step reads both the child index and the leaf value and picks one with a
-/// conditional move. So the core issues the loads of every lane of a pass before any of them returns, and their
-/// cache misses overlap; a mispredicted branch on a loaded value would throw the younger lanes' loads away.
+/// first, then [`finish_lanes_u32`]. Returns each lane's value (0 past `keys.len()`), exactly what
+/// [`LpmTable::lookup_u32`] returns.
 #[inline(always)]
-pub(crate) fn lookup_lanes_u32<'t>(table: impl Fn(usize) -> &'t LpmTable, keys: &[u32]) -> [u32; LANES] {
+fn lookup_lanes_u32<'t>(table: impl Fn(usize) -> &'t LpmTable, keys: &[u32]) -> [u32; LANES] {
     let mut entry = [0u32; LANES];
-    let mut offset = [0u32; LANES];
-    let mut wide = [0u64; LANES];
-    // The unfinished lanes, `walking` of them.
+    let mut wide = [0u32; LANES];
+    for (i, ((e, w), &key)) in entry.iter_mut().zip(&mut wide).zip(keys).enumerate() {
+        *w = key;
+        *e = table(i).root_entry_u32(key);
+    }
+    finish_lanes_u32(table, &wide, &mut entry);
+    entry
+}
+
+/// Finishes lookups whose root entries are in `entry` (lane `i`: key `keys[i]` in `table(i)`, as
+/// [`LpmTable::root_entry_u32`] returned): passes that step each unfinished lane down one node, until no lane
+/// points at a node. Afterwards `entry[i]` is exactly what [`LpmTable::lookup_u32`] returns for lane `i`. Lanes
+/// may use different tables (the policy walks each packet's group table).
+///
+/// A pass walks a list of the unfinished lanes, rebuilt without branches as it goes, so the loads of a pass do
+/// not wait for each other and their cache misses overlap. (The node step itself branches on child or leaf, as
+/// in `lookup_u32`; a conditional-move version measured the same.)
+#[inline(always)]
+pub(crate) fn finish_lanes_u32<'t>(
+    table: impl Fn(usize) -> &'t LpmTable,
+    keys: &[u32; LANES],
+    entry: &mut [u32; LANES],
+) {
+    // The unfinished lanes, `walking` of them, and how many key bits each has consumed.
     let mut lanes = [0u8; LANES];
+    let mut offset = [0u32; LANES];
     let mut walking = 0usize;
-    for (i, (((e, o), w), &key)) in entry.iter_mut().zip(&mut offset).zip(&mut wide).zip(keys).enumerate() {
-        let t = table(i);
-        *w = u64::from(key) << 32;
-        *e = t.root.get((*w >> (64 - t.root_bits)) as usize).copied().unwrap_or(t.default);
-        *o = t.root_bits;
+    for (i, (&e, o)) in entry.iter().zip(&mut offset).enumerate() {
+        *o = table(i).root_bits;
         lanes[walking % LANES] = i as u8;
-        walking += usize::from(*e & NODE_FLAG != 0);
+        walking += usize::from(e & NODE_FLAG != 0);
     }
     while walking != 0 {
         let mut still = 0usize;
@@ -326,10 +336,9 @@ pub(crate) fn lookup_lanes_u32<'t>(table: impl Fn(usize) -> &'t LpmTable, keys: 
             let i = usize::from(lanes[k % LANES]) % LANES;
             let t = table(i);
             let (e, o) = (entry[i], offset[i]);
+            let key = u64::from(keys[i]) << 32;
             let next = match t.nodes.get((e & !NODE_FLAG) as usize) {
-                Some(node) => {
-                    t.step_select(node, (wide[i].wrapping_shl(o) >> (64 - slot_width_u32(o))) as u32)
-                }
+                Some(node) => t.step(node, (key.wrapping_shl(o) >> (64 - slot_width_u32(o))) as u32),
                 None => t.default,
             };
             entry[i] = next;
@@ -339,7 +348,6 @@ pub(crate) fn lookup_lanes_u32<'t>(table: impl Fn(usize) -> &'t LpmTable, keys: 
         }
         walking = still;
     }
-    entry
 }
 
 /// Width in bits of the slot of a node `offset` bits into an IPv4 key.

@@ -930,11 +930,13 @@ impl PolicySnapshot {
     /// [`evaluate_v4`](Self::evaluate_v4) of many packets: `out[i]` gets the decision for `packets[i]`, for every
     /// `i` below the shorter of the two lengths (the rest of `out` is left as is). Never allocates or panics.
     ///
-    /// Packets go through in groups of [`lpm::LANES`] in lock step: the source lookups of the whole group, then
-    /// the destination lookups (each lane in its own group's table), then leaf and port run per lane. One packet's
-    /// lookup is a chain of dependent loads; here the chains of different packets are in flight together, so with
-    /// policies larger than the cache the misses overlap instead of adding up (`bench/policy.rs`,
-    /// `policy_lookup_batch`, and bench/RESULTS.md for the figures). With small policies it gains little.
+    /// Packets go through in groups of [`lpm::LANES`] in lock step: source group and destination root entry of
+    /// every lane, then the destination trie walks (each lane in its own group's table) one node per pass, then
+    /// every lane's leaf, then every lane's port run. One packet's lookup is a chain of dependent loads; here the
+    /// chains of different packets are in flight together, so with policies larger than the cache their misses
+    /// overlap instead of adding up. Measured (bench/RESULTS.md, `policy_lookup_batch` in `bench/policy.rs`): the
+    /// 100 000-rule policy loses less against the 10-rule one than with `evaluate_v4`, but per packet it is not
+    /// faster than `evaluate_v4` in a loop, which the core already overlaps across packets.
     ///
     /// Who should call it: a batch-first pipeline stage that collects the new (or re-judged) flows of a receive
     /// batch before judging them. Today nothing does: the pipeline is per frame and the policy is consulted inside
@@ -943,28 +945,30 @@ impl PolicySnapshot {
         /// The destination table of lanes without a group (their lookup result is not used).
         static NO_GROUP: LpmTable = LpmTable::EMPTY_V4;
         for (packets, out) in packets.chunks(lpm::LANES).zip(out.chunks_mut(lpm::LANES)) {
-            let n = packets.len();
-            let mut keys = [0u32; lpm::LANES];
-            for (k, p) in keys.iter_mut().zip(packets) {
-                *k = u32::from(p.src);
-            }
-            let groups = lpm::lookup_lanes_u32(|_| &self.sources_v4, keys.get(..n).unwrap_or(&[]));
+            // Source → group → destination table → root entry, per lane. Sources of /16 or shorter end at the
+            // root (the source table's root is 16 bits); a longer one is looked up in full.
+            let mut groups = [0u32; lpm::LANES];
             let mut tables = [&NO_GROUP; lpm::LANES];
-            for (t, &g) in tables.iter_mut().zip(&groups) {
+            let mut keys = [0u32; lpm::LANES];
+            let mut entries = [0u32; lpm::LANES];
+            for ((((g, t), k), e), p) in
+                groups.iter_mut().zip(&mut tables).zip(&mut keys).zip(&mut entries).zip(packets)
+            {
+                let src = u32::from(p.src);
+                *g = self.sources_v4.root_entry_u32(src);
+                if *g & lpm::NODE_FLAG != 0 {
+                    *g = self.sources_v4.lookup_u32(src);
+                }
                 if let Some(group) = g.checked_sub(1).and_then(|i| self.groups.get(i as usize)) {
                     *t = &group.dest_v4;
                 }
-            }
-            for (k, p) in keys.iter_mut().zip(packets) {
                 *k = u32::from(p.dst);
+                *e = t.root_entry_u32(*k);
             }
-            let leaves = lpm::lookup_lanes_u32(
-                |i| tables.get(i).copied().unwrap_or(&NO_GROUP),
-                keys.get(..n).unwrap_or(&[]),
-            );
+            lpm::finish_lanes_u32(|i| tables.get(i).copied().unwrap_or(&NO_GROUP), &keys, &mut entries);
             // Every lane's leaf read before any lane's port search, so those misses overlap too.
             let mut slices = [NO_SLICE; lpm::LANES];
-            for (((slice, &leaf), &t), p) in slices.iter_mut().zip(&leaves).zip(&tables).zip(packets) {
+            for (((slice, &leaf), &t), p) in slices.iter_mut().zip(&entries).zip(&tables).zip(packets) {
                 if !std::ptr::eq(t, &NO_GROUP) {
                     *slice =
                         self.leaves.get(leaf as usize).map_or(NO_SLICE, |l| l.classes[proto_class(p.proto)]);
