@@ -7,7 +7,8 @@
 //! - below it, nodes of stride 6 (64 slots). A node stores two 64-bit vectors instead of 64 pointers: which slots
 //!   have a child node, and where a new run of equal leaf values starts. Children and leaves live in contiguous
 //!   arrays, and a slot's index is a `popcount` of the vector below it. Leaf pushing makes every slot either a
-//!   child or a final value, so a lookup never backtracks.
+//!   child or a final value, so a lookup never backtracks. A node whose leaf slots all hold one value (the usual
+//!   case: a longer prefix inside a uniform block) keeps that value in the node, saving a dependent read.
 //!
 //! A lookup reads at most `1 + ceil((bits - root_bits) / 6)` entries (4 for IPv4 with a 16-bit root), whatever
 //! the number of prefixes. Lookups use `get` and fall back to the table's default value, so a corrupt index can
@@ -35,8 +36,14 @@ struct Node {
     /// Bit `s` set: slot `s` is a leaf slot whose value differs from the previous leaf slot's (or is the first).
     leaf_runs: u64,
     child_base: u32,
+    /// Index of the node's first leaf in [`LpmTable::leaves`]; or, with [`INLINE_LEAF`], the value of the node's
+    /// only leaf run itself (most nodes: a longer prefix inside one value), which saves the lookup a dependent read.
     leaf_base: u32,
 }
+
+/// In [`Node::leaf_base`]: the rest of the word is the node's one leaf value, not an index. (Leaf indices stay
+/// below it: a table would need 2^31 leaves, 8 GiB, to reach it.)
+const INLINE_LEAF: u32 = 1 << 31;
 
 /// An immutable longest-prefix-match table over `bits`-wide keys (32 for IPv4, 128 for IPv6).
 #[derive(Clone, Debug)]
@@ -178,6 +185,8 @@ impl LpmTable {
         let slot = slot & 63;
         if node.children & (1u64 << slot) != 0 {
             NODE_FLAG | node.child_base.wrapping_add(rank(node.children, slot) - 1)
+        } else if node.leaf_base & INLINE_LEAF != 0 {
+            node.leaf_base & !INLINE_LEAF
         } else {
             let index = node.leaf_base.wrapping_add(rank(node.leaf_runs, slot).wrapping_sub(1));
             self.leaves.get(index as usize).copied().unwrap_or(self.default)
@@ -272,6 +281,11 @@ impl LpmTable {
                     node.leaf_runs |= 1 << slot;
                     self.leaves.push(e);
                     last_leaf = Some(e);
+                }
+            }
+            if node.leaf_runs.count_ones() == 1 {
+                if let Some(value) = self.leaves.pop() {
+                    node.leaf_base = INLINE_LEAF | value;
                 }
             }
             if let Some(slot) = self.nodes.get_mut(p.index as usize) {
