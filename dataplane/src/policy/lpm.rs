@@ -26,7 +26,7 @@ pub const MAX_VALUE: u32 = NODE_FLAG - 1;
 
 /// How many lookups [`LpmTable::lookup_batch_u32`] walks in lock step: up to this many independent cache misses
 /// are in flight at once instead of one.
-pub const LANES: usize = 8;
+pub const LANES: usize = 16;
 const _: () = assert!(LANES.is_power_of_two() && LANES <= 256);
 
 #[derive(Clone, Copy, Debug, Default)]
