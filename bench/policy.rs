@@ -4,7 +4,9 @@
 //! Policies are random but fixed (seeded): IPv4 destination prefixes /16–/32 spread over 4 groups, random
 //! protocols and ports, allow or deny. Each lookup batch is 1024 prebuilt packets, half aimed inside a rule's
 //! prefix and half anywhere, from sources spread over the groups. `policy_lookup` judges them one at a time
-//! (`evaluate_v4`), `policy_lookup_batch` in lock-step lanes (`evaluate_v4_batch`).
+//! (`evaluate_v4`) and keeps only `forwards()`, so the compiler drops the rest of each `Decision`;
+//! `policy_lookup_into` does the same but writes every `Decision` to a slice; `policy_lookup_batch` judges them in
+//! lock-step lanes (`evaluate_v4_batch`) into a slice.
 //!
 //! Run briefly on a shared machine: `cargo bench --bench policy -- --warm-up-time 1 --measurement-time 3`.
 
@@ -133,6 +135,29 @@ fn lookups(c: &mut Criterion) {
     group.finish();
 }
 
+/// Lookups per second, one at a time into a slice: `evaluate_v4` per packet, each whole `Decision` written to a
+/// preallocated slice (the baseline for `policy_lookup_batch`, which must write them too).
+fn lookups_into(c: &mut Criterion) {
+    let mut group = c.benchmark_group("policy_lookup_into");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    for count in [10usize, 10_000, 100_000] {
+        let mut rng = Rng(count as u64);
+        let rules = random_rules(count, &mut rng);
+        let snapshot: PolicySnapshot = builder(&rules).build(1).expect("builds");
+        let packets = random_packets(&rules, &mut rng);
+        let mut out = vec![snapshot.evaluate_v4(packets[0].0, packets[0].1, 0, 0); BATCH];
+        group.bench_with_input(BenchmarkId::from_parameter(count), &packets, |b, packets| {
+            b.iter(|| {
+                for (o, &(src, dst, proto, port)) in out.iter_mut().zip(packets) {
+                    *o = snapshot.evaluate_v4(src, dst, proto, port);
+                }
+                black_box(out.iter().map(|d| u32::from(d.forwards())).sum::<u32>())
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Lookups per second in lock step: `PolicySnapshot::evaluate_v4_batch` over the same policies and 1024 packets,
 /// into a preallocated slice of decisions.
 fn batch_lookups(c: &mut Criterion) {
@@ -177,5 +202,5 @@ fn compile_and_swap(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, lookups, batch_lookups, compile_and_swap);
+criterion_group!(benches, lookups, lookups_into, batch_lookups, compile_and_swap);
 criterion_main!(benches);
