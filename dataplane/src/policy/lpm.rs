@@ -311,12 +311,12 @@ impl LpmTable {
 #[inline(always)]
 fn lookup_lanes_u32<'t>(table: impl Fn(usize) -> &'t LpmTable, keys: &[u32]) -> [u32; LANES] {
     let mut entry = [0u32; LANES];
-    let mut wide = [0u32; LANES];
-    for (i, ((e, w), &key)) in entry.iter_mut().zip(&mut wide).zip(keys).enumerate() {
-        *w = key;
+    let mut lane_keys = [0u32; LANES];
+    for (i, ((e, k), &key)) in entry.iter_mut().zip(&mut lane_keys).zip(keys).enumerate() {
+        *k = key;
         *e = table(i).root_entry_u32(key);
     }
-    finish_lanes_u32(table, &wide, &mut entry);
+    finish_lanes_u32(table, &lane_keys, &mut entry);
     entry
 }
 

@@ -27,7 +27,8 @@
 //! destination; IPv4 sources take one read up to /16 and at most 4, destinations at most 5, or 4 in tables of
 //! 2048+ prefixes), one leaf read, and a binary search over the leaf's port runs (a handful of entries), each run
 //! carrying its rule's outcome; the work does not grow with the number of rules (only the cache
-//! footprint does), and nothing allocates.
+//! footprint does), and nothing allocates. [`PolicySnapshot::evaluate_v4_batch`] walks up to [`lpm::LANES`]
+//! packets in lock step so that, with big policies, their cache misses overlap.
 
 mod host;
 pub mod lpm;
