@@ -100,6 +100,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
             queue,
             inside = inside_port.bind_mode().as_str(),
             outside = outside_port.bind_mode().as_str(),
+            tx_per_syscall = inside_port.tx_per_kick().min(outside_port.tx_per_kick()),
             "AF_XDP sockets bound"
         );
         ports.push((inside_port, outside_port));

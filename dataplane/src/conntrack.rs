@@ -18,6 +18,8 @@
 //! - TCP tracking keeps, per side, the next sequence number and the window the side advertised, enough to tell an
 //!   in-window RST from an out-of-window one (RFC 5382 / RFC 5961 spirit).
 
+use crate::hugemem::HugeSlice;
+
 /// "No slot": empty index entry, end of a list.
 pub(crate) const NONE: u32 = u32::MAX;
 
@@ -37,7 +39,8 @@ pub(crate) const CLASS_FREE: u8 = 0xff;
 // Index
 // ---------------------------------------------------------------------------------------------------------------
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
 struct Slot {
     hash: u32,
     val: u32,
@@ -47,7 +50,8 @@ const EMPTY: Slot = Slot { hash: 0, val: NONE };
 
 /// Linear-probing hash index from a 32-bit hash to a slab slot. The caller compares the candidate slot's key.
 pub(crate) struct Index {
-    slots: Box<[Slot]>,
+    /// Hashes land anywhere in it, so it lives on huge pages where the host allows (see [`crate::hugemem`]).
+    slots: HugeSlice<Slot>,
 }
 
 impl Index {
@@ -55,7 +59,7 @@ impl Index {
     /// memory-per-flow budget of 128 bytes needs the headroom).
     pub fn with_capacity(entries: usize) -> Index {
         let cap = (entries + entries / 4 + 1).max(8);
-        Index { slots: vec![EMPTY; cap].into_boxed_slice() }
+        Index { slots: HugeSlice::filled(cap, EMPTY) }
     }
 
     pub fn bytes(&self) -> usize {

@@ -48,6 +48,19 @@ pub struct InterfaceTable {
     routes: Vec<Route>,
     /// Sorted by address; only complete (resolved) entries.
     neighbours: Vec<(Ipv4Addr, Mac)>,
+    /// `routes` in the same order, ready for the per-packet scan: mask and network precomputed, and a gateway's
+    /// MAC looked up once per snapshot instead of once per packet.
+    compiled: Vec<CompiledRoute>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CompiledRoute {
+    mask: u32,
+    network: u32,
+    /// `None` for an on-link route.
+    gateway: Option<Ipv4Addr>,
+    /// The gateway's MAC, if the neighbour table has it.
+    gateway_mac: Option<Mac>,
 }
 
 impl InterfaceTable {
@@ -55,7 +68,18 @@ impl InterfaceTable {
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix_len));
         neighbours.sort_by_key(|(ip, _)| *ip);
         neighbours.dedup_by_key(|(ip, _)| *ip);
-        InterfaceTable { mac, routes, neighbours }
+        let mut table = InterfaceTable { mac, routes, neighbours, compiled: Vec::new() };
+        table.compiled = table
+            .routes
+            .iter()
+            .map(|r| CompiledRoute {
+                mask: r.mask(),
+                network: u32::from(r.destination) & r.mask(),
+                gateway: r.gateway,
+                gateway_mac: r.gateway.and_then(|gw| table.neighbour(gw)),
+            })
+            .collect();
+        table
     }
 
     pub fn routes(&self) -> &[Route] {
@@ -69,7 +93,13 @@ impl InterfaceTable {
     /// The next hop for `dst` out of this interface: the gateway of the longest matching route, or `dst` itself
     /// when that route is on-link. `None`: no route.
     pub fn next_hop(&self, dst: Ipv4Addr) -> Option<Ipv4Addr> {
-        self.routes.iter().find(|r| r.contains(dst)).map(|r| r.gateway.unwrap_or(dst))
+        self.route_for(dst).map(|r| r.gateway.unwrap_or(dst))
+    }
+
+    #[inline]
+    fn route_for(&self, dst: Ipv4Addr) -> Option<&CompiledRoute> {
+        let dst = u32::from(dst);
+        self.compiled.iter().find(|r| dst & r.mask == r.network)
     }
 
     pub fn neighbour(&self, ip: Ipv4Addr) -> Option<Mac> {
@@ -106,8 +136,12 @@ impl NextHopTable {
     /// Layer-2 addresses for a packet to `dst` leaving by `out`.
     pub fn lookup(&self, out: Side, dst: Ipv4Addr) -> NextHop {
         let table = self.side(out);
-        let Some(hop) = table.next_hop(dst) else { return NextHop::NoRoute };
-        match table.neighbour(hop) {
+        let Some(route) = table.route_for(dst) else { return NextHop::NoRoute };
+        let (hop, mac) = match route.gateway {
+            Some(gateway) => (gateway, route.gateway_mac),
+            None => (dst, table.neighbour(dst)),
+        };
+        match mac {
             Some(mac) => NextHop::Resolved { src: table.mac, dst: mac },
             None => NextHop::NoNeighbour(hop),
         }
@@ -192,6 +226,19 @@ mod tests {
             t.lookup(Side::Inside, ip("10.20.3.4")),
             NextHop::Resolved { src: [2, 0, 0, 0, 0, 1], dst: [2, 0, 0, 0, 0, 0xfe] }
         );
+    }
+
+    #[test]
+    fn an_unresolved_gateway_asks_for_the_gateway_not_the_destination() {
+        let t = NextHopTable {
+            outside: InterfaceTable::new(
+                [2, 0, 0, 0, 1, 1],
+                vec![Route { destination: ip("0.0.0.0"), prefix_len: 0, gateway: Some(ip("192.0.2.2")) }],
+                vec![(ip("192.0.2.3"), [2, 0, 0, 0, 1, 3])],
+            ),
+            ..NextHopTable::default()
+        };
+        assert_eq!(t.lookup(Side::Outside, ip("203.0.113.10")), NextHop::NoNeighbour(ip("192.0.2.2")));
     }
 
     #[test]

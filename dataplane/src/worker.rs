@@ -130,10 +130,7 @@ impl Worker {
             let Some(mut handed) = self.pipeline.next_handoff() else { break };
             taken += 1;
             if let Action::Forward { out, len } = self.pipeline.process_handoff(now, &mut handed) {
-                let port = match out {
-                    Side::Inside => &mut self.inside,
-                    Side::Outside => &mut self.outside,
-                };
+                let port = port_on(out, &mut self.inside, &mut self.outside);
                 let bytes = handed.bytes_mut();
                 if let Err(e) = port.stage_tx(&bytes[..len.min(bytes.len())]) {
                     stats.count_drop(e.drop_reason());
@@ -168,16 +165,21 @@ impl Worker {
     fn release_held(&mut self, now: Instant, stats: &WorkerStats) {
         let (inside, outside) = (&mut self.inside, &mut self.outside);
         self.pipeline.release_held(now, |out, frame| {
-            let port = match out {
-                Side::Inside => &mut *inside,
-                Side::Outside => &mut *outside,
-            };
+            let port = port_on(out, inside, outside);
             if let Err(e) = port.stage_tx(frame) {
                 stats.count_drop(e.drop_reason());
             }
         });
         self.inside.flush_tx(stats, Side::Inside);
         self.outside.flush_tx(stats, Side::Outside);
+    }
+}
+
+/// The port a frame leaving by `side` goes out of.
+fn port_on<'a>(side: Side, inside: &'a mut Port, outside: &'a mut Port) -> &'a mut Port {
+    match side {
+        Side::Inside => inside,
+        Side::Outside => outside,
     }
 }
 

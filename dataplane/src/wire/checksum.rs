@@ -4,23 +4,43 @@
 //! over the payload per packet. The incremental form costs a few adds regardless of length.
 
 /// One's-complement sum of `data` as big-endian 16-bit words (odd trailing byte padded with zero), folded to
-/// 32 bits but not complemented. Start with `initial = 0`.
+/// 16 bits but not complemented. Start with `initial = 0`.
+///
+/// Reads eight bytes at a time with an end-around carry: since 2^16 ≡ 1 (mod 2^16 − 1), a big-endian 64-bit word
+/// adds the same as its four 16-bit words (RFC 1071 §2(B)), and an IPv4 header takes three adds, not ten.
 pub fn sum(data: &[u8], initial: u32) -> u32 {
-    let mut acc = initial as u64;
-    let mut chunks = data.chunks_exact(2);
+    let mut acc = u64::from(initial);
+    let mut add = |word: u64| {
+        let (total, carry) = acc.overflowing_add(word);
+        acc = total + u64::from(carry);
+    };
+    let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
-        acc += u16::from_be_bytes([c[0], c[1]]) as u64;
+        add(u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
     }
-    if let [last] = chunks.remainder() {
-        acc += (*last as u64) << 8;
+    // The tail, in pieces that each start on a 16-bit boundary (where a word sits in the sum does not matter).
+    let mut rest = chunks.remainder();
+    if let [a, b, c, d, tail @ ..] = rest {
+        add(u64::from(u32::from_be_bytes([*a, *b, *c, *d])));
+        rest = tail;
+    }
+    if let [a, b, tail @ ..] = rest {
+        add(u64::from(u16::from_be_bytes([*a, *b])));
+        rest = tail;
+    }
+    if let [last] = rest {
+        // An odd last byte is padded with zero: the high half of its 16-bit word (RFC 1071).
+        add(u64::from(*last) << 8);
     }
     fold64(acc)
 }
 
-fn fold64(mut acc: u64) -> u32 {
-    while acc > 0xffff_ffff {
-        acc = (acc & 0xffff_ffff) + (acc >> 32);
-    }
+fn fold64(acc: u64) -> u32 {
+    let acc = (acc & 0xffff_ffff) + (acc >> 32);
+    let acc = (acc & 0xffff_ffff) + (acc >> 32);
+    let acc = (acc & 0xffff) + (acc >> 16);
+    let acc = (acc & 0xffff) + (acc >> 16);
+    let acc = (acc & 0xffff) + (acc >> 16);
     acc as u32
 }
 
@@ -111,7 +131,34 @@ mod tests {
         assert_eq!(sum(&[0x12, 0x34, 0x56], 0), 0x1234 + 0x5600);
     }
 
+    /// RFC 1071 word by word, the obvious way.
+    fn sum_by_16_bit_words(data: &[u8], initial: u32) -> u32 {
+        let mut acc = u64::from(initial);
+        for pair in data.chunks(2) {
+            acc += u64::from(pair[0]) << 8 | u64::from(*pair.get(1).unwrap_or(&0));
+        }
+        while acc > 0xffff {
+            acc = (acc & 0xffff) + (acc >> 16);
+        }
+        acc as u32
+    }
+
+    #[test]
+    fn carries_wrap_around_in_long_runs_of_ones() {
+        let ones = [0xffu8; 1501];
+        assert_eq!(sum(&ones, 0), sum_by_16_bit_words(&ones, 0));
+        assert_eq!(sum(&ones, u32::MAX), sum_by_16_bit_words(&ones, u32::MAX));
+        assert_eq!(sum(&[], 0), 0);
+    }
+
     proptest! {
+        #[test]
+        fn word_at_a_time_sum_matches_the_16_bit_reference(
+            data in proptest::collection::vec(any::<u8>(), 0..200), initial in any::<u32>(),
+        ) {
+            prop_assert_eq!(sum(&data, initial), sum_by_16_bit_words(&data, initial));
+        }
+
         #[test]
         fn incremental_update_matches_recomputation(
             mut data in proptest::collection::vec(any::<u8>(), 12..64),
