@@ -490,14 +490,14 @@ fn rewrite(
     }
     let (ip, l4) = pkt.split_at_mut(ihl);
     let old_addr = rd32(ip, addr_off);
+    // RFC 1624 eqn. 3's Σ~m + Σm' for the address, shared by the IP header and the pseudo header.
+    let addr_delta = u32::from(!((old_addr >> 16) as u16))
+        + u32::from(!(old_addr as u16))
+        + (new_addr >> 16)
+        + (new_addr & 0xffff);
     if old_addr != new_addr {
         wr32(ip, addr_off, new_addr);
-        let acc = u32::from(!rd16(ip, 10))
-            + u32::from(!((old_addr >> 16) as u16))
-            + u32::from(!(old_addr as u16))
-            + (new_addr >> 16)
-            + (new_addr & 0xffff);
-        wr16(ip, 10, finish_small(acc));
+        wr16(ip, 10, finish_small(u32::from(!rd16(ip, 10)) + addr_delta));
     }
     let (ck_off, pseudo) = l4_layout(proto);
     let Some(l4) = l4.get_mut(..(port_off + 2).max(ck_off + 2)) else {
@@ -505,25 +505,24 @@ fn rewrite(
         let old_port = rd16(l4, port_off);
         wr16(l4, port_off, new_port);
         if ck_off + 2 <= l4.len() {
-            update_l4_checksum(l4, ck_off, proto, pseudo, old_addr, new_addr, old_port, new_port);
+            update_l4_checksum(l4, ck_off, proto, pseudo, addr_delta, old_port, new_port);
         }
         return;
     };
     let old_port = rd16(l4, port_off);
     wr16(l4, port_off, new_port);
-    update_l4_checksum(l4, ck_off, proto, pseudo, old_addr, new_addr, old_port, new_port);
+    update_l4_checksum(l4, ck_off, proto, pseudo, addr_delta, old_port, new_port);
 }
 
-/// The L4 checksum update of [`rewrite`] (`l4` holds the checksum at `ck_off`).
-#[allow(clippy::too_many_arguments)]
+/// The L4 checksum update of [`rewrite`] (`l4` holds the checksum at `ck_off`; `addr_delta` is the address's
+/// share of the update, added when the checksum covers the pseudo header).
 #[inline(always)]
 fn update_l4_checksum(
     l4: &mut [u8],
     ck_off: usize,
     proto: u8,
     pseudo: bool,
-    old_addr: u32,
-    new_addr: u32,
+    addr_delta: u32,
     old_port: u16,
     new_port: u16,
 ) {
@@ -535,10 +534,7 @@ fn update_l4_checksum(
     // RFC 1624 eqn. 3 with every changed word summed before one fold: HC' = ~(~HC + Σ~m + Σm').
     let mut acc = u32::from(!c) + u32::from(!old_port) + u32::from(new_port);
     if pseudo {
-        acc += u32::from(!((old_addr >> 16) as u16))
-            + u32::from(!(old_addr as u16))
-            + (new_addr >> 16)
-            + (new_addr & 0xffff);
+        acc += addr_delta;
     }
     let mut new = finish_small(acc);
     if proto == ip_proto::UDP && new == 0 {
