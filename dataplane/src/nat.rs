@@ -842,13 +842,6 @@ impl Nat {
         Some((usize::from(ip_idx) * PCS + pc) * self.per_table + off as usize)
     }
 
-    /// Reads the port table slot of `(ip, proto, port)` (any value; 0 when the port is not in this worker's
-    /// slices): a prefetch in safe code, like [`Index::peek`].
-    #[inline(always)]
-    fn peek_port(&self, ip_idx: u8, proto: u8, port: u16) -> u32 {
-        self.port_slot(ip_idx, proto_class(proto), port).and_then(|i| self.ports.get(i)).map_or(0, |&v| v)
-    }
-
     /// The mapping holding external `(ip, port, proto)`, if this worker holds it.
     #[inline]
     fn mapping_at(&self, ip_idx: u8, proto: u8, port: u16) -> Option<u32> {
@@ -1233,20 +1226,6 @@ impl Nat {
                     Verdict::Deny(r) if !d.dry_run => return Err(r.drop_reason()),
                     Verdict::Deny(_) => result = Outbound::DryRunDenied,
                 }
-                // A new flow in a big table costs a cache miss in each of the mapping index, the source counters,
-                // the inbound index, the port table and (after churn) the free session and mapping slots. Their
-                // loads are issued as early as their addresses are known, so the misses overlap each other and the
-                // work in between (paired pooling, the egress lookup); their values are only consumed at the end,
-                // so nothing waits for them here. The inbound index and port table slots depend on the egress IP
-                // (most new mappings keep their original port: that is the slot to guess), the others on the
-                // packet alone. Each hash is computed once, and each index is probed once: a miss's probe ends on
-                // the empty slot where the new entry goes.
-                let hm = self.map_hash(l4.src, l4.sport, l4.proto);
-                let hs = hash_addr(self.seed.0, l4.src);
-                let warm = self.map_idx.peek(hm)
-                    ^ self.sources.peek(hs)
-                    ^ self.sessions.get(self.free_session as usize).map_or(0, |s| s.next)
-                    ^ self.mappings.get(self.free_mapping as usize).map_or(0, |m| m.refs);
                 // RFC 5382: a TCP flow starts with a SYN (a bare SYN; SYN+ACK with no state is not a new flow).
                 if tcp && l4.seg.flags & (F_SYN | F_ACK) != F_SYN {
                     return Err(DropReason::TcpNotSyn);
@@ -1258,8 +1237,15 @@ impl Nat {
                     self.allocation_failures += 1;
                     return Err(DropReason::OutOfPorts);
                 };
+                // A new flow in a big table costs a cache miss in each of the mapping index, the source counters
+                // and the inbound index (most new mappings keep their original port: that is the slot to guess).
+                // Issue the three loads together so the misses overlap; their value is only consumed at the end,
+                // so nothing waits for them here. Each hash is computed once, and each index is probed once:
+                // a miss's probe ends on the empty slot where the new entry goes.
+                let hm = self.map_hash(l4.src, l4.sport, l4.proto);
+                let hs = hash_addr(self.seed.0, l4.src);
                 let hi = self.in_hash(ip_idx, l4.sport, l4.dst, l4.dport, l4.proto);
-                let warm = warm ^ self.in_idx.peek(hi) ^ self.peek_port(ip_idx, l4.proto, l4.sport);
+                let warm = self.map_idx.peek(hm) ^ self.sources.peek(hs) ^ self.in_idx.peek(hi);
                 let src = self.check_limits(hs)?;
                 let mut map_pos = self.probe_mapping(hm, l4.src, l4.sport, l4.proto);
                 if let (Ok(pos), Some(g)) = (map_pos, d.group) {
