@@ -373,7 +373,9 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAM_PROBLEM: u8 = 12;
 
 /// Parses the IPv4 + L4 headers the NAT needs. `outbound` selects which ICMP echo type is a flow packet.
-#[inline]
+/// Inlined into its two callers: as a call, moving the `(L4, Kind)` result through memory cost more than the
+/// parsing.
+#[inline(always)]
 fn parse(pkt: &[u8], outbound: bool) -> Result<(L4, Kind), DropReason> {
     if pkt.len() < 20 || pkt[0] >> 4 != 4 {
         return Err(DropReason::BadIpHeader);
@@ -488,14 +490,14 @@ fn rewrite(
     }
     let (ip, l4) = pkt.split_at_mut(ihl);
     let old_addr = rd32(ip, addr_off);
+    // RFC 1624 eqn. 3's Σ~m + Σm' for the address, shared by the IP header and the pseudo header.
+    let addr_delta = u32::from(!((old_addr >> 16) as u16))
+        + u32::from(!(old_addr as u16))
+        + (new_addr >> 16)
+        + (new_addr & 0xffff);
     if old_addr != new_addr {
         wr32(ip, addr_off, new_addr);
-        let acc = u32::from(!rd16(ip, 10))
-            + u32::from(!((old_addr >> 16) as u16))
-            + u32::from(!(old_addr as u16))
-            + (new_addr >> 16)
-            + (new_addr & 0xffff);
-        wr16(ip, 10, finish_small(acc));
+        wr16(ip, 10, finish_small(u32::from(!rd16(ip, 10)) + addr_delta));
     }
     let (ck_off, pseudo) = l4_layout(proto);
     let Some(l4) = l4.get_mut(..(port_off + 2).max(ck_off + 2)) else {
@@ -503,25 +505,24 @@ fn rewrite(
         let old_port = rd16(l4, port_off);
         wr16(l4, port_off, new_port);
         if ck_off + 2 <= l4.len() {
-            update_l4_checksum(l4, ck_off, proto, pseudo, old_addr, new_addr, old_port, new_port);
+            update_l4_checksum(l4, ck_off, proto, pseudo, addr_delta, old_port, new_port);
         }
         return;
     };
     let old_port = rd16(l4, port_off);
     wr16(l4, port_off, new_port);
-    update_l4_checksum(l4, ck_off, proto, pseudo, old_addr, new_addr, old_port, new_port);
+    update_l4_checksum(l4, ck_off, proto, pseudo, addr_delta, old_port, new_port);
 }
 
-/// The L4 checksum update of [`rewrite`] (`l4` holds the checksum at `ck_off`).
-#[allow(clippy::too_many_arguments)]
+/// The L4 checksum update of [`rewrite`] (`l4` holds the checksum at `ck_off`; `addr_delta` is the address's
+/// share of the update, added when the checksum covers the pseudo header).
 #[inline(always)]
 fn update_l4_checksum(
     l4: &mut [u8],
     ck_off: usize,
     proto: u8,
     pseudo: bool,
-    old_addr: u32,
-    new_addr: u32,
+    addr_delta: u32,
     old_port: u16,
     new_port: u16,
 ) {
@@ -533,10 +534,7 @@ fn update_l4_checksum(
     // RFC 1624 eqn. 3 with every changed word summed before one fold: HC' = ~(~HC + Σ~m + Σm').
     let mut acc = u32::from(!c) + u32::from(!old_port) + u32::from(new_port);
     if pseudo {
-        acc += u32::from(!((old_addr >> 16) as u16))
-            + u32::from(!(old_addr as u16))
-            + (new_addr >> 16)
-            + (new_addr & 0xffff);
+        acc += addr_delta;
     }
     let mut new = finish_small(acc);
     if proto == ip_proto::UDP && new == 0 {
@@ -963,6 +961,7 @@ impl Nat {
     /// Creates the mapping of inside `(addr, port, proto)` (absent; its index entry goes at `map_pos`, from
     /// [`Nat::probe_mapping`] with hash `hm`) on `ip_idx`.
     #[allow(clippy::too_many_arguments)]
+    #[inline]
     fn create_mapping(
         &mut self,
         hm: u32,
@@ -1010,9 +1009,10 @@ impl Nat {
         self.insert_session(mid, remote, remote_port, now_s, flags, generation, &slots)
     }
 
-    /// [`Nat::create_session`] with the hashes and index probes the caller already has.
+    /// [`Nat::create_session`] with the hashes and index probes the caller already has. Inlined: its many
+    /// arguments would otherwise go through the stack on every new flow.
     #[allow(clippy::too_many_arguments)]
-    #[inline]
+    #[inline(always)]
     fn insert_session(
         &mut self,
         mid: u32,

@@ -486,7 +486,7 @@ impl PolicyBuilder {
             let group = GroupId(index as u32);
             let dest_v4 = compiler.group_table(group, true);
             let dest_v6 = compiler.group_table(group, false);
-            groups.push(CompiledGroup { name: spec.name, egress_ips: spec.egress_ips, dest_v4, dest_v6 });
+            groups.push(CompiledGroup::new(spec.name, spec.egress_ips, dest_v4, dest_v6));
         }
         let LeafCompiler { leaves, runs, .. } = compiler;
         Ok(PolicySnapshot {
@@ -848,8 +848,18 @@ impl std::hash::Hasher for FxHasher {
 struct CompiledGroup {
     name: String,
     egress_ips: Vec<Ipv4Addr>,
+    /// `egress_ips`, each with its half of the rendezvous hash input precomputed (for
+    /// [`PolicySnapshot::egress_ip_for`]).
+    pool: Box<[PoolEntry]>,
     dest_v4: LpmTable,
     dest_v6: LpmTable,
+}
+
+/// One egress IP of a group and its [`pool_key`].
+#[derive(Clone, Copy)]
+struct PoolEntry {
+    key: u64,
+    ip: u32,
 }
 
 /// Sizes of a compiled snapshot, for `egressd check`.
@@ -1073,11 +1083,29 @@ impl PolicySnapshot {
     /// Paired pooling (RFC 4787 REQ-2): the egress IP an inside host always leaves from. Rendezvous hashing of
     /// (source, egress IP): stable across restarts and reloads, and adding or removing one egress IP of a group
     /// moves only the hosts that had (or now get) that IP. `None` when the group has no egress IP.
+    ///
+    /// Every new flow asks, so the work is trimmed without changing the answer: a one-IP group answers at once;
+    /// otherwise each IP costs one hash, of the source's precomputed half xor the IP's (see [`pool_key`]), and one
+    /// branch-free compare.
+    #[inline]
     pub fn egress_ip_for(&self, group: GroupId, src: Ipv4Addr) -> Option<Ipv4Addr> {
-        self.egress_ips(group)
-            .iter()
-            .copied()
-            .max_by_key(|ip| mix64((u64::from(u32::from(src)) << 32) | u64::from(u32::from(*ip))))
+        let g = self.groups.get(group.0 as usize)?;
+        match *g.pool {
+            [] => None,
+            [only] => Some(Ipv4Addr::from(only.ip)),
+            ref pool => {
+                let s = u64::from(u32::from(src));
+                // The source's half of mix64's first step (see `pool_key`).
+                let a = (s << 32) ^ (s << 2);
+                // The highest (hash, IP): the IP with the highest hash. Two IPs tie only if they are equal (the hash
+                // is a bijection of the IP for a given source), so this is exactly `max_by_key` over the hashes.
+                let mut best = 0u128;
+                for e in pool {
+                    best = best.max((u128::from(mix64_after_first_step(a ^ e.key)) << 64) | u128::from(e.ip));
+                }
+                Some(Ipv4Addr::from(best as u32))
+            }
+        }
     }
 
     /// The group's name (empty for an unknown group).
@@ -1130,6 +1158,11 @@ impl PolicySnapshot {
 }
 
 impl CompiledGroup {
+    fn new(name: String, egress_ips: Vec<Ipv4Addr>, dest_v4: LpmTable, dest_v6: LpmTable) -> CompiledGroup {
+        let pool = egress_ips.iter().map(|&ip| PoolEntry { key: pool_key(ip), ip: u32::from(ip) }).collect();
+        CompiledGroup { name, egress_ips, pool, dest_v4, dest_v6 }
+    }
+
     fn dest_lookup(&self, dst: IpAddr) -> u32 {
         match dst {
             IpAddr::V4(a) => self.dest_v4.lookup_u32(u32::from(a)),
@@ -1138,11 +1171,27 @@ impl CompiledGroup {
     }
 }
 
-/// SplitMix64's finaliser: a fixed, well-mixed 64-bit hash (stable across builds and platforms).
-fn mix64(mut x: u64) -> u64 {
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+/// SplitMix64's finaliser: a fixed, well-mixed 64-bit hash (stable across builds and platforms). Paired pooling
+/// ranks egress IP `ip` for source `src` by `mix64((src << 32) | ip)`.
+#[cfg(test)]
+fn mix64(x: u64) -> u64 {
+    mix64_after_first_step(x ^ (x >> 30))
+}
+
+/// [`mix64`] of `x`, given `x ^ (x >> 30)`.
+#[inline(always)]
+fn mix64_after_first_step(y: u64) -> u64 {
+    let x = y.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+/// The egress IP's half of mix64's first step. For `x = (src << 32) | ip` the two halves do not overlap, so
+/// `x ^ (x >> 30) = ((src << 32) ^ (src << 2)) ^ (ip ^ (ip >> 30))`: a source-only part computed once per lookup
+/// and this IP-only part computed once per snapshot.
+fn pool_key(ip: Ipv4Addr) -> u64 {
+    let i = u64::from(u32::from(ip));
+    i ^ (i >> 30)
 }
 
 #[cfg(test)]

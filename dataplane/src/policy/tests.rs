@@ -263,3 +263,28 @@ proptest! {
         check_against_reference(true, global_dry_run, sources, rules, packets)?;
     }
 }
+
+proptest! {
+    // Paired pooling (RFC 4787 REQ-2) keeps its answers: the trimmed `egress_ip_for` picks exactly the IP the plain
+    // rendezvous hash picks (max of mix64((src << 32) | ip), the last one on a tie), for any group size, duplicate
+    // IPs included, so hosts keep their egress IP across an upgrade as across reloads.
+    #[test]
+    fn egress_ip_for_matches_plain_rendezvous(
+        ips in proptest::collection::vec(prop_oneof![any::<u32>(), 0u32..4], 0..20),
+        srcs in proptest::collection::vec(any::<u32>(), 1..50),
+    ) {
+        let ips: Vec<Ipv4Addr> = ips.into_iter().map(Ipv4Addr::from).collect();
+        let mut b = PolicyBuilder::new();
+        let g = b.add_group("g", ips.clone());
+        let s = b.build(0).unwrap();
+        for src in srcs {
+            let src = Ipv4Addr::from(src);
+            let want = ips
+                .iter()
+                .copied()
+                .max_by_key(|ip| mix64((u64::from(u32::from(src)) << 32) | u64::from(u32::from(*ip))));
+            prop_assert_eq!(s.egress_ip_for(g, src), want);
+        }
+        prop_assert_eq!(s.egress_ip_for(GroupId(7), Ipv4Addr::LOCALHOST), None);
+    }
+}
