@@ -18,8 +18,6 @@
 //! - TCP tracking keeps, per side, the next sequence number and the window the side advertised, enough to tell an
 //!   in-window RST from an out-of-window one (RFC 5382 / RFC 5961 spirit).
 
-use crate::hugemem::HugeSlice;
-
 /// "No slot": empty index entry, end of a list.
 pub(crate) const NONE: u32 = u32::MAX;
 
@@ -39,8 +37,7 @@ pub(crate) const CLASS_FREE: u8 = 0xff;
 // Index
 // ---------------------------------------------------------------------------------------------------------------
 
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-#[repr(C)]
+#[derive(Clone, Copy)]
 struct Slot {
     hash: u32,
     val: u32,
@@ -50,8 +47,7 @@ const EMPTY: Slot = Slot { hash: 0, val: NONE };
 
 /// Linear-probing hash index from a 32-bit hash to a slab slot. The caller compares the candidate slot's key.
 pub(crate) struct Index {
-    /// Hashes land anywhere in it, so it lives on huge pages where the host allows (see [`crate::hugemem`]).
-    slots: HugeSlice<Slot>,
+    slots: Box<[Slot]>,
 }
 
 impl Index {
@@ -59,7 +55,7 @@ impl Index {
     /// memory-per-flow budget of 128 bytes needs the headroom).
     pub fn with_capacity(entries: usize) -> Index {
         let cap = (entries + entries / 4 + 1).max(8);
-        Index { slots: HugeSlice::filled(cap, EMPTY) }
+        Index { slots: vec![EMPTY; cap].into_boxed_slice() }
     }
 
     pub fn bytes(&self) -> usize {

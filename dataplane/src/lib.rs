@@ -15,7 +15,6 @@ pub mod audit;
 pub mod conntrack;
 pub mod frames;
 pub mod handoff;
-pub mod hugemem;
 pub mod nat;
 pub mod nexthop;
 pub mod pipeline;
