@@ -113,3 +113,23 @@ fn payments_reach_only_stripe_and_paypal() {
     let plain_http = explain("payments-allowlist.toml", "10.10.1.7", "198.51.100.9:80", "tcp", None);
     assert_eq!(plain_http.verdict, "default-deny");
 }
+
+/// The systemd unit's egressd command lines are ones this egressd accepts (so a renamed flag cannot leave it broken).
+#[test]
+fn systemd_unit_commands_parse() {
+    use clap::Parser;
+    let unit = std::fs::read_to_string(conf_dir().join("egressd.service")).expect("conf/egressd.service");
+    let commands: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("ExecStart=").or_else(|| l.strip_prefix("ExecStartPre=")))
+        .collect();
+    assert_eq!(commands.len(), 2, "ExecStartPre (check) and ExecStart (run)");
+    for command in commands {
+        let words: Vec<&str> = command.split_whitespace().collect();
+        assert!(words[0].ends_with("/egressd"), "{command}");
+        if let Err(e) = egressd::cli::Cli::try_parse_from(&words) {
+            panic!("{command}: {e}");
+        }
+    }
+    assert!(unit.contains("Environment=GLIBC_TUNABLES=glibc.malloc.hugetlb=1"));
+}
