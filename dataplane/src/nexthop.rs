@@ -33,10 +33,6 @@ impl Route {
             n => u32::MAX << (32 - n.min(32) as u32),
         }
     }
-
-    pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        u32::from(addr) & self.mask() == u32::from(self.destination) & self.mask()
-    }
 }
 
 /// Routes and neighbours of one interface.

@@ -122,11 +122,8 @@ impl LpmTable {
     /// The value of the longest prefix containing `key` (an IPv4 address as `u32`). Never panics.
     #[inline]
     pub fn lookup_u32(&self, key: u32) -> u32 {
+        let mut entry = self.root_entry_u32(key);
         let key = u64::from(key) << 32;
-        let mut entry = match self.root.get((key >> (64 - self.root_bits)) as usize) {
-            Some(&e) => e,
-            None => return self.default,
-        };
         let mut offset = self.root_bits;
         while entry & NODE_FLAG != 0 {
             entry = self.step_u32(entry, key, offset);
@@ -350,11 +347,7 @@ pub(crate) fn finish_lanes_u32<'t>(
             let i = usize::from(lanes[k % LANES]) % LANES;
             let t = table(i);
             let (e, o) = (entry[i], offset[i]);
-            let key = u64::from(keys[i]) << 32;
-            let next = match t.nodes.get((e & !NODE_FLAG) as usize) {
-                Some(node) => t.step(node, (key.wrapping_shl(o) >> (64 - slot_width_u32(o))) as u32),
-                None => t.default,
-            };
+            let next = t.step_u32(e, u64::from(keys[i]) << 32, o);
             entry[i] = next;
             offset[i] = o.saturating_add(STRIDE);
             lanes[still % LANES] = i as u8;
