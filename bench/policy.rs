@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use dataplane::policy::{
-    ip_proto, Action, PacketV4, PolicyBuilder, PolicySnapshot, PortRange, Prefix, ProtoMatch, RuleSpec,
-    SharedPolicy,
+    ip_proto, Action, Decision, PacketV4, PolicyBuilder, PolicySnapshot, PortRange, Prefix, ProtoMatch,
+    RuleSpec, SharedPolicy,
 };
 
 const GROUPS: u32 = 4;
@@ -86,8 +86,8 @@ fn builder(rules: &[RuleSpec]) -> PolicyBuilder {
     b
 }
 
-/// 1024 packets: (src, dst, proto, port). Half aim inside some rule's prefix.
-fn random_packets(rules: &[RuleSpec], rng: &mut Rng) -> Vec<(Ipv4Addr, Ipv4Addr, u8, u16)> {
+/// 1024 first packets. Half aim inside some rule's prefix.
+fn random_packets(rules: &[RuleSpec], rng: &mut Rng) -> Vec<PacketV4> {
     (0..BATCH)
         .map(|i| {
             let src = Ipv4Addr::from(
@@ -108,78 +108,65 @@ fn random_packets(rules: &[RuleSpec], rng: &mut Rng) -> Vec<(Ipv4Addr, Ipv4Addr,
                 _ => Ipv4Addr::from(rng.next() as u32),
             };
             let proto = if rng.below(2) == 0 { ip_proto::TCP } else { ip_proto::UDP };
-            (src, dst, proto, 1 + rng.below(65535) as u16)
+            PacketV4 { src, dst, proto, dst_port: 1 + rng.below(65535) as u16 }
         })
         .collect()
 }
 
-/// Lookups per second: `PolicySnapshot::evaluate_v4` over a batch of 1024 packets, per policy size.
-fn lookups(c: &mut Criterion) {
-    let mut group = c.benchmark_group("policy_lookup");
+/// The policy sizes every lookup bench runs.
+const SIZES: [usize; 3] = [10, 10_000, 100_000];
+
+/// One lookup bench group: per policy size, the seeded policy and its 1024 packets, and an iteration of `lookup`
+/// over them (given a preallocated slice of decisions), whose result is kept so nothing is optimised away.
+fn lookup_group(
+    c: &mut Criterion,
+    name: &str,
+    lookup: impl Fn(&PolicySnapshot, &[PacketV4], &mut [Decision]) -> u32,
+) {
+    let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Elements(BATCH as u64));
-    for count in [10usize, 10_000, 100_000] {
+    for count in SIZES {
         let mut rng = Rng(count as u64);
         let rules = random_rules(count, &mut rng);
         let snapshot: PolicySnapshot = builder(&rules).build(1).expect("builds");
         let packets = random_packets(&rules, &mut rng);
+        let mut out = vec![snapshot.evaluate_v4(packets[0].src, packets[0].dst, 0, 0); BATCH];
         group.bench_with_input(BenchmarkId::from_parameter(count), &packets, |b, packets| {
-            b.iter(|| {
-                let mut allowed = 0u32;
-                for &(src, dst, proto, port) in packets {
-                    allowed += u32::from(snapshot.evaluate_v4(src, dst, proto, port).forwards());
-                }
-                black_box(allowed)
-            })
+            b.iter(|| black_box(lookup(&snapshot, packets, &mut out)))
         });
     }
     group.finish();
+}
+
+/// Lookups per second: `PolicySnapshot::evaluate_v4` over a batch of 1024 packets, per policy size (only
+/// `forwards()` of each decision is kept).
+fn lookups(c: &mut Criterion) {
+    lookup_group(c, "policy_lookup", |snapshot, packets, _| {
+        packets
+            .iter()
+            .map(|p| u32::from(snapshot.evaluate_v4(p.src, p.dst, p.proto, p.dst_port).forwards()))
+            .sum()
+    });
 }
 
 /// Lookups per second, one at a time into a slice: `evaluate_v4` per packet, each whole `Decision` written to a
 /// preallocated slice (the baseline for `policy_lookup_batch`, which must write them too).
 fn lookups_into(c: &mut Criterion) {
-    let mut group = c.benchmark_group("policy_lookup_into");
-    group.throughput(Throughput::Elements(BATCH as u64));
-    for count in [10usize, 10_000, 100_000] {
-        let mut rng = Rng(count as u64);
-        let rules = random_rules(count, &mut rng);
-        let snapshot: PolicySnapshot = builder(&rules).build(1).expect("builds");
-        let packets = random_packets(&rules, &mut rng);
-        let mut out = vec![snapshot.evaluate_v4(packets[0].0, packets[0].1, 0, 0); BATCH];
-        group.bench_with_input(BenchmarkId::from_parameter(count), &packets, |b, packets| {
-            b.iter(|| {
-                for (o, &(src, dst, proto, port)) in out.iter_mut().zip(packets) {
-                    *o = snapshot.evaluate_v4(src, dst, proto, port);
-                }
-                black_box(out.iter().map(|d| u32::from(d.forwards())).sum::<u32>())
-            })
-        });
-    }
-    group.finish();
+    lookup_group(c, "policy_lookup_into", |snapshot, packets, out| {
+        for (o, p) in out.iter_mut().zip(packets) {
+            *o = snapshot.evaluate_v4(p.src, p.dst, p.proto, p.dst_port);
+        }
+        out.iter().map(|d| u32::from(d.forwards())).sum()
+    });
 }
 
 /// Lookups per second in lock step: `PolicySnapshot::evaluate_v4_batch` over the same policies and 1024 packets,
 /// into a preallocated slice of decisions.
 fn batch_lookups(c: &mut Criterion) {
-    let mut group = c.benchmark_group("policy_lookup_batch");
-    group.throughput(Throughput::Elements(BATCH as u64));
-    for count in [10usize, 10_000, 100_000] {
-        let mut rng = Rng(count as u64);
-        let rules = random_rules(count, &mut rng);
-        let snapshot: PolicySnapshot = builder(&rules).build(1).expect("builds");
-        let packets: Vec<PacketV4> = random_packets(&rules, &mut rng)
-            .into_iter()
-            .map(|(src, dst, proto, dst_port)| PacketV4 { src, dst, proto, dst_port })
-            .collect();
-        let mut out = vec![snapshot.evaluate_v4(packets[0].src, packets[0].dst, 0, 0); BATCH];
-        group.bench_with_input(BenchmarkId::from_parameter(count), &packets, |b, packets| {
-            b.iter(|| {
-                snapshot.evaluate_v4_batch(packets, &mut out);
-                black_box(out.iter().map(|d| u32::from(d.forwards())).sum::<u32>())
-            })
-        });
-    }
-    group.finish();
+    lookup_group(c, "policy_lookup_batch", |snapshot, packets, out| {
+        snapshot.evaluate_v4_batch(packets, out);
+        out.iter().map(|d| u32::from(d.forwards())).sum()
+    });
 }
 
 /// Reload cost: `PolicyBuilder::build` of 100 000 rules plus the `ArcSwap::store` that publishes the snapshot.
