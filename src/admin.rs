@@ -43,6 +43,11 @@ pub struct AdminState {
     pub policy: Option<Arc<SharedPolicy>>,
 }
 
+/// Up to this many rules, `/metrics` lists every rule's decisions, zeros included (so unused rules show); a larger
+/// policy lists only the rules that decided something, so a 100 000-rule policy does not put 100 000 series into
+/// every scrape.
+const PER_RULE_SERIES_FOR_EVERY_RULE_UP_TO: usize = 1000;
+
 impl std::fmt::Debug for AdminState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminState").field("workers", &self.workers.len()).finish_non_exhaustive()
@@ -242,6 +247,7 @@ impl Collector for CoreCollector {
         if let Some(policy) = &state.policy {
             let snapshot = policy.load();
             let hits: Vec<_> = state.workers.iter().map(|w| w.rule_hits.load_full()).collect();
+            let every_rule = snapshot.rule_count() <= PER_RULE_SERIES_FOR_EVERY_RULE_UP_TO;
             let series = (0..snapshot.rule_count()).filter_map(|i| {
                 let rule = snapshot.rule(RuleId(i as u32))?;
                 let action = match rule.action {
@@ -250,7 +256,11 @@ impl Collector for CoreCollector {
                     PolicyAction::L7 => "l7",
                 };
                 // Workers still on an older generation are not counted against the new rule numbering.
-                let n = hits.iter().filter(|h| h.generation == snapshot.generation()).map(|h| h.get(i)).sum();
+                let n: u64 =
+                    hits.iter().filter(|h| h.generation == snapshot.generation()).map(|h| h.get(i)).sum();
+                if n == 0 && !every_rule {
+                    return None;
+                }
                 let labels = vec![
                     ("group", snapshot.group_name(rule.group).to_string()),
                     ("rule", (i + 1).to_string()),
@@ -262,7 +272,8 @@ impl Collector for CoreCollector {
                 &mut encoder,
                 "egressd_policy_decisions",
                 "Policy decisions per rule (rule = its position among the [[rule]] tables, from 1) since the last \
-                 reload: new flows, flows judged again after a reload, and each packet of denied or l7 flows.",
+                 reload: new flows, flows judged again after a reload, and each packet of denied or l7 flows. \
+                 Policies of more than 1000 rules list only the rules that decided something.",
                 series,
             )?;
         }
@@ -418,6 +429,52 @@ mod tests {
         // Unlabelled series print without braces; NAT flows are labelled by state.
         assert!(text.contains("\negressd_nat_mappings 0\n"), "{text}");
         assert!(text.contains("egressd_nat_flows{state=\"tcp_established\"} 0"), "{text}");
+    }
+
+    /// A policy of `rules` allow rules for one group, its snapshot shared, and one worker whose counters say that
+    /// rule 2 (index 1) decided 3 flows.
+    fn state_with_rules(rules: usize) -> Arc<AdminState> {
+        use dataplane::policy::{PolicyBuilder, Prefix, ProtoMatch, RuleSpec};
+        let mut b = PolicyBuilder::new();
+        let g = b.add_group("web".to_string(), vec![std::net::Ipv4Addr::new(192, 0, 2, 10)]);
+        b.add_source(g, Prefix::truncating("10.10.0.0".parse().unwrap(), 16));
+        for i in 0..rules {
+            let to = Prefix::truncating(std::net::Ipv4Addr::from(0x0a00_0000 + ((i as u32) << 8)).into(), 24);
+            b.add_rule(RuleSpec::new(g, vec![to], ProtoMatch::Any, vec![], PolicyAction::Allow));
+        }
+        let snapshot = b.build(1).unwrap();
+        let worker = Arc::new(WorkerStats::default());
+        let hits = dataplane::stats::RuleHits::new(1, rules);
+        for _ in 0..3 {
+            hits.hit(1);
+        }
+        worker.rule_hits.store(Arc::new(hits));
+        let mut state = AdminState::new(vec![worker]);
+        state.policy = Some(Arc::new(dataplane::policy::shared(snapshot)));
+        Arc::new(state)
+    }
+
+    #[test]
+    fn per_rule_series_list_every_rule_of_a_small_policy_and_only_used_rules_of_a_large_one() {
+        let series =
+            |text: &str| text.lines().filter(|l| l.starts_with("egressd_policy_decisions_total{")).count();
+        let small = state_with_rules(3).render_metrics();
+        assert!(
+            small.contains(r#"egressd_policy_decisions_total{group="web",rule="2",action="allow"} 3"#),
+            "{small}"
+        );
+        assert!(
+            small.contains(r#"egressd_policy_decisions_total{group="web",rule="1",action="allow"} 0"#),
+            "{small}"
+        );
+        assert_eq!(series(&small), 3);
+
+        let large = state_with_rules(PER_RULE_SERIES_FOR_EVERY_RULE_UP_TO + 1).render_metrics();
+        assert!(
+            large.contains(r#"egressd_policy_decisions_total{group="web",rule="2",action="allow"} 3"#),
+            "{large}"
+        );
+        assert_eq!(series(&large), 1, "only the rule that decided something");
     }
 
     #[test]
