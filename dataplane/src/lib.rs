@@ -7,6 +7,8 @@
 //! - I/O: [`xsk`] (AF_XDP UMEM and rings: the only module allowed `unsafe`) and [`worker`] (the pinned poll loop
 //!   tying `xsk` to `pipeline`).
 //!
+//! [`icmp`] writes the ICMP errors the gateway originates (out of NAT ports → 3/13).
+//!
 //! [`stats`] holds the per-worker counters every layer writes to; every dropped frame maps to one
 //! [`stats::DropReason`].
 #![deny(unsafe_code)]
@@ -15,6 +17,7 @@ pub mod audit;
 pub mod conntrack;
 pub mod frames;
 pub mod handoff;
+pub mod icmp;
 pub mod nat;
 pub mod nexthop;
 pub mod pipeline;

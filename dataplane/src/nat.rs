@@ -112,6 +112,8 @@ pub struct NatConfig {
     pub port_quarantine_secs: u32,
     /// Number of workers sharing each egress IP's port space.
     pub workers: u16,
+    /// ICMP errors the pipeline sends for flows the NAT refuses (out of ports → 3/13, off by default).
+    pub icmp_errors: crate::icmp::IcmpErrors,
 }
 
 impl Default for NatConfig {
@@ -122,6 +124,7 @@ impl Default for NatConfig {
             timeouts: Timeouts::default(),
             port_quarantine_secs: 120,
             workers: 1,
+            icmp_errors: crate::icmp::IcmpErrors::default(),
         }
     }
 }

@@ -40,6 +40,8 @@ impl Route {
 pub struct InterfaceTable {
     /// The interface's own MAC: the source MAC of frames sent out of it.
     pub mac: Mac,
+    /// The interface's own IPv4 address, if it has one: the source of ICMP errors the gateway sends out of it.
+    pub address: Option<Ipv4Addr>,
     /// Sorted longest prefix first.
     routes: Vec<Route>,
     /// Sorted by address; only complete (resolved) entries.
@@ -64,7 +66,7 @@ impl InterfaceTable {
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix_len));
         neighbours.sort_by_key(|(ip, _)| *ip);
         neighbours.dedup_by_key(|(ip, _)| *ip);
-        let mut table = InterfaceTable { mac, routes, neighbours, compiled: Vec::new() };
+        let mut table = InterfaceTable { mac, address: None, routes, neighbours, compiled: Vec::new() };
         table.compiled = table
             .routes
             .iter()
@@ -76,6 +78,12 @@ impl InterfaceTable {
             })
             .collect();
         table
+    }
+
+    /// The same table with the interface's IPv4 address set.
+    pub fn with_address(mut self, address: Option<Ipv4Addr>) -> InterfaceTable {
+        self.address = address;
+        self
     }
 
     pub fn routes(&self) -> &[Route] {

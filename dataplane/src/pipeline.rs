@@ -19,6 +19,10 @@
 //!    most [`HOLD_FRAMES`] for at most [`HOLD_NANOS`]; beyond that [`DropReason::NoNeighbour`]).
 //! 5. TTL decrement with an incremental header checksum update (RFC 1624), MAC rewrite.
 //!
+//! A new flow from inside that finds no free NAT port is dropped as `out_of_ports`; when `[nat]
+//! icmp_on_out_of_ports` is on, the client also gets an ICMP 3/13 (rate-limited per worker, see [`crate::icmp`]),
+//! written into the pipeline's reply buffer: [`Action::Reply`].
+//!
 //! Counting: the pipeline counts every drop it decides in [`WorkerStats`]; the worker counts rx/tx and the drops
 //! it decides itself (ring full, bad descriptors).
 
@@ -29,6 +33,7 @@ use arc_swap::ArcSwap;
 
 use crate::audit::{AuditEvent, AuditLimiter, AuditQueue};
 use crate::handoff::{HandoffFrame, HandoffKind, Handoffs};
+use crate::icmp::{IcmpErrors, TokenBucket, MAX_REPLY_FRAME};
 use crate::nat::{Inbound, Nat, NatConfig, Outbound};
 use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
 use crate::policy::{Decision, PolicySnapshot, SharedPolicy, Verdict};
@@ -48,6 +53,9 @@ pub enum Action {
     HandedOff,
     /// Copied aside until its next hop's MAC is known ([`Pipeline::release_held`]); this frame can be released.
     Held,
+    /// The frame was dropped (its reason counted) and answered: transmit the first `len` bytes of
+    /// [`Pipeline::reply_frame`] out of `out` before the next `process` call; this frame can be released.
+    Reply { out: Side, len: usize },
 }
 
 const ETH_HEADER_LEN: usize = 14;
@@ -150,6 +158,12 @@ pub struct Pipeline {
     rule_hits: Arc<RuleHits>,
     audit: Option<Arc<AuditQueue>>,
     audit_limiter: AuditLimiter,
+    icmp_errors: IcmpErrors,
+    icmp_bucket: TokenBucket,
+    /// IP identification of the next ICMP error.
+    icmp_ip_id: u16,
+    /// Where ICMP errors are written ([`MAX_REPLY_FRAME`] bytes, allocated once).
+    reply: Box<[u8]>,
 }
 
 /// Frames a worker keeps while their neighbour resolves (the kernel's default `unres_qlen` is of this order).
@@ -198,6 +212,7 @@ impl Pipeline {
     ) -> Pipeline {
         let snapshot = next_hops.table.load_full();
         let policy_snapshot = policy.load_full();
+        let icmp_errors = nat.icmp_errors;
         let nat = {
             let mut engine = Nat::new(nat, worker);
             engine.sync_policy(&policy_snapshot);
@@ -217,6 +232,10 @@ impl Pipeline {
             rule_hits: Arc::new(RuleHits::new(0, 0)),
             audit: None,
             audit_limiter: AuditLimiter::default(),
+            icmp_errors,
+            icmp_bucket: TokenBucket::new(icmp_errors.per_sec, icmp_errors.burst, Instant::ZERO),
+            icmp_ip_id: 0,
+            reply: vec![0; MAX_REPLY_FRAME].into_boxed_slice(),
         };
         pipeline.publish_rule_hits();
         pipeline
@@ -228,6 +247,11 @@ impl Pipeline {
 
     pub fn nat(&self) -> &Nat {
         &self.nat
+    }
+
+    /// The frame an [`Action::Reply`] refers to (its first `len` bytes).
+    pub fn reply_frame(&self) -> &[u8] {
+        &self.reply
     }
 
     /// A lone worker's pipeline (worker 0 of 1, its own handoff queue): tests, benches, tools.
@@ -323,9 +347,41 @@ impl Pipeline {
             Ok(action) => action,
             Err(reason) => {
                 self.stats.count_drop(reason);
+                if reason == DropReason::OutOfPorts && matches!(leg, Leg::Arrived(Side::Inside)) {
+                    if let Some(len) = self.out_of_ports_reply(now, frame) {
+                        return Action::Reply { out: Side::Inside, len };
+                    }
+                }
                 Action::Drop(reason)
             }
         }
+    }
+
+    /// REQUIREMENTS "out of ports → drop, count `out_of_ports`, optionally ICMP 3/13": writes the ICMP error for
+    /// a refused frame (still as received: the NAT rewrites nothing before it allocates) into the reply buffer,
+    /// if enabled, allowed (RFC 1812 4.3.2.7) and within the rate limit; returns its length.
+    fn out_of_ports_reply(&mut self, now: Instant, frame: &[u8]) -> Option<usize> {
+        if !self.icmp_errors.on_out_of_ports {
+            return None;
+        }
+        let l3 = parse_ipv4_frame(frame).ok()?;
+        let inside_addr = self.snapshot.inside.address;
+        // Write first (cheap, into our own buffer), charge the bucket only for a packet that may be answered.
+        let len = crate::icmp::write_admin_prohibited(
+            frame,
+            l3.ip_start,
+            l3.ip_end,
+            inside_addr,
+            self.icmp_ip_id,
+            &mut self.reply,
+        )?;
+        if !self.icmp_bucket.take(now) {
+            self.stats.icmp_errors_rate_limited.inc();
+            return None;
+        }
+        self.icmp_ip_id = self.icmp_ip_id.wrapping_add(1);
+        self.stats.icmp_errors_sent.inc();
+        Some(len)
     }
 
     fn forward(&mut self, now: Instant, leg: Leg, frame: &mut [u8]) -> Result<Action, DropReason> {
@@ -1034,6 +1090,7 @@ mod tests {
                 Action::Drop(reason) => prop_assert_eq!(p.stats().drops(reason), 1),
                 Action::HandedOff => prop_assert!(false, "a lone worker never hands off"),
                 Action::Held => prop_assert!(false, "every neighbour is known"),
+                Action::Reply { .. } => prop_assert!(false, "ICMP errors are off by default"),
             }
         }
     }

@@ -175,6 +175,10 @@ pub struct WorkerStats {
     pub audit_suppressed: Counter,
     /// Frames copied to the worker that owns their NAT port.
     pub handed_off: Counter,
+    /// ICMP errors the pipeline wrote (out of NAT ports → 3/13) and handed to the worker to send.
+    pub icmp_errors_sent: Counter,
+    /// ICMP errors left unsent by the per-worker rate limit.
+    pub icmp_errors_rate_limited: Counter,
     /// Frames the kernel dropped at this worker's AF_XDP sockets before egressd saw them, per side:
     /// [rx ring full, fill ring empty, other, invalid descriptors] (republished about once a second).
     pub kernel_drops: [[AtomicU64; 4]; 2],
@@ -276,6 +280,8 @@ impl Default for WorkerStats {
             rule_hits: arc_swap::ArcSwap::from_pointee(RuleHits::new(0, 0)),
             audit_suppressed: Counter::default(),
             handed_off: Counter::default(),
+            icmp_errors_sent: Counter::default(),
+            icmp_errors_rate_limited: Counter::default(),
             kernel_drops: Default::default(),
         }
     }

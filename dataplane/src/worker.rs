@@ -129,12 +129,20 @@ impl Worker {
         while taken < HANDOFF_BURST {
             let Some(mut handed) = self.pipeline.next_handoff() else { break };
             taken += 1;
-            if let Action::Forward { out, len } = self.pipeline.process_handoff(now, &mut handed) {
-                let port = port_on(out, &mut self.inside, &mut self.outside);
-                let bytes = handed.bytes_mut();
-                if let Err(e) = port.stage_tx(&bytes[..len.min(bytes.len())]) {
-                    stats.count_drop(e.drop_reason());
+            let (out, bytes) = match self.pipeline.process_handoff(now, &mut handed) {
+                Action::Forward { out, len } => {
+                    let bytes = handed.bytes_mut();
+                    (out, &bytes[..len.min(bytes.len())])
                 }
+                Action::Reply { out, len } => {
+                    let reply = self.pipeline.reply_frame();
+                    (out, &reply[..len.min(reply.len())])
+                }
+                Action::Drop(_) | Action::HandedOff | Action::Held => continue,
+            };
+            let port = port_on(out, &mut self.inside, &mut self.outside);
+            if let Err(e) = port.stage_tx(bytes) {
+                stats.count_drop(e.drop_reason());
             }
         }
         if taken > 0 {
@@ -190,8 +198,8 @@ const EXPIRY_BUDGET: usize = 64;
 /// How often the NAT gauges are republished for the admin endpoint.
 const GAUGE_INTERVAL_NANOS: u128 = 1_000_000_000;
 
-/// One burst from `from` (which sits on `side`): pipeline each frame, stage forwarded frames on `to`, flush.
-/// Returns the number of frames received.
+/// One burst from `from` (which sits on `side`): pipeline each frame, stage forwarded frames on `to` and ICMP
+/// errors on the port their [`Action::Reply`] names, flush. Returns the number of frames received.
 fn forward_burst(
     from: &mut Port,
     to: &mut Port,
@@ -206,18 +214,34 @@ fn forward_burst(
     }
     stats.batches.inc();
     let now = Instant::monotonic();
+    let mut replied = false;
     for i in 0..n {
         let frame = from.received_frame(i);
         stats.rx(side).add(frame.len());
         // Dropped, held and handed-off frames need nothing more here (their bytes were copied where needed).
-        if let Action::Forward { len, .. } = pipeline.process(now, side, frame) {
-            let out = &frame[..len.min(frame.len())];
-            if let Err(e) = to.stage_tx(out) {
-                stats.count_drop(e.drop_reason());
+        match pipeline.process(now, side, frame) {
+            Action::Forward { len, .. } => {
+                let out = &frame[..len.min(frame.len())];
+                if let Err(e) = to.stage_tx(out) {
+                    stats.count_drop(e.drop_reason());
+                }
             }
+            Action::Reply { out, len } => {
+                // An ICMP error: copied out of the pipeline's buffer now, before the next frame can overwrite it.
+                let reply = pipeline.reply_frame();
+                let port = if out == side { &mut *from } else { &mut *to };
+                if let Err(e) = port.stage_tx(&reply[..len.min(reply.len())]) {
+                    stats.count_drop(e.drop_reason());
+                }
+                replied |= out == side;
+            }
+            Action::Drop(_) | Action::HandedOff | Action::Held => {}
         }
     }
     from.release_received();
     to.flush_tx(stats, side.other());
+    if replied {
+        from.flush_tx(stats, side);
+    }
     n
 }
