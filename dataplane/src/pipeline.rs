@@ -1053,6 +1053,186 @@ mod tests {
         assert!(ip_header_ok(&f, 14));
     }
 
+    // --- REQUIREMENTS "out of ports → drop, count `out_of_ports`, optionally ICMP 3/13" ---
+
+    const GW_IN_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
+
+    fn icmp_on(per_sec: u32, burst: u32) -> IcmpErrors {
+        IcmpErrors { on_out_of_ports: true, per_sec, burst }
+    }
+
+    fn udp_from(src: [u8; 4], sport: u16, dst: [u8; 4]) -> Vec<u8> {
+        let mut f = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CLIENT_MAC, GW_IN_MAC)
+            .ipv4(src, dst, 64)
+            .udp(sport, 53)
+            .write(&mut f, b"fill")
+            .unwrap();
+        f
+    }
+
+    /// Worker 5 of 64 (1008 high UDP ports on the egress IP) with every UDP port held by 10.10.0.9.
+    fn out_of_udp_ports(icmp: IcmpErrors, inside_addr: Option<Ipv4Addr>) -> Pipeline {
+        let nat = NatConfig {
+            workers: 64,
+            max_flows: 4096,
+            max_flows_per_source: 4096,
+            icmp_errors: icmp,
+            ..NatConfig::default()
+        };
+        let mut table = lab_table(true);
+        table.inside = table.inside.with_address(inside_addr);
+        let mut p = Pipeline::new(
+            Arc::new(WorkerStats::default()),
+            NextHops::fixed(table),
+            Arc::new(allow_all()),
+            &nat,
+            5,
+            Arc::new(Handoffs::new(64, 8)),
+        );
+        for i in 0..1008 {
+            let mut f = udp_from([10, 10, 0, 9], 20000 + i, [203, 0, 113, 10]);
+            let action = p.process(Instant::ZERO, Side::Inside, &mut f);
+            assert!(matches!(action, Action::Forward { .. }), "flow {i}: {action:?}");
+        }
+        assert_eq!(p.stats().drops(DropReason::OutOfPorts), 0);
+        p
+    }
+
+    /// Parses an ICMP error frame and checks what every 3/13 must be; returns (IP source, IP destination,
+    /// quoted bytes).
+    fn parse_admin_prohibited(r: &[u8]) -> (Ipv4Addr, Ipv4Addr, Vec<u8>) {
+        let h = etherparse::PacketHeaders::from_ethernet_slice(r).expect("the reply parses");
+        let Some(etherparse::NetHeaders::Ipv4(ip4, _)) = &h.net else { panic!("not IPv4") };
+        assert_eq!(ip4.header_checksum, ip4.calc_header_checksum(), "IP header checksum");
+        assert_eq!(ip4.time_to_live, 64);
+        assert!(!ip4.dont_fragment && !ip4.more_fragments);
+        assert_eq!(usize::from(ip4.total_len), 20 + 8 + h.payload.slice().len(), "IP total length");
+        let Some(etherparse::TransportHeader::Icmpv4(icmp)) = &h.transport else { panic!("not ICMP") };
+        assert_eq!(
+            icmp.icmp_type,
+            etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FilterProhibited
+            ),
+            "type 3 code 13"
+        );
+        let mut recomputed = icmp.clone();
+        recomputed.update_checksum(h.payload.slice());
+        assert_eq!(recomputed.checksum, icmp.checksum, "ICMP checksum");
+        (Ipv4Addr::from(ip4.source), Ipv4Addr::from(ip4.destination), h.payload.slice().to_vec())
+    }
+
+    #[test]
+    fn out_of_ports_with_icmp_on_drops_counts_and_answers_3_13_from_the_inside_address() {
+        let mut p = out_of_udp_ports(icmp_on(1000, 50), Some(GW_IN_IP));
+        let original = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"new flow");
+        let mut f = original.clone();
+        let Action::Reply { out, len } = p.process(Instant::ZERO, Side::Inside, &mut f) else {
+            panic!("expected a reply")
+        };
+        assert_eq!(out, Side::Inside);
+        assert_eq!(p.stats().drops(DropReason::OutOfPorts), 1, "still dropped and counted");
+        assert_eq!(p.stats().icmp_errors_sent.get(), 1);
+        let r = p.reply_frame()[..len].to_vec();
+        assert_eq!(&r[0..6], &CLIENT_MAC, "back to the client's MAC");
+        assert_eq!(&r[6..12], &GW_IN_MAC, "from the inside interface's MAC");
+        assert_eq!(&r[12..14], &[0x08, 0x00]);
+        let (src, dst, quoted) = parse_admin_prohibited(&r);
+        assert_eq!(src, GW_IN_IP, "RFC 1812 4.3.2.4: an address of the interface the error leaves by");
+        assert_eq!(dst, ip("10.10.0.2"));
+        // The whole original datagram (it is short), as received: header and the first 8 bytes at least.
+        assert_eq!(quoted, &original[14..]);
+        assert_eq!(f, original, "the refused frame is not rewritten");
+    }
+
+    #[test]
+    fn without_an_inside_address_the_error_comes_from_the_original_destination() {
+        let mut p = out_of_udp_ports(icmp_on(1000, 50), None);
+        let mut f = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"new flow");
+        let Action::Reply { len, .. } = p.process(Instant::ZERO, Side::Inside, &mut f) else {
+            panic!("expected a reply")
+        };
+        let (src, dst, _) = parse_admin_prohibited(&p.reply_frame()[..len]);
+        assert_eq!((src, dst), (ip("203.0.113.10"), ip("10.10.0.2")));
+    }
+
+    #[test]
+    fn out_of_ports_with_icmp_off_is_a_silent_counted_drop() {
+        let mut p = out_of_udp_ports(IcmpErrors::default(), Some(GW_IN_IP));
+        let mut f = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"new flow");
+        assert_eq!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Drop(DropReason::OutOfPorts));
+        assert_eq!(p.stats().drops(DropReason::OutOfPorts), 1);
+        assert_eq!(p.stats().icmp_errors_sent.get(), 0);
+        assert_eq!(p.stats().icmp_errors_rate_limited.get(), 0);
+    }
+
+    /// RFC 1122 3.2.2 / RFC 1812 4.3.2.7 through the pipeline: no error about an ICMP error, a non-first
+    /// fragment, or a packet from a multicast source (the writer's own tests cover each rule).
+    #[test]
+    fn packets_that_must_not_be_answered_get_no_reply_when_out_of_ports() {
+        let mut p = out_of_udp_ports(icmp_on(1000, 50), Some(GW_IN_IP));
+        let mut multicast_src = udp_frame([224, 0, 0, 5], [203, 0, 113, 10], 64, b"m");
+        assert_eq!(
+            p.process(Instant::ZERO, Side::Inside, &mut multicast_src),
+            Action::Drop(DropReason::OutOfPorts)
+        );
+        let mut fragment = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"frag");
+        fragment[20..22].copy_from_slice(&1u16.to_be_bytes());
+        fragment[24..26].copy_from_slice(&[0, 0]);
+        let c = checksum::compute(&fragment[14..34]);
+        fragment[24..26].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(p.process(Instant::ZERO, Side::Inside, &mut fragment), Action::Drop(DropReason::Fragment));
+        // An ICMP error from inside quoting nothing the NAT knows.
+        let quoted = udp_frame([203, 0, 113, 10], [10, 10, 0, 2], 64, b"q");
+        let mut icmp_error = Vec::new();
+        etherparse::PacketBuilder::ethernet2(CLIENT_MAC, GW_IN_MAC)
+            .ipv4([10, 10, 0, 2], [203, 0, 113, 10], 64)
+            .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::Port,
+            ))
+            .write(&mut icmp_error, &quoted[14..])
+            .unwrap();
+        let action = p.process(Instant::ZERO, Side::Inside, &mut icmp_error);
+        assert!(matches!(action, Action::Drop(_)), "{action:?}");
+        assert_eq!(p.stats().icmp_errors_sent.get(), 0);
+        assert_eq!(p.stats().icmp_errors_rate_limited.get(), 0, "refused before the rate limit");
+    }
+
+    #[test]
+    fn icmp_errors_are_rate_limited_per_worker_and_refill_with_time() {
+        let mut p = out_of_udp_ports(icmp_on(10, 3), Some(GW_IN_IP));
+        let send = |p: &mut Pipeline, at: u64, sport: u16| {
+            let mut f = udp_from([10, 10, 0, 2], sport, [203, 0, 113, 10]);
+            matches!(p.process(Instant(at), Side::Inside, &mut f), Action::Reply { .. })
+        };
+        let answered: Vec<bool> = (0..5).map(|i| send(&mut p, 0, 5000 + i)).collect();
+        assert_eq!(answered, [true, true, true, false, false], "burst of 3");
+        assert_eq!(p.stats().icmp_errors_rate_limited.get(), 2);
+        assert!(!send(&mut p, 99_999_999, 6000), "10/s: not before 100 ms");
+        assert!(send(&mut p, 100_000_000, 6001), "one token after 100 ms");
+        assert!(!send(&mut p, 100_000_000, 6002));
+        assert_eq!(p.stats().icmp_errors_sent.get(), 4);
+        assert_eq!(p.stats().drops(DropReason::OutOfPorts), 8, "every refused packet is counted");
+    }
+
+    #[test]
+    fn a_vlan_tagged_frame_is_answered_with_its_tag() {
+        let mut p = out_of_udp_ports(icmp_on(1000, 50), Some(GW_IN_IP));
+        let plain = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"tagged");
+        let mut f = plain[..12].to_vec();
+        f.extend_from_slice(&[0x81, 0x00, 0x20, 0x07]); // PCP 1, VID 7
+        f.extend_from_slice(&plain[12..]);
+        let Action::Reply { out: Side::Inside, len } = p.process(Instant::ZERO, Side::Inside, &mut f) else {
+            panic!("expected a reply")
+        };
+        let r = p.reply_frame()[..len].to_vec();
+        assert_eq!(&r[0..6], &CLIENT_MAC);
+        assert_eq!(&r[12..18], &[0x81, 0x00, 0x20, 0x07, 0x08, 0x00], "tag kept, then IPv4");
+        let (src, dst, quoted) = parse_admin_prohibited(&r);
+        assert_eq!((src, dst), (GW_IN_IP, ip("10.10.0.2")));
+        assert_eq!(quoted, &plain[14..]);
+    }
+
     proptest! {
         #[test]
         fn random_bytes_never_panic(mut f in proptest::collection::vec(any::<u8>(), 0..200), inside in any::<bool>()) {
