@@ -297,6 +297,18 @@ impl Collector for CoreCollector {
         )?;
         counters(
             &mut encoder,
+            "egressd_icmp_errors_sent",
+            "ICMP errors egressd originated (destination unreachable 3/13 for flows refused as out_of_ports).",
+            [(vec![], sum(&|w: &WorkerStats| w.icmp_errors_sent.get()))],
+        )?;
+        counters(
+            &mut encoder,
+            "egressd_icmp_errors_rate_limited",
+            "ICMP errors left unsent by the per-worker rate limit ([nat] icmp_rate, icmp_burst).",
+            [(vec![], sum(&|w: &WorkerStats| w.icmp_errors_rate_limited.get()))],
+        )?;
+        counters(
+            &mut encoder,
             "egressd_audit_suppressed",
             "Denials left out of the audit log by its rate limit.",
             [(vec![], sum(&|w: &WorkerStats| w.audit_suppressed.get()))],
@@ -408,6 +420,9 @@ mod tests {
         w1.count_drop(DropReason::NoMapping);
         w2.count_drop(DropReason::NoMapping);
         w2.kernel_drops[0][0].store(5, Ordering::Relaxed);
+        w1.icmp_errors_sent.add(3);
+        w2.icmp_errors_sent.inc();
+        w2.icmp_errors_rate_limited.add(7);
         Arc::new(AdminState::new(vec![w1, w2]))
     }
 
@@ -429,6 +444,8 @@ mod tests {
         // Unlabelled series print without braces; NAT flows are labelled by state.
         assert!(text.contains("\negressd_nat_mappings 0\n"), "{text}");
         assert!(text.contains("egressd_nat_flows{state=\"tcp_established\"} 0"), "{text}");
+        assert!(text.contains("\negressd_icmp_errors_sent_total 4\n"), "{text}");
+        assert!(text.contains("\negressd_icmp_errors_rate_limited_total 7\n"), "{text}");
     }
 
     /// A policy of `rules` allow rules for one group, its snapshot shared, and one worker whose counters say that

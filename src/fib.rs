@@ -119,16 +119,24 @@ impl Fib {
         parse_mac(&text).ok_or_else(|| FibError::BadMac { interface: interface.to_string(), text })
     }
 
-    /// One consistent-enough snapshot of both interfaces (each file is read once).
+    /// One consistent-enough snapshot of both interfaces (each file is read once). Each interface's first
+    /// IPv4 address, if any, is the source of the ICMP errors egressd sends out of it (RFC 1812 4.3.2.4).
     pub fn read(&self) -> Result<NextHopTable, FibError> {
         let routes = read("/proc/net/route")?;
         let arp = read("/proc/net/arp")?;
+        // Not knowing the addresses only changes the ICMP errors' source (see `dataplane::icmp`): not an error.
+        let addrs = if_addrs::get_if_addrs().unwrap_or_default();
         let table = |interface: &str| -> Result<InterfaceTable, FibError> {
+            let address = addrs.iter().find_map(|i| match i.ip() {
+                std::net::IpAddr::V4(a) if i.name == interface => Some(a),
+                _ => None,
+            });
             Ok(InterfaceTable::new(
                 Self::mac_of(interface)?,
                 parse_proc_route(&routes, interface),
                 parse_proc_arp(&arp, interface),
-            ))
+            )
+            .with_address(address))
         };
         Ok(NextHopTable { inside: table(&self.inside)?, outside: table(&self.outside)? })
     }

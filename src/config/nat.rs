@@ -9,12 +9,21 @@
 //! tcp_transitory_timeout = "4m"   # RFC 5382 REQ-5: at least 4 min
 //! icmp_timeout = "60s"            # RFC 5508 REQ-2: at least 60 s
 //! port_quarantine = "2m"          # RFC 6888 REQ-8: a freed port is not reused before this
+//! icmp_on_out_of_ports = false    # answer a new flow that finds no free port with ICMP 3/13
+//! icmp_rate = 1000                # ICMP errors per second per worker (token bucket refill)
+//! icmp_burst = 50                 # ICMP errors a worker may send at once
 //! ```
 //!
 //! Durations are integers (seconds) or strings of `<number><unit>` parts, units `d`, `h`, `m`, `s`
 //! (`"2h4m"`, `"300s"`, `"90"`). Timers below the RFC minimums are errors: the RFCs say MUST NOT, and a NAT that
 //! drops idle-but-alive flows breaks applications in ways that are hard to trace. A quarantine under 120 s is
 //! only a warning (RFC 6888 says SHOULD).
+//!
+//! `icmp_on_out_of_ports` is off by default: REQUIREMENTS and RFC 6888 make the error optional, the kernel's
+//! NAT and VPP's NAT44 drop silently, and an error the gateway originates is traffic towards a workload that a
+//! quiet drop never sends (and, when on, a client sees its connection refused as "no route to host" rather than
+//! waiting out its timeout, which is what operators who turn it on want). The rate defaults are Linux's
+//! `icmp_ratelimit` (1 per ms) and `icmp_msgs_burst` (50).
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -84,6 +93,12 @@ pub struct NatSection {
     pub tcp_transitory_timeout: Option<Spanned<DurationValue>>,
     pub icmp_timeout: Option<Spanned<DurationValue>>,
     pub port_quarantine: Option<Spanned<DurationValue>>,
+    /// Answer a new flow refused for want of a NAT port with ICMP 3/13. Default false.
+    pub icmp_on_out_of_ports: Option<bool>,
+    /// ICMP errors per second per worker. Default 1000.
+    pub icmp_rate: Option<Spanned<i64>>,
+    /// ICMP errors a worker may send at once. Default 50.
+    pub icmp_burst: Option<Spanned<i64>>,
 }
 
 /// The name `config::Config` uses for this section.
@@ -91,6 +106,9 @@ pub type NatConfig = NatSection;
 
 pub const DEFAULT_MAX_FLOWS: u32 = 1 << 20;
 pub const DEFAULT_MAX_FLOWS_PER_SOURCE: u32 = 16384;
+/// Largest `icmp_rate` / `icmp_burst` accepted.
+const MAX_ICMP_RATE: i64 = 1_000_000;
+
 /// Longest timer accepted (the engine keeps times in 31-bit seconds; a week is plenty).
 const MAX_TIMER_SECS: u64 = 7 * 86400;
 /// Largest table a worker can address (slot indexes are 31-bit).
@@ -142,6 +160,18 @@ impl NatSection {
         self.secs(4, 120)
     }
 
+    /// The ICMP errors the gateway originates (per worker: each worker has its own token bucket).
+    pub fn icmp_errors(&self) -> dataplane::icmp::IcmpErrors {
+        let value = |v: &Option<Spanned<i64>>, default: u32| {
+            v.as_ref().map_or(default, |v| (*v.get_ref()).clamp(1, MAX_ICMP_RATE) as u32)
+        };
+        dataplane::icmp::IcmpErrors {
+            on_out_of_ports: self.icmp_on_out_of_ports.unwrap_or(false),
+            per_sec: value(&self.icmp_rate, dataplane::icmp::DEFAULT_PER_SEC),
+            burst: value(&self.icmp_burst, dataplane::icmp::DEFAULT_BURST),
+        }
+    }
+
     /// One worker's engine settings. The flow limits are totals: each worker gets `ceil(total / workers)` (RSS
     /// spreads a source's flows over the workers, so its per-source share is divided the same way).
     pub fn to_engine(&self, workers: u16) -> dataplane::nat::NatConfig {
@@ -152,10 +182,19 @@ impl NatSection {
             timeouts: self.timeouts(),
             port_quarantine_secs: self.port_quarantine_secs(),
             workers: workers.max(1),
+            icmp_errors: self.icmp_errors(),
         }
     }
 
     pub fn validate(&self, src: &Source, diags: &mut Diagnostics) {
+        for (key, value) in [("icmp_rate", &self.icmp_rate), ("icmp_burst", &self.icmp_burst)] {
+            if let Some(v) = value {
+                let n = *v.get_ref();
+                if !(1..=MAX_ICMP_RATE).contains(&n) {
+                    diags.error(src, v.span(), format!("{key}: {n} must be 1..={MAX_ICMP_RATE}"));
+                }
+            }
+        }
         for (key, value) in
             [("max_flows", &self.max_flows), ("max_flows_per_source", &self.max_flows_per_source)]
         {
@@ -235,6 +274,31 @@ mod tests {
         assert_eq!(e.timeouts.tcp_transitory_secs, 240);
         assert_eq!(e.timeouts.icmp_secs, 60);
         assert_eq!((e.max_flows, e.max_flows_per_source, e.port_quarantine_secs), (1 << 20, 16384, 120));
+        assert_eq!(
+            e.icmp_errors,
+            dataplane::icmp::IcmpErrors { on_out_of_ports: false, per_sec: 1000, burst: 50 }
+        );
+    }
+
+    #[test]
+    fn icmp_on_out_of_ports_and_its_rate() {
+        let l = load("icmp_on_out_of_ports = true
+icmp_rate = 20
+icmp_burst = 5
+").unwrap();
+        assert!(l.warnings.is_empty(), "{:?}", l.warnings);
+        assert_eq!(
+            l.config.nat.to_engine(2).icmp_errors,
+            dataplane::icmp::IcmpErrors { on_out_of_ports: true, per_sec: 20, burst: 5 }
+        );
+        let e = load("icmp_rate = 0
+icmp_burst = 2000000
+").unwrap_err();
+        assert_eq!(e.len(), 2, "{e:#?}");
+        assert!(e[0].starts_with("t.toml:5:13: icmp_rate: 0 must be 1..="), "{}", e[0]);
+        assert!(e[1].starts_with("t.toml:6:14: icmp_burst: 2000000 must be 1..="), "{}", e[1]);
+        let e = load("icmp_on_out_of_ports = \"yes\"\n").unwrap_err();
+        assert!(e[0].starts_with("t.toml:5:"), "{e:?}");
     }
 
     #[test]
