@@ -71,3 +71,54 @@ fn new_flows_do_not_allocate_either() {
     assert_eq!(forwarded, 10 * BATCH);
     assert_eq!(p.nat().stats().flows() as usize, 11 * BATCH);
 }
+
+/// Out of NAT ports with `icmp_on_out_of_ports`: the ICMP 3/13 is written into the pipeline's own buffer, so
+/// answering allocates nothing either.
+#[test]
+fn icmp_errors_for_out_of_ports_do_not_allocate() {
+    use dataplane::handoff::Handoffs;
+    use dataplane::icmp::IcmpErrors;
+    use dataplane::nat::NatConfig;
+    use dataplane::pipeline::{Action, NextHops, Pipeline};
+    use dataplane::stats::{DropReason, WorkerStats};
+    use dataplane::time::Instant;
+    use dataplane::Side;
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+
+    // Worker 5 of 64 owns 1008 high ports of the egress IP; fill them all.
+    let nat = NatConfig {
+        workers: 64,
+        max_flows: 4096,
+        max_flows_per_source: 4096,
+        icmp_errors: IcmpErrors { on_out_of_ports: true, per_sec: 1_000_000, burst: 1_000_000 },
+        ..NatConfig::default()
+    };
+    let mut p = Pipeline::new(
+        Arc::new(WorkerStats::default()),
+        NextHops::fixed(support::lab_table()),
+        Arc::new(support::policy(10)),
+        &nat,
+        5,
+        Arc::new(Handoffs::new(64, 8)),
+    );
+    let (client, server) = (Ipv4Addr::new(10, 10, 0, 2), Ipv4Addr::new(203, 0, 113, 10));
+    for port in 20000..21008 {
+        let mut f = support::outbound(client, port, server, 7);
+        assert!(matches!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Forward { .. }));
+    }
+    let mut frames: Vec<_> = (40000..41000).map(|port| support::outbound(client, port, server, 7)).collect();
+    let warm = p.process(Instant::ZERO, Side::Inside, &mut support::outbound(client, 39999, server, 7));
+    assert!(matches!(warm, Action::Reply { .. }), "{warm:?}");
+    let mut replies = 0;
+    let n = allocations_during(|| {
+        for f in &mut frames {
+            if let Action::Reply { len, .. } = p.process(Instant::ZERO, Side::Inside, f) {
+                replies += usize::from(p.reply_frame()[len - 1] == f[f.len() - 1]);
+            }
+        }
+    });
+    assert_eq!(n, 0, "{n} allocations over {} ICMP errors", frames.len());
+    assert_eq!(replies, frames.len());
+    assert_eq!(p.stats().drops(DropReason::OutOfPorts), 1001);
+}
