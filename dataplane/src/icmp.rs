@@ -122,7 +122,9 @@ pub fn write_admin_prohibited(
 ) -> Option<usize> {
     let eth = frame.get(..ip_start)?;
     let ip = frame.get(ip_start..ip_end)?;
-    if !(ip_start == ETH_HEADER_LEN || ip_start == ETH_HEADER_LEN + VLAN_TAG_LEN) || ip.len() < IPV4_HEADER_LEN {
+    if !(ip_start == ETH_HEADER_LEN || ip_start == ETH_HEADER_LEN + VLAN_TAG_LEN)
+        || ip.len() < IPV4_HEADER_LEN
+    {
         return None;
     }
     let header_len = usize::from(ip[0] & 0x0f) * 4;

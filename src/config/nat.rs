@@ -20,10 +20,9 @@
 //! only a warning (RFC 6888 says SHOULD).
 //!
 //! `icmp_on_out_of_ports` is off by default: REQUIREMENTS and RFC 6888 make the error optional, the kernel's
-//! NAT and VPP's NAT44 drop silently, and an error the gateway originates is traffic towards a workload that a
-//! quiet drop never sends (and, when on, a client sees its connection refused as "no route to host" rather than
-//! waiting out its timeout, which is what operators who turn it on want). The rate defaults are Linux's
-//! `icmp_ratelimit` (1 per ms) and `icmp_msgs_burst` (50).
+//! NAT and VPP's NAT44 drop silently, and a silent drop sends no traffic of the gateway's own. Turned on, a
+//! client whose new flow finds no port fails at once ("no route to host") instead of waiting out its timeout.
+//! The rate defaults are Linux's `icmp_ratelimit` (1 per ms) and `icmp_msgs_burst` (50).
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -282,18 +281,24 @@ mod tests {
 
     #[test]
     fn icmp_on_out_of_ports_and_its_rate() {
-        let l = load("icmp_on_out_of_ports = true
+        let l = load(
+            "icmp_on_out_of_ports = true
 icmp_rate = 20
 icmp_burst = 5
-").unwrap();
+",
+        )
+        .unwrap();
         assert!(l.warnings.is_empty(), "{:?}", l.warnings);
         assert_eq!(
             l.config.nat.to_engine(2).icmp_errors,
             dataplane::icmp::IcmpErrors { on_out_of_ports: true, per_sec: 20, burst: 5 }
         );
-        let e = load("icmp_rate = 0
+        let e = load(
+            "icmp_rate = 0
 icmp_burst = 2000000
-").unwrap_err();
+",
+        )
+        .unwrap_err();
         assert_eq!(e.len(), 2, "{e:#?}");
         assert!(e[0].starts_with("t.toml:5:13: icmp_rate: 0 must be 1..="), "{}", e[0]);
         assert!(e[1].starts_with("t.toml:6:14: icmp_burst: 2000000 must be 1..="), "{}", e[1]);
