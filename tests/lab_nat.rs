@@ -152,3 +152,71 @@ fn two_workers_share_the_port_space_and_hand_replies_to_their_owner() {
     // replies (about half) land on the other worker's queue and must have been handed over.
     assert!(gw.metric("egressd_handoffs_total") >= 1.0, "no reply was handed over between workers");
 }
+
+/// REQUIREMENTS "out of ports → drop, count `out_of_ports`, optionally ICMP 3/13", with real sockets. The port
+/// space cannot be made small in the config (each egress IP always has 1024–65535), so the test fills it: one
+/// worker, the web group's single egress IP, and 10.10.0.2 sending one UDP datagram from every high source port
+/// (raw socket) holds all 64 512 high UDP ports. A new UDP flow from 10.10.0.3 then finds none: the gateway
+/// answers ICMP 3/13 from its inside address, and Linux reports it to the connected socket as EHOSTUNREACH at
+/// once instead of the 5 s receive timeout.
+#[test]
+fn out_of_ports_answers_the_client_with_icmp_admin_prohibited() {
+    let lab = Lab::up(false);
+    let (_dir, config, _) = lab_config(|text| {
+        format!("{text}\n[nat]\nmax_flows_per_source = 100000\nicmp_on_out_of_ports = true\n")
+    });
+    let gw = Gateway::start(&lab, &config);
+    let fill = r#"
+import socket, struct, time
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+s.bind(("10.10.0.2", 0))
+for p in range(1024, 65536):
+    s.sendto(struct.pack("!HHHH", p, 9999, 9, 0) + b"x", ("203.0.113.10", 0))
+    if p % 256 == 0:
+        time.sleep(0.003)
+"#;
+    let udp_ports = r#"egressd_nat_ports_in_use{egress_ip="192.0.2.10",proto="udp"}"#;
+    for round in 0.. {
+        let out = lab.exec("client", "python3", &["-c", fill]);
+        assert!(out.status.success(), "fill: {}", String::from_utf8_lossy(&out.stderr));
+        // The gauges are republished about once a second; a datagram lost on the way is sent again next round.
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        if gw.metric(udp_ports) >= 64512.0 {
+            break;
+        }
+        assert!(round < 4, "UDP ports in use: {}\n{}", gw.metric(udp_ports), gw.log_text());
+    }
+    assert_eq!(gw.metric(r#"egressd_drops_total{reason="out_of_ports"}"#), 0.0);
+
+    lab.sh("client", "ip addr add 10.10.0.3/24 dev cl0");
+    let probe = r#"
+import errno, socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.10.0.3", 0))
+s.settimeout(5)
+s.connect(("203.0.113.10", 9000))
+start = time.monotonic()
+s.send(b"anyone?")
+try:
+    s.recv(100)
+    print("reply")
+except socket.timeout:
+    print("timeout")
+except OSError as e:
+    print(errno.errorcode.get(e.errno, e.errno), time.monotonic() - start)
+"#;
+    let out = lab.exec("client", "python3", &["-c", probe]);
+    let result = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let mut words = result.split_whitespace();
+    assert_eq!(
+        words.next(),
+        Some("EHOSTUNREACH"),
+        "got {result:?}; stderr: {}\nlog:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log_text()
+    );
+    let secs: f64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(f64::MAX);
+    assert!(secs < 1.0, "the error took {secs} s");
+    assert!(gw.metric(r#"egressd_drops_total{reason="out_of_ports"}"#) >= 1.0);
+    assert!(gw.metric("egressd_icmp_errors_sent_total") >= 1.0);
+}
