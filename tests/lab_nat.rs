@@ -156,35 +156,48 @@ fn two_workers_share_the_port_space_and_hand_replies_to_their_owner() {
 /// REQUIREMENTS "out of ports → drop, count `out_of_ports`, optionally ICMP 3/13", with real sockets. The port
 /// space cannot be made small in the config (each egress IP always has 1024–65535), so the test fills it: one
 /// worker, the web group's single egress IP, and 10.10.0.2 sending one UDP datagram from every high source port
-/// (raw socket) holds all 64 512 high UDP ports. A new UDP flow from 10.10.0.3 then finds none: the gateway
-/// answers ICMP 3/13 from its inside address, and Linux reports it to the connected socket as EHOSTUNREACH at
-/// once instead of the 5 s receive timeout.
+/// (raw sockets) a UDP datagram and a TCP SYN holds all 64 512 high UDP and TCP ports. A new UDP flow and a TCP
+/// connect from 10.10.0.3 then find none: the gateway answers ICMP 3/13 from its inside address, and Linux reports
+/// it to the socket as EHOSTUNREACH ("No route to host") at once instead of the 5 s timeout.
 #[test]
 fn out_of_ports_answers_the_client_with_icmp_admin_prohibited() {
     let lab = Lab::up(false);
     let (_dir, config, _) = lab_config(|text| {
-        format!("{text}\n[nat]\nmax_flows_per_source = 100000\nicmp_on_out_of_ports = true\n")
+        format!("{text}\n[nat]\nmax_flows_per_source = 200000\nicmp_on_out_of_ports = true\n")
     });
     let gw = Gateway::start(&lab, &config);
     let fill = r#"
 import socket, struct, time
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
-s.bind(("10.10.0.2", 0))
+src, dst = socket.inet_aton("10.10.0.2"), socket.inet_aton("203.0.113.10")
+def csum(b):
+    n = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while n >> 16:
+        n = (n & 0xffff) + (n >> 16)
+    return ~n & 0xffff
+udp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+tcp = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+for s in (udp, tcp):
+    s.bind(("10.10.0.2", 0))
 for p in range(1024, 65536):
-    s.sendto(struct.pack("!HHHH", p, 9999, 9, 0) + b"x", ("203.0.113.10", 0))
-    if p % 256 == 0:
+    udp.sendto(struct.pack("!HHHH", p, 9999, 9, 0) + b"x", ("203.0.113.10", 0))
+    syn = struct.pack("!HHIIBBHHH", p, 443, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+    c = csum(src + dst + struct.pack("!BBH", 0, 6, len(syn)) + syn)
+    tcp.sendto(syn[:16] + struct.pack("!H", c) + syn[18:], ("203.0.113.10", 0))
+    if p % 128 == 0:
         time.sleep(0.003)
 "#;
     let udp_ports = r#"egressd_nat_ports_in_use{egress_ip="192.0.2.10",proto="udp"}"#;
+    let tcp_ports = r#"egressd_nat_ports_in_use{egress_ip="192.0.2.10",proto="tcp"}"#;
     for round in 0.. {
         let out = lab.exec("client", "python3", &["-c", fill]);
         assert!(out.status.success(), "fill: {}", String::from_utf8_lossy(&out.stderr));
         // The gauges are republished about once a second; a datagram lost on the way is sent again next round.
         std::thread::sleep(std::time::Duration::from_millis(2500));
-        if gw.metric(udp_ports) >= 64512.0 {
+        if gw.metric(udp_ports) >= 64512.0 && gw.metric(tcp_ports) >= 64512.0 {
             break;
         }
-        assert!(round < 4, "UDP ports in use: {}\n{}", gw.metric(udp_ports), gw.log_text());
+        let (u, t) = (gw.metric(udp_ports), gw.metric(tcp_ports));
+        assert!(round < 4, "ports in use: UDP {u}, TCP {t}\n{}", gw.log_text());
     }
     assert_eq!(gw.metric(r#"egressd_drops_total{reason="out_of_ports"}"#), 0.0);
 
@@ -216,7 +229,28 @@ except OSError as e:
         gw.log_text()
     );
     let secs: f64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(f64::MAX);
-    assert!(secs < 1.0, "the error took {secs} s");
-    assert!(gw.metric(r#"egressd_drops_total{reason="out_of_ports"}"#) >= 1.0);
-    assert!(gw.metric("egressd_icmp_errors_sent_total") >= 1.0);
+    assert!(secs < 1.0, "the UDP error took {secs} s");
+
+    let connect = r#"
+import errno, socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.bind(("10.10.0.3", 0))
+s.settimeout(5)
+start = time.monotonic()
+try:
+    s.connect(("203.0.113.10", 80))
+    print("connected")
+except socket.timeout:
+    print("timeout")
+except OSError as e:
+    print(errno.errorcode.get(e.errno, e.errno), time.monotonic() - start)
+"#;
+    let out = lab.exec("client", "python3", &["-c", connect]);
+    let result = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let mut words = result.split_whitespace();
+    assert_eq!(words.next(), Some("EHOSTUNREACH"), "TCP connect: {result:?}\nlog:\n{}", gw.log_text());
+    let secs: f64 = words.next().and_then(|w| w.parse().ok()).unwrap_or(f64::MAX);
+    assert!(secs < 1.0, "the TCP connect failed after {secs} s");
+    assert!(gw.metric(r#"egressd_drops_total{reason="out_of_ports"}"#) >= 2.0);
+    assert!(gw.metric("egressd_icmp_errors_sent_total") >= 2.0);
 }
