@@ -1273,5 +1273,31 @@ mod tests {
                 Action::Reply { .. } => prop_assert!(false, "ICMP errors are off by default"),
             }
         }
+
+        /// Out of ports with ICMP errors on: mutated frames never panic, and every reply is a well-formed 3/13.
+        #[test]
+        fn mutated_frames_out_of_ports_get_only_well_formed_replies(
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+            flips in proptest::collection::vec((0usize..60, any::<u8>()), 0..4),
+            cut in 0usize..130,
+        ) {
+            let mut p = out_of_udp_ports(icmp_on(1000, 50), Some(GW_IN_IP));
+            let mut f = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, &payload);
+            for (at, x) in flips {
+                if let Some(b) = f.get_mut(at) { *b ^= x; }
+            }
+            f.truncate(cut.max(1));
+            if let Action::Reply { out, len } = p.process(Instant::ZERO, Side::Inside, &mut f) {
+                prop_assert_eq!(out, Side::Inside);
+                prop_assert!(len <= crate::icmp::MAX_REPLY_FRAME);
+                let r = &p.reply_frame()[..len];
+                let l3 = parse_ipv4_frame(r).expect("the reply parses");
+                prop_assert_eq!(l3.ip_end, len);
+                prop_assert_eq!(r[l3.ip_start + 9], 1);
+                prop_assert!(checksum::verify(&r[l3.ip_start + l3.header_len..]), "ICMP checksum");
+                prop_assert_eq!(&r[l3.ip_start + 20..l3.ip_start + 22], &[3, 13]);
+                prop_assert_eq!(p.stats().drops(DropReason::OutOfPorts), 1);
+            }
+        }
     }
 }
