@@ -377,17 +377,19 @@ const ICMP_PARAM_PROBLEM: u8 = 12;
 /// parsing.
 #[inline(always)]
 fn parse(pkt: &[u8], outbound: bool) -> Result<(L4, Kind), DropReason> {
-    if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+    // The fixed header as an array: its fields are read without bounds checks.
+    let Some(h) = pkt.first_chunk::<20>() else { return Err(DropReason::BadIpHeader) };
+    if h[0] >> 4 != 4 {
         return Err(DropReason::BadIpHeader);
     }
-    let ihl = usize::from(pkt[0] & 0x0f) * 4;
-    if ihl < 20 || ihl > pkt.len() {
-        return Err(DropReason::BadIpHeader);
-    }
-    let proto = pkt[9];
-    let src = rd32(pkt, 12);
-    let dst = rd32(pkt, 16);
-    let l4 = &pkt[ihl..];
+    let ihl = usize::from(h[0] & 0x0f) * 4;
+    let l4 = match pkt.get(ihl..) {
+        Some(l4) if ihl >= 20 => l4,
+        _ => return Err(DropReason::BadIpHeader),
+    };
+    let proto = h[9];
+    let src = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+    let dst = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
     let mut seg = Segment { seq: 0, ack: 0, flags: 0, window: 0, payload: 0, wscale: NO_WSCALE };
     let (sport, dport, kind) = match proto {
         ip_proto::TCP => {
@@ -809,11 +811,17 @@ impl Nat {
     }
 
     /// Adds the policy's egress IPs to this worker's table (once per policy generation). The table never
-    /// shrinks: mappings on a removed IP keep working until they expire.
+    /// shrinks: mappings on a removed IP keep working until they expire. Runs per packet, so only the
+    /// generation check is inlined.
+    #[inline]
     fn sync_egress(&mut self, policy: &PolicySnapshot) {
-        if self.egress_generation == Some(policy.generation()) {
-            return;
+        if self.egress_generation != Some(policy.generation()) {
+            self.add_egress_ips(policy);
         }
+    }
+
+    #[cold]
+    fn add_egress_ips(&mut self, policy: &PolicySnapshot) {
         self.egress_generation = Some(policy.generation());
         for g in 0..policy.group_count() {
             for ip in policy.egress_ips(crate::policy::GroupId(g as u32)) {
