@@ -476,8 +476,9 @@ fn finish_small(acc: u32) -> u16 {
 
 /// Rewrites an address (at `addr_off`: 12 source, 16 destination) and a port/identifier (at `ihl + port_off`)
 /// with incremental updates of the IPv4 header checksum and the L4 checksum (RFC 1624). UDP checksum 0 stays 0
-/// (RFC 768). A port or checksum beyond the end of `pkt` is left alone.
-#[inline]
+/// (RFC 768). A port or checksum beyond the end of `pkt` is left alone. Always inlined (two callers, once per
+/// packet): with `addr_off` a constant, the header fields are read and written without bounds checks.
+#[inline(always)]
 fn rewrite(
     pkt: &mut [u8],
     ihl: usize,
@@ -487,10 +488,9 @@ fn rewrite(
     port_off: usize,
     new_port: u16,
 ) {
-    if ihl < 20 || ihl > pkt.len() {
-        return;
-    }
-    let (ip, l4) = pkt.split_at_mut(ihl);
+    let Some((ip, l4)) = pkt.split_at_mut_checked(ihl) else { return };
+    let Some(ip) = ip.first_chunk_mut::<20>() else { return };
+    let ip = &mut ip[..];
     let old_addr = rd32(ip, addr_off);
     // RFC 1624 eqn. 3's Σ~m + Σm' for the address, shared by the IP header and the pseudo header.
     let addr_delta = u32::from(!((old_addr >> 16) as u16))

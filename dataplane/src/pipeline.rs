@@ -79,6 +79,7 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
 }
 
 /// Steps 1 and 2: Ethernet (+ one tag) and IPv4 validation. Does not look at the TTL.
+#[inline]
 pub fn parse_ipv4_frame(frame: &[u8]) -> Result<Ipv4Frame, DropReason> {
     let mut ethertype = be16(frame, 12).ok_or(DropReason::Truncated)?;
     let mut ip_start = ETH_HEADER_LEN;
@@ -110,8 +111,12 @@ pub fn parse_ipv4_frame(frame: &[u8]) -> Result<Ipv4Frame, DropReason> {
     if total_len < header_len || total_len > ip.len() {
         return Err(DropReason::BadIpLength);
     }
-    let header = if header_len == IPV4_MIN_HEADER_LEN { &fixed[..] } else { &ip[..header_len] };
-    if !checksum::verify(header) {
+    let verified = if header_len == IPV4_MIN_HEADER_LEN {
+        checksum::verify20(fixed)
+    } else {
+        checksum::verify(&ip[..header_len])
+    };
+    if !verified {
         return Err(DropReason::BadIpChecksum);
     }
     let flags_fragment = u16::from_be_bytes([fixed[6], fixed[7]]);

@@ -70,7 +70,7 @@ pub fn verify(data: &[u8]) -> bool {
 /// words cannot overflow a u64, and since 2^16 ≡ 1 (mod 0xffff) the folded sum is 0xffff exactly when the plain
 /// sum is a nonzero multiple of 0xffff (folding maps only 0 to 0).
 #[inline]
-fn verify20(h: &[u8; 20]) -> bool {
+pub fn verify20(h: &[u8; 20]) -> bool {
     let w = |i: usize| u64::from(u32::from_be_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]));
     let s = w(0) + w(4) + w(8) + w(12) + w(16);
     s != 0 && s % 0xffff == 0
