@@ -372,6 +372,7 @@ impl Pipeline {
     }
 
     /// Routes a translated frame out of `out`: next-hop lookup, TTL decrement, MAC rewrite.
+    #[inline]
     fn route(
         &mut self,
         now: Instant,
@@ -387,24 +388,22 @@ impl Pipeline {
             return Err(DropReason::Truncated);
         };
         let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-        let (src_mac, dst_mac) = match self.snapshot.lookup(out, dst) {
-            NextHop::Resolved { src, dst } => (src, dst),
-            NextHop::NoRoute => return Err(DropReason::NoRoute),
-            NextHop::NoNeighbour(hop) => {
+        let l2 = match self.snapshot.lookup_l2(out, dst) {
+            Ok(l2) => l2,
+            Err(NextHop::NoNeighbour(hop)) => {
                 self.request_resolution(now, hop);
                 return Err(DropReason::NoNeighbour);
             }
+            Err(_) => return Err(DropReason::NoRoute),
         };
 
-        // TTL and protocol share one 16-bit word of the header checksum.
-        let old_word = u16::from_be_bytes([ip[8], ip[9]]);
+        // TTL and protocol share one 16-bit word of the header checksum. The TTL is its high byte (and > 1), so
+        // the decrement lowers the word by 0x0100 whatever the protocol: RFC 1624's ~m + m' is ~0x0100 + 0.
         ip[8] -= 1;
-        let new_word = u16::from_be_bytes([ip[8], ip[9]]);
         let check = u16::from_be_bytes([ip[10], ip[11]]);
-        ip[10..12].copy_from_slice(&checksum::update16(check, old_word, new_word).to_be_bytes());
+        ip[10..12].copy_from_slice(&checksum::update16(check, 0x0100, 0).to_be_bytes());
 
-        macs[..6].copy_from_slice(&dst_mac);
-        macs[6..].copy_from_slice(&src_mac);
+        *macs = l2;
         Ok(Action::Forward { out, len: ip_end })
     }
 
