@@ -371,8 +371,9 @@ impl Pipeline {
         }
     }
 
-    /// Routes a translated frame out of `out`: next-hop lookup, TTL decrement, MAC rewrite.
-    #[inline]
+    /// Routes a translated frame out of `out`: next-hop lookup, TTL decrement, MAC rewrite. Always inlined: once
+    /// per forwarded packet, and its result need not go through memory.
+    #[inline(always)]
     fn route(
         &mut self,
         now: Instant,
