@@ -686,7 +686,7 @@ impl Nat {
 
     /// UDP sessions hash without the remote port, so one probe sequence finds both the exact session and any
     /// session of the same mapping with the same remote address (address-dependent filtering, RFC 4787 REQ-8).
-    #[inline]
+    #[inline(always)]
     fn in_hash(&self, ip_idx: u8, ext_port: u16, remote: u32, remote_port: u16, proto: u8) -> u32 {
         let rp = if proto == ip_proto::UDP { 0 } else { remote_port };
         hash2(
