@@ -380,17 +380,19 @@ const ICMP_PARAM_PROBLEM: u8 = 12;
 /// parsing.
 #[inline(always)]
 fn parse(pkt: &[u8], outbound: bool) -> Result<(L4, Kind), DropReason> {
-    if pkt.len() < 20 || pkt[0] >> 4 != 4 {
+    // The fixed header as an array: its fields are read without bounds checks.
+    let Some(h) = pkt.first_chunk::<20>() else { return Err(DropReason::BadIpHeader) };
+    if h[0] >> 4 != 4 {
         return Err(DropReason::BadIpHeader);
     }
-    let ihl = usize::from(pkt[0] & 0x0f) * 4;
-    if ihl < 20 || ihl > pkt.len() {
-        return Err(DropReason::BadIpHeader);
-    }
-    let proto = pkt[9];
-    let src = rd32(pkt, 12);
-    let dst = rd32(pkt, 16);
-    let l4 = &pkt[ihl..];
+    let ihl = usize::from(h[0] & 0x0f) * 4;
+    let l4 = match pkt.get(ihl..) {
+        Some(l4) if ihl >= 20 => l4,
+        _ => return Err(DropReason::BadIpHeader),
+    };
+    let proto = h[9];
+    let src = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+    let dst = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
     let mut seg = Segment { seq: 0, ack: 0, flags: 0, window: 0, payload: 0, wscale: NO_WSCALE };
     let (sport, dport, kind) = match proto {
         ip_proto::TCP => {
@@ -477,8 +479,9 @@ fn finish_small(acc: u32) -> u16 {
 
 /// Rewrites an address (at `addr_off`: 12 source, 16 destination) and a port/identifier (at `ihl + port_off`)
 /// with incremental updates of the IPv4 header checksum and the L4 checksum (RFC 1624). UDP checksum 0 stays 0
-/// (RFC 768). A port or checksum beyond the end of `pkt` is left alone.
-#[inline]
+/// (RFC 768). A port or checksum beyond the end of `pkt` is left alone. Always inlined (two callers, once per
+/// packet): with `addr_off` a constant, the header fields are read and written without bounds checks.
+#[inline(always)]
 fn rewrite(
     pkt: &mut [u8],
     ihl: usize,
@@ -488,10 +491,9 @@ fn rewrite(
     port_off: usize,
     new_port: u16,
 ) {
-    if ihl < 20 || ihl > pkt.len() {
-        return;
-    }
-    let (ip, l4) = pkt.split_at_mut(ihl);
+    let Some((ip, l4)) = pkt.split_at_mut_checked(ihl) else { return };
+    let Some(ip) = ip.first_chunk_mut::<20>() else { return };
+    let ip = &mut ip[..];
     let old_addr = rd32(ip, addr_off);
     // RFC 1624 eqn. 3's Σ~m + Σm' for the address, shared by the IP header and the pseudo header.
     let addr_delta = u32::from(!((old_addr >> 16) as u16))
@@ -687,7 +689,7 @@ impl Nat {
 
     /// UDP sessions hash without the remote port, so one probe sequence finds both the exact session and any
     /// session of the same mapping with the same remote address (address-dependent filtering, RFC 4787 REQ-8).
-    #[inline]
+    #[inline(always)]
     fn in_hash(&self, ip_idx: u8, ext_port: u16, remote: u32, remote_port: u16, proto: u8) -> u32 {
         let rp = if proto == ip_proto::UDP { 0 } else { remote_port };
         hash2(
@@ -812,11 +814,17 @@ impl Nat {
     }
 
     /// Adds the policy's egress IPs to this worker's table (once per policy generation). The table never
-    /// shrinks: mappings on a removed IP keep working until they expire.
+    /// shrinks: mappings on a removed IP keep working until they expire. Runs per packet, so only the
+    /// generation check is inlined.
+    #[inline]
     fn sync_egress(&mut self, policy: &PolicySnapshot) {
-        if self.egress_generation == Some(policy.generation()) {
-            return;
+        if self.egress_generation != Some(policy.generation()) {
+            self.add_egress_ips(policy);
         }
+    }
+
+    #[cold]
+    fn add_egress_ips(&mut self, policy: &PolicySnapshot) {
         self.egress_generation = Some(policy.generation());
         for g in 0..policy.group_count() {
             for ip in policy.egress_ips(crate::policy::GroupId(g as u32)) {

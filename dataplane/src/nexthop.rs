@@ -111,6 +111,15 @@ impl InterfaceTable {
     }
 }
 
+/// Destination MAC, then source MAC: how they start an Ethernet header.
+#[inline]
+fn l2_header(dst: Mac, src: Mac) -> [u8; 12] {
+    let mut h = [0; 12];
+    h[..6].copy_from_slice(&dst);
+    h[6..].copy_from_slice(&src);
+    h
+}
+
 /// The outcome of a lookup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NextHop {
@@ -138,6 +147,7 @@ impl NextHopTable {
     }
 
     /// Layer-2 addresses for a packet to `dst` leaving by `out`.
+    #[inline]
     pub fn lookup(&self, out: Side, dst: Ipv4Addr) -> NextHop {
         let table = self.side(out);
         let Some(route) = table.route_for(dst) else { return NextHop::NoRoute };
@@ -148,6 +158,16 @@ impl NextHopTable {
         match mac {
             Some(mac) => NextHop::Resolved { src: table.mac, dst: mac },
             None => NextHop::NoNeighbour(hop),
+        }
+    }
+
+    /// As [`lookup`](Self::lookup), for the per-packet path: a resolved next hop as the first 12 bytes of the
+    /// Ethernet header (destination MAC, then source MAC), written with one copy.
+    #[inline]
+    pub fn lookup_l2(&self, out: Side, dst: Ipv4Addr) -> Result<[u8; 12], NextHop> {
+        match self.lookup(out, dst) {
+            NextHop::Resolved { src, dst } => Ok(l2_header(dst, src)),
+            other => Err(other),
         }
     }
 }

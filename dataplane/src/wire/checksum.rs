@@ -58,15 +58,39 @@ pub fn compute(data: &[u8]) -> u16 {
 }
 
 /// True if `data`, checksum field included, verifies (sums to 0xffff).
+#[inline]
 pub fn verify(data: &[u8]) -> bool {
-    finish(sum(data, 0)) == 0
+    match <&[u8; 20]>::try_from(data) {
+        Ok(header) => verify20(header),
+        Err(_) => finish(sum(data, 0)) == 0,
+    }
+}
+
+/// [`verify`] for a 20-byte IPv4 header (no options: nearly every packet), without a loop or folds. Five 32-bit
+/// words cannot overflow a u64, and since 2^16 ≡ 1 (mod 0xffff) the folded sum is 0xffff exactly when the plain
+/// sum is a nonzero multiple of 0xffff (folding maps only 0 to 0). The words are read in native byte order: that
+/// multiplies the sum by 2^8 (mod 0xffff) on a little-endian machine, which keeps it zero or nonzero (RFC 1071
+/// §2(B)), and saves the byte swaps.
+#[inline(always)]
+pub fn verify20(h: &[u8; 20]) -> bool {
+    let w = |i: usize| u64::from(u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]));
+    let s = w(0) + w(4) + w(8) + w(12) + w(16);
+    s != 0 && s % 0xffff == 0
+}
+
+/// [`finish`] for the sums of an incremental update (below 2^20): two folds always suffice, so no loop.
+#[inline]
+fn finish_small(acc: u32) -> u16 {
+    let a = (acc & 0xffff) + (acc >> 16);
+    let a = (a & 0xffff) + (a >> 16);
+    !(a as u16)
 }
 
 /// RFC 1624 eqn. 3: the new checksum after one 16-bit word of the covered data changed from `old` to `new`.
 #[inline]
 pub fn update16(check: u16, old: u16, new: u16) -> u16 {
     let acc = (!check as u32) + (!old as u32) + (new as u32);
-    finish(acc)
+    finish_small(acc)
 }
 
 /// As [`update16`] for a 32-bit field (an IPv4 address), treated as two 16-bit words.
@@ -77,7 +101,7 @@ pub fn update32(check: u16, old: u32, new: u32) -> u16 {
         + (!(old as u16) as u32)
         + (new >> 16)
         + (new & 0xffff);
-    finish(acc)
+    finish_small(acc)
 }
 
 /// As [`update16`] for a UDP checksum, where 0 means "no checksum" (IPv4 only) and must stay 0, and a computed
@@ -184,6 +208,53 @@ mod tests {
         let mut d = data.to_vec();
         d[0..2].copy_from_slice(&check.to_be_bytes());
         verify(&d)
+    }
+
+    /// An IPv4-header-sized input: random, or with its checksum made right and then maybe one bit flipped.
+    fn header20() -> impl Strategy<Value = [u8; 20]> {
+        (any::<[u8; 20]>(), 0u8..3, 0usize..160).prop_map(|(mut h, how, bit)| {
+            if how > 0 {
+                h[10] = 0;
+                h[11] = 0;
+                let c = compute(&h);
+                h[10..12].copy_from_slice(&c.to_be_bytes());
+            }
+            if how == 2 {
+                h[bit / 8] ^= 1 << (bit % 8);
+            }
+            h
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn the_20_byte_verify_agrees_with_the_general_one(h in header20()) {
+            prop_assert_eq!(verify(&h), finish(sum_by_16_bit_words(&h, 0)) == 0);
+            prop_assert_eq!(verify(&h), finish(sum(&h, 0)) == 0);
+        }
+
+        #[test]
+        fn loop_free_update_folds_agree_with_finish(check in any::<u16>(), old in any::<u32>(), new in any::<u32>()) {
+            let acc16 = (!check as u32) + (!(old as u16) as u32) + (new as u16 as u32);
+            prop_assert_eq!(update16(check, old as u16, new as u16), finish(acc16));
+            let acc32 = (!check as u32)
+                + (!(old >> 16) as u16 as u32)
+                + (!(old as u16) as u32)
+                + (new >> 16)
+                + (new & 0xffff);
+            prop_assert_eq!(update32(check, old, new), finish(acc32));
+        }
+    }
+
+    #[test]
+    fn the_20_byte_verify_edge_cases() {
+        // All zeros sums to 0, not 0xffff: it does not verify; all ones does (0xffff is "minus zero").
+        assert!(!verify(&[0u8; 20]));
+        assert!(verify(&[0xffu8; 20]));
+        assert_eq!(verify(&[0xffu8; 20]), finish(sum(&[0xffu8; 20], 0)) == 0);
+        let mut h = HDR;
+        h[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
+        assert!(verify(&h));
     }
 
     #[test]
