@@ -12,12 +12,16 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use dataplane::pipeline::Pipeline;
+use dataplane::stats::DropReason;
 
 #[path = "support.rs"]
 mod support;
 use support::{
     batch, established, mixed_pattern, new_flows, pipeline, run, spread_flows, Batch, Kind, BATCH,
 };
+
+/// New flows one bench pipeline takes before it is replaced: fewer than the 64 512 ports of its egress IP.
+const NEW_FLOWS_PER_PIPELINE: u64 = 60_000;
 
 type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
 
@@ -54,15 +58,16 @@ fn bench(c: &mut Criterion) {
             bench_batch(&mut group, "replies/10_rules", rules, |p| established(p, batch(&[Kind::Reply])));
         }
         if rules != 10_000 {
-            // A new flow per packet: policy lookup, NAT port allocation, conntrack insert, rewrite. A fresh
-            // pipeline (untimed) whenever the table nears 900 000 flows.
+            // A new flow per packet: policy lookup, NAT port allocation, conntrack insert, rewrite. Each flow is a
+            // new mapping on the group's one egress IP, so a fresh pipeline (untimed) comes before its 64 512 high
+            // ports run out (past that the bench would time `OutOfPorts` drops, not new flows).
             let mut state: Option<(Pipeline, u64)> = None;
             group.bench_function(format!("new_flows/{rules}_rules"), |b| {
                 let (q, next) = state.get_or_insert_with(|| (pipeline(rules), 0));
                 b.iter_custom(|iters| {
                     let mut spent = Duration::ZERO;
                     for _ in 0..iters {
-                        if *next >= 900_000 {
+                        if *next + BATCH as u64 > NEW_FLOWS_PER_PIPELINE {
                             *q = pipeline(rules);
                             *next = 0;
                         }
@@ -101,6 +106,34 @@ fn bench(c: &mut Criterion) {
                 let start = Instant::now();
                 black_box(run(big, &mut frames));
                 spent += start.elapsed();
+            }
+            spent
+        })
+    });
+    // New flows at an egress IP whose 64 512 ports are all taken (a client flooding new flows): each is refused as
+    // `out_of_ports` without a search of the port slice (that search once made this 10 K/s).
+    let mut state: Option<(Pipeline, u64)> = None;
+    group.bench_function("new_flows_out_of_ports/10_rules", |b| {
+        let (q, next) = state.get_or_insert_with(|| {
+            let mut q = pipeline(10);
+            let mut k = 0;
+            while k < 64_512 {
+                run(&mut q, &mut new_flows(k, BATCH));
+                k += BATCH as u64;
+            }
+            (q, k)
+        });
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                let mut frames = new_flows(*next, BATCH);
+                *next += BATCH as u64;
+                let refused = q.stats().drops(DropReason::OutOfPorts);
+                let start = Instant::now();
+                let forwarded = run(q, &mut frames);
+                spent += start.elapsed();
+                assert_eq!(forwarded, 0, "the egress IP has no free port left");
+                assert_eq!(q.stats().drops(DropReason::OutOfPorts) - refused, BATCH as u64);
             }
             spent
         })

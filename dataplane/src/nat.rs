@@ -197,6 +197,9 @@ impl NatStats {
 const LOW_FIRST: u32 = 1;
 const LOW_LEN: u32 = 1023;
 const HIGH_FIRST: u32 = 1024;
+/// Most port slots one allocation looks at before giving up with `OutOfPorts` (Linux's NAT gives up after 128
+/// random tries); a search costs at most a few microseconds, and the next allocation continues where it stopped.
+const MAX_PORT_PROBES: u32 = 4096;
 const HIGH_LEN: u32 = 65536 - 1024;
 
 /// The worker that owns egress `port` (of any egress IP and protocol) when `workers` share the port space: the
@@ -286,7 +289,8 @@ pub struct Nat {
     low: (u32, u32),
     high: (u32, u32),
     per_table: usize,
-    in_use: [[u32; PCS]; MAX_EGRESS_IPS],
+    /// Ports in use per `[ip][proto class][low/high slice]`: a full slice fails at once instead of being searched.
+    in_use: [[[u32; 2]; PCS]; MAX_EGRESS_IPS],
     /// Next port offset to try, per `[ip][proto class][low/high]`.
     cursor: [[[u32; 2]; PCS]; MAX_EGRESS_IPS],
     allocation_failures: u64,
@@ -628,7 +632,7 @@ impl Nat {
             low,
             high,
             per_table,
-            in_use: [[0; PCS]; MAX_EGRESS_IPS],
+            in_use: [[[0; 2]; PCS]; MAX_EGRESS_IPS],
             cursor: [[[0; 2]; PCS]; MAX_EGRESS_IPS],
             allocation_failures: 0,
             last_decision: None,
@@ -656,9 +660,9 @@ impl Nat {
         for (i, e) in egress.iter_mut().enumerate().take(self.egress_len) {
             *e = EgressPorts {
                 ip: Ipv4Addr::from(self.egress[i]),
-                tcp: self.in_use[i][PC_TCP],
-                udp: self.in_use[i][PC_UDP],
-                icmp: self.in_use[i][PC_ICMP],
+                tcp: self.in_use[i][PC_TCP].iter().sum(),
+                udp: self.in_use[i][PC_UDP].iter().sum(),
+                icmp: self.in_use[i][PC_ICMP].iter().sum(),
             };
         }
         NatStats {
@@ -872,7 +876,11 @@ impl Nat {
         let low = proto != ip_proto::ICMP && orig != 0 && u32::from(orig) < HIGH_FIRST;
         let (first, end) = if low { self.low } else { self.high };
         let len = end - first;
-        if len == 0 {
+        let slice = usize::from(!low);
+        let in_use = self.in_use[usize::from(ip_idx)][pc][slice];
+        if len == 0 || in_use >= len {
+            // Every port of the slice is taken: no search (a client flooding new flows at a full egress IP would
+            // otherwise cost a scan of the whole slice per packet).
             return None;
         }
         let base_off = if low { 0 } else { self.low.1 - self.low.0 };
@@ -892,11 +900,13 @@ impl Nat {
         let port = if o >= first && o < end && take(o - first) {
             Some(orig)
         } else {
-            let cur = &mut self.cursor[usize::from(ip_idx)][pc][usize::from(!low)];
+            let cur = &mut self.cursor[usize::from(ip_idx)][pc][slice];
             let mut found = None;
-            // From the cursor round the slice once (wrapping without a division per step).
+            // From the cursor onwards (wrapping without a division per step), at most MAX_PORT_PROBES slots, as
+            // Linux's NAT bounds its search: free slots can all be in quarantine, and a full scan per new flow would
+            // let a client stall the worker. The cursor keeps the place, so the next flow searches further on.
             let mut off = if *cur < len { *cur } else { 0 };
-            for _ in 0..len {
+            for _ in 0..len.min(MAX_PORT_PROBES) {
                 let next = if off + 1 == len { 0 } else { off + 1 };
                 if take(off) {
                     *cur = next;
@@ -905,10 +915,13 @@ impl Nat {
                 }
                 off = next;
             }
+            if found.is_none() {
+                *cur = off;
+            }
             found
         };
         if port.is_some() {
-            self.in_use[usize::from(ip_idx)][pc] += 1;
+            self.in_use[usize::from(ip_idx)][pc][slice] += 1;
         }
         port
     }
@@ -919,7 +932,9 @@ impl Nat {
             if let Some(v) = self.ports.get_mut(slot) {
                 // RFC 6888 REQ-8: not reusable before the quarantine has passed.
                 *v = now_s.saturating_add(self.quarantine).min(IN_USE - 1);
-                let u = &mut self.in_use[usize::from(ip_idx)][pc];
+                // Allocated ports lie in their slice, so the port says which slice it came from.
+                let slice = usize::from(u32::from(port) >= HIGH_FIRST);
+                let u = &mut self.in_use[usize::from(ip_idx)][pc][slice];
                 *u = u.saturating_sub(1);
             }
         }

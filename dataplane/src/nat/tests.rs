@@ -1018,6 +1018,35 @@ fn rfc6888_req8_port_exhaustion_and_quarantine() {
 }
 
 #[test]
+fn rfc6888_req8_port_search_is_bounded_and_resumes_where_it_stopped() {
+    let pol = policy();
+    // 8 workers: worker 5 owns 8064 high ports, more than one search looks at.
+    let c = NatConfig { workers: 8, max_flows: 16384, max_flows_per_source: 16384, ..cfg() };
+    let mut nat = Nat::new(&c, 5);
+    let (a, b) = slice_of(HIGH_FIRST, HIGH_LEN, 8, 5);
+    let n = (b - a) as usize;
+    let kept = 5000;
+    assert!(n > kept && kept > MAX_PORT_PROBES as usize);
+    // Source port 1500 lies outside this worker's slice, so every flow takes the next port in order.
+    let host = |i: usize| [10, 9, (i / 200) as u8, (i % 200) as u8 + 1];
+    for i in 0..n {
+        let (_, ext) = udp_out(&mut nat, 0, host(i), 1500, SRV, 53, &pol);
+        assert_eq!(u32::from(ext), a + i as u32);
+    }
+    // The first `kept` flows stay busy; the rest idle out at 300 s and sit in quarantine until 421 s.
+    for i in 0..kept {
+        udp_out(&mut nat, 200, host(i), 1500, SRV, 53, &pol);
+    }
+    assert_eq!(expire_all(&mut nat, 301), n - kept);
+    // From the cursor (back at the slice start) the first search meets only busy ports and gives up…
+    let newcomer = [10, 9, 250, 1];
+    assert_eq!(out(&mut nat, 421, &mut udp(newcomer, 1500, SRV, 53), &pol), Err(DropReason::OutOfPorts));
+    // …and the next one carries on from there and finds the first free port.
+    let (_, ext) = udp_out(&mut nat, 421, newcomer, 1500, SRV, 53, &pol);
+    assert_eq!(u32::from(ext), a + kept as u32);
+}
+
+#[test]
 fn session_is_56_bytes_and_memory_per_flow_is_reported() {
     assert_eq!(std::mem::size_of::<Session>(), 56);
     assert_eq!(std::mem::size_of::<Mapping>(), 16);
