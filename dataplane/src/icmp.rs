@@ -24,7 +24,7 @@
 use std::net::Ipv4Addr;
 
 use crate::time::Instant;
-use crate::wire::checksum;
+use crate::wire::{checksum, ETH_HEADER_LEN, VLAN_TAG_LEN};
 
 /// Settings for the errors the gateway originates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,8 +82,6 @@ impl TokenBucket {
     }
 }
 
-const ETH_HEADER_LEN: usize = 14;
-const VLAN_TAG_LEN: usize = 4;
 const IPV4_HEADER_LEN: usize = 20;
 const ICMP_HEADER_LEN: usize = 8;
 const PROTO_ICMP: u8 = 1;

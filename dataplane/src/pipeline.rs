@@ -39,7 +39,7 @@ use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
 use crate::policy::{Decision, PolicySnapshot, SharedPolicy, Verdict};
 use crate::stats::{DropReason, RuleHits, WorkerStats};
 use crate::time::Instant;
-use crate::wire::checksum;
+use crate::wire::{checksum, ETH_HEADER_LEN, VLAN_TAG_LEN};
 use crate::Side;
 
 /// What to do with one frame.
@@ -58,8 +58,6 @@ pub enum Action {
     Reply { out: Side, len: usize },
 }
 
-const ETH_HEADER_LEN: usize = 14;
-const VLAN_TAG_LEN: usize = 4;
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_IPV6: u16 = 0x86dd;
 const ETHERTYPE_VLAN: u16 = 0x8100;

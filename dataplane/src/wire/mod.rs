@@ -5,3 +5,8 @@
 //! ranges the parser has checked, and keep checksums valid with incremental updates (RFC 1624).
 
 pub mod checksum;
+
+/// Bytes of an Ethernet header (destination, source, EtherType).
+pub const ETH_HEADER_LEN: usize = 14;
+/// Bytes of one 802.1Q / 802.1ad tag.
+pub const VLAN_TAG_LEN: usize = 4;
