@@ -2,7 +2,7 @@
 //!
 //! Workers never log: formatting a log line allocates and costs microseconds. A worker copies a small
 //! [`AuditEvent`] into the bounded [`AuditQueue`] shared by all workers, at most [`AUDIT_EVENTS_PER_SEC`] per
-//! second (token bucket, [`AuditLimiter`]), and counts what it left out; the control thread drains the queue and
+//! second (token bucket, [`audit_limiter`]), and counts what it left out; the control thread drains the queue and
 //! writes one line per event (JSON with `--log-format json`). A flood of denied packets therefore costs the
 //! worker one counter increment per packet beyond the budget, and the log stays readable.
 
@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use crossbeam_queue::ArrayQueue;
 
 use crate::policy::{Decision, GroupId, RuleId, Verdict};
-use crate::time::Instant;
+use crate::time::{Instant, TokenBucket};
 
 /// Events one worker may report per second (the burst is as large).
 pub const AUDIT_EVENTS_PER_SEC: u32 = 100;
@@ -80,34 +80,9 @@ impl AuditQueue {
     }
 }
 
-/// A worker's token bucket for audit events.
-#[derive(Clone, Copy, Debug)]
-pub struct AuditLimiter {
-    tokens: u32,
-    refilled: Instant,
-}
-
-impl Default for AuditLimiter {
-    fn default() -> Self {
-        AuditLimiter { tokens: AUDIT_EVENTS_PER_SEC, refilled: Instant::ZERO }
-    }
-}
-
-impl AuditLimiter {
-    /// Whether one more event may be reported at `now`.
-    pub fn allow(&mut self, now: Instant) -> bool {
-        let elapsed_ms = now.saturating_since(self.refilled).as_millis();
-        let earned = (elapsed_ms * u128::from(AUDIT_EVENTS_PER_SEC) / 1000) as u64;
-        if earned > 0 {
-            self.tokens = (u64::from(self.tokens) + earned).min(u64::from(AUDIT_EVENTS_PER_SEC)) as u32;
-            self.refilled = now;
-        }
-        if self.tokens == 0 {
-            return false;
-        }
-        self.tokens -= 1;
-        true
-    }
+/// A worker's rate limit for audit events: [`AUDIT_EVENTS_PER_SEC`] per second, a burst as large.
+pub fn audit_limiter() -> TokenBucket {
+    TokenBucket::new(AUDIT_EVENTS_PER_SEC, AUDIT_EVENTS_PER_SEC, Instant::ZERO)
 }
 
 #[cfg(test)]
@@ -116,14 +91,14 @@ mod tests {
 
     #[test]
     fn the_limiter_allows_a_burst_then_its_rate() {
-        let mut l = AuditLimiter::default();
+        let mut l = audit_limiter();
         let t0 = Instant::from_secs(10);
-        let allowed = (0..1000).filter(|_| l.allow(t0)).count();
+        let allowed = (0..1000).filter(|_| l.take(t0)).count();
         assert_eq!(allowed, AUDIT_EVENTS_PER_SEC as usize);
-        assert!(!l.allow(t0));
+        assert!(!l.take(t0));
         // 100 ms later: 10 more.
         let t1 = Instant(t0.0 + 100_000_000);
-        assert_eq!((0..1000).filter(|_| l.allow(t1)).count(), 10);
+        assert_eq!((0..1000).filter(|_| l.take(t1)).count(), 10);
     }
 
     #[test]

@@ -31,14 +31,14 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::audit::{AuditEvent, AuditLimiter, AuditQueue};
+use crate::audit::{audit_limiter, AuditEvent, AuditQueue};
 use crate::handoff::{HandoffFrame, HandoffKind, Handoffs};
-use crate::icmp::{IcmpErrors, TokenBucket, MAX_REPLY_FRAME};
+use crate::icmp::{IcmpErrors, MAX_REPLY_FRAME};
 use crate::nat::{Inbound, Nat, NatConfig, Outbound};
 use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
 use crate::policy::{Decision, PolicySnapshot, SharedPolicy, Verdict};
 use crate::stats::{DropReason, RuleHits, WorkerStats};
-use crate::time::Instant;
+use crate::time::{Instant, TokenBucket};
 use crate::wire::{checksum, ETH_HEADER_LEN, VLAN_TAG_LEN};
 use crate::Side;
 
@@ -163,7 +163,7 @@ pub struct Pipeline {
     /// Per-rule decision counters of the current policy generation (also published in `stats.rule_hits`).
     rule_hits: Arc<RuleHits>,
     audit: Option<Arc<AuditQueue>>,
-    audit_limiter: AuditLimiter,
+    audit_limiter: TokenBucket,
     icmp_errors: IcmpErrors,
     icmp_bucket: TokenBucket,
     /// IP identification of the next ICMP error.
@@ -237,7 +237,7 @@ impl Pipeline {
             held: Vec::with_capacity(HOLD_FRAMES),
             rule_hits: Arc::new(RuleHits::new(0, 0)),
             audit: None,
-            audit_limiter: AuditLimiter::default(),
+            audit_limiter: audit_limiter(),
             icmp_errors,
             icmp_bucket: TokenBucket::new(icmp_errors.per_sec, icmp_errors.burst, Instant::ZERO),
             icmp_ip_id: 0,
@@ -311,7 +311,7 @@ impl Pipeline {
             Verdict::Deny(_) => {
                 let Some(queue) = &self.audit else { return };
                 let generation = self.policy_snapshot.generation();
-                let reported = self.audit_limiter.allow(now)
+                let reported = self.audit_limiter.take(now)
                     && AuditEvent::new(packet, decision, generation, self.worker)
                         .is_some_and(|e| queue.push(e));
                 if !reported {
