@@ -472,15 +472,6 @@ fn l4_layout(proto: u8) -> (usize, bool) {
     }
 }
 
-/// Ones'-complement fold of a sum of at most 2^20 (up to 16 words of 16 bits), complemented: two folds always
-/// suffice, so no loop ([`checksum::finish`] for the small sums of an incremental update).
-#[inline(always)]
-fn finish_small(acc: u32) -> u16 {
-    let a = (acc & 0xffff) + (acc >> 16);
-    let a = (a & 0xffff) + (a >> 16);
-    !(a as u16)
-}
-
 /// Rewrites an address (at `addr_off`: 12 source, 16 destination) and a port/identifier (at `ihl + port_off`)
 /// with incremental updates of the IPv4 header checksum and the L4 checksum (RFC 1624). UDP checksum 0 stays 0
 /// (RFC 768). A port or checksum beyond the end of `pkt` is left alone. Always inlined (two callers, once per
@@ -506,7 +497,7 @@ fn rewrite(
         + (new_addr & 0xffff);
     if old_addr != new_addr {
         wr32(ip, addr_off, new_addr);
-        wr16(ip, 10, finish_small(u32::from(!rd16(ip, 10)) + addr_delta));
+        wr16(ip, 10, checksum::finish_small(u32::from(!rd16(ip, 10)) + addr_delta));
     }
     let (ck_off, pseudo) = l4_layout(proto);
     let Some(l4) = l4.get_mut(..(port_off + 2).max(ck_off + 2)) else {
@@ -545,7 +536,7 @@ fn update_l4_checksum(
     if pseudo {
         acc += addr_delta;
     }
-    let mut new = finish_small(acc);
+    let mut new = checksum::finish_small(acc);
     if proto == ip_proto::UDP && new == 0 {
         new = 0xffff;
     }

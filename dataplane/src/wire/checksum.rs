@@ -78,9 +78,10 @@ pub fn verify20(h: &[u8; 20]) -> bool {
     s != 0 && s % 0xffff == 0
 }
 
-/// [`finish`] for the sums of an incremental update (below 2^20): two folds always suffice, so no loop.
-#[inline]
-fn finish_small(acc: u32) -> u16 {
+/// [`finish`] for the sums of an incremental update (below 2^20, up to 16 words of 16 bits): two folds always
+/// suffice, so no loop.
+#[inline(always)]
+pub fn finish_small(acc: u32) -> u16 {
     let a = (acc & 0xffff) + (acc >> 16);
     let a = (a & 0xffff) + (a >> 16);
     !(a as u16)
