@@ -1154,6 +1154,10 @@ impl Nat {
     /// it. (A new flow's other index slots depend on the policy's egress choice; `outbound` issues those loads
     /// together itself.) Changes nothing and decides nothing: any input is fine, a wrong or stale hint only
     /// costs the reads.
+    ///
+    /// The worker does not call it: in the NAT bench it did not pay (its hash costs about what it saves while the
+    /// table sits in L2), and in the lab the slot it would warm is 3 % of the worker's core (perf, 1024 flows),
+    /// too little to measure a gain on the shared machine (bench/RESULTS.md, "A quiet sitting").
     #[inline]
     pub fn prefetch_outbound(&self, packet: &[u8]) {
         let Some(&vihl) = packet.first() else { return };
