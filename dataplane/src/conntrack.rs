@@ -116,7 +116,8 @@ impl Index {
         Err(usize::MAX)
     }
 
-    /// [`Index::probe`] answering with the value found rather than its position.
+    /// [`Index::probe`] answering with the value found rather than its position. (Its own copy of the loop: written
+    /// as `probe` + `value_at` it costs the established path 8 more instructions per packet, callgrind.)
     #[inline]
     pub fn lookup(&self, hash: u32, mut eq: impl FnMut(u32) -> bool) -> Result<u32, usize> {
         let n = self.slots.len();
