@@ -1156,8 +1156,8 @@ impl Nat {
     /// costs the reads.
     ///
     /// The worker does not call it: in the NAT bench it did not pay (its hash costs about what it saves while the
-    /// table sits in L2), and in the lab the slot it would warm is 3 % of the worker's core (perf, 1024 flows),
-    /// too little to measure a gain on the shared machine (bench/RESULTS.md, "A quiet sitting").
+    /// table sits in L2); in the lab the slot it would warm is 3 % of the worker's core (perf, 1024 flows),
+    /// and calling it on the frame 3 ahead in the worker measured no gain (bench/RESULTS.md, "A quiet sitting").
     #[inline]
     pub fn prefetch_outbound(&self, packet: &[u8]) {
         let Some(&vihl) = packet.first() else { return };
