@@ -5,8 +5,9 @@
 //! Targets: ≥ 20 M established packets/s/core, ≥ 2 M new flows/s/core, ≤ 128 bytes per flow.
 //!
 //! The `_lookahead3` variants call [`Nat::prefetch_outbound`] on the packet 3 ahead of the one translated (an
-//! experiment the worker has not adopted; see that function). `NAT_PROFILE=new` (or `established`, `established_1m`, each with an optional `_lookahead`)
-//! runs only that loop, without criterion (for a profiler, or quick A/B runs):
+//! experiment the worker has not adopted; see that function). `NAT_PROFILE=new` (or `established`,
+//! `established_1m`, each with an optional `_lookahead`) runs only that loop, without criterion (for a profiler,
+//! or quick A/B runs):
 //! `NAT_PROFILE=new valgrind --tool=callgrind --toggle-collect='*Nat*outbound*' target/release/deps/nat-…`.
 
 use std::cell::RefCell;

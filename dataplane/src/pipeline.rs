@@ -119,12 +119,7 @@ pub fn parse_ipv4_frame(frame: &[u8]) -> Result<Ipv4Frame, DropReason> {
     if total_len < header_len || total_len > ip.len() {
         return Err(DropReason::BadIpLength);
     }
-    let verified = if header_len == IPV4_MIN_HEADER_LEN {
-        checksum::verify20(fixed)
-    } else {
-        checksum::verify(&ip[..header_len])
-    };
-    if !verified {
+    if !checksum::verify(&ip[..header_len]) {
         return Err(DropReason::BadIpChecksum);
     }
     let flags_fragment = u16::from_be_bytes([fixed[6], fixed[7]]);

@@ -72,7 +72,7 @@ pub fn verify(data: &[u8]) -> bool {
 /// multiplies the sum by 2^8 (mod 0xffff) on a little-endian machine, which keeps it zero or nonzero (RFC 1071
 /// §2(B)), and saves the byte swaps.
 #[inline(always)]
-pub fn verify20(h: &[u8; 20]) -> bool {
+fn verify20(h: &[u8; 20]) -> bool {
     let w = |i: usize| u64::from(u32::from_ne_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]));
     let s = w(0) + w(4) + w(8) + w(12) + w(16);
     s != 0 && s % 0xffff == 0
