@@ -202,39 +202,31 @@ for p in range(1024, 65536):
     assert_eq!(gw.metric(r#"egressd_drops_total{reason="out_of_ports"}"#), 0.0);
 
     lab.sh("client", "ip addr add 10.10.0.3/24 dev cl0");
-    // Each probe prints "reply"/"connected", "timeout", or the errno's name and how long it took.
-    let udp_probe = r#"
-import errno, socket, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    // The probe (argument "udp" or "tcp") prints "reply"/"connected", "timeout", or the errno's name and how long
+    // it took.
+    let probe = r#"
+import errno, socket, sys, time
+tcp = sys.argv[1] == "tcp"
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
 s.bind(("10.10.0.3", 0))
 s.settimeout(5)
-s.connect(("203.0.113.10", 9000))
 start = time.monotonic()
-s.send(b"anyone?")
 try:
-    s.recv(100)
-    print("reply")
+    if tcp:
+        s.connect(("203.0.113.10", 80))
+        print("connected")
+    else:
+        s.connect(("203.0.113.10", 9000))
+        s.send(b"anyone?")
+        s.recv(100)
+        print("reply")
 except socket.timeout:
     print("timeout")
 except OSError as e:
     print(errno.errorcode.get(e.errno, e.errno), time.monotonic() - start)
 "#;
-    let tcp_probe = r#"
-import errno, socket, time
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.bind(("10.10.0.3", 0))
-s.settimeout(5)
-start = time.monotonic()
-try:
-    s.connect(("203.0.113.10", 80))
-    print("connected")
-except socket.timeout:
-    print("timeout")
-except OSError as e:
-    print(errno.errorcode.get(e.errno, e.errno), time.monotonic() - start)
-"#;
-    for (what, probe) in [("UDP", udp_probe), ("TCP connect", tcp_probe)] {
-        let out = lab.exec("client", "python3", &["-c", probe]);
+    for (what, proto) in [("UDP", "udp"), ("TCP connect", "tcp")] {
+        let out = lab.exec("client", "python3", &["-c", probe, proto]);
         let result = String::from_utf8_lossy(&out.stdout).trim().to_string();
         let mut words = result.split_whitespace();
         assert_eq!(
