@@ -437,6 +437,35 @@ fn reload_that_removes_an_egress_ip_moves_its_flows_and_adding_one_keeps_them() 
     assert_eq!(udp_out(&mut nat, 3, C1, 40000, SRV2, 53, &moved).0, ip(EG2));
 }
 
+/// An egress IP taken away and given back before a flow's next packet: the flow never stopped, so it goes on from
+/// its old port, which its retired mapping held all along, beside the endpoint's new mapping.
+#[test]
+fn a_flow_whose_egress_ip_comes_back_before_its_next_packet_goes_on_from_its_old_port() {
+    let one = policy_with(1, &[EG], true);
+    let mut nat = Nat::new(&cfg(), 0);
+    let mut syn = tcp(C1, 40000, SRV, 443, 1, 0, "S");
+    out(&mut nat, 0, &mut syn, &one).unwrap();
+    assert_eq!(src_of(&syn), (ip(EG), 40000));
+    // EG goes: a new flow of the endpoint retires its mapping and maps it afresh on EG2.
+    let moved = policy_with(2, &[EG2], true);
+    let mut syn2 = tcp(C1, 40000, SRV2, 443, 1, 0, "S");
+    out(&mut nat, 1, &mut syn2, &moved).unwrap();
+    assert_eq!(src_of(&syn2), (ip(EG2), 40000));
+    assert_eq!(nat.stats().mappings, 2, "the retired mapping still holds EG:40000");
+    // EG comes back before the first flow says anything: it goes on from EG:40000, and replies reach it.
+    let back = policy_with(3, &[EG, EG2], true);
+    let mut ack = tcp(C1, 40000, SRV, 443, 2, 1, "A");
+    assert_eq!(out(&mut nat, 2, &mut ack, &back), Ok(Outbound::Forward));
+    assert_eq!(src_of(&ack), (ip(EG), 40000));
+    let mut reply = tcp(SRV, 443, EG, 40000, 1, 2, "A");
+    assert_eq!(inb(&mut nat, 2, &mut reply), Ok(Inbound::Forward));
+    assert_eq!(dst_of(&reply), (ip(C1), 40000));
+    // New flows of the endpoint use its live mapping on EG2.
+    let mut syn3 = tcp(C1, 40000, [198, 51, 100, 99], 443, 1, 0, "S");
+    out(&mut nat, 2, &mut syn3, &back).unwrap();
+    assert_eq!(src_of(&syn3), (ip(EG2), 40000));
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Timers (virtual clock)
 // ---------------------------------------------------------------------------------------------------------------
@@ -1130,7 +1159,10 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
     // The mapping is a bijection (inside endpoint ↔ egress ip:port:proto), no external port is held twice, and a
-    // port freed at time T is not handed out again before T + quarantine (RFC 6888 REQ-8).
+    // port freed at time T is not handed out again before T + quarantine (RFC 6888 REQ-8). "Held" is read from
+    // every live mapping, retired ones included: a reload that moves an endpoint to another egress IP retires its
+    // old mapping, whose sessions keep the old port until they go, and may take it up again when a later reload
+    // gives the IP back. Only a port that left the table counts as freed.
     #[test]
     fn mappings_stay_a_bijection_and_quarantined_ports_are_not_reused(ops in proptest::collection::vec(op(), 1..120)) {
         let mut generation = 1;
@@ -1138,25 +1170,21 @@ proptest! {
         let c = NatConfig { workers: 2, max_flows: 64, max_flows_per_source: 16, ..cfg() };
         let mut nat = Nat::new(&c, 1);
         let mut now = 0u64;
-        // (egress ip, proto, port) → time it was last seen freed.
-        let mut freed: std::collections::HashMap<(Ipv4Addr, u8, u16), u64> = Default::default();
-        let mut live: std::collections::HashMap<(Ipv4Addr, u16, u8), (Ipv4Addr, u16)> = Default::default();
+        // (egress ip index, proto, port) → time it left the port table.
+        let mut freed: std::collections::HashMap<(u8, u8, u16), u64> = Default::default();
+        let mut held = std::collections::HashSet::new();
         let dsts = [SRV, SRV2, DENIED];
         for op in ops {
             match op {
                 Op::Udp { host, port, dst } | Op::Syn { host, port, dst } | Op::Rst { host, port, dst } => {
                     let src = [10, 0, 0, host];
-                    let (proto, mut pk) = match op {
-                        Op::Udp { .. } => (17, udp(src, port, dsts[dst as usize], 53)),
-                        Op::Syn { .. } => (6, tcp(src, port, dsts[dst as usize], 443, 1, 0, "S")),
-                        _ => (6, tcp(src, port, dsts[dst as usize], 443, 2, 0, "R")),
+                    let mut pk = match op {
+                        Op::Udp { .. } => udp(src, port, dsts[dst as usize], 53),
+                        Op::Syn { .. } => tcp(src, port, dsts[dst as usize], 443, 1, 0, "S"),
+                        _ => tcp(src, port, dsts[dst as usize], 443, 2, 0, "R"),
                     };
                     if nat.outbound(t(now), &mut pk, &pol).is_ok() {
                         prop_assert!(checksums_ok(&pk));
-                        let e = src_of(&pk);
-                        if let Some(t0) = freed.get(&(e.0, proto, e.1)) {
-                            prop_assert!(now >= t0 + 120, "port {e:?} reused at {now}, freed at {t0}");
-                        }
                     }
                 }
                 Op::Reply { host, port, dst } => {
@@ -1175,30 +1203,43 @@ proptest! {
                     pol = policy_with(generation, sets[usize::from(n % 3)], true);
                 }
             }
-            // Rebuild the mapping view from the engine and check the invariants.
-            let mut now_live = std::collections::HashMap::new();
-            let mut ext_seen = std::collections::HashSet::new();
+            // Every live mapping, retired or not, holds one external port, and the port table names it back.
+            let mut now_held = std::collections::HashSet::new();
+            for (mid, m) in nat.mappings.iter().enumerate() {
+                if m.proto == 0 {
+                    continue; // free
+                }
+                let key = (m.ip_idx, m.proto, m.ext_port);
+                prop_assert!(now_held.insert(key), "external {key:?} held twice");
+                prop_assert_eq!(nat.mapping_at(m.ip_idx, m.proto, m.ext_port), Some(mid as u32));
+                prop_assert_eq!(port_owner(2, m.ext_port), 1);
+                prop_assert_eq!(m.in_port < 1024, m.ext_port < 1024);
+                if !held.contains(&key) {
+                    if let Some(t0) = freed.remove(&key) {
+                        prop_assert!(now >= t0 + 120, "port {key:?} reused at {now}, freed at {t0}");
+                    }
+                }
+            }
+            for key in held.difference(&now_held) {
+                freed.insert(*key, now);
+            }
+            held = now_held;
+            // The inside-endpoint view names live mappings only.
             for host in 1..6u8 {
                 for port in [1000u16, 1001, 40000, 40001, 65535] {
                     for proto in [6u8, 17] {
-                        if let Some(e) = nat.mapping_of(ip([10, 0, 0, host]), port, proto) {
-                            prop_assert!(ext_seen.insert((e, proto)), "external {e:?}/{proto} held twice");
-                            prop_assert_eq!(port_owner(2, e.1), 1);
-                            prop_assert_eq!(port < 1024, e.1 < 1024);
-                            now_live.insert((ip([10, 0, 0, host]), port, proto), e);
+                        if let Some(mid) = nat.find_mapping(u32::from(ip([10, 0, 0, host])), port, proto) {
+                            let m = nat.mappings[mid as usize];
+                            prop_assert_eq!((m.in_addr, m.in_port, m.proto), (u32::from(ip([10, 0, 0, host])), port, proto));
+                            prop_assert!(held.contains(&(m.ip_idx, m.proto, m.ext_port)));
                         }
                     }
                 }
             }
-            for (k, e) in &live {
-                if now_live.get(k) != Some(e) {
-                    freed.insert((e.0, k.2, e.1), now);
-                }
-            }
-            live = now_live;
             let s = nat.stats();
-            let held: u32 = s.egress_ports().iter().map(|e| e.tcp + e.udp + e.icmp).sum();
-            prop_assert_eq!(held, s.mappings);
+            let in_use: u32 = s.egress_ports().iter().map(|e| e.tcp + e.udp + e.icmp).sum();
+            prop_assert_eq!(in_use as usize, held.len());
+            prop_assert_eq!(s.mappings as usize, held.len());
         }
     }
 }
