@@ -3,6 +3,7 @@
 //!
 //! `cargo bench --bench nat -- --warm-up-time 1 --measurement-time 3`
 //! Targets: ≥ 20 M established packets/s/core, ≥ 2 M new flows/s/core, ≤ 128 bytes per flow.
+//! Same-run baseline: [`PlainNat`], a bare hash-map NAT, run alternately with the NAT; the bench prints the ratios.
 //!
 //! The `_lookahead3` variants call [`Nat::prefetch_outbound`] on the packet 3 ahead of the one translated (an
 //! experiment the worker has not adopted; see that function). `NAT_PROFILE=new` (or `established`,
@@ -18,6 +19,7 @@ use criterion::{criterion_group, BatchSize, Criterion, Throughput};
 use dataplane::nat::{Nat, NatConfig, MAX_EGRESS_IPS};
 use dataplane::policy::{Action, PolicyBuilder, PolicySnapshot, ProtoMatch, RuleSpec};
 use dataplane::time::Instant;
+use dataplane::wire::checksum;
 
 const BATCH: usize = 1024;
 const SLOT: usize = 64;
@@ -199,7 +201,167 @@ fn new_flows_ahead(c: &mut Criterion, ahead: usize) {
     g.finish();
 }
 
-criterion_group!(benches, established, new_flows);
+// -----------------------------------------------------------------------------------------------------------
+// Same-run baseline
+// -----------------------------------------------------------------------------------------------------------
+
+/// Source and destination address and port, protocol.
+type FiveTuple = (u32, u32, u16, u16, u8);
+
+/// The least any NAT does per packet, written plainly: one hash map from the outbound 5-tuple to the egress
+/// `ip:port`, the source rewritten with incremental IPv4 and UDP checksum updates. No policy, paired pooling, port
+/// allocation, reply index, limits, timers or input checks. It moves with the machine as egressd's NAT does, so
+/// NAT/plain ratios measured side by side hold on a host whose absolute figures swing 3× with other tenants.
+struct PlainNat {
+    flows: rustc_hash::FxHashMap<FiveTuple, (u32, u16)>,
+    egress: u32,
+}
+
+impl PlainNat {
+    fn new(capacity: usize) -> Self {
+        let flows = rustc_hash::FxHashMap::with_capacity_and_hasher(capacity, Default::default());
+        PlainNat { flows, egress: u32::from(Ipv4Addr::new(192, 0, 2, 10)) }
+    }
+
+    /// Translates one 20-byte-header IPv4/UDP packet, creating its flow (source port kept) when it is new.
+    fn outbound(&mut self, p: &mut [u8]) -> bool {
+        let rd32 = |p: &[u8], o: usize| u32::from_be_bytes([p[o], p[o + 1], p[o + 2], p[o + 3]]);
+        let rd16 = |p: &[u8], o: usize| u16::from_be_bytes([p[o], p[o + 1]]);
+        if p.len() < 28 {
+            return false;
+        }
+        let (src, dst, sport, dport) = (rd32(p, 12), rd32(p, 16), rd16(p, 20), rd16(p, 22));
+        let egress = self.egress;
+        let &mut (ext_ip, ext_port) =
+            self.flows.entry((src, dst, sport, dport, p[9])).or_insert((egress, sport));
+        let ip_check = checksum::update32(rd16(p, 10), src, ext_ip);
+        let udp_check =
+            checksum::update16_udp(checksum::update32_udp(rd16(p, 26), src, ext_ip), sport, ext_port);
+        p[10..12].copy_from_slice(&ip_check.to_be_bytes());
+        p[12..16].copy_from_slice(&ext_ip.to_be_bytes());
+        p[20..22].copy_from_slice(&ext_port.to_be_bytes());
+        p[26..28].copy_from_slice(&udp_check.to_be_bytes());
+        true
+    }
+}
+
+fn run_plain_batch(plain: &mut PlainNat, buf: &mut [u8]) {
+    for k in 0..BATCH {
+        black_box(plain.outbound(&mut buf[k * SLOT..k * SLOT + PKT_LEN]));
+    }
+}
+
+/// Median of `runs` NAT/plain ratios, each from `rounds` batches of either, run alternately by thread CPU time.
+fn alternate(
+    runs: usize,
+    rounds: usize,
+    mut nat: impl FnMut(usize) -> f64,
+    mut plain: impl FnMut(usize) -> f64,
+) -> (f64, f64, f64) {
+    let mut r: Vec<(f64, f64, f64)> = (0..runs)
+        .map(|_| {
+            let (n, b) = (nat(rounds), plain(rounds));
+            (n / b, n, b)
+        })
+        .collect();
+    r.sort_by(|a, b| a.0.total_cmp(&b.0));
+    r[runs / 2]
+}
+
+/// egressd's NAT against [`PlainNat`] on the same packets, alternating in one process: established flows (10 000,
+/// scattered order) and new flows (the table emptied at 500 000 flows, untimed).
+fn against_plain(c: &mut Criterion) {
+    let pol = policy();
+    let mut nat =
+        Nat::new(&NatConfig { max_flows: 1 << 16, max_flows_per_source: 1 << 20, ..NatConfig::default() }, 0);
+    let mut plain = PlainNat::new(1 << 16);
+    let mut pristine = vec![0u8; FLOWS * SLOT];
+    for i in 0..FLOWS {
+        packet(i, &mut pristine[i * SLOT..(i + 1) * SLOT]);
+        let mut p = pristine[i * SLOT..i * SLOT + PKT_LEN].to_vec();
+        nat.outbound(Instant::ZERO, &mut p, &pol).unwrap();
+        plain.outbound(&mut pristine[i * SLOT..i * SLOT + PKT_LEN].to_vec());
+    }
+    let order: Vec<usize> = (0..FLOWS).map(|i| (i * 7919) % FLOWS).collect();
+    let next = std::cell::Cell::new(0usize);
+    let setup = || {
+        let mut buf = vec![0u8; BATCH * SLOT];
+        for k in 0..BATCH {
+            let i = order[(next.get() + k) % FLOWS];
+            buf[k * SLOT..(k + 1) * SLOT].copy_from_slice(&pristine[i * SLOT..(i + 1) * SLOT]);
+        }
+        next.set((next.get() + BATCH) % FLOWS);
+        buf
+    };
+    let mut g = c.benchmark_group("nat");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function("plain_established_outbound_udp_10k_flows", |b| {
+        b.iter_batched_ref(setup, |buf| run_plain_batch(&mut plain, buf), BatchSize::PerIteration)
+    });
+    let (ratio, n, b) = alternate(
+        7,
+        300,
+        |rounds| cpu_rate(rounds, setup, |buf| run_batch(&mut nat, Instant::from_secs(1), buf, &pol, 0)),
+        |rounds| cpu_rate(rounds, setup, |buf| run_plain_batch(&mut plain, buf)),
+    );
+    println!(
+        "established, 10k flows: NAT/plain {ratio:.2}x (median of 7 alternating runs; that run {:.1} / {:.1} M/s by CPU time)",
+        n / 1e6,
+        b / 1e6
+    );
+
+    // New flows: each batch 1 024 new inside hosts; both tables are emptied (untimed) at 500 000 flows.
+    let cfg = NatConfig { max_flows: 1 << 20, max_flows_per_source: 1 << 20, ..NatConfig::default() };
+    let nat = RefCell::new((Nat::new(&cfg, 0), 0u64));
+    let plain = RefCell::new(PlainNat::new(1 << 20));
+    let flow = std::cell::Cell::new(0usize);
+    let fresh = || {
+        let mut buf = vec![0u8; BATCH * SLOT];
+        for k in 0..BATCH {
+            packet(flow.get() % (1 << 22), &mut buf[k * SLOT..(k + 1) * SLOT]);
+            flow.set(flow.get() + 1);
+        }
+        buf
+    };
+    let nat_setup = || {
+        let (n, now) = &mut *nat.borrow_mut();
+        if n.stats().flows() as usize + BATCH > 500_000 {
+            *now += 1000;
+            n.poll_expiry(Instant::from_secs(*now), usize::MAX);
+            *now += 1000;
+        }
+        fresh()
+    };
+    let plain_setup = || {
+        let mut p = plain.borrow_mut();
+        if p.flows.len() + BATCH > 500_000 {
+            p.flows.clear();
+        }
+        fresh()
+    };
+    let nat_routine = |buf: &mut Vec<u8>| {
+        let (n, now) = &mut *nat.borrow_mut();
+        run_batch(n, Instant::from_secs(*now), buf, &pol, 0)
+    };
+    let plain_routine = |buf: &mut Vec<u8>| run_plain_batch(&mut plain.borrow_mut(), buf);
+    g.bench_function("plain_new_flows_udp", |b| {
+        b.iter_batched_ref(plain_setup, plain_routine, BatchSize::PerIteration)
+    });
+    g.finish();
+    let (ratio, n, b) = alternate(
+        7,
+        200,
+        |rounds| cpu_rate(rounds, nat_setup, nat_routine),
+        |rounds| cpu_rate(rounds, plain_setup, plain_routine),
+    );
+    println!(
+        "new flows: NAT/plain {ratio:.2}x (median of 7 alternating runs; that run {:.2} / {:.2} M/s by CPU time)",
+        n / 1e6,
+        b / 1e6
+    );
+}
+
+criterion_group!(benches, established, new_flows, against_plain);
 
 fn main() {
     match std::env::var("NAT_PROFILE").as_deref() {
@@ -209,7 +371,12 @@ fn main() {
         Ok("established_lookahead") => established_ahead(&mut Criterion::default(), AHEAD, FLOWS),
         Ok("established_1m") => established_ahead(&mut Criterion::default(), 0, BIG_FLOWS),
         Ok("established_1m_lookahead") => established_ahead(&mut Criterion::default(), AHEAD, BIG_FLOWS),
-        Ok(_) => eprintln!("NAT_PROFILE: new, established, established_1m, each optionally with _lookahead"),
+        Ok("plain") => {
+            against_plain(&mut Criterion::default().measurement_time(std::time::Duration::from_secs(1)))
+        }
+        Ok(_) => eprintln!(
+            "NAT_PROFILE: new, established, established_1m (each optionally with _lookahead), plain"
+        ),
         Err(_) => {
             benches();
             Criterion::default().configure_from_args().final_summary();
