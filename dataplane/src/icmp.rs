@@ -23,6 +23,7 @@
 
 use std::net::Ipv4Addr;
 
+use crate::policy::ip_proto;
 use crate::wire::{checksum, ETH_HEADER_LEN, VLAN_TAG_LEN};
 
 /// Settings for the errors the gateway originates.
@@ -48,7 +49,6 @@ impl Default for IcmpErrors {
 
 const IPV4_HEADER_LEN: usize = 20;
 const ICMP_HEADER_LEN: usize = 8;
-const PROTO_ICMP: u8 = 1;
 /// RFC 1812 4.3.2.3: an ICMP error's IP datagram is at most 576 bytes.
 const MAX_ERROR_IP_LEN: usize = 576;
 /// Bytes of the frame a reply occupies at most (Ethernet + one tag + 576 bytes of IP).
@@ -107,7 +107,7 @@ pub fn write_admin_prohibited(
         return None;
     }
     // Never an error about an ICMP error (or about an ICMP message too short to tell).
-    if ip[9] == PROTO_ICMP && !ip.get(header_len).is_some_and(|&t| is_icmp_query(t)) {
+    if ip[9] == ip_proto::ICMP && !ip.get(header_len).is_some_and(|&t| is_icmp_query(t)) {
         return None;
     }
 
@@ -129,7 +129,7 @@ pub fn write_admin_prohibited(
     ip_out[4..6].copy_from_slice(&ip_id.to_be_bytes());
     ip_out[6..8].copy_from_slice(&[0, 0]); // DF clear, not a fragment.
     ip_out[8] = 64;
-    ip_out[9] = PROTO_ICMP;
+    ip_out[9] = ip_proto::ICMP;
     ip_out[10..12].copy_from_slice(&[0, 0]);
     ip_out[12..16].copy_from_slice(&reply_src.octets());
     ip_out[16..20].copy_from_slice(&src.octets());
@@ -198,14 +198,14 @@ mod tests {
         }
         // ICMP: queries get an error, errors and unknown types do not.
         let mut icmp = good.clone();
-        icmp[23] = PROTO_ICMP;
+        icmp[23] = ip_proto::ICMP;
         for (t, answered) in [(8, true), (0, true), (3, false), (11, false), (5, false), (42, false)] {
             icmp[34] = t;
             assert_eq!(reply(&icmp).is_some(), answered, "ICMP type {t}");
         }
         // An ICMP message with no type byte gets nothing.
         let mut bare = good[..34].to_vec();
-        bare[23] = PROTO_ICMP;
+        bare[23] = ip_proto::ICMP;
         assert_eq!(reply(&bare), None);
     }
 
