@@ -186,21 +186,17 @@ impl NatSection {
     }
 
     pub fn validate(&self, src: &Source, diags: &mut Diagnostics) {
-        for (key, value) in [("icmp_rate", &self.icmp_rate), ("icmp_burst", &self.icmp_burst)] {
+        let counts = [
+            ("icmp_rate", &self.icmp_rate, MAX_ICMP_RATE),
+            ("icmp_burst", &self.icmp_burst, MAX_ICMP_RATE),
+            ("max_flows", &self.max_flows, MAX_FLOWS),
+            ("max_flows_per_source", &self.max_flows_per_source, MAX_FLOWS),
+        ];
+        for (key, value, max) in counts {
             if let Some(v) = value {
                 let n = *v.get_ref();
-                if !(1..=MAX_ICMP_RATE).contains(&n) {
-                    diags.error(src, v.span(), format!("{key}: {n} must be 1..={MAX_ICMP_RATE}"));
-                }
-            }
-        }
-        for (key, value) in
-            [("max_flows", &self.max_flows), ("max_flows_per_source", &self.max_flows_per_source)]
-        {
-            if let Some(v) = value {
-                let n = *v.get_ref();
-                if !(1..=MAX_FLOWS).contains(&n) {
-                    diags.error(src, v.span(), format!("{key}: {n} must be 1..={MAX_FLOWS}"));
+                if !(1..=max).contains(&n) {
+                    diags.error(src, v.span(), format!("{key}: {n} must be 1..={max}"));
                 }
             }
         }
