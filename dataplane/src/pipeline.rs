@@ -739,8 +739,12 @@ mod tests {
     }
 
     fn udp_frame(src: [u8; 4], dst: [u8; 4], ttl: u8, payload: &[u8]) -> Vec<u8> {
+        udp_frame_from_port(src, 4000, dst, ttl, payload)
+    }
+
+    fn udp_frame_from_port(src: [u8; 4], sport: u16, dst: [u8; 4], ttl: u8, payload: &[u8]) -> Vec<u8> {
         let builder =
-            etherparse::PacketBuilder::ethernet2(CLIENT_MAC, GW_IN_MAC).ipv4(src, dst, ttl).udp(4000, 53);
+            etherparse::PacketBuilder::ethernet2(CLIENT_MAC, GW_IN_MAC).ipv4(src, dst, ttl).udp(sport, 53);
         let mut out = Vec::with_capacity(builder.size(payload.len()));
         builder.write(&mut out, payload).unwrap();
         out
@@ -1068,16 +1072,6 @@ mod tests {
         IcmpErrors { on_out_of_ports: true, per_sec, burst }
     }
 
-    fn udp_from(src: [u8; 4], sport: u16, dst: [u8; 4]) -> Vec<u8> {
-        let mut f = Vec::new();
-        etherparse::PacketBuilder::ethernet2(CLIENT_MAC, GW_IN_MAC)
-            .ipv4(src, dst, 64)
-            .udp(sport, 53)
-            .write(&mut f, b"fill")
-            .unwrap();
-        f
-    }
-
     /// Worker 5 of 64 (1008 high UDP ports on the egress IP) with every UDP port held by 10.10.0.9.
     fn out_of_udp_ports(icmp: IcmpErrors, inside_addr: Option<Ipv4Addr>) -> Pipeline {
         let nat = NatConfig {
@@ -1098,7 +1092,7 @@ mod tests {
             Arc::new(Handoffs::new(64, 8)),
         );
         for i in 0..1008 {
-            let mut f = udp_from([10, 10, 0, 9], 20000 + i, [203, 0, 113, 10]);
+            let mut f = udp_frame_from_port([10, 10, 0, 9], 20000 + i, [203, 0, 113, 10], 64, b"fill");
             let action = p.process(Instant::ZERO, Side::Inside, &mut f);
             assert!(matches!(action, Action::Forward { .. }), "flow {i}: {action:?}");
         }
@@ -1209,7 +1203,7 @@ mod tests {
     fn icmp_errors_are_rate_limited_per_worker_and_refill_with_time() {
         let mut p = out_of_udp_ports(icmp_on(10, 3), Some(GW_IN_IP));
         let send = |p: &mut Pipeline, at: u64, sport: u16| {
-            let mut f = udp_from([10, 10, 0, 2], sport, [203, 0, 113, 10]);
+            let mut f = udp_frame_from_port([10, 10, 0, 2], sport, [203, 0, 113, 10], 64, b"fill");
             matches!(p.process(Instant(at), Side::Inside, &mut f), Action::Reply { .. })
         };
         let answered: Vec<bool> = (0..5).map(|i| send(&mut p, 0, 5000 + i)).collect();
