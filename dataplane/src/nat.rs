@@ -14,9 +14,17 @@
 //! - **Ports**: no overloading (4787 REQ-3, 5382 REQ-7): an egress `ip:port:proto` has one owner at a time. Each
 //!   egress IP's two port ranges, 1–1023 and 1024–65535, are each split into `workers` contiguous slices, so the
 //!   worker owning a reply is [`reply_owner`]`(port)` — a function of the port alone. Port 0 is never allocated.
-//!   A worker allocates only in its slices: the original port is tried first when it lies in this worker's slice
-//!   of the right range; otherwise (or when taken) the next free port of the slice, found by a rotating cursor.
-//!   Source ports 1–1023 stay in 1–1023 (REQ-3a); ICMP echo identifiers always use the 1024–65535 range.
+//!   A worker allocates only in its slices: the original port is tried first; when it is taken, the next free
+//!   port of the slice, found by a rotating cursor. Source ports 1–1023 stay in 1–1023 (REQ-3a); ICMP echo
+//!   identifiers always use the 1024–65535 range.
+//! - **One owner per inside endpoint** (REQ-1 with several workers): the inside endpoint `(ip, port)` belongs to
+//!   the worker whose slice holds its source port (ICMP echo: its identifier; an inside ICMP error: the quoted
+//!   flow's inside port). A packet from inside that reaches another worker is handed to the owner untouched
+//!   ([`Outbound::OtherWorker`]), so an endpoint has one mapping for every destination, its original port is
+//!   always in its owner's slice (kept unless another host holds it), and replies still find the owner from the
+//!   destination port alone. `max_flows_per_source` is enforced per worker (the configured limit divided by the
+//!   number of workers): an inside address whose source ports spread evenly over the port space gets the whole
+//!   limit, one that crowds its ports into one slice gets that worker's share.
 //! - **Quarantine** (RFC 6888 REQ-8): a port freed when its last session expires is not reused for
 //!   `port_quarantine_secs` (default 120 s).
 //! - **Filtering**: address-dependent for UDP (4787 REQ-8): an inbound datagram is accepted from any port of a
@@ -139,6 +147,10 @@ pub enum Outbound {
     /// As `Hairpin`, but the destination port belongs to worker `n`: the source is translated; hand the packet to
     /// worker `n`, whose [`Nat::inbound_hairpin`] translates the destination and returns `Forward` (send inside).
     HairpinOtherWorker(u16),
+    /// The inside endpoint belongs to worker `n` (its source port, echo identifier or, for an ICMP error, the
+    /// quoted flow's inside port lies in that worker's slice): nothing was changed or created; hand the packet to
+    /// worker `n`, whose [`Nat::outbound`] translates it.
+    OtherWorker(u16),
     /// The policy says `l7`: nothing was changed or created.
     L7,
     /// First packet of a flow the policy denies in dry run: translated and tracked like `Forward`; count it.
@@ -1192,6 +1204,11 @@ impl Nat {
         if kind == Kind::IcmpError {
             return self.outbound_icmp_error(packet, &l4);
         }
+        // RFC 4787 REQ-1 across workers: one owner per inside endpoint, whichever queue its packets arrive on.
+        let owner = port_owner(self.workers, l4.sport);
+        if owner != self.worker {
+            return Ok(Outbound::OtherWorker(owner));
+        }
         let now_s = secs(now);
         let tcp = l4.proto == ip_proto::TCP;
         // RFC 5382 / REQUIREMENTS: invalid flag combinations (SYN+FIN, SYN+RST, NULL) create no state and are
@@ -1530,6 +1547,10 @@ impl Nat {
         let Quote { proto, src: qsrc, dst: qdst, sport: qsport, dport: qdport, .. } = qt;
         // For a quoted echo the identifier is the inside one and sits where the source port would.
         let (in_port, remote_port) = if proto == ip_proto::ICMP { (qsport, 0) } else { (qdport, qsport) };
+        let owner = port_owner(self.workers, in_port);
+        if owner != self.worker {
+            return Ok(Outbound::OtherWorker(owner));
+        }
         let Some(sid) = self.find_out(qdst, in_port, qsrc, remote_port, proto) else {
             return Err(DropReason::IcmpErrorNoMapping);
         };

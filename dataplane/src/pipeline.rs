@@ -32,7 +32,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::audit::{audit_limiter, AuditEvent, AuditQueue};
-use crate::handoff::{HandoffFrame, HandoffKind, Handoffs};
+use crate::handoff::{HandoffKind, Handoffs};
 use crate::icmp::{IcmpErrors, MAX_REPLY_FRAME};
 use crate::nat::{Inbound, Nat, NatConfig, Outbound};
 use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
@@ -202,6 +202,14 @@ enum Leg {
     HandedOver(HandoffKind),
 }
 
+impl Leg {
+    /// Whether the frame came from inside (on this worker's queue, or handed over by the worker that received it).
+    #[inline]
+    fn is_outbound(self) -> bool {
+        matches!(self, Leg::Arrived(Side::Inside) | Leg::HandedOver(HandoffKind::Outbound))
+    }
+}
+
 impl Pipeline {
     /// Worker `worker`'s pipeline; `handoffs` is shared by all workers, `nat` sized for this worker.
     pub fn new(
@@ -323,15 +331,20 @@ impl Pipeline {
         self.counted(now, Leg::Arrived(arrived_on), frame)
     }
 
-    /// The next frame another worker handed to this one, if any.
-    pub fn next_handoff(&self) -> Option<HandoffFrame> {
-        self.handoffs.pop(self.worker)
+    /// The queues through which workers hand frames to each other (this worker drains `worker()`'s).
+    pub fn handoffs(&self) -> &Arc<Handoffs> {
+        &self.handoffs
     }
 
-    /// Finishes a frame another worker handed over: its NAT leg on this worker's conntrack, then routing.
-    pub fn process_handoff(&mut self, now: Instant, handed: &mut HandoffFrame) -> Action {
-        let kind = handed.kind;
-        self.counted(now, Leg::HandedOver(kind), handed.bytes_mut())
+    /// This pipeline's worker index.
+    pub fn worker(&self) -> u16 {
+        self.worker
+    }
+
+    /// Finishes a frame another worker handed over (from [`Handoffs::pop_with`]): its NAT leg on this worker's
+    /// conntrack, then routing; rewrites `frame` in place like [`Pipeline::process`].
+    pub fn process_handoff(&mut self, now: Instant, kind: HandoffKind, frame: &mut [u8]) -> Action {
+        self.counted(now, Leg::HandedOver(kind), frame)
     }
 
     /// Expires at most `budget` idle flows; returns how many went.
@@ -389,7 +402,7 @@ impl Pipeline {
 
         let out = match self.translate(now, leg, &mut frame[l3.ip_start..l3.ip_end]) {
             Ok(Next::Out(side)) => side,
-            Err(DropReason::OutOfPorts) if matches!(leg, Leg::Arrived(Side::Inside)) => {
+            Err(DropReason::OutOfPorts) if leg.is_outbound() => {
                 let Some(len) = self.out_of_ports_reply(now, frame, &l3) else {
                     return Err(DropReason::OutOfPorts);
                 };
@@ -493,46 +506,43 @@ impl Pipeline {
 
     /// Policy and NAT: receives the IPv4 packet (header through total length, padding excluded), already
     /// validated and with TTL > 1. From inside, `Nat::outbound` judges new flows by the policy snapshot and
-    /// translates the source; from outside, `Nat::inbound` translates replies back (or names the worker owning
-    /// their port). The forwarding step after it routes by the (translated) destination and fixes TTL and MACs.
+    /// translates the source; from outside, `Nat::inbound` translates replies back. A packet whose endpoint (inside
+    /// source, or egress port of a reply) another worker owns is handed to that worker, which runs this same step
+    /// on it. The forwarding step after it routes by the (translated) destination and fixes TTL and MACs.
     #[inline]
     fn translate(&mut self, now: Instant, leg: Leg, packet: &mut [u8]) -> Result<Next, DropReason> {
-        match leg {
-            Leg::Arrived(Side::Inside) => {
-                let result = self.nat.outbound(now, packet, &self.policy_snapshot);
-                if let Some(decision) = self.nat.take_decision() {
-                    self.observe(now, &decision, packet);
-                }
-                self.after_outbound(result?)
+        if leg.is_outbound() {
+            let result = self.nat.outbound(now, packet, &self.policy_snapshot);
+            if let Some(decision) = self.nat.take_decision() {
+                self.observe(now, &decision, packet);
             }
-            Leg::Arrived(Side::Outside) => match self.nat.inbound(now, packet)? {
-                Inbound::Forward => Ok(Next::Out(Side::Inside)),
-                Inbound::OtherWorker(worker) => Ok(Next::HandOff(worker, HandoffKind::Inbound)),
-            },
-            Leg::HandedOver(kind) => {
-                let result = match kind {
-                    HandoffKind::Inbound => self.nat.inbound(now, packet)?,
-                    HandoffKind::Hairpin => self.nat.inbound_hairpin(now, packet)?,
-                };
-                match result {
-                    Inbound::Forward => Ok(Next::Out(Side::Inside)),
-                    // Handed to us because we own the port, yet we do not: never bounce it again.
-                    Inbound::OtherWorker(_) => Err(DropReason::NoMapping),
+            return match result? {
+                Outbound::Forward => Ok(Next::Out(Side::Outside)),
+                Outbound::DryRunDenied => {
+                    self.stats.flows_dry_run_denied.inc();
+                    Ok(Next::Out(Side::Outside))
                 }
-            }
+                Outbound::Hairpin => Ok(Next::Out(Side::Inside)),
+                Outbound::HairpinOtherWorker(worker) => Ok(Next::HandOff(worker, HandoffKind::Hairpin)),
+                Outbound::OtherWorker(worker) if matches!(leg, Leg::Arrived(_)) => {
+                    Ok(Next::HandOff(worker, HandoffKind::Outbound))
+                }
+                // Handed to us because we own the endpoint, yet we do not: never bounce it again.
+                Outbound::OtherWorker(_) => Err(DropReason::NoMapping),
+                Outbound::L7 => Err(DropReason::L7Unavailable),
+            };
         }
-    }
-
-    fn after_outbound(&mut self, outbound: Outbound) -> Result<Next, DropReason> {
-        match outbound {
-            Outbound::Forward => Ok(Next::Out(Side::Outside)),
-            Outbound::DryRunDenied => {
-                self.stats.flows_dry_run_denied.inc();
-                Ok(Next::Out(Side::Outside))
+        let result = match leg {
+            Leg::HandedOver(HandoffKind::Hairpin) => self.nat.inbound_hairpin(now, packet)?,
+            _ => self.nat.inbound(now, packet)?,
+        };
+        match result {
+            Inbound::Forward => Ok(Next::Out(Side::Inside)),
+            Inbound::OtherWorker(worker) if matches!(leg, Leg::Arrived(_)) => {
+                Ok(Next::HandOff(worker, HandoffKind::Inbound))
             }
-            Outbound::Hairpin => Ok(Next::Out(Side::Inside)),
-            Outbound::HairpinOtherWorker(worker) => Ok(Next::HandOff(worker, HandoffKind::Hairpin)),
-            Outbound::L7 => Err(DropReason::L7Unavailable),
+            // Handed to us because we own the port, yet we do not: never bounce it again.
+            Inbound::OtherWorker(_) => Err(DropReason::NoMapping),
         }
     }
 
@@ -806,30 +816,31 @@ mod tests {
         assert_eq!(u16::from_be_bytes([f[36], f[37]]), 4000);
     }
 
+    /// Two pipelines sharing one hand-off queue pair, as two workers do.
+    fn two_workers() -> (Pipeline, Pipeline) {
+        let handoffs = Arc::new(Handoffs::new(2, 8));
+        let policy = Arc::new(allow_all());
+        let nat = NatConfig { workers: 2, ..small_nat() };
+        let worker = |i| {
+            let stats = Arc::new(WorkerStats::default());
+            Pipeline::new(stats, NextHops::fixed(lab_table(true)), policy.clone(), &nat, i, handoffs.clone())
+        };
+        (worker(0), worker(1))
+    }
+
+    /// Finishes the next frame handed to `p`: its action and the frame as it would leave.
+    fn finish_handoff(p: &mut Pipeline) -> Option<(Action, Vec<u8>)> {
+        let handoffs = p.handoffs().clone();
+        handoffs.pop_with(p.worker(), |kind, frame| {
+            (p.process_handoff(Instant::ZERO, kind, frame), frame.to_vec())
+        })
+    }
+
     /// A reply whose NAT port belongs to worker 0 arrives on worker 1's queue: worker 1 hands it over through the
     /// bounded queue, worker 0 translates it and sends it inside.
     #[test]
     fn a_reply_on_another_workers_queue_is_handed_to_the_port_owner() {
-        let handoffs = Arc::new(Handoffs::new(2, 8));
-        let policy = Arc::new(allow_all());
-        let nat = NatConfig { workers: 2, ..small_nat() };
-        let stats0 = Arc::new(WorkerStats::default());
-        let mut w0 = Pipeline::new(
-            stats0.clone(),
-            NextHops::fixed(lab_table(true)),
-            policy.clone(),
-            &nat,
-            0,
-            handoffs.clone(),
-        );
-        let mut w1 = Pipeline::new(
-            Arc::new(WorkerStats::default()),
-            NextHops::fixed(lab_table(true)),
-            policy,
-            &nat,
-            1,
-            handoffs.clone(),
-        );
+        let (mut w0, mut w1) = two_workers();
         let port = open_udp_flow(&mut w0);
         assert_eq!(crate::nat::reply_owner(2, EGRESS_IP, 17, port), 0);
         let builder = etherparse::PacketBuilder::ethernet2(EXT_MAC, GW_OUT_MAC)
@@ -838,17 +849,36 @@ mod tests {
         let mut reply = Vec::new();
         builder.write(&mut reply, b"answer").unwrap();
         assert_eq!(w1.process(Instant::ZERO, Side::Outside, &mut reply), Action::HandedOff);
-        assert!(w1.next_handoff().is_none(), "nothing for worker 1");
-        let mut handed = w0.next_handoff().expect("worker 0 got the frame");
-        let len = reply.len();
-        assert_eq!(
-            w0.process_handoff(Instant::ZERO, &mut handed),
-            Action::Forward { out: Side::Inside, len }
-        );
-        let f = handed.bytes_mut();
+        assert!(finish_handoff(&mut w1).is_none(), "nothing for worker 1");
+        let (action, f) = finish_handoff(&mut w0).expect("worker 0 got the frame");
+        assert_eq!(action, Action::Forward { out: Side::Inside, len: reply.len() });
         assert_eq!(&f[30..34], &[10, 10, 0, 2]);
         assert_eq!(u16::from_be_bytes([f[36], f[37]]), 4000);
         assert_eq!(&f[0..6], &CLIENT_MAC);
+    }
+
+    /// RFC 4787 REQ-1 with two workers: a packet from inside whose source port lies in worker 0's slice arrives on
+    /// worker 1's queue; worker 1 hands it over untouched, worker 0 maps it (original port kept) and sends it out.
+    /// The same endpoint's next flow, arriving at worker 0 directly, gets the same mapping.
+    #[test]
+    fn an_outbound_packet_on_another_workers_queue_is_handed_to_the_endpoint_owner() {
+        let (mut w0, mut w1) = two_workers();
+        let mut first = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"q");
+        let sent = first.clone();
+        assert_eq!(w1.process(Instant::ZERO, Side::Inside, &mut first), Action::HandedOff);
+        assert_eq!(first, sent, "the handing worker changes nothing");
+        assert_eq!(w1.nat().stats().mappings, 0, "and creates nothing");
+        assert_eq!(w1.stats().handed_off.get(), 1);
+        let (action, f) = finish_handoff(&mut w0).expect("worker 0 got the frame");
+        assert_eq!(action, Action::Forward { out: Side::Outside, len: sent.len() });
+        assert_eq!(&f[26..30], &EGRESS_IP.octets());
+        assert_eq!(u16::from_be_bytes([f[34], f[35]]), 4000, "original port kept");
+        assert_eq!(&f[0..6], &EXT_MAC);
+        let mut second = udp_frame([10, 10, 0, 2], [198, 51, 100, 10], 64, b"q");
+        assert!(matches!(w0.process(Instant::ZERO, Side::Inside, &mut second), Action::Forward { .. }));
+        assert_eq!(&second[26..30], &EGRESS_IP.octets());
+        assert_eq!(u16::from_be_bytes([second[34], second[35]]), 4000, "one mapping for both destinations");
+        assert_eq!(w0.nat().stats().mappings, 1);
     }
 
     /// RFC 4787 REQ-9 through the pipeline: an inside host reaching another inside host's egress ip:port is
@@ -1072,7 +1102,8 @@ mod tests {
         IcmpErrors { on_out_of_ports: true, per_sec, burst }
     }
 
-    /// Worker 5 of 64 (1008 high UDP ports on the egress IP) with every UDP port held by 10.10.0.9.
+    /// Worker 2 of 64 (1008 high UDP ports on the egress IP, 3040–4047, owner of the test frames' source port
+    /// 4000) with every UDP port held by 10.10.0.9.
     fn out_of_udp_ports(icmp: IcmpErrors, inside_addr: Option<Ipv4Addr>) -> Pipeline {
         let nat = NatConfig {
             workers: 64,
@@ -1088,11 +1119,11 @@ mod tests {
             NextHops::fixed(table),
             Arc::new(allow_all()),
             &nat,
-            5,
+            2,
             Arc::new(Handoffs::new(64, 8)),
         );
         for i in 0..1008 {
-            let mut f = udp_frame_from_port([10, 10, 0, 9], 20000 + i, [203, 0, 113, 10], 64, b"fill");
+            let mut f = udp_frame_from_port([10, 10, 0, 9], 3040 + i, [203, 0, 113, 10], 64, b"fill");
             let action = p.process(Instant::ZERO, Side::Inside, &mut f);
             assert!(matches!(action, Action::Forward { .. }), "flow {i}: {action:?}");
         }
@@ -1184,7 +1215,9 @@ mod tests {
         fragment[24..26].copy_from_slice(&c.to_be_bytes());
         assert_eq!(p.process(Instant::ZERO, Side::Inside, &mut fragment), Action::Drop(DropReason::Fragment));
         // An ICMP error from inside quoting nothing the NAT knows.
-        let quoted = udp_frame([203, 0, 113, 10], [10, 10, 0, 2], 64, b"q");
+        let mut quoted = udp_frame([203, 0, 113, 10], [10, 10, 0, 2], 64, b"q");
+        // Quoting the inside port 4000, so that this worker owns the quoted flow's endpoint.
+        quoted[36..38].copy_from_slice(&4000u16.to_be_bytes());
         let mut icmp_error = Vec::new();
         etherparse::PacketBuilder::ethernet2(CLIENT_MAC, GW_IN_MAC)
             .ipv4([10, 10, 0, 2], [203, 0, 113, 10], 64)
@@ -1206,12 +1239,13 @@ mod tests {
             let mut f = udp_frame_from_port([10, 10, 0, 2], sport, [203, 0, 113, 10], 64, b"fill");
             matches!(p.process(Instant(at), Side::Inside, &mut f), Action::Reply { .. })
         };
-        let answered: Vec<bool> = (0..5).map(|i| send(&mut p, 0, 5000 + i)).collect();
+        // Source ports in this worker's slice (3040–4047): it owns these endpoints and refuses them itself.
+        let answered: Vec<bool> = (0..5).map(|i| send(&mut p, 0, 3500 + i)).collect();
         assert_eq!(answered, [true, true, true, false, false], "burst of 3");
         assert_eq!(p.stats().icmp_errors_rate_limited.get(), 2);
-        assert!(!send(&mut p, 99_999_999, 6000), "10/s: not before 100 ms");
-        assert!(send(&mut p, 100_000_000, 6001), "one token after 100 ms");
-        assert!(!send(&mut p, 100_000_000, 6002));
+        assert!(!send(&mut p, 99_999_999, 3600), "10/s: not before 100 ms");
+        assert!(send(&mut p, 100_000_000, 3601), "one token after 100 ms");
+        assert!(!send(&mut p, 100_000_000, 3602));
         assert_eq!(p.stats().icmp_errors_sent.get(), 4);
         assert_eq!(p.stats().drops(DropReason::OutOfPorts), 8, "every refused packet is counted");
     }

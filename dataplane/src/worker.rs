@@ -74,17 +74,14 @@ impl Worker {
         let fds = [self.inside.fd(), self.outside.fd()];
         let mut empty_polls: u32 = 0;
         let mut last_gauges = Instant::ZERO;
+        // Where hairpinned frames are copied on their way back out of the port they came in by (allocated once).
+        let mut scratch = vec![0u8; crate::handoff::HANDOFF_JUMBO_BYTES];
         while !self.stop.load(Ordering::Relaxed) {
             self.pipeline.begin_batch();
+            let (inside, outside) = (&mut self.inside, &mut self.outside);
             let moved =
-                forward_burst(&mut self.inside, &mut self.outside, Side::Inside, &mut self.pipeline, &stats)
-                    + forward_burst(
-                        &mut self.outside,
-                        &mut self.inside,
-                        Side::Outside,
-                        &mut self.pipeline,
-                        &stats,
-                    );
+                forward_burst(Side::Inside, inside, outside, &mut self.pipeline, &stats, &mut scratch)
+                    + forward_burst(Side::Outside, inside, outside, &mut self.pipeline, &stats, &mut scratch);
             let now = Instant::monotonic();
             let moved = moved + self.drain_handoffs(now, &stats);
             if self.pipeline.has_held() {
@@ -122,28 +119,23 @@ impl Worker {
 }
 
 impl Worker {
-    /// Finishes up to one burst of frames other workers handed to this one (replies whose NAT port this worker
-    /// owns, hairpinned packets); they leave by the inside port. Returns how many were taken.
+    /// Finishes up to one burst of frames other workers handed to this one (packets from inside whose endpoint this
+    /// worker owns, replies whose NAT port it owns, hairpinned packets); each leaves by the port its action names.
+    /// Returns how many were taken.
     fn drain_handoffs(&mut self, now: Instant, stats: &WorkerStats) -> usize {
+        let handoffs = self.pipeline.handoffs().clone();
+        let me = self.pipeline.worker();
+        let (pipeline, inside, outside) = (&mut self.pipeline, &mut self.inside, &mut self.outside);
         let mut taken = 0;
         while taken < HANDOFF_BURST {
-            let Some(mut handed) = self.pipeline.next_handoff() else { break };
-            taken += 1;
-            let (out, bytes) = match self.pipeline.process_handoff(now, &mut handed) {
-                Action::Forward { out, len } => {
-                    let bytes = handed.bytes_mut();
-                    (out, &bytes[..len.min(bytes.len())])
-                }
-                Action::Reply { out, len } => {
-                    let reply = self.pipeline.reply_frame();
-                    (out, &reply[..len.min(reply.len())])
-                }
-                Action::Drop(_) | Action::HandedOff | Action::Held => continue,
-            };
-            let port = port_on(out, &mut self.inside, &mut self.outside);
-            if let Err(e) = port.stage_tx(bytes) {
-                stats.count_drop(e.drop_reason());
+            let finished = handoffs.pop_with(me, |kind, frame| {
+                let action = pipeline.process_handoff(now, kind, frame);
+                stage(action, frame, pipeline, inside, outside, stats);
+            });
+            if finished.is_none() {
+                break;
             }
+            taken += 1;
         }
         if taken > 0 {
             self.inside.flush_tx(stats, Side::Inside);
@@ -198,15 +190,46 @@ const EXPIRY_BUDGET: usize = 64;
 /// How often the NAT gauges are republished for the admin endpoint.
 const GAUGE_INTERVAL_NANOS: u128 = 1_000_000_000;
 
-/// One burst from `from` (which sits on `side`): pipeline each frame, stage forwarded frames on `to` and ICMP
-/// errors on the port their [`Action::Reply`] names, flush. Returns the number of frames received.
+/// Stages what `action` says to send: the rewritten `frame` or the pipeline's reply, on the port the action names.
+#[inline]
+fn stage(
+    action: Action,
+    frame: &[u8],
+    pipeline: &Pipeline,
+    inside: &mut Port,
+    outside: &mut Port,
+    stats: &WorkerStats,
+) {
+    let (out, bytes) = match action {
+        Action::Forward { out, len } => (out, &frame[..len.min(frame.len())]),
+        // An ICMP error: copied out of the pipeline's buffer now, before the next frame can overwrite it.
+        Action::Reply { out, len } => {
+            let reply = pipeline.reply_frame();
+            (out, &reply[..len.min(reply.len())])
+        }
+        // Dropped, held and handed-off frames need nothing more here (their bytes were copied where needed).
+        Action::Drop(_) | Action::HandedOff | Action::Held => return,
+    };
+    if let Err(e) = port_on(out, inside, outside).stage_tx(bytes) {
+        stats.count_drop(e.drop_reason());
+    }
+}
+
+/// One burst from the port on `side`: pipeline each frame and stage what it sends on the port its [`Action`]
+/// names, then flush. A hairpinned packet goes back out of the port it came in by: its bytes sit in that port's
+/// UMEM, so they are copied through `scratch` (sized for the largest frame) before being staged there.
 fn forward_burst(
-    from: &mut Port,
-    to: &mut Port,
     side: Side,
+    inside: &mut Port,
+    outside: &mut Port,
     pipeline: &mut Pipeline,
     stats: &WorkerStats,
+    scratch: &mut [u8],
 ) -> usize {
+    let (from, to) = match side {
+        Side::Inside => (inside, outside),
+        Side::Outside => (outside, inside),
+    };
     let n = from.receive(stats);
     if n == 0 {
         to.flush_tx(stats, side.other());
@@ -214,33 +237,39 @@ fn forward_burst(
     }
     stats.batches.inc();
     let now = Instant::monotonic();
-    let mut replied = false;
+    let mut sent_back = false;
     for i in 0..n {
         let frame = from.received_frame(i);
         stats.rx(side).add(frame.len());
-        // Dropped, held and handed-off frames need nothing more here (their bytes were copied where needed).
-        match pipeline.process(now, side, frame) {
+        let staged = match pipeline.process(now, side, frame) {
+            Action::Forward { out, len } if out != side => to.stage_tx(&frame[..len.min(frame.len())]),
             Action::Forward { len, .. } => {
-                let out = &frame[..len.min(frame.len())];
-                if let Err(e) = to.stage_tx(out) {
-                    stats.count_drop(e.drop_reason());
-                }
+                let len = len.min(frame.len()).min(scratch.len());
+                scratch[..len].copy_from_slice(&frame[..len]);
+                sent_back = true;
+                from.stage_tx(&scratch[..len])
             }
+            // An ICMP error: copied out of the pipeline's buffer now, before the next frame can overwrite it.
             Action::Reply { out, len } => {
-                // An ICMP error: copied out of the pipeline's buffer now, before the next frame can overwrite it.
                 let reply = pipeline.reply_frame();
-                let port = if out == side { &mut *from } else { &mut *to };
-                if let Err(e) = port.stage_tx(&reply[..len.min(reply.len())]) {
-                    stats.count_drop(e.drop_reason());
+                let reply = &reply[..len.min(reply.len())];
+                sent_back |= out == side;
+                if out == side {
+                    from.stage_tx(reply)
+                } else {
+                    to.stage_tx(reply)
                 }
-                replied |= out == side;
             }
-            Action::Drop(_) | Action::HandedOff | Action::Held => {}
+            // Dropped, held and handed-off frames need nothing more here (their bytes were copied where needed).
+            Action::Drop(_) | Action::HandedOff | Action::Held => Ok(()),
+        };
+        if let Err(e) = staged {
+            stats.count_drop(e.drop_reason());
         }
     }
     from.release_received();
     to.flush_tx(stats, side.other());
-    if replied {
+    if sent_back {
         from.flush_tx(stats, side);
     }
     n

@@ -924,16 +924,24 @@ fn each_worker_allocates_only_in_its_slice_and_points_replies_to_the_owner() {
     let pol = policy();
     let c = NatConfig { workers: 4, ..cfg() };
     let mut nats: Vec<Nat> = (0..4).map(|w| Nat::new(&c, w)).collect();
-    for (w, nat) in nats.iter_mut().enumerate() {
-        for port in [80u16, 1000, 20000, 50000, 65535] {
-            let (_, ext) = udp_out(nat, 0, C1, port, SRV, 53, &pol);
-            assert_eq!(port_owner(4, ext), w as u16);
-            assert_eq!(nat.reply_owner(ip(EG), 17, ext), w as u16);
-            assert_eq!(port < 1024, ext < 1024);
-            if port_owner(4, port) == w as u16 {
-                assert_eq!(ext, port, "original port first when it is ours");
-            }
+    for port in [80u16, 1000, 20000, 50000, 65535] {
+        // Only the endpoint's owner maps it; every other worker hands it over untouched.
+        let owner = port_owner(4, port);
+        for (w, nat) in nats.iter_mut().enumerate().filter(|(w, _)| *w != usize::from(owner)) {
+            let mut pk = udp(C1, port, SRV, 53);
+            let sent = pk.clone();
+            assert_eq!(out(nat, 0, &mut pk, &pol), Ok(Outbound::OtherWorker(owner)), "worker {w}");
+            assert_eq!(pk, sent);
         }
+        let nat = &mut nats[usize::from(owner)];
+        let (_, ext) = udp_out(nat, 0, C1, port, SRV, 53, &pol);
+        assert_eq!(ext, port, "original port first: it is always in the owner's slice");
+        assert_eq!(nat.reply_owner(ip(EG), 17, ext), owner);
+        // Another host with the same port on the same worker gets another port of the same slice and range.
+        let (_, other) = udp_out(nat, 0, C2, port, SRV, 53, &pol);
+        assert_ne!(other, port);
+        assert_eq!(port_owner(4, other), owner);
+        assert_eq!(port < 1024, other < 1024);
     }
     // A reply arriving at the wrong worker names its owner and is left untouched.
     let (_, ext) = udp_out(&mut nats[3], 0, C2, 64000, SRV, 53, &pol);
@@ -947,12 +955,30 @@ fn each_worker_allocates_only_in_its_slice_and_points_replies_to_the_owner() {
     let mut err = icmp_error(SRV, EG, 3, 3, &sent, 28);
     assert_eq!(nats[0].inbound(t(1), &mut err), Ok(Inbound::OtherWorker(3)));
     assert_eq!(nats[3].inbound(t(1), &mut err), Ok(Inbound::Forward));
-    let mut e = echo(C1, SRV, 5, false);
+    let mut e = echo(C1, SRV, 40000, false);
     assert_eq!(nats[2].outbound(t(0), &mut e, &pol), Ok(Outbound::Forward));
     let mut reply = echo(SRV, EG, src_of(&e).1, true);
     assert_eq!(nats[1].inbound(t(1), &mut reply), Ok(Inbound::OtherWorker(2)));
     assert_eq!(nats[2].inbound(t(1), &mut reply), Ok(Inbound::Forward));
-    assert_eq!(dst_of(&reply), (ip(C1), 5));
+    assert_eq!(dst_of(&reply), (ip(C1), 40000));
+}
+
+/// An ICMP error an inside host sends about a reply it got (port unreachable) belongs to the worker owning the
+/// quoted flow's inside port, whichever worker receives it.
+#[test]
+fn an_inside_icmp_error_goes_to_the_worker_owning_the_quoted_flow() {
+    let pol = policy();
+    let c = NatConfig { workers: 2, ..cfg() };
+    let (mut w0, mut w1) = (Nat::new(&c, 0), Nat::new(&c, 1));
+    let (_, ext) = udp_out(&mut w1, 0, C1, 60000, SRV, 53, &pol);
+    let mut reply = udp(SRV, 53, EG, ext);
+    assert_eq!(inb(&mut w1, 1, &mut reply), Ok(Inbound::Forward));
+    let mut unreachable = icmp_error(C1, SRV, 3, 3, &reply, 28);
+    let sent = unreachable.clone();
+    assert_eq!(out(&mut w0, 2, &mut unreachable, &pol), Ok(Outbound::OtherWorker(1)));
+    assert_eq!(unreachable, sent);
+    assert_eq!(out(&mut w1, 2, &mut unreachable, &pol), Ok(Outbound::Forward));
+    assert_eq!(src_of(&unreachable).0, ip(EG));
 }
 
 #[test]
@@ -1026,23 +1052,25 @@ fn rfc6888_req8_port_exhaustion_and_quarantine() {
     let mut nat = Nat::new(&c, 5);
     let (a, b) = slice_of(HIGH_FIRST, HIGH_LEN, 64, 5);
     let n = (b - a) as usize;
+    // Every inside endpoint uses the slice's first port: worker 5 owns them all.
+    let sport = a as u16;
     let mut used = std::collections::HashSet::new();
     for i in 0..n {
         let host = [10, 9, (i / 200) as u8, (i % 200) as u8 + 1];
-        let (_, ext) = udp_out(&mut nat, 0, host, 30000, SRV, 53, &pol);
+        let (_, ext) = udp_out(&mut nat, 0, host, sport, SRV, 53, &pol);
         assert!(used.insert(ext), "external port {ext} used twice");
         assert!((a..b).contains(&u32::from(ext)));
     }
     assert_eq!(nat.stats().egress_ports()[0].udp, n as u32);
-    assert_eq!(out(&mut nat, 0, &mut udp(C1, 30000, SRV, 53), &pol), Err(DropReason::OutOfPorts));
+    assert_eq!(out(&mut nat, 0, &mut udp(C1, sport, SRV, 53), &pol), Err(DropReason::OutOfPorts));
     assert_eq!(nat.stats().allocation_failures, 1);
     // TCP has its own ports.
-    out(&mut nat, 0, &mut tcp(C1, 30000, SRV, 443, 1, 0, "S"), &pol).unwrap();
+    out(&mut nat, 0, &mut tcp(C1, sport, SRV, 443, 1, 0, "S"), &pol).unwrap();
     // Everything idles out at 300 s; the ports are quarantined for 120 s.
     assert_eq!(expire_all(&mut nat, 300), n + 1);
     assert_eq!(nat.stats().egress_ports()[0].udp, 0);
-    assert_eq!(out(&mut nat, 419, &mut udp(C1, 30000, SRV, 53), &pol), Err(DropReason::OutOfPorts));
-    let (_, ext) = udp_out(&mut nat, 420, C1, 30000, SRV, 53, &pol);
+    assert_eq!(out(&mut nat, 419, &mut udp(C1, sport, SRV, 53), &pol), Err(DropReason::OutOfPorts));
+    let (_, ext) = udp_out(&mut nat, 420, C1, sport, SRV, 53, &pol);
     assert!(used.contains(&ext));
 }
 
@@ -1056,22 +1084,24 @@ fn rfc6888_req8_port_search_is_bounded_and_resumes_where_it_stopped() {
     let n = (b - a) as usize;
     let kept = 5000;
     assert!(n > kept && kept > MAX_PORT_PROBES as usize);
-    // Source port 1500 lies outside this worker's slice, so every flow takes the next port in order.
+    // Every inside endpoint uses the slice's first port (worker 5 owns them all): the first keeps it, every later
+    // flow takes the next port in order.
+    let sport = a as u16;
     let host = |i: usize| [10, 9, (i / 200) as u8, (i % 200) as u8 + 1];
     for i in 0..n {
-        let (_, ext) = udp_out(&mut nat, 0, host(i), 1500, SRV, 53, &pol);
+        let (_, ext) = udp_out(&mut nat, 0, host(i), sport, SRV, 53, &pol);
         assert_eq!(u32::from(ext), a + i as u32);
     }
     // The first `kept` flows stay busy; the rest idle out at 300 s and sit in quarantine until 421 s.
     for i in 0..kept {
-        udp_out(&mut nat, 200, host(i), 1500, SRV, 53, &pol);
+        udp_out(&mut nat, 200, host(i), sport, SRV, 53, &pol);
     }
     assert_eq!(expire_all(&mut nat, 301), n - kept);
     // From the cursor (back at the slice start) the first search meets only busy ports and gives up…
     let newcomer = [10, 9, 250, 1];
-    assert_eq!(out(&mut nat, 421, &mut udp(newcomer, 1500, SRV, 53), &pol), Err(DropReason::OutOfPorts));
+    assert_eq!(out(&mut nat, 421, &mut udp(newcomer, sport, SRV, 53), &pol), Err(DropReason::OutOfPorts));
     // …and the next one carries on from there and finds the first free port.
-    let (_, ext) = udp_out(&mut nat, 421, newcomer, 1500, SRV, 53, &pol);
+    let (_, ext) = udp_out(&mut nat, 421, newcomer, sport, SRV, 53, &pol);
     assert_eq!(u32::from(ext), a + kept as u32);
 }
 
