@@ -170,6 +170,20 @@ impl Collector for CoreCollector {
 
         let rx_packets = by_side(&|w, side| w.rx(side).packets.get());
         counters(&mut encoder, "egressd_rx_packets", "Frames received, by interface side.", rx_packets)?;
+        let per_worker = state.workers.iter().enumerate().flat_map(|(i, w)| {
+            sides.map(|side| {
+                (
+                    vec![("worker", i.to_string()), ("side", side.as_str().to_string())],
+                    w.rx(side).packets.get(),
+                )
+            })
+        });
+        counters(
+            &mut encoder,
+            "egressd_worker_rx_packets",
+            "Frames received, by worker (= queue) and interface side: how the NIC spreads traffic over the workers.",
+            per_worker,
+        )?;
         let rx_bytes = by_side(&|w, side| w.rx(side).bytes.get());
         counters(&mut encoder, "egressd_rx_bytes", "Bytes received, by interface side.", rx_bytes)?;
         let tx_packets = by_side(&|w, side| w.tx(side).packets.get());
@@ -437,6 +451,7 @@ mod tests {
             assert!(text.contains(&format!("reason=\"{}\"", r.as_str())), "missing {}", r.as_str());
         }
         assert!(text.contains("egressd_workers 2"), "{text}");
+        assert!(text.contains("egressd_worker_rx_packets_total{worker=\"1\",side=\"inside\"} 1"), "{text}");
         assert!(
             text.contains("egressd_kernel_drops_total{side=\"inside\",reason=\"rx_ring_full\"} 5"),
             "{text}"

@@ -44,9 +44,10 @@ pub struct Lab {
 }
 
 impl Lab {
-    /// Brings up a lab. `route_back`: ext routes the client subnets back to gw (forwarding without NAT).
+    /// Brings up a lab with one queue per worker of [`lab_workers`]. `route_back`: ext routes the client subnets
+    /// back to gw (forwarding without NAT).
     pub fn up(route_back: bool) -> Lab {
-        Lab::up_with(route_back, 1)
+        Lab::up_with(route_back, lab_workers())
     }
 
     /// As [`Lab::up`], with `queues` active queues on every veth (2: one per worker of a 2-worker gateway).
@@ -120,16 +121,44 @@ impl Drop for Lab {
     }
 }
 
+/// How many workers lab gateways run with: `EGRESSD_LAB_WORKERS` (1, the default, or 2). `scripts/test` runs the
+/// lab tests once with each, so every behaviour is shown with one worker and with two (one per veth queue, replies
+/// and packets of inside endpoints handed between them).
+pub fn lab_workers() -> u32 {
+    match std::env::var("EGRESSD_LAB_WORKERS").as_deref() {
+        Err(_) | Ok("1") => 1,
+        Ok("2") => 2,
+        Ok(other) => panic!("EGRESSD_LAB_WORKERS={other}: must be 1 or 2"),
+    }
+}
+
+/// `config` as the gateway should run it: with two lab workers, a copy whose single worker core (`cores = [1]`)
+/// becomes `cores = [0, 1]`. Configurations that set their own cores are used as they are.
+fn config_for_lab_workers(config: &Path) -> (Option<tempfile::TempDir>, PathBuf) {
+    let text = std::fs::read_to_string(config).expect("read the gateway's config");
+    if lab_workers() == 1 || !text.contains("cores = [1]") {
+        return (None, config.to_path_buf());
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join(config.file_name().expect("config file name"));
+    std::fs::write(&path, text.replace("cores = [1]", "cores = [0, 1]")).expect("write config");
+    (Some(dir), path)
+}
+
 /// egressd running in the lab's gw namespace. Stopped (SIGTERM) on drop.
 pub struct Gateway<'a> {
     lab: &'a Lab,
     child: Option<Child>,
     pub log: PathBuf,
+    _config: Option<tempfile::TempDir>,
 }
 
 impl<'a> Gateway<'a> {
-    /// Starts `egressd run config` in gw and waits until `/readyz` answers 200 (at most 20 s).
+    /// Starts `egressd run config` in gw (on [`lab_workers`] workers) and waits until `/readyz` answers 200 (at
+    /// most 20 s).
     pub fn start(lab: &'a Lab, config: &Path) -> Gateway<'a> {
+        let (config_dir, config) = config_for_lab_workers(config);
+        let config = config.as_path();
         let log = std::env::temp_dir().join(format!("egressd-lab-{}.log", lab.id));
         let log_file = std::fs::File::create(&log).expect("create gateway log");
         let child = Command::new("ip")
@@ -142,7 +171,7 @@ impl<'a> Gateway<'a> {
             .stderr(log_file)
             .spawn()
             .expect("spawn egressd");
-        let mut gw = Gateway { lab, child: Some(child), log };
+        let mut gw = Gateway { lab, child: Some(child), log, _config: config_dir };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = gw.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
