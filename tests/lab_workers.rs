@@ -7,13 +7,13 @@ mod support;
 
 use std::collections::{HashMap, HashSet};
 
-use support::{lab_config, wait_for, Gateway, Lab};
+use support::{lab_config_as_is, wait_for, Gateway, Lab};
 
 /// A lab with `workers` queues and egressd on `workers` workers (cores 1, or 0 and 1).
 fn lab_with_workers(workers: u32) -> (Lab, tempfile::TempDir, std::path::PathBuf) {
     let lab = Lab::up_with(false, workers);
     let cores = if workers == 2 { "cores = [0, 1]" } else { "cores = [1]" };
-    let (dir, config, _) = lab_config(|text| text.replace("cores = [1]", cores));
+    let (dir, config) = lab_config_as_is(|text| text.replace("cores = [1]", cores));
     (lab, dir, config)
 }
 

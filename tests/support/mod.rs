@@ -254,11 +254,24 @@ pub fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
 }
 
 /// A copy of `conf/lab.toml` in a temporary directory (kept alive by the returned guard), edited by `edit`: for
-/// tests that reload a changed file or run another worker layout.
+/// tests that reload a changed file or run another worker layout. The text `edit` gets, and the "original" returned
+/// for later rewrites, already run on [`lab_workers`] workers.
 pub fn lab_config(edit: impl FnOnce(&str) -> String) -> (tempfile::TempDir, PathBuf, String) {
+    let text = std::fs::read_to_string(repo_root().join("conf/lab.toml")).expect("read conf/lab.toml");
+    let original = if lab_workers() == 2 { text.replace("cores = [1]", "cores = [0, 1]") } else { text };
+    let (dir, path) = write_config(&edit(&original));
+    (dir, path, original)
+}
+
+/// As [`lab_config`], whatever [`lab_workers`] says: for tests that choose their worker layout themselves.
+pub fn lab_config_as_is(edit: impl FnOnce(&str) -> String) -> (tempfile::TempDir, PathBuf) {
+    let text = std::fs::read_to_string(repo_root().join("conf/lab.toml")).expect("read conf/lab.toml");
+    write_config(&edit(&text))
+}
+
+fn write_config(text: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("lab.toml");
-    let original = std::fs::read_to_string(repo_root().join("conf/lab.toml")).expect("read conf/lab.toml");
-    std::fs::write(&path, edit(&original)).expect("write config");
-    (dir, path, original)
+    std::fs::write(&path, text).expect("write config");
+    (dir, path)
 }
