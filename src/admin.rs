@@ -41,6 +41,9 @@ pub struct AdminState {
     pub extra_collectors: Vec<Arc<dyn Collector>>,
     /// The running policy, to name the rules in the per-rule decision counters.
     pub policy: Option<Arc<SharedPolicy>>,
+    /// Frames the XDP programs dropped before any worker saw them, by reason (kept fresh by the control loop);
+    /// added to the workers' counts of the same reason.
+    pub xdp_drops: [AtomicU64; DropReason::COUNT],
 }
 
 /// Up to this many rules, `/metrics` lists every rule's decisions, zeros included (so unused rules show); a larger
@@ -65,6 +68,7 @@ impl AdminState {
             reloads_failed: AtomicU64::new(0),
             extra_collectors: Vec::new(),
             policy: None,
+            xdp_drops: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
@@ -191,9 +195,10 @@ impl Collector for CoreCollector {
         let tx_bytes = by_side(&|w, side| w.tx(side).bytes.get());
         counters(&mut encoder, "egressd_tx_bytes", "Bytes transmitted, by interface side.", tx_bytes)?;
 
-        let drops = DropReason::ALL
-            .iter()
-            .map(|&r| (vec![("reason", r.as_str().to_string())], sum(&|w: &WorkerStats| w.drops(r))));
+        let drops = DropReason::ALL.iter().map(|&r| {
+            let in_xdp = state.xdp_drops[r as usize].load(Ordering::Relaxed);
+            (vec![("reason", r.as_str().to_string())], sum(&|w: &WorkerStats| w.drops(r)) + in_xdp)
+        });
         counters(&mut encoder, "egressd_drops", "Frames not forwarded, by reason.", drops)?;
 
         counters(
@@ -437,7 +442,9 @@ mod tests {
         w1.icmp_errors_sent.add(3);
         w2.icmp_errors_sent.inc();
         w2.icmp_errors_rate_limited.add(7);
-        Arc::new(AdminState::new(vec![w1, w2]))
+        let state = AdminState::new(vec![w1, w2]);
+        state.xdp_drops[DropReason::Ipv6Unsupported as usize].store(9, Ordering::Relaxed);
+        Arc::new(state)
     }
 
     #[test]
@@ -447,6 +454,8 @@ mod tests {
         assert!(text.contains("egressd_rx_bytes_total{side=\"inside\"} 150"), "{text}");
         assert!(text.contains("egressd_tx_packets_total{side=\"outside\"} 1"), "{text}");
         assert!(text.contains("egressd_drops_total{reason=\"no_mapping\"} 2"), "{text}");
+        // Drops the XDP program counted join the workers' under the same reason.
+        assert!(text.contains("egressd_drops_total{reason=\"ipv6_unsupported\"} 9"), "{text}");
         for r in DropReason::ALL {
             assert!(text.contains(&format!("reason=\"{}\"", r.as_str())), "missing {}", r.as_str());
         }

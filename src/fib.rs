@@ -151,15 +151,13 @@ pub fn request_resolution(next_hop: Ipv4Addr) {
     }
 }
 
-/// The node's own IPv4 addresses on every interface, except `egress_ips` (their traffic is egressd's). The XDP
+/// The node's own addresses (IPv4 and IPv6) on every interface, except `egress_ips` (their traffic is egressd's). The XDP
 /// program passes frames to these addresses to the kernel.
-pub fn node_addresses(egress_ips: &[Ipv4Addr]) -> std::io::Result<Vec<Ipv4Addr>> {
-    let mut addrs: Vec<Ipv4Addr> = if_addrs::get_if_addrs()?
+pub fn node_addresses(egress_ips: &[Ipv4Addr]) -> std::io::Result<Vec<std::net::IpAddr>> {
+    let mut addrs: Vec<std::net::IpAddr> = if_addrs::get_if_addrs()?
         .into_iter()
-        .filter_map(|i| match i.ip() {
-            std::net::IpAddr::V4(a) if !egress_ips.contains(&a) => Some(a),
-            _ => None,
-        })
+        .map(|i| i.ip())
+        .filter(|a| !matches!(a, std::net::IpAddr::V4(a) if egress_ips.contains(a)))
         .collect();
     addrs.sort();
     addrs.dedup();

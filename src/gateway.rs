@@ -26,7 +26,7 @@ use dataplane::handoff::Handoffs;
 use dataplane::nexthop::{NextHopTable, ResolveQueue};
 use dataplane::pipeline::{NextHops, Pipeline};
 use dataplane::policy::{PolicySnapshot, Verdict};
-use dataplane::stats::WorkerStats;
+use dataplane::stats::{DropReason, WorkerStats};
 use dataplane::worker::{IdleMode, Worker, WorkerConfig};
 use dataplane::xsk::xdp::{XdpModeChoice, XdpProgram};
 use dataplane::xsk::{Port, PortConfig};
@@ -206,6 +206,14 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
         }
         if last_refresh.elapsed() >= FIB_REFRESH || Instant::now() < fast_refresh_until {
             last_refresh = Instant::now();
+            let mut ipv6 = 0;
+            for program in &programs {
+                match program.drops() {
+                    Ok(drops) => ipv6 += drops.ipv6_unsupported,
+                    Err(e) => tracing::warn!(error = %e, "cannot read the XDP program's drop counters"),
+                }
+            }
+            admin_state.xdp_drops[DropReason::Ipv6Unsupported as usize].store(ipv6, Ordering::Relaxed);
             match fib.read() {
                 Ok(table) => {
                     resolve_gateways(&table);

@@ -314,9 +314,33 @@ fn l7_rule_with_and_without_a_host() {
 fn ipv6_flows() {
     let c = write_config(POLICY);
     let v = explain_json(&c.path, &["--src", "2001:db8:1::5", "--dst", "[2001:db8:ff::1]:443"]);
-    assert_eq!((v["verdict"].as_str(), v["rule"].as_str()), (Some("allow"), Some(c.rule_at(7).as_str())));
-    // NAT44 only: an IPv6 flow has no egress IP.
+    // The dataplane drops transit IPv6 whatever the policy says: explain says so, and what the rule would do.
+    assert_eq!(
+        (v["verdict"].as_str(), v["rule"].as_str()),
+        (Some("ipv6-unsupported"), Some(c.rule_at(7).as_str()))
+    );
+    assert_eq!(v["forwarded"], serde_json::Value::Bool(false));
     assert_eq!(v["egress_ip"], serde_json::Value::Null);
+    let why = v["reason"].as_str().unwrap();
+    assert!(why.starts_with("dropped and counted as ipv6_unsupported"), "{why}");
+    assert!(why.contains("the policy would say allow"), "{why}");
+}
+
+/// `check` accepts IPv6 sources and rules but warns, at each, that this version does not enforce them.
+#[test]
+fn check_warns_that_ipv6_sources_and_rules_are_not_enforced() {
+    let c = write_config(POLICY);
+    let out = Command::new(env!("CARGO_BIN_EXE_egressd"))
+        .arg("check")
+        .arg(&c.path)
+        .output()
+        .expect("run egressd check");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let warnings: Vec<&str> = text.lines().filter(|l| l.contains("IPv6 is not enforced")).collect();
+    assert_eq!(warnings.len(), 2, "one for the IPv6 source, one for the IPv6 rule:\n{text}");
+    assert!(warnings.iter().any(|w| w.contains("source 2001:db8:1::/64")), "{text}");
+    assert!(warnings.iter().any(|w| w.contains("2001:db8:ff::/48")), "{text}");
 }
 
 #[test]

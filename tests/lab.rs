@@ -169,3 +169,47 @@ except Exception as e:
     );
     assert!(gw.metric(r#"egressd_drops_total{reason="default_deny"}"#) >= 1.0);
 }
+
+/// Sends one UDP datagram over IPv6 from the client to ext's echo at [2001:db8:113::10]:7007; true if it came back.
+fn udp6_echo(lab: &Lab) -> bool {
+    let out = lab.sh("client", "printf v6 | socat -T2 - 'UDP6:[2001:db8:113::10]:7007'");
+    String::from_utf8_lossy(&out.stdout) == "v6"
+}
+
+/// IPv6 fails closed: gw forwards IPv6 in the kernel (forwarding=1), so without egressd ping and UDP over IPv6
+/// cross; while egressd runs, its XDP program drops that transit IPv6 and counts it (`ipv6_unsupported`), and the
+/// node's own IPv6 (ping to gw's inside address, neighbour discovery) keeps working.
+#[test]
+fn transit_ipv6_is_dropped_and_counted_while_the_nodes_own_ipv6_keeps_working() {
+    let lab = Lab::up(false);
+    let fwd = lab.exec("gw", "sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+    assert!(fwd.status.success(), "cannot turn IPv6 forwarding on in gw");
+    let echo = lab.sh(
+        "ext",
+        "setsid socat 'UDP6-RECVFROM:7007,bind=[2001:db8:113::10],fork' EXEC:cat >/dev/null 2>&1 &",
+    );
+    assert!(echo.status.success());
+    let ping6 = |target: &str| lab.exec("client", "ping", &["-6", "-c", "2", "-i", "0.2", "-W", "2", target]);
+    wait_for(
+        || ping6("2001:db8:113::10").status.success(),
+        "IPv6 crossing gw without egressd (the kernel forwards it)",
+    );
+    wait_for(|| udp6_echo(&lab), "UDP over IPv6 crossing gw without egressd");
+
+    let gw = Gateway::start(&lab, &repo_root().join("conf/lab.toml"));
+    assert!(!ping6("2001:db8:113::10").status.success(), "transit IPv6 crossed while egressd runs");
+    assert!(!udp6_echo(&lab), "UDP over IPv6 crossed while egressd runs");
+    wait_for(
+        || gw.metric(r#"egressd_drops_total{reason="ipv6_unsupported"}"#) >= 3.0,
+        "the 2 pings and the datagram counted as ipv6_unsupported",
+    );
+    let own = ping6("fd00:10::1");
+    assert!(
+        own.status.success(),
+        "gw's own IPv6 address stopped answering:\n{}",
+        String::from_utf8_lossy(&own.stdout)
+    );
+    let neigh = String::from_utf8_lossy(&lab.exec("gw", "ip", &["-6", "neigh", "show"]).stdout).into_owned();
+    assert!(neigh.contains("fd00:10::2"), "neighbour discovery reached the kernel:\n{neigh}");
+    drop(gw);
+}

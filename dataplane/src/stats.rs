@@ -51,7 +51,9 @@ drop_reasons! {
     Fragment => "fragment",
     /// TTL or hop limit would reach zero.
     TtlExceeded => "ttl_exceeded",
-    /// IPv6 is parsed and judged but not forwarded (NAT44 only).
+    /// Transit IPv6: this version forwards IPv4 only. The XDP program drops it before any worker sees it (the
+    /// node's own, link-local, multicast and neighbour-discovery IPv6 go to the kernel); a worker that meets an IPv6
+    /// frame anyway drops it under the same reason.
     Ipv6Unsupported => "ipv6_unsupported",
     /// IPv6 extension header chain too long or malformed.
     BadIpv6ExtensionChain => "bad_ipv6_extension_chain",

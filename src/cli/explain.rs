@@ -103,7 +103,8 @@ impl Flow {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Explanation {
     pub flow: String,
-    /// `allow`, `deny` (a deny rule), `l7`, `default-deny` (no rule of the group matched) or `no-group`.
+    /// `allow`, `deny` (a deny rule), `l7`, `default-deny` (no rule of the group matched), `no-group`, or
+    /// `ipv6-unsupported` (an IPv6 flow: dropped by this version whatever the policy says).
     pub verdict: &'static str,
     /// The source's group.
     pub group: Option<String>,
@@ -237,6 +238,25 @@ pub fn explain_flow(loaded: &Loaded, snapshot: &PolicySnapshot, flow: &Flow) -> 
                 }
             }
         }
+    }
+    if flow.src.is_ipv6() {
+        // The policy's answer is shown for when IPv6 is forwarded; today the dataplane drops the flow.
+        return Explanation {
+            flow: flow.describe(),
+            verdict: "ipv6-unsupported",
+            group: decision.group.map(|g| snapshot.group_name(g).to_string()),
+            group_at: decision.group.map(group_at),
+            rule: decision.rule.map(rule_at),
+            egress_ip: None,
+            dry_run: false,
+            layer: "L4",
+            forwarded: false,
+            reason: format!(
+                "dropped and counted as ipv6_unsupported: this version forwards IPv4 only and drops transit IPv6 \
+                 (the policy would say {verdict}: {reason})"
+            ),
+            host_allowed,
+        };
     }
     if matches!(decision.verdict, Verdict::Deny(_)) {
         reason.push_str(if decision.dry_run {

@@ -170,6 +170,10 @@ pub fn validate(config: &Config, src: &Source, diags: &mut Diagnostics) {
     }
 }
 
+/// Why IPv6 sources and destinations are only warned about: this version forwards IPv4 only.
+pub const IPV6_NOT_ENFORCED: &str = "IPv6 is not enforced by this version: egressd forwards IPv4 only and \
+     drops transit IPv6 (counted as ipv6_unsupported), whatever the rules say";
+
 /// Names, sources and egress IPs of the groups. Returns the owner of each valid egress IP.
 fn validate_groups<'a>(
     config: &'a Config,
@@ -199,6 +203,9 @@ fn validate_groups<'a>(
                     }
                     Some(other) => {
                         diags.error(src, s.span(), format!("source {p} is already in group \"{other}\""))
+                    }
+                    None if !p.is_ipv4() => {
+                        diags.warn(src, s.span(), format!("source {p}: {IPV6_NOT_ENFORCED}"))
                     }
                     None => {}
                 },
@@ -309,7 +316,12 @@ fn check_rule<'a>(
             Ok(p) if to.iter().any(|(q, _)| *q == p) => {
                 diags.error(src, t.span(), format!("{p} is listed twice"))
             }
-            Ok(p) => to.push((p, t.span())),
+            Ok(p) => {
+                if !p.is_ipv4() {
+                    diags.warn(src, t.span(), format!("{p}: {IPV6_NOT_ENFORCED}"));
+                }
+                to.push((p, t.span()))
+            }
         }
     }
     let mut except = Vec::new();

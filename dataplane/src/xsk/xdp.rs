@@ -2,18 +2,20 @@
 //! one instance per interface.
 //!
 //! Why our own program and not libxdp's default: the default sends *every* frame to the socket, ARP included, so
-//! neighbours never resolve and the node loses ssh and DNS. Ours passes to the kernel: non-IPv4 (ARP, IPv6/ND),
-//! IPv4 multicast and broadcast, and IPv4 addressed to the node's own addresses (`local_addrs`, which excludes the
-//! egress IPs: their traffic is egressd's). Everything else goes to the AF_XDP socket of the frame's rx queue
-//! (`xsks`), or to the kernel when no socket is bound there.
+//! neighbours never resolve and the node loses ssh and DNS. Ours passes to the kernel: ARP and other non-IP frames,
+//! IPv4 multicast and broadcast, IPv4 addressed to the node's own addresses (`local_addrs`, which excludes the
+//! egress IPs: their traffic is egressd's), and IPv6 that is the node's own (its addresses in `local_addrs6`,
+//! link-local, multicast, neighbour discovery). Transit IPv6 is dropped and counted ([`XdpProgram::drops`]):
+//! egressd forwards IPv4 only, and a node that forwards IPv6 must not let it leave unfiltered. Other IPv4 goes to
+//! the AF_XDP socket of the frame's rx queue (`xsks`), or to the kernel when no socket is bound there.
 //!
 //! One program per interface and no bpffs: `ip netns exec` remounts /sys and no bpffs is mounted, so libxdp's
 //! multi-program dispatcher is unavailable. aya attaches through a bpf_link, so the program goes away with the
 //! process even if it dies; [`XdpProgram::detach`] (also run on drop) removes it on a clean shutdown.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use aya::maps::{HashMap as BpfHashMap, XskMap};
+use aya::maps::{HashMap as BpfHashMap, PerCpuArray, XskMap};
 use aya::programs::{Xdp, XdpMode};
 use aya::Ebpf;
 
@@ -58,6 +60,13 @@ pub enum XdpError {
     Map { interface: String, map: &'static str, reason: String },
 }
 
+/// What the XDP program dropped before any socket saw it (`xdp_drops` in the program).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpDrops {
+    /// Transit IPv6 (egressd forwards IPv4 only): `egressd_drops_total{reason="ipv6_unsupported"}`.
+    pub ipv6_unsupported: u64,
+}
+
 /// The XDP program attached to one interface, with its maps.
 pub struct XdpProgram {
     interface: String,
@@ -73,12 +82,12 @@ impl std::fmt::Debug for XdpProgram {
 }
 
 impl XdpProgram {
-    /// Loads a fresh instance of the program, fills `local_addrs` with `node_addrs` (frames to them stay with the
-    /// kernel) and attaches it to `interface`.
+    /// Loads a fresh instance of the program, fills `local_addrs`/`local_addrs6` with `node_addrs` (frames to them
+    /// stay with the kernel) and attaches it to `interface`.
     pub fn attach(
         interface: &str,
         choice: XdpModeChoice,
-        node_addrs: &[Ipv4Addr],
+        node_addrs: &[IpAddr],
     ) -> Result<XdpProgram, XdpError> {
         let map_err = |map: &'static str, e: &dyn std::fmt::Display| XdpError::Map {
             interface: interface.to_string(),
@@ -90,11 +99,25 @@ impl XdpProgram {
             let map = ebpf.map_mut("local_addrs").ok_or_else(|| map_err("local_addrs", &"missing"))?;
             let mut local: BpfHashMap<_, u32, u8> =
                 BpfHashMap::try_from(map).map_err(|e| map_err("local_addrs", &e))?;
-            for addr in node_addrs {
+            for addr in node_addrs.iter().filter_map(|a| match a {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => None,
+            }) {
                 // The program compares the header's bytes as they are: network byte order.
                 local
                     .insert(u32::from_ne_bytes(addr.octets()), 1, 0)
                     .map_err(|e| map_err("local_addrs", &e))?;
+            }
+        }
+        {
+            let map = ebpf.map_mut("local_addrs6").ok_or_else(|| map_err("local_addrs6", &"missing"))?;
+            let mut local: BpfHashMap<_, [u8; 16], u8> =
+                BpfHashMap::try_from(map).map_err(|e| map_err("local_addrs6", &e))?;
+            for addr in node_addrs.iter().filter_map(|a| match a {
+                IpAddr::V6(a) => Some(a),
+                IpAddr::V4(_) => None,
+            }) {
+                local.insert(addr.octets(), 1, 0).map_err(|e| map_err("local_addrs6", &e))?;
             }
         }
         let program: &mut Xdp = ebpf
@@ -144,6 +167,19 @@ impl XdpProgram {
         let map = self.ebpf.map_mut("xsks").ok_or_else(|| map_err(&"missing"))?;
         let mut xsks = XskMap::try_from(map).map_err(|e| map_err(&e))?;
         xsks.set(port.queue(), port.fd(), 0).map_err(|e| map_err(&e))
+    }
+
+    /// Frames the program itself dropped since it was loaded, by reason (summed over CPUs).
+    pub fn drops(&self) -> Result<XdpDrops, XdpError> {
+        let map_err = |e: &dyn std::fmt::Display| XdpError::Map {
+            interface: self.interface.clone(),
+            map: "xdp_drops",
+            reason: e.to_string(),
+        };
+        let map = self.ebpf.map("xdp_drops").ok_or_else(|| map_err(&"missing"))?;
+        let counts = PerCpuArray::<_, u64>::try_from(map).map_err(|e| map_err(&e))?;
+        let per_cpu = counts.get(&0, 0).map_err(|e| map_err(&e))?;
+        Ok(XdpDrops { ipv6_unsupported: per_cpu.iter().sum() })
     }
 
     /// Detaches the program from the interface; frames go to the kernel again.
