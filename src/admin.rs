@@ -6,7 +6,7 @@
 
 use std::io::Read;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -44,6 +44,10 @@ pub struct AdminState {
     /// Frames the XDP programs dropped before any worker saw them, by reason (kept fresh by the control loop);
     /// added to the workers' counts of the same reason.
     pub xdp_drops: [AtomicU64; DropReason::COUNT],
+    /// Each interface egressd owns and its MTU as last read (kept fresh by the control loop).
+    pub interface_mtu: Vec<(String, AtomicU32)>,
+    /// The largest MTU the configured `frame_size` carries.
+    pub largest_mtu: u32,
 }
 
 /// Up to this many rules, `/metrics` lists every rule's decisions, zeros included (so unused rules show); a larger
@@ -69,6 +73,8 @@ impl AdminState {
             extra_collectors: Vec::new(),
             policy: None,
             xdp_drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            interface_mtu: Vec::new(),
+            largest_mtu: u32::MAX,
         }
     }
 
@@ -187,6 +193,21 @@ impl Collector for CoreCollector {
             "egressd_worker_rx_packets",
             "Frames received, by worker (= queue) and interface side: how the NIC spreads traffic over the workers.",
             per_worker,
+        )?;
+        let mtus: Vec<(String, u32)> =
+            state.interface_mtu.iter().map(|(i, m)| (i.clone(), m.load(Ordering::Relaxed))).collect();
+        let label = |i: &String| vec![("interface", i.clone())];
+        gauges(
+            &mut encoder,
+            "egressd_interface_mtu",
+            "MTU of each interface egressd owns.",
+            mtus.iter().map(|(i, m)| (label(i), u64::from(*m))),
+        )?;
+        gauges(
+            &mut encoder,
+            "egressd_interface_mtu_too_large",
+            "1 while an interface's MTU exceeds what the UMEM frame size carries (longer frames are lost).",
+            mtus.iter().map(|(i, m)| (label(i), u64::from(*m > state.largest_mtu))),
         )?;
         let rx_bytes = by_side(&|w, side| w.rx(side).bytes.get());
         counters(&mut encoder, "egressd_rx_bytes", "Bytes received, by interface side.", rx_bytes)?;
@@ -442,8 +463,11 @@ mod tests {
         w1.icmp_errors_sent.add(3);
         w2.icmp_errors_sent.inc();
         w2.icmp_errors_rate_limited.add(7);
-        let state = AdminState::new(vec![w1, w2]);
+        let mut state = AdminState::new(vec![w1, w2]);
         state.xdp_drops[DropReason::Ipv6Unsupported as usize].store(9, Ordering::Relaxed);
+        state.interface_mtu =
+            vec![("gw-in".into(), AtomicU32::new(1500)), ("gw-out".into(), AtomicU32::new(3000))];
+        state.largest_mtu = 1774;
         Arc::new(state)
     }
 
@@ -454,6 +478,9 @@ mod tests {
         assert!(text.contains("egressd_rx_bytes_total{side=\"inside\"} 150"), "{text}");
         assert!(text.contains("egressd_tx_packets_total{side=\"outside\"} 1"), "{text}");
         assert!(text.contains("egressd_drops_total{reason=\"no_mapping\"} 2"), "{text}");
+        assert!(text.contains("egressd_interface_mtu{interface=\"gw-out\"} 3000"), "{text}");
+        assert!(text.contains("egressd_interface_mtu_too_large{interface=\"gw-in\"} 0"), "{text}");
+        assert!(text.contains("egressd_interface_mtu_too_large{interface=\"gw-out\"} 1"), "{text}");
         // Drops the XDP program counted join the workers' under the same reason.
         assert!(text.contains("egressd_drops_total{reason=\"ipv6_unsupported\"} 9"), "{text}");
         for r in DropReason::ALL {

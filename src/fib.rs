@@ -151,6 +151,42 @@ pub fn request_resolution(next_hop: Ipv4Addr) {
     }
 }
 
+/// The MTU of `interface` (from sysfs, which `ip netns exec` mounts for the namespace).
+pub fn interface_mtu(interface: &str) -> Result<u32, FibError> {
+    let path = format!("/sys/class/net/{interface}/mtu");
+    let text = std::fs::read_to_string(&path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => FibError::NoSuchInterface(interface.to_string()),
+        _ => FibError::Read { path: path.clone(), source },
+    })?;
+    text.trim().parse().map_err(|_| FibError::Read {
+        path,
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not an MTU: {text:?}")),
+    })
+}
+
+/// Whether frames of an interface with MTU `mtu` fit UMEM frames of `frame_size` bytes; if not, the error says
+/// what happens and how to fix it.
+pub fn check_mtu(interface: &str, mtu: u32, frame_size: u32) -> Result<(), String> {
+    let largest = dataplane::xsk::largest_mtu(frame_size);
+    if mtu <= largest {
+        return Ok(());
+    }
+    let fix = if frame_size < 4096 {
+        format!(
+            "set `[dataplane] frame_size = 4096` (carries MTU up to {}) or lower {interface}'s MTU to {largest}",
+            dataplane::xsk::largest_mtu(4096)
+        )
+    } else {
+        format!("lower {interface}'s MTU to {largest} (frames beyond one page need AF_XDP multi-buffer)")
+    };
+    Err(format!(
+        "interface {interface} has MTU {mtu}, but frame_size = {frame_size} carries at most MTU {largest} \
+         ({} bytes per frame with an Ethernet header and a VLAN tag): the kernel would drop larger frames before \
+         egressd sees them; {fix}",
+        dataplane::xsk::largest_frame(frame_size)
+    ))
+}
+
 /// The node's own addresses (IPv4 and IPv6) on every interface, except `egress_ips` (their traffic is egressd's). The XDP
 /// program passes frames to these addresses to the kernel.
 pub fn node_addresses(egress_ips: &[Ipv4Addr]) -> std::io::Result<Vec<std::net::IpAddr>> {
@@ -189,6 +225,21 @@ IP address       HW type     Flags       HW address            Mask     Device
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn an_mtu_larger_than_the_frame_carries_is_refused_with_the_fix() {
+        assert_eq!(check_mtu("gw-in", 1500, 2048), Ok(()));
+        assert_eq!(check_mtu("gw-in", 1774, 2048), Ok(()));
+        let e = check_mtu("gw-in", 3000, 2048).unwrap_err();
+        assert!(
+            e.starts_with("interface gw-in has MTU 3000, but frame_size = 2048 carries at most MTU 1774"),
+            "{e}"
+        );
+        assert!(e.contains("frame_size = 4096` (carries MTU up to 3822)"), "{e}");
+        assert_eq!(check_mtu("gw-in", 3822, 4096), Ok(()));
+        let e = check_mtu("gw-out", 9001, 4096).unwrap_err();
+        assert!(e.contains("lower gw-out's MTU to 3822"), "{e}");
     }
 
     #[test]

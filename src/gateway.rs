@@ -71,6 +71,14 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
 
     let fib = Fib::new(&inside, &outside);
     let table = fib.read().context("reading the kernel's routes and neighbours")?;
+    // A frame longer than a UMEM frame holds is dropped by the kernel with no word to egressd: refuse to start.
+    let frame_size = dp.frame_size();
+    let mut mtus = Vec::with_capacity(2);
+    for interface in [&inside, &outside] {
+        let mtu = fib::interface_mtu(interface)?;
+        fib::check_mtu(interface, mtu, frame_size).map_err(anyhow::Error::msg)?;
+        mtus.push((interface.clone(), std::sync::atomic::AtomicU32::new(mtu)));
+    }
     // Resolve the routers now rather than dropping the first packets that need them.
     resolve_gateways(&table);
     let next_hops =
@@ -171,6 +179,8 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
 
     let mut admin_state = AdminState::new(stats);
     admin_state.policy = Some(policy.clone());
+    admin_state.interface_mtu = mtus;
+    admin_state.largest_mtu = dataplane::xsk::largest_mtu(frame_size);
     {
         let reloader = reloader.clone();
         let policy = policy.clone();
@@ -214,6 +224,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
                 }
             }
             admin_state.xdp_drops[DropReason::Ipv6Unsupported as usize].store(ipv6, Ordering::Relaxed);
+            watch_mtus(&admin_state, frame_size);
             match fib.read() {
                 Ok(table) => {
                     resolve_gateways(&table);
@@ -242,6 +253,21 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Re-reads the interfaces' MTUs: a change that makes frames too long for the UMEM is logged as an error (and shows
+/// in `egressd_interface_mtu_too_large`), since the kernel then drops those frames without a word.
+fn watch_mtus(admin_state: &AdminState, frame_size: u32) {
+    for (interface, last) in &admin_state.interface_mtu {
+        let Ok(mtu) = fib::interface_mtu(interface) else { continue };
+        if last.swap(mtu, Ordering::Relaxed) == mtu {
+            continue;
+        }
+        match fib::check_mtu(interface, mtu, frame_size) {
+            Ok(()) => tracing::info!(%interface, mtu, "interface MTU changed"),
+            Err(e) => tracing::error!(%interface, mtu, "{e}"),
+        }
+    }
 }
 
 /// The addresses whose traffic belongs to egressd: `[dataplane] egress_ips` and every group's egress IPs.

@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::{lab_config, repo_root, wait_for, Gateway, Lab};
+use support::{egressd_bin, lab_config, repo_root, wait_for, Gateway, Lab};
 
 /// Asks the UDP whoami server at `server` from client source `src_ip:src_port`; returns "addr:port" it saw.
 fn whoami(lab: &Lab, server: &str, src_port: u16) -> String {
@@ -241,4 +241,59 @@ except OSError as e:
     }
     assert!(gw.metric(r#"egressd_drops_total{reason="out_of_ports"}"#) >= 2.0);
     assert!(gw.metric("egressd_icmp_errors_sent_total") >= 2.0);
+}
+
+/// Frames longer than a 2048-byte UMEM frame holds: with the lab's veths at MTU 3000, egressd refuses to start on
+/// `frame_size = 2048`, naming the interface, its MTU, the largest MTU it carries and the fix; with
+/// `frame_size = 4096` 2900-byte UDP datagrams and a TCP download with a 2960-byte MSS cross the NAT intact.
+#[test]
+fn mtu_3000_is_refused_with_2048_byte_frames_and_crosses_whole_with_4096() {
+    let lab = Lab::up_with_mtu(3000);
+    let (_dir, small, _) = lab_config(str::to_string);
+    let refused =
+        lab.exec("gw", "timeout", &["20", egressd_bin().to_str().unwrap(), "run", small.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "egressd must refuse to start:\n{stderr}");
+    assert!(
+        stderr.contains("interface gw-in has MTU 3000, but frame_size = 2048 carries at most MTU 1774"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("set `[dataplane] frame_size = 4096`"), "{stderr}");
+    assert!(!lab.gw_links().contains("xdp"), "nothing left attached after the refusal");
+
+    let (_dir, big, _) =
+        lab_config(|text| text.replace("batch_size = 64", "batch_size = 64\nframe_size = 4096"));
+    let gw = Gateway::start(&lab, &big);
+    let udp = r#"
+import os, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+payload = os.urandom(2900)
+s.sendto(payload, ("203.0.113.10", 7))
+print("intact" if s.recv(4096) == payload else "mangled")
+"#;
+    let out = lab.exec("client", "python3", &["-c", udp]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "intact",
+        "2900-byte UDP echo: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log_text()
+    );
+    let got = lab.sh("client", "curl -sf -m 10 http://198.51.100.10/1m.bin | sha256sum");
+    let want = std::process::Command::new("sha256sum")
+        .arg(format!("/tmp/egressd-lab-{}/www/1m.bin", lab.id))
+        .output()
+        .expect("sha256sum");
+    let hash = |o: &std::process::Output| {
+        String::from_utf8_lossy(&o.stdout).split(' ').next().unwrap_or("").to_string()
+    };
+    assert_eq!(hash(&got), hash(&want), "1 MiB download through egressd at MTU 3000");
+    assert_eq!(hash(&got).len(), 64);
+    // The download came in frames longer than a 1500-byte MTU allows (MSS 2960).
+    let bytes = gw.metric(r#"egressd_rx_bytes_total{side="outside"}"#);
+    let packets = gw.metric(r#"egressd_rx_packets_total{side="outside"}"#);
+    assert!(bytes / packets > 2000.0, "{bytes} bytes in {packets} frames from outside");
+    assert_eq!(gw.metric(r#"egressd_interface_mtu{interface="gw-out"}"#), 3000.0);
+    assert_eq!(gw.metric(r#"egressd_interface_mtu_too_large{interface="gw-out"}"#), 0.0);
 }

@@ -172,7 +172,8 @@ pub struct Pipeline {
 pub const HOLD_FRAMES: usize = 16;
 /// How long a frame waits for its neighbour before it is dropped as `no_neighbour`.
 pub const HOLD_NANOS: u64 = 1_000_000_000;
-const HOLD_FRAME_BYTES: usize = 1536;
+/// Any frame a UMEM frame can hold can be held (a 4096-byte UMEM frame less the kernel's headroom).
+const HOLD_FRAME_BYTES: usize = crate::handoff::HANDOFF_JUMBO_BYTES;
 
 #[derive(Clone, Copy)]
 struct HeldFrame {

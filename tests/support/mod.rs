@@ -52,6 +52,15 @@ impl Lab {
 
     /// As [`Lab::up`], with `queues` active queues on every veth (2: one per worker of a 2-worker gateway).
     pub fn up_with(route_back: bool, queues: u32) -> Lab {
+        Lab::up_opts(route_back, queues, 1500)
+    }
+
+    /// As [`Lab::up`], with MTU `mtu` on every veth.
+    pub fn up_with_mtu(mtu: u32) -> Lab {
+        Lab::up_opts(false, lab_workers(), mtu)
+    }
+
+    fn up_opts(route_back: bool, queues: u32, mtu: u32) -> Lab {
         require_lab_preconditions();
         let serialised = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let id = format!(
@@ -64,7 +73,7 @@ impl Lab {
         if route_back {
             cmd.arg("--route-back");
         }
-        cmd.args(["--queues", &queues.to_string()]);
+        cmd.args(["--queues", &queues.to_string(), "--mtu", &mtu.to_string()]);
         let lab = Lab { id, _serialised: serialised };
         let out = cmd.output().expect("run scripts/lab up");
         assert!(

@@ -44,6 +44,22 @@ const XDP_MAX_TX_SKB_BUDGET: libc::c_int = 9;
 /// The budget egressd asks for: a whole rx burst and more leave on one syscall.
 const WANTED_TX_PER_KICK: usize = 256;
 
+/// Bytes the kernel keeps in front of every frame it receives into a UMEM frame (`XDP_PACKET_HEADROOM`).
+pub const XDP_PACKET_HEADROOM: u32 = 256;
+
+/// The longest frame a UMEM frame of `frame_size` bytes receives. The kernel drops longer ones before egressd sees
+/// them, counting them only in the socket's `rx_dropped`.
+pub fn largest_frame(frame_size: u32) -> u32 {
+    frame_size.saturating_sub(XDP_PACKET_HEADROOM)
+}
+
+/// The largest interface MTU whose frames fit a UMEM frame of `frame_size` bytes: the frame carries the MTU plus
+/// the Ethernet header and the one VLAN tag the pipeline accepts (2048 → 1774, 4096 → 3822). Jumbo frames beyond
+/// one page would need AF_XDP multi-buffer, which egressd does not use.
+pub fn largest_mtu(frame_size: u32) -> u32 {
+    largest_frame(frame_size).saturating_sub(18)
+}
+
 /// Sizes of one port's UMEM and rings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PortConfig {
