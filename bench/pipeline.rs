@@ -17,7 +17,8 @@ use dataplane::stats::DropReason;
 #[path = "support.rs"]
 mod support;
 use support::{
-    batch, established, mixed_pattern, new_flows, pipeline, run, spread_flows, Batch, Kind, BATCH,
+    batch, established, mixed_pattern, new_flows, pipeline, run, run_handed_over, spread_flows, two_workers,
+    Batch, Kind, BATCH,
 };
 
 /// New flows one bench pipeline takes before it is replaced: fewer than the 64 512 ports of its egress IP.
@@ -82,6 +83,29 @@ fn bench(c: &mut Criterion) {
             });
         }
     }
+
+    // Two workers, established outbound flows owned by worker 0: arriving at the owner's queue, and arriving at the
+    // other worker's queue, which hands each frame over (a 1.5 KiB slot copy each way) for the owner to finish. The
+    // second counts both workers' time per packet: what the hand-off costs a packet that RSS put on the wrong queue.
+    let mut state: Option<(Pipeline, Pipeline, Batch, Vec<u8>)> = None;
+    let mut two = |b: &mut criterion::Bencher<'_>, handed_over: bool| {
+        let (w0, w1, frames, scratch) = state.get_or_insert_with(|| {
+            let (mut w0, w1) = two_workers(10);
+            let frames = established(&mut w0, batch(&[Kind::Allowed]));
+            (w0, w1, frames, vec![0; dataplane::handoff::HANDOFF_JUMBO_BYTES])
+        });
+        b.iter_batched_ref(
+            || frames.clone(),
+            |f| {
+                let forwarded = if handed_over { run_handed_over(w1, w0, f, scratch) } else { run(w0, f) };
+                assert_eq!(forwarded, BATCH, "every frame forwarded by its owner");
+                black_box(forwarded)
+            },
+            BatchSize::SmallInput,
+        )
+    };
+    group.bench_function("two_workers/at_owner", |b| two(b, false));
+    group.bench_function("two_workers/handed_over", |b| two(b, true));
 
     // Live flows: the same established traffic with 1 flow in the table vs 1 000 000 (10-rule policy).
     bench_batch(&mut group, "established_live_flows/1", 10, |p| established(p, spread_flows(0, 0, BATCH)));

@@ -251,6 +251,48 @@ pub fn pipeline(rules: usize) -> Pipeline {
     )
 }
 
+/// Workers 0 and 1 of a two-worker gateway (hand-off rings sized as the gateway sizes them),
+/// with NAT and a policy of `rules` rules. The bench flows' source ports (1024–2047) lie in worker 0's slice.
+pub fn two_workers(rules: usize) -> (Pipeline, Pipeline) {
+    let handoffs = Arc::new(dataplane::handoff::Handoffs::new(2, 1024));
+    let policy = Arc::new(policy(rules));
+    let nat = NatConfig { workers: 2, ..NatConfig::default() };
+    let worker = |i| {
+        let stats = Arc::new(WorkerStats::default());
+        Pipeline::new(stats, NextHops::fixed(lab_table()), policy.clone(), &nat, i, handoffs.clone())
+    };
+    (worker(0), worker(1))
+}
+
+/// Runs the batch as two workers would when every frame arrives on the queue of the worker that does not own its
+/// endpoint: `arrived` hands each frame over, `owner` drains its rings after every [`BURST`] (as its loop does)
+/// into `scratch` ([`dataplane::handoff::HANDOFF_JUMBO_BYTES`] long) and finishes them. Returns how many frames
+/// the owner forwarded.
+#[inline]
+pub fn run_handed_over(
+    arrived: &mut Pipeline,
+    owner: &mut Pipeline,
+    batch: &mut Batch,
+    scratch: &mut [u8],
+) -> usize {
+    let handoffs = owner.handoffs().clone();
+    let me = owner.worker();
+    let mut forwarded = 0;
+    for burst in batch.bytes.chunks_mut(FRAME_LEN * BURST) {
+        arrived.begin_batch();
+        owner.begin_batch();
+        for frame in burst.chunks_exact_mut(FRAME_LEN) {
+            arrived.process(Instant::ZERO, Side::Inside, frame);
+        }
+        while let Some(action) =
+            handoffs.pop_with(me, scratch, |kind, frame| owner.process_handoff(Instant::ZERO, kind, frame))
+        {
+            forwarded += usize::from(matches!(action, Action::Forward { .. }));
+        }
+    }
+    forwarded
+}
+
 /// Runs the whole batch through the pipeline as the worker would: `begin_batch` every [`BURST`] frames. Returns
 /// how many frames were forwarded.
 #[inline]

@@ -9,7 +9,9 @@
 
 #[path = "../bench/support.rs"]
 mod support;
-use support::{batch, established, mixed_pattern, new_flows, pipeline, run, Kind, BATCH};
+use support::{
+    batch, established, mixed_pattern, new_flows, pipeline, run, run_handed_over, two_workers, Kind, BATCH,
+};
 
 /// Allocations made on this thread while `f` runs.
 fn allocations_during(f: impl FnOnce()) -> u64 {
@@ -72,6 +74,26 @@ fn new_flows_do_not_allocate_either() {
     assert_eq!(p.nat().stats().flows() as usize, 11 * BATCH);
 }
 
+/// Packets handed to the worker that owns their endpoint: copied into a preallocated ring and out into the
+/// owner's scratch buffer, so the hand-off allocates nothing.
+#[test]
+fn handing_packets_to_their_owner_does_not_allocate() {
+    let (mut owner, mut arrived) = two_workers(10);
+    let template = established(&mut owner, batch(&[Kind::Allowed]));
+    let mut scratch = vec![0u8; dataplane::handoff::HANDOFF_JUMBO_BYTES];
+    let mut copies: Vec<_> = (0..11).map(|_| template.clone()).collect();
+    assert_eq!(run_handed_over(&mut arrived, &mut owner, &mut copies[10], &mut scratch), BATCH);
+    let mut forwarded = 0;
+    let n = allocations_during(|| {
+        for copy in &mut copies[..10] {
+            forwarded += run_handed_over(&mut arrived, &mut owner, copy, &mut scratch);
+        }
+    });
+    assert_eq!(n, 0, "{n} allocations over {} handed-over packets", 10 * BATCH);
+    assert_eq!(forwarded, 10 * BATCH);
+    assert_eq!(arrived.stats().handed_off.get(), 11 * BATCH as u64);
+}
+
 /// Out of NAT ports with `icmp_on_out_of_ports`: the ICMP 3/13 is written into the pipeline's own buffer, so
 /// answering allocates nothing either.
 #[test]
@@ -86,7 +108,8 @@ fn icmp_errors_for_out_of_ports_do_not_allocate() {
     use std::net::Ipv4Addr;
     use std::sync::Arc;
 
-    // Worker 5 of 64 owns 1008 high ports of the egress IP; fill them all.
+    // Worker 5 of 64 owns the 1008 high ports 6064-7071 of the egress IP (and the inside endpoints with those
+    // source ports): 10.10.0.2 fills them all, then 10.10.0.3's new endpoints there find none.
     let nat = NatConfig {
         workers: 64,
         max_flows: 4096,
@@ -103,12 +126,13 @@ fn icmp_errors_for_out_of_ports_do_not_allocate() {
         Arc::new(Handoffs::new(64, 8)),
     );
     let (client, server) = (Ipv4Addr::new(10, 10, 0, 2), Ipv4Addr::new(203, 0, 113, 10));
-    for port in 20000..21008 {
+    for port in 6064..7072 {
         let mut f = support::outbound(client, port, server, 7);
         assert!(matches!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Forward { .. }));
     }
-    let mut frames: Vec<_> = (40000..41000).map(|port| support::outbound(client, port, server, 7)).collect();
-    let warm = p.process(Instant::ZERO, Side::Inside, &mut support::outbound(client, 39999, server, 7));
+    let other = Ipv4Addr::new(10, 10, 0, 3);
+    let mut frames: Vec<_> = (6064..7064).map(|port| support::outbound(other, port, server, 7)).collect();
+    let warm = p.process(Instant::ZERO, Side::Inside, &mut support::outbound(other, 7071, server, 7));
     assert!(matches!(warm, Action::Reply { .. }), "{warm:?}");
     let mut replies = 0;
     let n = allocations_during(|| {

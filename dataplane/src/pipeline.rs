@@ -413,7 +413,7 @@ impl Pipeline {
             }
             Err(reason) => return Err(reason),
             Ok(Next::HandOff(worker, kind)) => {
-                self.handoffs.push(worker, kind, &frame[..l3.ip_end])?;
+                self.handoffs.push(self.worker, worker, kind, &frame[..l3.ip_end])?;
                 self.stats.handed_off.inc();
                 return Ok(Action::HandedOff);
             }
@@ -832,7 +832,8 @@ mod tests {
     /// Finishes the next frame handed to `p`: its action and the frame as it would leave.
     fn finish_handoff(p: &mut Pipeline) -> Option<(Action, Vec<u8>)> {
         let handoffs = p.handoffs().clone();
-        handoffs.pop_with(p.worker(), |kind, frame| {
+        let mut scratch = vec![0u8; crate::handoff::HANDOFF_JUMBO_BYTES];
+        handoffs.pop_with(p.worker(), &mut scratch, |kind, frame| {
             (p.process_handoff(Instant::ZERO, kind, frame), frame.to_vec())
         })
     }
@@ -1103,6 +1104,13 @@ mod tests {
         IcmpErrors { on_out_of_ports: true, per_sec, burst }
     }
 
+    /// Hand-off rings of a 64-worker gateway, built once: the out-of-ports pipelines (one per proptest case) hand
+    /// nothing over that a test looks at, and 4096 rings per case would dominate the test's time.
+    fn sixty_four_workers_handoffs() -> Arc<Handoffs> {
+        static HANDOFFS: std::sync::OnceLock<Arc<Handoffs>> = std::sync::OnceLock::new();
+        HANDOFFS.get_or_init(|| Arc::new(Handoffs::new(64, 8))).clone()
+    }
+
     /// Worker 2 of 64 (1008 high UDP ports on the egress IP, 3040–4047, owner of the test frames' source port
     /// 4000) with every UDP port held by 10.10.0.9.
     fn out_of_udp_ports(icmp: IcmpErrors, inside_addr: Option<Ipv4Addr>) -> Pipeline {
@@ -1121,7 +1129,7 @@ mod tests {
             Arc::new(allow_all()),
             &nat,
             2,
-            Arc::new(Handoffs::new(64, 8)),
+            sixty_four_workers_handoffs(),
         );
         for i in 0..1008 {
             let mut f = udp_frame_from_port([10, 10, 0, 9], 3040 + i, [203, 0, 113, 10], 64, b"fill");

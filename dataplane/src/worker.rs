@@ -74,7 +74,8 @@ impl Worker {
         let fds = [self.inside.fd(), self.outside.fd()];
         let mut empty_polls: u32 = 0;
         let mut last_gauges = Instant::ZERO;
-        // Where hairpinned frames are copied on their way back out of the port they came in by (allocated once).
+        // Where hairpinned frames are copied on their way back out of the port they came in by, and handed-over
+        // frames out of their ring (allocated once).
         let mut scratch = vec![0u8; crate::handoff::HANDOFF_JUMBO_BYTES];
         while !self.stop.load(Ordering::Relaxed) {
             self.pipeline.begin_batch();
@@ -83,7 +84,7 @@ impl Worker {
                 forward_burst(Side::Inside, inside, outside, &mut self.pipeline, &stats, &mut scratch)
                     + forward_burst(Side::Outside, inside, outside, &mut self.pipeline, &stats, &mut scratch);
             let now = Instant::monotonic();
-            let moved = moved + self.drain_handoffs(now, &stats);
+            let moved = moved + self.drain_handoffs(now, &stats, &mut scratch);
             if self.pipeline.has_held() {
                 self.release_held(now, &stats);
             }
@@ -122,13 +123,13 @@ impl Worker {
     /// Finishes up to one burst of frames other workers handed to this one (packets from inside whose endpoint this
     /// worker owns, replies whose NAT port it owns, hairpinned packets); each leaves by the port its action names.
     /// Returns how many were taken.
-    fn drain_handoffs(&mut self, now: Instant, stats: &WorkerStats) -> usize {
+    fn drain_handoffs(&mut self, now: Instant, stats: &WorkerStats, scratch: &mut [u8]) -> usize {
         let handoffs = self.pipeline.handoffs().clone();
         let me = self.pipeline.worker();
         let (pipeline, inside, outside) = (&mut self.pipeline, &mut self.inside, &mut self.outside);
         let mut taken = 0;
         while taken < HANDOFF_BURST {
-            let finished = handoffs.pop_with(me, |kind, frame| {
+            let finished = handoffs.pop_with(me, scratch, |kind, frame| {
                 let action = pipeline.process_handoff(now, kind, frame);
                 stage(action, frame, pipeline, inside, outside, stats);
             });
