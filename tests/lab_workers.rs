@@ -96,7 +96,7 @@ print(mapping("10.10.0.3", b_port)); print(got_b)
 
 fn hairpin(workers: u32) {
     let (lab, _dir, config) = lab_with_workers(workers);
-    let gw = Gateway::start(&lab, &config);
+    let gw = Gateway::start_as_is(&lab, &config, None);
     // A uses port 40000 and B port 20000: with two workers A's port lies in worker 1's slice and B's in worker
     // 0's, so the hairpinned packets cross.
 
@@ -164,7 +164,7 @@ for i in range(10, 26):
 #[test]
 fn rfc4787_req1_one_mapping_per_endpoint_across_two_workers() {
     let (lab, _dir, config) = lab_with_workers(2);
-    let gw = Gateway::start(&lab, &config);
+    let gw = Gateway::start_as_is(&lab, &config, None);
     let mut holders: HashMap<String, (String, u16, &str)> = HashMap::new();
     for (proto, script) in [("udp", UDP_MANY), ("tcp", TCP_MANY)] {
         for port in [20000u16, 50000] {

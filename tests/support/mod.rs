@@ -167,7 +167,13 @@ impl<'a> Gateway<'a> {
     /// most 20 s).
     pub fn start(lab: &'a Lab, config: &Path) -> Gateway<'a> {
         let (config_dir, config) = config_for_lab_workers(config);
-        let config = config.as_path();
+        Gateway::start_as_is(lab, &config, config_dir)
+    }
+
+    /// As [`Gateway::start`], with `config` exactly as it is, whatever [`lab_workers`] says (`keep` lives as long as
+    /// the gateway).
+    pub fn start_as_is(lab: &'a Lab, config: &Path, keep: Option<tempfile::TempDir>) -> Gateway<'a> {
+        let config_dir = keep;
         let log = std::env::temp_dir().join(format!("egressd-lab-{}.log", lab.id));
         let log_file = std::fs::File::create(&log).expect("create gateway log");
         let child = Command::new("ip")
