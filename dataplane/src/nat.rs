@@ -42,7 +42,9 @@
 //!   expired heads within a budget.
 //! - **ICMP errors** (types 3, 11, 12) quoting a translated packet are translated both ways, outer and quoted
 //!   headers and all checksums, and never end or refresh the flow (5508 REQ-4/6). Inside hosts' errors about
-//!   inbound packets (e.g. port unreachable) are translated outbound the same way.
+//!   inbound packets (e.g. port unreachable) are translated outbound the same way, but only from the quoted
+//!   packet's inside endpoint to its sender, from a source in a group, for a live flow, and cut to the quoted
+//!   header + 8 bytes: the policy does not judge them, so they must carry nothing else out of the network.
 //! - **Hairpinning** (4787 REQ-9): an outbound packet to one of our egress `ip:port` mappings is SNATed and then
 //!   goes through the inbound leg of the port's owner (here: [`Outbound::Hairpin`]; another worker:
 //!   [`Outbound::HairpinOtherWorker`], whose [`Nat::inbound_hairpin`] finishes it). Hairpinned traffic is
@@ -1202,7 +1204,7 @@ impl Nat {
         self.sync_egress(policy);
         let (l4, kind) = parse(packet, true)?;
         if kind == Kind::IcmpError {
-            return self.outbound_icmp_error(packet, &l4);
+            return self.outbound_icmp_error(packet, &l4, policy);
         }
         // RFC 4787 REQ-1 across workers: one owner per inside endpoint, whichever queue its packets arrive on.
         let owner = port_owner(self.workers, l4.sport);
@@ -1542,7 +1544,18 @@ impl Nat {
 
     /// An ICMP error from inside about a packet we translated inbound (e.g. port unreachable from a client): the
     /// quote's destination is the inside endpoint. Translated like the flow's packets; never refreshes.
-    fn outbound_icmp_error(&mut self, packet: &mut [u8], l4: &L4) -> Result<Outbound, DropReason> {
+    ///
+    /// It is the one kind of packet from inside that the policy does not judge (it belongs to a flow the policy
+    /// allowed), so it must not carry anything else out: its outer source must be the quoted packet's inside
+    /// endpoint and its outer destination that packet's sender (the flow's peer), the source must be in a group,
+    /// the flow must be live, and the quote is cut to the quoted IP header and 8 bytes (RFC 792): nothing of an
+    /// arbitrary tail leaves. The packet is shortened in place (its total length says by how much).
+    fn outbound_icmp_error(
+        &mut self,
+        packet: &mut [u8],
+        l4: &L4,
+        policy: &PolicySnapshot,
+    ) -> Result<Outbound, DropReason> {
         let qt = Self::quoted(packet, l4.ihl)?;
         let Quote { proto, src: qsrc, dst: qdst, sport: qsport, dport: qdport, .. } = qt;
         // For a quoted echo the identifier is the inside one and sits where the source port would.
@@ -1551,9 +1564,16 @@ impl Nat {
         if owner != self.worker {
             return Ok(Outbound::OtherWorker(owner));
         }
+        if l4.src != qdst || l4.dst != qsrc {
+            return Err(DropReason::IcmpErrorMismatch);
+        }
+        if policy.group_of(std::net::IpAddr::V4(Ipv4Addr::from(l4.src))).is_none() {
+            return Err(DropReason::NoGroup);
+        }
         let Some(sid) = self.find_out(qdst, in_port, qsrc, remote_port, proto) else {
             return Err(DropReason::IcmpErrorNoMapping);
         };
+        Self::cut_quote(packet, l4.ihl, &qt);
         let s = self.sessions[sid as usize];
         let egress = self.egress[usize::from(s.ip_idx)];
         let port_off = if proto == ip_proto::ICMP { 4 } else { 2 };
@@ -1562,6 +1582,21 @@ impl Nat {
         wr32(packet, 12, egress);
         wr16(packet, 10, checksum::update32(rd16(packet, 10), old, egress));
         Ok(Outbound::Forward)
+    }
+
+    /// Shortens an ICMP error to its header and the quoted IP header + 8 bytes (RFC 792): rewrites the outer total
+    /// length (and the header checksum) and recomputes the ICMP checksum over what is left.
+    fn cut_quote(packet: &mut [u8], ihl: usize, qt: &Quote) {
+        let keep = qt.q + qt.qihl + 8;
+        if packet.len() <= keep {
+            return;
+        }
+        let old_len = rd16(packet, 2);
+        wr16(packet, 2, keep as u16);
+        wr16(packet, 10, checksum::update16(rd16(packet, 10), old_len, keep as u16));
+        wr16(packet, ihl + 2, 0);
+        let sum = checksum::compute(&packet[ihl..keep]);
+        wr16(packet, ihl + 2, sum);
     }
 
     /// For tests and the bench: the external endpoint of inside `(addr, port, proto)`.

@@ -6,7 +6,8 @@
 //! input makes it panic (a proptest feeds it random and mutated frames).
 //!
 //! Steps, in order:
-//! 1. Ethernet, with at most one 802.1Q/802.1ad tag (more → [`DropReason::TooManyVlanTags`]). Non-IP ethertypes
+//! 1. Ethernet, untagged: egressd's interfaces carry no VLANs, so an 802.1Q/802.1ad-tagged frame is dropped
+//!    ([`DropReason::VlanTagged`]) rather than forwarded with a tag its sender chose (VLAN hopping). Non-IP ethertypes
 //!    never get here in production (the XDP program passes them to the kernel) but are counted if they do.
 //! 2. IPv4 validation: version, IHL ≥ 5 and within the frame, total length within the frame (a frame padded past
 //!    the IP total length is fine: the padding is dropped on output), header checksum, no fragments (the gateway
@@ -39,7 +40,7 @@ use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
 use crate::policy::{Decision, PolicySnapshot, SharedPolicy, Verdict};
 use crate::stats::{DropReason, RuleHits, WorkerStats};
 use crate::time::{Instant, TokenBucket};
-use crate::wire::{checksum, ETH_HEADER_LEN, VLAN_TAG_LEN};
+use crate::wire::{checksum, ETH_HEADER_LEN};
 use crate::Side;
 
 /// What to do with one frame.
@@ -89,14 +90,11 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
 /// compiler outline it).
 #[inline(always)]
 pub fn parse_ipv4_frame(frame: &[u8]) -> Result<Ipv4Frame, DropReason> {
-    let mut ethertype = be16(frame, 12).ok_or(DropReason::Truncated)?;
-    let mut ip_start = ETH_HEADER_LEN;
+    let ethertype = be16(frame, 12).ok_or(DropReason::Truncated)?;
+    let ip_start = ETH_HEADER_LEN;
     if ethertype == ETHERTYPE_VLAN || ethertype == ETHERTYPE_QINQ {
-        ethertype = be16(frame, 16).ok_or(DropReason::Truncated)?;
-        ip_start += VLAN_TAG_LEN;
-        if ethertype == ETHERTYPE_VLAN || ethertype == ETHERTYPE_QINQ {
-            return Err(DropReason::TooManyVlanTags);
-        }
+        // The interfaces are not configured for VLANs: a tag the sender chose must never reach the other side.
+        return Err(DropReason::VlanTagged);
     }
     match ethertype {
         ETHERTYPE_IPV4 => {}
@@ -419,6 +417,11 @@ impl Pipeline {
             }
         };
 
+        // The NAT may have shortened the packet (an inside ICMP error's quote is cut to 8 bytes): send what the IP
+        // header now says, never more than arrived.
+        let total_len = usize::from(u16::from_be_bytes([frame[l3.ip_start + 2], frame[l3.ip_start + 3]]));
+        let ip_end = (l3.ip_start + total_len).min(l3.ip_end);
+        let l3 = Ipv4Frame { ip_end, ..l3 };
         match self.route(now, out, frame, l3.ip_start, l3.ip_end) {
             Err(DropReason::NoNeighbour)
                 if self.held.len() < HOLD_FRAMES && l3.ip_end <= HOLD_FRAME_BYTES =>
@@ -932,31 +935,31 @@ mod tests {
         );
     }
 
+    /// VLAN hopping: a tagged frame is dropped under `vlan_tagged` from either side, never forwarded with the tag
+    /// its sender chose (one tag, two tags, 802.1ad).
     #[test]
-    fn one_vlan_tag_is_forwarded_two_are_refused() {
+    fn vlan_tagged_frames_are_refused_from_both_sides() {
         let mut p = pipeline(lab_table(true));
         let plain = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"v");
-        let tagged = |tags: usize| {
+        let tagged = |tags: &[[u8; 4]]| {
             let mut f = plain[..12].to_vec();
-            for _ in 0..tags {
-                f.extend_from_slice(&[0x81, 0x00, 0x00, 0x07]);
+            for tag in tags {
+                f.extend_from_slice(tag);
             }
             f.extend_from_slice(&plain[12..]);
             f
         };
-        let mut one = tagged(1);
-        let len = one.len();
-        assert_eq!(
-            p.process(Instant::ZERO, Side::Inside, &mut one),
-            Action::Forward { out: Side::Outside, len }
-        );
-        assert!(ip_header_ok(&one, 18));
-        let mut two = tagged(2);
-        assert_eq!(
-            p.process(Instant::ZERO, Side::Inside, &mut two),
-            Action::Drop(DropReason::TooManyVlanTags)
-        );
-        assert_eq!(p.stats().drops(DropReason::TooManyVlanTags), 1);
+        let q = [0x81, 0x00, 0x00, 0x07];
+        let ad = [0x88, 0xa8, 0x00, 0x07];
+        for tags in [&[q][..], &[q, q], &[ad], &[ad, q]] {
+            for side in [Side::Inside, Side::Outside] {
+                let mut f = tagged(tags);
+                assert_eq!(p.process(Instant::ZERO, side, &mut f), Action::Drop(DropReason::VlanTagged));
+            }
+        }
+        assert_eq!(p.stats().drops(DropReason::VlanTagged), 8);
+        let mut untagged = plain.clone();
+        assert!(matches!(p.process(Instant::ZERO, Side::Inside, &mut untagged), Action::Forward { .. }));
     }
 
     /// Each hostile variation of a valid frame, and the reason it must be dropped under.
@@ -1260,21 +1263,14 @@ mod tests {
     }
 
     #[test]
-    fn a_vlan_tagged_frame_is_answered_with_its_tag() {
+    fn a_vlan_tagged_frame_is_dropped_not_answered_when_out_of_ports() {
         let mut p = out_of_udp_ports(icmp_on(1000, 50), Some(GW_IN_IP));
         let plain = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"tagged");
         let mut f = plain[..12].to_vec();
         f.extend_from_slice(&[0x81, 0x00, 0x20, 0x07]); // PCP 1, VID 7
         f.extend_from_slice(&plain[12..]);
-        let Action::Reply { out: Side::Inside, len } = p.process(Instant::ZERO, Side::Inside, &mut f) else {
-            panic!("expected a reply")
-        };
-        let r = p.reply_frame()[..len].to_vec();
-        assert_eq!(&r[0..6], &CLIENT_MAC);
-        assert_eq!(&r[12..18], &[0x81, 0x00, 0x20, 0x07, 0x08, 0x00], "tag kept, then IPv4");
-        let (src, dst, quoted) = parse_admin_prohibited(&r);
-        assert_eq!((src, dst), (GW_IN_IP, ip("10.10.0.2")));
-        assert_eq!(quoted, &plain[14..]);
+        assert_eq!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Drop(DropReason::VlanTagged));
+        assert_eq!(p.stats().icmp_errors_sent.get(), 0);
     }
 
     proptest! {

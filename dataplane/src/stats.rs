@@ -37,8 +37,9 @@ drop_reasons! {
     Truncated => "truncated",
     /// Ethertype is neither IPv4 nor IPv6 (ARP and friends go to the kernel before reaching us).
     NotIp => "not_ip",
-    /// More VLAN tags than the gateway supports (one 802.1Q tag).
-    TooManyVlanTags => "too_many_vlan_tags",
+    /// An 802.1Q/802.1ad-tagged frame: egressd's interfaces carry no VLANs, and a tag its sender chose must never
+    /// be carried to the other side.
+    VlanTagged => "vlan_tagged",
     /// IP version nibble does not match the ethertype.
     IpVersionMismatch => "ip_version_mismatch",
     /// IPv4 IHL < 5, or header longer than the packet.
@@ -93,6 +94,8 @@ drop_reasons! {
     NoMapping => "no_mapping",
     /// ICMP error quoting a packet of no known flow.
     IcmpErrorNoMapping => "icmp_error_no_mapping",
+    /// ICMP error from inside whose outer addresses are not the quoted flow's inside endpoint and peer.
+    IcmpErrorMismatch => "icmp_error_mismatch",
     /// Invalid TCP flag combination (SYN+FIN, SYN+RST, none set).
     InvalidTcpFlags => "invalid_tcp_flags",
     /// First packet of a TCP flow is not a SYN.

@@ -115,6 +115,46 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The MAC address of `iface` in the namespace of `role`.
+    pub fn mac(&self, role: &str, iface: &str) -> [u8; 6] {
+        let out = self.exec(role, "cat", &[&format!("/sys/class/net/{iface}/address")]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut mac = [0u8; 6];
+        for (byte, part) in mac.iter_mut().zip(text.trim().split(':')) {
+            *byte =
+                u8::from_str_radix(part, 16).unwrap_or_else(|_| panic!("MAC of {role}/{iface}: {text:?}"));
+        }
+        mac
+    }
+
+    /// Sends crafted Ethernet frames out of `iface` in the namespace of `role`, in order.
+    pub fn inject(&self, role: &str, iface: &str, frames: &[Vec<u8>]) {
+        let script = repo_root().join("tests/support/frames.py");
+        let mut args = vec![script.to_str().unwrap().to_string(), "send".into(), iface.into()];
+        args.extend(frames.iter().map(|f| f.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = self.exec(role, "python3", &args);
+        assert!(out.status.success(), "injecting frames: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Starts capturing every frame `iface` (in the namespace of `role`) receives for `seconds`; returns once the
+    /// capture listens. [`Capture::frames`] waits for the end and returns them.
+    pub fn capture(&self, role: &str, iface: &str, seconds: f64) -> Capture {
+        use std::io::BufRead;
+        let script = repo_root().join("tests/support/frames.py");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(role), "python3"])
+            .arg(script)
+            .args(["capture", iface, &seconds.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start a capture");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("capture stdout")).lines();
+        let first = lines.next().and_then(Result::ok);
+        assert_eq!(first.as_deref(), Some("ready"), "the capture did not start");
+        Capture { child, lines }
+    }
+
     /// `ip link` of the gw namespace: shows any XDP program attached.
     pub fn gw_links(&self) -> String {
         String::from_utf8_lossy(&self.exec("gw", "ip", &["-d", "link", "show"]).stdout).into_owned()
@@ -152,6 +192,29 @@ fn config_for_lab_workers(config: &Path) -> (Option<tempfile::TempDir>, PathBuf)
     let path = dir.path().join(config.file_name().expect("config file name"));
     std::fs::write(&path, text.replace("cores = [1]", "cores = [0, 1]")).expect("write config");
     (Some(dir), path)
+}
+
+/// A running capture of the frames one interface receives ([`Lab::capture`]).
+pub struct Capture {
+    child: Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Capture {
+    /// Waits for the capture to end; every frame it saw, in order.
+    pub fn frames(mut self) -> Vec<Vec<u8>> {
+        let mut frames = Vec::new();
+        for line in self.lines.by_ref().map_while(Result::ok) {
+            if line == "done" {
+                break;
+            }
+            let bytes =
+                (0..line.len() / 2).map(|i| u8::from_str_radix(&line[2 * i..2 * i + 2], 16).unwrap_or(0));
+            frames.push(bytes.collect());
+        }
+        let _ = self.child.wait();
+        frames
+    }
 }
 
 /// egressd running in the lab's gw namespace. Stopped (SIGTERM) on drop.

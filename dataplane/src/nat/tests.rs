@@ -118,6 +118,8 @@ fn dst_of(pkt: &[u8]) -> (Ipv4Addr, u16) {
 /// Full recomputation of the IPv4 header checksum and the L4 checksum (TCP/UDP with pseudo header; UDP 0 means
 /// none; ICMP over the whole message).
 fn checksums_ok(pkt: &[u8]) -> bool {
+    // What leaves is what the total length says (the NAT may shorten a packet: an inside ICMP error's quote).
+    let pkt = &pkt[..usize::from(rd16(pkt, 2)).min(pkt.len())];
     let ihl = usize::from(pkt[0] & 0xf) * 4;
     if !checksum::verify(&pkt[..ihl]) {
         return false;
@@ -838,10 +840,55 @@ fn outbound_icmp_errors_from_inside_hosts_are_translated() {
     let mut err = icmp_error(C1, SRV, 3, 3, &reply, reply.len());
     assert_eq!(out(&mut nat, 2, &mut err, &pol), Ok(Outbound::Forward));
     assert_eq!(Ipv4Addr::from(rd32(&err, 12)), ip(EG));
-    assert_eq!(&err[28..], &udp(SRV, 53, EG, ext)[..]);
+    // The quote is cut to the quoted IP header and 8 bytes (RFC 792), translated back to what the server sent.
+    assert_eq!(rd16(&err, 2), 56);
+    assert_eq!(&err[28..56], &udp(SRV, 53, EG, ext)[..28]);
     // About no flow: dropped.
     let mut err = icmp_error(C1, SRV, 3, 3, &udp(SRV, 53, C1, 1), 28);
     assert_eq!(out(&mut nat, 2, &mut err, &pol), Err(DropReason::IcmpErrorNoMapping));
+}
+
+/// ICMP errors are the one packet from inside the policy does not judge: they must not carry anything else out.
+/// Spoofed or misdirected ones (another inside address, another destination than the flow's peer, a source in
+/// no group) are dropped under their reason, and a long tail never leaves.
+#[test]
+fn inside_icmp_errors_leave_only_from_the_flows_endpoint_to_its_peer_cut_to_8_bytes() {
+    let pol = policy();
+    let mut nat = Nat::new(&cfg(), 0);
+    let (_, ext) = udp_out(&mut nat, 0, C1, 46000, SRV, 7000, &pol);
+    let mut reply = udp(SRV, 7000, EG, ext);
+    inb(&mut nat, 1, &mut reply).unwrap();
+    // The quote of the live flow's reply, followed by 1 KB of payload a covert channel would carry.
+    let mut quoted = reply.clone();
+    quoted.extend(std::iter::repeat_n(0x5a, 1024));
+    let cases: [(A, A, DropReason); 4] = [
+        (C2, SRV, DropReason::IcmpErrorMismatch), // another inside host
+        ([10, 99, 9, 9], SRV, DropReason::IcmpErrorMismatch), // a spoofed inside address
+        (C1, DENIED, DropReason::IcmpErrorMismatch), // to a destination that is not the peer
+        (C1, SRV2, DropReason::IcmpErrorMismatch),
+    ];
+    for (src, dst, reason) in cases {
+        for ty in [3u8, 11, 12] {
+            let mut err = icmp_error(src, dst, ty, 0, &quoted, quoted.len());
+            let sent = err.clone();
+            assert_eq!(out(&mut nat, 2, &mut err, &pol), Err(reason), "{src:?} → {dst:?} type {ty}");
+            assert_eq!(err, sent, "a refused error is left untouched");
+        }
+    }
+    // From the endpoint to its peer: translated, and only the header + 8 bytes of the quote leave.
+    let mut err = icmp_error(C1, SRV, 3, 3, &quoted, quoted.len());
+    assert_eq!(out(&mut nat, 2, &mut err, &pol), Ok(Outbound::Forward));
+    assert_eq!(usize::from(rd16(&err, 2)), 20 + 8 + 20 + 8);
+    assert!(checksums_ok(&err));
+    assert!(!err[..56].contains(&0x5a), "nothing of the tail is within the length that leaves");
+    // After a reload that takes the source out of every group, its errors are refused too.
+    let mut b = PolicyBuilder::new();
+    let g = b.add_group("elsewhere", vec![ip(EG)]);
+    b.add_source(g, p("192.168.0.0/16"));
+    b.add_rule(rule(g, "0.0.0.0/0", Action::Allow));
+    let ungrouped = b.build(2).unwrap();
+    let mut err = icmp_error(C1, SRV, 3, 3, &quoted, quoted.len());
+    assert_eq!(out(&mut nat, 3, &mut err, &ungrouped), Err(DropReason::NoGroup));
 }
 
 // ---------------------------------------------------------------------------------------------------------------

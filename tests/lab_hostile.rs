@@ -1,0 +1,201 @@
+//! Lab tests with crafted frames: hostile traffic sent with raw sockets from the client (and ext) namespaces
+//! through the whole gateway, asserting what comes out on the other side (captured on ext's interface) and which
+//! drop counter moves. A strict policy: the web group (10.10.0.0/24) may reach only 203.0.113.10, UDP 7 and
+//! 7000–7010, TCP 80 and 7100; everything else (198.51.100.10 included) is denied. `scripts/test` runs them with
+//! one worker and with two.
+
+mod support;
+
+use etherparse::{Icmpv4Type, PacketBuilder, SlicedPacket, TransportSlice};
+use support::{lab_config, wait_for, Gateway, Lab};
+
+const CLIENT: [u8; 4] = [10, 10, 0, 2];
+const SERVER: [u8; 4] = [203, 0, 113, 10];
+const DENIED_SERVER: [u8; 4] = [198, 51, 100, 10];
+const EGRESS: [u8; 4] = [192, 0, 2, 10];
+
+/// `conf/lab.toml`'s dataplane and admin sections with the strict policy above.
+fn strict_config() -> (tempfile::TempDir, std::path::PathBuf) {
+    let (dir, path, original) = lab_config(str::to_string);
+    let head = &original[..original.find("[[group]]").expect("lab.toml has groups")];
+    let policy = r#"
+[[group]]
+name = "web"
+sources = ["10.10.0.0/24"]
+egress_ips = ["192.0.2.10"]
+
+[[group]]
+name = "payments"
+sources = ["10.10.1.0/24"]
+egress_ips = ["192.0.2.11"]
+
+[[rule]]
+group = "web"
+to = ["203.0.113.10/32"]
+proto = "udp"
+ports = [7, "7000-7010"]
+action = "allow"
+
+[[rule]]
+group = "web"
+to = ["203.0.113.10/32"]
+proto = "tcp"
+ports = [80, 7100]
+action = "allow"
+"#;
+    std::fs::write(&path, format!("{head}{policy}")).expect("write the strict config");
+    (dir, path)
+}
+
+/// The client's frames go from cl0 to gw-in.
+struct Wire {
+    client_mac: [u8; 6],
+    gw_in_mac: [u8; 6],
+}
+
+impl Wire {
+    fn new(lab: &Lab) -> Wire {
+        Wire { client_mac: lab.mac("client", "cl0"), gw_in_mac: lab.mac("gw", "gw-in") }
+    }
+
+    fn eth(&self) -> etherparse::PacketBuilderStep<etherparse::Ethernet2Header> {
+        PacketBuilder::ethernet2(self.client_mac, self.gw_in_mac)
+    }
+}
+
+/// An IPv4/UDP packet (no Ethernet header) from `src:sport` to `dst:dport`.
+fn udp_packet(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(src, dst, 64).udp(sport, dport).write(&mut out, payload).unwrap();
+    out
+}
+
+/// An ICMP error frame from the client's wire: `src` → `dst`, type/code, quoting `quoted` whole.
+fn icmp_error_frame(wire: &Wire, src: [u8; 4], dst: [u8; 4], ty: Icmpv4Type, quoted: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    wire.eth().ipv4(src, dst, 64).icmpv4(ty).write(&mut out, quoted).unwrap();
+    out
+}
+
+fn counter(gw: &Gateway, reason: &str) -> f64 {
+    gw.metric(&format!(r#"egressd_drops_total{{reason="{reason}"}}"#))
+}
+
+/// Opens a UDP flow 10.10.0.2:46000 → 203.0.113.10:7 (the echo answers, so the flow is live both ways).
+fn open_live_flow(lab: &Lab, gw: &Gateway) {
+    let out = lab.sh(
+        "client",
+        "printf live | socat -T2 - UDP4:203.0.113.10:7,bind=10.10.0.2,sourceport=46000,reuseaddr",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "live",
+        "the allowed flow must work:\n{}",
+        gw.log_text()
+    );
+}
+
+/// Issue: ICMP errors from inside skipped the policy, a covert channel out of a default-deny network. Any inside
+/// address could send an error to a denied destination quoting a live flow plus 1 KB of payload, and it left. Now
+/// an inside error leaves only from the quoted flow's inside endpoint to its peer, cut to the quoted header + 8
+/// bytes; every other one is dropped as `icmp_error_mismatch`.
+#[test]
+fn inside_icmp_errors_cannot_carry_data_out_past_the_policy() {
+    let lab = Lab::up(false);
+    let (_dir, config) = strict_config();
+    let gw = Gateway::start(&lab, &config);
+    let wire = Wire::new(&lab);
+    open_live_flow(&lab, &gw);
+    // What the client received from the server: 203.0.113.10:7 → 10.10.0.2:46000, and then 1 KB of "payload".
+    let mut quoted = udp_packet(SERVER, 7, CLIENT, 46000, b"live");
+    quoted.extend(std::iter::repeat_n(0x5a, 1024));
+    let types = [
+        Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port),
+        Icmpv4Type::TimeExceeded(etherparse::icmpv4::TimeExceededCode::TtlExceededInTransit),
+        Icmpv4Type::ParameterProblem(etherparse::icmpv4::ParameterProblemHeader::PointerIndicatesError(0)),
+    ];
+    let hostile: Vec<Vec<u8>> = [
+        (CLIENT, DENIED_SERVER),         // the allowed host, to a denied destination
+        ([10, 10, 0, 3], SERVER),        // another host of the group, to the flow's peer
+        ([10, 99, 9, 9], DENIED_SERVER), // a spoofed address in no group
+    ]
+    .iter()
+    .flat_map(|&(src, dst)| types.iter().map(move |ty| (src, dst, ty.clone())))
+    .map(|(src, dst, ty)| icmp_error_frame(&wire, src, dst, ty, &quoted))
+    .collect();
+    let before = counter(&gw, "icmp_error_mismatch");
+    let capture = lab.capture("ext", "ext0", 2.0);
+    lab.inject("client", "cl0", &hostile);
+    // The legitimate one: from the flow's endpoint to its peer.
+    lab.inject("client", "cl0", &[icmp_error_frame(&wire, CLIENT, SERVER, types[0].clone(), &quoted)]);
+    let mut arrived = Vec::new();
+    for frame in capture.frames() {
+        let Ok(p) = SlicedPacket::from_ethernet(&frame) else { continue };
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { continue };
+        if ip.header().protocol() == etherparse::IpNumber::ICMP {
+            arrived.push((
+                ip.header().source(),
+                ip.header().destination(),
+                ip.header().total_len(),
+                frame.clone(),
+            ));
+        }
+    }
+    assert_eq!(
+        arrived.len(),
+        1,
+        "only the legitimate error may leave, saw {:?}",
+        arrived.iter().map(|a| (a.0, a.1)).collect::<Vec<_>>()
+    );
+    let (src, dst, total_len, frame) = &arrived[0];
+    assert_eq!((*src, *dst), (EGRESS, SERVER), "translated to the egress IP, towards the flow's peer");
+    assert_eq!(*total_len, 20 + 8 + 20 + 8, "cut to the quoted header and 8 bytes");
+    assert!(!frame[..14 + 56].contains(&0x5a), "nothing of the payload leaves");
+    wait_for(
+        || counter(&gw, "icmp_error_mismatch") >= before + 9.0,
+        "9 hostile errors counted as icmp_error_mismatch",
+    );
+}
+
+/// Issue: an 802.1Q tag from inside was copied to the outside (VLAN hopping on a trunk). Tagged frames are now
+/// dropped as `vlan_tagged`: nothing tagged, and nothing of the tagged frames, reaches ext.
+#[test]
+fn vlan_tagged_frames_from_inside_never_reach_the_outside() {
+    let lab = Lab::up(false);
+    let (_dir, config) = strict_config();
+    let gw = Gateway::start(&lab, &config);
+    let wire = Wire::new(&lab);
+    let frame = |tag: Option<u16>, payload: &[u8]| {
+        let mut out = Vec::new();
+        let eth = wire.eth();
+        match tag {
+            Some(vid) => eth
+                .single_vlan(vid.try_into().unwrap())
+                .ipv4(CLIENT, SERVER, 64)
+                .udp(47000, 7)
+                .write(&mut out, payload)
+                .unwrap(),
+            None => eth.ipv4(CLIENT, SERVER, 64).udp(47000, 7).write(&mut out, payload).unwrap(),
+        }
+        out
+    };
+    let before = counter(&gw, "vlan_tagged");
+    let capture = lab.capture("ext", "ext0", 1.5);
+    lab.inject(
+        "client",
+        "cl0",
+        &[frame(Some(7), b"tagged 7"), frame(Some(4094), b"tagged 4094"), frame(None, b"untagged")],
+    );
+    let mut udp_payloads = Vec::new();
+    for f in capture.frames() {
+        assert_ne!(&f[12..14], &[0x81, 0x00], "a tagged frame reached ext: {f:02x?}");
+        let Ok(p) = SlicedPacket::from_ethernet(&f) else { continue };
+        if let Some(TransportSlice::Udp(udp)) = &p.transport {
+            if udp.destination_port() == 7 {
+                udp_payloads.push(String::from_utf8_lossy(udp.payload()).into_owned());
+            }
+        }
+    }
+    assert_eq!(udp_payloads, ["untagged"], "only the untagged datagram crosses");
+    wait_for(|| counter(&gw, "vlan_tagged") >= before + 2.0, "the tagged frames counted as vlan_tagged");
+}
