@@ -199,3 +199,122 @@ fn vlan_tagged_frames_from_inside_never_reach_the_outside() {
     assert_eq!(udp_payloads, ["untagged"], "only the untagged datagram crosses");
     wait_for(|| counter(&gw, "vlan_tagged") >= before + 2.0, "the tagged frames counted as vlan_tagged");
 }
+
+/// The client side of the TCP blind-attack test: connects 10.10.0.2:43100 → 203.0.113.10:7100, exchanges a line,
+/// says "ready", and on each line from stdin: "go" exchanges another line ("alive" or the error), "check" waits
+/// for the connection to be reset ("reset" or "open").
+const TCP_VICTIM: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.10.0.2", 43100)); s.settimeout(3)
+s.connect(("203.0.113.10", 7100))
+s.sendall(b"1\n"); s.recv(10)
+print("ready", flush=True)
+for cmd in sys.stdin:
+    try:
+        if cmd.strip() == "go":
+            s.sendall(b"2\n"); print("alive" if s.recv(10) == b"2\n" else "mangled", flush=True)
+        else:
+            s.settimeout(2); data = s.recv(10); print("open" if data else "closed", flush=True)
+    except ConnectionResetError:
+        print("reset", flush=True)
+    except Exception as e:
+        print(type(e).__name__, flush=True)
+"#;
+
+/// Issue: a blind attacker could kill a TCP flow. From outside, spoofing the server, it injected an ACK half the
+/// sequence space away (which moved the tracked state) and RSTs up to a window behind or ahead (which were
+/// accepted: the flow went transitory and died 4 minutes later). Now those are dropped (`tcp_out_of_window`,
+/// `tcp_rst_out_of_window`), the flow stays established and keeps working, and an RST at exactly the sequence the
+/// client expects still resets it.
+#[test]
+fn a_blind_attacker_cannot_kill_a_tcp_flow() {
+    use std::io::{BufRead, Write};
+    let lab = Lab::up(false);
+    let (_dir, config) = strict_config();
+    let gw = Gateway::start(&lab, &config);
+    let server = lab.sh(
+        "ext",
+        "setsid python3 -c '
+import socket
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((\"203.0.113.10\", 7100)); l.listen(1)
+c, _ = l.accept()
+while True:
+    d = c.recv(100)
+    if not d: break
+    c.sendall(d)
+' >/dev/null 2>&1 &",
+    );
+    assert!(server.status.success());
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let capture = lab.capture("ext", "ext0", 2.0);
+    let mut victim = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns("client"), "python3", "-c", TCP_VICTIM])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the client");
+    let mut said = std::io::BufReader::new(victim.stdout.take().unwrap()).lines();
+    let mut tell = victim.stdin.take().unwrap();
+    let mut next = || said.next().and_then(Result::ok).unwrap_or_default();
+    assert_eq!(next(), "ready", "the connection must open through egressd:\n{}", gw.log_text());
+    // The client's last ACK, as the server saw it: the sequence number the client expects next.
+    let expected = capture
+        .frames()
+        .iter()
+        .filter_map(|f| {
+            let p = SlicedPacket::from_ethernet(f).ok()?;
+            match &p.transport {
+                Some(TransportSlice::Tcp(t)) if t.source_port() == 43100 && t.ack() => {
+                    Some(t.acknowledgment_number())
+                }
+                _ => None,
+            }
+        })
+        .last()
+        .expect("the client's segments were captured");
+    let ext_mac = lab.mac("ext", "ext0");
+    let gw_out_mac = lab.mac("gw", "gw-out");
+    let spoofed = |seq: u32, rst: bool| {
+        let b =
+            PacketBuilder::ethernet2(ext_mac, gw_out_mac).ipv4(SERVER, EGRESS, 64).tcp(7100, 43100, seq, 500);
+        let b = if rst { b.rst() } else { b.ack(1) };
+        let mut out = Vec::new();
+        b.write(&mut out, &[]).unwrap();
+        out
+    };
+    let far = expected.wrapping_add(0x7fff_ffff);
+    let (window_before, rst_before) =
+        (counter(&gw, "tcp_out_of_window"), counter(&gw, "tcp_rst_out_of_window"));
+    lab.inject(
+        "ext",
+        "ext0",
+        &[
+            spoofed(far, false),
+            spoofed(far, true),
+            spoofed(expected.wrapping_sub(1000), true),
+            spoofed(expected.wrapping_add(1000), true),
+        ],
+    );
+    wait_for(
+        || {
+            counter(&gw, "tcp_out_of_window") > window_before
+                && counter(&gw, "tcp_rst_out_of_window") >= rst_before + 3.0
+        },
+        "the blind segments dropped under their reasons",
+    );
+    writeln!(tell, "go").unwrap();
+    assert_eq!(next(), "alive", "the flow survives the blind attack");
+    // The gauges are republished every second: the flow is still established, not transitory.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(gw.metric(r#"egressd_nat_flows{state="tcp_established"}"#), 1.0);
+    assert_eq!(gw.metric(r#"egressd_nat_flows{state="tcp_transitory"}"#), 0.0);
+    // The echo of "2\n" moved the expected sequence by 2: an RST exactly there is honoured.
+    lab.inject("ext", "ext0", &[spoofed(expected.wrapping_add(2), true)]);
+    writeln!(tell, "check").unwrap();
+    assert_eq!(next(), "reset", "an exact RST still resets the connection");
+    drop(tell);
+    let _ = victim.wait();
+}

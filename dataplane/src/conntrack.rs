@@ -248,11 +248,13 @@ impl Index {
 pub(crate) struct TcpPeer {
     /// Next sequence number this side will send (highest `seq + len` seen, SYN and FIN counted).
     pub nxt: u32,
-    /// Largest receive window this side advertised, scaled.
-    pub win: u32,
+    /// The highest acknowledgment this side sent: the next sequence number it expects (its RCV.NXT), valid once
+    /// the session's `SESSION_*_ACKED` flag for this side is set.
+    pub ack: u32,
 }
 
-pub(crate) const NO_WSCALE: u8 = 0xff;
+/// No window scale option: the nibble value in [`Session::wscales`].
+pub(crate) const NO_WSCALE: u8 = 0x0f;
 
 pub(crate) const TCP_SYN_OUT: u8 = 1;
 pub(crate) const TCP_SYN_IN: u8 = 2;
@@ -272,6 +274,9 @@ pub(crate) const SESSION_HAIRPIN: u8 = 2;
 /// Session flag: the far side of a hairpinned flow (created by the hairpin's inbound leg). It is a reply flow:
 /// never judged by the policy.
 pub(crate) const SESSION_HAIRPIN_PEER: u8 = 4;
+/// Session flags: the inside (outbound) / outside (inbound) side has sent an ACK, so its `TcpPeer::ack` is known.
+pub(crate) const SESSION_OUT_ACKED: u8 = 8;
+pub(crate) const SESSION_IN_ACKED: u8 = 16;
 
 /// One flow (5-tuple). `in_*` is the inside endpoint, `remote_*` the outside one; the external endpoint is
 /// `(egress[ip_idx], ext_port)`. 56 bytes; `repr(C)` keeps what every packet reads (key, translation, timer,
@@ -289,13 +294,15 @@ pub(crate) struct Session {
     pub class: u8,
     pub tcp_flags: u8,
     pub flags: u8,
-    /// Window scale from each side's SYN, or `NO_WSCALE`.
-    pub out_wscale: u8,
+    /// Window scale from each side's SYN (low nibble: inside, high nibble: outside), `NO_WSCALE` when absent.
+    pub wscales: u8,
+    /// Largest window each side advertised, in units of its window scale once both sides use scaling.
+    pub out_win: u16,
+    pub in_win: u16,
     /// Whole seconds of the last refresh.
     pub last_seen: u32,
     /// Low 32 bits of the policy generation that last judged this flow.
     pub generation: u32,
-    pub in_wscale: u8,
     pub out: TcpPeer,
     pub inn: TcpPeer,
     /// LRU links; `next` doubles as the free-list link.
@@ -311,8 +318,8 @@ impl Session {
         next: NONE,
         last_seen: 0,
         generation: 0,
-        out: TcpPeer { nxt: 0, win: 0 },
-        inn: TcpPeer { nxt: 0, win: 0 },
+        out: TcpPeer { nxt: 0, ack: 0 },
+        inn: TcpPeer { nxt: 0, ack: 0 },
         in_port: 0,
         remote_port: 0,
         ext_port: 0,
@@ -321,8 +328,9 @@ impl Session {
         class: CLASS_FREE,
         tcp_flags: 0,
         flags: 0,
-        out_wscale: NO_WSCALE,
-        in_wscale: NO_WSCALE,
+        wscales: NO_WSCALE | NO_WSCALE << 4,
+        out_win: 0,
+        in_win: 0,
     };
 }
 
@@ -456,8 +464,10 @@ pub(crate) struct Segment {
 pub(crate) enum TcpVerdict {
     /// Forward; the session's timeout class may have changed.
     Forward,
-    /// RST outside the window: ignore it (drop, state kept).
+    /// RST not at exactly the sequence number its receiver expects: ignore it (drop, state kept).
     RstOutOfWindow,
+    /// A segment outside the window (or a SYN that does not belong to the connection): drop, state kept.
+    OutOfWindow,
 }
 
 #[inline]
@@ -465,25 +475,114 @@ fn seq_after(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) > 0
 }
 
-/// Updates `s`'s TCP state with a segment travelling `outbound` (inside → outside) or inbound.
+/// The smallest window an acknowledgment may lag behind (Linux conntrack's `MAXACKWINDOW` floor).
+const MIN_ACK_WINDOW: u32 = 66_000;
+
+/// One direction's view of a session: the sender's and receiver's state and flags.
+struct Sides {
+    snd_seen: u8,
+    rcv_seen: u8,
+    syn_bit: u8,
+    fin_bit: u8,
+    snd_acked: u8,
+    rcv_acked: u8,
+    /// Shift of the sender's / receiver's nibble in `Session::wscales`.
+    snd_nibble: u32,
+    rcv_nibble: u32,
+}
+
+impl Sides {
+    fn of(outbound: bool) -> Sides {
+        if outbound {
+            Sides {
+                snd_seen: TCP_OUT_SEEN,
+                rcv_seen: TCP_IN_SEEN,
+                syn_bit: TCP_SYN_OUT,
+                fin_bit: TCP_FIN_OUT,
+                snd_acked: SESSION_OUT_ACKED,
+                rcv_acked: SESSION_IN_ACKED,
+                snd_nibble: 0,
+                rcv_nibble: 4,
+            }
+        } else {
+            Sides {
+                snd_seen: TCP_IN_SEEN,
+                rcv_seen: TCP_OUT_SEEN,
+                syn_bit: TCP_SYN_IN,
+                fin_bit: TCP_FIN_IN,
+                snd_acked: SESSION_IN_ACKED,
+                rcv_acked: SESSION_OUT_ACKED,
+                snd_nibble: 4,
+                rcv_nibble: 0,
+            }
+        }
+    }
+}
+
+impl Session {
+    fn wscale(&self, nibble: u32) -> u8 {
+        (self.wscales >> nibble) & 0x0f
+    }
+
+    /// Whether both sides offered window scaling (RFC 7323: only then are windows scaled).
+    fn both_scale(&self) -> bool {
+        self.wscale(0) != NO_WSCALE && self.wscale(4) != NO_WSCALE
+    }
+
+    /// The shift a side's stored window units use.
+    fn win_shift(&self, nibble: u32) -> u32 {
+        if self.both_scale() {
+            u32::from(self.wscale(nibble).min(14))
+        } else {
+            0
+        }
+    }
+
+    fn win_units(&mut self, nibble: u32) -> &mut u16 {
+        if nibble == 0 {
+            &mut self.out_win
+        } else {
+            &mut self.in_win
+        }
+    }
+
+    /// The largest window the side advertised, in bytes.
+    fn max_win(&self, nibble: u32) -> u32 {
+        let units = if nibble == 0 { self.out_win } else { self.in_win };
+        u32::from(units.max(1)) << self.win_shift(nibble)
+    }
+}
+
+/// Updates `s`'s TCP state with a segment travelling `outbound` (inside → outside) or inbound, after checking
+/// that it belongs to the connection: a blind attacker who knows the 4-tuple but not the sequence numbers can
+/// neither move the state nor end the flow.
+///
+/// - The first segment from each side is its SYN; a SYN+ACK must acknowledge the other side's SYN exactly; a SYN
+///   repeated later must carry the same initial sequence number (a new SYN after the connection closed starts
+///   over: TIME-WAIT reuse).
+/// - Once the receiver has acknowledged something, a segment must lie in the window as Linux conntrack checks it:
+///   it starts at most the receiver's largest window past the receiver's last ACK, ends at most that window
+///   behind what the sender already sent, and acknowledges nothing the receiver has not sent (nor more than a
+///   window behind it).
+/// - An RST is accepted only at exactly the sequence number its receiver expects (its last ACK), or the sender's
+///   next sequence number (RFC 5961 §3: an RST in the window but not exact would get a challenge ACK from the
+///   endpoint; the gateway drops it instead, and the endpoint's real RST, which answers the challenge with the
+///   exact number, passes). Before the receiver acknowledged anything, only an RST acknowledging its SYN.
+///
+/// Segments that fail are dropped by the caller and change nothing.
 pub(crate) fn tcp_track(s: &mut Session, outbound: bool, seg: &Segment) -> TcpVerdict {
-    let (snd_seen, syn_bit, fin_bit) = if outbound {
-        (TCP_OUT_SEEN, TCP_SYN_OUT, TCP_FIN_OUT)
-    } else {
-        (TCP_IN_SEEN, TCP_SYN_IN, TCP_FIN_IN)
-    };
-    let rcv_seen = if outbound { TCP_IN_SEEN } else { TCP_OUT_SEEN };
+    let d = Sides::of(outbound);
+    let (snd, rcv) = if outbound { (s.out, s.inn) } else { (s.inn, s.out) };
+    let snd_seen = s.tcp_flags & d.snd_seen != 0;
+    let rcv_seen = s.tcp_flags & d.rcv_seen != 0;
+    let rcv_acked = s.flags & d.rcv_acked != 0;
 
     if seg.flags & F_RST != 0 {
-        // RFC 5382 / RFC 793: an RST is valid only if its sequence number is in the receiver's window. When this
-        // side has sent nothing yet (we are in SYN-SENT from the receiver's view), it must ACK the receiver's SYN.
-        let (snd, rcv) = if outbound { (s.out, s.inn) } else { (s.inn, s.out) };
-        let valid = if s.tcp_flags & snd_seen != 0 {
-            let win = if s.tcp_flags & rcv_seen != 0 { rcv.win.max(1) } else { u32::from(u16::MAX) };
-            let d = seg.seq.wrapping_sub(snd.nxt) as i32 as i64;
-            d.abs() <= i64::from(win)
+        let valid = if rcv_acked {
+            seg.seq == rcv.ack || (snd_seen && seg.seq == snd.nxt)
         } else {
-            s.tcp_flags & rcv_seen != 0 && seg.flags & F_ACK != 0 && seg.ack == rcv.nxt
+            // The receiver has sent only its SYN: an RST answering it must acknowledge it (RFC 793, SYN-SENT).
+            rcv_seen && seg.flags & F_ACK != 0 && seg.ack == rcv.nxt
         };
         if !valid {
             return TcpVerdict::RstOutOfWindow;
@@ -492,47 +591,91 @@ pub(crate) fn tcp_track(s: &mut Session, outbound: bool, seg: &Segment) -> TcpVe
         return TcpVerdict::Forward;
     }
 
-    if seg.flags & F_SYN != 0 {
-        let closed = s.tcp_flags & TCP_RST != 0
-            || s.tcp_flags & (TCP_FIN_OUT | TCP_FIN_IN) == (TCP_FIN_OUT | TCP_FIN_IN);
-        if closed && seg.flags & F_ACK == 0 {
-            // A new connection on the same 5-tuple after the old one closed (TIME-WAIT reuse): start over.
-            s.tcp_flags = 0;
-            s.out = Session::FREE.out;
-            s.inn = Session::FREE.inn;
-            s.out_wscale = NO_WSCALE;
-            s.in_wscale = NO_WSCALE;
-        }
-        s.tcp_flags |= syn_bit;
-        if outbound {
-            s.out_wscale = seg.wscale;
-        } else {
-            s.in_wscale = seg.wscale;
-        }
-    }
-
-    let both_scale = s.out_wscale != NO_WSCALE && s.in_wscale != NO_WSCALE;
-    let first = s.tcp_flags & snd_seen == 0;
-    let snd_wscale = if outbound { s.out_wscale } else { s.in_wscale };
-    let snd = if outbound { &mut s.out } else { &mut s.inn };
     let end = seg
         .seq
         .wrapping_add(seg.payload)
         .wrapping_add(u32::from(seg.flags & F_SYN != 0))
         .wrapping_add(u32::from(seg.flags & F_FIN != 0));
+    let mut first = !snd_seen;
+    if seg.flags & F_SYN != 0 {
+        let closed = s.tcp_flags & TCP_RST != 0
+            || s.tcp_flags & (TCP_FIN_OUT | TCP_FIN_IN) == (TCP_FIN_OUT | TCP_FIN_IN);
+        if closed && seg.flags & F_ACK == 0 {
+            // A new connection on the same 5-tuple after the old one closed (TIME-WAIT reuse): start over.
+            let (flags, class) = (s.flags & !(SESSION_OUT_ACKED | SESSION_IN_ACKED), s.class);
+            *s = Session {
+                tcp_flags: 0,
+                flags,
+                class,
+                out: TcpPeer::default(),
+                inn: TcpPeer::default(),
+                wscales: NO_WSCALE | NO_WSCALE << 4,
+                out_win: 0,
+                in_win: 0,
+                ..*s
+            };
+            first = true;
+        } else if snd_seen && end != snd.nxt {
+            // A SYN with another initial sequence number on a live connection is not this connection's.
+            return TcpVerdict::OutOfWindow;
+        }
+        if seg.flags & F_ACK != 0 && !(rcv_seen && seg.ack == if outbound { s.inn.nxt } else { s.out.nxt }) {
+            // A SYN+ACK must acknowledge the other side's SYN exactly: a blind one cannot take the handshake over.
+            return TcpVerdict::OutOfWindow;
+        }
+        if first {
+            let had_both = s.both_scale();
+            s.wscales = (s.wscales & !(0x0f << d.snd_nibble)) | (seg.wscale.min(NO_WSCALE) << d.snd_nibble);
+            if !had_both && s.both_scale() {
+                // Windows stored so far (the other side's SYN) were unscaled: express them in that side's units.
+                let shift = s.win_shift(d.rcv_nibble);
+                let units = s.win_units(d.rcv_nibble);
+                *units = (*units >> shift).max(1);
+            }
+        }
+        s.tcp_flags |= d.syn_bit;
+    } else if first {
+        // Each side's first segment is its SYN.
+        return TcpVerdict::OutOfWindow;
+    } else if rcv_acked {
+        let rcv_win = s.max_win(d.rcv_nibble);
+        let snd_win = s.max_win(d.snd_nibble);
+        let (rcv_now, snd_now) = if outbound { (s.inn, s.out) } else { (s.out, s.inn) };
+        let upper = !seq_after(seg.seq, rcv_now.ack.wrapping_add(rcv_win));
+        let lower = !seq_after(snd_now.nxt.wrapping_sub(rcv_win), end);
+        let ack = seg.flags & F_ACK == 0
+            || (!seq_after(seg.ack, rcv_now.nxt)
+                && !seq_after(rcv_now.nxt.wrapping_sub(snd_win.max(MIN_ACK_WINDOW)), seg.ack));
+        if !(upper && lower && ack) {
+            return TcpVerdict::OutOfWindow;
+        }
+    }
+
+    // Windows in SYNs are never scaled (RFC 7323); a SYN's window is stored in the sender's units.
+    let shift = s.win_shift(d.snd_nibble);
+    let win_units = if seg.flags & F_SYN != 0 {
+        (u32::from(seg.window) >> shift).clamp(1, u32::from(u16::MAX)) as u16
+    } else {
+        seg.window
+    };
+    let acked = s.flags & d.snd_acked != 0;
+    let units = s.win_units(d.snd_nibble);
+    if first || win_units > *units {
+        *units = win_units;
+    }
+    let snd = if outbound { &mut s.out } else { &mut s.inn };
     if first || seq_after(end, snd.nxt) {
         snd.nxt = end;
     }
-    // Windows in SYNs are never scaled (RFC 7323).
-    let shift = if seg.flags & F_SYN == 0 && both_scale { u32::from(snd_wscale.min(14)) } else { 0 };
-    let win = u32::from(seg.window) << shift;
-    if first || win > snd.win {
-        snd.win = win;
+    if seg.flags & F_ACK != 0 {
+        if !acked || seq_after(seg.ack, snd.ack) {
+            snd.ack = seg.ack;
+        }
+        s.flags |= d.snd_acked;
     }
-    s.tcp_flags |= snd_seen;
-
+    s.tcp_flags |= d.snd_seen;
     if seg.flags & F_FIN != 0 {
-        s.tcp_flags |= fin_bit;
+        s.tcp_flags |= d.fin_bit;
     }
     if seg.flags & F_ACK != 0
         && seg.flags & F_SYN == 0

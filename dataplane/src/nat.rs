@@ -569,6 +569,16 @@ fn icmp_wr16(pkt: &mut [u8], icmp: usize, off: usize, new: u16) {
     wr16(pkt, icmp + 2, checksum::update16(c, old, new));
 }
 
+/// What a refused segment is dropped as.
+#[inline]
+fn tcp_verdict(verdict: TcpVerdict) -> Result<(), DropReason> {
+    match verdict {
+        TcpVerdict::Forward => Ok(()),
+        TcpVerdict::RstOutOfWindow => Err(DropReason::TcpRstOutOfWindow),
+        TcpVerdict::OutOfWindow => Err(DropReason::TcpOutOfWindow),
+    }
+}
+
 #[inline]
 fn secs(now: Instant) -> u32 {
     (now.as_nanos() / 1_000_000_000).min(u64::from(u32::MAX >> 1)) as u32
@@ -1323,9 +1333,7 @@ impl Nat {
         let mut class = self.sessions[sid as usize].class;
         if tcp {
             let s = &mut self.sessions[sid as usize];
-            if tcp_track(s, true, &l4.seg) == TcpVerdict::RstOutOfWindow {
-                return Err(DropReason::TcpRstOutOfWindow);
-            }
+            tcp_verdict(tcp_track(s, true, &l4.seg))?;
             class = tcp_class(s.tcp_flags);
         }
         // Outbound packets refresh the flow (RFC 4787 REQ-6, RFC 5382).
@@ -1427,10 +1435,9 @@ impl Nat {
         let mut class = s.class;
         let mut refresh = true;
         if tcp {
-            if tcp_track(s, false, &l4.seg) == TcpVerdict::RstOutOfWindow {
-                // RFC 5382 / 5961 spirit: an out-of-window RST is ignored; the state is kept.
-                return Err(DropReason::TcpRstOutOfWindow);
-            }
+            // RFC 5382 / 5961: a segment outside the window, or an RST not exactly where its receiver expects it,
+            // is ignored; the state is kept.
+            tcp_verdict(tcp_track(s, false, &l4.seg))?;
             class = tcp_class(s.tcp_flags);
             // RSTs do not refresh (a valid one moves the flow to transitory, kept 4 min from now).
             refresh = l4.seg.flags & F_RST == 0 || class != s.class;

@@ -100,8 +100,10 @@ drop_reasons! {
     InvalidTcpFlags => "invalid_tcp_flags",
     /// First packet of a TCP flow is not a SYN.
     TcpNotSyn => "tcp_not_syn",
-    /// RST outside the receive window (ignored, state kept).
+    /// RST not at exactly the sequence number its receiver expects (ignored, state kept; RFC 5961).
     TcpRstOutOfWindow => "tcp_rst_out_of_window",
+    /// TCP segment outside the connection's window, or a SYN that does not belong to it (ignored, state kept).
+    TcpOutOfWindow => "tcp_out_of_window",
     /// ICMP checksum, or an embedded IP header checksum, does not verify.
     BadIcmpChecksum => "bad_icmp_checksum",
     /// ICMP type the gateway does not translate.

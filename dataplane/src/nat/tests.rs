@@ -60,7 +60,7 @@ fn udp(src: A, sport: u16, dst: A, dport: u16) -> Vec<u8> {
     v
 }
 
-/// TCP segment; `flags` letters: S F R A (A uses `ack`).
+/// TCP segment; `flags` letters: S F R A (A uses `ack`). Segments carry 4 bytes of data, SYNs none.
 fn tcp(src: A, sport: u16, dst: A, dport: u16, seq: u32, ack: u32, flags: &str) -> Vec<u8> {
     let mut b = PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, seq, 64000);
     for f in flags.chars() {
@@ -73,7 +73,7 @@ fn tcp(src: A, sport: u16, dst: A, dport: u16, seq: u32, ack: u32, flags: &str) 
         };
     }
     let mut v = Vec::new();
-    b.write(&mut v, b"data").unwrap();
+    b.write(&mut v, if flags.contains('S') { b"" } else { b"data" }).unwrap();
     v
 }
 
@@ -448,6 +448,7 @@ fn a_flow_whose_egress_ip_comes_back_before_its_next_packet_goes_on_from_its_old
     let mut syn = tcp(C1, 40000, SRV, 443, 1, 0, "S");
     out(&mut nat, 0, &mut syn, &one).unwrap();
     assert_eq!(src_of(&syn), (ip(EG), 40000));
+    inb(&mut nat, 0, &mut tcp(SRV, 443, EG, 40000, 100, 2, "SA")).unwrap();
     // EG goes: a new flow of the endpoint retires its mapping and maps it afresh on EG2.
     let moved = policy_with(2, &[EG2], true);
     let mut syn2 = tcp(C1, 40000, SRV2, 443, 1, 0, "S");
@@ -456,10 +457,10 @@ fn a_flow_whose_egress_ip_comes_back_before_its_next_packet_goes_on_from_its_old
     assert_eq!(nat.stats().mappings, 2, "the retired mapping still holds EG:40000");
     // EG comes back before the first flow says anything: it goes on from EG:40000, and replies reach it.
     let back = policy_with(3, &[EG, EG2], true);
-    let mut ack = tcp(C1, 40000, SRV, 443, 2, 1, "A");
+    let mut ack = tcp(C1, 40000, SRV, 443, 2, 101, "A");
     assert_eq!(out(&mut nat, 2, &mut ack, &back), Ok(Outbound::Forward));
     assert_eq!(src_of(&ack), (ip(EG), 40000));
-    let mut reply = tcp(SRV, 443, EG, 40000, 1, 2, "A");
+    let mut reply = tcp(SRV, 443, EG, 40000, 101, 6, "A");
     assert_eq!(inb(&mut nat, 2, &mut reply), Ok(Inbound::Forward));
     assert_eq!(dst_of(&reply), (ip(C1), 40000));
     // New flows of the endpoint use its live mapping on EG2.
@@ -633,6 +634,99 @@ fn rfc5382_valid_rst_is_translated_and_kept_4_min_out_of_window_rst_is_ignored()
     assert_eq!(expire_all(&mut nat, 340), 1);
 }
 
+/// RFC 5961 §3 / Linux conntrack window tracking: a blind attacker who knows the 4-tuple but not the sequence
+/// numbers can neither move the state (an ACK half the sequence space away used to advance it) nor end the flow
+/// (an RST up to a window behind or ahead used to be accepted). Only an RST at exactly the sequence its receiver
+/// expects ends it.
+#[test]
+fn rfc5961_blind_segments_neither_move_the_state_nor_reset_the_flow() {
+    let pol = policy();
+    let mut nat = Nat::new(&cfg(), 0);
+    let ext = handshake(&mut nat, 0, &pol);
+    // The server has sent 5001 so far; the client's last ACK says it expects 5001. Spoofing the server:
+    let blind = [
+        (5001u32.wrapping_add(0x8000_0000), "A", DropReason::TcpOutOfWindow),
+        (5001u32.wrapping_add(0x8000_0000), "R", DropReason::TcpRstOutOfWindow),
+        (5001 + 200_000, "A", DropReason::TcpOutOfWindow), // beyond the client's 64 000-byte window
+        (5001 - 1000, "R", DropReason::TcpRstOutOfWindow), // behind: in the old window, not exact
+        (5001 + 1000, "R", DropReason::TcpRstOutOfWindow), // ahead: in the window, not exact
+        (5001 + 1000, "RA", DropReason::TcpRstOutOfWindow),
+    ];
+    for (seq, flags, reason) in blind {
+        let mut pk = tcp(SRV, 443, EG, ext, seq, 1005, flags);
+        let sent = pk.clone();
+        assert_eq!(inb(&mut nat, 1, &mut pk), Err(reason), "seq {seq} {flags}");
+        assert_eq!(pk, sent);
+    }
+    // A SYN with another initial sequence number, and an ACK for data the client never sent.
+    assert_eq!(
+        inb(&mut nat, 1, &mut tcp(SRV, 443, EG, ext, 777, 1001, "SA")),
+        Err(DropReason::TcpOutOfWindow)
+    );
+    assert_eq!(
+        inb(&mut nat, 1, &mut tcp(SRV, 443, EG, ext, 5001, 90_000, "A")),
+        Err(DropReason::TcpOutOfWindow)
+    );
+    assert_eq!(nat.stats().tcp_established, 1);
+    // The connection still works both ways: in-window data, and a retransmission of old data.
+    assert_eq!(inb(&mut nat, 2, &mut tcp(SRV, 443, EG, ext, 5001, 1005, "A")), Ok(Inbound::Forward));
+    assert_eq!(out(&mut nat, 2, &mut tcp(C1, 40000, SRV, 443, 1005, 5005, "A"), &pol), Ok(Outbound::Forward));
+    assert_eq!(inb(&mut nat, 2, &mut tcp(SRV, 443, EG, ext, 5001, 1009, "A")), Ok(Inbound::Forward));
+    // An RST exactly at the client's last ACK (5005) is the server's own: accepted, the flow turns transitory.
+    let mut rst = tcp(SRV, 443, EG, ext, 5005, 0, "R");
+    assert_eq!(inb(&mut nat, 3, &mut rst), Ok(Inbound::Forward));
+    assert_eq!(dst_of(&rst), (ip(C1), 40000));
+    assert_eq!(nat.stats().tcp_transitory, 1);
+}
+
+/// The handshake cannot be taken over blind: a SYN+ACK that does not acknowledge the client's SYN, or a bare ACK
+/// before the server's SYN, is dropped, and the real SYN+ACK still completes it.
+#[test]
+fn a_blind_syn_ack_or_early_ack_does_not_take_the_handshake_over() {
+    let pol = policy();
+    let mut nat = Nat::new(&cfg(), 0);
+    let mut syn = tcp(C1, 40000, SRV, 443, 1000, 0, "S");
+    out(&mut nat, 0, &mut syn, &pol).unwrap();
+    let ext = src_of(&syn).1;
+    assert_eq!(
+        inb(&mut nat, 0, &mut tcp(SRV, 443, EG, ext, 9, 77_777, "SA")),
+        Err(DropReason::TcpOutOfWindow)
+    );
+    assert_eq!(inb(&mut nat, 0, &mut tcp(SRV, 443, EG, ext, 9, 1001, "A")), Err(DropReason::TcpOutOfWindow));
+    assert_eq!(inb(&mut nat, 0, &mut tcp(SRV, 443, EG, ext, 5000, 1001, "SA")), Ok(Inbound::Forward));
+    assert_eq!(out(&mut nat, 0, &mut tcp(C1, 40000, SRV, 443, 1001, 5001, "A"), &pol), Ok(Outbound::Forward));
+    assert_eq!(nat.stats().tcp_established, 1);
+}
+
+/// RFC 7323: with window scaling on both sides the window is the advertised value shifted by the sender's scale;
+/// the SYN's own window is not scaled.
+#[test]
+fn scaled_windows_bound_the_segments_that_pass() {
+    let pol = policy();
+    let mut nat = Nat::new(&cfg(), 0);
+    let seg = |src: A, sport: u16, dst: A, dport: u16, seq: u32, ack: Option<u32>, syn: bool, window: u16| {
+        let mut b = PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, seq, window);
+        if syn {
+            b = b.syn().options(&[etherparse::TcpOptionElement::WindowScale(7)]).unwrap();
+        }
+        if let Some(ack) = ack {
+            b = b.ack(ack);
+        }
+        let mut v = Vec::new();
+        b.write(&mut v, if syn { b"" } else { b"data" }).unwrap();
+        v
+    };
+    let mut syn = seg(C1, 40000, SRV, 443, 1000, None, true, 64240);
+    out(&mut nat, 0, &mut syn, &pol).unwrap();
+    let ext = src_of(&syn).1;
+    inb(&mut nat, 0, &mut seg(SRV, 443, EG, ext, 5000, Some(1001), true, 65535)).unwrap();
+    // The client advertises 1000 × 128 = 128 000 bytes.
+    out(&mut nat, 0, &mut seg(C1, 40000, SRV, 443, 1001, Some(5001), false, 1000), &pol).unwrap();
+    let at = |off: u32| seg(SRV, 443, EG, ext, 5001 + off, Some(1005), false, 500);
+    assert_eq!(inb(&mut nat, 1, &mut at(100_000)), Ok(Inbound::Forward), "inside the scaled window");
+    assert_eq!(inb(&mut nat, 1, &mut at(200_000)), Err(DropReason::TcpOutOfWindow), "beyond it");
+}
+
 #[test]
 fn inbound_rst_does_not_refresh_an_established_flow() {
     let pol = policy();
@@ -726,7 +820,9 @@ proptest! {
         if proto == 1 {
             // SYN-ACK for the tracker.
             reply.clear();
-            PacketBuilder::ipv4(SRV, EG, 64).tcp(dport, ext, 99, 1000).syn().ack(8).write(&mut reply, &payload).unwrap();
+            // It acknowledges the SYN and its data.
+            let ack = 8 + payload.len() as u32;
+            PacketBuilder::ipv4(SRV, EG, 64).tcp(dport, ext, 99, 1000).syn().ack(ack).write(&mut reply, &payload).unwrap();
         }
         let r = nat.inbound(t(0), &mut reply);
         prop_assert_eq!(r, Ok(Inbound::Forward));
