@@ -813,6 +813,12 @@ impl Nat {
         }
     }
 
+    /// Whether `addr` is one of the egress IPs this worker translates to.
+    #[inline]
+    pub fn is_egress_ip(&self, addr: Ipv4Addr) -> bool {
+        self.egress_index(u32::from(addr)).is_some()
+    }
+
     /// The policy decision the last [`Nat::outbound`] call acted on, if it consulted the policy (a new flow, a
     /// flow judged again after a reload, or a flow that keeps no state: denied or `l7`). For counters and audit.
     pub fn take_decision(&mut self) -> Option<Decision> {

@@ -120,11 +120,41 @@ pub fn parse_ipv4_frame(frame: &[u8]) -> Result<Ipv4Frame, DropReason> {
     if !checksum::verify(&ip[..header_len]) {
         return Err(DropReason::BadIpChecksum);
     }
+    if header_len > IPV4_MIN_HEADER_LEN {
+        check_ipv4_options(&ip[IPV4_MIN_HEADER_LEN..header_len])?;
+    }
     let flags_fragment = u16::from_be_bytes([fixed[6], fixed[7]]);
     if flags_fragment & (IPV4_MORE_FRAGMENTS | IPV4_FRAGMENT_OFFSET_MASK) != 0 {
         return Err(DropReason::Fragment);
     }
     Ok(Ipv4Frame { ip_start, ip_end: ip_start + total_len, header_len })
+}
+
+/// IPv4 options (rare, so walked only when present): well-formed, and no loose or strict source route (RFC 7126
+/// 4.3/4.4: a router must not forward source-routed packets; they steer traffic past filters).
+#[cold]
+fn check_ipv4_options(mut options: &[u8]) -> Result<(), DropReason> {
+    const EOL: u8 = 0;
+    const NOP: u8 = 1;
+    const LSRR: u8 = 0x83;
+    const SSRR: u8 = 0x89;
+    while let Some(&kind) = options.first() {
+        match kind {
+            EOL => break,
+            NOP => options = &options[1..],
+            _ => {
+                let len = usize::from(*options.get(1).ok_or(DropReason::BadIpHeader)?);
+                if len < 2 || len > options.len() {
+                    return Err(DropReason::BadIpHeader);
+                }
+                if kind == LSRR || kind == SSRR {
+                    return Err(DropReason::SourceRoute);
+                }
+                options = &options[len..];
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where next-hop snapshots come from and where resolution requests go.
@@ -164,6 +194,8 @@ pub struct Pipeline {
     icmp_ip_id: u16,
     /// Where ICMP errors are written ([`MAX_REPLY_FRAME`] bytes, allocated once).
     reply: Box<[u8]>,
+    /// An allow decision of the frame in hand: counted (rule hit, `flows_allowed`) only once the frame leaves.
+    allowed: Option<Decision>,
 }
 
 /// Frames a worker keeps while their neighbour resolves (the kernel's default `unres_qlen` is of this order).
@@ -245,6 +277,7 @@ impl Pipeline {
             icmp_bucket: TokenBucket::new(icmp_errors.per_sec, icmp_errors.burst, Instant::ZERO),
             icmp_ip_id: 0,
             reply: vec![0; MAX_REPLY_FRAME].into_boxed_slice(),
+            allowed: None,
         };
         pipeline.publish_rule_hits();
         pipeline
@@ -303,23 +336,24 @@ impl Pipeline {
         self.stats.rule_hits.store(hits);
     }
 
-    /// Counts a policy decision the NAT acted on, and reports denials to the audit log (rate-limited).
-    fn observe(&mut self, now: Instant, decision: &Decision, packet: &[u8]) {
+    /// Counts a policy decision the NAT acted on, and reports denials to the audit log (rate-limited). An allow is
+    /// counted only for a frame that is forwarded ([`Pipeline::counted`]): a flow the NAT, the route or a limit
+    /// then refuses is counted under that reason instead.
+    fn observe(&mut self, now: Instant, decision: Decision, packet: &[u8]) {
+        if decision.verdict == Verdict::Allow {
+            self.allowed = Some(decision);
+            return;
+        }
         if let Some(rule) = decision.rule {
             self.rule_hits.hit(rule.0 as usize);
         }
-        match decision.verdict {
-            Verdict::Allow => self.stats.flows_allowed.inc(),
-            Verdict::L7 => {}
-            Verdict::Deny(_) => {
-                let Some(queue) = &self.audit else { return };
-                let generation = self.policy_snapshot.generation();
-                let reported = self.audit_limiter.take(now)
-                    && AuditEvent::new(packet, decision, generation, self.worker)
-                        .is_some_and(|e| queue.push(e));
-                if !reported {
-                    self.stats.audit_suppressed.inc();
-                }
+        if let Verdict::Deny(_) = decision.verdict {
+            let Some(queue) = &self.audit else { return };
+            let generation = self.policy_snapshot.generation();
+            let reported = self.audit_limiter.take(now)
+                && AuditEvent::new(packet, &decision, generation, self.worker).is_some_and(|e| queue.push(e));
+            if !reported {
+                self.stats.audit_suppressed.inc();
             }
         }
     }
@@ -357,13 +391,22 @@ impl Pipeline {
     }
 
     fn counted(&mut self, now: Instant, leg: Leg, frame: &mut [u8]) -> Action {
-        match self.forward(now, leg, frame) {
+        let action = match self.forward(now, leg, frame) {
             Ok(action) => action,
             Err(reason) => {
                 self.stats.count_drop(reason);
                 Action::Drop(reason)
             }
+        };
+        if let Some(decision) = self.allowed.take() {
+            if matches!(action, Action::Forward { .. } | Action::Held | Action::HandedOff) {
+                if let Some(rule) = decision.rule {
+                    self.rule_hits.hit(rule.0 as usize);
+                }
+                self.stats.flows_allowed.inc();
+            }
         }
+        action
     }
 
     /// REQUIREMENTS "out of ports → drop, count `out_of_ports`, optionally ICMP 3/13": writes the ICMP error for
@@ -398,6 +441,31 @@ impl Pipeline {
         if frame[ttl_at] <= 1 {
             return Err(DropReason::TtlExceeded);
         }
+        // From inside, the next hop first: a packet that cannot leave (no route, or an unresolved next hop and no
+        // room to wait for it) must not take a NAT session and port. The NAT does not change the destination of a
+        // packet that leaves by the outside, so the answer serves `route` below. (A hairpinned packet, to one of
+        // our egress IPs, goes back inside and is routed there.)
+        let mut outside_l2 = None;
+        if leg.is_outbound() {
+            let dst = Ipv4Addr::from(u32::from_be_bytes([
+                frame[l3.ip_start + 16],
+                frame[l3.ip_start + 17],
+                frame[l3.ip_start + 18],
+                frame[l3.ip_start + 19],
+            ]));
+            if !self.nat.is_egress_ip(dst) {
+                match self.snapshot.lookup_l2(Side::Outside, dst) {
+                    Ok(l2) => outside_l2 = Some(l2),
+                    Err(NextHop::NoNeighbour(hop)) => {
+                        if self.held.len() >= HOLD_FRAMES || l3.ip_end > HOLD_FRAME_BYTES {
+                            self.request_resolution(now, hop);
+                            return Err(DropReason::NoNeighbour);
+                        }
+                    }
+                    Err(_) => return Err(DropReason::NoRoute),
+                }
+            }
+        }
 
         let out = match self.translate(now, leg, &mut frame[l3.ip_start..l3.ip_end]) {
             Ok(Next::Out(side)) => side,
@@ -422,7 +490,8 @@ impl Pipeline {
         let total_len = usize::from(u16::from_be_bytes([frame[l3.ip_start + 2], frame[l3.ip_start + 3]]));
         let ip_end = (l3.ip_start + total_len).min(l3.ip_end);
         let l3 = Ipv4Frame { ip_end, ..l3 };
-        match self.route(now, out, frame, l3.ip_start, l3.ip_end) {
+        let l2 = if out == Side::Outside { outside_l2 } else { None };
+        match self.route(now, out, frame, l3.ip_start, l3.ip_end, l2) {
             Err(DropReason::NoNeighbour)
                 if self.held.len() < HOLD_FRAMES && l3.ip_end <= HOLD_FRAME_BYTES =>
             {
@@ -442,8 +511,8 @@ impl Pipeline {
         }
     }
 
-    /// Routes a translated frame out of `out`: next-hop lookup, TTL decrement, MAC rewrite. Always inlined: once
-    /// per forwarded packet, and its result need not go through memory.
+    /// Routes a translated frame out of `out`: next-hop lookup (unless `known_l2`, the MACs, is known), TTL
+    /// decrement, MAC rewrite. Always inlined: once per forwarded packet, and its result need not go through memory.
     #[inline(always)]
     fn route(
         &mut self,
@@ -452,6 +521,7 @@ impl Pipeline {
         frame: &mut [u8],
         ip_start: usize,
         ip_end: usize,
+        known_l2: Option<[u8; 12]>,
     ) -> Result<Action, DropReason> {
         // The MACs and the fixed IPv4 header as arrays, split once: no bounds check per field. Every frame routed
         // here was parsed, so both are there.
@@ -460,7 +530,7 @@ impl Pipeline {
             return Err(DropReason::Truncated);
         };
         let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-        let l2 = match self.snapshot.lookup_l2(out, dst) {
+        let l2 = match known_l2.map_or_else(|| self.snapshot.lookup_l2(out, dst), Ok) {
             Ok(l2) => l2,
             Err(NextHop::NoNeighbour(hop)) => {
                 self.request_resolution(now, hop);
@@ -492,7 +562,7 @@ impl Pipeline {
             let mut held = self.held[i];
             let (ip_start, len) = (usize::from(held.ip_start), usize::from(held.len));
             // `route` leaves the frame untouched unless it forwards it; its resolution requests are rate-limited.
-            let routed = self.route(now, held.out, &mut held.bytes[..len], ip_start, len);
+            let routed = self.route(now, held.out, &mut held.bytes[..len], ip_start, len, None);
             if routed == Err(DropReason::NoNeighbour)
                 && now.saturating_since(held.since).as_nanos() < u128::from(HOLD_NANOS)
             {
@@ -518,7 +588,7 @@ impl Pipeline {
         if leg.is_outbound() {
             let result = self.nat.outbound(now, packet, &self.policy_snapshot);
             if let Some(decision) = self.nat.take_decision() {
-                self.observe(now, &decision, packet);
+                self.observe(now, decision, packet);
             }
             return match result? {
                 Outbound::Forward => Ok(Next::Out(Side::Outside)),
@@ -1030,6 +1100,46 @@ mod tests {
         }
     }
 
+    /// A new flow that cannot leave takes no NAT session or port: no route out of the outside interface, or an
+    /// unresolved next hop when the hold queue is full. Neither counts as an allowed flow.
+    #[test]
+    fn flows_that_cannot_leave_take_no_nat_state_and_are_not_counted_as_allowed() {
+        let mut table = lab_table(true);
+        table.outside = InterfaceTable::new(
+            GW_OUT_MAC,
+            vec![Route { destination: ip("192.0.2.0"), prefix_len: 24, gateway: None }],
+            vec![],
+        );
+        let mut p = pipeline(table);
+        let mut f = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"nowhere");
+        assert_eq!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Drop(DropReason::NoRoute));
+        // On-link destinations with no neighbour: the first HOLD_FRAMES wait (and map), the rest are refused.
+        for i in 0..HOLD_FRAMES + 4 {
+            let mut f = udp_frame([10, 10, 0, 2], [192, 0, 2, 100 + i as u8], 64, b"unresolved");
+            let action = p.process(Instant::ZERO, Side::Inside, &mut f);
+            let expected = if i < HOLD_FRAMES { Action::Held } else { Action::Drop(DropReason::NoNeighbour) };
+            assert_eq!(action, expected, "destination {i}");
+        }
+        assert_eq!(p.nat().stats().flows() as usize, HOLD_FRAMES, "only the held frames took sessions");
+        assert_eq!(p.stats().flows_allowed.get() as usize, HOLD_FRAMES);
+        assert_eq!(p.stats().drops(DropReason::NoRoute), 1);
+        assert_eq!(p.stats().drops(DropReason::NoNeighbour), 4);
+    }
+
+    /// Out of ports: the policy allowed the flow, but it is refused, so it counts as `out_of_ports`, not as an
+    /// allowed flow or a hit of its rule.
+    #[test]
+    fn a_flow_refused_after_the_policy_allowed_it_is_not_counted_as_allowed() {
+        let mut p = out_of_udp_ports(icmp_on(1000, 50), Some(GW_IN_IP));
+        let allowed = p.stats().flows_allowed.get();
+        let hits = p.stats().rule_hits.load().get(0);
+        let mut f = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"refused");
+        assert!(matches!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Reply { .. }));
+        assert_eq!(p.stats().flows_allowed.get(), allowed);
+        assert_eq!(p.stats().rule_hits.load().get(0), hits);
+        assert_eq!(p.stats().drops(DropReason::OutOfPorts), 1);
+    }
+
     #[test]
     fn frames_wait_for_an_unknown_neighbour_then_leave_or_time_out() {
         let hops = NextHops::fixed(lab_table(false));
@@ -1076,27 +1186,53 @@ mod tests {
         assert_eq!(stats.drops(DropReason::NoNeighbour), 3);
     }
 
-    #[test]
-    fn ip_options_are_forwarded() {
-        // IHL 6: one 4-byte option (NOPs + EOL).
-        let mut f = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"opt");
+    /// A UDP frame with `options` (a multiple of 4 bytes) in its IPv4 header, checksum right.
+    fn with_ip_options(options: &[u8]) -> Vec<u8> {
+        let f = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, b"opt");
         let mut with_opt = f[..34].to_vec();
-        with_opt.extend_from_slice(&[1, 1, 1, 0]);
+        with_opt.extend_from_slice(options);
         with_opt.extend_from_slice(&f[34..]);
-        with_opt[14] = 0x46;
-        let total = u16::from_be_bytes([with_opt[16], with_opt[17]]) + 4;
+        with_opt[14] = 0x45 + (options.len() / 4) as u8;
+        let total = u16::from_be_bytes([with_opt[16], with_opt[17]]) + options.len() as u16;
         with_opt[16..18].copy_from_slice(&total.to_be_bytes());
         with_opt[24..26].copy_from_slice(&[0, 0]);
-        let c = checksum::compute(&with_opt[14..38]);
+        let c = checksum::compute(&with_opt[14..34 + options.len()]);
         with_opt[24..26].copy_from_slice(&c.to_be_bytes());
-        f = with_opt;
-        let len = f.len();
+        with_opt
+    }
+
+    #[test]
+    fn ip_options_are_forwarded() {
+        // NOPs + EOL, and a record-route option.
+        for options in [&[1, 1, 1, 0][..], &[7, 7, 4, 0, 0, 0, 0, 0]] {
+            let mut f = with_ip_options(options);
+            let len = f.len();
+            let mut p = pipeline(lab_table(true));
+            assert_eq!(
+                p.process(Instant::ZERO, Side::Inside, &mut f),
+                Action::Forward { out: Side::Outside, len }
+            );
+            assert!(ip_header_ok(&f, 14));
+        }
+    }
+
+    /// RFC 7126: loose and strict source routes are never forwarded; malformed options are bad headers.
+    #[test]
+    fn source_routed_and_malformed_options_are_dropped() {
         let mut p = pipeline(lab_table(true));
-        assert_eq!(
-            p.process(Instant::ZERO, Side::Inside, &mut f),
-            Action::Forward { out: Side::Outside, len }
-        );
-        assert!(ip_header_ok(&f, 14));
+        let lsrr = [1, 0x83, 7, 4, 192, 0, 2, 99];
+        let ssrr = [0x89, 7, 4, 192, 0, 2, 99, 0];
+        for options in [&lsrr[..], &ssrr] {
+            for side in [Side::Inside, Side::Outside] {
+                let mut f = with_ip_options(options);
+                assert_eq!(p.process(Instant::ZERO, side, &mut f), Action::Drop(DropReason::SourceRoute));
+            }
+        }
+        assert_eq!(p.stats().drops(DropReason::SourceRoute), 4);
+        for options in [&[7, 9, 4, 0][..], &[7, 1, 0, 0], &[1, 1, 1, 7]] {
+            let mut f = with_ip_options(options);
+            assert_eq!(p.process(Instant::ZERO, Side::Inside, &mut f), Action::Drop(DropReason::BadIpHeader));
+        }
     }
 
     // --- REQUIREMENTS "out of ports → drop, count `out_of_ports`, optionally ICMP 3/13" ---

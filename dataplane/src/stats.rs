@@ -48,6 +48,8 @@ drop_reasons! {
     BadIpLength => "bad_ip_length",
     /// IPv4 header checksum does not verify.
     BadIpChecksum => "bad_ip_checksum",
+    /// IPv4 loose or strict source route option (RFC 7126: never forwarded).
+    SourceRoute => "source_route",
     /// IP fragment (the gateway does not reassemble; see the pipeline docs).
     Fragment => "fragment",
     /// TTL or hop limit would reach zero.
