@@ -264,7 +264,8 @@ while True:
     let expected = capture
         .frames()
         .iter()
-        .filter_map(|f| {
+        .rev()
+        .find_map(|f| {
             let p = SlicedPacket::from_ethernet(f).ok()?;
             match &p.transport {
                 Some(TransportSlice::Tcp(t)) if t.source_port() == 43100 && t.ack() => {
@@ -273,7 +274,6 @@ while True:
                 _ => None,
             }
         })
-        .last()
         .expect("the client's segments were captured");
     let ext_mac = lab.mac("ext", "ext0");
     let gw_out_mac = lab.mac("gw", "gw-out");
