@@ -4,15 +4,16 @@
 //!
 //! Why read the kernel's tables instead of resolving ARP ourselves: the XDP program passes ARP to the kernel, so
 //! the kernel keeps its neighbour table fresh (and the node keeps working while egressd runs); egressd only
-//! mirrors it. Reading `/proc/net/route` and `/proc/net/arp` is namespace-aware and needs no netlink code; the
-//! files are small on a gateway, and a re-read every few hundred milliseconds costs microseconds.
+//! mirrors it. Reading `/proc/net/route` and `/proc/net/arp` is namespace-aware; the files are small on a
+//! gateway, and a re-read every few hundred milliseconds costs microseconds.
 //!
-//! Resolution: when a worker meets a next hop with no neighbour entry, the control thread sends one zero-byte UDP
-//! datagram to the hop's discard port (9) from the kernel's own stack. The kernel must resolve the hop's MAC to
-//! send it, so an entry appears (or the hop is unreachable and stays INCOMPLETE/FAILED, and the worker keeps
-//! counting `no_neighbour`). This is the portable way to trigger resolution without netlink.
+//! Resolution: when a worker meets a next hop with no neighbour entry, the control thread asks the kernel to
+//! resolve it over netlink (`RTM_NEWNEIGH` with `NTF_USE`, what the kernel does itself before sending a packet):
+//! the kernel sends its ARP request and the entry appears (or the hop is unreachable and stays INCOMPLETE/FAILED,
+//! and the worker keeps counting `no_neighbour`). Nothing but ARP is sent: no probe traffic to the next hop or to
+//! an on-link destination.
 
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::net::Ipv4Addr;
 use std::path::Path;
 
 use dataplane::nexthop::{InterfaceTable, Mac, NextHopTable, Route};
@@ -22,8 +23,6 @@ const RTF_UP: u32 = 0x1;
 const RTF_GATEWAY: u32 = 0x2;
 /// `ATF_COM` from `<linux/if_arp.h>`: the entry has a hardware address.
 const ATF_COM: u32 = 0x2;
-/// The discard service: a resolution probe lands there if it is delivered at all.
-const DISCARD_PORT: u16 = 9;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FibError {
@@ -142,12 +141,65 @@ impl Fib {
     }
 }
 
-/// Makes the kernel resolve `next_hop`'s MAC by sending it one empty datagram (see the module docs).
-pub fn request_resolution(next_hop: Ipv4Addr) {
-    let sent = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-        .and_then(|s| s.send_to(&[], SocketAddrV4::new(next_hop, DISCARD_PORT)));
-    if let Err(e) = sent {
-        tracing::debug!(%next_hop, error = %e, "resolution probe not sent");
+/// Makes the kernel resolve `next_hop`'s MAC on `interface`, as it does before sending a packet: an
+/// `RTM_NEWNEIGH` with `NTF_USE` over netlink creates the neighbour entry if needed and starts ARP, sending
+/// nothing to the next hop but the ARP request (no probe traffic to third parties).
+pub fn request_resolution(interface: &str, next_hop: Ipv4Addr) {
+    if let Err(e) = ask_kernel_to_resolve(interface, next_hop) {
+        tracing::debug!(%next_hop, interface, error = %e, "resolution request refused");
+    }
+}
+
+fn ask_kernel_to_resolve(interface: &str, next_hop: Ipv4Addr) -> std::io::Result<()> {
+    use netlink_packet_core::{
+        NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST,
+    };
+    use netlink_packet_route::neighbour::{
+        NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    };
+    use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+    use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+    let ifindex = std::fs::read_to_string(format!("/sys/class/net/{interface}/ifindex"))?
+        .trim()
+        .parse::<u32>()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let mut neighbour = NeighbourMessage::default();
+    neighbour.header.family = AddressFamily::Inet;
+    neighbour.header.ifindex = ifindex;
+    neighbour.header.state = NeighbourState::None;
+    neighbour.header.flags = NeighbourFlags::Use;
+    neighbour.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::Inet(next_hop)));
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_ACK;
+    let mut request =
+        NetlinkMessage::new(header, NetlinkPayload::from(RouteNetlinkMessage::NewNeighbour(neighbour)));
+    request.finalize();
+    let mut buf = vec![0; request.header.length as usize];
+    request.serialize(&mut buf);
+
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    socket.send(&buf, 0)?;
+    // The kernel answers at once; never wait long on the control thread.
+    socket.set_non_blocking(true)?;
+    let mut answer = vec![0; 4096];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(200);
+    let n = loop {
+        match socket.recv(&mut &mut answer[..], 0) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&answer[..n])
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    match reply.payload {
+        NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
+        _ => Ok(()),
     }
 }
 

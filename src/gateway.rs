@@ -80,7 +80,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
         mtus.push((interface.clone(), std::sync::atomic::AtomicU32::new(mtu)));
     }
     // Resolve the routers now rather than dropping the first packets that need them.
-    resolve_gateways(&table);
+    resolve_gateways(&table, &inside, &outside);
     let next_hops =
         NextHops { table: Arc::new(ArcSwap::from_pointee(table)), resolve: Arc::new(ResolveQueue::new(256)) };
 
@@ -209,8 +209,9 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
             write_audit(&event, &policy.load());
         }
         for hop in next_hops.resolve.drain() {
-            tracing::debug!(%hop, "asking the kernel to resolve a next hop");
-            fib::request_resolution(hop);
+            let interface = if on_link(&next_hops.table.load().inside, hop) { &inside } else { &outside };
+            tracing::debug!(%hop, %interface, "asking the kernel to resolve a next hop");
+            fib::request_resolution(interface, hop);
             // Frames wait in the workers: look again every tick until the kernel has the answer.
             fast_refresh_until = Instant::now() + FAST_REFRESH_FOR;
         }
@@ -227,7 +228,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
             watch_mtus(&admin_state, frame_size);
             match fib.read() {
                 Ok(table) => {
-                    resolve_gateways(&table);
+                    resolve_gateways(&table, &inside, &outside);
                     if table != **next_hops.table.load() {
                         tracing::debug!("next-hop table changed");
                         next_hops.table.store(Arc::new(table));
@@ -282,14 +283,22 @@ fn egress_ips(loaded: &Loaded) -> Vec<Ipv4Addr> {
 }
 
 /// Asks the kernel to resolve every route gateway of both interfaces that has no neighbour entry yet.
-fn resolve_gateways(table: &NextHopTable) {
-    for side in [&table.inside, &table.outside] {
+fn resolve_gateways(table: &NextHopTable, inside: &str, outside: &str) {
+    for (side, interface) in [(&table.inside, inside), (&table.outside, outside)] {
         for gateway in side.routes().iter().filter_map(|r| r.gateway) {
             if side.neighbour(gateway).is_none() {
-                fib::request_resolution(gateway);
+                fib::request_resolution(interface, gateway);
             }
         }
     }
+}
+
+/// Whether `hop` lies in one of the interface's connected (on-link) prefixes.
+fn on_link(table: &dataplane::nexthop::InterfaceTable, hop: Ipv4Addr) -> bool {
+    table.routes().iter().any(|r| {
+        let mask = u32::MAX.checked_shl(32 - u32::from(r.prefix_len.min(32))).unwrap_or(0);
+        r.gateway.is_none() && u32::from(hop) & mask == u32::from(r.destination) & mask
+    })
 }
 
 /// One audit line per reported denial (target `egressd::audit`; a JSON object with `--log-format json`).

@@ -213,3 +213,25 @@ fn transit_ipv6_is_dropped_and_counted_while_the_nodes_own_ipv6_keeps_working() 
     assert!(neigh.contains("fd00:10::2"), "neighbour discovery reached the kernel:\n{neigh}");
     drop(gw);
 }
+
+/// Next-hop resolution sends nothing but ARP: at start-up egressd has the kernel resolve the outside router
+/// (192.0.2.2) over netlink; ext sees gw's ARP request and no IP packet from gw itself (the first version sent a
+/// UDP datagram to the next hop's port 9 to make the kernel resolve it). Traffic then flows.
+#[test]
+fn next_hop_resolution_sends_nothing_but_arp() {
+    let lab = Lab::up(false);
+    let capture = lab.capture("ext", "ext0", 3.0);
+    let gw = Gateway::start(&lab, &repo_root().join("conf/lab.toml"));
+    let frames = capture.frames();
+    let gw_addr = [192, 0, 2, 1];
+    let from_gw: Vec<&Vec<u8>> = frames
+        .iter()
+        .filter(|f| f.len() >= 34 && f[12..14] == [0x08, 0x00] && f[26..30] == gw_addr)
+        .collect();
+    assert!(from_gw.is_empty(), "gw sent IP packets of its own to ext: {from_gw:02x?}");
+    let arp_for_router = frames.iter().any(|f| {
+        f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 1] && f[38..42] == [192, 0, 2, 2]
+    });
+    assert!(arp_for_router, "no ARP request for the router 192.0.2.2 in {} frames", frames.len());
+    assert!(lab.curl("http://203.0.113.10/", 5).is_some(), "traffic flows once resolved:\n{}", gw.log_text());
+}
