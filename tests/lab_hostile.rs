@@ -318,3 +318,99 @@ while True:
     drop(tell);
     let _ = victim.wait();
 }
+
+/// A UDP frame from the client's wire whose IPv4 header carries `options` (a multiple of 4 bytes).
+fn udp_frame_with_ip_options(
+    wire: &Wire,
+    dst: [u8; 4],
+    dport: u16,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut header = etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber::UDP, CLIENT, dst).unwrap();
+    header.options = options.try_into().unwrap();
+    let mut out = Vec::new();
+    wire.eth()
+        .ip(etherparse::IpHeaders::Ipv4(header, Default::default()))
+        .udp(47001, dport)
+        .write(&mut out, payload)
+        .unwrap();
+    out
+}
+
+/// RFC 7126: packets with a loose or strict source route option are never forwarded (`source_route`); the same
+/// datagram without the option crosses.
+#[test]
+fn source_routed_packets_are_not_forwarded() {
+    let lab = Lab::up(false);
+    let (_dir, config) = strict_config();
+    let gw = Gateway::start(&lab, &config);
+    let wire = Wire::new(&lab);
+    let lsrr = [1, 0x83, 7, 4, 192, 0, 2, 99];
+    let ssrr = [0x89, 7, 4, 192, 0, 2, 99, 0];
+    let capture = lab.capture("ext", "ext0", 1.5);
+    lab.inject(
+        "client",
+        "cl0",
+        &[
+            udp_frame_with_ip_options(&wire, SERVER, 7, &lsrr, b"loose"),
+            udp_frame_with_ip_options(&wire, SERVER, 7, &ssrr, b"strict"),
+            udp_frame_with_ip_options(&wire, SERVER, 7, &[1, 1, 1, 0], b"plain"),
+        ],
+    );
+    let payloads: Vec<String> = capture
+        .frames()
+        .iter()
+        .filter_map(|f| match SlicedPacket::from_ethernet(f).ok()?.transport {
+            Some(TransportSlice::Udp(u)) if u.destination_port() == 7 => {
+                Some(String::from_utf8_lossy(u.payload()).into_owned())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(payloads, ["plain"], "only the datagram without a source route crosses");
+    wait_for(|| counter(&gw, "source_route") >= 2.0, "both source-routed packets counted as source_route");
+}
+
+/// New flows to on-link destinations that never answer ARP: the first ones wait for their neighbour (at most 16
+/// per worker, as the kernel's ARP queue), the rest are dropped as `no_neighbour` before the NAT, so a flood of
+/// them takes no NAT sessions or ports beyond those, and none counts as an allowed flow until it leaves.
+#[test]
+fn flows_to_unresolvable_next_hops_take_no_nat_state_beyond_the_hold_queue() {
+    let lab = Lab::up(false);
+    let (dir, _) = strict_config();
+    let path = dir.path().join("lab.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!("{text}\n[[rule]]\ngroup = \"web\"\nto = [\"192.0.2.64/26\"]\nproto = \"udp\"\naction = \"allow\"\n"),
+    )
+    .unwrap();
+    let gw = Gateway::start(&lab, &path);
+    let wire = Wire::new(&lab);
+    let frames: Vec<Vec<u8>> = (0..40u8)
+        .map(|i| {
+            let mut out = Vec::new();
+            wire.eth()
+                .ipv4(CLIENT, [192, 0, 2, 64 + i], 64)
+                .udp(48000, 9)
+                .write(&mut out, b"anyone?")
+                .unwrap();
+            out
+        })
+        .collect();
+    lab.inject("client", "cl0", &frames);
+    let workers = support::lab_workers() as f64;
+    wait_for(
+        || counter(&gw, "no_neighbour") >= 40.0 - 16.0 * workers,
+        "the frames beyond the hold queue dropped",
+    );
+    // The gauges are republished every second.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let udp_flows = gw.metric(r#"egressd_nat_flows{state="udp"}"#);
+    assert!(udp_flows <= 16.0 * workers, "{udp_flows} UDP sessions for 40 flows that cannot leave");
+    assert!(gw.metric("egressd_flows_allowed_total") <= 16.0 * workers);
+    // The held ones time out unresolved after a second: every one of the 40 is counted as dropped.
+    wait_for(|| counter(&gw, "no_neighbour") >= 40.0, "all 40 counted as no_neighbour");
+    assert_eq!(gw.metric("egressd_flows_allowed_total"), 0.0, "none of them left");
+}

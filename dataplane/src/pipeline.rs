@@ -209,6 +209,8 @@ const HOLD_FRAME_BYTES: usize = crate::handoff::HANDOFF_JUMBO_BYTES;
 struct HeldFrame {
     out: Side,
     since: Instant,
+    /// The allow decision of the flow's first packet, counted when the frame leaves.
+    allowed: Option<Decision>,
     ip_start: u16,
     len: u16,
     bytes: [u8; HOLD_FRAME_BYTES],
@@ -398,15 +400,21 @@ impl Pipeline {
                 Action::Drop(reason)
             }
         };
+        // (A held frame took its decision along: it counts when it leaves.)
         if let Some(decision) = self.allowed.take() {
-            if matches!(action, Action::Forward { .. } | Action::Held | Action::HandedOff) {
-                if let Some(rule) = decision.rule {
-                    self.rule_hits.hit(rule.0 as usize);
-                }
-                self.stats.flows_allowed.inc();
+            if matches!(action, Action::Forward { .. } | Action::HandedOff) {
+                self.count_allowed(decision);
             }
         }
         action
+    }
+
+    /// Counts an allowed flow whose first packet left: its rule's hit and `flows_allowed`.
+    fn count_allowed(&mut self, decision: Decision) {
+        if let Some(rule) = decision.rule {
+            self.rule_hits.hit(rule.0 as usize);
+        }
+        self.stats.flows_allowed.inc();
     }
 
     /// REQUIREMENTS "out of ports → drop, count `out_of_ports`, optionally ICMP 3/13": writes the ICMP error for
@@ -499,6 +507,7 @@ impl Pipeline {
                 let mut held = HeldFrame {
                     out,
                     since: now,
+                    allowed: self.allowed.take(),
                     ip_start: l3.ip_start as u16,
                     len: l3.ip_end as u16,
                     bytes: [0; HOLD_FRAME_BYTES],
@@ -571,7 +580,12 @@ impl Pipeline {
             }
             self.held.swap_remove(i);
             match routed {
-                Ok(Action::Forward { out, len }) => emit(out, &held.bytes[..len]),
+                Ok(Action::Forward { out, len }) => {
+                    emit(out, &held.bytes[..len]);
+                    if let Some(decision) = held.allowed {
+                        self.count_allowed(decision);
+                    }
+                }
                 Ok(_) => {}
                 Err(reason) => self.stats.count_drop(reason),
             }
@@ -1121,9 +1135,13 @@ mod tests {
             assert_eq!(action, expected, "destination {i}");
         }
         assert_eq!(p.nat().stats().flows() as usize, HOLD_FRAMES, "only the held frames took sessions");
-        assert_eq!(p.stats().flows_allowed.get() as usize, HOLD_FRAMES);
+        assert_eq!(p.stats().flows_allowed.get(), 0, "a waiting frame has not left");
         assert_eq!(p.stats().drops(DropReason::NoRoute), 1);
         assert_eq!(p.stats().drops(DropReason::NoNeighbour), 4);
+        // Unresolved after the hold time: dropped, and still not counted as allowed.
+        p.release_held(Instant(HOLD_NANOS), |_, _| panic!("nothing resolved"));
+        assert_eq!(p.stats().drops(DropReason::NoNeighbour) as usize, 4 + HOLD_FRAMES);
+        assert_eq!(p.stats().flows_allowed.get(), 0);
     }
 
     /// Out of ports: the policy allowed the flow, but it is refused, so it counts as `out_of_ports`, not as an
@@ -1165,8 +1183,11 @@ mod tests {
         // The control thread learns the neighbour: the held frames leave, routed and rewritten, in order.
         hops.table.store(Arc::new(lab_table(true)));
         p.begin_batch();
+        assert_eq!(stats.flows_allowed.get(), 0, "nothing has left yet");
         p.release_held(Instant(2000), |out, f| sent.push((out, f.to_vec())));
         assert_eq!(sent.len(), HOLD_FRAMES);
+        // The flow's first packet left: it counts as allowed now, once.
+        assert_eq!(stats.flows_allowed.get(), 1);
         for (out, f) in &sent {
             assert_eq!(*out, Side::Outside);
             assert_eq!((&f[0..6], &f[6..12], f[14 + 8]), (&EXT_MAC[..], &GW_OUT_MAC[..], 63));
