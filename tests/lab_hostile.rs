@@ -414,3 +414,46 @@ fn flows_to_unresolvable_next_hops_take_no_nat_state_beyond_the_hold_queue() {
     wait_for(|| counter(&gw, "no_neighbour") >= 40.0, "all 40 counted as no_neighbour");
     assert_eq!(gw.metric("egressd_flows_allowed_total"), 0.0, "none of them left");
 }
+
+/// Fragments (RFC 4787 REQ-14) under attack: a later fragment whose first never comes is held a second and
+/// dropped as `fragment_unmatched`, and a first fragment too short for its UDP header is dropped as `truncated`;
+/// neither reaches ext. (Whole fragmented datagrams crossing both ways: `lab_nat.rs`.)
+#[test]
+fn orphan_and_tiny_fragments_never_cross() {
+    let lab = Lab::up(false);
+    let (_dir, config) = strict_config();
+    let gw = Gateway::start(&lab, &config);
+    let wire = Wire::new(&lab);
+    // Raw IPv4 headers: a later fragment (offset 64 bytes) and a first fragment carrying 4 bytes of UDP header.
+    let fragment = |id: u16, flags_offset: u16, payload: &[u8]| {
+        let mut header =
+            etherparse::Ipv4Header::new(payload.len() as u16, 64, etherparse::IpNumber::UDP, CLIENT, SERVER)
+                .unwrap();
+        header.identification = id;
+        header.more_fragments = flags_offset & 0x2000 != 0;
+        header.fragment_offset = (flags_offset & 0x1fff).try_into().unwrap();
+        header.header_checksum = header.calc_header_checksum();
+        let mut out = Vec::new();
+        etherparse::Ethernet2Header {
+            source: wire.client_mac,
+            destination: wire.gw_in_mac,
+            ether_type: etherparse::EtherType::IPV4,
+        }
+        .write(&mut out)
+        .unwrap();
+        header.write(&mut out).unwrap();
+        out.extend_from_slice(payload);
+        out
+    };
+    let capture = lab.capture("ext", "ext0", 2.0);
+    lab.inject(
+        "client",
+        "cl0",
+        &[fragment(0x1111, 8, &[0x5a; 64]), fragment(0x2222, 0x2000, &[0x1b, 0x58, 0, 7])],
+    );
+    let udp_to_server =
+        capture.frames().iter().filter(|f| f.len() > 34 && f[23] == 17 && f[30..34] == SERVER).count();
+    assert_eq!(udp_to_server, 0, "an orphan or tiny fragment reached ext");
+    wait_for(|| counter(&gw, "fragment_unmatched") >= 1.0, "the orphan fragment dropped after waiting");
+    assert!(counter(&gw, "truncated") >= 1.0, "the tiny first fragment dropped as truncated");
+}

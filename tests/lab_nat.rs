@@ -297,3 +297,31 @@ print("intact" if s.recv(4096) == payload else "mangled")
     assert_eq!(gw.metric(r#"egressd_interface_mtu{interface="gw-out"}"#), 3000.0);
     assert_eq!(gw.metric(r#"egressd_interface_mtu_too_large{interface="gw-out"}"#), 0.0);
 }
+
+/// RFC 4787 REQ-14: 3000-byte UDP datagrams, fragmented at the 1500-byte MTU, cross the NAT both ways and arrive
+/// whole (the echo server reassembles what egressd sent, and the client what came back).
+#[test]
+fn rfc4787_req14_fragmented_udp_datagrams_cross_both_ways() {
+    let lab = Lab::up(false);
+    let gw = Gateway::start(&lab, &repo_root().join("conf/lab.toml"));
+    let script = r#"
+import os, socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+ok = 0
+for size in (1600, 3000, 8000):
+    payload = os.urandom(size)
+    s.sendto(payload, ("203.0.113.10", 7))
+    ok += s.recv(9000) == payload
+print(ok)
+"#;
+    let out = lab.exec("client", "python3", &["-c", script]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "3",
+        "fragmented datagrams through egressd: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log_text()
+    );
+    assert_eq!(gw.metric(r#"egressd_drops_total{reason="fragment_unmatched"}"#), 0.0);
+}

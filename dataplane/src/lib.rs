@@ -15,6 +15,7 @@
 
 pub mod audit;
 pub mod conntrack;
+pub mod fragments;
 pub mod frames;
 pub mod handoff;
 pub mod icmp;

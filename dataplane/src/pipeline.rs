@@ -33,6 +33,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::audit::{audit_limiter, AuditEvent, AuditQueue};
+use crate::fragments::{FragmentKey, FragmentRoute, FragmentTable};
 use crate::handoff::{HandoffKind, Handoffs};
 use crate::icmp::{IcmpErrors, MAX_REPLY_FRAME};
 use crate::nat::{Inbound, Nat, NatConfig, Outbound};
@@ -78,6 +79,22 @@ pub struct Ipv4Frame {
     pub ip_end: usize,
     /// IPv4 header length in bytes (IHL × 4); the transport header starts at `ip_start + header_len`.
     pub header_len: usize,
+    /// The header's more-fragments flag and fragment offset (0: not a fragment).
+    pub fragment: u16,
+}
+
+impl Ipv4Frame {
+    /// A fragment other than the first: it carries no transport header.
+    #[inline]
+    pub fn is_later_fragment(&self) -> bool {
+        self.fragment & IPV4_FRAGMENT_OFFSET_MASK != 0
+    }
+
+    /// The first fragment of a fragmented datagram: it carries the transport header.
+    #[inline]
+    pub fn is_first_fragment(&self) -> bool {
+        self.fragment == IPV4_MORE_FRAGMENTS
+    }
 }
 
 #[inline]
@@ -123,11 +140,15 @@ pub fn parse_ipv4_frame(frame: &[u8]) -> Result<Ipv4Frame, DropReason> {
     if header_len > IPV4_MIN_HEADER_LEN {
         check_ipv4_options(&ip[IPV4_MIN_HEADER_LEN..header_len])?;
     }
-    let flags_fragment = u16::from_be_bytes([fixed[6], fixed[7]]);
-    if flags_fragment & (IPV4_MORE_FRAGMENTS | IPV4_FRAGMENT_OFFSET_MASK) != 0 {
-        return Err(DropReason::Fragment);
-    }
-    Ok(Ipv4Frame { ip_start, ip_end: ip_start + total_len, header_len })
+    let fragment =
+        u16::from_be_bytes([fixed[6], fixed[7]]) & (IPV4_MORE_FRAGMENTS | IPV4_FRAGMENT_OFFSET_MASK);
+    Ok(Ipv4Frame { ip_start, ip_end: ip_start + total_len, header_len, fragment })
+}
+
+/// The fixed IPv4 header at `ip_start` of a parsed frame.
+#[inline]
+fn ip_fixed(frame: &[u8], ip_start: usize) -> Option<&[u8; 20]> {
+    frame.get(ip_start..)?.first_chunk::<20>()
 }
 
 /// IPv4 options (rare, so walked only when present): well-formed, and no loose or strict source route (RFC 7126
@@ -196,10 +217,18 @@ pub struct Pipeline {
     reply: Box<[u8]>,
     /// An allow decision of the frame in hand: counted (rule hit, `flows_allowed`) only once the frame leaves.
     allowed: Option<Decision>,
+    /// What first fragments became, for the rest of their datagrams.
+    fragments: FragmentTable,
+    /// Later fragments waiting for their datagram's first (preallocated, at most [`HOLD_FRAGMENTS`]).
+    held_fragments: Vec<HeldFrame>,
 }
 
 /// Frames a worker keeps while their neighbour resolves (the kernel's default `unres_qlen` is of this order).
 pub const HOLD_FRAMES: usize = 16;
+/// Later fragments a worker keeps while their datagram's first fragment has not arrived.
+pub const HOLD_FRAGMENTS: usize = 32;
+/// How long a later fragment waits for its first before it is dropped as `fragment_unmatched`.
+pub const HOLD_FRAGMENT_NANOS: u64 = 1_000_000_000;
 /// How long a frame waits for its neighbour before it is dropped as `no_neighbour`.
 pub const HOLD_NANOS: u64 = 1_000_000_000;
 /// Any frame a UMEM frame can hold can be held (a 4096-byte UMEM frame less the kernel's headroom).
@@ -280,6 +309,8 @@ impl Pipeline {
             icmp_ip_id: 0,
             reply: vec![0; MAX_REPLY_FRAME].into_boxed_slice(),
             allowed: None,
+            fragments: FragmentTable::default(),
+            held_fragments: Vec::with_capacity(HOLD_FRAGMENTS),
         };
         pipeline.publish_rule_hits();
         pipeline
@@ -449,6 +480,12 @@ impl Pipeline {
         if frame[ttl_at] <= 1 {
             return Err(DropReason::TtlExceeded);
         }
+        if l3.is_later_fragment() {
+            return self.forward_later_fragment(now, frame, l3);
+        }
+        // A first fragment goes through the NAT like any packet; what it becomes is recorded for the rest.
+        let first_fragment =
+            l3.is_first_fragment().then(|| ip_fixed(frame, l3.ip_start).map(FragmentKey::of));
         // From inside, the next hop first: a packet that cannot leave (no route, or an unresolved next hop and no
         // room to wait for it) must not take a NAT session and port. The NAT does not change the destination of a
         // packet that leaves by the outside, so the answer serves `route` below. (A hairpinned packet, to one of
@@ -487,11 +524,22 @@ impl Pipeline {
             }
             Err(reason) => return Err(reason),
             Ok(Next::HandOff(worker, kind)) => {
+                if let Some(key) = first_fragment.flatten() {
+                    self.record_fragment(now, key, FragmentRoute::HandOff { worker, kind })?;
+                }
                 self.handoffs.push(self.worker, worker, kind, &frame[..l3.ip_end])?;
                 self.stats.handed_off.inc();
                 return Ok(Action::HandedOff);
             }
         };
+        if let Some(key) = first_fragment.flatten() {
+            let translated = ip_fixed(frame, l3.ip_start).ok_or(DropReason::Truncated)?;
+            let (src, dst) = (
+                u32::from_be_bytes([translated[12], translated[13], translated[14], translated[15]]),
+                u32::from_be_bytes([translated[16], translated[17], translated[18], translated[19]]),
+            );
+            self.record_fragment(now, key, FragmentRoute::Out { out, src, dst })?;
+        }
 
         // The NAT may have shortened the packet (an inside ICMP error's quote is cut to 8 bytes): send what the IP
         // header now says, never more than arrived.
@@ -499,25 +547,43 @@ impl Pipeline {
         let ip_end = (l3.ip_start + total_len).min(l3.ip_end);
         let l3 = Ipv4Frame { ip_end, ..l3 };
         let l2 = if out == Side::Outside { outside_l2 } else { None };
-        match self.route(now, out, frame, l3.ip_start, l3.ip_end, l2) {
+        self.route_or_hold(now, out, frame, l3, l2)
+    }
+
+    /// [`Pipeline::route`], and when the next hop's MAC is unknown, keep the frame until the neighbour resolves
+    /// (or a deadline), as the kernel's ARP queue does.
+    #[inline(always)]
+    fn route_or_hold(
+        &mut self,
+        now: Instant,
+        out: Side,
+        frame: &mut [u8],
+        l3: Ipv4Frame,
+        known_l2: Option<[u8; 12]>,
+    ) -> Result<Action, DropReason> {
+        match self.route(now, out, frame, l3.ip_start, l3.ip_end, known_l2) {
             Err(DropReason::NoNeighbour)
                 if self.held.len() < HOLD_FRAMES && l3.ip_end <= HOLD_FRAME_BYTES =>
             {
-                // As the kernel's ARP queue does: keep the frame until the neighbour resolves (or a deadline).
-                let mut held = HeldFrame {
-                    out,
-                    since: now,
-                    allowed: self.allowed.take(),
-                    ip_start: l3.ip_start as u16,
-                    len: l3.ip_end as u16,
-                    bytes: [0; HOLD_FRAME_BYTES],
-                };
-                held.bytes[..l3.ip_end].copy_from_slice(&frame[..l3.ip_end]);
-                self.held.push(held);
+                self.hold(now, out, frame, l3);
                 Ok(Action::Held)
             }
             result => result,
         }
+    }
+
+    #[cold]
+    fn hold(&mut self, now: Instant, out: Side, frame: &[u8], l3: Ipv4Frame) {
+        let mut held = HeldFrame {
+            out,
+            since: now,
+            allowed: self.allowed.take(),
+            ip_start: l3.ip_start as u16,
+            len: l3.ip_end as u16,
+            bytes: [0; HOLD_FRAME_BYTES],
+        };
+        held.bytes[..l3.ip_end].copy_from_slice(&frame[..l3.ip_end]);
+        self.held.push(held);
     }
 
     /// Routes a translated frame out of `out`: next-hop lookup (unless `known_l2`, the MACs, is known), TTL
@@ -560,12 +626,13 @@ impl Pipeline {
 
     /// Whether frames wait for a neighbour.
     pub fn has_held(&self) -> bool {
-        !self.held.is_empty()
+        !self.held.is_empty() || !self.held_fragments.is_empty()
     }
 
     /// Retries the frames waiting for a neighbour: those whose neighbour is now known go to `emit(out, frame)`;
     /// those still unresolved after [`HOLD_NANOS`] (or now without a route) are dropped and counted.
     pub fn release_held(&mut self, now: Instant, mut emit: impl FnMut(Side, &[u8])) {
+        self.release_held_fragments(now, &mut emit);
         let mut i = 0;
         while i < self.held.len() {
             let mut held = self.held[i];
@@ -578,7 +645,8 @@ impl Pipeline {
                 i += 1;
                 continue;
             }
-            self.held.swap_remove(i);
+            // `remove`, not `swap_remove`: what waited leaves in the order it came.
+            self.held.remove(i);
             match routed {
                 Ok(Action::Forward { out, len }) => {
                     emit(out, &held.bytes[..len]);
@@ -586,6 +654,108 @@ impl Pipeline {
                         self.count_allowed(decision);
                     }
                 }
+                Ok(_) => {}
+                Err(reason) => self.stats.count_drop(reason),
+            }
+        }
+    }
+
+    /// Records what a datagram's first fragment became; a full table drops the fragment (the rest of the datagram
+    /// could not follow it).
+    fn record_fragment(
+        &mut self,
+        now: Instant,
+        key: FragmentKey,
+        route: FragmentRoute,
+    ) -> Result<(), DropReason> {
+        if self.fragments.insert(now, key, route) {
+            Ok(())
+        } else {
+            Err(DropReason::FragmentTableFull)
+        }
+    }
+
+    /// A fragment after the first (RFC 4787 REQ-14): no transport header, so it follows its datagram's first
+    /// fragment: the same address rewrite and the same way out. One that comes before its first waits for it
+    /// (at most [`HOLD_FRAGMENTS`], for [`HOLD_FRAGMENT_NANOS`]).
+    #[cold]
+    fn forward_later_fragment(
+        &mut self,
+        now: Instant,
+        frame: &mut [u8],
+        l3: Ipv4Frame,
+    ) -> Result<Action, DropReason> {
+        let key = ip_fixed(frame, l3.ip_start).map(FragmentKey::of).ok_or(DropReason::Truncated)?;
+        match self.fragments.lookup(now, &key) {
+            Some(route) => self.follow_first_fragment(now, frame, l3, route),
+            None if self.held_fragments.len() < HOLD_FRAGMENTS && l3.ip_end <= HOLD_FRAME_BYTES => {
+                let mut held = HeldFrame {
+                    out: Side::Outside,
+                    since: now,
+                    allowed: None,
+                    ip_start: l3.ip_start as u16,
+                    len: l3.ip_end as u16,
+                    bytes: [0; HOLD_FRAME_BYTES],
+                };
+                held.bytes[..l3.ip_end].copy_from_slice(&frame[..l3.ip_end]);
+                self.held_fragments.push(held);
+                Ok(Action::Held)
+            }
+            None => Err(DropReason::FragmentUnmatched),
+        }
+    }
+
+    /// Sends a later fragment the way its first went: rewritten and routed, or handed to the first's worker.
+    fn follow_first_fragment(
+        &mut self,
+        now: Instant,
+        frame: &mut [u8],
+        l3: Ipv4Frame,
+        route: FragmentRoute,
+    ) -> Result<Action, DropReason> {
+        match route {
+            FragmentRoute::HandOff { worker, kind } => {
+                self.handoffs.push(self.worker, worker, kind, &frame[..l3.ip_end])?;
+                self.stats.handed_off.inc();
+                Ok(Action::HandedOff)
+            }
+            FragmentRoute::Out { out, src, dst } => {
+                let ip = frame.get_mut(l3.ip_start..l3.ip_start + 20).ok_or(DropReason::Truncated)?;
+                for (at, new) in [(12, src), (16, dst)] {
+                    let old = u32::from_be_bytes([ip[at], ip[at + 1], ip[at + 2], ip[at + 3]]);
+                    if old != new {
+                        ip[at..at + 4].copy_from_slice(&new.to_be_bytes());
+                        let check = u16::from_be_bytes([ip[10], ip[11]]);
+                        ip[10..12].copy_from_slice(&checksum::update32(check, old, new).to_be_bytes());
+                    }
+                }
+                self.route_or_hold(now, out, frame, l3, None)
+            }
+        }
+    }
+
+    /// Later fragments whose first has come since go its way (to `emit`, or handed over); those that waited
+    /// [`HOLD_FRAGMENT_NANOS`] in vain are dropped as `fragment_unmatched`.
+    fn release_held_fragments(&mut self, now: Instant, emit: &mut impl FnMut(Side, &[u8])) {
+        let mut i = 0;
+        while i < self.held_fragments.len() {
+            let mut held = self.held_fragments[i];
+            let (ip_start, len) = (usize::from(held.ip_start), usize::from(held.len));
+            let key = ip_fixed(&held.bytes, ip_start).map(FragmentKey::of);
+            let route = key.and_then(|key| self.fragments.lookup(now, &key));
+            let waited = now.saturating_since(held.since).as_nanos() >= u128::from(HOLD_FRAGMENT_NANOS);
+            if route.is_none() && !waited {
+                i += 1;
+                continue;
+            }
+            self.held_fragments.remove(i);
+            let Some(route) = route else {
+                self.stats.count_drop(DropReason::FragmentUnmatched);
+                continue;
+            };
+            let l3 = Ipv4Frame { ip_start, ip_end: len, header_len: 20, fragment: IPV4_FRAGMENT_OFFSET_MASK };
+            match self.follow_first_fragment(now, &mut held.bytes[..len], l3, route) {
+                Ok(Action::Forward { out, len }) => emit(out, &held.bytes[..len]),
                 Ok(_) => {}
                 Err(reason) => self.stats.count_drop(reason),
             }
@@ -1019,6 +1189,174 @@ mod tests {
         );
     }
 
+    // --- RFC 4787 REQ-14: fragments ---
+
+    /// The fragments of one UDP datagram from `src:sport` to `dst:53` with `payload`, split after `first_len`
+    /// payload bytes (a multiple of 8, counted after the 8-byte UDP header), IP id 0x4242, arriving on `side`.
+    fn udp_fragments(
+        src: [u8; 4],
+        sport: u16,
+        dst: [u8; 4],
+        payload: &[u8],
+        first_len: usize,
+        side: Side,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let (dst_mac, src_mac) =
+            if side == Side::Inside { (GW_IN_MAC, CLIENT_MAC) } else { (GW_OUT_MAC, EXT_MAC) };
+        let mut whole = Vec::new();
+        etherparse::PacketBuilder::ethernet2(src_mac, dst_mac)
+            .ipv4(src, dst, 64)
+            .udp(sport, 53)
+            .write(&mut whole, payload)
+            .unwrap();
+        let udp = &whole[34..];
+        let split = 8 + first_len;
+        let frag = |data: &[u8], offset: usize, more: bool| {
+            let mut f = whole[..34].to_vec();
+            f.extend_from_slice(data);
+            f[16..18].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+            f[18..20].copy_from_slice(&0x4242u16.to_be_bytes());
+            let flags = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+            f[20..22].copy_from_slice(&flags.to_be_bytes());
+            f[24..26].copy_from_slice(&[0, 0]);
+            let c = checksum::compute(&f[14..34]);
+            f[24..26].copy_from_slice(&c.to_be_bytes());
+            f
+        };
+        (frag(&udp[..split], 0, true), frag(&udp[split..], split, false))
+    }
+
+    /// Reassembles translated fragments (in IP offset order) and checks the UDP checksum of the whole datagram:
+    /// the first fragment's incremental update must cover every fragment.
+    fn reassembled_udp_checksum_ok(first: &[u8], second: &[u8]) -> bool {
+        let mut udp = first[34..].to_vec();
+        udp.extend_from_slice(&second[34..]);
+        let mut pseudo = first[26..34].to_vec();
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+        checksum::finish(checksum::sum(&udp, checksum::sum(&pseudo, 0))) == 0
+    }
+
+    /// A fragmented UDP datagram both ways, fragments in order and out of order: every fragment gets the first
+    /// one's address rewrite, the payload is untouched, and the reassembled datagram's checksum holds.
+    #[test]
+    fn rfc4787_req14_fragmented_datagrams_are_translated_both_ways() {
+        let mut p = pipeline(lab_table(true));
+        let payload: Vec<u8> = (0..200u8).collect();
+        let (mut first, mut second) =
+            udp_fragments([10, 10, 0, 2], 4000, [203, 0, 113, 10], &payload, 96, Side::Inside);
+        let lens = (first.len(), second.len());
+        assert_eq!(
+            p.process(Instant::ZERO, Side::Inside, &mut first),
+            Action::Forward { out: Side::Outside, len: lens.0 }
+        );
+        assert_eq!(
+            p.process(Instant::ZERO, Side::Inside, &mut second),
+            Action::Forward { out: Side::Outside, len: lens.1 }
+        );
+        for f in [&first, &second] {
+            assert_eq!(&f[26..30], &EGRESS_IP.octets(), "every fragment leaves from the egress IP");
+            assert_eq!(&f[0..6], &EXT_MAC);
+            assert!(ip_header_ok(f, 14));
+        }
+        assert_eq!(&second[34..], &payload[96..], "a later fragment's payload is untouched");
+        assert!(reassembled_udp_checksum_ok(&first, &second));
+        let port = u16::from_be_bytes([first[34], first[35]]);
+
+        // The answer, fragmented, its second fragment first: it waits, then follows its first.
+        let (mut first, mut second) =
+            udp_fragments([203, 0, 113, 10], 53, EGRESS_IP.octets(), &payload, 64, Side::Outside);
+        first[36..38].copy_from_slice(&port.to_be_bytes());
+        // (The destination port changed: recompute the UDP checksum over the whole datagram.)
+        first[40..42].copy_from_slice(&[0, 0]);
+        let mut udp = first[34..].to_vec();
+        udp.extend_from_slice(&second[34..]);
+        let mut pseudo = first[26..34].to_vec();
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&(udp.len() as u16).to_be_bytes());
+        let c = checksum::finish(checksum::sum(&udp, checksum::sum(&pseudo, 0)));
+        first[40..42].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(p.process(Instant(1), Side::Outside, &mut second), Action::Held);
+        assert!(matches!(
+            p.process(Instant(2), Side::Outside, &mut first),
+            Action::Forward { out: Side::Inside, .. }
+        ));
+        let mut released = Vec::new();
+        p.release_held(Instant(3), |out, f| released.push((out, f.to_vec())));
+        assert_eq!(released.len(), 1);
+        let (out, second) = &released[0];
+        assert_eq!(*out, Side::Inside);
+        assert_eq!(&second[30..34], &[10, 10, 0, 2]);
+        assert_eq!(&second[0..6], &CLIENT_MAC);
+        assert!(ip_header_ok(second, 14));
+        assert!(reassembled_udp_checksum_ok(&first, second));
+        assert_eq!(u16::from_be_bytes([first[36], first[37]]), 4000);
+        assert!(!p.has_held());
+    }
+
+    /// Hostile fragments: a later fragment whose first never comes waits a second and is dropped
+    /// (`fragment_unmatched`), at most HOLD_FRAGMENTS wait at once, and a flood of first fragments fills the
+    /// table and then drops (`fragment_table_full`), leaving memory and other datagrams alone.
+    #[test]
+    fn fragments_without_a_first_and_floods_of_first_fragments_are_bounded() {
+        let mut p = pipeline(lab_table(true));
+        let payload = [7u8; 64];
+        for i in 0..(HOLD_FRAGMENTS + 3) {
+            let (_, mut second) =
+                udp_fragments([10, 10, 0, 2], 4000 + i as u16, [203, 0, 113, 10], &payload, 32, Side::Inside);
+            second[18..20].copy_from_slice(&(i as u16).to_be_bytes());
+            second[24..26].copy_from_slice(&[0, 0]);
+            let c = checksum::compute(&second[14..34]);
+            second[24..26].copy_from_slice(&c.to_be_bytes());
+            let expected =
+                if i < HOLD_FRAGMENTS { Action::Held } else { Action::Drop(DropReason::FragmentUnmatched) };
+            assert_eq!(p.process(Instant::ZERO, Side::Inside, &mut second), expected);
+        }
+        p.release_held(Instant(HOLD_FRAGMENT_NANOS), |_, _| panic!("no first fragment came"));
+        assert_eq!(p.stats().drops(DropReason::FragmentUnmatched) as usize, HOLD_FRAGMENTS + 3);
+        assert!(!p.has_held());
+        assert_eq!(p.nat().stats().flows(), 0, "later fragments create no NAT state");
+
+        let mut forwarded = 0;
+        for id in 0..(2 * crate::fragments::FRAGMENT_TABLE_SLOTS as u16) {
+            let (mut first, _) =
+                udp_fragments([10, 10, 0, 2], 5000, [203, 0, 113, 10], &payload, 32, Side::Inside);
+            first[18..20].copy_from_slice(&id.to_be_bytes());
+            first[24..26].copy_from_slice(&[0, 0]);
+            let c = checksum::compute(&first[14..34]);
+            first[24..26].copy_from_slice(&c.to_be_bytes());
+            match p.process(Instant::ZERO, Side::Inside, &mut first) {
+                Action::Forward { .. } => forwarded += 1,
+                Action::Drop(DropReason::FragmentTableFull) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(forwarded <= crate::fragments::FRAGMENT_TABLE_SLOTS && forwarded > 0);
+        assert!(p.stats().drops(DropReason::FragmentTableFull) > 0);
+    }
+
+    /// Two workers: the first fragment goes to the worker that owns the flow, and the later fragments that
+    /// arrive at the other worker follow it there.
+    #[test]
+    fn later_fragments_follow_their_first_to_the_owning_worker() {
+        let (mut w0, mut w1) = two_workers();
+        let payload = [9u8; 100];
+        // Source port 40000 belongs to worker 1; both fragments arrive at worker 0.
+        let (mut first, mut second) =
+            udp_fragments([10, 10, 0, 2], 40000, [203, 0, 113, 10], &payload, 48, Side::Inside);
+        assert_eq!(w0.process(Instant::ZERO, Side::Inside, &mut first), Action::HandedOff);
+        assert_eq!(w0.process(Instant::ZERO, Side::Inside, &mut second), Action::HandedOff);
+        let (a, first) = finish_handoff(&mut w1).expect("the first fragment");
+        let (b, second) = finish_handoff(&mut w1).expect("the second fragment");
+        assert!(matches!(
+            (a, b),
+            (Action::Forward { out: Side::Outside, .. }, Action::Forward { out: Side::Outside, .. })
+        ));
+        assert_eq!((&first[26..30], &second[26..30]), (&EGRESS_IP.octets()[..], &EGRESS_IP.octets()[..]));
+        assert_eq!(u16::from_be_bytes([first[34], first[35]]), 40000);
+        assert!(reassembled_udp_checksum_ok(&first, &second));
+    }
+
     /// VLAN hopping: a tagged frame is dropped under `vlan_tagged` from either side, never forwarded with the tag
     /// its sender chose (one tag, two tags, 802.1ad).
     #[test]
@@ -1082,8 +1420,15 @@ mod tests {
                 DropReason::BadIpLength,
             ),
             ("bad checksum", Box::new(|f| f[24] ^= 0xff), DropReason::BadIpChecksum),
-            ("more fragments", Box::new(|f| f[20] |= 0x20), DropReason::Fragment),
-            ("non-first fragment", Box::new(|f| f[21] = 1), DropReason::Fragment),
+            // A first fragment too short for its UDP header.
+            (
+                "tiny first fragment",
+                Box::new(|f| {
+                    f[20] |= 0x20;
+                    f[16..18].copy_from_slice(&24u16.to_be_bytes())
+                }),
+                DropReason::Truncated,
+            ),
             ("ttl 1", Box::new(|f| f[22] = 1), DropReason::TtlExceeded),
             ("ttl 0", Box::new(|f| f[22] = 0), DropReason::TtlExceeded),
             ("no route", Box::new(|f| f[30..34].copy_from_slice(&[10, 99, 0, 1])), DropReason::NoRoute),
@@ -1382,7 +1727,11 @@ mod tests {
         fragment[24..26].copy_from_slice(&[0, 0]);
         let c = checksum::compute(&fragment[14..34]);
         fragment[24..26].copy_from_slice(&c.to_be_bytes());
-        assert_eq!(p.process(Instant::ZERO, Side::Inside, &mut fragment), Action::Drop(DropReason::Fragment));
+        assert_eq!(
+            p.process(Instant::ZERO, Side::Inside, &mut fragment),
+            Action::Held,
+            "waits for its first"
+        );
         // An ICMP error from inside quoting nothing the NAT knows.
         let mut quoted = udp_frame([203, 0, 113, 10], [10, 10, 0, 2], 64, b"q");
         // Quoting the inside port 4000, so that this worker owns the quoted flow's endpoint.

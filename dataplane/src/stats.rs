@@ -50,8 +50,11 @@ drop_reasons! {
     BadIpChecksum => "bad_ip_checksum",
     /// IPv4 loose or strict source route option (RFC 7126: never forwarded).
     SourceRoute => "source_route",
-    /// IP fragment (the gateway does not reassemble; see the pipeline docs).
-    Fragment => "fragment",
+    /// A fragment after the first whose datagram's first fragment did not come (within a second), or too many
+    /// such fragments were already waiting.
+    FragmentUnmatched => "fragment_unmatched",
+    /// A first fragment when the worker already tracks as many fragmented datagrams as it can.
+    FragmentTableFull => "fragment_table_full",
     /// TTL or hop limit would reach zero.
     TtlExceeded => "ttl_exceeded",
     /// Transit IPv6: this version forwards IPv4 only. The XDP program drops it before any worker sees it (the
