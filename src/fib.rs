@@ -135,7 +135,8 @@ impl Fib {
                 parse_proc_route(&routes, interface),
                 parse_proc_arp(&arp, interface),
             )
-            .with_address(address))
+            .with_address(address)
+            .with_mtu(interface_mtu(interface)?))
         };
         Ok(NextHopTable { inside: table(&self.inside)?, outside: table(&self.outside)? })
     }

@@ -166,7 +166,8 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
                 i as u16,
                 handoffs.clone(),
             )
-            .with_audit(audit.clone()),
+            .with_audit(audit.clone())
+            .with_mss_clamp(dp.clamp_mss),
             stop: stop_workers.clone(),
         };
         let handle = std::thread::Builder::new()

@@ -457,3 +457,64 @@ fn orphan_and_tiny_fragments_never_cross() {
     wait_for(|| counter(&gw, "fragment_unmatched") >= 1.0, "the orphan fragment dropped after waiting");
     assert!(counter(&gw, "truncated") >= 1.0, "the tiny first fragment dropped as truncated");
 }
+
+/// Issue: with the inside at MTU 2500 and the outside at 1500, packets of 1600–1790 bytes with DF set were
+/// counted as sent and vanished (a path-MTU black hole). Now egressd drops them as `mtu_exceeded` and answers
+/// ICMP 3/4 with the outside MTU: the client's kernel learns the path MTU (1500) at once. With `clamp_mss`, a TCP
+/// SYN leaves with its MSS lowered to 1460.
+#[test]
+fn packets_too_big_for_the_outside_get_fragmentation_needed_and_syns_are_clamped() {
+    let lab = Lab::up(false);
+    for (role, iface) in [("client", "cl0"), ("gw", "gw-in")] {
+        assert!(lab.exec(role, "ip", &["link", "set", iface, "mtu", "2500"]).status.success());
+    }
+    let (dir, _) = strict_config();
+    let path = dir.path().join("lab.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("batch_size = 64", "batch_size = 64\nframe_size = 4096\nclamp_mss = true");
+    std::fs::write(&path, text).unwrap();
+    let gw = Gateway::start(&lab, &path);
+    let script = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER = IP_PMTUDISC_DO: DF set, no local fragmentation
+s.connect(("203.0.113.10", 7))
+s.settimeout(1)
+for size in (1700, 1790):
+    try:
+        s.send(b"x" * size)
+        s.recv(4000)
+        print("echoed", size)
+    except OSError as e:
+        print("lost", size, type(e).__name__)
+print("path mtu", s.getsockopt(socket.IPPROTO_IP, 14))  # IP_MTU
+"#;
+    let out = lab.exec("client", "python3", &["-c", script]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("path mtu 1500"),
+        "the client learned the outside MTU:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(counter(&gw, "mtu_exceeded") >= 1.0);
+    assert!(gw.metric("egressd_icmp_errors_sent_total") >= 1.0);
+
+    // MSS clamping: the client (MTU 2500) offers MSS 2460; the SYN reaches the server with 1460.
+    let capture = lab.capture("ext", "ext0", 1.5);
+    let _ = lab.exec("client", "curl", &["-s", "-m", "1", "http://203.0.113.10/"]);
+    let mss: Vec<u16> = capture
+        .frames()
+        .iter()
+        .filter_map(|f| match SlicedPacket::from_ethernet(f).ok()?.transport {
+            Some(TransportSlice::Tcp(t)) if t.syn() && !t.ack() => {
+                t.options_iterator().find_map(|o| match o {
+                    Ok(etherparse::TcpOptionElement::MaximumSegmentSize(m)) => Some(m),
+                    _ => None,
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(mss, [1460], "the SYN's MSS as the server saw it");
+}

@@ -1,9 +1,11 @@
-//! ICMP errors the gateway itself originates: today only "destination unreachable, communication
-//! administratively prohibited" (type 3, code 13) to an inside client whose new flow found no free NAT port
-//! (REQUIREMENTS: "Out of ports → drop, count `out_of_ports`, optionally ICMP 3/13"), so the client fails fast
-//! instead of retrying into a timeout. Linux reports 3/13 to a connecting TCP socket as `EHOSTUNREACH`.
+//! ICMP errors the gateway itself originates, both "destination unreachable" (type 3):
+//! - code 13, communication administratively prohibited: to an inside client whose new flow found no free NAT
+//!   port (optional, `[nat] icmp_on_out_of_ports`), so the client fails fast instead of retrying into a timeout.
+//!   Linux reports 3/13 to a connecting TCP socket as `EHOSTUNREACH`.
+//! - code 4, fragmentation needed, with the next-hop MTU (RFC 1191): to the sender of a packet larger than the MTU
+//!   of the interface it would leave by, so path-MTU discovery works through the gateway (always on).
 //!
-//! Sans-IO and allocation-free: [`write_admin_prohibited`] writes the reply frame into a caller-owned buffer
+//! Sans-IO and allocation-free: [`write_unreachable`] writes the reply frame into a caller-owned buffer
 //! (the pipeline's, allocated once); the pipeline rate-limits replies with a [`crate::time::TokenBucket`].
 //!
 //! Which packets never get an error (RFC 1122 3.2.2, RFC 1812 4.3.2.7): ICMP errors (and ICMP types unknown to
@@ -58,6 +60,17 @@ pub const MAX_REPLY_FRAME: usize = ETH_HEADER_LEN + VLAN_TAG_LEN + MAX_ERROR_IP_
 pub const TYPE_DEST_UNREACHABLE: u8 = 3;
 /// Communication administratively prohibited (RFC 1812 5.2.7.1).
 pub const CODE_ADMIN_PROHIBITED: u8 = 13;
+/// Fragmentation needed and DF set (RFC 792, RFC 1191: the next-hop MTU in the second 16-bit word).
+pub const CODE_FRAGMENTATION_NEEDED: u8 = 4;
+
+/// Which destination-unreachable error to write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unreachable {
+    /// 3/13.
+    AdminProhibited,
+    /// 3/4 with the MTU of the next hop.
+    FragmentationNeeded { next_hop_mtu: u16 },
+}
 
 /// Whether an ICMP message of this type is a query (echo, timestamp, information, address mask); everything
 /// else, errors and types we do not know, gets no error in return (RFC 1122 3.2.2).
@@ -70,11 +83,24 @@ fn is_single_host(a: Ipv4Addr) -> bool {
     !(a.octets()[0] == 0 || a.is_loopback() || a.is_multicast() || a.is_broadcast() || a.octets()[0] >= 240)
 }
 
-/// Writes an ICMP 3/13 about the IPv4 packet at `frame[ip_start..ip_end]` (already validated: IHL, lengths and
+/// [`write_unreachable`] with [`Unreachable::AdminProhibited`].
+pub fn write_admin_prohibited(
+    frame: &[u8],
+    ip_start: usize,
+    ip_end: usize,
+    inside_addr: Option<Ipv4Addr>,
+    ip_id: u16,
+    out: &mut [u8],
+) -> Option<usize> {
+    write_unreachable(Unreachable::AdminProhibited, frame, ip_start, ip_end, inside_addr, ip_id, out)
+}
+
+/// Writes an ICMP destination unreachable of `kind` about the IPv4 packet at `frame[ip_start..ip_end]` (already validated: IHL, lengths and
 /// header checksum) into `out`; returns the reply frame's length, or `None` when the packet must not get an
 /// error or `out` is too small. `inside_addr`: the gateway's address on the interface the reply leaves by.
 /// `ip_id`: the reply's IP identification.
-pub fn write_admin_prohibited(
+pub fn write_unreachable(
+    kind: Unreachable,
     frame: &[u8],
     ip_start: usize,
     ip_end: usize,
@@ -137,8 +163,14 @@ pub fn write_admin_prohibited(
     ip_out[10..12].copy_from_slice(&ip_check.to_be_bytes());
 
     icmp_out[0] = TYPE_DEST_UNREACHABLE;
-    icmp_out[1] = CODE_ADMIN_PROHIBITED;
     icmp_out[2..8].copy_from_slice(&[0; 6]);
+    match kind {
+        Unreachable::AdminProhibited => icmp_out[1] = CODE_ADMIN_PROHIBITED,
+        Unreachable::FragmentationNeeded { next_hop_mtu } => {
+            icmp_out[1] = CODE_FRAGMENTATION_NEEDED;
+            icmp_out[6..8].copy_from_slice(&next_hop_mtu.to_be_bytes());
+        }
+    }
     icmp_out[ICMP_HEADER_LEN..].copy_from_slice(&ip[..quote_len]);
     let icmp_check = checksum::compute(icmp_out);
     icmp_out[2..4].copy_from_slice(&icmp_check.to_be_bytes());

@@ -42,6 +42,8 @@ pub struct InterfaceTable {
     pub mac: Mac,
     /// The interface's own IPv4 address, if it has one: the source of ICMP errors the gateway sends out of it.
     pub address: Option<Ipv4Addr>,
+    /// The interface's MTU: larger packets are not sent out of it (0: not known, not checked).
+    pub mtu: u32,
     /// Sorted longest prefix first.
     routes: Vec<Route>,
     /// Sorted by address; only complete (resolved) entries.
@@ -66,7 +68,8 @@ impl InterfaceTable {
         routes.sort_by_key(|r| std::cmp::Reverse(r.prefix_len));
         neighbours.sort_by_key(|(ip, _)| *ip);
         neighbours.dedup_by_key(|(ip, _)| *ip);
-        let mut table = InterfaceTable { mac, address: None, routes, neighbours, compiled: Vec::new() };
+        let mut table =
+            InterfaceTable { mac, address: None, mtu: 0, routes, neighbours, compiled: Vec::new() };
         table.compiled = table
             .routes
             .iter()
@@ -83,6 +86,11 @@ impl InterfaceTable {
     /// The same table with the interface's IPv4 address set.
     pub fn with_address(mut self, address: Option<Ipv4Addr>) -> InterfaceTable {
         self.address = address;
+        self
+    }
+
+    pub fn with_mtu(mut self, mtu: u32) -> InterfaceTable {
+        self.mtu = mtu;
         self
     }
 

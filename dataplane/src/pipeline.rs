@@ -145,6 +145,44 @@ pub fn parse_ipv4_frame(frame: &[u8]) -> Result<Ipv4Frame, DropReason> {
     Ok(Ipv4Frame { ip_start, ip_end: ip_start + total_len, header_len, fragment })
 }
 
+/// Lowers the MSS option of a TCP SYN in `packet` (an IPv4 packet with a `header_len`-byte header) to `max_mss`,
+/// keeping the TCP checksum valid (RFC 1624). Anything else is left alone.
+fn clamp_syn_mss(packet: &mut [u8], header_len: usize, max_mss: u16) {
+    const SYN: u8 = 0x02;
+    if packet.get(9) != Some(&crate::policy::ip_proto::TCP) {
+        return;
+    }
+    let Some(tcp) = packet.get_mut(header_len..) else { return };
+    if tcp.len() < 20 || tcp[13] & SYN == 0 {
+        return;
+    }
+    let data_offset = usize::from(tcp[12] >> 4) * 4;
+    let Some((head, _)) = tcp.split_at_mut_checked(data_offset) else { return };
+    let (fixed, mut options) = head.split_at_mut(20.min(head.len()));
+    while let Some(&kind) = options.first() {
+        match kind {
+            0 => break,
+            1 => options = &mut options[1..],
+            _ => {
+                let len = usize::from(options.get(1).copied().unwrap_or(0));
+                if len < 2 || len > options.len() {
+                    break;
+                }
+                if kind == 2 && len == 4 {
+                    let mss = u16::from_be_bytes([options[2], options[3]]);
+                    if mss > max_mss {
+                        options[2..4].copy_from_slice(&max_mss.to_be_bytes());
+                        let check = u16::from_be_bytes([fixed[16], fixed[17]]);
+                        fixed[16..18].copy_from_slice(&checksum::update16(check, mss, max_mss).to_be_bytes());
+                    }
+                    return;
+                }
+                options = &mut options[len..];
+            }
+        }
+    }
+}
+
 /// The fixed IPv4 header at `ip_start` of a parsed frame.
 #[inline]
 fn ip_fixed(frame: &[u8], ip_start: usize) -> Option<&[u8; 20]> {
@@ -221,6 +259,8 @@ pub struct Pipeline {
     fragments: FragmentTable,
     /// Later fragments waiting for their datagram's first (preallocated, at most [`HOLD_FRAGMENTS`]).
     held_fragments: Vec<HeldFrame>,
+    /// Clamp the MSS of TCP SYNs to the smaller interface MTU less 40 (`[dataplane] clamp_mss`).
+    clamp_mss: bool,
 }
 
 /// Frames a worker keeps while their neighbour resolves (the kernel's default `unres_qlen` is of this order).
@@ -311,6 +351,7 @@ impl Pipeline {
             allowed: None,
             fragments: FragmentTable::default(),
             held_fragments: Vec::with_capacity(HOLD_FRAGMENTS),
+            clamp_mss: false,
         };
         pipeline.publish_rule_hits();
         pipeline
@@ -353,6 +394,13 @@ impl Pipeline {
             self.publish_rule_hits();
         }
         self.nat.sync_policy(&self.policy_snapshot);
+    }
+
+    /// Lowers the MSS option of TCP SYNs, both ways, to what the smaller interface MTU carries (MTU − 40): TCP
+    /// peers then never send segments too big for the path through the gateway, even where ICMP is filtered.
+    pub fn with_mss_clamp(mut self, on: bool) -> Pipeline {
+        self.clamp_mss = on;
+        self
     }
 
     /// Sends denial events to `queue` (the control thread writes the audit log).
@@ -474,14 +522,70 @@ impl Pipeline {
         Some(len)
     }
 
+    /// A packet too big for the interface it would leave by: `mtu_exceeded`, answered with ICMP 3/4 carrying the
+    /// MTU from the address of the interface it arrived on (rate-limited with the other errors; never about an
+    /// ICMP error, a later fragment, or a broadcast/multicast packet).
+    #[cold]
+    fn too_big(
+        &mut self,
+        now: Instant,
+        frame: &[u8],
+        l3: &Ipv4Frame,
+        arrived: Side,
+        mtu: usize,
+    ) -> Result<Action, DropReason> {
+        let kind = crate::icmp::Unreachable::FragmentationNeeded { next_hop_mtu: mtu.min(0xffff) as u16 };
+        let from = self.snapshot.side(arrived).address;
+        let Some(len) = crate::icmp::write_unreachable(
+            kind,
+            frame,
+            l3.ip_start,
+            l3.ip_end,
+            from,
+            self.icmp_ip_id,
+            &mut self.reply,
+        ) else {
+            return Err(DropReason::MtuExceeded);
+        };
+        if !self.icmp_bucket.take(now) {
+            self.stats.icmp_errors_rate_limited.inc();
+            return Err(DropReason::MtuExceeded);
+        }
+        self.icmp_ip_id = self.icmp_ip_id.wrapping_add(1);
+        self.stats.icmp_errors_sent.inc();
+        self.stats.count_drop(DropReason::MtuExceeded);
+        Ok(Action::Reply { out: arrived, len })
+    }
+
     fn forward(&mut self, now: Instant, leg: Leg, frame: &mut [u8]) -> Result<Action, DropReason> {
         let l3 = parse_ipv4_frame(frame)?;
         let ttl_at = l3.ip_start + 8;
         if frame[ttl_at] <= 1 {
             return Err(DropReason::TtlExceeded);
         }
+        // A packet larger than the MTU of the interface it would leave by: dropped, and its sender told the MTU
+        // (RFC 1191 path-MTU discovery), whether or not DF is set (egressd does not fragment; hosts honour the
+        // reported MTU and fragment or shrink their segments themselves). Checked before the NAT: no state, and
+        // the error quotes the packet as its sender sent it.
+        let (arrived, leaves) = match leg {
+            Leg::Arrived(side) => (side, side.other()),
+            Leg::HandedOver(HandoffKind::Outbound) => (Side::Inside, Side::Outside),
+            Leg::HandedOver(HandoffKind::Inbound) => (Side::Outside, Side::Inside),
+            Leg::HandedOver(HandoffKind::Hairpin) => (Side::Inside, Side::Inside),
+        };
+        let mtu = self.snapshot.side(leaves).mtu as usize;
+        if mtu != 0 && l3.ip_end - l3.ip_start > mtu {
+            return self.too_big(now, frame, &l3, arrived, mtu);
+        }
         if l3.is_later_fragment() {
             return self.forward_later_fragment(now, frame, l3);
+        }
+        if self.clamp_mss {
+            let mtu = self.snapshot.inside.mtu.min(self.snapshot.outside.mtu);
+            if mtu > 40 {
+                let max_mss = (mtu - 40).min(u32::from(u16::MAX)) as u16;
+                clamp_syn_mss(&mut frame[l3.ip_start..l3.ip_end], l3.header_len, max_mss);
+            }
         }
         // A first fragment goes through the NAT like any packet; what it becomes is recorded for the rest.
         let first_fragment =
@@ -1187,6 +1291,96 @@ mod tests {
             p.process(Instant::ZERO, Side::Inside, &mut f),
             Action::Forward { out: Side::Outside, len: unpadded }
         );
+    }
+
+    // --- MTU: ICMP 3/4 (RFC 1191) and MSS clamping ---
+
+    /// lab_table with MTUs: inside 3000, outside 1500, and the inside address known.
+    fn mtu_table() -> NextHopTable {
+        let mut t = lab_table(true);
+        t.inside = t.inside.with_mtu(3000).with_address(Some(GW_IN_IP));
+        t.outside = t.outside.with_mtu(1500);
+        t
+    }
+
+    /// A packet larger than the MTU of the interface it would leave by is dropped (`mtu_exceeded`), takes no NAT
+    /// state, and its sender gets ICMP 3/4 with that MTU, quoting the packet as it was sent.
+    #[test]
+    fn rfc1191_too_big_packets_are_answered_with_fragmentation_needed() {
+        let mut p = pipeline(mtu_table());
+        let mut big = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, &[1u8; 1600]);
+        big[20] |= 0x40; // DF
+        big[24..26].copy_from_slice(&[0, 0]);
+        let c = checksum::compute(&big[14..34]);
+        big[24..26].copy_from_slice(&c.to_be_bytes());
+        let sent = big.clone();
+        let Action::Reply { out: Side::Inside, len } = p.process(Instant::ZERO, Side::Inside, &mut big)
+        else {
+            panic!("expected ICMP 3/4")
+        };
+        let r = &p.reply_frame()[..len];
+        assert_eq!(&r[0..6], &CLIENT_MAC);
+        assert_eq!((&r[26..30], &r[30..34]), (&GW_IN_IP.octets()[..], &[10, 10, 0, 2][..]));
+        assert_eq!((r[34], r[35]), (3, 4));
+        assert_eq!(u16::from_be_bytes([r[40], r[41]]), 1500, "the next-hop MTU");
+        assert_eq!(&r[42..62], &sent[14..34], "quotes the packet as its sender sent it");
+        assert!(checksum::verify(&r[34..]));
+        assert_eq!(p.stats().drops(DropReason::MtuExceeded), 1);
+        assert_eq!(p.nat().stats().flows(), 0);
+        // A packet that fits leaves; from outside, a packet too big for the inside MTU is answered outward.
+        let mut fits = udp_frame([10, 10, 0, 2], [203, 0, 113, 10], 64, &[1u8; 1400]);
+        assert!(matches!(p.process(Instant::ZERO, Side::Inside, &mut fits), Action::Forward { .. }));
+        let mut inbound = udp_frame([203, 0, 113, 10], EGRESS_IP.octets(), 64, &[2u8; 3100]);
+        inbound[0..12].copy_from_slice(&[GW_OUT_MAC, EXT_MAC].concat());
+        assert!(matches!(
+            p.process(Instant::ZERO, Side::Outside, &mut inbound),
+            Action::Reply { out: Side::Outside, .. }
+        ));
+        assert_eq!(p.stats().drops(DropReason::MtuExceeded), 2);
+    }
+
+    /// `clamp_mss`: a SYN's MSS above the smaller MTU less 40 is lowered, its checksum kept valid; smaller ones and
+    /// other segments are untouched; off, nothing changes.
+    #[test]
+    fn mss_clamping_lowers_syn_mss_to_fit_the_smaller_mtu() {
+        let syn = |mss: u16, flags: &str| {
+            let mut b = etherparse::PacketBuilder::ethernet2(CLIENT_MAC, GW_IN_MAC)
+                .ipv4([10, 10, 0, 2], [203, 0, 113, 10], 64)
+                .tcp(40000, 443, 1, 1024)
+                .options(&[
+                    etherparse::TcpOptionElement::MaximumSegmentSize(mss),
+                    etherparse::TcpOptionElement::Noop,
+                ])
+                .unwrap();
+            for f in flags.chars() {
+                b = if f == 'S' { b.syn() } else { b.ack(1) };
+            }
+            let mut out = Vec::new();
+            b.write(&mut out, &[]).unwrap();
+            out
+        };
+        let mss_of = |f: &[u8]| u16::from_be_bytes([f[54 + 2], f[54 + 3]]);
+        let tcp_ok = |f: &[u8]| {
+            let tcp = &f[34..];
+            let mut pseudo = f[26..34].to_vec();
+            pseudo.extend_from_slice(&[0, 6]);
+            pseudo.extend_from_slice(&(tcp.len() as u16).to_be_bytes());
+            checksum::finish(checksum::sum(tcp, checksum::sum(&pseudo, 0))) == 0
+        };
+        let mut p = pipeline(mtu_table()).with_mss_clamp(true);
+        let mut big = syn(8960, "S");
+        assert!(matches!(p.process(Instant::ZERO, Side::Inside, &mut big), Action::Forward { .. }));
+        assert_eq!(mss_of(&big), 1460);
+        assert!(tcp_ok(&big));
+        let mut off = pipeline(mtu_table());
+        let mut unclamped = syn(8960, "S");
+        assert!(matches!(off.process(Instant::ZERO, Side::Inside, &mut unclamped), Action::Forward { .. }));
+        assert_eq!(mss_of(&unclamped), 8960, "off by default");
+        let mut fine = syn(1200, "S");
+        let mut q = pipeline(mtu_table()).with_mss_clamp(true);
+        assert!(matches!(q.process(Instant::ZERO, Side::Inside, &mut fine), Action::Forward { .. }));
+        assert_eq!(mss_of(&fine), 1200);
+        assert!(tcp_ok(&fine));
     }
 
     // --- RFC 4787 REQ-14: fragments ---

@@ -71,6 +71,8 @@ drop_reasons! {
     ZeroUdpChecksumV6 => "zero_udp_checksum_v6",
     /// Frame larger than a UMEM chunk.
     FrameTooLarge => "frame_too_large",
+    /// Packet larger than the MTU of the interface it would leave by (answered with ICMP 3/4 and the MTU).
+    MtuExceeded => "mtu_exceeded",
     /// RX descriptor pointing outside the UMEM.
     BadRxDescriptor => "bad_rx_descriptor",
 

@@ -12,6 +12,7 @@
 //! idle_polls = 1000
 //! xdp_mode = "auto"                 # "auto" (native, else skb) | "native" | "skb"
 //! egress_ips = ["192.0.2.10"]       # addresses on `outside` that belong to egressd, not to the kernel
+//! clamp_mss = false                 # lower the MSS of TCP SYNs to fit the smaller interface MTU (MTU - 40)
 //! ```
 //!
 //! `egress_ips` lives here because the XDP program must not pass their traffic to the kernel even though the
@@ -73,6 +74,9 @@ pub struct DataplaneConfig {
     /// Addresses on the outside interface owned by egressd (NAT sources); their traffic is not the kernel's.
     #[serde(default)]
     pub egress_ips: Vec<Spanned<Ipv4Addr>>,
+    /// Clamp the MSS option of TCP SYNs (both ways) to the smaller interface MTU less 40. Default false.
+    #[serde(default)]
+    pub clamp_mss: bool,
 }
 
 impl DataplaneConfig {
