@@ -518,3 +518,65 @@ print("path mtu", s.getsockopt(socket.IPPROTO_IP, 14))  # IP_MTU
         .collect();
     assert_eq!(mss, [1460], "the SYN's MSS as the server saw it");
 }
+
+/// Opens UDP flows 10.10.0.2:first..first+count → 203.0.113.10:7 and prints how many got their echo.
+const UDP_FLOWS: &str = r#"
+import socket, sys
+first, count = int(sys.argv[1]), int(sys.argv[2])
+ok = 0
+for port in range(first, first + count):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("10.10.0.2", port)); s.settimeout(1)
+    s.sendto(b"x", ("203.0.113.10", 7))
+    try:
+        ok += s.recv(10) == b"x"
+    except socket.timeout:
+        pass
+    s.close()
+print(ok)
+"#;
+
+/// Issue: sessions that an outsider creates through address-dependent filtering (the server's other ports
+/// reaching a mapping) counted against the inside host's `max_flows_per_source`: spoofing the server from many
+/// ports locked the host out of its own new flows. Now they have their own bound (`unsolicited_flow_limit`) and
+/// the host's quota is its own.
+#[test]
+fn outsiders_cannot_use_up_an_inside_hosts_flow_quota() {
+    let lab = Lab::up(false);
+    let (dir, _) = strict_config();
+    let path = dir.path().join("lab.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{text}\n[nat]\nmax_flows_per_source = 400\n")).unwrap();
+    let gw = Gateway::start(&lab, &path);
+    let run = |first: u16, count: u16| -> u32 {
+        let out = lab.exec("client", "python3", &["-c", UDP_FLOWS, &first.to_string(), &count.to_string()]);
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    };
+    assert_eq!(run(30000, 130), 130, "the host's 130 flows:\n{}", gw.log_text());
+    // From ext, spoofing the server: 40 source ports at each of the 130 mapped ports.
+    let ext_mac = lab.mac("ext", "ext0");
+    let gw_out_mac = lab.mac("gw", "gw-out");
+    let spray: Vec<Vec<u8>> = (30000..30130u16)
+        .flat_map(|mapped| (0..40u16).map(move |k| (mapped, 2000 + k)))
+        .map(|(mapped, sport)| {
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(ext_mac, gw_out_mac)
+                .ipv4(SERVER, EGRESS, 64)
+                .udp(sport, mapped)
+                .write(&mut out, b"spray")
+                .unwrap();
+            out
+        })
+        .collect();
+    for chunk in spray.chunks(1000) {
+        lab.inject("ext", "ext0", chunk);
+    }
+    wait_for(
+        || counter(&gw, "unsolicited_flow_limit") >= 130.0 * 8.0,
+        "the spray beyond 32 sessions per mapping refused as unsolicited_flow_limit",
+    );
+    // The host's own quota is untouched: 50 more flows work (200 per worker of the 400 with two workers).
+    assert_eq!(run(31000, 50), 50, "the host's own new flows after the spray");
+    assert_eq!(counter(&gw, "source_flow_limit"), 0.0);
+}

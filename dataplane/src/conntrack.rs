@@ -345,11 +345,13 @@ pub(crate) struct Mapping {
     pub ext_port: u16,
     pub ip_idx: u8,
     pub proto: u8,
+    /// Sessions of this mapping that inbound packets created (address-dependent filtering), not yet judged.
+    pub unsolicited: u16,
 }
 
 impl Mapping {
     pub const FREE: Mapping =
-        Mapping { in_addr: 0, refs: NONE, in_port: 0, ext_port: 0, ip_idx: 0, proto: 0 };
+        Mapping { in_addr: 0, refs: NONE, in_port: 0, ext_port: 0, ip_idx: 0, proto: 0, unsolicited: 0 };
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -53,7 +53,10 @@
 //!   (anti-spoofing). ICMP echo is not hairpinned (the inbound leg only accepts echo replies).
 //! - **Limits**: `max_flows` sessions per worker (`ConntrackFull`), `max_flows_per_source` per inside address
 //!   (`SourceFlowLimit`, 6888 REQ-4/5), [`MAX_UDP_SESSIONS_PER_REMOTE_ADDR`] UDP sessions per mapping and remote
-//!   address (`SourceFlowLimit`), no free port (`OutOfPorts`). At most [`MAX_EGRESS_IPS`] distinct egress IPs per
+//!   address (`SourceFlowLimit`), no free port (`OutOfPorts`). Sessions that inbound packets create (address-
+//!   dependent filtering) do not count against the inside address: they are bounded by
+//!   [`MAX_UNSOLICITED_PER_MAPPING`] per mapping and a quarter of the table (`UnsolicitedFlowLimit`) until the
+//!   inside host sends on them. At most [`MAX_EGRESS_IPS`] distinct egress IPs per
 //!   worker; flows needing another one are dropped as `OutOfPorts`.
 //! - **Reload and egress IPs**: a mapping keeps its egress IP while that IP stays in its source's group, even if
 //!   paired pooling would now pick another (an added IP does not break running flows). When a reload removes the
@@ -90,6 +93,12 @@ fn egress_bucket_of(addr: u32) -> usize {
 /// the inbound index (that is how address-dependent filtering finds them), so the cap bounds that probe run.
 /// Beyond it new sessions are refused as `SourceFlowLimit`.
 pub const MAX_UDP_SESSIONS_PER_REMOTE_ADDR: u32 = 128;
+
+/// Sessions inbound packets may create on one mapping (address-dependent filtering: another port of a remote
+/// address the endpoint sent to). Such sessions have their own bounds, this one and a quarter of the worker's
+/// table, and never count against the inside host's `max_flows_per_source`: an outsider (or a spoofer) cannot
+/// use up an inside host's quota.
+pub const MAX_UNSOLICITED_PER_MAPPING: u16 = 32;
 
 /// Idle timeouts in seconds. `Default` is the RFC defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -273,6 +282,9 @@ pub struct Nat {
     quarantine: u32,
     max_flows: u32,
     per_source: u32,
+    /// Sessions created by inbound packets and not yet judged, and their bound.
+    unsolicited: u32,
+    max_unsolicited: u32,
     seed: (u64, u64),
 
     sessions: Box<[Session]>,
@@ -627,6 +639,8 @@ impl Nat {
             quarantine: config.port_quarantine_secs,
             max_flows,
             per_source: config.max_flows_per_source.max(1),
+            unsolicited: 0,
+            max_unsolicited: (max_flows / 4).max(1),
             seed,
             sessions,
             free_session: 0,
@@ -1029,7 +1043,8 @@ impl Nat {
         };
         let next_free = self.mappings[mid as usize].refs;
         self.free_mapping = next_free;
-        self.mappings[mid as usize] = Mapping { in_addr, refs: 0, in_port, ext_port, ip_idx, proto };
+        self.mappings[mid as usize] =
+            Mapping { in_addr, refs: 0, in_port, ext_port, ip_idx, proto, unsolicited: 0 };
         self.mapping_count += 1;
         self.map_idx.insert_at(map_pos, hm, mid);
         Ok(mid)
@@ -1098,6 +1113,12 @@ impl Nat {
         self.out_idx.insert_at(slots.out_pos, slots.ho, sid);
         self.in_idx.insert(slots.hi, sid);
         lru_push(&mut self.sessions, &mut self.lru[usize::from(class)], sid);
+        if flags & SESSION_UNJUDGED != 0 {
+            // Created by an inbound packet: its own bounds, not the inside host's quota.
+            self.unsolicited += 1;
+            self.mappings[mid as usize].unsolicited += 1;
+            return sid;
+        }
         match slots.src {
             Ok(pos) => self.sources.set_value_at(pos, self.sources.value_at(pos).saturating_add(1)),
             Err(pos) => _ = self.sources.insert_at(pos, slots.hs, 1),
@@ -1116,17 +1137,22 @@ impl Nat {
         self.out_idx.remove(ho, sid);
         let hi = self.in_hash(s.ip_idx, s.ext_port, s.remote_addr, s.remote_port, s.proto);
         self.in_idx.remove(hi, sid);
-        self.source_add(s.in_addr, -1);
+        let unsolicited = s.flags & SESSION_UNJUDGED != 0;
+        if unsolicited {
+            self.unsolicited = self.unsolicited.saturating_sub(1);
+        } else {
+            self.source_add(s.in_addr, -1);
+        }
         self.sessions[sid as usize] = Session { next: self.free_session, ..Session::FREE };
         self.free_session = sid;
         self.session_count -= 1;
-        // The port table names the mapping exactly (even a retired one no longer in the inside-endpoint index).
-        let mid = self.mapping_at(s.ip_idx, s.proto, s.ext_port).filter(|&mid| {
-            self.mappings.get(mid as usize).is_some_and(|m| m.in_addr == s.in_addr && m.in_port == s.in_port)
-        });
+        let mid = self.mapping_of_session(&s);
         if let Some(mid) = mid {
             let m = &mut self.mappings[mid as usize];
             m.refs = m.refs.saturating_sub(1);
+            if unsolicited {
+                m.unsolicited = m.unsolicited.saturating_sub(1);
+            }
             if m.refs == 0 {
                 let m = *m;
                 let h = self.map_hash(m.in_addr, m.in_port, m.proto);
@@ -1137,6 +1163,14 @@ impl Nat {
                 self.mapping_count -= 1;
             }
         }
+    }
+
+    /// The mapping a session uses: the port table names it exactly (even a retired one no longer in the
+    /// inside-endpoint index).
+    fn mapping_of_session(&self, s: &Session) -> Option<u32> {
+        self.mapping_at(s.ip_idx, s.proto, s.ext_port).filter(|&mid| {
+            self.mappings.get(mid as usize).is_some_and(|m| m.in_addr == s.in_addr && m.in_port == s.in_port)
+        })
     }
 
     /// Moves a session to the tail of its class's list with `last_seen = now_s` (a refresh), or to a new class.
@@ -1263,6 +1297,15 @@ impl Nat {
                     if let Some(reason) = denied {
                         self.remove_session(sid, now_s);
                         return Err(reason);
+                    }
+                    if s.flags & SESSION_UNJUDGED != 0 {
+                        // An inbound-created session the host now uses: from here on it is the host's flow.
+                        self.unsolicited = self.unsolicited.saturating_sub(1);
+                        if let Some(mid) = self.mapping_of_session(&s) {
+                            let m = &mut self.mappings[mid as usize];
+                            m.unsolicited = m.unsolicited.saturating_sub(1);
+                        }
+                        self.source_add(s.in_addr, 1);
                     }
                     let s = &mut self.sessions[sid as usize];
                     s.generation = gen;
@@ -1426,7 +1469,21 @@ impl Nat {
                 };
                 let in_addr = self.mappings[mid as usize].in_addr;
                 let hs = hash_addr(self.seed.0, in_addr);
-                let src = self.check_limits(hs)?;
+                let src = if hairpin {
+                    self.check_limits(hs)?
+                } else {
+                    // Created by an outsider's packet: bounded on its own, never from the inside host's quota.
+                    if self.session_count >= self.max_flows || self.free_session == NONE {
+                        return Err(DropReason::ConntrackFull);
+                    }
+                    if self.unsolicited >= self.max_unsolicited
+                        || self.mappings[mid as usize].unsolicited >= MAX_UNSOLICITED_PER_MAPPING
+                        || siblings >= MAX_UDP_SESSIONS_PER_REMOTE_ADDR
+                    {
+                        return Err(DropReason::UnsolicitedFlowLimit);
+                    }
+                    Err(usize::MAX)
+                };
                 if siblings >= MAX_UDP_SESSIONS_PER_REMOTE_ADDR {
                     return Err(DropReason::SourceFlowLimit);
                 }

@@ -93,6 +93,9 @@ drop_reasons! {
     ConntrackFull => "conntrack_full",
     /// The source already holds its configured maximum of flows.
     SourceFlowLimit => "source_flow_limit",
+    /// Sessions created by inbound packets (address-dependent filtering) are at their own bound: per mapping, or
+    /// a quarter of the table. They never use the inside host's quota.
+    UnsolicitedFlowLimit => "unsolicited_flow_limit",
     /// No free port on the egress IP for this flow (or more egress IPs than a worker's port tables hold).
     OutOfPorts => "out_of_ports",
     /// The policy allowed the flow but the source's group has no egress IP to translate it to.

@@ -4,6 +4,7 @@
   frames.py capture IFACE SECONDS         print "ready", then every frame IFACE receives (not the ones it sends)
                                           for SECONDS, one hex line each, then "done"
 """
+import errno
 import socket
 import sys
 import time
@@ -15,7 +16,16 @@ def send(iface, frames):
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     s.bind((iface, 0))
     for f in frames:
-        s.send(bytes.fromhex(f))
+        data = bytes.fromhex(f)
+        while True:
+            try:
+                s.send(data)
+                break
+            except OSError as e:
+                # A burst can fill the device queue: wait for it to drain, never drop a frame of the test.
+                if e.errno != errno.ENOBUFS:
+                    raise
+                time.sleep(0.001)
 
 
 def capture(iface, seconds):

@@ -1182,9 +1182,56 @@ fn udp_sessions_of_one_mapping_towards_one_address_are_capped() {
         udp_out(&mut nat, 0, C1, 40000, SRV, 1000 + port, &pol);
     }
     assert_eq!(out(&mut nat, 0, &mut udp(C1, 40000, SRV, 9), &pol), Err(DropReason::SourceFlowLimit));
-    assert_eq!(inb(&mut nat, 0, &mut udp(SRV, 9, EG, 40000)), Err(DropReason::SourceFlowLimit));
+    assert_eq!(inb(&mut nat, 0, &mut udp(SRV, 9, EG, 40000)), Err(DropReason::UnsolicitedFlowLimit));
     // Other addresses are unaffected.
     udp_out(&mut nat, 0, C1, 40000, SRV2, 9, &pol);
+}
+
+/// Sessions created by inbound packets (address-dependent filtering: other ports of a server the host talks to)
+/// have their own bound and never use the inside host's quota: a server (or someone spoofing it) that sprays
+/// every mapped port from many source ports cannot lock the host out of its own new flows.
+#[test]
+fn inbound_created_sessions_do_not_use_the_inside_hosts_quota() {
+    let pol = policy();
+    let c = NatConfig { max_flows: 32768, max_flows_per_source: 200, ..cfg() };
+    let mut nat = Nat::new(&c, 0);
+    let mapped: Vec<u16> = (0..130).map(|i| udp_out(&mut nat, 0, C1, 30000 + i, SRV, 53, &pol).1).collect();
+    let (mut created, mut refused) = (0, 0);
+    for &ext in &mapped {
+        for remote_port in 0..64u16 {
+            match inb(&mut nat, 1, &mut udp(SRV, 2000 + remote_port, EG, ext)) {
+                Ok(Inbound::Forward) => created += 1,
+                Err(DropReason::UnsolicitedFlowLimit) => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(created, 130 * usize::from(MAX_UNSOLICITED_PER_MAPPING), "bounded per mapping");
+    assert_eq!(refused, 130 * (64 - usize::from(MAX_UNSOLICITED_PER_MAPPING)));
+    // The host still has its own quota: 200 - 130 new flows.
+    for i in 0..70 {
+        udp_out(&mut nat, 2, C1, 40000 + i, SRV2, 53, &pol);
+    }
+    assert_eq!(out(&mut nat, 2, &mut udp(C1, 50000, SRV2, 53), &pol), Err(DropReason::SourceFlowLimit));
+    // When the host answers on an inbound-created session, it becomes the host's own flow (and counts).
+    let mut answer = udp(C1, 30000, SRV, 2000);
+    assert_eq!(out(&mut nat, 3, &mut answer, &pol), Ok(Outbound::Forward));
+    assert_eq!(nat.unsolicited as usize, 130 * usize::from(MAX_UNSOLICITED_PER_MAPPING) - 1);
+    // Expiry returns everything: the table is empty, no count left behind.
+    expire_all(&mut nat, 1000);
+    assert_eq!((nat.stats().flows(), nat.unsolicited, nat.mapping_count), (0, 0, 0));
+    let c1 = hash_addr(nat.seed.0, u32::from(ip(C1)));
+    assert_eq!(nat.sources.find(c1, |_| true), None, "C1's flow count went back to nothing");
+
+    // Across all mappings, inbound-created sessions take at most a quarter of the table.
+    let mut small = Nat::new(&NatConfig { max_flows: 1024, ..c }, 0);
+    for i in 0..130 {
+        let ext = udp_out(&mut small, 0, C1, 30000 + i, SRV, 53, &pol).1;
+        for remote_port in 0..8u16 {
+            let _ = small.inbound(t(1), &mut udp(SRV, 2000 + remote_port, EG, ext));
+        }
+    }
+    assert_eq!(small.unsolicited, 256);
 }
 
 #[test]
