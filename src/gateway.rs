@@ -167,7 +167,8 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
                 handoffs.clone(),
             )
             .with_audit(audit.clone())
-            .with_mss_clamp(dp.clamp_mss),
+            .with_mss_clamp(dp.clamp_mss)
+            .with_source_validation(dp.source_validation.unwrap_or(true)),
             stop: stop_workers.clone(),
         };
         let handle = std::thread::Builder::new()

@@ -152,8 +152,8 @@ fn inside_icmp_errors_cannot_carry_data_out_past_the_policy() {
     assert_eq!(*total_len, 20 + 8 + 20 + 8, "cut to the quoted header and 8 bytes");
     assert_eq!(frame.len(), 14 + 56, "nothing of the payload leaves: the frame ends with the quote");
     wait_for(
-        || counter(&gw, "icmp_error_mismatch") >= before + 9.0,
-        "9 hostile errors counted as icmp_error_mismatch",
+        || counter(&gw, "icmp_error_mismatch") >= before + 6.0 && counter(&gw, "source_not_inside") >= 3.0,
+        "6 misdirected errors counted as icmp_error_mismatch, 3 from a spoofed source as source_not_inside",
     );
 }
 
@@ -579,4 +579,36 @@ fn outsiders_cannot_use_up_an_inside_hosts_flow_quota() {
     // The host's own quota is untouched: 50 more flows work (200 per worker of the 400 with two workers).
     assert_eq!(run(31000, 50), 50, "the host's own new flows after the spray");
     assert_eq!(counter(&gw, "source_flow_limit"), 0.0);
+}
+
+/// Issue: the per-source limit was keyed on an unverified address, and one host spoofing other addresses took a
+/// whole egress IP's ports. Sources the inside interface has no route back to are now dropped before the NAT
+/// (`source_not_inside`, rp_filter style, on by default): nothing of them reaches ext and they take no ports.
+#[test]
+fn spoofed_inside_sources_never_reach_the_outside() {
+    let lab = Lab::up(false);
+    let (_dir, config) = strict_config();
+    let gw = Gateway::start(&lab, &config);
+    let wire = Wire::new(&lab);
+    let frames: Vec<Vec<u8>> = [[10, 99, 9, 9], [172, 16, 0, 1], [192, 0, 2, 10], [10, 10, 0, 2]]
+        .iter()
+        .map(|&src| {
+            let mut out = Vec::new();
+            wire.eth().ipv4(src, SERVER, 64).udp(47002, 7).write(&mut out, &src).unwrap();
+            out
+        })
+        .collect();
+    let capture = lab.capture("ext", "ext0", 1.5);
+    lab.inject("client", "cl0", &frames);
+    let sources: Vec<[u8; 4]> = capture
+        .frames()
+        .iter()
+        .filter_map(|f| match SlicedPacket::from_ethernet(f).ok()?.transport {
+            Some(TransportSlice::Udp(u)) if u.destination_port() == 7 => u.payload().try_into().ok(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sources, [[10, 10, 0, 2]], "only the datagram from a real inside source crosses");
+    wait_for(|| counter(&gw, "source_not_inside") >= 3.0, "the spoofed sources counted as source_not_inside");
+    assert!(gw.metric(r#"egressd_nat_flows{state="udp"}"#) <= 1.0);
 }

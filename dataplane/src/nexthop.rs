@@ -89,6 +89,12 @@ impl InterfaceTable {
         self
     }
 
+    /// Whether a route out of this interface covers `addr` (reverse-path check of a source).
+    #[inline]
+    pub fn routes_to(&self, addr: Ipv4Addr) -> bool {
+        self.route_for(addr).is_some()
+    }
+
     pub fn with_mtu(mut self, mtu: u32) -> InterfaceTable {
         self.mtu = mtu;
         self

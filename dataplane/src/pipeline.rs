@@ -261,6 +261,9 @@ pub struct Pipeline {
     held_fragments: Vec<HeldFrame>,
     /// Clamp the MSS of TCP SYNs to the smaller interface MTU less 40 (`[dataplane] clamp_mss`).
     clamp_mss: bool,
+    /// Drop packets from inside whose source the inside interface has no route to (`[dataplane]
+    /// source_validation`, on by default).
+    validate_sources: bool,
 }
 
 /// Frames a worker keeps while their neighbour resolves (the kernel's default `unres_qlen` is of this order).
@@ -352,6 +355,7 @@ impl Pipeline {
             fragments: FragmentTable::default(),
             held_fragments: Vec::with_capacity(HOLD_FRAGMENTS),
             clamp_mss: false,
+            validate_sources: true,
         };
         pipeline.publish_rule_hits();
         pipeline
@@ -400,6 +404,14 @@ impl Pipeline {
     /// peers then never send segments too big for the path through the gateway, even where ICMP is filtered.
     pub fn with_mss_clamp(mut self, on: bool) -> Pipeline {
         self.clamp_mss = on;
+        self
+    }
+
+    /// Reverse-path source validation on the inside (as `rp_filter` strict mode): a packet from inside whose
+    /// source the inside interface has no route back to is spoofed and dropped (`source_not_inside`) before it
+    /// can take a NAT port or a per-source quota. On by default.
+    pub fn with_source_validation(mut self, on: bool) -> Pipeline {
+        self.validate_sources = on;
         self
     }
 
@@ -562,6 +574,12 @@ impl Pipeline {
         let ttl_at = l3.ip_start + 8;
         if frame[ttl_at] <= 1 {
             return Err(DropReason::TtlExceeded);
+        }
+        if self.validate_sources && matches!(leg, Leg::Arrived(Side::Inside)) {
+            let src = ip_fixed(frame, l3.ip_start).map(|ip| Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]));
+            if !src.is_some_and(|src| self.snapshot.inside.routes_to(src)) {
+                return Err(DropReason::SourceNotInside);
+            }
         }
         // A packet larger than the MTU of the interface it would leave by: dropped, and its sender told the MTU
         // (RFC 1191 path-MTU discovery), whether or not DF is set (egressd does not fragment; hosts honour the
@@ -1293,6 +1311,26 @@ mod tests {
         );
     }
 
+    /// Reverse-path validation on the inside: a source the inside interface has no route to is spoofed, dropped
+    /// before it takes any NAT state; off, it is judged like any other.
+    #[test]
+    fn spoofed_inside_sources_are_dropped_before_the_nat() {
+        let mut p = pipeline(lab_table(true));
+        for src in [[10, 99, 9, 9], [192, 0, 2, 10], [203, 0, 113, 10]] {
+            let mut f = udp_frame(src, [203, 0, 113, 10], 64, b"spoofed");
+            assert_eq!(
+                p.process(Instant::ZERO, Side::Inside, &mut f),
+                Action::Drop(DropReason::SourceNotInside)
+            );
+        }
+        assert_eq!(p.nat().stats().flows(), 0);
+        let mut real = udp_frame([10, 10, 7, 7], [203, 0, 113, 10], 64, b"ok");
+        assert!(matches!(p.process(Instant::ZERO, Side::Inside, &mut real), Action::Forward { .. }));
+        let mut off = pipeline(lab_table(true)).with_source_validation(false);
+        let mut f = udp_frame([10, 99, 9, 9], [203, 0, 113, 10], 64, b"spoofed");
+        assert!(matches!(off.process(Instant::ZERO, Side::Inside, &mut f), Action::Forward { .. }));
+    }
+
     // --- MTU: ICMP 3/4 (RFC 1191) and MSS clamping ---
 
     /// lab_table with MTUs: inside 3000, outside 1500, and the inside address known.
@@ -1910,7 +1948,8 @@ mod tests {
     /// fragment, or a packet from a multicast source (the writer's own tests cover each rule).
     #[test]
     fn packets_that_must_not_be_answered_get_no_reply_when_out_of_ports() {
-        let mut p = out_of_udp_ports(icmp_on(1000, 50), Some(GW_IN_IP));
+        // (Source validation off: the multicast source must reach the ICMP writer's own check.)
+        let mut p = out_of_udp_ports(icmp_on(1000, 50), Some(GW_IN_IP)).with_source_validation(false);
         let mut multicast_src = udp_frame([224, 0, 0, 5], [203, 0, 113, 10], 64, b"m");
         assert_eq!(
             p.process(Instant::ZERO, Side::Inside, &mut multicast_src),

@@ -76,6 +76,10 @@ drop_reasons! {
     /// RX descriptor pointing outside the UMEM.
     BadRxDescriptor => "bad_rx_descriptor",
 
+    /// A packet from inside whose source the inside interface has no route back to: spoofed (`[dataplane]
+    /// source_validation`, rp_filter style).
+    SourceNotInside => "source_not_inside",
+
     // --- policy ---
     /// Source address belongs to no group.
     NoGroup => "no_group",

@@ -13,6 +13,7 @@
 //! xdp_mode = "auto"                 # "auto" (native, else skb) | "native" | "skb"
 //! egress_ips = ["192.0.2.10"]       # addresses on `outside` that belong to egressd, not to the kernel
 //! clamp_mss = false                 # lower the MSS of TCP SYNs to fit the smaller interface MTU (MTU - 40)
+//! source_validation = true          # drop packets from inside whose source is not routed via `inside`
 //! ```
 //!
 //! `egress_ips` lives here because the XDP program must not pass their traffic to the kernel even though the
@@ -77,6 +78,9 @@ pub struct DataplaneConfig {
     /// Clamp the MSS option of TCP SYNs (both ways) to the smaller interface MTU less 40. Default false.
     #[serde(default)]
     pub clamp_mss: bool,
+    /// Reverse-path check on the inside: drop packets whose source the inside interface has no route to.
+    /// Default true.
+    pub source_validation: Option<bool>,
 }
 
 impl DataplaneConfig {
