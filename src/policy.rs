@@ -26,6 +26,9 @@ pub fn compile(config: &Config, generation: u64) -> Result<PolicySnapshot, Strin
     for g in &config.group {
         let ips = g.egress_ips.iter().filter_map(|s| s.get_ref().parse().ok()).collect();
         let id = b.add_group(g.name.get_ref().clone(), ips);
+        if let Some(limit) = &g.max_ports_per_egress_ip {
+            b.group_port_limit(id, *limit.get_ref());
+        }
         ids.insert(g.name.get_ref().as_str(), id);
         for s in &g.sources {
             b.add_source(id, s.get_ref().parse::<Prefix>().map_err(|e| e.to_string())?);

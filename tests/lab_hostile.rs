@@ -612,3 +612,39 @@ fn spoofed_inside_sources_never_reach_the_outside() {
     wait_for(|| counter(&gw, "source_not_inside") >= 3.0, "the spoofed sources counted as source_not_inside");
     assert!(gw.metric(r#"egressd_nat_flows{state="udp"}"#) <= 1.0);
 }
+
+/// Two groups share the egress IP 192.0.2.10; "web" may hold at most 20 of its ports. Web opening 30 flows gets
+/// 20 (the rest are `group_port_limit`), and "payments" still gets ports on the shared IP: one group cannot starve
+/// another.
+#[test]
+fn a_group_cap_keeps_one_group_from_taking_a_shared_egress_ip() {
+    let lab = Lab::up(false);
+    let (dir, _) = strict_config();
+    let path = dir.path().join("lab.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace(
+            "egress_ips = [\"192.0.2.10\"]\n",
+            "egress_ips = [\"192.0.2.10\"]\nmax_ports_per_egress_ip = 20\n",
+        )
+        .replace(
+            "egress_ips = [\"192.0.2.11\"]\n",
+            "egress_ips = [\"192.0.2.10\"]\nmax_ports_per_egress_ip = 1000\n",
+        )
+        .replace("egress_ips = [\"192.0.2.10\", \"192.0.2.11\"]", "egress_ips = [\"192.0.2.10\"]");
+    let text = format!(
+        "{text}\n[[rule]]\ngroup = \"payments\"\nto = [\"203.0.113.10/32\"]\nproto = \"udp\"\nports = [7]\naction = \"allow\"\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let gw = Gateway::start(&lab, &path);
+    let flows = |src: &str, first: u16, count: u16| -> u32 {
+        let script = UDP_FLOWS.replace("10.10.0.2", src);
+        let out = lab.exec("client", "python3", &["-c", &script, &first.to_string(), &count.to_string()]);
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    };
+    // Ports in both workers' slices (with two workers each holds half of the cap).
+    let web = flows("10.10.0.2", 20000, 15) + flows("10.10.0.2", 40000, 15);
+    assert_eq!(web, 20, "web gets its 20 ports:\n{}", gw.log_text());
+    assert_eq!(counter(&gw, "group_port_limit"), 10.0);
+    assert_eq!(flows("10.10.1.2", 20000, 10), 10, "payments still gets ports on the shared egress IP");
+}

@@ -56,7 +56,8 @@
 //!   address (`SourceFlowLimit`), no free port (`OutOfPorts`). Sessions that inbound packets create (address-
 //!   dependent filtering) do not count against the inside address: they are bounded by
 //!   [`MAX_UNSOLICITED_PER_MAPPING`] per mapping and a quarter of the table (`UnsolicitedFlowLimit`) until the
-//!   inside host sends on them. At most [`MAX_EGRESS_IPS`] distinct egress IPs per
+//!   inside host sends on them. A group with `max_ports_per_egress_ip` holds at most that many mappings on each
+//!   of its egress IPs (`GroupPortLimit`), so a group sharing an egress IP cannot take all its ports. At most [`MAX_EGRESS_IPS`] distinct egress IPs per
 //!   worker; flows needing another one are dropped as `OutOfPorts`.
 //! - **Reload and egress IPs**: a mapping keeps its egress IP while that IP stays in its source's group, even if
 //!   paired pooling would now pick another (an added IP does not break running flows). When a reload removes the
@@ -99,6 +100,18 @@ pub const MAX_UDP_SESSIONS_PER_REMOTE_ADDR: u32 = 128;
 /// table, and never count against the inside host's `max_flows_per_source`: an outsider (or a spoofer) cannot
 /// use up an inside host's quota.
 pub const MAX_UNSOLICITED_PER_MAPPING: u16 = 32;
+
+/// (group, egress IP) pairs whose mappings one worker counts, for groups with `max_ports_per_egress_ip`.
+pub const MAX_GROUP_PORT_COUNTERS: usize = 1024;
+const NO_GROUP_SLOT: u16 = u16::MAX;
+
+/// Mappings one capped group holds on one egress IP (this worker's share). `key == 0`: a free counter.
+#[derive(Clone, Copy, Debug, Default)]
+struct GroupPorts {
+    key: u32,
+    ip_idx: u8,
+    count: u32,
+}
 
 /// Idle timeouts in seconds. `Default` is the RFC defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -303,6 +316,10 @@ pub struct Nat {
     map_idx: Index,
     /// Inside address → flows it holds (the value is the count; the hash is a bijection of the address).
     sources: Index,
+    /// Per capped group and egress IP: mappings held (see [`MAX_GROUP_PORT_COUNTERS`]).
+    group_ports: Box<[GroupPorts]>,
+    /// Per mapping: the `group_ports` counter it counts in, or `NO_GROUP_SLOT`.
+    mapping_group: Box<[u16]>,
 
     egress: [u32; MAX_EGRESS_IPS],
     egress_len: usize,
@@ -653,6 +670,8 @@ impl Nat {
             mapping_count: 0,
             map_idx: Index::with_capacity(n),
             sources: Index::with_capacity(n),
+            group_ports: vec![GroupPorts::default(); MAX_GROUP_PORT_COUNTERS].into_boxed_slice(),
+            mapping_group: vec![NO_GROUP_SLOT; n].into_boxed_slice(),
             egress: [0; MAX_EGRESS_IPS],
             egress_len: 0,
             egress_bucket: [BUCKET_EMPTY; EGRESS_BUCKETS],
@@ -677,6 +696,8 @@ impl Nat {
     pub fn bytes_allocated(&self) -> usize {
         std::mem::size_of_val(&*self.sessions)
             + std::mem::size_of_val(&*self.mappings)
+            + std::mem::size_of_val(&*self.mapping_group)
+            + std::mem::size_of_val(&*self.group_ports)
             + std::mem::size_of_val(&*self.ports)
             + self.out_idx.bytes()
             + self.in_idx.bytes()
@@ -1155,6 +1176,10 @@ impl Nat {
             }
             if m.refs == 0 {
                 let m = *m;
+                let slot = std::mem::replace(&mut self.mapping_group[mid as usize], NO_GROUP_SLOT);
+                if let Some(counter) = self.group_ports.get_mut(usize::from(slot)) {
+                    counter.count = counter.count.saturating_sub(1);
+                }
                 let h = self.map_hash(m.in_addr, m.in_port, m.proto);
                 self.map_idx.remove(h, mid);
                 self.free_port(m.ip_idx, m.proto, m.ext_port, now_s);
@@ -1163,6 +1188,26 @@ impl Nat {
                 self.mapping_count -= 1;
             }
         }
+    }
+
+    /// The counter of capped group `key` on egress IP `ip_idx`, if the group may take one more port there (its cap,
+    /// `limit` for all workers together, is shared evenly among them); `GroupPortLimit` otherwise, or when every
+    /// counter is in use.
+    #[cold]
+    fn group_counter(&mut self, key: u32, ip_idx: u8, limit: u32) -> Result<u16, DropReason> {
+        let share = limit.div_ceil(u32::from(self.workers)).max(1);
+        let mut free = None;
+        for (i, c) in self.group_ports.iter().enumerate() {
+            if c.key == key && c.ip_idx == ip_idx {
+                return if c.count < share { Ok(i as u16) } else { Err(DropReason::GroupPortLimit) };
+            }
+            if free.is_none() && (c.key == 0 || c.count == 0) {
+                free = Some(i);
+            }
+        }
+        let i = free.ok_or(DropReason::GroupPortLimit)?;
+        self.group_ports[i] = GroupPorts { key, ip_idx, count: 0 };
+        Ok(i as u16)
     }
 
     /// The mapping a session uses: the port table names it exactly (even a retired one no longer in the
@@ -1358,7 +1403,20 @@ impl Nat {
                 }
                 let mid = match map_pos {
                     Ok(pos) => self.map_idx.value_at(pos),
-                    Err(pos) => self.create_mapping(hm, pos, l4.src, l4.sport, l4.proto, ip_idx, now_s)?,
+                    Err(pos) => {
+                        // A group with a port cap: it may not take more of this egress IP's ports.
+                        let capped = d.group.and_then(|g| policy.group_port_limit(g));
+                        let slot = match capped {
+                            Some((key, limit)) => self.group_counter(key, ip_idx, limit)?,
+                            None => NO_GROUP_SLOT,
+                        };
+                        let mid = self.create_mapping(hm, pos, l4.src, l4.sport, l4.proto, ip_idx, now_s)?;
+                        if let Some(counter) = self.group_ports.get_mut(usize::from(slot)) {
+                            counter.count += 1;
+                            self.mapping_group[mid as usize] = slot;
+                        }
+                        mid
+                    }
                 };
                 let m = self.mappings[mid as usize];
                 if l4.proto == ip_proto::UDP && m.refs >= MAX_UDP_SESSIONS_PER_REMOTE_ADDR {

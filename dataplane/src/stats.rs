@@ -102,6 +102,8 @@ drop_reasons! {
     UnsolicitedFlowLimit => "unsolicited_flow_limit",
     /// No free port on the egress IP for this flow (or more egress IPs than a worker's port tables hold).
     OutOfPorts => "out_of_ports",
+    /// The source's group holds its `max_ports_per_egress_ip` on the egress IP.
+    GroupPortLimit => "group_port_limit",
     /// The policy allowed the flow but the source's group has no egress IP to translate it to.
     NoEgressIp => "no_egress_ip",
     /// Packet from outside matches no mapping (unsolicited inbound).

@@ -37,6 +37,8 @@ pub struct GroupConfig {
     /// IPv4 addresses the group's flows leave from (one per inside host, chosen by rendezvous hashing).
     #[serde(default)]
     pub egress_ips: Vec<Spanned<String>>,
+    /// NAT ports (mappings) the group may hold on each of its egress IPs; unset: no cap beyond the port space.
+    pub max_ports_per_egress_ip: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -211,6 +213,15 @@ fn validate_groups<'a>(
                 },
             }
         }
+        if let Some(limit) = &g.max_ports_per_egress_ip {
+            if !(1..=65535).contains(limit.get_ref()) {
+                diags.error(
+                    src,
+                    limit.span(),
+                    format!("max_ports_per_egress_ip: {} must be 1..=65535", limit.get_ref()),
+                );
+            }
+        }
         for ip in &g.egress_ips {
             match ip.get_ref().parse::<IpAddr>() {
                 Err(_) => diags.error(src, ip.span(), format!("\"{}\" is not an IP address", ip.get_ref())),
@@ -225,11 +236,24 @@ fn validate_groups<'a>(
                             Some(other) if other == name => {
                                 diags.error(src, ip.span(), format!("egress IP {a} is listed twice"))
                             }
-                            Some(other) => diags.error(
-                                src,
-                                ip.span(),
-                                format!("egress IP {a} is already used by group \"{other}\""),
-                            ),
+                            Some(other) => {
+                                // Groups may share an egress IP; without caps one of them can take all its ports.
+                                let capped = |group: &str| {
+                                    config.group.iter().any(|g| {
+                                        g.name.get_ref() == group && g.max_ports_per_egress_ip.is_some()
+                                    })
+                                };
+                                if !capped(name) || !capped(other) {
+                                    diags.warn(
+                                        src,
+                                        ip.span(),
+                                        format!(
+                                            "egress IP {a} is shared with group \"{other}\": without \
+                                             max_ports_per_egress_ip on both groups, one can take all its ports"
+                                        ),
+                                    )
+                                }
+                            }
                             None => {}
                         }
                     }

@@ -1174,6 +1174,51 @@ fn rfc6888_req4_per_source_flow_limit() {
     udp_out(&mut nat, 301, C1, 1, SRV, 53, &pol);
 }
 
+/// Two groups share one egress IP; the first is capped at 10 ports on it: its 11th mapping is refused
+/// (`GroupPortLimit`) while the other group keeps mapping, and expiry gives the capped group its ports back. The
+/// cap follows the group's name across a reload that renumbers the groups.
+#[test]
+fn a_group_port_cap_keeps_one_group_from_starving_another_on_a_shared_egress_ip() {
+    let build = |generation: u64, swapped: bool| {
+        let mut b = PolicyBuilder::new();
+        let mut add = |name: &str, src: &str, cap: Option<u32>| {
+            let g = b.add_group(name, vec![ip(EG)]);
+            b.add_source(g, p(src));
+            b.add_rule(rule(g, "0.0.0.0/0", Action::Allow));
+            if let Some(cap) = cap {
+                b.group_port_limit(g, cap);
+            }
+        };
+        if swapped {
+            add("calm", "10.2.0.0/16", None);
+            add("noisy", "10.1.0.0/16", Some(10));
+        } else {
+            add("noisy", "10.1.0.0/16", Some(10));
+            add("calm", "10.2.0.0/16", None);
+        }
+        b.build(generation).unwrap()
+    };
+    let pol = build(1, false);
+    let mut nat = Nat::new(&cfg(), 0);
+    for port in 0..10 {
+        udp_out(&mut nat, 0, [10, 1, 0, 1], 20000 + port, SRV, 53, &pol);
+    }
+    assert_eq!(out(&mut nat, 0, &mut udp([10, 1, 0, 2], 1, SRV, 53), &pol), Err(DropReason::GroupPortLimit));
+    // Its existing mappings keep working (new sessions on them take no port).
+    udp_out(&mut nat, 0, [10, 1, 0, 1], 20000, SRV2, 53, &pol);
+    for port in 0..50 {
+        udp_out(&mut nat, 0, [10, 2, 0, 1], 20000 + port, SRV, 53, &pol);
+    }
+    // A reload that renumbers the groups: the cap still knows what "noisy" holds.
+    let renumbered = build(2, true);
+    assert_eq!(
+        out(&mut nat, 1, &mut udp([10, 1, 0, 3], 1, SRV, 53), &renumbered),
+        Err(DropReason::GroupPortLimit)
+    );
+    expire_all(&mut nat, 400);
+    udp_out(&mut nat, 401, [10, 1, 0, 3], 1, SRV, 53, &renumbered);
+}
+
 #[test]
 fn udp_sessions_of_one_mapping_towards_one_address_are_capped() {
     let pol = policy();

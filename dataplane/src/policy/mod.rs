@@ -406,6 +406,7 @@ pub enum BuildError {
 struct GroupSpec {
     name: String,
     egress_ips: Vec<Ipv4Addr>,
+    port_limit: Option<u32>,
 }
 
 /// Assembles a policy and compiles it into a [`PolicySnapshot`]. Used by the `egressd` crate (from the validated
@@ -431,8 +432,17 @@ impl PolicyBuilder {
 
     /// Adds a group; ids are given in order from 0.
     pub fn add_group(&mut self, name: impl Into<String>, egress_ips: Vec<Ipv4Addr>) -> GroupId {
-        self.groups.push(GroupSpec { name: name.into(), egress_ips });
+        self.groups.push(GroupSpec { name: name.into(), egress_ips, port_limit: None });
         GroupId(self.groups.len() as u32 - 1)
+    }
+
+    /// Caps the NAT ports (mappings) `group` may hold on each of its egress IPs, so that one group sharing an
+    /// egress IP with others cannot take all its ports.
+    pub fn group_port_limit(&mut self, group: GroupId, limit: u32) -> &mut Self {
+        if let Some(g) = self.groups.get_mut(group.0 as usize) {
+            g.port_limit = Some(limit);
+        }
+        self
     }
 
     /// Puts source `prefix` in `group`. Nested prefixes in different groups resolve by longest match; the very same
@@ -486,7 +496,9 @@ impl PolicyBuilder {
             let group = GroupId(index as u32);
             let dest_v4 = compiler.group_table(group, true);
             let dest_v6 = compiler.group_table(group, false);
-            groups.push(CompiledGroup::new(spec.name, spec.egress_ips, dest_v4, dest_v6));
+            let mut group = CompiledGroup::new(spec.name, spec.egress_ips, dest_v4, dest_v6);
+            group.port_limit = spec.port_limit;
+            groups.push(group);
         }
         let LeafCompiler { leaves, runs, .. } = compiler;
         Ok(PolicySnapshot {
@@ -847,6 +859,9 @@ impl std::hash::Hasher for FxHasher {
 
 struct CompiledGroup {
     name: String,
+    /// A hash of the name: names the group across reloads (ids are positions and may change).
+    key: u32,
+    port_limit: Option<u32>,
     egress_ips: Vec<Ipv4Addr>,
     /// `egress_ips`, each with its half of the rendezvous hash input precomputed (for
     /// [`PolicySnapshot::egress_ip_for`]).
@@ -1109,6 +1124,13 @@ impl PolicySnapshot {
     }
 
     /// The group's name (empty for an unknown group).
+    /// The cap on NAT ports `group` may hold per egress IP (all workers together), if it has one, and the
+    /// group's key: nonzero, the same for the same group name in every policy generation.
+    pub fn group_port_limit(&self, group: GroupId) -> Option<(u32, u32)> {
+        let g = self.groups.get(group.0 as usize)?;
+        g.port_limit.map(|limit| (g.key, limit))
+    }
+
     pub fn group_name(&self, group: GroupId) -> &str {
         self.groups.get(group.0 as usize).map_or("", |g| &g.name)
     }
@@ -1160,7 +1182,9 @@ impl PolicySnapshot {
 impl CompiledGroup {
     fn new(name: String, egress_ips: Vec<Ipv4Addr>, dest_v4: LpmTable, dest_v6: LpmTable) -> CompiledGroup {
         let pool = egress_ips.iter().map(|&ip| PoolEntry { key: pool_key(ip), ip: u32::from(ip) }).collect();
-        CompiledGroup { name, egress_ips, pool, dest_v4, dest_v6 }
+        // FNV-1a: stable across processes and releases (the key lives only as long as the NAT's mappings).
+        let key = name.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193)) | 1;
+        CompiledGroup { name, key, port_limit: None, egress_ips, pool, dest_v4, dest_v6 }
     }
 
     fn dest_lookup(&self, dst: IpAddr) -> u32 {

@@ -169,14 +169,13 @@ fn egress_ip_that_is_not_ipv4() {
 }
 
 #[test]
-fn egress_ip_in_two_groups_or_twice_in_one() {
+fn egress_ip_twice_in_one_group_is_an_error_in_two_groups_a_warning_without_caps() {
     let e = errors("[[group]]\nname = \"db\"\nsources = [\"10.9.0.0/16\"]\negress_ips = [\"192.0.2.10\", \"192.0.2.11\", \"192.0.2.11\"]\n");
+    assert_eq!(e, ["t.toml:13:43: egress IP 192.0.2.11 is listed twice"]);
+    let shared = "[[group]]\nname = \"db\"\nsources = [\"10.9.0.0/16\"]\negress_ips = [\"192.0.2.10\"]\n";
     assert_eq!(
-        e,
-        [
-            "t.toml:13:15: egress IP 192.0.2.10 is already used by group \"web\"",
-            "t.toml:13:43: egress IP 192.0.2.11 is listed twice",
-        ]
+        warnings(shared),
+        ["t.toml:13:15: egress IP 192.0.2.10 is shared with group \"web\": without max_ports_per_egress_ip on both groups, one can take all its ports"]
     );
 }
 
@@ -199,10 +198,7 @@ fn group_egress_ip_not_owned_by_the_dataplane() {
     let text = format!("{text}[[group]]\nname = \"db\"\nsources = [\"10.9.0.0/16\"]\negress_ips = [\"192.0.2.10\", \"192.0.2.77\"]\n");
     assert_eq!(
         diagnostics(&text).0,
-        [
-            "t.toml:14:15: egress IP 192.0.2.10 is already used by group \"web\"",
-            "t.toml:14:29: egress IP 192.0.2.77 is not in [dataplane] egress_ips",
-        ]
+        ["t.toml:14:29: egress IP 192.0.2.77 is not in [dataplane] egress_ips",]
     );
 }
 
@@ -390,4 +386,17 @@ fn group_without_sources_is_a_warning() {
         warnings("[[group]]\nname = \"idle\"\n"),
         ["t.toml:11:8: group \"idle\" has no sources and never matches"]
     );
+}
+
+#[test]
+fn a_group_port_cap_must_be_a_port_count() {
+    let e = errors("[[group]]\nname = \"db\"\nsources = [\"10.9.0.0/16\"]\nmax_ports_per_egress_ip = 0\n");
+    assert_eq!(e, ["t.toml:13:27: max_ports_per_egress_ip: 0 must be 1..=65535"]);
+    let e =
+        errors("[[group]]\nname = \"db\"\nsources = [\"10.9.0.0/16\"]\nmax_ports_per_egress_ip = 70000\n");
+    assert_eq!(e, ["t.toml:13:27: max_ports_per_egress_ip: 70000 must be 1..=65535"]);
+    assert!(warnings(
+        "[[group]]\nname = \"db\"\nsources = [\"10.9.0.0/16\"]\nmax_ports_per_egress_ip = 1000\n"
+    )
+    .is_empty());
 }
