@@ -1296,15 +1296,31 @@ impl Nat {
         packet: &mut [u8],
         policy: &PolicySnapshot,
     ) -> Result<Outbound, DropReason> {
+        self.outbound_admitting(now, packet, policy, |_| true)
+    }
+
+    /// [`Nat::outbound`], with `admit` asked about the source of every new flow before it is judged or takes
+    /// any state (the pipeline's reverse-path check): a source it refuses is dropped as `SourceNotInside`.
+    /// Established flows were admitted when they began, so they pay nothing for it.
+    #[inline]
+    pub fn outbound_admitting(
+        &mut self,
+        now: Instant,
+        packet: &mut [u8],
+        policy: &PolicySnapshot,
+        admit: impl FnOnce(Ipv4Addr) -> bool,
+    ) -> Result<Outbound, DropReason> {
         self.sync_egress(policy);
         let (l4, kind) = parse(packet, true)?;
         if kind == Kind::IcmpError {
             return self.outbound_icmp_error(packet, &l4, policy);
         }
         // RFC 4787 REQ-1 across workers: one owner per inside endpoint, whichever queue its packets arrive on.
-        let owner = port_owner(self.workers, l4.sport);
-        if owner != self.worker {
-            return Ok(Outbound::OtherWorker(owner));
+        if self.workers > 1 {
+            let owner = port_owner(self.workers, l4.sport);
+            if owner != self.worker {
+                return Ok(Outbound::OtherWorker(owner));
+            }
         }
         let now_s = secs(now);
         let tcp = l4.proto == ip_proto::TCP;
@@ -1359,6 +1375,9 @@ impl Nat {
                 sid
             }
             Err(out_pos) => {
+                if !admit(Ipv4Addr::from(l4.src)) {
+                    return Err(DropReason::SourceNotInside);
+                }
                 // The policy first: every packet of an `l7` flow (not only its SYN) goes to the L7 path, which
                 // keeps no state here.
                 let d =

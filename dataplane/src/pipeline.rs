@@ -575,12 +575,6 @@ impl Pipeline {
         if frame[ttl_at] <= 1 {
             return Err(DropReason::TtlExceeded);
         }
-        if self.validate_sources && matches!(leg, Leg::Arrived(Side::Inside)) {
-            let src = ip_fixed(frame, l3.ip_start).map(|ip| Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]));
-            if !src.is_some_and(|src| self.snapshot.inside.routes_to(src)) {
-                return Err(DropReason::SourceNotInside);
-            }
-        }
         // A packet larger than the MTU of the interface it would leave by: dropped, and its sender told the MTU
         // (RFC 1191 path-MTU discovery), whether or not DF is set (egressd does not fragment; hosts honour the
         // reported MTU and fragment or shrink their segments themselves). Checked before the NAT: no state, and
@@ -892,7 +886,10 @@ impl Pipeline {
     #[inline]
     fn translate(&mut self, now: Instant, leg: Leg, packet: &mut [u8]) -> Result<Next, DropReason> {
         if leg.is_outbound() {
-            let result = self.nat.outbound(now, packet, &self.policy_snapshot);
+            // Reverse-path check of a new flow's source (established flows passed it when they began).
+            let (validate, inside) = (self.validate_sources, &self.snapshot.inside);
+            let admit = |src| !validate || inside.routes_to(src);
+            let result = self.nat.outbound_admitting(now, packet, &self.policy_snapshot, admit);
             if let Some(decision) = self.nat.take_decision() {
                 self.observe(now, decision, packet);
             }
