@@ -83,22 +83,10 @@ fn is_single_host(a: Ipv4Addr) -> bool {
     !(a.octets()[0] == 0 || a.is_loopback() || a.is_multicast() || a.is_broadcast() || a.octets()[0] >= 240)
 }
 
-/// [`write_unreachable`] with [`Unreachable::AdminProhibited`].
-pub fn write_admin_prohibited(
-    frame: &[u8],
-    ip_start: usize,
-    ip_end: usize,
-    inside_addr: Option<Ipv4Addr>,
-    ip_id: u16,
-    out: &mut [u8],
-) -> Option<usize> {
-    write_unreachable(Unreachable::AdminProhibited, frame, ip_start, ip_end, inside_addr, ip_id, out)
-}
-
-/// Writes an ICMP destination unreachable of `kind` about the IPv4 packet at `frame[ip_start..ip_end]` (already validated: IHL, lengths and
-/// header checksum) into `out`; returns the reply frame's length, or `None` when the packet must not get an
-/// error or `out` is too small. `inside_addr`: the gateway's address on the interface the reply leaves by.
-/// `ip_id`: the reply's IP identification.
+/// Writes an ICMP destination unreachable of `kind` about the IPv4 packet at `frame[ip_start..ip_end]` (already
+/// validated: IHL, lengths and header checksum) into `out`; returns the reply frame's length, or `None` when the
+/// packet must not get an error or `out` is too small. `inside_addr`: the gateway's address on the interface the
+/// reply leaves by. `ip_id`: the reply's IP identification.
 pub fn write_unreachable(
     kind: Unreachable,
     frame: &[u8],
@@ -193,7 +181,8 @@ mod tests {
 
     fn reply(f: &[u8]) -> Option<Vec<u8>> {
         let mut out = [0u8; MAX_REPLY_FRAME];
-        write_admin_prohibited(f, 14, f.len(), None, 1, &mut out).map(|n| out[..n].to_vec())
+        write_unreachable(Unreachable::AdminProhibited, f, 14, f.len(), None, 1, &mut out)
+            .map(|n| out[..n].to_vec())
     }
 
     #[test]
@@ -245,10 +234,19 @@ mod tests {
     fn a_small_buffer_or_a_bad_layout_is_refused_not_a_panic() {
         let f = frame([10, 10, 0, 2], [203, 0, 113, 10], b"x");
         let mut small = [0u8; 40];
-        assert_eq!(write_admin_prohibited(&f, 14, f.len(), None, 1, &mut small), None);
+        assert_eq!(
+            write_unreachable(Unreachable::AdminProhibited, &f, 14, f.len(), None, 1, &mut small),
+            None
+        );
         let mut out = [0u8; MAX_REPLY_FRAME];
-        assert_eq!(write_admin_prohibited(&f, 14, f.len() + 1, None, 1, &mut out), None);
-        assert_eq!(write_admin_prohibited(&f, 16, f.len(), None, 1, &mut out), None);
-        assert_eq!(write_admin_prohibited(&f[..20], 14, 20, None, 1, &mut out), None);
+        assert_eq!(
+            write_unreachable(Unreachable::AdminProhibited, &f, 14, f.len() + 1, None, 1, &mut out),
+            None
+        );
+        assert_eq!(write_unreachable(Unreachable::AdminProhibited, &f, 16, f.len(), None, 1, &mut out), None);
+        assert_eq!(
+            write_unreachable(Unreachable::AdminProhibited, &f[..20], 14, 20, None, 1, &mut out),
+            None
+        );
     }
 }

@@ -35,7 +35,7 @@ use arc_swap::ArcSwap;
 use crate::audit::{audit_limiter, AuditEvent, AuditQueue};
 use crate::fragments::{FragmentKey, FragmentRoute, FragmentTable};
 use crate::handoff::{HandoffKind, Handoffs};
-use crate::icmp::{IcmpErrors, MAX_REPLY_FRAME};
+use crate::icmp::{IcmpErrors, Unreachable, MAX_REPLY_FRAME};
 use crate::nat::{Inbound, Nat, NatConfig, Outbound};
 use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
 use crate::policy::{Decision, PolicySnapshot, SharedPolicy, Verdict};
@@ -515,16 +515,23 @@ impl Pipeline {
         if !self.icmp_errors.on_out_of_ports {
             return None;
         }
-        let inside_addr = self.snapshot.inside.address;
+        let from = self.snapshot.inside.address;
+        self.icmp_reply(now, Unreachable::AdminProhibited, frame, l3, from)
+    }
+
+    /// Writes an ICMP destination unreachable about the packet in `frame` into the reply buffer, from `from`, if
+    /// the packet may be answered (RFC 1812 4.3.2.7) and the rate limit allows; counts it; returns its length.
+    fn icmp_reply(
+        &mut self,
+        now: Instant,
+        kind: Unreachable,
+        frame: &[u8],
+        l3: &Ipv4Frame,
+        from: Option<Ipv4Addr>,
+    ) -> Option<usize> {
         // Write first (cheap, into our own buffer), charge the bucket only for a packet that may be answered.
-        let len = crate::icmp::write_admin_prohibited(
-            frame,
-            l3.ip_start,
-            l3.ip_end,
-            inside_addr,
-            self.icmp_ip_id,
-            &mut self.reply,
-        )?;
+        let (start, end, id) = (l3.ip_start, l3.ip_end, self.icmp_ip_id);
+        let len = crate::icmp::write_unreachable(kind, frame, start, end, from, id, &mut self.reply)?;
         if !self.icmp_bucket.take(now) {
             self.stats.icmp_errors_rate_limited.inc();
             return None;
@@ -546,25 +553,10 @@ impl Pipeline {
         arrived: Side,
         mtu: usize,
     ) -> Result<Action, DropReason> {
-        let kind = crate::icmp::Unreachable::FragmentationNeeded { next_hop_mtu: mtu.min(0xffff) as u16 };
+        let kind = Unreachable::FragmentationNeeded { next_hop_mtu: mtu.min(0xffff) as u16 };
         let from = self.snapshot.side(arrived).address;
-        let Some(len) = crate::icmp::write_unreachable(
-            kind,
-            frame,
-            l3.ip_start,
-            l3.ip_end,
-            from,
-            self.icmp_ip_id,
-            &mut self.reply,
-        ) else {
-            return Err(DropReason::MtuExceeded);
-        };
-        if !self.icmp_bucket.take(now) {
-            self.stats.icmp_errors_rate_limited.inc();
-            return Err(DropReason::MtuExceeded);
-        }
-        self.icmp_ip_id = self.icmp_ip_id.wrapping_add(1);
-        self.stats.icmp_errors_sent.inc();
+        let len = self.icmp_reply(now, kind, frame, l3, from).ok_or(DropReason::MtuExceeded)?;
+        // Answered, and still a drop.
         self.stats.count_drop(DropReason::MtuExceeded);
         Ok(Action::Reply { out: arrived, len })
     }
