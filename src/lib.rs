@@ -1,4 +1,5 @@
-//! egressd, the program: command line, configuration, policy compilation, reload, admin endpoint, L7 path.
+//! egressd, the program: command line, configuration, policy compilation, reload, kernel routes and neighbours,
+//! admin endpoint.
 //! The packet engine lives in the `dataplane` crate.
 #![forbid(unsafe_code)]
 

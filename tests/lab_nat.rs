@@ -153,7 +153,7 @@ fn two_workers_share_the_port_space_and_hand_replies_to_their_owner() {
     assert!(gw.metric("egressd_handoffs_total") >= 1.0, "no reply was handed over between workers");
 }
 
-/// REQUIREMENTS "out of ports → drop, count `out_of_ports`, optionally ICMP 3/13", with real sockets. The port
+/// Out of ports: drop, count `out_of_ports`, optionally answer ICMP 3/13; with real sockets. The port
 /// space cannot be made small in the config (each egress IP always has 1024–65535), so the test fills it: one
 /// worker, the web group's single egress IP, and 10.10.0.2 sending a UDP datagram and a TCP SYN from every high
 /// source port (raw sockets) holds all 64 512 high UDP and TCP ports. A new UDP flow and a TCP

@@ -442,7 +442,7 @@ pub(crate) const F_SYN: u8 = 0x02;
 pub(crate) const F_RST: u8 = 0x04;
 pub(crate) const F_ACK: u8 = 0x10;
 
-/// RFC 5382 / REQUIREMENTS "Invalid flag combinations (SYN+FIN, SYN+RST, NULL) create no state".
+/// RFC 5382: invalid flag combinations (SYN+FIN, SYN+RST, NULL) create no state.
 #[inline]
 pub(crate) fn tcp_flags_invalid(flags: u8) -> bool {
     let f = flags & 0x3f;

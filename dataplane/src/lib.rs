@@ -1,16 +1,33 @@
-//! egressd's packet engine.
+//! egressd's packet engine: the architecture a contributor needs, in one place.
 //!
-//! Three layers, as in `DESIGN.md`:
+//! egressd sits on an egress node between an **inside** interface (traffic from the cluster) and an **outside**
+//! one (towards the internet). An XDP program per interface sends IPv4 transit traffic to AF_XDP sockets and
+//! leaves ARP and the node's own traffic to the kernel; pinned workers take frames off the rings, decide, rewrite
+//! in place and transmit. Everything that talks to the kernel's configuration (routes, neighbours, the XDP maps,
+//! signals, the admin endpoint) lives in the `egressd` crate above this one.
+//!
+//! Three layers, the arrows pointing down only:
 //! - [`wire`]: pure views over frame bytes and checksum arithmetic. No I/O, no `unsafe`.
-//! - the sans-IO engine: [`policy`] (compiled, immutable lookup tables), [`conntrack`] + [`nat`] (flow state and
-//!   address translation), [`pipeline`] (`process(now, frame) -> action`). Time is always an argument.
+//! - the sans-IO engine: [`policy`] (compiled, immutable lookup tables, swapped atomically on reload),
+//!   [`conntrack`] + [`nat`] (flow state and address translation, per worker), [`fragments`] (what first fragments
+//!   became), [`pipeline`] (`process(now, side, frame) -> Action`). Time is always an argument, so timers are
+//!   tested on a virtual clock.
 //! - I/O: [`xsk`] (AF_XDP UMEM and rings: the only module allowed `unsafe`) and [`worker`] (the pinned poll loop
 //!   tying `xsk` to `pipeline`).
 //!
-//! [`icmp`] writes the ICMP errors the gateway originates (out of NAT ports → 3/13).
+//! Per burst a worker: takes frames off both rx rings; runs each through the pipeline (parse → policy and NAT →
+//! next hop → TTL and MACs); stages what leaves on the port the action names; finishes frames other workers
+//! handed it ([`handoff`]: every packet is handled by the one worker that owns its flow); releases frames that
+//! waited for a neighbour or their first fragment; expires idle flows within a budget; reaps and refills rings.
 //!
-//! [`stats`] holds the per-worker counters every layer writes to; every dropped frame maps to one
-//! [`stats::DropReason`].
+//! Rules every change keeps: the data path never panics on input and never allocates per packet (proptests and
+//! `tests/no_alloc.rs`); every frame not forwarded is counted under one [`stats::DropReason`]; memory is bounded
+//! by configuration (flows, hand-off rings, held frames, fragment table) and full tables refuse new work, never
+//! grow; security checks come before any state is created.
+//!
+//! [`icmp`] writes the ICMP errors the gateway originates (3/13 out of NAT ports, 3/4 packet too big).
+//!
+//! [`stats`] holds the per-worker counters every layer writes to.
 #![deny(unsafe_code)]
 
 pub mod audit;

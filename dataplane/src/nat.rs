@@ -7,7 +7,7 @@
 //! What it promises: no allocation after [`Nat::new`], no panic on any input, every refusal is one
 //! [`DropReason`], and time only ever comes in as an argument.
 //!
-//! # Behaviour (REQUIREMENTS.md "NAT behaviour")
+//! # Behaviour (a well-made NAT: RFC 4787 UDP, RFC 5382 TCP, RFC 5508 ICMP, RFC 6888, RFC 7857)
 //! - **Mapping**: endpoint-independent (RFC 4787 REQ-1, RFC 5382 REQ-1) for UDP, TCP and ICMP echo identifiers:
 //!   keyed by inside `(ip, port, proto)`, the same egress `ip:port` for every destination. Paired pooling (4787
 //!   REQ-2): the egress IP is `policy.egress_ip_for(group, src)`; an existing mapping keeps its IP.
@@ -1324,7 +1324,7 @@ impl Nat {
         }
         let now_s = secs(now);
         let tcp = l4.proto == ip_proto::TCP;
-        // RFC 5382 / REQUIREMENTS: invalid flag combinations (SYN+FIN, SYN+RST, NULL) create no state and are
+        // RFC 5382: invalid flag combinations (SYN+FIN, SYN+RST, NULL) create no state and are
         // never forwarded.
         if tcp && tcp_flags_invalid(l4.seg.flags) {
             return Err(DropReason::InvalidTcpFlags);

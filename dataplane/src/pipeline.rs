@@ -1,4 +1,4 @@
-//! The per-frame decision: parse, validate, (policy + NAT, later), route, rewrite, and say where the frame goes.
+//! The per-frame decision: parse, validate, policy + NAT, route, rewrite, and say where the frame goes.
 //!
 //! Sans-IO: [`Pipeline::process`] takes `now` and one frame's bytes (in place, in UMEM) and returns an
 //! [`Action`]; the worker does the I/O. Workers call it for each frame of a burst after
@@ -508,7 +508,7 @@ impl Pipeline {
         self.stats.flows_allowed.inc();
     }
 
-    /// REQUIREMENTS "out of ports → drop, count `out_of_ports`, optionally ICMP 3/13": writes the ICMP error for
+    /// Out of ports: drop, count `out_of_ports`, optionally ICMP 3/13. Writes the ICMP error for
     /// a refused frame (still as received: the NAT rewrites nothing before it allocates) into the reply buffer,
     /// if enabled, allowed (RFC 1812 4.3.2.7) and within the rate limit; returns its length.
     fn out_of_ports_reply(&mut self, now: Instant, frame: &[u8], l3: &Ipv4Frame) -> Option<usize> {
@@ -1822,7 +1822,7 @@ mod tests {
         }
     }
 
-    // --- REQUIREMENTS "out of ports → drop, count `out_of_ports`, optionally ICMP 3/13" ---
+    // --- out of ports → drop, count `out_of_ports`, optionally ICMP 3/13 ---
 
     const GW_IN_IP: Ipv4Addr = Ipv4Addr::new(10, 10, 0, 1);
 

@@ -61,14 +61,10 @@ drop_reasons! {
     /// node's own, link-local, multicast and neighbour-discovery IPv6 go to the kernel); a worker that meets an IPv6
     /// frame anyway drops it under the same reason.
     Ipv6Unsupported => "ipv6_unsupported",
-    /// IPv6 extension header chain too long or malformed.
-    BadIpv6ExtensionChain => "bad_ipv6_extension_chain",
     /// TCP/UDP/ICMP header malformed (e.g. TCP data offset < 5 or beyond the packet).
     BadL4Header => "bad_l4_header",
     /// A transport the gateway cannot translate (not TCP, UDP or ICMP).
     UnsupportedProtocol => "unsupported_protocol",
-    /// UDP over IPv6 with checksum 0 (forbidden by RFC 8200).
-    ZeroUdpChecksumV6 => "zero_udp_checksum_v6",
     /// Frame larger than a UMEM chunk.
     FrameTooLarge => "frame_too_large",
     /// Packet larger than the MTU of the interface it would leave by (answered with ICMP 3/4 and the MTU).
@@ -89,8 +85,6 @@ drop_reasons! {
     DefaultDeny => "default_deny",
     /// The flow needs the L7 path, which is not available.
     L7Unavailable => "l7_unavailable",
-    /// The L7 path's queue is full.
-    L7QueueFull => "l7_queue_full",
 
     // --- conntrack and NAT ---
     /// Flow table full: new flows are refused, established ones keep working.

@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(
     name = "egressd",
     version,
-    about = "Egress gateway on AF_XDP: default-deny policy, SNAT, L7 checks"
+    about = "Egress gateway on AF_XDP: default-deny policy and SNAT to fixed egress IPs"
 )]
 pub struct Cli {
     /// Log line format on stderr.

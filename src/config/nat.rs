@@ -19,7 +19,7 @@
 //! drops idle-but-alive flows breaks applications in ways that are hard to trace. A quarantine under 120 s is
 //! only a warning (RFC 6888 says SHOULD).
 //!
-//! `icmp_on_out_of_ports` is off by default: REQUIREMENTS and RFC 6888 make the error optional, the kernel's
+//! `icmp_on_out_of_ports` is off by default: RFC 6888 makes the error optional, the kernel's
 //! NAT and VPP's NAT44 drop silently, and a silent drop sends no traffic of the gateway's own. Turned on, a
 //! client whose new flow finds no port fails at once ("no route to host") instead of waiting out its timeout.
 //! The rate defaults are Linux's `icmp_ratelimit` (1 per ms) and `icmp_msgs_burst` (50).

@@ -1,4 +1,4 @@
-//! NAT tests, one per REQUIREMENTS.md "NAT behaviour" item (named after the RFC requirement), on real IPv4
+//! NAT tests, one per behaviour listed in the module docs (named after the RFC requirement), on real IPv4
 //! packets built with etherparse, with every checksum verified by a full recomputation. Time is virtual.
 
 use super::*;

@@ -1,8 +1,8 @@
 //! Views over frame bytes and the arithmetic to rewrite them in place.
 //!
-//! Contract (as smoltcp's `wire`): nothing here panics on any input. Parsing (with etherparse) returns offsets
-//! and an error naming the layer; rewriting goes through small accessors on `&mut [u8]` that are only called on
-//! ranges the parser has checked, and keep checksums valid with incremental updates (RFC 1624).
+//! Contract: nothing here panics on any input. Today this module holds the header constants and the checksum
+//! arithmetic (full sums, and incremental updates per RFC 1624) that the parsers in `pipeline` and `nat` use;
+//! frame parsing itself still lives beside its users.
 
 pub mod checksum;
 
