@@ -77,6 +77,17 @@ fn icmp_error_frame(wire: &Wire, src: [u8; 4], dst: [u8; 4], ty: Icmpv4Type, quo
     out
 }
 
+/// The payloads of the UDP datagrams to port 7 among captured `frames`, in order.
+fn udp_payloads_to_echo(frames: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    frames
+        .iter()
+        .filter_map(|f| match SlicedPacket::from_ethernet(f).ok()?.transport {
+            Some(TransportSlice::Udp(u)) if u.destination_port() == 7 => Some(u.payload().to_vec()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn counter(gw: &Gateway, reason: &str) -> f64 {
     gw.metric(&format!(r#"egressd_drops_total{{reason="{reason}"}}"#))
 }
@@ -186,17 +197,11 @@ fn vlan_tagged_frames_from_inside_never_reach_the_outside() {
         "cl0",
         &[frame(Some(7), b"tagged 7"), frame(Some(4094), b"tagged 4094"), frame(None, b"untagged")],
     );
-    let mut udp_payloads = Vec::new();
-    for f in capture.frames() {
+    let frames = capture.frames();
+    for f in &frames {
         assert_ne!(&f[12..14], &[0x81, 0x00], "a tagged frame reached ext: {f:02x?}");
-        let Ok(p) = SlicedPacket::from_ethernet(&f) else { continue };
-        if let Some(TransportSlice::Udp(udp)) = &p.transport {
-            if udp.destination_port() == 7 {
-                udp_payloads.push(String::from_utf8_lossy(udp.payload()).into_owned());
-            }
-        }
     }
-    assert_eq!(udp_payloads, ["untagged"], "only the untagged datagram crosses");
+    assert_eq!(udp_payloads_to_echo(&frames), [b"untagged"], "only the untagged datagram crosses");
     wait_for(|| counter(&gw, "vlan_tagged") >= before + 2.0, "the tagged frames counted as vlan_tagged");
 }
 
@@ -358,17 +363,8 @@ fn source_routed_packets_are_not_forwarded() {
             udp_frame_with_ip_options(&wire, SERVER, 7, &[1, 1, 1, 0], b"plain"),
         ],
     );
-    let payloads: Vec<String> = capture
-        .frames()
-        .iter()
-        .filter_map(|f| match SlicedPacket::from_ethernet(f).ok()?.transport {
-            Some(TransportSlice::Udp(u)) if u.destination_port() == 7 => {
-                Some(String::from_utf8_lossy(u.payload()).into_owned())
-            }
-            _ => None,
-        })
-        .collect();
-    assert_eq!(payloads, ["plain"], "only the datagram without a source route crosses");
+    let payloads = udp_payloads_to_echo(&capture.frames());
+    assert_eq!(payloads, [b"plain"], "only the datagram without a source route crosses");
     wait_for(|| counter(&gw, "source_route") >= 2.0, "both source-routed packets counted as source_route");
 }
 
@@ -600,14 +596,7 @@ fn spoofed_inside_sources_never_reach_the_outside() {
         .collect();
     let capture = lab.capture("ext", "ext0", 1.5);
     lab.inject("client", "cl0", &frames);
-    let sources: Vec<[u8; 4]> = capture
-        .frames()
-        .iter()
-        .filter_map(|f| match SlicedPacket::from_ethernet(f).ok()?.transport {
-            Some(TransportSlice::Udp(u)) if u.destination_port() == 7 => u.payload().try_into().ok(),
-            _ => None,
-        })
-        .collect();
+    let sources = udp_payloads_to_echo(&capture.frames());
     assert_eq!(sources, [[10, 10, 0, 2]], "only the datagram from a real inside source crosses");
     wait_for(|| counter(&gw, "source_not_inside") >= 3.0, "the spoofed sources counted as source_not_inside");
     assert!(gw.metric(r#"egressd_nat_flows{state="udp"}"#) <= 1.0);
