@@ -11,8 +11,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use dataplane::drop::DropReason;
 use dataplane::pipeline::Pipeline;
-use dataplane::stats::DropReason;
 
 #[path = "support.rs"]
 mod support;

@@ -19,9 +19,10 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use dataplane::policy::{
-    ip_proto, Action, Decision, PacketV4, PolicyBuilder, PolicySnapshot, PortRange, Prefix, ProtoMatch,
-    RuleSpec, SharedPolicy,
+    Action, Decision, PacketV4, PolicyBuilder, PolicySnapshot, PortRange, Prefix, ProtoMatch, RuleSpec,
+    SharedPolicy,
 };
+use dataplane::wire::ip_proto;
 
 const GROUPS: u32 = 4;
 const BATCH: usize = 1024;

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use anyhow::Context;
+use dataplane::drop::DropReason;
 use dataplane::policy::{Action as PolicyAction, RuleId, SharedPolicy};
-use dataplane::stats::{side_index, DropReason, WorkerStats, KERNEL_DROP_REASONS};
+use dataplane::stats::{side_index, WorkerStats, KERNEL_DROP_REASONS};
 use dataplane::Side;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};

@@ -2,9 +2,9 @@
 
 use std::net::Ipv4Addr;
 
+use dataplane::drop::DropReason;
 use dataplane::nat::{reply_owner, Nat, Outbound};
 use dataplane::policy::{Action, PolicyBuilder, ProtoMatch, RuleSpec};
-use dataplane::stats::DropReason;
 use dataplane::time::Instant;
 use egressd::config::{parse, Source};
 

@@ -98,11 +98,12 @@ fn handing_packets_to_their_owner_does_not_allocate() {
 /// answering allocates nothing either.
 #[test]
 fn icmp_errors_for_out_of_ports_do_not_allocate() {
+    use dataplane::drop::DropReason;
     use dataplane::handoff::Handoffs;
     use dataplane::icmp::IcmpErrors;
     use dataplane::nat::NatConfig;
     use dataplane::pipeline::{Action, NextHops, Pipeline};
-    use dataplane::stats::{DropReason, WorkerStats};
+    use dataplane::stats::WorkerStats;
     use dataplane::time::Instant;
     use dataplane::Side;
     use std::net::Ipv4Addr;

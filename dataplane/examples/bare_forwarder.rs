@@ -128,7 +128,7 @@ fn main() -> Result<(), String> {
         stats.rx(Side::Outside).packets.get(),
         stats.tx(Side::Inside).packets.get(),
         stats.tx(Side::Outside).packets.get(),
-        stats.drops(dataplane::stats::DropReason::TxRingFull),
+        stats.drops(dataplane::drop::DropReason::TxRingFull),
     );
     Ok(())
 }

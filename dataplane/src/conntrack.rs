@@ -1,4 +1,4 @@
-//! Per-worker flow table: the storage under [`crate::nat::Nat`].
+//! Per-worker flow table: the storage under the NAT (`nat::Nat`).
 //!
 //! What it owns: the building blocks of the flow table — a preallocated slab of `Session`s (one per 5-tuple
 //! flow, 56 bytes), a slab of `Mapping`s (one per inside endpoint, RFC 4787 endpoint-independent mapping, 16

@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
 
-use crate::stats::DropReason;
+use crate::drop::DropReason;
 
 /// Largest frame that can be handed over: a 4096-byte UMEM frame less the kernel's 256-byte XDP headroom.
 pub const HANDOFF_JUMBO_BYTES: usize = 4096 - 256;

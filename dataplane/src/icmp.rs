@@ -25,8 +25,7 @@
 
 use std::net::Ipv4Addr;
 
-use crate::policy::ip_proto;
-use crate::wire::{checksum, ETH_HEADER_LEN, VLAN_TAG_LEN};
+use crate::wire::{checksum, ip_proto, ETH_HEADER_LEN, VLAN_TAG_LEN};
 
 /// Settings for the errors the gateway originates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -21,7 +21,7 @@
 //! waited for a neighbour or their first fragment; expires idle flows within a budget; reaps and refills rings.
 //!
 //! Rules every change keeps: the data path never panics on input and never allocates per packet (proptests and
-//! `tests/no_alloc.rs`); every frame not forwarded is counted under one [`stats::DropReason`]; memory is bounded
+//! `tests/no_alloc.rs`); every frame not forwarded is counted under one [`drop::DropReason`]; memory is bounded
 //! by configuration (flows, hand-off rings, held frames, fragment table) and full tables refuse new work, never
 //! grow; security checks come before any state is created.
 //!
@@ -32,8 +32,8 @@
 
 pub mod audit;
 pub mod conntrack;
+pub mod drop;
 pub mod fragments;
-pub mod frames;
 pub mod handoff;
 pub mod icmp;
 pub mod nat;

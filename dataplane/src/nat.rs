@@ -68,16 +68,16 @@
 use std::net::Ipv4Addr;
 
 use crate::conntrack::*;
-use crate::policy::{ip_proto, Decision, PolicySnapshot, Verdict};
-use crate::stats::DropReason;
+use crate::drop::DropReason;
+use crate::policy::{Decision, PolicySnapshot, Verdict};
 use crate::time::Instant;
 use crate::wire::checksum;
+use crate::wire::ip_proto;
 
 #[cfg(test)]
 mod tests;
 
-/// Egress IPs one worker can translate to (their port tables are preallocated).
-pub const MAX_EGRESS_IPS: usize = 16;
+pub use crate::stats::MAX_EGRESS_IPS;
 
 const EGRESS_BUCKETS: usize = 64;
 const BUCKET_EMPTY: u8 = 0xff;
@@ -219,6 +219,27 @@ pub struct NatStats {
 }
 
 impl NatStats {
+    /// Writes these gauges where the admin endpoint reads them (relaxed stores; the worker's only writes there).
+    pub fn publish(&self, gauges: &crate::stats::NatGauges) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let set = |a: &AtomicU64, v: u64| a.store(v, Ordering::Relaxed);
+        set(&gauges.tcp_syn_sent, self.tcp_syn_sent.into());
+        set(&gauges.tcp_established, self.tcp_established.into());
+        set(&gauges.tcp_transitory, self.tcp_transitory.into());
+        set(&gauges.udp, self.udp.into());
+        set(&gauges.icmp, self.icmp.into());
+        set(&gauges.mappings, self.mappings.into());
+        set(&gauges.allocation_failures, self.allocation_failures);
+        let ports = self.egress_ports();
+        for (slot, e) in gauges.egress.iter().zip(ports) {
+            set(&slot[0], u32::from(e.ip).into());
+            set(&slot[1], e.tcp.into());
+            set(&slot[2], e.udp.into());
+            set(&slot[3], e.icmp.into());
+        }
+        set(&gauges.egress_len, ports.len() as u64);
+    }
+
     /// All sessions.
     pub fn flows(&self) -> u32 {
         self.tcp_syn_sent + self.tcp_established + self.tcp_transitory + self.udp + self.icmp

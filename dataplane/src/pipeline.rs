@@ -33,13 +33,14 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::audit::{audit_limiter, AuditEvent, AuditQueue};
+use crate::drop::DropReason;
 use crate::fragments::{FragmentKey, FragmentRoute, FragmentTable};
 use crate::handoff::{HandoffKind, Handoffs};
 use crate::icmp::{IcmpErrors, Unreachable, MAX_REPLY_FRAME};
 use crate::nat::{Inbound, Nat, NatConfig, Outbound};
 use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
 use crate::policy::{Decision, PolicySnapshot, SharedPolicy, Verdict};
-use crate::stats::{DropReason, RuleHits, WorkerStats};
+use crate::stats::{RuleHits, WorkerStats};
 use crate::time::{Instant, TokenBucket};
 use crate::wire::{checksum, ETH_HEADER_LEN};
 use crate::Side;
@@ -149,7 +150,7 @@ pub fn parse_ipv4_frame(frame: &[u8]) -> Result<Ipv4Frame, DropReason> {
 /// keeping the TCP checksum valid (RFC 1624). Anything else is left alone.
 fn clamp_syn_mss(packet: &mut [u8], header_len: usize, max_mss: u16) {
     const SYN: u8 = 0x02;
-    if packet.get(9) != Some(&crate::policy::ip_proto::TCP) {
+    if packet.get(9) != Some(&crate::wire::ip_proto::TCP) {
         return;
     }
     let Some(tcp) = packet.get_mut(header_len..) else { return };
@@ -480,7 +481,7 @@ impl Pipeline {
 
     /// Publishes the NAT gauges into this worker's stats (for the admin endpoint).
     pub fn publish_gauges(&self) {
-        self.stats.nat.publish(&self.nat.stats());
+        self.nat.stats().publish(&self.stats.nat);
     }
 
     fn counted(&mut self, now: Instant, leg: Leg, frame: &mut [u8]) -> Action {

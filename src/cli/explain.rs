@@ -11,7 +11,8 @@ use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 
-use dataplane::policy::{ip_proto, DenyReason, GroupId, PolicySnapshot, RuleId, RuleSpec, Verdict};
+use dataplane::policy::{DenyReason, GroupId, PolicySnapshot, RuleId, RuleSpec, Verdict};
+use dataplane::wire::ip_proto;
 use serde::Serialize;
 
 use crate::config::Loaded;

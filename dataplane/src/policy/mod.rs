@@ -43,15 +43,8 @@ use std::sync::Arc;
 pub use host::{HostPattern, HostPatternError};
 use lpm::LpmTable;
 
-use crate::stats::DropReason;
-
-/// IP protocol numbers the policy distinguishes.
-pub mod ip_proto {
-    pub const ICMP: u8 = 1;
-    pub const TCP: u8 = 6;
-    pub const UDP: u8 = 17;
-    pub const ICMPV6: u8 = 58;
-}
+use crate::drop::DropReason;
+use crate::wire::ip_proto;
 
 /// The live policy, shared by the reloader (writer) and the workers (readers).
 pub type SharedPolicy = arc_swap::ArcSwap<PolicySnapshot>;

@@ -10,3 +10,11 @@ pub mod checksum;
 pub const ETH_HEADER_LEN: usize = 14;
 /// Bytes of one 802.1Q / 802.1ad tag.
 pub const VLAN_TAG_LEN: usize = 4;
+
+/// IP protocol numbers (IANA) the gateway tells apart.
+pub mod ip_proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+}

@@ -23,6 +23,7 @@
 //! which, for the logs. The socket never loads libxdp's default XDP program (`INHIBIT_PROG_LOAD`): egressd loads
 //! its own, which keeps ARP and the node's own traffic in the kernel.
 
+mod frames;
 pub mod xdp;
 
 use std::io::Write;
@@ -31,9 +32,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use xsk_rs::config::{BindFlags, FrameSize, Interface, LibxdpFlags, QueueSize, SocketConfig, UmemConfig};
 use xsk_rs::{CompQueue, FillQueue, FrameDesc, RxQueue, TxQueue, Umem};
 
-use crate::frames::FrameLedger;
-use crate::stats::{DropReason, WorkerStats};
+use crate::drop::DropReason;
+use crate::stats::WorkerStats;
 use crate::Side;
+use frames::FrameLedger;
 
 /// Frames the kernel transmits per `sendto()` on a copy-mode socket by default (`TX_BATCH_SIZE` in
 /// net/xdp/xsk.c).
@@ -328,8 +330,8 @@ impl Port {
     /// Puts free frames on the fill ring until `ring_size` frames are lent for reception. Wakes the kernel if the
     /// fill ring asks for it. Returns how many were added.
     pub fn refill(&mut self) -> usize {
-        let lent = self.ledger.count(crate::frames::FrameState::InFill)
-            + self.ledger.count(crate::frames::FrameState::Received);
+        let lent =
+            self.ledger.count(frames::FrameState::InFill) + self.ledger.count(frames::FrameState::Received);
         let want = self.rx_budget.saturating_sub(lent);
         let room = self.fill.nb_free(want).min(want).min(self.scratch.len() as u32);
         let mut n = 0;
@@ -480,7 +482,7 @@ impl Port {
     /// outstanding): too few kicks would leave frames on the ring and let it fill up under load. Zero-copy kicks
     /// once, and only when the ring says it needs a wakeup.
     fn kick_tx(&mut self, just_sent: usize) {
-        let outstanding = self.ledger.count(crate::frames::FrameState::InTx) > 0;
+        let outstanding = self.ledger.count(frames::FrameState::InTx) > 0;
         let kicks = match self.mode {
             BindMode::Copy if outstanding => just_sent.div_ceil(self.tx_per_kick).max(1),
             BindMode::ZeroCopy if outstanding && self.tx.needs_wakeup() => 1,
@@ -521,7 +523,7 @@ impl Port {
 
     /// True if frames await completion (the worker keeps polling until they are back).
     pub fn tx_outstanding(&self) -> bool {
-        self.ledger.count(crate::frames::FrameState::InTx) > 0
+        self.ledger.count(frames::FrameState::InTx) > 0
     }
 }
 
