@@ -7,6 +7,10 @@
 //! What it promises: no allocation after [`Nat::new`], no panic on any input, every refusal is one
 //! [`DropReason`], and time only ever comes in as an argument.
 //!
+//! Where things are: this file holds the engine (flows and mappings, limits, the outbound and inbound legs);
+//! `ports.rs` the egress port space (slices per worker, allocation, quarantine, group caps); `icmp_error.rs` ICMP
+//! errors both ways; `packet.rs` reading and rewriting the headers; `tests.rs` one test per behaviour below.
+//!
 //! # Behaviour (a well-made NAT: RFC 4787 UDP, RFC 5382 TCP, RFC 5508 ICMP, RFC 6888, RFC 7857)
 //! - **Mapping**: endpoint-independent (RFC 4787 REQ-1, RFC 5382 REQ-1) for UDP, TCP and ICMP echo identifiers:
 //!   keyed by inside `(ip, port, proto)`, the same egress `ip:port` for every destination. Paired pooling (4787
@@ -74,8 +78,15 @@ use crate::time::Instant;
 use crate::wire::checksum;
 use crate::wire::ip_proto;
 
+mod icmp_error;
+mod packet;
+mod ports;
 #[cfg(test)]
 mod tests;
+
+use packet::*;
+use ports::*;
+pub use ports::{reply_owner, MAX_GROUP_PORT_COUNTERS};
 
 pub use crate::stats::MAX_EGRESS_IPS;
 
@@ -100,18 +111,6 @@ pub const MAX_UDP_SESSIONS_PER_REMOTE_ADDR: u32 = 128;
 /// table, and never count against the inside host's `max_flows_per_source`: an outsider (or a spoofer) cannot
 /// use up an inside host's quota.
 pub const MAX_UNSOLICITED_PER_MAPPING: u16 = 32;
-
-/// (group, egress IP) pairs whose mappings one worker counts, for groups with `max_ports_per_egress_ip`.
-pub const MAX_GROUP_PORT_COUNTERS: usize = 1024;
-const NO_GROUP_SLOT: u16 = u16::MAX;
-
-/// Mappings one capped group holds on one egress IP (this worker's share). `key == 0`: a free counter.
-#[derive(Clone, Copy, Debug, Default)]
-struct GroupPorts {
-    key: u32,
-    ip_idx: u8,
-    count: u32,
-}
 
 /// Idle timeouts in seconds. `Default` is the RFC defaults.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -251,63 +250,6 @@ impl NatStats {
     }
 }
 
-const LOW_FIRST: u32 = 1;
-const LOW_LEN: u32 = 1023;
-const HIGH_FIRST: u32 = 1024;
-/// Most port slots one allocation looks at before giving up with `OutOfPorts` (Linux's NAT gives up after 128
-/// random tries); a search costs at most a few microseconds, and the next allocation continues where it stopped.
-const MAX_PORT_PROBES: u32 = 4096;
-const HIGH_LEN: u32 = 65536 - 1024;
-
-/// The worker that owns egress `port` (of any egress IP and protocol) when `workers` share the port space: the
-/// ranges 1–1023 and 1024–65535 are each cut into `workers` contiguous slices. Port 0 → worker 0 (never
-/// allocated). Usable without a [`Nat`], e.g. to steer replies.
-#[inline]
-pub fn reply_owner(workers: u16, _egress_ip: Ipv4Addr, _proto: u8, port: u16) -> u16 {
-    port_owner(workers, port)
-}
-
-#[inline]
-fn port_owner(workers: u16, port: u16) -> u16 {
-    let w = u32::from(workers.max(1));
-    let p = u32::from(port);
-    if p == 0 {
-        0
-    } else if p < HIGH_FIRST {
-        ((p - LOW_FIRST) * w / LOW_LEN) as u16
-    } else {
-        ((p - HIGH_FIRST) * w / HIGH_LEN) as u16
-    }
-}
-
-/// `[first, end)` of `worker`'s slice of a range: the ports `p` with `(p - first) * workers / len == worker`.
-fn slice_of(first: u32, len: u32, workers: u16, worker: u16) -> (u32, u32) {
-    let w = u32::from(workers.max(1));
-    let k = u32::from(worker);
-    let start = (k * len).div_ceil(w);
-    let end = ((k + 1) * len).div_ceil(w);
-    (first + start.min(len), first + end.min(len))
-}
-
-/// Port slot values: `IN_USE | mapping` while held; otherwise the second from which the port may be allocated
-/// again (0 = never used).
-const IN_USE: u32 = 1 << 31;
-
-/// Protocol classes of the port tables.
-const PC_TCP: usize = 0;
-const PC_UDP: usize = 1;
-const PC_ICMP: usize = 2;
-const PCS: usize = 3;
-
-#[inline]
-fn proto_class(proto: u8) -> usize {
-    match proto {
-        ip_proto::TCP => PC_TCP,
-        ip_proto::UDP => PC_UDP,
-        _ => PC_ICMP,
-    }
-}
-
 /// One NAT engine per worker. See the module docs.
 pub struct Nat {
     worker: u16,
@@ -362,34 +304,6 @@ pub struct Nat {
     last_decision: Option<Decision>,
 }
 
-/// Layer-4 fields of a parsed packet.
-#[derive(Clone, Copy, Debug)]
-struct L4 {
-    proto: u8,
-    ihl: usize,
-    src: u32,
-    dst: u32,
-    /// TCP/UDP source port or ICMP echo identifier.
-    sport: u16,
-    /// TCP/UDP destination port; 0 for ICMP.
-    dport: u16,
-    seg: Segment,
-}
-
-/// Where an ICMP error's quoted packet is and what it says.
-#[derive(Clone, Copy, Debug)]
-struct Quote {
-    /// Offset of the quoted IP header in the packet, and its length.
-    q: usize,
-    qihl: usize,
-    proto: u8,
-    src: u32,
-    dst: u32,
-    /// Ports (identifier in `sport` for a quoted echo).
-    sport: u16,
-    dport: u16,
-}
-
 /// What a new session's index insertions need, computed once: the outbound index hash and the empty slot its
 /// lookup ended on (`usize::MAX`: probe again), the inbound index hash, and the source counter's hash and probe.
 struct NewSlots {
@@ -398,225 +312,6 @@ struct NewSlots {
     hi: u32,
     hs: u32,
     src: Result<usize, usize>,
-}
-
-/// Packet kinds `parse` recognises.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Flow,
-    IcmpError,
-}
-
-#[inline]
-fn rd16(p: &[u8], o: usize) -> u16 {
-    match p.get(o..o + 2) {
-        Some(b) => u16::from_be_bytes([b[0], b[1]]),
-        None => 0,
-    }
-}
-
-#[inline]
-fn rd32(p: &[u8], o: usize) -> u32 {
-    match p.get(o..o + 4) {
-        Some(b) => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
-        None => 0,
-    }
-}
-
-#[inline]
-fn wr16(p: &mut [u8], o: usize, v: u16) {
-    if let Some(b) = p.get_mut(o..o + 2) {
-        b.copy_from_slice(&v.to_be_bytes());
-    }
-}
-
-#[inline]
-fn wr32(p: &mut [u8], o: usize, v: u32) {
-    if let Some(b) = p.get_mut(o..o + 4) {
-        b.copy_from_slice(&v.to_be_bytes());
-    }
-}
-
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAM_PROBLEM: u8 = 12;
-
-/// Parses the IPv4 + L4 headers the NAT needs. `outbound` selects which ICMP echo type is a flow packet.
-/// Inlined into its two callers: as a call, moving the `(L4, Kind)` result through memory cost more than the
-/// parsing.
-#[inline(always)]
-fn parse(pkt: &[u8], outbound: bool) -> Result<(L4, Kind), DropReason> {
-    // The fixed header as an array: its fields are read without bounds checks.
-    let Some(h) = pkt.first_chunk::<20>() else { return Err(DropReason::BadIpHeader) };
-    if h[0] >> 4 != 4 {
-        return Err(DropReason::BadIpHeader);
-    }
-    let ihl = usize::from(h[0] & 0x0f) * 4;
-    let l4 = match pkt.get(ihl..) {
-        Some(l4) if ihl >= 20 => l4,
-        _ => return Err(DropReason::BadIpHeader),
-    };
-    let proto = h[9];
-    let src = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
-    let dst = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
-    let mut seg = Segment { seq: 0, ack: 0, flags: 0, window: 0, payload: 0, wscale: NO_WSCALE };
-    let (sport, dport, kind) = match proto {
-        ip_proto::TCP => {
-            if l4.len() < 20 {
-                return Err(DropReason::Truncated);
-            }
-            let doff = usize::from(l4[12] >> 4) * 4;
-            if doff < 20 || doff > l4.len() {
-                return Err(DropReason::BadL4Header);
-            }
-            seg.seq = rd32(l4, 4);
-            seg.ack = rd32(l4, 8);
-            seg.flags = l4[13];
-            seg.window = rd16(l4, 14);
-            seg.payload = (l4.len() - doff) as u32;
-            if seg.flags & F_SYN != 0 {
-                seg.wscale = wscale_option(&l4[20..doff]);
-            }
-            (rd16(l4, 0), rd16(l4, 2), Kind::Flow)
-        }
-        ip_proto::UDP => {
-            if l4.len() < 8 {
-                return Err(DropReason::Truncated);
-            }
-            (rd16(l4, 0), rd16(l4, 2), Kind::Flow)
-        }
-        ip_proto::ICMP => {
-            if l4.len() < 8 {
-                return Err(DropReason::Truncated);
-            }
-            let echo = if outbound { ICMP_ECHO_REQUEST } else { ICMP_ECHO_REPLY };
-            match l4[0] {
-                t if t == echo => (rd16(l4, 4), 0, Kind::Flow),
-                ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAM_PROBLEM => (0, 0, Kind::IcmpError),
-                ICMP_ECHO_REQUEST => return Err(DropReason::NoMapping),
-                _ => return Err(DropReason::UnsupportedIcmp),
-            }
-        }
-        _ => return Err(DropReason::UnsupportedProtocol),
-    };
-    Ok((L4 { proto, ihl, src, dst, sport, dport, seg }, kind))
-}
-
-/// The window scale option of a SYN (RFC 7323), or `NO_WSCALE`.
-fn wscale_option(mut opts: &[u8]) -> u8 {
-    while let Some(&kind) = opts.first() {
-        match kind {
-            0 => break,
-            1 => opts = &opts[1..],
-            _ => {
-                let len = usize::from(opts.get(1).copied().unwrap_or(0));
-                if len < 2 || len > opts.len() {
-                    break;
-                }
-                if kind == 3 && len == 3 {
-                    return opts[2].min(14);
-                }
-                opts = &opts[len..];
-            }
-        }
-    }
-    NO_WSCALE
-}
-
-/// Offset of the L4 checksum and of the port/identifier rewritten for each protocol; whether the checksum covers
-/// the IP pseudo header.
-#[inline]
-fn l4_layout(proto: u8) -> (usize, bool) {
-    match proto {
-        ip_proto::TCP => (16, true),
-        ip_proto::UDP => (6, true),
-        _ => (2, false),
-    }
-}
-
-/// Rewrites an address (at `addr_off`: 12 source, 16 destination) and a port/identifier (at `ihl + port_off`)
-/// with incremental updates of the IPv4 header checksum and the L4 checksum (RFC 1624). UDP checksum 0 stays 0
-/// (RFC 768). A port or checksum beyond the end of `pkt` is left alone. Always inlined (two callers, once per
-/// packet): with `addr_off` a constant, the header fields are read and written without bounds checks.
-#[inline(always)]
-fn rewrite(
-    pkt: &mut [u8],
-    ihl: usize,
-    proto: u8,
-    addr_off: usize,
-    new_addr: u32,
-    port_off: usize,
-    new_port: u16,
-) {
-    let Some((ip, l4)) = pkt.split_at_mut_checked(ihl) else { return };
-    let Some(ip) = ip.first_chunk_mut::<20>() else { return };
-    let ip = &mut ip[..];
-    let old_addr = rd32(ip, addr_off);
-    // RFC 1624 eqn. 3's Σ~m + Σm' for the address, shared by the IP header and the pseudo header.
-    let addr_delta = u32::from(!((old_addr >> 16) as u16))
-        + u32::from(!(old_addr as u16))
-        + (new_addr >> 16)
-        + (new_addr & 0xffff);
-    if old_addr != new_addr {
-        wr32(ip, addr_off, new_addr);
-        wr16(ip, 10, checksum::finish_small(u32::from(!rd16(ip, 10)) + addr_delta));
-    }
-    let (ck_off, pseudo) = l4_layout(proto);
-    let Some(l4) = l4.get_mut(..(port_off + 2).max(ck_off + 2)) else {
-        // Too short for both fields (parse rules it out for flow packets): each one that fits.
-        let old_port = rd16(l4, port_off);
-        wr16(l4, port_off, new_port);
-        if ck_off + 2 <= l4.len() {
-            update_l4_checksum(l4, ck_off, proto, pseudo, addr_delta, old_port, new_port);
-        }
-        return;
-    };
-    let old_port = rd16(l4, port_off);
-    wr16(l4, port_off, new_port);
-    update_l4_checksum(l4, ck_off, proto, pseudo, addr_delta, old_port, new_port);
-}
-
-/// The L4 checksum update of [`rewrite`] (`l4` holds the checksum at `ck_off`; `addr_delta` is the address's
-/// share of the update, added when the checksum covers the pseudo header).
-#[inline(always)]
-fn update_l4_checksum(
-    l4: &mut [u8],
-    ck_off: usize,
-    proto: u8,
-    pseudo: bool,
-    addr_delta: u32,
-    old_port: u16,
-    new_port: u16,
-) {
-    let c = rd16(l4, ck_off);
-    if proto == ip_proto::UDP && c == 0 {
-        // RFC 768: no checksum stays no checksum.
-        return;
-    }
-    // RFC 1624 eqn. 3 with every changed word summed before one fold: HC' = ~(~HC + Σ~m + Σm').
-    let mut acc = u32::from(!c) + u32::from(!old_port) + u32::from(new_port);
-    if pseudo {
-        acc += addr_delta;
-    }
-    let mut new = checksum::finish_small(acc);
-    if proto == ip_proto::UDP && new == 0 {
-        new = 0xffff;
-    }
-    wr16(l4, ck_off, new);
-}
-
-/// Writes a 16-bit word of an ICMP message and keeps the ICMP checksum (at `icmp + 2`) valid.
-#[inline]
-fn icmp_wr16(pkt: &mut [u8], icmp: usize, off: usize, new: u16) {
-    let old = rd16(pkt, off);
-    if old == new || off + 2 > pkt.len() {
-        return;
-    }
-    wr16(pkt, off, new);
-    let c = rd16(pkt, icmp + 2);
-    wr16(pkt, icmp + 2, checksum::update16(c, old, new));
 }
 
 /// What a refused segment is dropped as.
@@ -920,103 +615,6 @@ impl Nat {
         }
     }
 
-    /// The port table slot of `(ip, proto class, port)` if `port` is in this worker's slices.
-    #[inline]
-    fn port_slot(&self, ip_idx: u8, pc: usize, port: u16) -> Option<usize> {
-        let p = u32::from(port);
-        let off = if p >= self.low.0 && p < self.low.1 {
-            p - self.low.0
-        } else if p >= self.high.0 && p < self.high.1 {
-            (self.low.1 - self.low.0) + (p - self.high.0)
-        } else {
-            return None;
-        };
-        Some((usize::from(ip_idx) * PCS + pc) * self.per_table + off as usize)
-    }
-
-    /// The mapping holding external `(ip, port, proto)`, if this worker holds it.
-    #[inline]
-    fn mapping_at(&self, ip_idx: u8, proto: u8, port: u16) -> Option<u32> {
-        let slot = self.port_slot(ip_idx, proto_class(proto), port)?;
-        let v = *self.ports.get(slot)?;
-        (v & IN_USE != 0).then_some(v & !IN_USE)
-    }
-
-    // -----------------------------------------------------------------------------------------------------------
-    // Allocation
-    // -----------------------------------------------------------------------------------------------------------
-
-    /// RFC 4787 REQ-3 / 5382 REQ-7 (no overloading), REQ-3a (1–1023 stays in 1–1023), original port first,
-    /// RFC 6888 REQ-8 (quarantine): a free external port for `orig` on `ip_idx`, marked as held by `mapping`.
-    fn alloc_port(&mut self, ip_idx: u8, proto: u8, orig: u16, mapping: u32, now_s: u32) -> Option<u16> {
-        let pc = proto_class(proto);
-        let low = proto != ip_proto::ICMP && orig != 0 && u32::from(orig) < HIGH_FIRST;
-        let (first, end) = if low { self.low } else { self.high };
-        let len = end - first;
-        let slice = usize::from(!low);
-        let in_use = self.in_use[usize::from(ip_idx)][pc][slice];
-        if len == 0 || in_use >= len {
-            // Every port of the slice is taken: no search (a client flooding new flows at a full egress IP would
-            // otherwise cost a scan of the whole slice per packet).
-            return None;
-        }
-        let base_off = if low { 0 } else { self.low.1 - self.low.0 };
-        let table = (usize::from(ip_idx) * PCS + pc) * self.per_table;
-        let ports = &mut self.ports;
-        let mut take = |off: u32| -> bool {
-            let i = table + (base_off + off) as usize;
-            match ports.get_mut(i) {
-                Some(v) if *v & IN_USE == 0 && *v <= now_s => {
-                    *v = IN_USE | mapping;
-                    true
-                }
-                _ => false,
-            }
-        };
-        let o = u32::from(orig);
-        let port = if o >= first && o < end && take(o - first) {
-            Some(orig)
-        } else {
-            let cur = &mut self.cursor[usize::from(ip_idx)][pc][slice];
-            let mut found = None;
-            // From the cursor onwards (wrapping without a division per step), at most MAX_PORT_PROBES slots, as
-            // Linux's NAT bounds its search: free slots can all be in quarantine, and a full scan per new flow would
-            // let a client stall the worker. The cursor keeps the place, so the next flow searches further on.
-            let mut off = if *cur < len { *cur } else { 0 };
-            for _ in 0..len.min(MAX_PORT_PROBES) {
-                let next = if off + 1 == len { 0 } else { off + 1 };
-                if take(off) {
-                    *cur = next;
-                    found = Some((first + off) as u16);
-                    break;
-                }
-                off = next;
-            }
-            if found.is_none() {
-                *cur = off;
-            }
-            found
-        };
-        if port.is_some() {
-            self.in_use[usize::from(ip_idx)][pc][slice] += 1;
-        }
-        port
-    }
-
-    fn free_port(&mut self, ip_idx: u8, proto: u8, port: u16, now_s: u32) {
-        let pc = proto_class(proto);
-        if let Some(slot) = self.port_slot(ip_idx, pc, port) {
-            if let Some(v) = self.ports.get_mut(slot) {
-                // RFC 6888 REQ-8: not reusable before the quarantine has passed.
-                *v = now_s.saturating_add(self.quarantine).min(IN_USE - 1);
-                // Allocated ports lie in their slice, so the port says which slice it came from.
-                let slice = usize::from(u32::from(port) >= HIGH_FIRST);
-                let u = &mut self.in_use[usize::from(ip_idx)][pc][slice];
-                *u = u.saturating_sub(1);
-            }
-        }
-    }
-
     /// The counter of the inside address whose [`hash_addr`] is `h`: its position, or where it goes.
     #[inline]
     fn source_probe(&self, h: u32) -> Result<usize, usize> {
@@ -1209,26 +807,6 @@ impl Nat {
                 self.mapping_count -= 1;
             }
         }
-    }
-
-    /// The counter of capped group `key` on egress IP `ip_idx`, if the group may take one more port there (its cap,
-    /// `limit` for all workers together, is shared evenly among them); `GroupPortLimit` otherwise, or when every
-    /// counter is in use.
-    #[cold]
-    fn group_counter(&mut self, key: u32, ip_idx: u8, limit: u32) -> Result<u16, DropReason> {
-        let share = limit.div_ceil(u32::from(self.workers)).max(1);
-        let mut free = None;
-        for (i, c) in self.group_ports.iter().enumerate() {
-            if c.key == key && c.ip_idx == ip_idx {
-                return if c.count < share { Ok(i as u16) } else { Err(DropReason::GroupPortLimit) };
-            }
-            if free.is_none() && (c.key == 0 || c.count == 0) {
-                free = Some(i);
-            }
-        }
-        let i = free.ok_or(DropReason::GroupPortLimit)?;
-        self.group_ports[i] = GroupPorts { key, ip_idx, count: 0 };
-        Ok(i as u16)
     }
 
     /// The mapping a session uses: the port table names it exactly (even a retired one no longer in the
@@ -1610,161 +1188,6 @@ impl Nat {
         let port_off = if l4.proto == ip_proto::ICMP { 4 } else { 2 };
         rewrite(packet, l4.ihl, l4.proto, 16, s.in_addr, port_off, s.in_port);
         Ok(Inbound::Forward)
-    }
-
-    // -----------------------------------------------------------------------------------------------------------
-    // ICMP errors (RFC 5508 REQ-3/3a/4/6, RFC 5382 REQ-9/10)
-    // -----------------------------------------------------------------------------------------------------------
-
-    /// Checks an ICMP error's checksum and quoted header. Returns the quote's offset, its IHL, protocol, and the
-    /// quoted source/destination address and port (identifier for a quoted echo).
-    fn quoted(packet: &[u8], ihl: usize) -> Result<Quote, DropReason> {
-        let icmp = packet.get(ihl..).ok_or(DropReason::Truncated)?;
-        // RFC 5508 REQ-3: a bad ICMP checksum is dropped.
-        if !checksum::verify(icmp) {
-            return Err(DropReason::BadIcmpChecksum);
-        }
-        let q = ihl + 8;
-        let inner = packet.get(q..).ok_or(DropReason::Truncated)?;
-        if inner.len() < 20 || inner[0] >> 4 != 4 {
-            return Err(DropReason::Truncated);
-        }
-        let qihl = usize::from(inner[0] & 0x0f) * 4;
-        // An 8-byte L4 quote (RFC 792) is enough: ports, and the UDP checksum, are in it.
-        if qihl < 20 || inner.len() < qihl + 8 {
-            return Err(DropReason::Truncated);
-        }
-        // RFC 5508 REQ-3a: a bad embedded IP header checksum is dropped.
-        if !checksum::verify(&inner[..qihl]) {
-            return Err(DropReason::BadIcmpChecksum);
-        }
-        let proto = inner[9];
-        let (sport, dport) = match proto {
-            ip_proto::TCP | ip_proto::UDP => (rd16(inner, qihl), rd16(inner, qihl + 2)),
-            ip_proto::ICMP if inner[qihl] == ICMP_ECHO_REQUEST || inner[qihl] == ICMP_ECHO_REPLY => {
-                (rd16(inner, qihl + 4), 0)
-            }
-            _ => return Err(DropReason::UnsupportedIcmp),
-        };
-        Ok(Quote { q, qihl, proto, src: rd32(inner, 12), dst: rd32(inner, 16), sport, dport })
-    }
-
-    /// Rewrites the quoted header's address (`addr_off` 12 or 16 in the quote) and port/identifier, keeping the
-    /// quoted IP checksum, the quoted L4 checksum (when it is inside the quote) and the ICMP checksum valid.
-    fn rewrite_quote(
-        packet: &mut [u8],
-        icmp: usize,
-        qt: &Quote,
-        addr_off: usize,
-        addr: u32,
-        port_off: usize,
-        port: u16,
-    ) {
-        let Quote { q, qihl, proto, .. } = *qt;
-        let old_addr = rd32(packet, q + addr_off);
-        let old_port = rd16(packet, q + qihl + port_off);
-        // Quoted IP header: the address and its checksum.
-        icmp_wr16(packet, icmp, q + addr_off, (addr >> 16) as u16);
-        icmp_wr16(packet, icmp, q + addr_off + 2, addr as u16);
-        let c = rd16(packet, q + 10);
-        icmp_wr16(packet, icmp, q + 10, checksum::update32(c, old_addr, addr));
-        // Quoted L4 checksum, when quoted: pseudo-header address (TCP/UDP) and the port.
-        let (ck_off, pseudo) = l4_layout(proto);
-        let ck = q + qihl + ck_off;
-        if ck + 2 <= packet.len() {
-            let mut c = rd16(packet, ck);
-            if proto == ip_proto::UDP {
-                c = checksum::update16_udp(checksum::update32_udp(c, old_addr, addr), old_port, port);
-            } else {
-                if pseudo {
-                    c = checksum::update32(c, old_addr, addr);
-                }
-                c = checksum::update16(c, old_port, port);
-            }
-            icmp_wr16(packet, icmp, ck, c);
-        }
-        icmp_wr16(packet, icmp, q + qihl + port_off, port);
-    }
-
-    /// An ICMP error from outside about a packet we translated: the quote's source is our egress endpoint.
-    fn inbound_icmp_error(&mut self, packet: &mut [u8], l4: &L4, ip_idx: u8) -> Result<Inbound, DropReason> {
-        let qt = Self::quoted(packet, l4.ihl)?;
-        let Quote { proto, src: qsrc, dst: qdst, sport: qsport, dport: qdport, .. } = qt;
-        if qsrc != l4.dst {
-            return Err(DropReason::IcmpErrorNoMapping);
-        }
-        let owner = port_owner(self.workers, qsport);
-        if owner != self.worker {
-            return Ok(Inbound::OtherWorker(owner));
-        }
-        let (Some(sid), _, _) = self.find_in(ip_idx, qsport, qdst, qdport, proto) else {
-            return Err(DropReason::IcmpErrorNoMapping);
-        };
-        // RFC 5508 REQ-6 / 5382 REQ-10: the flow is neither ended nor refreshed.
-        let s = self.sessions[sid as usize];
-        let port_off = if proto == ip_proto::ICMP { 4 } else { 0 };
-        Self::rewrite_quote(packet, l4.ihl, &qt, 12, s.in_addr, port_off, s.in_port);
-        let old = rd32(packet, 16);
-        wr32(packet, 16, s.in_addr);
-        wr16(packet, 10, checksum::update32(rd16(packet, 10), old, s.in_addr));
-        Ok(Inbound::Forward)
-    }
-
-    /// An ICMP error from inside about a packet we translated inbound (e.g. port unreachable from a client): the
-    /// quote's destination is the inside endpoint. Translated like the flow's packets; never refreshes.
-    ///
-    /// It is the one kind of packet from inside that the policy does not judge (it belongs to a flow the policy
-    /// allowed), so it must not carry anything else out: its outer source must be the quoted packet's inside
-    /// endpoint and its outer destination that packet's sender (the flow's peer), the source must be in a group,
-    /// the flow must be live, and the quote is cut to the quoted IP header and 8 bytes (RFC 792): nothing of an
-    /// arbitrary tail leaves. The packet is shortened in place (its total length says by how much).
-    fn outbound_icmp_error(
-        &mut self,
-        packet: &mut [u8],
-        l4: &L4,
-        policy: &PolicySnapshot,
-    ) -> Result<Outbound, DropReason> {
-        let qt = Self::quoted(packet, l4.ihl)?;
-        let Quote { proto, src: qsrc, dst: qdst, sport: qsport, dport: qdport, .. } = qt;
-        // For a quoted echo the identifier is the inside one and sits where the source port would.
-        let (in_port, remote_port) = if proto == ip_proto::ICMP { (qsport, 0) } else { (qdport, qsport) };
-        let owner = port_owner(self.workers, in_port);
-        if owner != self.worker {
-            return Ok(Outbound::OtherWorker(owner));
-        }
-        if l4.src != qdst || l4.dst != qsrc {
-            return Err(DropReason::IcmpErrorMismatch);
-        }
-        if policy.group_of(std::net::IpAddr::V4(Ipv4Addr::from(l4.src))).is_none() {
-            return Err(DropReason::NoGroup);
-        }
-        let Some(sid) = self.find_out(qdst, in_port, qsrc, remote_port, proto) else {
-            return Err(DropReason::IcmpErrorNoMapping);
-        };
-        Self::cut_quote(packet, l4.ihl, &qt);
-        let s = self.sessions[sid as usize];
-        let egress = self.egress[usize::from(s.ip_idx)];
-        let port_off = if proto == ip_proto::ICMP { 4 } else { 2 };
-        Self::rewrite_quote(packet, l4.ihl, &qt, 16, egress, port_off, s.ext_port);
-        let old = rd32(packet, 12);
-        wr32(packet, 12, egress);
-        wr16(packet, 10, checksum::update32(rd16(packet, 10), old, egress));
-        Ok(Outbound::Forward)
-    }
-
-    /// Shortens an ICMP error to its header and the quoted IP header + 8 bytes (RFC 792): rewrites the outer total
-    /// length (and the header checksum) and recomputes the ICMP checksum over what is left.
-    fn cut_quote(packet: &mut [u8], ihl: usize, qt: &Quote) {
-        let keep = qt.q + qt.qihl + 8;
-        if packet.len() <= keep {
-            return;
-        }
-        let old_len = rd16(packet, 2);
-        wr16(packet, 2, keep as u16);
-        wr16(packet, 10, checksum::update16(rd16(packet, 10), old_len, keep as u16));
-        wr16(packet, ihl + 2, 0);
-        let sum = checksum::compute(&packet[ihl..keep]);
-        wr16(packet, ihl + 2, sum);
     }
 
     /// For tests and the bench: the external endpoint of inside `(addr, port, proto)`.
