@@ -31,7 +31,14 @@ fn own_mac(dev: &str) -> Result<[u8; 6], String> {
 }
 
 /// A 64-byte Ethernet/IPv4/UDP frame (UDP checksum 0: none).
-fn frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> [u8; 64] {
+fn frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+) -> [u8; 64] {
     let mut f = [0u8; 64];
     f[0..6].copy_from_slice(&dst_mac);
     f[6..12].copy_from_slice(&src_mac);
@@ -68,7 +75,8 @@ fn main() -> Result<(), String> {
             Ok(frame(parse_mac(dst_mac)?, own_mac(dev)?, ip(src)?, ip(dst)?, sport, num(dport)? as u16))
         })
         .collect::<Result<_, String>>()?;
-    let duration = Duration::from_secs_f64(seconds.parse::<f64>().map_err(|_| format!("not seconds: {seconds}"))?);
+    let duration =
+        Duration::from_secs_f64(seconds.parse::<f64>().map_err(|_| format!("not seconds: {seconds}"))?);
 
     let config = PortConfig { batch_size: 256, ..PortConfig::default() };
     let mut port = Port::open(dev, num(queue)? as u32, config).map_err(|e| e.to_string())?;
