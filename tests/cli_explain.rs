@@ -392,3 +392,27 @@ fn bad_flow_exits_1_with_a_reason() {
         assert!(stdout(&out).is_empty());
     }
 }
+
+/// `check` refuses what is not a regular file, at once and with the reason: a FIFO used to make it wait forever,
+/// `/dev/zero` to run it out of memory.
+#[test]
+fn check_refuses_fifos_devices_and_directories_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("policy.toml");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    for path in [fifo.as_path(), Path::new("/dev/zero"), dir.path()] {
+        let started = std::time::Instant::now();
+        let out = Command::new(env!("CARGO_BIN_EXE_egressd")).arg("check").arg(path).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", path.display());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not a regular file"), "{}: {err}", path.display());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{} took too long", path.display());
+    }
+    // A regular file beyond the size cap (sparse: it takes no disk) is refused before it is read.
+    let huge = dir.path().join("huge.toml");
+    std::fs::File::create(&huge).unwrap().set_len((64 << 20) + 1).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_egressd")).arg("check").arg(&huge).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is 67108865 bytes; a configuration is at most 67108864 bytes"), "{err}");
+}

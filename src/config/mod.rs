@@ -49,6 +49,9 @@ pub struct Source {
     line_starts: Vec<usize>,
 }
 
+/// The largest configuration file egressd reads (a 100 000-rule policy is about 10 MB).
+pub const MAX_CONFIG_BYTES: u64 = 64 << 20;
+
 impl Source {
     pub fn new(path: impl Into<PathBuf>, text: impl Into<String>) -> Source {
         let text = text.into();
@@ -56,13 +59,32 @@ impl Source {
         Source { path: path.into(), text, line_starts }
     }
 
+    /// Reads a configuration file: a regular file of at most [`MAX_CONFIG_BYTES`] (a FIFO would make `check`
+    /// wait forever and `/dev/zero` would exhaust memory, so neither is read).
     pub fn read(path: &Path) -> Result<Source, ConfigError> {
-        std::fs::read_to_string(path).map(|text| Source::new(path, text)).map_err(|e| ConfigError {
-            path: path.to_path_buf(),
-            line: 0,
-            column: 0,
-            message: format!("cannot read: {e}"),
-        })
+        use std::io::Read;
+        let fail = |message: String| ConfigError { path: path.to_path_buf(), line: 0, column: 0, message };
+        let meta = std::fs::metadata(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        if !meta.is_file() {
+            return Err(fail(
+                "not a regular file (a directory, FIFO, socket or device cannot be a configuration)".into(),
+            ));
+        }
+        let too_big =
+            |size: u64| fail(format!("is {size} bytes; a configuration is at most {MAX_CONFIG_BYTES} bytes"));
+        if meta.len() > MAX_CONFIG_BYTES {
+            return Err(too_big(meta.len()));
+        }
+        let mut text = String::new();
+        let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+        // The file may have grown since: never read more than the cap.
+        file.take(MAX_CONFIG_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| fail(format!("cannot read: {e}")))?;
+        if text.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(too_big(text.len() as u64));
+        }
+        Ok(Source::new(path, text))
     }
 
     /// 1-based line and column (in characters) of byte `offset`.
