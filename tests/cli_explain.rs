@@ -416,3 +416,23 @@ fn check_refuses_fifos_devices_and_directories_at_once() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is 67108865 bytes; a configuration is at most 67108864 bytes"), "{err}");
 }
+
+/// `check --strict` turns warnings into errors (exit 1); without it the same file passes with its warnings.
+#[test]
+fn check_strict_fails_on_warnings() {
+    let c = write_config(POLICY);
+    let check = |strict: bool| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_egressd"));
+        cmd.arg("check").arg(&c.path);
+        if strict {
+            cmd.arg("--strict");
+        }
+        cmd.output().unwrap()
+    };
+    let lenient = check(false);
+    assert!(lenient.status.success(), "{}", String::from_utf8_lossy(&lenient.stderr));
+    assert!(String::from_utf8_lossy(&lenient.stderr).contains("warning: "));
+    let strict = check(true);
+    assert_eq!(strict.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&strict.stderr).contains("error (--strict): "));
+}

@@ -1,4 +1,5 @@
-//! `egressd check CONFIG`: validate, compile, print a summary; exit 1 with file:line:col errors.
+//! `egressd check CONFIG [--strict]`: validate, compile, print a summary; exit 1 with file:line:col errors (and,
+//! with `--strict`, on any warning: for CI pipelines that lint policies).
 
 use std::process::ExitCode;
 
@@ -6,13 +7,19 @@ use std::process::ExitCode;
 pub struct CheckArgs {
     #[command(flatten)]
     pub config: super::ConfigArg,
+    /// Treat warnings as errors: exit 1 when there is any.
+    #[arg(long)]
+    pub strict: bool,
 }
 
 pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
     match crate::config::load(&args.config.config) {
         Ok(loaded) => {
             for w in &loaded.warnings {
-                eprintln!("warning: {w}");
+                eprintln!("{}: {w}", if args.strict { "error (--strict)" } else { "warning" });
+            }
+            if args.strict && !loaded.warnings.is_empty() {
+                return Ok(ExitCode::FAILURE);
             }
             let started = std::time::Instant::now();
             let snapshot = match crate::policy::compile(&loaded.config, 1) {
