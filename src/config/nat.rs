@@ -15,9 +15,10 @@
 //! ```
 //!
 //! Durations are integers (seconds) or strings of `<number><unit>` parts, units `d`, `h`, `m`, `s`
-//! (`"2h4m"`, `"300s"`, `"90"`). Timers below the RFC minimums are errors: the RFCs say MUST NOT, and a NAT that
-//! drops idle-but-alive flows breaks applications in ways that are hard to trace. A quarantine under 120 s is
-//! only a warning (RFC 6888 says SHOULD).
+//! (`"2h4m"`, `"300s"`, `"90"`). Timers below the RFC minimums are accepted with a warning naming the requirement
+//! they break (`check --strict` refuses them): the RFCs say MUST NOT, and a NAT that drops idle-but-alive flows
+//! breaks applications in ways that are hard to trace, but operators moving from Cloud NAT (TCP established 20 min)
+//! or nftables choose shorter timers on purpose. A quarantine under 120 s is a warning too (RFC 6888 says SHOULD).
 //!
 //! `icmp_on_out_of_ports` is off by default: RFC 6888 makes the error optional, the kernel's
 //! NAT and VPP's NAT44 drop silently, and a silent drop sends no traffic of the gateway's own. Turned on, a
@@ -217,9 +218,17 @@ impl NatSection {
             let Some(v) = self.timer(i) else { continue };
             match v.get_ref().seconds() {
                 Err(e) => diags.error(src, v.span(), format!("{key}: {e}")),
-                Ok(s) if s < *min => {
-                    diags.error(src, v.span(), format!("{key}: {s} s is below the {min} s minimum of {rfc}"))
-                }
+                Ok(0) => diags.error(src, v.span(), format!("{key}: 0 s would end every flow at once")),
+                // Operators moving from Cloud NAT or nftables choose shorter timers on purpose: allowed, but said
+                // (and refused by `check --strict`).
+                Ok(s) if s < *min => diags.warn(
+                    src,
+                    v.span(),
+                    format!(
+                        "{key}: {s} s is below the {min} s minimum of {rfc}: idle flows that are still alive will \
+                         be cut"
+                    ),
+                ),
                 Ok(s) if s > MAX_TIMER_SECS => diags.error(
                     src,
                     v.span(),
@@ -325,19 +334,25 @@ icmp_burst = 2000000
     }
 
     #[test]
-    fn timers_below_the_rfc_minimums_are_errors_with_positions() {
-        let e = load(
-            "udp_timeout = 119\ntcp_established_timeout = \"2h\"\ntcp_transitory_timeout = \"3m\"\n\
+    fn timers_below_the_rfc_minimums_are_warnings_naming_the_requirement() {
+        let l = load(
+            "udp_timeout = 119\ntcp_established_timeout = \"20m\"\ntcp_transitory_timeout = \"3m\"\n\
              icmp_timeout = 59\n",
         )
-        .unwrap_err();
+        .unwrap();
+        let warnings: Vec<String> = l.warnings.iter().map(|w| w.to_string()).collect();
         let want = [
-            "t.toml:5:15: udp_timeout: 119 s is below the 120 s minimum of RFC 4787 REQ-5",
-            "t.toml:6:27: tcp_established_timeout: 7200 s is below the 7440 s minimum of RFC 5382 REQ-5",
-            "t.toml:7:26: tcp_transitory_timeout: 180 s is below the 240 s minimum of RFC 5382 REQ-5",
-            "t.toml:8:16: icmp_timeout: 59 s is below the 60 s minimum of RFC 5508 REQ-2",
+            "t.toml:5:15: udp_timeout: 119 s is below the 120 s minimum of RFC 4787 REQ-5: idle flows that are still alive will be cut",
+            "t.toml:6:27: tcp_established_timeout: 1200 s is below the 7440 s minimum of RFC 5382 REQ-5: idle flows that are still alive will be cut",
+            "t.toml:7:26: tcp_transitory_timeout: 180 s is below the 240 s minimum of RFC 5382 REQ-5: idle flows that are still alive will be cut",
+            "t.toml:8:16: icmp_timeout: 59 s is below the 60 s minimum of RFC 5508 REQ-2: idle flows that are still alive will be cut",
         ];
-        assert_eq!(e, want);
+        assert_eq!(warnings, want);
+        assert_eq!(l.config.nat.to_engine(1).timeouts.tcp_established_secs, 1200, "and the timer is used");
+        assert_eq!(
+            load("udp_timeout = 0\n").unwrap_err(),
+            ["t.toml:5:15: udp_timeout: 0 s would end every flow at once"]
+        );
     }
 
     #[test]
