@@ -38,6 +38,9 @@ pub struct AdminState {
     /// Reload attempts that succeeded / were refused.
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// When the last reload attempt ended (Unix seconds; 0: none yet) and whether it succeeded.
+    pub last_reload_unix: AtomicU64,
+    pub last_reload_ok: AtomicBool,
     /// More metrics from other parts of the program.
     pub extra_collectors: Vec<Arc<dyn Collector>>,
     /// The running policy, to name the rules in the per-rule decision counters.
@@ -71,6 +74,8 @@ impl AdminState {
             reload: None,
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            last_reload_unix: AtomicU64::new(0),
+            last_reload_ok: AtomicBool::new(true),
             extra_collectors: Vec::new(),
             policy: None,
             xdp_drops: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -89,6 +94,10 @@ impl AdminState {
             Ok(_) => self.reloads_ok.fetch_add(1, Ordering::Relaxed),
             Err(_) => self.reloads_failed.fetch_add(1, Ordering::Relaxed),
         };
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.last_reload_unix.store(now, Ordering::Relaxed);
+        self.last_reload_ok.store(result.is_ok(), Ordering::Relaxed);
         result
     }
 
@@ -339,7 +348,7 @@ impl Collector for CoreCollector {
         counters(
             &mut encoder,
             "egressd_icmp_errors_sent",
-            "ICMP errors egressd originated (destination unreachable 3/13 for flows refused as out_of_ports).",
+            "ICMP errors egressd originated (3/13 for flows refused as out_of_ports, 3/4 for packets too big).",
             [(vec![], sum(&|w: &WorkerStats| w.icmp_errors_sent.get()))],
         )?;
         counters(
@@ -353,6 +362,32 @@ impl Collector for CoreCollector {
             "egressd_audit_suppressed",
             "Denials left out of the audit log by its rate limit.",
             [(vec![], sum(&|w: &WorkerStats| w.audit_suppressed.get()))],
+        )?;
+        gauges(
+            &mut encoder,
+            "egressd_last_reload_timestamp_seconds",
+            "When the last reload attempt ended (Unix time; 0 before the first).",
+            [(vec![], state.last_reload_unix.load(Ordering::Relaxed))],
+        )?;
+        gauges(
+            &mut encoder,
+            "egressd_last_reload_success",
+            "1 if the last reload attempt was applied (or none was made), 0 if the file was refused.",
+            [(vec![], u64::from(state.last_reload_ok.load(Ordering::Relaxed)))],
+        )?;
+        if let Some(policy) = &state.policy {
+            gauges(
+                &mut encoder,
+                "egressd_policy_generation",
+                "Generation of the running policy (1 at start, +1 per applied reload).",
+                [(vec![], policy.load().generation())],
+            )?;
+        }
+        gauges(
+            &mut encoder,
+            "egressd_build_info",
+            "Always 1; the labels say which egressd is running.",
+            [(vec![("version", env!("CARGO_PKG_VERSION").to_string())], 1)],
         )?;
         counters(
             &mut encoder,
@@ -488,6 +523,11 @@ mod tests {
             assert!(text.contains(&format!("reason=\"{}\"", r.as_str())), "missing {}", r.as_str());
         }
         assert!(text.contains("egressd_workers 2"), "{text}");
+        assert!(
+            text.contains(&format!("egressd_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))),
+            "{text}"
+        );
+        assert!(text.contains("\negressd_last_reload_success 1\n"), "{text}");
         assert!(text.contains("egressd_worker_rx_packets_total{worker=\"1\",side=\"inside\"} 1"), "{text}");
         assert!(
             text.contains("egressd_kernel_drops_total{side=\"inside\",reason=\"rx_ring_full\"} 5"),
@@ -569,6 +609,8 @@ mod tests {
         let (status, body) = http_request(addr, "GET", "/metrics").unwrap();
         assert_eq!(status, 200);
         assert!(body.contains("egressd_reloads_total{result=\"failed\"} 1"), "{body}");
+        assert!(body.contains("\negressd_last_reload_success 0\n"), "{body}");
+        assert!(!body.contains("\negressd_last_reload_timestamp_seconds 0\n"), "{body}");
         assert_eq!(http_request(addr, "GET", "/nope").unwrap().0, 404);
 
         state.stopping.store(true, Ordering::Relaxed);

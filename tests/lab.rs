@@ -110,6 +110,9 @@ fn policy_decides_in_the_lab_and_sighup_reloads_it() {
     gw.signal("HUP");
     wait_for(|| gw.metric(r#"egressd_reloads_total{result="ok"}"#) >= 1.0, "good reload counted");
     assert!(payments_get("http://203.0.113.10/"), "reloaded policy allows payments → 203.0.113.10");
+    // The refused file did not count as a generation; the good one did, and the last reload shows as applied.
+    assert_eq!(gw.metric("egressd_policy_generation"), 2.0);
+    assert_eq!(gw.metric("egressd_last_reload_success"), 1.0);
 }
 
 /// Reload keeps established flows: a kept-alive HTTP connection opened before a reload that leaves its rule alone
