@@ -313,7 +313,7 @@ impl Collector for CoreCollector {
                 }
                 let labels = vec![
                     ("group", snapshot.group_name(rule.group).to_string()),
-                    ("rule", (i + 1).to_string()),
+                    ("rule", rule.name.clone().unwrap_or_else(|| (i + 1).to_string())),
                     ("action", action.to_string()),
                 ];
                 Some((labels, n))
@@ -321,7 +321,7 @@ impl Collector for CoreCollector {
             counters(
                 &mut encoder,
                 "egressd_policy_decisions",
-                "Policy decisions per rule (rule = its position among the [[rule]] tables, from 1) since the last \
+                "Policy decisions per rule (rule = its name, or its position among the [[rule]] tables from 1) since the last \
                  reload: new flows, flows judged again after a reload, and each packet of denied or l7 flows. \
                  Policies of more than 1000 rules list only the rules that decided something.",
                 series,

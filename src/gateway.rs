@@ -304,6 +304,13 @@ fn on_link(table: &dataplane::nexthop::InterfaceTable, hop: Ipv4Addr) -> bool {
     })
 }
 
+/// How a rule is named in audit lines: its `name`, else its position among the `[[rule]]` tables (from 1). The
+/// name is only known for the policy generation that decided.
+fn rule_label(policy: &PolicySnapshot, generation: u64, rule: dataplane::policy::RuleId) -> Option<String> {
+    let named = (policy.generation() == generation).then(|| policy.rule(rule)).flatten();
+    Some(named.and_then(|r| r.name.clone()).unwrap_or_else(|| (rule.0 + 1).to_string()))
+}
+
 /// One audit line per reported denial (target `egressd::audit`; a JSON object with `--log-format json`).
 fn write_audit(event: &AuditEvent, policy: &PolicySnapshot) {
     let proto = match event.proto {
@@ -330,7 +337,7 @@ fn write_audit(event: &AuditEvent, policy: &PolicySnapshot) {
         proto,
         dst_port = event.dst_port,
         group,
-        rule = event.rule.map(|r| r.0 + 1),
+        rule = event.rule.and_then(|r| rule_label(policy, event.generation, r)).unwrap_or_default(),
         verdict,
         dry_run = event.dry_run,
         policy_generation = event.generation,

@@ -56,6 +56,7 @@ pub fn compile(config: &Config, generation: u64) -> Result<PolicySnapshot, Strin
                 ActionConfig::L7 => Action::L7,
             },
             dry_run: r.dry_run,
+            name: r.name.as_ref().map(|n| n.get_ref().clone()),
             hosts: r
                 .hosts
                 .iter()

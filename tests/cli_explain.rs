@@ -436,3 +436,19 @@ fn check_strict_fails_on_warnings() {
     assert_eq!(strict.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&strict.stderr).contains("error (--strict): "));
 }
+
+/// A named rule is named in `explain` (text and JSON); unnamed rules keep their `file:line`.
+#[test]
+fn explain_names_a_named_rule() {
+    let c = write_config(&POLICY.replacen(
+        "[[rule]]\ngroup = \"web\"\nto = [\"203.0.113.7/32\"]",
+        "[[rule]]\nname = \"no-ssh\"\ngroup = \"web\"\nto = [\"203.0.113.7/32\"]",
+        1,
+    ));
+    let v = explain_json(&c.path, &["--src", "10.0.0.5", "--dst", "203.0.113.7:22"]);
+    assert_eq!((v["verdict"].as_str(), v["rule_name"].as_str()), (Some("deny"), Some("no-ssh")));
+    let text = stdout(&explain(&c.path, &["--src", "10.0.0.5", "--dst", "203.0.113.7:22"]));
+    assert_eq!(field(&text, "rule"), format!("no-ssh ({})", c.rule_at(2)));
+    let v = explain_json(&c.path, &["--src", "10.0.0.5", "--dst", "203.0.113.9:443"]);
+    assert_eq!(v["rule_name"], serde_json::Value::Null);
+}

@@ -81,8 +81,16 @@ fn policy_decides_in_the_lab_and_sighup_reloads_it() {
     let denied_before = gw.metric(r#"egressd_drops_total{reason="default_deny"}"#);
     assert!(!payments_get("http://203.0.113.10/"), "payments → 203.0.113.10 must be denied");
     assert!(gw.metric(r#"egressd_drops_total{reason="default_deny"}"#) > denied_before);
-    // Which rule decided: the payments allow rule is the 4th [[rule]] of conf/lab.toml.
-    assert!(gw.metric(r#"egressd_policy_decisions_total{group="payments",rule="4",action="allow"}"#) >= 1.0);
+    // Which rule decided: the payments allow rule, by its name ("partner-http"; unnamed rules go by position).
+    assert!(
+        gw.metric(r#"egressd_policy_decisions_total{group="payments",rule="partner-http",action="allow"}"#)
+            >= 1.0
+    );
+    assert!(gw.metric(r#"egressd_policy_decisions_total{group="web",rule="1",action="allow"}"#) >= 0.0);
+    assert!(gw
+        .metrics()
+        .iter()
+        .any(|(n, _)| n == r#"egressd_policy_decisions_total{group="web",rule="1",action="allow"}"#));
     // The denial is in the audit log with its flow and reason.
     wait_for(
         || {

@@ -113,6 +113,8 @@ pub struct Explanation {
     pub group_at: Option<String>,
     /// The deciding rule, `file:line` of its `[[rule]]` header.
     pub rule: Option<String>,
+    /// The deciding rule's `name`, if it has one.
+    pub rule_name: Option<String>,
     /// The address the flow leaves from (null when the flow is not forwarded).
     pub egress_ip: Option<String>,
     /// A denial that is forwarded and counted (global or per-rule dry run); on l7, host mismatches pass too.
@@ -248,6 +250,7 @@ pub fn explain_flow(loaded: &Loaded, snapshot: &PolicySnapshot, flow: &Flow) -> 
             group: decision.group.map(|g| snapshot.group_name(g).to_string()),
             group_at: decision.group.map(group_at),
             rule: decision.rule.map(rule_at),
+            rule_name: decision.rule.and_then(|id| snapshot.rule(id)).and_then(|r| r.name.clone()),
             egress_ip: None,
             dry_run: false,
             layer: "L4",
@@ -272,6 +275,7 @@ pub fn explain_flow(loaded: &Loaded, snapshot: &PolicySnapshot, flow: &Flow) -> 
         group: decision.group.map(|g| snapshot.group_name(g).to_string()),
         group_at: decision.group.map(group_at),
         rule: decision.rule.map(rule_at),
+        rule_name: decision.rule.and_then(|id| snapshot.rule(id)).and_then(|r| r.name.clone()),
         egress_ip,
         dry_run: decision.dry_run,
         layer: if decision.verdict == Verdict::L7 { "L7" } else { "L4" },
@@ -323,7 +327,11 @@ impl Explanation {
         let mut out = String::new();
         let _ = writeln!(out, "flow:      {}", self.flow);
         let _ = writeln!(out, "group:     {group}");
-        let _ = writeln!(out, "rule:      {}", self.rule.clone().unwrap_or_else(none));
+        let rule = match (&self.rule_name, &self.rule) {
+            (Some(name), Some(at)) => format!("{name} ({at})"),
+            (_, at) => at.clone().unwrap_or_else(none),
+        };
+        let _ = writeln!(out, "rule:      {rule}");
         let _ = writeln!(out, "verdict:   {}", self.verdict);
         let _ = writeln!(out, "dry_run:   {}", self.dry_run);
         let _ = writeln!(

@@ -79,6 +79,8 @@ pub enum PortSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
+    /// A stable name for metrics, audit lines and `explain` (unique within its group); default: the position.
+    pub name: Option<Spanned<String>>,
     pub group: Spanned<String>,
     /// Destination prefixes (at least one).
     #[serde(default)]
@@ -160,6 +162,7 @@ pub fn validate(config: &Config, src: &Source, diags: &mut Diagnostics) {
         }
     }
     check_conflicts_and_shadows(&checked, src, diags);
+    check_rule_names(config, src, diags);
     for g in &config.group {
         let name = g.name.get_ref().as_str();
         if groups_needing_egress.contains(name) && g.egress_ips.is_empty() {
@@ -167,6 +170,33 @@ pub fn validate(config: &Config, src: &Source, diags: &mut Diagnostics) {
                 src,
                 g.name.span(),
                 format!("group \"{name}\" has allow or l7 rules but no egress_ips"),
+            );
+        }
+    }
+}
+
+/// Rule names: non-empty, at most 64 characters of letters, digits, `-`, `_` and `.` (they become metric labels and
+/// audit fields), and unique within their group.
+fn check_rule_names(config: &Config, src: &Source, diags: &mut Diagnostics) {
+    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    for rule in &config.rule {
+        let r = rule.get_ref();
+        let Some(name) = &r.name else { continue };
+        let text = name.get_ref().as_str();
+        let valid = !text.is_empty()
+            && text.len() <= 64
+            && text.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !valid {
+            diags.error(
+                src,
+                name.span(),
+                format!("rule name \"{text}\": 1-64 letters, digits, '-', '_' or '.'"),
+            );
+        } else if !seen.insert((r.group.get_ref().as_str(), text)) {
+            diags.error(
+                src,
+                name.span(),
+                format!("rule name \"{text}\" is used twice in group \"{}\"", r.group.get_ref()),
             );
         }
     }

@@ -354,6 +354,8 @@ pub struct RuleSpec {
     pub dry_run: bool,
     /// For `Action::L7`: the names the L7 path lets through.
     pub hosts: Vec<HostPattern>,
+    /// The rule's name in metrics, audit lines and `explain` (its position when it has none).
+    pub name: Option<String>,
 }
 
 impl RuleSpec {
@@ -365,7 +367,17 @@ impl RuleSpec {
         ports: Vec<PortRange>,
         action: Action,
     ) -> RuleSpec {
-        RuleSpec { group, to, except: Vec::new(), proto, ports, action, dry_run: false, hosts: Vec::new() }
+        RuleSpec {
+            group,
+            to,
+            except: Vec::new(),
+            proto,
+            ports,
+            action,
+            dry_run: false,
+            hosts: Vec::new(),
+            name: None,
+        }
     }
 
     /// Whether the rule's protocol and ports match a packet (destinations aside).

@@ -155,6 +155,7 @@ fn arb_rule(groups: u32, v6: bool) -> impl Strategy<Value = RuleSpec> {
             action,
             dry_run,
             hosts: vec![],
+            name: None,
         })
 }
 

@@ -400,3 +400,21 @@ fn a_group_port_cap_must_be_a_port_count() {
     )
     .is_empty());
 }
+
+#[test]
+fn rule_names_are_label_safe_and_unique_within_their_group() {
+    let rule = |name: &str, group: &str| {
+        format!("[[rule]]\nname = \"{name}\"\ngroup = \"{group}\"\nto = [\"203.0.113.0/24\"]\naction = \"deny\"\n")
+    };
+    let db = "[[group]]\nname = \"db\"\nsources = [\"10.9.0.0/16\"]\n";
+    assert!(
+        errors(&format!("{db}{}{}", rule("a", "web"), rule("a", "db"))).is_empty(),
+        "one name in two groups"
+    );
+    let e = errors(&format!("{}{}", rule("a", "web"), rule("a", "web")));
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(e[0].ends_with("rule name \"a\" is used twice in group \"web\""), "{e:?}");
+    let e = errors(&rule("has space", "web"));
+    assert!(e[0].ends_with("rule name \"has space\": 1-64 letters, digits, '-', '_' or '.'"), "{e:?}");
+    assert_eq!(errors(&rule("", "web")).len(), 1);
+}
