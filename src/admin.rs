@@ -48,6 +48,8 @@ pub struct AdminState {
     /// Frames the XDP programs dropped before any worker saw them, by reason (kept fresh by the control loop);
     /// added to the workers' counts of the same reason.
     pub xdp_drops: [AtomicU64; DropReason::COUNT],
+    /// Who may use control requests (`POST /reload`).
+    pub control: ControlPolicy,
     /// Each interface egressd owns and its MTU as last read (kept fresh by the control loop).
     pub interface_mtu: Vec<(String, AtomicU32)>,
     /// The largest MTU the configured `frame_size` carries.
@@ -79,6 +81,7 @@ impl AdminState {
             extra_collectors: Vec::new(),
             policy: None,
             xdp_drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            control: ControlPolicy::LoopbackOnly,
             interface_mtu: Vec::new(),
             largest_mtu: u32::MAX,
         }
@@ -409,6 +412,48 @@ impl Collector for CoreCollector {
     }
 }
 
+/// Who may send control requests (`POST /reload`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlPolicy {
+    /// Only from a loopback peer (the default, and all a loopback `listen` can get anyway).
+    LoopbackOnly,
+    /// From anywhere, with `Authorization: Bearer <token>` (`remote_control = true`, `token_file`).
+    Token(String),
+}
+
+/// The control policy `[admin]` asks for; reads the token file.
+pub fn control_policy(admin: &crate::config::admin::AdminConfig) -> anyhow::Result<ControlPolicy> {
+    match (&admin.token_file, admin.remote_control()) {
+        (Some(path), true) => {
+            let path = path.get_ref();
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("admin token_file {}", path.display()))?
+                .trim()
+                .to_string();
+            anyhow::ensure!(
+                token.len() >= 16,
+                "admin token_file {}: the token must be at least 16 characters",
+                path.display()
+            );
+            Ok(ControlPolicy::Token(token))
+        }
+        _ => Ok(ControlPolicy::LoopbackOnly),
+    }
+}
+
+impl ControlPolicy {
+    /// Whether a control request from `peer` with these headers may act.
+    fn allows(&self, peer: Option<&std::net::SocketAddr>, headers: &[tiny_http::Header]) -> bool {
+        match self {
+            ControlPolicy::LoopbackOnly => peer.is_some_and(|p| p.ip().is_loopback()),
+            ControlPolicy::Token(token) => headers.iter().any(|h| {
+                h.field.equiv("Authorization")
+                    && h.value.as_str().strip_prefix("Bearer ") == Some(token.as_str())
+            }),
+        }
+    }
+}
+
 /// Starts the admin server on its own thread. Fails if the address cannot be bound.
 pub fn spawn(listen: SocketAddr, state: Arc<AdminState>) -> anyhow::Result<JoinHandle<()>> {
     let server = tiny_http::Server::http(listen)
@@ -444,6 +489,11 @@ fn respond(state: &Arc<AdminState>, mut request: tiny_http::Request) {
                 (503, "not ready\n".into(), "text/plain")
             }
         }
+        (Method::Post, "/reload") if !state.control.allows(request.remote_addr(), request.headers()) => (
+            403,
+            "control requests need a loopback peer, or remote_control with a bearer token ([admin])\n".into(),
+            "text/plain",
+        ),
         (Method::Post, "/reload") => {
             // Drain the body, if any; the reload reads the file named at start-up.
             let _ = std::io::copy(&mut request.as_reader().take(64 * 1024), &mut std::io::sink());
@@ -466,12 +516,23 @@ fn respond(state: &Arc<AdminState>, mut request: tiny_http::Request) {
 
 /// A minimal HTTP/1.0 client for the CLI's `stats` and `reload` (loopback, plain text; no TLS needed).
 pub fn http_request(addr: SocketAddr, method: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    http_request_with(addr, method, path, None)
+}
+
+/// [`http_request`], with `Authorization: Bearer <token>` when a token is given.
+pub fn http_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
     use std::io::Write;
     use std::time::Duration;
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .with_context(|| format!("cannot reach the admin endpoint at {addr} (is egressd running?)"))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(stream, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n")?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(stream, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
@@ -616,5 +677,34 @@ mod tests {
         state.stopping.store(true, Ordering::Relaxed);
         assert_eq!(http_request(addr, "GET", "/healthz").unwrap().0, 503);
         assert_eq!(http_request(addr, "GET", "/readyz").unwrap().0, 503);
+    }
+
+    /// With remote control on, a control request needs the bearer token; metrics stay readable without it.
+    #[test]
+    fn control_requests_need_the_token_when_remote_control_is_on() {
+        let mut state = AdminState::new(vec![Arc::new(WorkerStats::default())]);
+        state.reload = Some(Box::new(|| Ok("policy generation 2 loaded".into())));
+        state.control = ControlPolicy::Token("0123456789abcdef-secret".into());
+        let state = Arc::new(state);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        spawn(addr, Arc::clone(&state)).unwrap();
+        assert_eq!(http_request(addr, "POST", "/reload").unwrap().0, 403);
+        assert_eq!(http_request_with(addr, "POST", "/reload", Some("wrong")).unwrap().0, 403);
+        assert_eq!(state.reloads_ok.load(Ordering::Relaxed), 0, "refused requests do not reload");
+        let (status, body) =
+            http_request_with(addr, "POST", "/reload", Some("0123456789abcdef-secret")).unwrap();
+        assert_eq!((status, body.trim()), (200, "policy generation 2 loaded"));
+        assert_eq!(http_request(addr, "GET", "/metrics").unwrap().0, 200);
+    }
+
+    #[test]
+    fn the_default_control_policy_accepts_loopback_peers_only() {
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let remote: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        assert!(ControlPolicy::LoopbackOnly.allows(Some(&local), &[]));
+        assert!(!ControlPolicy::LoopbackOnly.allows(Some(&remote), &[]));
+        assert!(!ControlPolicy::LoopbackOnly.allows(None, &[]));
     }
 }

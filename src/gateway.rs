@@ -181,6 +181,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     }
 
     let mut admin_state = AdminState::new(stats);
+    admin_state.control = admin::control_policy(&config.admin)?;
     admin_state.policy = Some(policy.clone());
     admin_state.interface_mtu = mtus;
     admin_state.largest_mtu = dataplane::xsk::largest_mtu(frame_size);
@@ -196,7 +197,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
         }));
     }
     let admin_state = Arc::new(admin_state);
-    admin::spawn(config.admin.listen, admin_state.clone())?;
+    admin::spawn(config.admin.listen(), admin_state.clone())?;
     admin_state.ready.store(true, Ordering::Relaxed);
     tracing::info!(workers = workers.len(), "egressd is forwarding");
 

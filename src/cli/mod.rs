@@ -51,6 +51,9 @@ pub struct AdminArgs {
     /// The running gateway's admin endpoint.
     #[arg(long, default_value = "127.0.0.1:9900")]
     pub admin: SocketAddr,
+    /// File holding the bearer token of an admin endpoint with `remote_control` (control requests only).
+    #[arg(long)]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
