@@ -88,7 +88,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     let snapshot =
         crate::policy::compile(config, 1).map_err(|e| anyhow::anyhow!("compiling the policy: {e}"))?;
     let policy = Arc::new(ArcSwap::from_pointee(snapshot));
-    let reloader = Arc::new(PolicyReloader::default());
+    let reloader = Arc::new(PolicyReloader::running(crate::policy::restart_only_settings(config)));
 
     let egress_ips = egress_ips(&loaded);
     let node_addrs = fib::node_addresses(&egress_ips).context("listing the node's addresses")?;
@@ -192,7 +192,14 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
         admin_state.reload = Some(Box::new(move || {
             reloader
                 .reload(&path, &policy)
-                .map(|generation| format!("policy generation {generation} loaded"))
+                .map(|(generation, restart)| {
+                    let mut summary = format!("policy generation {generation} loaded");
+                    for line in restart {
+                        summary.push('\n');
+                        summary.push_str(&line);
+                    }
+                    summary
+                })
                 .map_err(|errors| errors.to_string())
         }));
     }

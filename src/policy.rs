@@ -73,10 +73,55 @@ pub fn parse_addr(s: &str) -> Option<IpAddr> {
     s.parse().ok()
 }
 
+/// The settings a reload cannot change in a running gateway (interfaces, workers, rings, NAT sizing and timers, the
+/// admin endpoint), each as `([section] key, value)`: a reload compares them with the running ones and says which
+/// changed and need a restart, instead of ignoring them.
+pub fn restart_only_settings(config: &Config) -> Vec<(&'static str, String)> {
+    let dp = &config.dataplane;
+    let nat = &config.nat;
+    let admin = &config.admin;
+    vec![
+        ("[dataplane] inside", dp.inside.get_ref().clone()),
+        ("[dataplane] outside", dp.outside.get_ref().clone()),
+        ("[dataplane] cores", format!("{:?}", dp.cores())),
+        ("[dataplane] batch_size", dp.batch_size().to_string()),
+        ("[dataplane] ring_size", dp.ring_size().to_string()),
+        ("[dataplane] frame_size", dp.frame_size().to_string()),
+        ("[dataplane] idle", format!("{:?}", dp.idle)),
+        ("[dataplane] idle_polls", dp.idle_polls().to_string()),
+        ("[dataplane] xdp_mode", format!("{:?}", dp.xdp_mode)),
+        ("[dataplane] egress_ips", format!("{:?}", dp.egress_ips())),
+        ("[dataplane] clamp_mss", dp.clamp_mss.to_string()),
+        ("[dataplane] source_validation", dp.source_validation.unwrap_or(true).to_string()),
+        ("[nat] max_flows", nat.max_flows().to_string()),
+        ("[nat] max_flows_per_source", nat.max_flows_per_source().to_string()),
+        ("[nat] timers", format!("{:?}", nat.timeouts())),
+        ("[nat] port_quarantine", nat.port_quarantine_secs().to_string()),
+        ("[nat] icmp errors", format!("{:?}", nat.icmp_errors())),
+        ("[admin] listen", admin.listen().to_string()),
+        ("[admin] remote_control", admin.remote_control().to_string()),
+        ("[admin] token_file", format!("{:?}", admin.token_file.as_ref().map(|t| t.get_ref()))),
+    ]
+}
+
+/// One line per restart-only setting that differs between `running` and `new`.
+pub fn needs_restart(running: &[(&'static str, String)], new: &[(&'static str, String)]) -> Vec<String> {
+    running
+        .iter()
+        .zip(new)
+        .filter(|((_, a), (_, b))| a != b)
+        .map(|((key, a), (_, b))| {
+            format!("{key} changed ({a} -> {b}): takes effect after a restart; {a} stays")
+        })
+        .collect()
+}
+
 /// Reloads the policy into a shared snapshot; serialises concurrent reloads (SIGHUP and `POST /reload`).
 #[derive(Debug, Default)]
 pub struct PolicyReloader {
     lock: Mutex<()>,
+    /// The restart-only settings the gateway runs with (see [`restart_only_settings`]).
+    pub running: Vec<(&'static str, String)>,
     /// Successful swaps.
     pub reloads: AtomicU64,
     /// Rejected files.
@@ -84,23 +129,33 @@ pub struct PolicyReloader {
 }
 
 impl PolicyReloader {
+    /// A reloader for a gateway running with these restart-only settings.
+    pub fn running(settings: Vec<(&'static str, String)>) -> PolicyReloader {
+        PolicyReloader { running: settings, ..PolicyReloader::default() }
+    }
+
     /// Re-reads `path`, validates and compiles it, and swaps it in with generation = current + 1. On error the
     /// running policy stays, `failures` goes up, and the file:line:col errors are logged and returned.
-    pub fn reload(&self, path: &Path, shared: &SharedPolicy) -> Result<u64, ConfigErrors> {
+    /// Returns the new generation and, one line each, the changed settings that need a restart (also logged).
+    pub fn reload(&self, path: &Path, shared: &SharedPolicy) -> Result<(u64, Vec<String>), ConfigErrors> {
         let _serialised = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let result = crate::config::load(path).and_then(|loaded| {
             let generation = shared.load().generation() + 1;
-            compile(&loaded.config, generation).map_err(|m| {
+            let restart = needs_restart(&self.running, &restart_only_settings(&loaded.config));
+            compile(&loaded.config, generation).map(|snapshot| (snapshot, restart)).map_err(|m| {
                 ConfigErrors(vec![ConfigError { path: path.to_path_buf(), line: 0, column: 0, message: m }])
             })
         });
         match result {
-            Ok(snapshot) => {
+            Ok((snapshot, restart)) => {
                 let generation = snapshot.generation();
                 shared.store(Arc::new(snapshot));
                 self.reloads.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(generation, "policy reloaded");
-                Ok(generation)
+                for line in &restart {
+                    tracing::warn!("reload: {line}");
+                }
+                Ok((generation, restart))
             }
             Err(errors) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
@@ -108,5 +163,31 @@ impl PolicyReloader {
                 Err(errors)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse, Source};
+
+    fn settings(extra: &str) -> Vec<(&'static str, String)> {
+        let text = format!("[dataplane]\ninside = \"a\"\noutside = \"b\"\n{extra}");
+        restart_only_settings(&parse(Source::new("t.toml", text)).unwrap().config)
+    }
+
+    #[test]
+    fn a_reload_names_each_changed_setting_that_needs_a_restart() {
+        let running = settings("cores = [1]\n");
+        assert!(needs_restart(&running, &settings("cores = [1]\n")).is_empty());
+        let changed = settings("cores = [0, 1]\nring_size = 4096\n[nat]\nudp_timeout = 600\n");
+        let lines = needs_restart(&running, &changed);
+        assert_eq!(lines.len(), 3, "{lines:#?}");
+        assert_eq!(
+            lines[0],
+            "[dataplane] cores changed ([1] -> [0, 1]): takes effect after a restart; [1] stays"
+        );
+        assert!(lines[1].starts_with("[dataplane] ring_size changed (2048 -> 4096)"), "{}", lines[1]);
+        assert!(lines[2].starts_with("[nat] timers changed"), "{}", lines[2]);
     }
 }

@@ -109,15 +109,24 @@ fn policy_decides_in_the_lab_and_sighup_reloads_it() {
     assert!(gw.log_text().contains("lab.toml:"), "the refused reload is logged with file:line:col");
     assert!(payments_get("http://198.51.100.10/"), "the running policy stays after a bad reload");
 
-    // A good file that lets payments reach 203.0.113.0/24 too.
+    // A good file that lets payments reach 203.0.113.0/24 too (and changes a setting only a restart applies).
     std::fs::write(
         &config,
-        original.replace("to = [\"198.51.100.0/24\"]", "to = [\"198.51.100.0/24\", \"203.0.113.0/24\"]"),
+        original
+            .replace("to = [\"198.51.100.0/24\"]", "to = [\"198.51.100.0/24\", \"203.0.113.0/24\"]")
+            .replace("batch_size = 64", "batch_size = 32"),
     )
     .unwrap();
     gw.signal("HUP");
     wait_for(|| gw.metric(r#"egressd_reloads_total{result="ok"}"#) >= 1.0, "good reload counted");
     assert!(payments_get("http://203.0.113.10/"), "reloaded policy allows payments → 203.0.113.10");
+    // What the reload could not apply is said, key by key.
+    assert!(
+        gw.log_text()
+            .contains("[dataplane] batch_size changed (64 -> 32): takes effect after a restart; 64 stays"),
+        "{}",
+        gw.log_text()
+    );
     // The refused file did not count as a generation; the good one did, and the last reload shows as applied.
     assert_eq!(gw.metric("egressd_policy_generation"), 2.0);
     assert_eq!(gw.metric("egressd_last_reload_success"), 1.0);
