@@ -207,11 +207,15 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     admin::spawn(config.admin.listen(), admin_state.clone())?;
     admin_state.ready.store(true, Ordering::Relaxed);
     tracing::info!(workers = workers.len(), "egressd is forwarding");
+    // systemd (Type=notify): ready once the workers poll and the XDP programs are attached.
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
+    let mut watchdog = Watchdog::new(&admin_state);
 
     let mut last_refresh = Instant::now();
     let mut fast_refresh_until = Instant::now();
     while !stop_requested.load(Ordering::Relaxed) {
         std::thread::sleep(CONTROL_TICK);
+        watchdog.tick(&admin_state);
         if reload_requested.swap(false, Ordering::Relaxed) {
             // Outcome is logged and counted by the reload itself.
             let _ = admin_state.reload();
@@ -251,6 +255,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     }
 
     tracing::info!("stopping: detaching XDP programs, then stopping workers");
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     admin_state.stopping.store(true, Ordering::Relaxed);
     for mut program in programs {
         if let Err(e) = program.detach() {
@@ -278,6 +283,53 @@ fn watch_mtus(admin_state: &AdminState, frame_size: u32) {
         match fib::check_mtu(interface, mtu, frame_size) {
             Ok(()) => tracing::info!(%interface, mtu, "interface MTU changed"),
             Err(e) => tracing::error!(%interface, mtu, "{e}"),
+        }
+    }
+}
+
+/// Tells systemd about the gateway's state when it runs under `Type=notify` (nothing otherwise).
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// systemd's watchdog (`WatchdogSec=`): fed from the control loop, and only while every worker makes progress
+/// (its loop counter moves: a worker iterates at least every `idle_timeout_ms`, traffic or not), so a stuck worker
+/// gets the gateway restarted.
+struct Watchdog {
+    interval: Option<Duration>,
+    last_ping: Instant,
+    last_loops: Vec<u64>,
+    /// Whether the last check found a worker that made no progress (logged once per stall).
+    stalled: bool,
+}
+
+impl Watchdog {
+    fn new(state: &AdminState) -> Watchdog {
+        let interval = sd_notify::watchdog_enabled().map(|d| d / 2);
+        if let Some(d) = interval {
+            tracing::info!(ping_every_ms = d.as_millis() as u64, "systemd watchdog enabled");
+        }
+        let last_loops = state.workers.iter().map(|w| w.loops.get()).collect();
+        Watchdog { interval, last_ping: Instant::now(), last_loops, stalled: false }
+    }
+
+    fn tick(&mut self, state: &AdminState) {
+        let Some(interval) = self.interval else { return };
+        if self.last_ping.elapsed() < interval {
+            return;
+        }
+        let loops: Vec<u64> = state.workers.iter().map(|w| w.loops.get()).collect();
+        let all_moved = loops.iter().zip(&self.last_loops).all(|(now, before)| now != before);
+        if all_moved {
+            notify_systemd(&[sd_notify::NotifyState::Watchdog]);
+            self.last_ping = Instant::now();
+            self.last_loops = loops;
+            self.stalled = false;
+        } else if !self.stalled {
+            tracing::error!("a worker made no progress: not feeding the systemd watchdog");
+            self.stalled = true;
         }
     }
 }

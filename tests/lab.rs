@@ -255,3 +255,43 @@ fn next_hop_resolution_sends_nothing_but_arp() {
     assert!(arp_for_router, "no ARP request for the router 192.0.2.2 in {} frames", frames.len());
     assert!(lab.curl("http://203.0.113.10/", 5).is_some(), "traffic flows once resolved:\n{}", gw.log_text());
 }
+
+/// Under systemd (`Type=notify`, `WatchdogSec=`): egressd says READY=1 once it forwards, feeds the watchdog while
+/// its workers make progress, and says STOPPING=1 on SIGTERM. The test stands in for systemd's notify socket.
+#[test]
+fn systemd_readiness_watchdog_and_stop_are_notified() {
+    let lab = Lab::up(false);
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+    let (_conf_dir, config, _) = lab_config(str::to_string);
+    let notify = socket_path.to_str().unwrap();
+    let mut gw = Gateway::start_with_env(
+        &lab,
+        &config,
+        None,
+        &[("NOTIFY_SOCKET", notify), ("WATCHDOG_USEC", "400000")],
+    );
+    let mut buf = [0u8; 256];
+    let mut next = || {
+        let n = socket.recv(&mut buf).expect("a notification within 5 s");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1\n");
+    // The watchdog interval is 400 ms: it is fed every 200 ms or so.
+    let started = std::time::Instant::now();
+    for _ in 0..3 {
+        assert_eq!(next(), "WATCHDOG=1\n");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert!(gw.stop(), "egressd exits 0 on SIGTERM");
+    let mut rest = Vec::new();
+    while let Ok(n) = socket.recv(&mut buf) {
+        rest.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        if rest.last().map(String::as_str) == Some("STOPPING=1\n") {
+            break;
+        }
+    }
+    assert_eq!(rest.last().map(String::as_str), Some("STOPPING=1\n"), "{rest:?}");
+}

@@ -62,6 +62,8 @@ pub struct WorkerStats {
     pub flows_dry_run_denied: Counter,
     /// Batches processed (rx bursts that returned at least one frame).
     pub batches: Counter,
+    /// Loop iterations of the worker (idle ones included, at least one per `idle_timeout_ms`): it is alive.
+    pub loops: Counter,
     /// The worker's NAT gauges, republished about once a second.
     pub nat: NatGauges,
     /// Policy decisions per rule of the snapshot the worker runs (replaced when the policy is reloaded).
@@ -155,6 +157,7 @@ impl Default for WorkerStats {
             flows_allowed: Counter::default(),
             flows_dry_run_denied: Counter::default(),
             batches: Counter::default(),
+            loops: Counter::default(),
             nat: NatGauges::default(),
             rule_hits: arc_swap::ArcSwap::from_pointee(RuleHits::new(0, 0)),
             audit_suppressed: Counter::default(),

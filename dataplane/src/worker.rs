@@ -78,6 +78,7 @@ impl Worker {
         // frames out of their ring (allocated once).
         let mut scratch = vec![0u8; crate::handoff::HANDOFF_JUMBO_BYTES];
         while !self.stop.load(Ordering::Relaxed) {
+            stats.loops.inc();
             self.pipeline.begin_batch();
             let (inside, outside) = (&mut self.inside, &mut self.outside);
             let moved =

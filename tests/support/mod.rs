@@ -236,6 +236,16 @@ impl<'a> Gateway<'a> {
     /// As [`Gateway::start`], with `config` exactly as it is, whatever [`lab_workers`] says (`keep` lives as long as
     /// the gateway).
     pub fn start_as_is(lab: &'a Lab, config: &Path, keep: Option<tempfile::TempDir>) -> Gateway<'a> {
+        Gateway::start_with_env(lab, config, keep, &[])
+    }
+
+    /// As [`Gateway::start_as_is`], with extra environment variables for egressd.
+    pub fn start_with_env(
+        lab: &'a Lab,
+        config: &Path,
+        keep: Option<tempfile::TempDir>,
+        env: &[(&str, &str)],
+    ) -> Gateway<'a> {
         let config_dir = keep;
         let log = std::env::temp_dir().join(format!("egressd-lab-{}.log", lab.id));
         let log_file = std::fs::File::create(&log).expect("create gateway log");
@@ -245,6 +255,7 @@ impl<'a> Gateway<'a> {
             .arg("run")
             .arg(config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(log_file.try_clone().expect("clone log"))
             .stderr(log_file)
             .spawn()
