@@ -30,7 +30,9 @@ fn a_missing_interface_is_named_and_nothing_is_attached() {
 #[test]
 fn the_systemd_unit_verifies() {
     let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/egressd.service")).unwrap();
-    for line in ["Type=notify", "WatchdogSec=", "ExecReload=/usr/local/bin/egressd reload", "NoNewPrivileges=yes"] {
+    for line in
+        ["Type=notify", "WatchdogSec=", "ExecReload=/usr/local/bin/egressd reload", "NoNewPrivileges=yes"]
+    {
         assert!(unit.lines().any(|l| l.starts_with(line)), "the unit lacks {line}");
     }
     let dir = tempfile::tempdir().unwrap();

@@ -38,6 +38,15 @@ fn http_and_udp_cross_only_through_egressd() {
     let names: Vec<String> = gw.metrics().into_iter().map(|(n, _)| n).collect();
     assert!(names.iter().any(|n| n.starts_with("egressd_kernel_drops_total{side=\"outside\"")), "{names:?}");
     assert!(lab.gw_links().contains("xdp"), "no XDP program attached while running:\n{}", lab.gw_links());
+    // `egressd stats --watch` prints the counters with their rates over the interval.
+    let watch = lab.exec(
+        "gw",
+        support::egressd_bin().to_str().unwrap(),
+        &["stats", "--watch", "0.3", "--count", "1"],
+    );
+    let watch = String::from_utf8_lossy(&watch.stdout);
+    let line = watch.lines().find(|l| l.starts_with(r#"egressd_rx_packets_total{side="outside"}"#));
+    assert!(line.is_some_and(|l| l.trim_end().ends_with("/s")), "{watch}");
 
     assert!(gw.stop(), "egressd did not exit 0 on SIGTERM; log:\n{}", gw.log_text());
     assert!(!lab.gw_links().contains("xdp"), "XDP program left attached after shutdown:\n{}", lab.gw_links());

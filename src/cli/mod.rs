@@ -41,7 +41,7 @@ pub enum Command {
     /// Show how the policy judges one flow: group, deciding rule, verdict, egress IP, and why.
     Explain(explain::ExplainArgs),
     /// Print a running gateway's counters.
-    Stats(AdminArgs),
+    Stats(stats::StatsArgs),
     /// Ask a running gateway to re-read its configuration.
     Reload(AdminArgs),
 }
