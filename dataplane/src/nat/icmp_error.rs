@@ -105,8 +105,7 @@ impl Nat {
         if qsrc != l4.dst {
             return Err(DropReason::IcmpErrorNoMapping);
         }
-        let owner = port_owner(self.workers, qsport);
-        if owner != self.worker {
+        if let Some(owner) = self.other_owner(qsport) {
             return Ok(Inbound::OtherWorker(owner));
         }
         let (Some(sid), _, _) = self.find_in(ip_idx, qsport, qdst, qdport, proto) else {
@@ -140,8 +139,7 @@ impl Nat {
         let Quote { proto, src: qsrc, dst: qdst, sport: qsport, dport: qdport, .. } = qt;
         // For a quoted echo the identifier is the inside one and sits where the source port would.
         let (in_port, remote_port) = if proto == ip_proto::ICMP { (qsport, 0) } else { (qdport, qsport) };
-        let owner = port_owner(self.workers, in_port);
-        if owner != self.worker {
+        if let Some(owner) = self.other_owner(in_port) {
             return Ok(Outbound::OtherWorker(owner));
         }
         if l4.src != qdst || l4.dst != qsrc {

@@ -915,11 +915,8 @@ impl Nat {
             return self.outbound_icmp_error(packet, &l4, policy);
         }
         // RFC 4787 REQ-1 across workers: one owner per inside endpoint, whichever queue its packets arrive on.
-        if self.workers > 1 {
-            let owner = port_owner(self.workers, l4.sport);
-            if owner != self.worker {
-                return Ok(Outbound::OtherWorker(owner));
-            }
+        if let Some(owner) = self.other_owner(l4.sport) {
+            return Ok(Outbound::OtherWorker(owner));
         }
         let now_s = secs(now);
         let tcp = l4.proto == ip_proto::TCP;
@@ -1070,8 +1067,7 @@ impl Nat {
         if s.flags & SESSION_HAIRPIN != 0 {
             // RFC 4787 REQ-9: hairpinning. The SNATed packet now looks like an inbound one from our own egress
             // endpoint; the owner of the destination port runs the inbound leg.
-            let owner = port_owner(self.workers, l4.dport);
-            if owner != self.worker {
+            if let Some(owner) = self.other_owner(l4.dport) {
                 return Ok(Outbound::HairpinOtherWorker(owner));
             }
             return match self.inbound_hairpin(now, packet)? {
@@ -1119,8 +1115,7 @@ impl Nat {
         // Echo replies carry the external identifier where TCP/UDP carry the destination port.
         let (ext_port, remote_port) =
             if l4.proto == ip_proto::ICMP { (l4.sport, 0) } else { (l4.dport, l4.sport) };
-        let owner = port_owner(self.workers, ext_port);
-        if owner != self.worker {
+        if let Some(owner) = self.other_owner(ext_port) {
             return Ok(Inbound::OtherWorker(owner));
         }
         let now_s = secs(now);

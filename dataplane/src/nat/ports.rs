@@ -74,6 +74,16 @@ pub(super) fn proto_class(proto: u8) -> usize {
 }
 
 impl Nat {
+    /// The worker that owns `port` when it is another one than this (with one worker, never: no arithmetic).
+    #[inline]
+    pub(super) fn other_owner(&self, port: u16) -> Option<u16> {
+        if self.workers == 1 {
+            return None;
+        }
+        let owner = port_owner(self.workers, port);
+        (owner != self.worker).then_some(owner)
+    }
+
     /// The port table slot of `(ip, proto class, port)` if `port` is in this worker's slices.
     #[inline]
     pub(super) fn port_slot(&self, ip_idx: u8, pc: usize, port: u16) -> Option<usize> {
