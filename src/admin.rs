@@ -1,4 +1,5 @@
-//! The admin HTTP endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`, `POST /reload`.
+//! The admin HTTP endpoint: `/metrics` (OpenMetrics or Prometheus text, as the scraper asks), `/healthz`,
+//! `/readyz`, `POST /reload`.
 //!
 //! It listens on loopback by default and runs on its own thread, never on a worker's core: a scrape reads the
 //! workers' single-writer counters with relaxed loads, so it cannot stall the data path. Anything else the
@@ -10,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use crate::exposition::Exposition;
 use anyhow::Context;
 use dataplane::drop::DropReason;
 use dataplane::policy::{Action as PolicyAction, RuleId, SharedPolicy};
@@ -473,7 +475,9 @@ fn respond(state: &Arc<AdminState>, mut request: tiny_http::Request) {
     let path = request.url().split('?').next().unwrap_or("").to_string();
     let (status, body, content_type) = match (request.method(), path.as_str()) {
         (Method::Get, "/metrics") => {
-            (200, state.render_metrics(), "text/plain; version=0.0.4; charset=utf-8")
+            let accept = request.headers().iter().find(|h| h.field.equiv("Accept")).map(|h| h.value.as_str());
+            let format = Exposition::negotiate(accept);
+            (200, format.render(state.render_metrics()), format.content_type())
         }
         (Method::Get, "/healthz") => {
             if state.stopping.load(Ordering::Relaxed) {

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod exposition;
 pub mod fib;
 pub mod gateway;
 pub mod policy;

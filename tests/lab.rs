@@ -48,6 +48,34 @@ fn http_and_udp_cross_only_through_egressd() {
     let line = watch.lines().find(|l| l.starts_with(r#"egressd_rx_packets_total{side="outside"}"#));
     assert!(line.is_some_and(|l| l.trim_end().ends_with("/s")), "{watch}");
 
+    // `/metrics` serves the format the scraper asks for: OpenMetrics to Prometheus (which asks for it first),
+    // the classic text format to everything else, and `promtool check metrics` accepts the latter.
+    let prometheus_accept =
+        "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
+    let openmetrics = lab.exec(
+        "gw",
+        "curl",
+        &["-sf", "-m", "2", "-D", "-", "-H", prometheus_accept, "http://127.0.0.1:9900/metrics"],
+    );
+    let openmetrics = String::from_utf8_lossy(&openmetrics.stdout);
+    assert!(
+        openmetrics.contains("Content-Type: application/openmetrics-text; version=1.0.0"),
+        "{openmetrics}"
+    );
+    assert!(openmetrics.ends_with("# EOF\n"), "{openmetrics}");
+    let text = lab.sh(
+        "gw",
+        "curl -sf -m 2 -D /dev/stderr http://127.0.0.1:9900/metrics > /tmp/egressd-lab-metrics.txt \
+         && promtool check metrics < /tmp/egressd-lab-metrics.txt",
+    );
+    let headers = String::from_utf8_lossy(&text.stderr);
+    assert!(
+        text.status.success(),
+        "promtool check metrics failed:\n{headers}{}",
+        String::from_utf8_lossy(&text.stdout)
+    );
+    assert!(headers.contains("Content-Type: text/plain; version=0.0.4"), "{headers}");
+
     assert!(gw.stop(), "egressd did not exit 0 on SIGTERM; log:\n{}", gw.log_text());
     assert!(!lab.gw_links().contains("xdp"), "XDP program left attached after shutdown:\n{}", lab.gw_links());
     assert!(lab.curl("http://203.0.113.10/", 2).is_none(), "HTTP crossed gw after egressd stopped");
