@@ -56,6 +56,8 @@ pub struct AdminState {
     pub interface_mtu: Vec<(String, AtomicU32)>,
     /// The largest MTU the configured `frame_size` carries.
     pub largest_mtu: u32,
+    /// How many flows the NAT tables hold, all workers together (0: not known, not exported).
+    pub max_flows: u64,
 }
 
 /// Up to this many rules, `/metrics` lists every rule's decisions, zeros included (so unused rules show); a larger
@@ -86,6 +88,7 @@ impl AdminState {
             control: ControlPolicy::LoopbackOnly,
             interface_mtu: Vec::new(),
             largest_mtu: u32::MAX,
+            max_flows: 0,
         }
     }
 
@@ -203,6 +206,16 @@ impl Collector for CoreCollector {
                 )
             })
         });
+        let loops =
+            state.workers.iter().enumerate().map(|(i, w)| (vec![("worker", i.to_string())], w.loops.get()));
+        counters(
+            &mut encoder,
+            "egressd_worker_loops",
+            "Poll loops each worker has run; a worker whose count stops moving is stalled.",
+            loops,
+        )?;
+        let ready = state.ready.load(Ordering::Relaxed) && !state.stopping.load(Ordering::Relaxed);
+        gauges(&mut encoder, "egressd_ready", "1 while /readyz answers 200.", [(vec![], u64::from(ready))])?;
         counters(
             &mut encoder,
             "egressd_worker_rx_packets",
@@ -260,6 +273,14 @@ impl Collector for CoreCollector {
         ];
         let flows = flows.map(|(state, v)| (vec![("state", state.to_string())], v));
         gauges(&mut encoder, "egressd_nat_flows", "Tracked flows, by state.", flows)?;
+        if state.max_flows > 0 {
+            gauges(
+                &mut encoder,
+                "egressd_nat_flows_max",
+                "Flows the NAT tables hold, all workers together ([nat] max_flows).",
+                [(vec![], state.max_flows)],
+            )?;
+        }
         gauges(
             &mut encoder,
             "egressd_nat_mappings",
@@ -675,10 +696,14 @@ mod tests {
         assert_eq!(status, 200);
         assert!(body.contains("egressd_reloads_total{result=\"failed\"} 1"), "{body}");
         assert!(body.contains("\negressd_last_reload_success 0\n"), "{body}");
+        assert!(body.contains("\negressd_ready 1\n"), "{body}");
+        assert!(body.contains("egressd_worker_loops_total{worker=\"0\"} 0\n"), "{body}");
+        assert!(!body.contains("egressd_nat_flows_max"), "not exported while unknown: {body}");
         assert!(!body.contains("\negressd_last_reload_timestamp_seconds 0\n"), "{body}");
         assert_eq!(http_request(addr, "GET", "/nope").unwrap().0, 404);
 
         state.stopping.store(true, Ordering::Relaxed);
+        assert!(http_request(addr, "GET", "/metrics").unwrap().1.contains("\negressd_ready 0\n"));
         assert_eq!(http_request(addr, "GET", "/healthz").unwrap().0, 503);
         assert_eq!(http_request(addr, "GET", "/readyz").unwrap().0, 503);
     }

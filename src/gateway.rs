@@ -185,6 +185,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     admin_state.policy = Some(policy.clone());
     admin_state.interface_mtu = mtus;
     admin_state.largest_mtu = dataplane::xsk::largest_mtu(frame_size);
+    admin_state.max_flows = u64::from(nat_config.max_flows) * u64::from(workers_count);
     {
         let reloader = reloader.clone();
         let policy = policy.clone();

@@ -38,6 +38,26 @@ fn http_and_udp_cross_only_through_egressd() {
     let names: Vec<String> = gw.metrics().into_iter().map(|(n, _)| n).collect();
     assert!(names.iter().any(|n| n.starts_with("egressd_kernel_drops_total{side=\"outside\"")), "{names:?}");
     assert!(lab.gw_links().contains("xdp"), "no XDP program attached while running:\n{}", lab.gw_links());
+    // What the alert rules in conf/monitoring/ use besides the counters above.
+    assert_eq!(gw.metric("egressd_ready"), 1.0);
+    assert!(gw.metric("egressd_nat_flows_max") >= 1024.0, "{names:?}");
+    assert!(gw.metric(r#"egressd_worker_loops_total{worker="0"}"#) > 0.0, "{names:?}");
+    // Every series the alert rules use is exported (the NAT gauges are published about once a second).
+    wait_for(
+        || gw.metrics().iter().any(|(n, _)| n.starts_with("egressd_nat_ports_in_use{")),
+        "NAT port gauges published",
+    );
+    let names: Vec<String> = gw.metrics().into_iter().map(|(n, _)| n).collect();
+    let exported: std::collections::HashSet<&str> =
+        names.iter().map(|n| n.split('{').next().unwrap()).collect();
+    let rules =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/monitoring/egressd-alerts.yml"))
+            .expect("alert rules");
+    let used =
+        rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("egressd_"));
+    for series in used {
+        assert!(exported.contains(series), "the alert rules use {series}, which egressd does not export");
+    }
     // `egressd stats --watch` prints the counters with their rates over the interval.
     let watch = lab.exec(
         "gw",
