@@ -352,3 +352,78 @@ fn systemd_readiness_watchdog_and_stop_are_notified() {
     }
     assert_eq!(rest.last().map(String::as_str), Some("STOPPING=1\n"), "{rest:?}");
 }
+
+/// A real Prometheus server scrapes the gateway (it asks for OpenMetrics) and answers a query for a counter the
+/// test moved by a known amount: three reloads.
+#[test]
+fn prometheus_scrapes_the_gateway() {
+    let lab = Lab::up(false);
+    let (dir, config, _) = lab_config(str::to_string);
+    let gw = Gateway::start(&lab, &config);
+    let prometheus_config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &prometheus_config,
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n\
+         scrape_configs:\n  - job_name: egressd\n    static_configs: [{targets: ['127.0.0.1:9900']}]\n",
+    )
+    .unwrap();
+    let storage = dir.path().join("tsdb");
+    let mut prometheus = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.ns("gw"), "prometheus"])
+        .arg(format!("--config.file={}", prometheus_config.display()))
+        .arg(format!("--storage.tsdb.path={}", storage.display()))
+        .args(["--web.listen-address=127.0.0.1:19090", "--log.level=warn"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("prometheus (scripts/setup installs the prometheus package)");
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _prometheus = KillOnDrop(prometheus);
+
+    // The value Prometheus holds for `query`, if it has one.
+    let query = |query: &str| -> Option<f64> {
+        let out = lab.exec(
+            "gw",
+            "curl",
+            &[
+                "-sf",
+                "-m",
+                "2",
+                "http://127.0.0.1:19090/api/v1/query",
+                "--data-urlencode",
+                &format!("query={query}"),
+            ],
+        );
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        answer["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    };
+    let wait_until = |what: &str, expected: f64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let got = query(what);
+            if got == Some(expected) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Prometheus answers {got:?} for {what}, not {expected}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    };
+
+    wait_until(r#"up{job="egressd"}"#, 1.0);
+    wait_until(r#"egressd_reloads_total{result="ok"}"#, 0.0);
+    for n in 1..=3 {
+        gw.signal("HUP");
+        wait_for(|| gw.metric(r#"egressd_reloads_total{result="ok"}"#) >= f64::from(n), "the reload");
+    }
+    wait_until(r#"egressd_reloads_total{result="ok"}"#, 3.0);
+    wait_until(r#"egressd_ready"#, 1.0);
+}
