@@ -368,7 +368,7 @@ fn prometheus_scrapes_the_gateway() {
     )
     .unwrap();
     let storage = dir.path().join("tsdb");
-    let mut prometheus = std::process::Command::new("ip")
+    let prometheus = std::process::Command::new("ip")
         .args(["netns", "exec", &lab.ns("gw"), "prometheus"])
         .arg(format!("--config.file={}", prometheus_config.display()))
         .arg(format!("--storage.tsdb.path={}", storage.display()))
