@@ -110,6 +110,11 @@ impl AdminState {
     }
 
     /// The Prometheus text exposition of every metric.
+    /// What `/readyz` and `egressd_ready` report: the workers poll and shutdown has not started.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed) && !self.stopping.load(Ordering::Relaxed)
+    }
+
     pub fn render_metrics(self: &Arc<Self>) -> String {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(CoreCollector(Arc::clone(self))));
@@ -214,8 +219,8 @@ impl Collector for CoreCollector {
             "Poll loops each worker has run; a worker whose count stops moving is stalled.",
             loops,
         )?;
-        let ready = state.ready.load(Ordering::Relaxed) && !state.stopping.load(Ordering::Relaxed);
-        gauges(&mut encoder, "egressd_ready", "1 while /readyz answers 200.", [(vec![], u64::from(ready))])?;
+        let ready = u64::from(state.is_ready());
+        gauges(&mut encoder, "egressd_ready", "1 while /readyz answers 200.", [(vec![], ready)])?;
         counters(
             &mut encoder,
             "egressd_worker_rx_packets",
@@ -508,7 +513,7 @@ fn respond(state: &Arc<AdminState>, mut request: tiny_http::Request) {
             }
         }
         (Method::Get, "/readyz") => {
-            if state.ready.load(Ordering::Relaxed) && !state.stopping.load(Ordering::Relaxed) {
+            if state.is_ready() {
                 (200, "ready\n".into(), "text/plain")
             } else {
                 (503, "not ready\n".into(), "text/plain")

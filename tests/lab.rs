@@ -35,6 +35,11 @@ fn http_and_udp_cross_only_through_egressd() {
     }
     assert!(gw.metric(r#"egressd_rx_packets_total{side="outside"}"#) >= 700.0);
     // The kernel's socket drop counters are exported (read with getsockopt(XDP_STATISTICS) by the worker).
+    // The NAT gauges are published about once a second.
+    wait_for(
+        || gw.metrics().iter().any(|(n, _)| n.starts_with("egressd_nat_ports_in_use{")),
+        "NAT port gauges published",
+    );
     let names: Vec<String> = gw.metrics().into_iter().map(|(n, _)| n).collect();
     assert!(names.iter().any(|n| n.starts_with("egressd_kernel_drops_total{side=\"outside\"")), "{names:?}");
     assert!(lab.gw_links().contains("xdp"), "no XDP program attached while running:\n{}", lab.gw_links());
@@ -42,12 +47,7 @@ fn http_and_udp_cross_only_through_egressd() {
     assert_eq!(gw.metric("egressd_ready"), 1.0);
     assert!(gw.metric("egressd_nat_flows_max") >= 1024.0, "{names:?}");
     assert!(gw.metric(r#"egressd_worker_loops_total{worker="0"}"#) > 0.0, "{names:?}");
-    // Every series the alert rules use is exported (the NAT gauges are published about once a second).
-    wait_for(
-        || gw.metrics().iter().any(|(n, _)| n.starts_with("egressd_nat_ports_in_use{")),
-        "NAT port gauges published",
-    );
-    let names: Vec<String> = gw.metrics().into_iter().map(|(n, _)| n).collect();
+    // Every series the alert rules use is exported.
     let exported: std::collections::HashSet<&str> =
         names.iter().map(|n| n.split('{').next().unwrap()).collect();
     let rules =
@@ -404,18 +404,11 @@ fn prometheus_scrapes_the_gateway() {
         answer["data"]["result"][0]["value"][1].as_str()?.parse().ok()
     };
     let wait_until = |what: &str, expected: f64| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let got = query(what);
-            if got == Some(expected) {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "Prometheus answers {got:?} for {what}, not {expected}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(250));
-        }
+        support::wait_for_within(
+            std::time::Duration::from_secs(30),
+            || query(what) == Some(expected),
+            &format!("Prometheus to answer {expected} for {what}"),
+        );
     };
 
     wait_until(r#"up{job="egressd"}"#, 1.0);

@@ -335,8 +335,13 @@ impl Drop for Gateway<'_> {
 }
 
 /// Polls `condition` every 100 ms for at most 10 s; fails the test naming `what` if it never holds.
-pub fn wait_for(mut condition: impl FnMut() -> bool, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
+pub fn wait_for(condition: impl FnMut() -> bool, what: &str) {
+    wait_for_within(Duration::from_secs(10), condition, what);
+}
+
+/// [`wait_for`] with another time limit.
+pub fn wait_for_within(limit: Duration, mut condition: impl FnMut() -> bool, what: &str) {
+    let deadline = Instant::now() + limit;
     while !condition() {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         std::thread::sleep(Duration::from_millis(100));
