@@ -18,6 +18,8 @@
 //! - TCP tracking keeps, per side, the next sequence number and the window the side advertised, enough to tell an
 //!   in-window RST from an out-of-window one (RFC 5382 / RFC 5961 spirit).
 
+pub(crate) use crate::wire::tcp::{self, Segment};
+
 /// "No slot": empty index entry, end of a list.
 pub(crate) const NONE: u32 = u32::MAX;
 
@@ -253,9 +255,6 @@ pub(crate) struct TcpPeer {
     pub ack: u32,
 }
 
-/// No window scale option: the nibble value in [`Session::wscales`].
-pub(crate) const NO_WSCALE: u8 = 0x0f;
-
 pub(crate) const TCP_SYN_OUT: u8 = 1;
 pub(crate) const TCP_SYN_IN: u8 = 2;
 pub(crate) const TCP_ESTABLISHED: u8 = 4;
@@ -294,7 +293,7 @@ pub(crate) struct Session {
     pub class: u8,
     pub tcp_flags: u8,
     pub flags: u8,
-    /// Window scale from each side's SYN (low nibble: inside, high nibble: outside), `NO_WSCALE` when absent.
+    /// Window scale from each side's SYN (low nibble: inside, high nibble: outside), `tcp::NO_WINDOW_SCALE` when absent.
     pub wscales: u8,
     /// Largest window each side advertised, in units of its window scale once both sides use scaling.
     pub out_win: u16,
@@ -328,7 +327,7 @@ impl Session {
         class: CLASS_FREE,
         tcp_flags: 0,
         flags: 0,
-        wscales: NO_WSCALE | NO_WSCALE << 4,
+        wscales: tcp::NO_WINDOW_SCALE | tcp::NO_WINDOW_SCALE << 4,
         out_win: 0,
         in_win: 0,
     };
@@ -437,28 +436,13 @@ pub(crate) fn hash_addr(seed: u64, addr: u32) -> u32 {
 // TCP tracking
 // ---------------------------------------------------------------------------------------------------------------
 
-pub(crate) const F_FIN: u8 = 0x01;
-pub(crate) const F_SYN: u8 = 0x02;
-pub(crate) const F_RST: u8 = 0x04;
-pub(crate) const F_ACK: u8 = 0x10;
-
 /// RFC 5382: invalid flag combinations (SYN+FIN, SYN+RST, NULL) create no state.
 #[inline]
 pub(crate) fn tcp_flags_invalid(flags: u8) -> bool {
     let f = flags & 0x3f;
-    f & (F_SYN | F_FIN) == (F_SYN | F_FIN) || f & (F_SYN | F_RST) == (F_SYN | F_RST) || f == 0
-}
-
-/// A TCP segment's fields the tracker needs.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Segment {
-    pub seq: u32,
-    pub ack: u32,
-    pub flags: u8,
-    pub window: u16,
-    pub payload: u32,
-    /// Window scale option carried by a SYN, or `NO_WSCALE`.
-    pub wscale: u8,
+    f & (tcp::SYN | tcp::FIN) == (tcp::SYN | tcp::FIN)
+        || f & (tcp::SYN | tcp::RST) == (tcp::SYN | tcp::RST)
+        || f == 0
 }
 
 /// Outcome of tracking one segment.
@@ -528,7 +512,7 @@ impl Session {
 
     /// Whether both sides offered window scaling (RFC 7323: only then are windows scaled).
     fn both_scale(&self) -> bool {
-        self.wscale(0) != NO_WSCALE && self.wscale(4) != NO_WSCALE
+        self.wscale(0) != tcp::NO_WINDOW_SCALE && self.wscale(4) != tcp::NO_WINDOW_SCALE
     }
 
     /// The shift a side's stored window units use.
@@ -579,12 +563,12 @@ pub(crate) fn tcp_track(s: &mut Session, outbound: bool, seg: &Segment) -> TcpVe
     let rcv_seen = s.tcp_flags & d.rcv_seen != 0;
     let rcv_acked = s.flags & d.rcv_acked != 0;
 
-    if seg.flags & F_RST != 0 {
+    if seg.flags & tcp::RST != 0 {
         let valid = if rcv_acked {
             seg.seq == rcv.ack || (snd_seen && seg.seq == snd.nxt)
         } else {
             // The receiver has sent only its SYN: an RST answering it must acknowledge it (RFC 793, SYN-SENT).
-            rcv_seen && seg.flags & F_ACK != 0 && seg.ack == rcv.nxt
+            rcv_seen && seg.flags & tcp::ACK != 0 && seg.ack == rcv.nxt
         };
         if !valid {
             return TcpVerdict::RstOutOfWindow;
@@ -596,13 +580,13 @@ pub(crate) fn tcp_track(s: &mut Session, outbound: bool, seg: &Segment) -> TcpVe
     let end = seg
         .seq
         .wrapping_add(seg.payload)
-        .wrapping_add(u32::from(seg.flags & F_SYN != 0))
-        .wrapping_add(u32::from(seg.flags & F_FIN != 0));
+        .wrapping_add(u32::from(seg.flags & tcp::SYN != 0))
+        .wrapping_add(u32::from(seg.flags & tcp::FIN != 0));
     let mut first = !snd_seen;
-    if seg.flags & F_SYN != 0 {
+    if seg.flags & tcp::SYN != 0 {
         let closed = s.tcp_flags & TCP_RST != 0
             || s.tcp_flags & (TCP_FIN_OUT | TCP_FIN_IN) == (TCP_FIN_OUT | TCP_FIN_IN);
-        if closed && seg.flags & F_ACK == 0 {
+        if closed && seg.flags & tcp::ACK == 0 {
             // A new connection on the same 5-tuple after the old one closed (TIME-WAIT reuse): start over.
             let (flags, class) = (s.flags & !(SESSION_OUT_ACKED | SESSION_IN_ACKED), s.class);
             *s = Session {
@@ -611,7 +595,7 @@ pub(crate) fn tcp_track(s: &mut Session, outbound: bool, seg: &Segment) -> TcpVe
                 class,
                 out: TcpPeer::default(),
                 inn: TcpPeer::default(),
-                wscales: NO_WSCALE | NO_WSCALE << 4,
+                wscales: tcp::NO_WINDOW_SCALE | tcp::NO_WINDOW_SCALE << 4,
                 out_win: 0,
                 in_win: 0,
                 ..*s
@@ -621,13 +605,15 @@ pub(crate) fn tcp_track(s: &mut Session, outbound: bool, seg: &Segment) -> TcpVe
             // A SYN with another initial sequence number on a live connection is not this connection's.
             return TcpVerdict::OutOfWindow;
         }
-        if seg.flags & F_ACK != 0 && !(rcv_seen && seg.ack == if outbound { s.inn.nxt } else { s.out.nxt }) {
+        if seg.flags & tcp::ACK != 0 && !(rcv_seen && seg.ack == if outbound { s.inn.nxt } else { s.out.nxt })
+        {
             // A SYN+ACK must acknowledge the other side's SYN exactly: a blind one cannot take the handshake over.
             return TcpVerdict::OutOfWindow;
         }
         if first {
             let had_both = s.both_scale();
-            s.wscales = (s.wscales & !(0x0f << d.snd_nibble)) | (seg.wscale.min(NO_WSCALE) << d.snd_nibble);
+            s.wscales = (s.wscales & !(0x0f << d.snd_nibble))
+                | (seg.wscale.min(tcp::NO_WINDOW_SCALE) << d.snd_nibble);
             if !had_both && s.both_scale() {
                 // Windows stored so far (the other side's SYN) were unscaled: express them in that side's units.
                 let shift = s.win_shift(d.rcv_nibble);
@@ -645,7 +631,7 @@ pub(crate) fn tcp_track(s: &mut Session, outbound: bool, seg: &Segment) -> TcpVe
         let (rcv_now, snd_now) = if outbound { (s.inn, s.out) } else { (s.out, s.inn) };
         let upper = !seq_after(seg.seq, rcv_now.ack.wrapping_add(rcv_win));
         let lower = !seq_after(snd_now.nxt.wrapping_sub(rcv_win), end);
-        let ack = seg.flags & F_ACK == 0
+        let ack = seg.flags & tcp::ACK == 0
             || (!seq_after(seg.ack, rcv_now.nxt)
                 && !seq_after(rcv_now.nxt.wrapping_sub(snd_win.max(MIN_ACK_WINDOW)), seg.ack));
         if !(upper && lower && ack) {
@@ -655,7 +641,7 @@ pub(crate) fn tcp_track(s: &mut Session, outbound: bool, seg: &Segment) -> TcpVe
 
     // Windows in SYNs are never scaled (RFC 7323); a SYN's window is stored in the sender's units.
     let shift = s.win_shift(d.snd_nibble);
-    let win_units = if seg.flags & F_SYN != 0 {
+    let win_units = if seg.flags & tcp::SYN != 0 {
         (u32::from(seg.window) >> shift).clamp(1, u32::from(u16::MAX)) as u16
     } else {
         seg.window
@@ -669,18 +655,18 @@ pub(crate) fn tcp_track(s: &mut Session, outbound: bool, seg: &Segment) -> TcpVe
     if first || seq_after(end, snd.nxt) {
         snd.nxt = end;
     }
-    if seg.flags & F_ACK != 0 {
+    if seg.flags & tcp::ACK != 0 {
         if !acked || seq_after(seg.ack, snd.ack) {
             snd.ack = seg.ack;
         }
         s.flags |= d.snd_acked;
     }
     s.tcp_flags |= d.snd_seen;
-    if seg.flags & F_FIN != 0 {
+    if seg.flags & tcp::FIN != 0 {
         s.tcp_flags |= d.fin_bit;
     }
-    if seg.flags & F_ACK != 0
-        && seg.flags & F_SYN == 0
+    if seg.flags & tcp::ACK != 0
+        && seg.flags & tcp::SYN == 0
         && s.tcp_flags & (TCP_SYN_OUT | TCP_SYN_IN) == (TCP_SYN_OUT | TCP_SYN_IN)
     {
         s.tcp_flags |= TCP_ESTABLISHED;
@@ -735,11 +721,11 @@ mod tests {
     #[test]
     fn invalid_flag_combinations() {
         assert!(tcp_flags_invalid(0));
-        assert!(tcp_flags_invalid(F_SYN | F_FIN));
-        assert!(tcp_flags_invalid(F_SYN | F_RST | F_ACK));
-        assert!(!tcp_flags_invalid(F_SYN));
-        assert!(!tcp_flags_invalid(F_SYN | F_ACK));
-        assert!(!tcp_flags_invalid(F_RST));
-        assert!(!tcp_flags_invalid(F_FIN | F_ACK));
+        assert!(tcp_flags_invalid(tcp::SYN | tcp::FIN));
+        assert!(tcp_flags_invalid(tcp::SYN | tcp::RST | tcp::ACK));
+        assert!(!tcp_flags_invalid(tcp::SYN));
+        assert!(!tcp_flags_invalid(tcp::SYN | tcp::ACK));
+        assert!(!tcp_flags_invalid(tcp::RST));
+        assert!(!tcp_flags_invalid(tcp::FIN | tcp::ACK));
     }
 }

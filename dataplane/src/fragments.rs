@@ -14,6 +14,7 @@
 
 use crate::handoff::HandoffKind;
 use crate::time::Instant;
+use crate::wire::ipv4;
 use crate::Side;
 
 /// How long a datagram's translation is kept after its last fragment was seen.
@@ -34,12 +35,12 @@ pub struct FragmentKey {
 
 impl FragmentKey {
     /// The key of the IPv4 header at the start of `ip` (at least 20 bytes).
-    pub fn of(ip: &[u8; 20]) -> FragmentKey {
+    pub fn of(ip: &ipv4::Fixed) -> FragmentKey {
         FragmentKey {
-            src: u32::from_be_bytes([ip[12], ip[13], ip[14], ip[15]]),
-            dst: u32::from_be_bytes([ip[16], ip[17], ip[18], ip[19]]),
-            id: u16::from_be_bytes([ip[4], ip[5]]),
-            proto: ip[9],
+            src: ipv4::src(ip),
+            dst: ipv4::dst(ip),
+            id: ipv4::identification(ip),
+            proto: ipv4::protocol(ip),
         }
     }
 

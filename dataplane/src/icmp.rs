@@ -25,7 +25,8 @@
 
 use std::net::Ipv4Addr;
 
-use crate::wire::{checksum, ip_proto, ETH_HEADER_LEN, VLAN_TAG_LEN};
+use crate::wire::ethernet::{self, HEADER_LEN as ETH_HEADER_LEN, VLAN_TAG_LEN};
+use crate::wire::{checksum, icmp, ip_proto, ipv4};
 
 /// Settings for the errors the gateway originates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,19 +49,12 @@ impl Default for IcmpErrors {
     }
 }
 
-const IPV4_HEADER_LEN: usize = 20;
-const ICMP_HEADER_LEN: usize = 8;
+const IPV4_HEADER_LEN: usize = ipv4::MIN_HEADER_LEN;
+const ICMP_HEADER_LEN: usize = icmp::HEADER_LEN;
 /// RFC 1812 4.3.2.3: an ICMP error's IP datagram is at most 576 bytes.
 const MAX_ERROR_IP_LEN: usize = 576;
 /// Bytes of the frame a reply occupies at most (Ethernet + one tag + 576 bytes of IP).
 pub const MAX_REPLY_FRAME: usize = ETH_HEADER_LEN + VLAN_TAG_LEN + MAX_ERROR_IP_LEN;
-
-/// ICMP destination unreachable.
-pub const TYPE_DEST_UNREACHABLE: u8 = 3;
-/// Communication administratively prohibited (RFC 1812 5.2.7.1).
-pub const CODE_ADMIN_PROHIBITED: u8 = 13;
-/// Fragmentation needed and DF set (RFC 792, RFC 1191: the next-hop MTU in the second 16-bit word).
-pub const CODE_FRAGMENTATION_NEEDED: u8 = 4;
 
 /// Which destination-unreachable error to write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,12 +63,6 @@ pub enum Unreachable {
     AdminProhibited,
     /// 3/4 with the MTU of the next hop.
     FragmentationNeeded { next_hop_mtu: u16 },
-}
-
-/// Whether an ICMP message of this type is a query (echo, timestamp, information, address mask); everything
-/// else, errors and types we do not know, gets no error in return (RFC 1122 3.2.2).
-fn is_icmp_query(icmp_type: u8) -> bool {
-    matches!(icmp_type, 0 | 8 | 13 | 14 | 15 | 16 | 17 | 18)
 }
 
 /// Whether `a` can be the source of a packet we answer (RFC 1812 4.3.2.7: it must define a single host).
@@ -102,25 +90,26 @@ pub fn write_unreachable(
     {
         return None;
     }
-    let header_len = usize::from(ip[0] & 0x0f) * 4;
+    let h = ipv4::fixed(ip)?;
+    let header_len = ipv4::header_len(h);
     if header_len < IPV4_HEADER_LEN || header_len > ip.len() {
         return None;
     }
     // Link layer: a group-addressed frame (broadcast, multicast) or a group source MAC gets nothing.
-    if eth[0] & 1 != 0 || eth[6] & 1 != 0 {
+    if ethernet::is_group_address(eth) || ethernet::is_group_address(&eth[ethernet::SRC..]) {
         return None;
     }
     // RFC 1812 4.3.2.7: only the first fragment.
-    if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
+    if ipv4::flags_fragment(h) & ipv4::FRAGMENT_OFFSET_MASK != 0 {
         return None;
     }
-    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let src = Ipv4Addr::from(ipv4::src(h));
+    let dst = Ipv4Addr::from(ipv4::dst(h));
     if !is_single_host(src) || dst.is_multicast() || dst.is_broadcast() {
         return None;
     }
     // Never an error about an ICMP error (or about an ICMP message too short to tell).
-    if ip[9] == ip_proto::ICMP && !ip.get(header_len).is_some_and(|&t| is_icmp_query(t)) {
+    if ipv4::protocol(h) == ip_proto::ICMP && !ip.get(header_len).is_some_and(|&t| icmp::is_query(t)) {
         return None;
     }
 
@@ -149,18 +138,18 @@ pub fn write_unreachable(
     let ip_check = checksum::compute(ip_out);
     ip_out[10..12].copy_from_slice(&ip_check.to_be_bytes());
 
-    icmp_out[0] = TYPE_DEST_UNREACHABLE;
+    icmp_out[icmp::TYPE] = icmp::DEST_UNREACHABLE;
     icmp_out[2..8].copy_from_slice(&[0; 6]);
     match kind {
-        Unreachable::AdminProhibited => icmp_out[1] = CODE_ADMIN_PROHIBITED,
+        Unreachable::AdminProhibited => icmp_out[icmp::CODE] = icmp::code::ADMIN_PROHIBITED,
         Unreachable::FragmentationNeeded { next_hop_mtu } => {
-            icmp_out[1] = CODE_FRAGMENTATION_NEEDED;
-            icmp_out[6..8].copy_from_slice(&next_hop_mtu.to_be_bytes());
+            icmp_out[icmp::CODE] = icmp::code::FRAGMENTATION_NEEDED;
+            icmp_out[icmp::NEXT_HOP_MTU..icmp::NEXT_HOP_MTU + 2].copy_from_slice(&next_hop_mtu.to_be_bytes());
         }
     }
     icmp_out[ICMP_HEADER_LEN..].copy_from_slice(&ip[..quote_len]);
     let icmp_check = checksum::compute(icmp_out);
-    icmp_out[2..4].copy_from_slice(&icmp_check.to_be_bytes());
+    icmp_out[icmp::CHECKSUM..icmp::CHECKSUM + 2].copy_from_slice(&icmp_check.to_be_bytes());
     Some(len)
 }
 

@@ -31,32 +31,35 @@ impl Nat {
         if !checksum::verify(icmp) {
             return Err(DropReason::BadIcmpChecksum);
         }
-        let q = ihl + 8;
+        let q = ihl + icmp::HEADER_LEN;
         let inner = packet.get(q..).ok_or(DropReason::Truncated)?;
-        if inner.len() < 20 || inner[0] >> 4 != 4 {
+        let Some(qh) = ipv4::fixed(inner).filter(|h| ipv4::version(h) == 4) else {
             return Err(DropReason::Truncated);
-        }
-        let qihl = usize::from(inner[0] & 0x0f) * 4;
+        };
+        let qihl = ipv4::header_len(qh);
         // An 8-byte L4 quote (RFC 792) is enough: ports, and the UDP checksum, are in it.
-        if qihl < 20 || inner.len() < qihl + 8 {
+        if qihl < ipv4::MIN_HEADER_LEN || inner.len() < qihl + QUOTED_L4_LEN {
             return Err(DropReason::Truncated);
         }
         // RFC 5508 REQ-3a: a bad embedded IP header checksum is dropped.
         if !checksum::verify(&inner[..qihl]) {
             return Err(DropReason::BadIcmpChecksum);
         }
-        let proto = inner[9];
+        let proto = ipv4::protocol(qh);
+        // TCP and UDP have their ports at the same offsets.
         let (sport, dport) = match proto {
-            ip_proto::TCP | ip_proto::UDP => (rd16(inner, qihl), rd16(inner, qihl + 2)),
-            ip_proto::ICMP if inner[qihl] == ICMP_ECHO_REQUEST || inner[qihl] == ICMP_ECHO_REPLY => {
-                (rd16(inner, qihl + 4), 0)
+            ip_proto::TCP | ip_proto::UDP => {
+                (read_u16(inner, qihl + udp::SRC_PORT), read_u16(inner, qihl + udp::DST_PORT))
+            }
+            ip_proto::ICMP if icmp::is_echo(inner[qihl + icmp::TYPE]) => {
+                (read_u16(inner, qihl + icmp::IDENTIFIER), 0)
             }
             _ => return Err(DropReason::UnsupportedIcmp),
         };
-        Ok(Quote { q, qihl, proto, src: rd32(inner, 12), dst: rd32(inner, 16), sport, dport })
+        Ok(Quote { q, qihl, proto, src: ipv4::src(qh), dst: ipv4::dst(qh), sport, dport })
     }
 
-    /// Rewrites the quoted header's address (`addr_off` 12 or 16 in the quote) and port/identifier, keeping the
+    /// Rewrites the quoted header's address (`addr_off`: `ipv4::SRC` or `ipv4::DST`) and port/identifier, keeping the
     /// quoted IP checksum, the quoted L4 checksum (when it is inside the quote) and the ICMP checksum valid.
     pub(super) fn rewrite_quote(
         packet: &mut [u8],
@@ -68,18 +71,18 @@ impl Nat {
         port: u16,
     ) {
         let Quote { q, qihl, proto, .. } = *qt;
-        let old_addr = rd32(packet, q + addr_off);
-        let old_port = rd16(packet, q + qihl + port_off);
+        let old_addr = read_u32(packet, q + addr_off);
+        let old_port = read_u16(packet, q + qihl + port_off);
         // Quoted IP header: the address and its checksum.
         icmp_wr16(packet, icmp, q + addr_off, (addr >> 16) as u16);
         icmp_wr16(packet, icmp, q + addr_off + 2, addr as u16);
-        let c = rd16(packet, q + 10);
-        icmp_wr16(packet, icmp, q + 10, checksum::update32(c, old_addr, addr));
+        let c = read_u16(packet, q + ipv4::CHECKSUM);
+        icmp_wr16(packet, icmp, q + ipv4::CHECKSUM, checksum::update32(c, old_addr, addr));
         // Quoted L4 checksum, when quoted: pseudo-header address (TCP/UDP) and the port.
         let (ck_off, pseudo) = l4_layout(proto);
         let ck = q + qihl + ck_off;
         if ck + 2 <= packet.len() {
-            let mut c = rd16(packet, ck);
+            let mut c = read_u16(packet, ck);
             if proto == ip_proto::UDP {
                 c = checksum::update16_udp(checksum::update32_udp(c, old_addr, addr), old_port, port);
             } else {
@@ -97,7 +100,7 @@ impl Nat {
     pub(super) fn inbound_icmp_error(
         &mut self,
         packet: &mut [u8],
-        l4: &L4,
+        l4: &Transport,
         ip_idx: u8,
     ) -> Result<Inbound, DropReason> {
         let qt = Self::quoted(packet, l4.ihl)?;
@@ -113,11 +116,9 @@ impl Nat {
         };
         // RFC 5508 REQ-6 / 5382 REQ-10: the flow is neither ended nor refreshed.
         let s = self.sessions[sid as usize];
-        let port_off = if proto == ip_proto::ICMP { 4 } else { 0 };
-        Self::rewrite_quote(packet, l4.ihl, &qt, 12, s.in_addr, port_off, s.in_port);
-        let old = rd32(packet, 16);
-        wr32(packet, 16, s.in_addr);
-        wr16(packet, 10, checksum::update32(rd16(packet, 10), old, s.in_addr));
+        let port_off = if proto == ip_proto::ICMP { icmp::IDENTIFIER } else { udp::SRC_PORT };
+        Self::rewrite_quote(packet, l4.ihl, &qt, ipv4::SRC, s.in_addr, port_off, s.in_port);
+        set_address(packet, ipv4::DST, s.in_addr);
         Ok(Inbound::Forward)
     }
 
@@ -132,7 +133,7 @@ impl Nat {
     pub(super) fn outbound_icmp_error(
         &mut self,
         packet: &mut [u8],
-        l4: &L4,
+        l4: &Transport,
         policy: &PolicySnapshot,
     ) -> Result<Outbound, DropReason> {
         let qt = Self::quoted(packet, l4.ihl)?;
@@ -154,26 +155,39 @@ impl Nat {
         Self::cut_quote(packet, l4.ihl, &qt);
         let s = self.sessions[sid as usize];
         let egress = self.egress[usize::from(s.ip_idx)];
-        let port_off = if proto == ip_proto::ICMP { 4 } else { 2 };
-        Self::rewrite_quote(packet, l4.ihl, &qt, 16, egress, port_off, s.ext_port);
-        let old = rd32(packet, 12);
-        wr32(packet, 12, egress);
-        wr16(packet, 10, checksum::update32(rd16(packet, 10), old, egress));
+        let port_off = if proto == ip_proto::ICMP { icmp::IDENTIFIER } else { udp::DST_PORT };
+        Self::rewrite_quote(packet, l4.ihl, &qt, ipv4::DST, egress, port_off, s.ext_port);
+        set_address(packet, ipv4::SRC, egress);
         Ok(Outbound::Forward)
     }
 
     /// Shortens an ICMP error to its header and the quoted IP header + 8 bytes (RFC 792): rewrites the outer total
     /// length (and the header checksum) and recomputes the ICMP checksum over what is left.
     pub(super) fn cut_quote(packet: &mut [u8], ihl: usize, qt: &Quote) {
-        let keep = qt.q + qt.qihl + 8;
+        let keep = qt.q + qt.qihl + QUOTED_L4_LEN;
         if packet.len() <= keep {
             return;
         }
-        let old_len = rd16(packet, 2);
-        wr16(packet, 2, keep as u16);
-        wr16(packet, 10, checksum::update16(rd16(packet, 10), old_len, keep as u16));
-        wr16(packet, ihl + 2, 0);
+        let old_len = read_u16(packet, ipv4::TOTAL_LEN);
+        write_u16(packet, ipv4::TOTAL_LEN, keep as u16);
+        write_u16(
+            packet,
+            ipv4::CHECKSUM,
+            checksum::update16(read_u16(packet, ipv4::CHECKSUM), old_len, keep as u16),
+        );
+        write_u16(packet, ihl + icmp::CHECKSUM, 0);
         let sum = checksum::compute(&packet[ihl..keep]);
-        wr16(packet, ihl + 2, sum);
+        write_u16(packet, ihl + icmp::CHECKSUM, sum);
     }
+}
+
+/// Bytes of the quoted packet's transport header an ICMP error carries at least, and all that egressd lets an
+/// inside error carry out (RFC 792).
+const QUOTED_L4_LEN: usize = 8;
+
+/// Sets the outer header's address at `at` (`ipv4::SRC` or `ipv4::DST`), keeping the header checksum valid.
+fn set_address(packet: &mut [u8], at: usize, address: u32) {
+    let old = read_u32(packet, at);
+    write_u32(packet, at, address);
+    write_u16(packet, ipv4::CHECKSUM, checksum::update32(read_u16(packet, ipv4::CHECKSUM), old, address));
 }

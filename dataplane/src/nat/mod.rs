@@ -75,8 +75,8 @@ use crate::conntrack::*;
 use crate::drop::DropReason;
 use crate::policy::{Decision, PolicySnapshot, Verdict};
 use crate::time::Instant;
-use crate::wire::checksum;
-use crate::wire::ip_proto;
+use crate::wire::transport::{self, Transport};
+use crate::wire::{checksum, icmp, ip_proto, ipv4, read_u16, read_u32, udp, write_u16, write_u32};
 
 mod icmp_error;
 mod packet;
@@ -875,11 +875,11 @@ impl Nat {
         let ihl = usize::from(vihl & 0x0f) * 4;
         let proto = packet[9];
         let (sport, dport) = match proto {
-            ip_proto::TCP | ip_proto::UDP => (rd16(packet, ihl), rd16(packet, ihl + 2)),
-            ip_proto::ICMP => (rd16(packet, ihl + 4), 0),
+            ip_proto::TCP | ip_proto::UDP => (read_u16(packet, ihl), read_u16(packet, ihl + 2)),
+            ip_proto::ICMP => (read_u16(packet, ihl + 4), 0),
             _ => return,
         };
-        let (src, dst) = (rd32(packet, 12), rd32(packet, 16));
+        let (src, dst) = (read_u32(packet, 12), read_u32(packet, 16));
         let sid = self.out_idx.peek_match(self.out_hash(src, sport, dst, dport, proto));
         // No branch on the slot (it is likely still in flight): a miss reads the last session instead.
         let i = (sid as usize).min(self.sessions.len().saturating_sub(1));
@@ -986,7 +986,7 @@ impl Nat {
                     Verdict::Deny(_) => result = Outbound::DryRunDenied,
                 }
                 // RFC 5382: a TCP flow starts with a SYN (a bare SYN; SYN+ACK with no state is not a new flow).
-                if tcp && l4.seg.flags & (F_SYN | F_ACK) != F_SYN {
+                if tcp && l4.seg.flags & (tcp::SYN | tcp::ACK) != tcp::SYN {
                     return Err(DropReason::TcpNotSyn);
                 }
                 // RFC 4787 REQ-2: paired pooling.
@@ -1062,8 +1062,8 @@ impl Nat {
         self.touch(sid, class, now_s);
         let s = self.sessions[sid as usize];
         let egress = self.egress[usize::from(s.ip_idx)];
-        let port_off = if l4.proto == ip_proto::ICMP { 4 } else { 0 };
-        rewrite(packet, l4.ihl, l4.proto, 12, egress, port_off, s.ext_port);
+        let port_off = if l4.proto == ip_proto::ICMP { icmp::IDENTIFIER } else { udp::SRC_PORT };
+        rewrite(packet, l4.ihl, l4.proto, ipv4::SRC, egress, port_off, s.ext_port);
         if s.flags & SESSION_HAIRPIN != 0 {
             // RFC 4787 REQ-9: hairpinning. The SNATed packet now looks like an inbound one from our own egress
             // endpoint; the owner of the destination port runs the inbound leg.
@@ -1132,7 +1132,7 @@ impl Nat {
                     // RFC 5382 REQ-4 / RFC 4787 REQ-8: unsolicited inbound traffic creates nothing.
                     return Err(DropReason::NoMapping);
                 }
-                if tcp && l4.seg.flags & (F_SYN | F_ACK) != F_SYN {
+                if tcp && l4.seg.flags & (tcp::SYN | tcp::ACK) != tcp::SYN {
                     return Err(DropReason::NoMapping);
                 }
                 let Some(mid) = self.mapping_at(ip_idx, l4.proto, ext_port) else {
@@ -1174,14 +1174,14 @@ impl Nat {
             tcp_verdict(tcp_track(s, false, &l4.seg))?;
             class = tcp_class(s.tcp_flags);
             // RSTs do not refresh (a valid one moves the flow to transitory, kept 4 min from now).
-            refresh = l4.seg.flags & F_RST == 0 || class != s.class;
+            refresh = l4.seg.flags & tcp::RST == 0 || class != s.class;
         }
         let s = *s;
         if refresh {
             self.touch(sid, class, now_s);
         }
-        let port_off = if l4.proto == ip_proto::ICMP { 4 } else { 2 };
-        rewrite(packet, l4.ihl, l4.proto, 16, s.in_addr, port_off, s.in_port);
+        let port_off = if l4.proto == ip_proto::ICMP { icmp::IDENTIFIER } else { udp::DST_PORT };
+        rewrite(packet, l4.ihl, l4.proto, ipv4::DST, s.in_addr, port_off, s.in_port);
         Ok(Inbound::Forward)
     }
 

@@ -108,18 +108,18 @@ fn icmp_error(src: A, dst: A, ty: u8, code: u8, quoted: &[u8], quote_len: usize)
 }
 
 fn src_of(pkt: &[u8]) -> (Ipv4Addr, u16) {
-    (Ipv4Addr::from(rd32(pkt, 12)), if pkt[9] == 1 { rd16(pkt, 24) } else { rd16(pkt, 20) })
+    (Ipv4Addr::from(read_u32(pkt, 12)), if pkt[9] == 1 { read_u16(pkt, 24) } else { read_u16(pkt, 20) })
 }
 
 fn dst_of(pkt: &[u8]) -> (Ipv4Addr, u16) {
-    (Ipv4Addr::from(rd32(pkt, 16)), if pkt[9] == 1 { rd16(pkt, 24) } else { rd16(pkt, 22) })
+    (Ipv4Addr::from(read_u32(pkt, 16)), if pkt[9] == 1 { read_u16(pkt, 24) } else { read_u16(pkt, 22) })
 }
 
 /// Full recomputation of the IPv4 header checksum and the L4 checksum (TCP/UDP with pseudo header; UDP 0 means
 /// none; ICMP over the whole message).
 fn checksums_ok(pkt: &[u8]) -> bool {
     // What leaves is what the total length says (the NAT may shorten a packet: an inside ICMP error's quote).
-    let pkt = &pkt[..usize::from(rd16(pkt, 2)).min(pkt.len())];
+    let pkt = &pkt[..usize::from(read_u16(pkt, 2)).min(pkt.len())];
     let ihl = usize::from(pkt[0] & 0xf) * 4;
     if !checksum::verify(&pkt[..ihl]) {
         return false;
@@ -127,7 +127,7 @@ fn checksums_ok(pkt: &[u8]) -> bool {
     let l4 = &pkt[ihl..];
     match pkt[9] {
         6 | 17 => {
-            if pkt[9] == 17 && rd16(l4, 6) == 0 {
+            if pkt[9] == 17 && read_u16(l4, 6) == 0 {
                 return true;
             }
             let mut ph = Vec::new();
@@ -774,8 +774,8 @@ fn ip_options_are_skipped_to_find_l4() {
     let c = checksum::compute(&pk[..24]);
     pk[10..12].copy_from_slice(&c.to_be_bytes());
     assert_eq!(out(&mut nat, 0, &mut pk, &pol), Ok(Outbound::Forward));
-    assert_eq!(rd16(&pk, 24), 40000);
-    assert_eq!(Ipv4Addr::from(rd32(&pk, 12)), ip(EG));
+    assert_eq!(read_u16(&pk, 24), 40000);
+    assert_eq!(Ipv4Addr::from(read_u32(&pk, 12)), ip(EG));
 }
 
 proptest! {
@@ -827,7 +827,7 @@ proptest! {
         let r = nat.inbound(t(0), &mut reply);
         prop_assert_eq!(r, Ok(Inbound::Forward));
         prop_assert!(checksums_ok(&reply));
-        prop_assert_eq!(Ipv4Addr::from(rd32(&reply, 16)), ip(src));
+        prop_assert_eq!(Ipv4Addr::from(read_u32(&reply, 16)), ip(src));
     }
 }
 
@@ -855,10 +855,10 @@ fn rfc5508_req4_icmp_errors_are_translated_outer_and_quoted_headers() {
         // From the server or a router on the way.
         let mut err = icmp_error([198, 18, 0, 1], EG, ty, code, &sent, quote_len);
         assert_eq!(inb(&mut nat, 50, &mut err), Ok(Inbound::Forward), "type {ty}");
-        assert_eq!(Ipv4Addr::from(rd32(&err, 16)), ip(C1));
+        assert_eq!(Ipv4Addr::from(read_u32(&err, 16)), ip(C1));
         // Quoted header: source back to the inside endpoint.
-        assert_eq!(Ipv4Addr::from(rd32(&err, 28 + 12)), ip(C1));
-        assert_eq!(rd16(&err, 48), 40000);
+        assert_eq!(Ipv4Addr::from(read_u32(&err, 28 + 12)), ip(C1));
+        assert_eq!(read_u16(&err, 48), 40000);
         assert!(quoted_ok(&err));
         if quote_len == sent.len() {
             // The whole datagram is quoted: its UDP checksum is valid for the inside addresses again.
@@ -874,7 +874,7 @@ fn rfc5508_req4_icmp_errors_are_translated_outer_and_quoted_headers() {
     for ql in [28, syn.len()] {
         let mut err = icmp_error(SRV, EG, 3, 1, &syn, ql);
         assert_eq!(inb(&mut nat, 50, &mut err), Ok(Inbound::Forward));
-        assert_eq!(rd16(&err, 48), 40000);
+        assert_eq!(read_u16(&err, 48), 40000);
         if ql == syn.len() {
             assert_eq!(&err[28..], &tcp(C1, 40000, SRV, 443, 1, 0, "S")[..]);
         }
@@ -935,9 +935,9 @@ fn outbound_icmp_errors_from_inside_hosts_are_translated() {
     inb(&mut nat, 1, &mut reply).unwrap();
     let mut err = icmp_error(C1, SRV, 3, 3, &reply, reply.len());
     assert_eq!(out(&mut nat, 2, &mut err, &pol), Ok(Outbound::Forward));
-    assert_eq!(Ipv4Addr::from(rd32(&err, 12)), ip(EG));
+    assert_eq!(Ipv4Addr::from(read_u32(&err, 12)), ip(EG));
     // The quote is cut to the quoted IP header and 8 bytes (RFC 792), translated back to what the server sent.
-    assert_eq!(rd16(&err, 2), 56);
+    assert_eq!(read_u16(&err, 2), 56);
     assert_eq!(&err[28..56], &udp(SRV, 53, EG, ext)[..28]);
     // About no flow: dropped.
     let mut err = icmp_error(C1, SRV, 3, 3, &udp(SRV, 53, C1, 1), 28);
@@ -974,7 +974,7 @@ fn inside_icmp_errors_leave_only_from_the_flows_endpoint_to_its_peer_cut_to_8_by
     // From the endpoint to its peer: translated, and only the header + 8 bytes of the quote leave.
     let mut err = icmp_error(C1, SRV, 3, 3, &quoted, quoted.len());
     assert_eq!(out(&mut nat, 2, &mut err, &pol), Ok(Outbound::Forward));
-    assert_eq!(usize::from(rd16(&err, 2)), 20 + 8 + 20 + 8);
+    assert_eq!(usize::from(read_u16(&err, 2)), 20 + 8 + 20 + 8);
     assert!(checksums_ok(&err));
     assert!(!err[..56].contains(&0x5a), "nothing of the tail is within the length that leaves");
     // After a reload that takes the source out of every group, its errors are refused too.

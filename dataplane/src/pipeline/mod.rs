@@ -42,7 +42,7 @@ use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
 use crate::policy::{Decision, PolicySnapshot, SharedPolicy, Verdict};
 use crate::stats::{RuleHits, WorkerStats};
 use crate::time::{Instant, TokenBucket};
-use crate::wire::{checksum, ETH_HEADER_LEN};
+use crate::wire::{checksum, ethernet, ip_proto, ipv4, read_u16, read_u32, tcp, write_u16, write_u32};
 use crate::Side;
 
 /// What to do with one frame.
@@ -61,161 +61,8 @@ pub enum Action {
     Reply { out: Side, len: usize },
 }
 
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_IPV6: u16 = 0x86dd;
-const ETHERTYPE_VLAN: u16 = 0x8100;
-const ETHERTYPE_QINQ: u16 = 0x88a8;
-const IPV4_MIN_HEADER_LEN: usize = 20;
-const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
-const IPV4_FRAGMENT_OFFSET_MASK: u16 = 0x1fff;
 /// Repeat a resolution request for the same next hop at most this often (the queue is not a per-packet log).
 const RESOLVE_REPEAT_NANOS: u64 = 100_000_000;
-
-/// Where the layers of a validated IPv4 frame are.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ipv4Frame {
-    /// Offset of the IPv4 header in the frame.
-    pub ip_start: usize,
-    /// Offset just past the IPv4 total length (any Ethernet padding starts here).
-    pub ip_end: usize,
-    /// IPv4 header length in bytes (IHL × 4); the transport header starts at `ip_start + header_len`.
-    pub header_len: usize,
-    /// The header's more-fragments flag and fragment offset (0: not a fragment).
-    pub fragment: u16,
-}
-
-impl Ipv4Frame {
-    /// A fragment other than the first: it carries no transport header.
-    #[inline]
-    pub fn is_later_fragment(&self) -> bool {
-        self.fragment & IPV4_FRAGMENT_OFFSET_MASK != 0
-    }
-
-    /// The first fragment of a fragmented datagram: it carries the transport header.
-    #[inline]
-    pub fn is_first_fragment(&self) -> bool {
-        self.fragment == IPV4_MORE_FRAGMENTS
-    }
-}
-
-#[inline]
-fn be16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
-}
-
-/// Steps 1 and 2: Ethernet (+ one tag) and IPv4 validation. Does not look at the TTL. Always inlined: it runs once
-/// per packet, and as a call it cost 30 instructions more per packet (measured when a second caller had made the
-/// compiler outline it).
-#[inline(always)]
-pub fn parse_ipv4_frame(frame: &[u8]) -> Result<Ipv4Frame, DropReason> {
-    let ethertype = be16(frame, 12).ok_or(DropReason::Truncated)?;
-    let ip_start = ETH_HEADER_LEN;
-    if ethertype == ETHERTYPE_VLAN || ethertype == ETHERTYPE_QINQ {
-        // The interfaces are not configured for VLANs: a tag the sender chose must never reach the other side.
-        return Err(DropReason::VlanTagged);
-    }
-    match ethertype {
-        ETHERTYPE_IPV4 => {}
-        ETHERTYPE_IPV6 => return Err(DropReason::Ipv6Unsupported),
-        _ => return Err(DropReason::NotIp),
-    }
-    let ip = frame.get(ip_start..).unwrap_or(&[]);
-    // The fixed header as an array: its fields are read without bounds checks.
-    let Some(fixed) = ip.first_chunk::<IPV4_MIN_HEADER_LEN>() else {
-        return Err(DropReason::Truncated);
-    };
-    if fixed[0] >> 4 != 4 {
-        return Err(DropReason::IpVersionMismatch);
-    }
-    let header_len = usize::from(fixed[0] & 0x0f) * 4;
-    if header_len < IPV4_MIN_HEADER_LEN || header_len > ip.len() {
-        return Err(DropReason::BadIpHeader);
-    }
-    let total_len = usize::from(u16::from_be_bytes([fixed[2], fixed[3]]));
-    if total_len < header_len || total_len > ip.len() {
-        return Err(DropReason::BadIpLength);
-    }
-    if !checksum::verify(&ip[..header_len]) {
-        return Err(DropReason::BadIpChecksum);
-    }
-    if header_len > IPV4_MIN_HEADER_LEN {
-        check_ipv4_options(&ip[IPV4_MIN_HEADER_LEN..header_len])?;
-    }
-    let fragment =
-        u16::from_be_bytes([fixed[6], fixed[7]]) & (IPV4_MORE_FRAGMENTS | IPV4_FRAGMENT_OFFSET_MASK);
-    Ok(Ipv4Frame { ip_start, ip_end: ip_start + total_len, header_len, fragment })
-}
-
-/// Lowers the MSS option of a TCP SYN in `packet` (an IPv4 packet with a `header_len`-byte header) to `max_mss`,
-/// keeping the TCP checksum valid (RFC 1624). Anything else is left alone.
-fn clamp_syn_mss(packet: &mut [u8], header_len: usize, max_mss: u16) {
-    const SYN: u8 = 0x02;
-    if packet.get(9) != Some(&crate::wire::ip_proto::TCP) {
-        return;
-    }
-    let Some(tcp) = packet.get_mut(header_len..) else { return };
-    if tcp.len() < 20 || tcp[13] & SYN == 0 {
-        return;
-    }
-    let data_offset = usize::from(tcp[12] >> 4) * 4;
-    let Some((head, _)) = tcp.split_at_mut_checked(data_offset) else { return };
-    let (fixed, mut options) = head.split_at_mut(20.min(head.len()));
-    while let Some(&kind) = options.first() {
-        match kind {
-            0 => break,
-            1 => options = &mut options[1..],
-            _ => {
-                let len = usize::from(options.get(1).copied().unwrap_or(0));
-                if len < 2 || len > options.len() {
-                    break;
-                }
-                if kind == 2 && len == 4 {
-                    let mss = u16::from_be_bytes([options[2], options[3]]);
-                    if mss > max_mss {
-                        options[2..4].copy_from_slice(&max_mss.to_be_bytes());
-                        let check = u16::from_be_bytes([fixed[16], fixed[17]]);
-                        fixed[16..18].copy_from_slice(&checksum::update16(check, mss, max_mss).to_be_bytes());
-                    }
-                    return;
-                }
-                options = &mut options[len..];
-            }
-        }
-    }
-}
-
-/// The fixed IPv4 header at `ip_start` of a parsed frame.
-#[inline]
-fn ip_fixed(frame: &[u8], ip_start: usize) -> Option<&[u8; 20]> {
-    frame.get(ip_start..)?.first_chunk::<20>()
-}
-
-/// IPv4 options (rare, so walked only when present): well-formed, and no loose or strict source route (RFC 7126
-/// 4.3/4.4: a router must not forward source-routed packets; they steer traffic past filters).
-#[cold]
-fn check_ipv4_options(mut options: &[u8]) -> Result<(), DropReason> {
-    const EOL: u8 = 0;
-    const NOP: u8 = 1;
-    const LSRR: u8 = 0x83;
-    const SSRR: u8 = 0x89;
-    while let Some(&kind) = options.first() {
-        match kind {
-            EOL => break,
-            NOP => options = &options[1..],
-            _ => {
-                let len = usize::from(*options.get(1).ok_or(DropReason::BadIpHeader)?);
-                if len < 2 || len > options.len() {
-                    return Err(DropReason::BadIpHeader);
-                }
-                if kind == LSRR || kind == SSRR {
-                    return Err(DropReason::SourceRoute);
-                }
-                options = &options[len..];
-            }
-        }
-    }
-    Ok(())
-}
 
 /// Where next-hop snapshots come from and where resolution requests go.
 #[derive(Clone, Debug)]
@@ -512,7 +359,7 @@ impl Pipeline {
     /// Out of ports: drop, count `out_of_ports`, optionally ICMP 3/13. Writes the ICMP error for
     /// a refused frame (still as received: the NAT rewrites nothing before it allocates) into the reply buffer,
     /// if enabled, allowed (RFC 1812 4.3.2.7) and within the rate limit; returns its length.
-    fn out_of_ports_reply(&mut self, now: Instant, frame: &[u8], l3: &Ipv4Frame) -> Option<usize> {
+    fn out_of_ports_reply(&mut self, now: Instant, frame: &[u8], l3: &ipv4::Frame) -> Option<usize> {
         if !self.icmp_errors.on_out_of_ports {
             return None;
         }
@@ -527,7 +374,7 @@ impl Pipeline {
         now: Instant,
         kind: Unreachable,
         frame: &[u8],
-        l3: &Ipv4Frame,
+        l3: &ipv4::Frame,
         from: Option<Ipv4Addr>,
     ) -> Option<usize> {
         // Write first (cheap, into our own buffer), charge the bucket only for a packet that may be answered.
@@ -550,7 +397,7 @@ impl Pipeline {
         &mut self,
         now: Instant,
         frame: &[u8],
-        l3: &Ipv4Frame,
+        l3: &ipv4::Frame,
         arrived: Side,
         mtu: usize,
     ) -> Result<Action, DropReason> {
@@ -563,8 +410,8 @@ impl Pipeline {
     }
 
     fn forward(&mut self, now: Instant, leg: Leg, frame: &mut [u8]) -> Result<Action, DropReason> {
-        let l3 = parse_ipv4_frame(frame)?;
-        let ttl_at = l3.ip_start + 8;
+        let l3 = ipv4::parse_frame(frame)?;
+        let ttl_at = l3.ip_start + ipv4::TTL;
         if frame[ttl_at] <= 1 {
             return Err(DropReason::TtlExceeded);
         }
@@ -585,28 +432,24 @@ impl Pipeline {
         if l3.is_later_fragment() {
             return self.forward_later_fragment(now, frame, l3);
         }
-        if self.clamp_mss {
+        if self.clamp_mss && frame.get(l3.ip_start + ipv4::PROTOCOL) == Some(&ip_proto::TCP) {
             let mtu = self.snapshot.inside.mtu.min(self.snapshot.outside.mtu);
             if mtu > 40 {
                 let max_mss = (mtu - 40).min(u32::from(u16::MAX)) as u16;
-                clamp_syn_mss(&mut frame[l3.ip_start..l3.ip_end], l3.header_len, max_mss);
+                tcp::clamp_syn_mss(&mut frame[l3.ip_start + l3.header_len..l3.ip_end], max_mss);
             }
         }
         // A first fragment goes through the NAT like any packet; what it becomes is recorded for the rest.
-        let first_fragment =
-            l3.is_first_fragment().then(|| ip_fixed(frame, l3.ip_start).map(FragmentKey::of));
+        let first_fragment = l3
+            .is_first_fragment()
+            .then(|| frame.get(l3.ip_start..).and_then(ipv4::fixed).map(FragmentKey::of));
         // From inside, the next hop first: a packet that cannot leave (no route, or an unresolved next hop and no
         // room to wait for it) must not take a NAT session and port. The NAT does not change the destination of a
         // packet that leaves by the outside, so the answer serves `route` below. (A hairpinned packet, to one of
         // our egress IPs, goes back inside and is routed there.)
         let mut outside_l2 = None;
         if leg.is_outbound() {
-            let dst = Ipv4Addr::from(u32::from_be_bytes([
-                frame[l3.ip_start + 16],
-                frame[l3.ip_start + 17],
-                frame[l3.ip_start + 18],
-                frame[l3.ip_start + 19],
-            ]));
+            let dst = Ipv4Addr::from(read_u32(frame, l3.ip_start + ipv4::DST));
             if !self.nat.is_egress_ip(dst) {
                 match self.snapshot.lookup_l2(Side::Outside, dst) {
                     Ok(l2) => outside_l2 = Some(l2),
@@ -642,19 +485,16 @@ impl Pipeline {
             }
         };
         if let Some(key) = first_fragment.flatten() {
-            let translated = ip_fixed(frame, l3.ip_start).ok_or(DropReason::Truncated)?;
-            let (src, dst) = (
-                u32::from_be_bytes([translated[12], translated[13], translated[14], translated[15]]),
-                u32::from_be_bytes([translated[16], translated[17], translated[18], translated[19]]),
-            );
+            let translated = frame.get(l3.ip_start..).and_then(ipv4::fixed).ok_or(DropReason::Truncated)?;
+            let (src, dst) = (ipv4::src(translated), ipv4::dst(translated));
             self.record_fragment(now, key, FragmentRoute::Out { out, src, dst })?;
         }
 
         // The NAT may have shortened the packet (an inside ICMP error's quote is cut to 8 bytes): send what the IP
         // header now says, never more than arrived.
-        let total_len = usize::from(u16::from_be_bytes([frame[l3.ip_start + 2], frame[l3.ip_start + 3]]));
+        let total_len = usize::from(read_u16(frame, l3.ip_start + ipv4::TOTAL_LEN));
         let ip_end = (l3.ip_start + total_len).min(l3.ip_end);
-        let l3 = Ipv4Frame { ip_end, ..l3 };
+        let l3 = ipv4::Frame { ip_end, ..l3 };
         let l2 = if out == Side::Outside { outside_l2 } else { None };
         self.route_or_hold(now, out, frame, l3, l2)
     }
@@ -667,7 +507,7 @@ impl Pipeline {
         now: Instant,
         out: Side,
         frame: &mut [u8],
-        l3: Ipv4Frame,
+        l3: ipv4::Frame,
         known_l2: Option<[u8; 12]>,
     ) -> Result<Action, DropReason> {
         match self.route(now, out, frame, l3.ip_start, l3.ip_end, known_l2) {
@@ -682,7 +522,7 @@ impl Pipeline {
     }
 
     #[cold]
-    fn hold(&mut self, now: Instant, out: Side, frame: &[u8], l3: Ipv4Frame) {
+    fn hold(&mut self, now: Instant, out: Side, frame: &[u8], l3: ipv4::Frame) {
         let mut held = HeldFrame {
             out,
             since: now,
@@ -710,10 +550,11 @@ impl Pipeline {
         // The MACs and the fixed IPv4 header as arrays, split once: no bounds check per field. Every frame routed
         // here was parsed, so both are there.
         let (l2, l3) = frame.split_at_mut(ip_start.min(frame.len()));
-        let (Some(macs), Some(ip)) = (l2.first_chunk_mut::<12>(), l3.first_chunk_mut::<20>()) else {
+        let (Some(macs), Some(ip)) = (l2.first_chunk_mut::<{ ethernet::MACS_LEN }>(), ipv4::fixed_mut(l3))
+        else {
             return Err(DropReason::Truncated);
         };
-        let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+        let dst = Ipv4Addr::from(ipv4::dst(ip));
         let l2 = match known_l2.map_or_else(|| self.snapshot.lookup_l2(out, dst), Ok) {
             Ok(l2) => l2,
             Err(NextHop::NoNeighbour(hop)) => {
@@ -725,9 +566,10 @@ impl Pipeline {
 
         // TTL and protocol share one 16-bit word of the header checksum. The TTL is its high byte (and > 1), so
         // the decrement lowers the word by 0x0100 whatever the protocol: RFC 1624's ~m + m' is ~0x0100 + 0.
-        ip[8] -= 1;
-        let check = u16::from_be_bytes([ip[10], ip[11]]);
-        ip[10..12].copy_from_slice(&checksum::update16(check, 0x0100, 0).to_be_bytes());
+        ip[ipv4::TTL] -= 1;
+        let check = u16::from_be_bytes([ip[ipv4::CHECKSUM], ip[ipv4::CHECKSUM + 1]]);
+        ip[ipv4::CHECKSUM..ipv4::CHECKSUM + 2]
+            .copy_from_slice(&checksum::update16(check, 0x0100, 0).to_be_bytes());
 
         *macs = l2;
         Ok(Action::Forward { out, len: ip_end })
@@ -792,9 +634,13 @@ impl Pipeline {
         &mut self,
         now: Instant,
         frame: &mut [u8],
-        l3: Ipv4Frame,
+        l3: ipv4::Frame,
     ) -> Result<Action, DropReason> {
-        let key = ip_fixed(frame, l3.ip_start).map(FragmentKey::of).ok_or(DropReason::Truncated)?;
+        let key = frame
+            .get(l3.ip_start..)
+            .and_then(ipv4::fixed)
+            .map(FragmentKey::of)
+            .ok_or(DropReason::Truncated)?;
         match self.fragments.lookup(now, &key) {
             Some(route) => self.follow_first_fragment(now, frame, l3, route),
             None if self.held_fragments.len() < HOLD_FRAGMENTS && l3.ip_end <= HOLD_FRAME_BYTES => {
@@ -819,7 +665,7 @@ impl Pipeline {
         &mut self,
         now: Instant,
         frame: &mut [u8],
-        l3: Ipv4Frame,
+        l3: ipv4::Frame,
         route: FragmentRoute,
     ) -> Result<Action, DropReason> {
         match route {
@@ -829,13 +675,14 @@ impl Pipeline {
                 Ok(Action::HandedOff)
             }
             FragmentRoute::Out { out, src, dst } => {
-                let ip = frame.get_mut(l3.ip_start..l3.ip_start + 20).ok_or(DropReason::Truncated)?;
-                for (at, new) in [(12, src), (16, dst)] {
-                    let old = u32::from_be_bytes([ip[at], ip[at + 1], ip[at + 2], ip[at + 3]]);
+                let ip =
+                    frame.get_mut(l3.ip_start..).and_then(ipv4::fixed_mut).ok_or(DropReason::Truncated)?;
+                for (at, new) in [(ipv4::SRC, src), (ipv4::DST, dst)] {
+                    let old = read_u32(ip, at);
                     if old != new {
-                        ip[at..at + 4].copy_from_slice(&new.to_be_bytes());
-                        let check = u16::from_be_bytes([ip[10], ip[11]]);
-                        ip[10..12].copy_from_slice(&checksum::update32(check, old, new).to_be_bytes());
+                        write_u32(ip, at, new);
+                        let check = read_u16(ip, ipv4::CHECKSUM);
+                        write_u16(ip, ipv4::CHECKSUM, checksum::update32(check, old, new));
                     }
                 }
                 self.route_or_hold(now, out, frame, l3, None)
@@ -850,7 +697,7 @@ impl Pipeline {
         while i < self.held_fragments.len() {
             let mut held = self.held_fragments[i];
             let (ip_start, len) = (usize::from(held.ip_start), usize::from(held.len));
-            let key = ip_fixed(&held.bytes, ip_start).map(FragmentKey::of);
+            let key = &held.bytes.get(ip_start..).and_then(ipv4::fixed).map(FragmentKey::of);
             let route = key.and_then(|key| self.fragments.lookup(now, &key));
             let waited = now.saturating_since(held.since).as_nanos() >= u128::from(HOLD_FRAGMENT_NANOS);
             if route.is_none() && !waited {
@@ -862,7 +709,12 @@ impl Pipeline {
                 self.stats.count_drop(DropReason::FragmentUnmatched);
                 continue;
             };
-            let l3 = Ipv4Frame { ip_start, ip_end: len, header_len: 20, fragment: IPV4_FRAGMENT_OFFSET_MASK };
+            let l3 = ipv4::Frame {
+                ip_start,
+                ip_end: len,
+                header_len: ipv4::MIN_HEADER_LEN,
+                fragment: ipv4::FRAGMENT_OFFSET_MASK,
+            };
             match self.follow_first_fragment(now, &mut held.bytes[..len], l3, route) {
                 Ok(Action::Forward { out, len }) => emit(out, &held.bytes[..len]),
                 Ok(_) => {}

@@ -1076,7 +1076,7 @@ proptest! {
             Action::Forward { len, out } => {
                 prop_assert!(len <= n);
                 prop_assert_eq!(out, side.other());
-                let l3 = parse_ipv4_frame(&f[..len]).expect("forwarded frame still parses");
+                let l3 = ipv4::parse_frame(&f[..len]).expect("forwarded frame still parses");
                 prop_assert_eq!(l3.ip_end, len);
             }
             Action::Drop(reason) => prop_assert_eq!(p.stats().drops(reason), 1),
@@ -1103,7 +1103,7 @@ proptest! {
             prop_assert_eq!(out, Side::Inside);
             prop_assert!(len <= crate::icmp::MAX_REPLY_FRAME);
             let r = &p.reply_frame()[..len];
-            let l3 = parse_ipv4_frame(r).expect("the reply parses");
+            let l3 = ipv4::parse_frame(r).expect("the reply parses");
             prop_assert_eq!(l3.ip_end, len);
             prop_assert_eq!(r[l3.ip_start + 9], 1);
             prop_assert!(checksum::verify(&r[l3.ip_start + l3.header_len..]), "ICMP checksum");
