@@ -5,9 +5,9 @@
 //! Targets: ≥ 20 M established packets/s/core, ≥ 2 M new flows/s/core, ≤ 128 bytes per flow.
 //! Same-run baseline: [`PlainNat`], a bare hash-map NAT, run alternately with the NAT; the bench prints the ratios.
 //!
-//! The `_lookahead3` variants call [`Nat::prefetch_outbound`] on the packet 3 ahead of the one translated (an
-//! experiment the worker has not adopted; see that function). `NAT_PROFILE=new` (or `established`,
-//! `established_1m`, each with an optional `_lookahead`) runs only that loop, without criterion (for a profiler,
+//! The `_prefetch` variants make the worker's two prefetch passes over each group of packets first
+//! (`Nat::prefetch_flow`, `Nat::prefetch_session`). `NAT_PROFILE=new` (or `established`,
+//! `established_1m`, each with an optional `_prefetch`) runs only that loop, without criterion (for a profiler,
 //! or quick A/B runs):
 //! `NAT_PROFILE=new valgrind --tool=callgrind --toggle-collect='*Nat*outbound*' target/release/deps/nat-…`.
 
@@ -16,7 +16,8 @@ use std::hint::black_box;
 use std::net::Ipv4Addr;
 
 use criterion::{criterion_group, BatchSize, Criterion, Throughput};
-use dataplane::nat::{Nat, NatConfig, MAX_EGRESS_IPS};
+use dataplane::nat::{FlowHint, Nat, NatConfig, MAX_EGRESS_IPS};
+use dataplane::pipeline::{PREFETCH_DISTANCE, PREFETCH_HINTS};
 use dataplane::policy::{Action, PolicyBuilder, PolicySnapshot, ProtoMatch, RuleSpec};
 use dataplane::time::Instant;
 use dataplane::wire::checksum;
@@ -47,20 +48,29 @@ fn packet(i: usize, out: &mut [u8]) {
 
 const PKT_LEN: usize = 20 + 8 + 16;
 
-/// Packets the lookahead variants look ahead.
-const AHEAD: usize = 3;
-
-/// Translates the batch in `buf` outbound, hinting the packet `ahead` places further on first (0: no hint).
-fn run_batch(nat: &mut Nat, now: Instant, buf: &mut [u8], pol: &PolicySnapshot, ahead: usize) {
-    for k in 0..ahead.min(BATCH) {
-        nat.prefetch_outbound(&buf[k * SLOT..k * SLOT + PKT_LEN]);
+/// Translates the batch in `buf` outbound; with `prefetch`, with the worker's two prefetch stages
+/// (`Nat::prefetch_flow` twice `PREFETCH_DISTANCE` packets ahead, `Nat::prefetch_session` one distance ahead).
+fn run_batch(nat: &mut Nat, now: Instant, buf: &mut [u8], pol: &PolicySnapshot, prefetch: bool) {
+    let mut hints = [FlowHint::NONE; PREFETCH_HINTS];
+    let packet = |k: usize| k * SLOT..k * SLOT + PKT_LEN;
+    if prefetch {
+        for (k, hint) in hints.iter_mut().enumerate() {
+            *hint = nat.prefetch_flow(false, &buf[packet(k)]);
+        }
+        for hint in &hints[..PREFETCH_DISTANCE] {
+            nat.prefetch_session(*hint);
+        }
     }
     for k in 0..BATCH {
-        if ahead > 0 && k + ahead < BATCH {
-            let j = k + ahead;
-            nat.prefetch_outbound(&buf[j * SLOT..j * SLOT + PKT_LEN]);
+        if prefetch {
+            if k + PREFETCH_DISTANCE < BATCH {
+                nat.prefetch_session(hints[(k + PREFETCH_DISTANCE) % PREFETCH_HINTS]);
+            }
+            if k + PREFETCH_HINTS < BATCH {
+                hints[k % PREFETCH_HINTS] = nat.prefetch_flow(false, &buf[packet(k + PREFETCH_HINTS)]);
+            }
         }
-        let r = nat.outbound(now, &mut buf[k * SLOT..k * SLOT + PKT_LEN], pol);
+        let r = nat.outbound(now, &mut buf[packet(k)], pol);
         black_box(r.is_ok());
     }
 }
@@ -147,16 +157,16 @@ fn make_room(nat: &mut Nat, now: &mut u64) {
 }
 
 fn established(c: &mut Criterion) {
-    established_ahead(c, 0, FLOWS);
-    established_ahead(c, AHEAD, FLOWS);
-    established_ahead(c, 0, BIG_FLOWS);
-    established_ahead(c, AHEAD, BIG_FLOWS);
+    established_with(c, false, FLOWS);
+    established_with(c, true, FLOWS);
+    established_with(c, false, BIG_FLOWS);
+    established_with(c, true, BIG_FLOWS);
 }
 
 /// Established flows in a full-size table (CPU-time rate only; no criterion run).
 const BIG_FLOWS: usize = 1_000_000;
 
-fn established_ahead(c: &mut Criterion, ahead: usize, flows: usize) {
+fn established_with(c: &mut Criterion, prefetch: bool, flows: usize) {
     let pol = policy();
     let max_flows = if flows > FLOWS { 1 << 20 } else { 1 << 16 };
     let mut nat =
@@ -167,9 +177,9 @@ fn established_ahead(c: &mut Criterion, ahead: usize, flows: usize) {
     let mut g = c.benchmark_group("nat");
     g.throughput(Throughput::Elements(BATCH as u64));
     let mut setup = || batches.batch();
-    let mut routine = |buf: &mut Vec<u8>| run_batch(&mut nat, Instant::from_secs(1), buf, &pol, ahead);
+    let mut routine = |buf: &mut Vec<u8>| run_batch(&mut nat, Instant::from_secs(1), buf, &pol, prefetch);
     let size = if flows == BIG_FLOWS { "1m" } else { "10k" };
-    let name = suffix(&format!("established_outbound_udp_{size}_flows"), ahead);
+    let name = suffix(&format!("established_outbound_udp_{size}_flows"), prefetch);
     if profiling() {
         let rate = cpu_rate(2000, &mut setup, &mut routine);
         println!("{name}: {:.2} M/s by thread CPU time", rate / 1e6);
@@ -183,11 +193,11 @@ fn established_ahead(c: &mut Criterion, ahead: usize, flows: usize) {
     println!("{name}: {:.1} M packets/s by thread CPU time", rate / 1e6);
 }
 
-fn suffix(name: &str, ahead: usize) -> String {
-    if ahead == 0 {
-        name.to_string()
+fn suffix(name: &str, prefetch: bool) -> String {
+    if prefetch {
+        format!("{name}_prefetch")
     } else {
-        format!("{name}_lookahead{ahead}")
+        name.to_string()
     }
 }
 
@@ -196,11 +206,11 @@ fn profiling() -> bool {
 }
 
 fn new_flows(c: &mut Criterion) {
-    new_flows_ahead(c, 0);
-    new_flows_ahead(c, AHEAD);
+    new_flows_with(c, false);
+    new_flows_with(c, true);
 }
 
-fn new_flows_ahead(c: &mut Criterion, ahead: usize) {
+fn new_flows_with(c: &mut Criterion, prefetch: bool) {
     let pol = policy();
     let cfg = NatConfig { max_flows: 1 << 20, max_flows_per_source: 1 << 20, ..NatConfig::default() };
     let nat = Nat::new(&cfg, 0);
@@ -222,9 +232,9 @@ fn new_flows_ahead(c: &mut Criterion, ahead: usize) {
         (batches.batch(), now)
     };
     let mut routine = |(buf, now): &mut (Vec<u8>, u64)| {
-        run_batch(&mut nat.borrow_mut(), Instant::from_secs(*now), buf, &pol, ahead)
+        run_batch(&mut nat.borrow_mut(), Instant::from_secs(*now), buf, &pol, prefetch)
     };
-    let name = suffix("new_flows_udp", ahead);
+    let name = suffix("new_flows_udp", prefetch);
     if profiling() {
         let rate = cpu_rate(2000, &mut setup, &mut routine);
         println!("{name}: {:.2} M/s by thread CPU time", rate / 1e6);
@@ -336,7 +346,7 @@ fn against_plain(c: &mut Criterion) {
     alternate(
         "established, 10k flows",
         300,
-        |rounds| cpu_rate(rounds, setup, |buf| run_batch(&mut nat, Instant::from_secs(1), buf, &pol, 0)),
+        |rounds| cpu_rate(rounds, setup, |buf| run_batch(&mut nat, Instant::from_secs(1), buf, &pol, false)),
         |rounds| cpu_rate(rounds, setup, |buf| run_plain_batch(&mut plain, buf)),
     );
 
@@ -358,7 +368,7 @@ fn against_plain(c: &mut Criterion) {
     };
     let nat_routine = |buf: &mut Vec<u8>| {
         let (n, now) = &mut *nat.borrow_mut();
-        run_batch(n, Instant::from_secs(*now), buf, &pol, 0)
+        run_batch(n, Instant::from_secs(*now), buf, &pol, false)
     };
     let plain_routine = |buf: &mut Vec<u8>| run_plain_batch(&mut plain.borrow_mut(), buf);
     g.bench_function("plain_new_flows_udp", |b| {
@@ -377,18 +387,18 @@ criterion_group!(benches, established, new_flows, against_plain);
 
 fn main() {
     match std::env::var("NAT_PROFILE").as_deref() {
-        Ok("new") => new_flows_ahead(&mut Criterion::default(), 0),
-        Ok("new_lookahead") => new_flows_ahead(&mut Criterion::default(), AHEAD),
-        Ok("established") => established_ahead(&mut Criterion::default(), 0, FLOWS),
-        Ok("established_lookahead") => established_ahead(&mut Criterion::default(), AHEAD, FLOWS),
-        Ok("established_1m") => established_ahead(&mut Criterion::default(), 0, BIG_FLOWS),
-        Ok("established_1m_lookahead") => established_ahead(&mut Criterion::default(), AHEAD, BIG_FLOWS),
+        Ok("new") => new_flows_with(&mut Criterion::default(), false),
+        Ok("new_prefetch") => new_flows_with(&mut Criterion::default(), true),
+        Ok("established") => established_with(&mut Criterion::default(), false, FLOWS),
+        Ok("established_prefetch") => established_with(&mut Criterion::default(), true, FLOWS),
+        Ok("established_1m") => established_with(&mut Criterion::default(), false, BIG_FLOWS),
+        Ok("established_1m_prefetch") => established_with(&mut Criterion::default(), true, BIG_FLOWS),
         Ok("plain") => {
             against_plain(&mut Criterion::default().measurement_time(std::time::Duration::from_secs(1)))
         }
-        Ok(_) => eprintln!(
-            "NAT_PROFILE: new, established, established_1m (each optionally with _lookahead), plain"
-        ),
+        Ok(_) => {
+            eprintln!("NAT_PROFILE: new, established, established_1m (each optionally with _prefetch), plain")
+        }
         Err(_) => {
             benches();
             Criterion::default().configure_from_args().final_summary();

@@ -4,9 +4,7 @@
 //! Policies are random but fixed (seeded): IPv4 destination prefixes /16–/32 spread over 4 groups, random
 //! protocols and ports, allow or deny. Each lookup batch is 1024 prebuilt packets, half aimed inside a rule's
 //! prefix and half anywhere, from sources spread over the groups. `policy_lookup` judges them one at a time
-//! (`evaluate_v4`) and keeps only `forwards()`, so the compiler drops the rest of each `Decision`;
-//! `policy_lookup_into` does the same but writes every `Decision` to a slice; `policy_lookup_batch` judges them in
-//! lock-step lanes (`evaluate_v4_batch`) into a slice.
+//! (`evaluate_v4`) and keeps only `forwards()`, so the compiler drops the rest of each `Decision`.
 //!
 //! `policy_reload_file` is what SIGHUP costs end to end: `PolicyReloader::reload` of a 100 000-rule TOML file
 //! (read, parse, validate with file:line:column bookkeeping, compile, swap).
@@ -19,12 +17,20 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use dataplane::policy::{
-    Action, Decision, PacketV4, PolicyBuilder, PolicySnapshot, PortRange, Prefix, ProtoMatch, RuleSpec,
-    SharedPolicy,
+    Action, PolicyBuilder, PolicySnapshot, PortRange, Prefix, ProtoMatch, RuleSpec, SharedPolicy,
 };
 use dataplane::wire::ip_proto;
 
 const GROUPS: u32 = 4;
+
+/// What the policy reads of a flow's first packet.
+#[derive(Clone, Copy)]
+struct PacketV4 {
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    dst_port: u16,
+}
 const BATCH: usize = 1024;
 
 /// SplitMix64: a small seeded generator, so every run benches the same policy and packets.
@@ -122,11 +128,7 @@ const SIZES: [usize; 3] = [10, 10_000, 100_000];
 
 /// One lookup bench group: per policy size, the seeded policy and its 1024 packets, and an iteration of `lookup`
 /// over them (given a preallocated slice of decisions), whose result is kept so nothing is optimised away.
-fn lookup_group(
-    c: &mut Criterion,
-    name: &str,
-    lookup: impl Fn(&PolicySnapshot, &[PacketV4], &mut [Decision]) -> u32,
-) {
+fn lookup_group(c: &mut Criterion, name: &str, lookup: impl Fn(&PolicySnapshot, &[PacketV4]) -> u32) {
     let mut group = c.benchmark_group(name);
     group.throughput(Throughput::Elements(BATCH as u64));
     for count in SIZES {
@@ -134,9 +136,8 @@ fn lookup_group(
         let rules = random_rules(count, &mut rng);
         let snapshot: PolicySnapshot = builder(&rules).build(1).expect("builds");
         let packets = random_packets(&rules, &mut rng);
-        let mut out = vec![snapshot.evaluate_v4(packets[0].src, packets[0].dst, 0, 0); BATCH];
         group.bench_with_input(BenchmarkId::from_parameter(count), &packets, |b, packets| {
-            b.iter(|| black_box(lookup(&snapshot, packets, &mut out)))
+            b.iter(|| black_box(lookup(&snapshot, packets)))
         });
     }
     group.finish();
@@ -145,31 +146,11 @@ fn lookup_group(
 /// Lookups per second: `PolicySnapshot::evaluate_v4` over a batch of 1024 packets, per policy size (only
 /// `forwards()` of each decision is kept).
 fn lookups(c: &mut Criterion) {
-    lookup_group(c, "policy_lookup", |snapshot, packets, _| {
+    lookup_group(c, "policy_lookup", |snapshot, packets| {
         packets
             .iter()
             .map(|p| u32::from(snapshot.evaluate_v4(p.src, p.dst, p.proto, p.dst_port).forwards()))
             .sum()
-    });
-}
-
-/// Lookups per second, one at a time into a slice: `evaluate_v4` per packet, each whole `Decision` written to a
-/// preallocated slice (the baseline for `policy_lookup_batch`, which must write them too).
-fn lookups_into(c: &mut Criterion) {
-    lookup_group(c, "policy_lookup_into", |snapshot, packets, out| {
-        for (o, p) in out.iter_mut().zip(packets) {
-            *o = snapshot.evaluate_v4(p.src, p.dst, p.proto, p.dst_port);
-        }
-        out.iter().map(|d| u32::from(d.forwards())).sum()
-    });
-}
-
-/// Lookups per second in lock step: `PolicySnapshot::evaluate_v4_batch` over the same policies and 1024 packets,
-/// into a preallocated slice of decisions.
-fn batch_lookups(c: &mut Criterion) {
-    lookup_group(c, "policy_lookup_batch", |snapshot, packets, out| {
-        snapshot.evaluate_v4_batch(packets, out);
-        out.iter().map(|d| u32::from(d.forwards())).sum()
     });
 }
 
@@ -261,5 +242,5 @@ fn reload_file(c: &mut Criterion) {
     let _ = std::fs::remove_file(&path);
 }
 
-criterion_group!(benches, lookups, lookups_into, batch_lookups, compile_and_swap, reload_file);
+criterion_group!(benches, lookups, compile_and_swap, reload_file);
 criterion_main!(benches);

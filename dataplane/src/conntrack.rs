@@ -160,11 +160,20 @@ impl Index {
         self.slots.get(self.home(hash)).map_or(NONE, |s| s.val)
     }
 
-    /// The value in the home slot of `hash` if that slot holds `hash` (the likely entry of a lookup), else
-    /// `NONE`; reading it is the prefetch [`Index::peek`] does.
+    /// Starts loading the home slot of `hash` into the cache (a prefetch: nothing waits for it) and returns its
+    /// position, for [`Index::value_if_home`] once the load has had time to land.
     #[inline]
-    pub fn peek_match(&self, hash: u32) -> u32 {
-        match self.slots.get(self.home(hash)) {
+    pub fn prefetch_home(&self, hash: u32) -> usize {
+        let pos = self.home(hash);
+        prefetch_index::prefetch_index(&self.slots, pos);
+        pos
+    }
+
+    /// The value at `pos` if that slot holds `hash` (the likely answer of a lookup whose home slot is `pos`), else
+    /// `NONE`.
+    #[inline]
+    pub fn value_if_home(&self, pos: usize, hash: u32) -> u32 {
+        match self.slots.get(pos) {
             Some(s) if s.hash == hash => s.val,
             _ => NONE,
         }

@@ -18,7 +18,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::pipeline::{Action, Pipeline};
+use crate::nat::FlowHint;
+use crate::pipeline::{Action, Pipeline, PREFETCH_DISTANCE, PREFETCH_HINTS};
 use crate::stats::WorkerStats;
 use crate::time::Instant;
 use crate::xsk::{wait_readable, Port};
@@ -115,6 +116,8 @@ impl Worker {
         tracing::debug!(
             inside_bogus_completions = self.inside.bogus_completions(),
             outside_bogus_completions = self.outside.bogus_completions(),
+            inside_frames_lent_to_kernel = self.inside.frames_lent_to_kernel(),
+            outside_frames_lent_to_kernel = self.outside.frames_lent_to_kernel(),
             "worker stopped"
         );
     }
@@ -240,7 +243,29 @@ fn forward_burst(
     stats.batches.inc();
     let now = Instant::monotonic();
     let mut sent_back = false;
+    // Overlap the cache misses of the flow lookups (see `FlowHint`): index slots 2 × distance frames ahead,
+    // sessions one distance ahead.
+    let mut hints = [FlowHint::NONE; PREFETCH_HINTS];
+    let prefetch = pipeline.prefetch_pays();
+    if prefetch {
+        for (j, hint) in hints.iter_mut().enumerate().take(n) {
+            *hint = pipeline.prefetch_flow(side, from.received_frame(j));
+        }
+        for hint in &hints[..n.min(PREFETCH_DISTANCE)] {
+            pipeline.prefetch_session(*hint);
+        }
+    }
     for i in 0..n {
+        if prefetch {
+            if i + PREFETCH_DISTANCE < n {
+                pipeline.prefetch_session(hints[(i + PREFETCH_DISTANCE) % PREFETCH_HINTS]);
+            }
+            if i + PREFETCH_HINTS < n {
+                // Frame i's slot in the ring: its hint was used a distance ago.
+                hints[i % PREFETCH_HINTS] =
+                    pipeline.prefetch_flow(side, from.received_frame(i + PREFETCH_HINTS));
+            }
+        }
         let frame = from.received_frame(i);
         stats.rx(side).add(frame.len());
         let staged = match pipeline.process(now, side, frame) {

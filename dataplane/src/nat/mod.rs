@@ -189,6 +189,28 @@ pub enum Inbound {
     OtherWorker(u16),
 }
 
+/// What [`Nat::prefetch_flow`] learned of a packet, for [`Nat::prefetch_session`].
+///
+/// At a million flows every packet's index slot and session are DRAM misses (about 100 ns each, one after the
+/// other). A worker takes its frames in bursts, so it overlaps them as VPP's NAT does: first it hashes every
+/// frame of the burst and prefetches the index slots, then it reads those slots and prefetches the sessions they
+/// name, then it processes the frames, whose lookups now hit the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowHint {
+    hash: u32,
+    /// Index position of the home slot; `u32::MAX`: nothing to prefetch.
+    pos: u32,
+    inbound: bool,
+}
+
+/// Live flows from which the prefetch passes run: their sessions and index slots (about 66 bytes a flow) then
+/// take a megabyte, half the L2 cache of the machines egressd was measured on.
+pub const PREFETCH_MIN_FLOWS: u32 = 16_384;
+
+impl FlowHint {
+    pub const NONE: FlowHint = FlowHint { hash: 0, pos: u32::MAX, inbound: false };
+}
+
 /// Ports in use on one egress IP by this worker, per protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EgressPorts {
@@ -856,34 +878,56 @@ impl Nat {
     // Outbound
     // -----------------------------------------------------------------------------------------------------------
 
-    /// Lookahead hint for a packet [`Nat::outbound`] will see a few packets from now (2–4 ahead in the batch):
-    /// computes its flow hash and reads the outbound index slot its lookup starts at and the session that slot
-    /// names, so that those two dependent cache misses of a large table overlap the work on the packets before
-    /// it. (A new flow's other index slots depend on the policy's egress choice; `outbound` issues those loads
-    /// together itself.) Changes nothing and decides nothing: any input is fine, a wrong or stale hint only
-    /// costs the reads.
-    ///
-    /// The worker does not call it: in the NAT bench it did not pay (its hash costs about what it saves while the
-    /// table sits in L2); in the lab the slot it would warm is 3 % of the worker's core (perf, 1024 flows),
-    /// and calling it on the frame 3 ahead in the worker measured no gain (bench/RESULTS.md, "A quiet sitting").
+    /// Whether the flow tables have outgrown the cache, so that [`Nat::prefetch_flow`] pays for itself. With fewer
+    /// flows every lookup hits the cache anyway and the prefetch passes are pure cost (about 10 % of the one-flow
+    /// case in the pipeline bench).
     #[inline]
-    pub fn prefetch_outbound(&self, packet: &[u8]) {
-        let Some(&vihl) = packet.first() else { return };
-        if vihl >> 4 != 4 || packet.len() < 20 {
+    pub fn prefetch_pays(&self) -> bool {
+        self.session_count >= PREFETCH_MIN_FLOWS
+    }
+
+    /// First pass over a burst (see [`FlowHint`]): reads the flow key of `packet` (an IPv4 packet from inside when
+    /// `from_outside` is false, a reply to an egress IP when it is true), computes the hash of its index and starts
+    /// loading the index slot a lookup starts at. Decides nothing and changes nothing: any bytes are fine, a
+    /// packet of no flow just costs the load.
+    #[inline]
+    pub fn prefetch_flow(&self, from_outside: bool, packet: &[u8]) -> FlowHint {
+        let Some(h) = ipv4::fixed(packet) else { return FlowHint::NONE };
+        let ihl = ipv4::header_len(h);
+        let proto = ipv4::protocol(h);
+        let (src, dst) = (ipv4::src(h), ipv4::dst(h));
+        let (sport, dport) = match proto {
+            ip_proto::TCP | ip_proto::UDP => {
+                (read_u16(packet, ihl + udp::SRC_PORT), read_u16(packet, ihl + udp::DST_PORT))
+            }
+            ip_proto::ICMP => (read_u16(packet, ihl + icmp::IDENTIFIER), 0),
+            _ => return FlowHint::NONE,
+        };
+        if from_outside {
+            let Some(ip_idx) = self.egress_index(dst) else { return FlowHint::NONE };
+            let (ext_port, remote_port) = if proto == ip_proto::ICMP { (sport, 0) } else { (dport, sport) };
+            let hash = self.in_hash(ip_idx, ext_port, src, remote_port, proto);
+            FlowHint { hash, pos: self.in_idx.prefetch_home(hash) as u32, inbound: true }
+        } else {
+            let hash = self.out_hash(src, sport, dst, dport, proto);
+            FlowHint { hash, pos: self.out_idx.prefetch_home(hash) as u32, inbound: false }
+        }
+    }
+
+    /// Second pass over a burst: reads the index slot [`Nat::prefetch_flow`] loaded and starts loading the
+    /// session it names, so that the translation that follows finds both in cache.
+    #[inline]
+    pub fn prefetch_session(&self, hint: FlowHint) {
+        if hint.pos == u32::MAX {
             return;
         }
-        let ihl = usize::from(vihl & 0x0f) * 4;
-        let proto = packet[9];
-        let (sport, dport) = match proto {
-            ip_proto::TCP | ip_proto::UDP => (read_u16(packet, ihl), read_u16(packet, ihl + 2)),
-            ip_proto::ICMP => (read_u16(packet, ihl + 4), 0),
-            _ => return,
-        };
-        let (src, dst) = (read_u32(packet, 12), read_u32(packet, 16));
-        let sid = self.out_idx.peek_match(self.out_hash(src, sport, dst, dport, proto));
-        // No branch on the slot (it is likely still in flight): a miss reads the last session instead.
-        let i = (sid as usize).min(self.sessions.len().saturating_sub(1));
-        std::hint::black_box(self.sessions.get(i).map_or(0, |s| s.last_seen));
+        let index = if hint.inbound { &self.in_idx } else { &self.out_idx };
+        let sid = index.value_if_home(hint.pos as usize, hint.hash);
+        if sid != NONE {
+            // A session is 56 bytes and may straddle two cache lines; the start of the next one is on the second.
+            prefetch_index::prefetch_index(&self.sessions, sid as usize);
+            prefetch_index::prefetch_index(&self.sessions, sid as usize + 1);
+        }
     }
 
     /// Inside → outside. `packet` is the IPv4 packet (header through total length), already validated by the

@@ -1541,3 +1541,64 @@ fn egress_index_agrees_with_a_scan() {
         assert_eq!(nat.egress_index(addr), scan);
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Prefetch hints
+// ---------------------------------------------------------------------------------------------------------------
+
+/// The session a hint's index slot names (what `prefetch_session` loads), or `NONE`.
+fn hinted_session(nat: &Nat, hint: FlowHint) -> u32 {
+    if hint == FlowHint::NONE {
+        return NONE;
+    }
+    let index = if hint.inbound { &nat.in_idx } else { &nat.out_idx };
+    index.value_if_home(hint.pos as usize, hint.hash)
+}
+
+#[test]
+fn prefetch_hints_name_the_session_the_packet_will_use_both_ways() {
+    let pol = policy();
+    let mut nat = Nat::new(&cfg(), 0);
+    let mut tcp_syn = tcp([10, 0, 0, 5], 40001, [198, 51, 100, 9], 443, 1000, 0, "S");
+    let mut udp_out_pkt = udp([10, 0, 0, 5], 5353, [198, 51, 100, 9], 53);
+    let mut ping = echo([10, 0, 0, 5], [198, 51, 100, 9], 77, false);
+    for pkt in [&mut tcp_syn, &mut udp_out_pkt, &mut ping] {
+        let original = pkt.clone();
+        assert_eq!(hinted_session(&nat, nat.prefetch_flow(false, &original)), NONE, "no flow yet");
+        assert_eq!(out(&mut nat, 1, pkt, &pol), Ok(Outbound::Forward));
+        let (l4, _) = parse(&original, true).unwrap();
+        let sid = nat.find_out(l4.src, l4.sport, l4.dst, l4.dport, l4.proto).expect("the flow exists");
+        assert_eq!(hinted_session(&nat, nat.prefetch_flow(false, &original)), sid, "outbound hint");
+        // The reply, as it arrives at the egress IP.
+        let (egress, port) = src_of(pkt);
+        let reply = match l4.proto {
+            ip_proto::TCP => tcp([198, 51, 100, 9], 443, egress.octets(), port, 5000, 1001, "SA"),
+            ip_proto::UDP => udp([198, 51, 100, 9], 53, egress.octets(), port),
+            _ => echo([198, 51, 100, 9], egress.octets(), port, true),
+        };
+        assert_eq!(
+            hinted_session(&nat, nat.prefetch_flow(true, &reply)),
+            sid,
+            "inbound hint, proto {}",
+            l4.proto
+        );
+    }
+    // Not for an egress IP, not a transport the NAT knows, not IPv4 at all: nothing to prefetch.
+    assert_eq!(nat.prefetch_flow(true, &udp([198, 51, 100, 9], 53, [203, 0, 113, 99], 1024)), FlowHint::NONE);
+    assert_eq!(
+        nat.prefetch_flow(false, &ipv4([10, 0, 0, 5], [198, 51, 100, 9], 47, &[0; 8])),
+        FlowHint::NONE
+    );
+    assert_eq!(nat.prefetch_flow(false, &[0x60; 40]), FlowHint::NONE);
+    assert!(!nat.prefetch_pays(), "three flows fit in any cache");
+}
+
+proptest::proptest! {
+    #[test]
+    fn prefetch_hints_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80), from_outside: bool) {
+        let nat = Nat::new(&cfg(), 0);
+        let hint = nat.prefetch_flow(from_outside, &bytes);
+        nat.prefetch_session(hint);
+        nat.prefetch_session(FlowHint { hash: 1, pos: u32::MAX - 1, inbound: from_outside });
+    }
+}

@@ -37,12 +37,14 @@ use crate::drop::DropReason;
 use crate::fragments::{FragmentKey, FragmentRoute, FragmentTable};
 use crate::handoff::{HandoffKind, Handoffs};
 use crate::icmp::{IcmpErrors, Unreachable, MAX_REPLY_FRAME};
-use crate::nat::{Inbound, Nat, NatConfig, Outbound};
+use crate::nat::{FlowHint, Inbound, Nat, NatConfig, Outbound};
 use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
 use crate::policy::{Decision, PolicySnapshot, SharedPolicy, Verdict};
 use crate::stats::{RuleHits, WorkerStats};
 use crate::time::{Instant, TokenBucket};
-use crate::wire::{checksum, ethernet, ip_proto, ipv4, read_u16, read_u32, tcp, write_u16, write_u32};
+use crate::wire::{
+    checksum, ethernet, ip_proto, ipv4, read_u16, read_u32, tcp, write_u16, write_u32, AddressFamily,
+};
 use crate::Side;
 
 /// What to do with one frame.
@@ -113,6 +115,13 @@ pub struct Pipeline {
     /// source_validation`, on by default).
     validate_sources: bool,
 }
+
+/// How far ahead of the frame it processes a worker prefetches (see [`FlowHint`]): frame `i + 2 × distance`'s
+/// index slot, frame `i + distance`'s session, then frame `i`. Each load gets the work of `distance` frames (a few
+/// hundred ns) to land. 8 measured best in the `established_live_flows` bench (`bench/RESULTS.md`).
+pub const PREFETCH_DISTANCE: usize = 8;
+/// Hints a worker keeps in flight: a ring indexed by frame number modulo this.
+pub const PREFETCH_HINTS: usize = 2 * PREFETCH_DISTANCE;
 
 /// Frames a worker keeps while their neighbour resolves (the kernel's default `unres_qlen` is of this order).
 pub const HOLD_FRAMES: usize = 16;
@@ -303,6 +312,30 @@ impl Pipeline {
     /// forwarded. Every drop is counted under its reason before returning.
     pub fn process(&mut self, now: Instant, arrived_on: Side, frame: &mut [u8]) -> Action {
         self.counted(now, Leg::Arrived(arrived_on), frame)
+    }
+
+    /// Whether the worker should prefetch at all ([`Nat::prefetch_pays`]): checked once a burst.
+    #[inline]
+    pub fn prefetch_pays(&self) -> bool {
+        self.nat.prefetch_pays()
+    }
+
+    /// First prefetch stage, [`PREFETCH_DISTANCE`] frames before the second (see [`FlowHint`]): starts loading
+    /// the index slot of the frame's flow.
+    #[inline]
+    pub fn prefetch_flow(&self, arrived_on: Side, frame: &[u8]) -> FlowHint {
+        match (ethernet::network_layer(frame), frame.get(ethernet::HEADER_LEN..)) {
+            (Ok(AddressFamily::Ipv4), Some(packet)) => {
+                self.nat.prefetch_flow(arrived_on == Side::Outside, packet)
+            }
+            _ => FlowHint::NONE,
+        }
+    }
+
+    /// Second prefetch stage, [`PREFETCH_DISTANCE`] frames before the frame is processed: starts loading the session the slot loaded by [`Pipeline::prefetch_flow`] names.
+    #[inline]
+    pub fn prefetch_session(&self, hint: FlowHint) {
+        self.nat.prefetch_session(hint);
     }
 
     /// The queues through which workers hand frames to each other (this worker drains `worker()`'s).

@@ -24,11 +24,6 @@ const STRIDE: u32 = 6;
 /// The largest value a table can store (values carry [`NODE_FLAG`] in the same word).
 pub const MAX_VALUE: u32 = NODE_FLAG - 1;
 
-/// How many lookups [`LpmTable::lookup_batch_u32`] walks in lock step: up to this many independent cache misses
-/// are in flight at once instead of one.
-pub const LANES: usize = 16;
-const _: () = assert!(LANES.is_power_of_two() && LANES <= 256);
-
 #[derive(Clone, Copy, Debug, Default)]
 struct Node {
     /// Bit `s` set: slot `s` is a child node.
@@ -63,16 +58,6 @@ fn rank(vector: u64, slot: u32) -> u32 {
 }
 
 impl LpmTable {
-    /// A table mapping every IPv4 address to 0, built at compile time (a stand-in where a lookup needs some table).
-    pub(crate) const EMPTY_V4: LpmTable = LpmTable {
-        bits: 32,
-        root_bits: 1,
-        root: Vec::new(),
-        nodes: Vec::new(),
-        leaves: Vec::new(),
-        default: 0,
-    };
-
     /// Builds a table from `(network, prefix length, value)` triples, keys right-aligned in a `u128` (an IPv4
     /// address is `u32::from(addr) as u128`). Longest prefix wins; an address covered by no prefix maps to
     /// `default`. Host bits of `network` are ignored; for two entries with the same prefix the last one wins.
@@ -111,8 +96,8 @@ impl LpmTable {
         table
     }
 
-    /// The root entry of `key` (an IPv4 address as `u32`): its value, or (with the top bit set) a node that
-    /// [`finish_lanes_u32`] walks on. What [`lookup_u32`](Self::lookup_u32) returns when the top bit is clear.
+    /// The root entry of `key` (an IPv4 address as `u32`): its value, or (with the top bit set) the node the walk
+    /// goes on in. What [`lookup_u32`](Self::lookup_u32) returns when the top bit is clear.
     #[inline(always)]
     pub(crate) fn root_entry_u32(&self, key: u32) -> u32 {
         let key = u64::from(key) << 32;
@@ -130,20 +115,6 @@ impl LpmTable {
             offset += STRIDE;
         }
         entry
-    }
-
-    /// [`lookup_u32`](Self::lookup_u32) of many keys: `out[i]` gets the value of `keys[i]`, for every `i` below
-    /// the shorter of the two lengths (the rest of `out` is left as is). Equal to calling `lookup_u32` per key, but
-    /// the keys are walked in groups of [`LANES`] in lock step (all roots, then one node of every unfinished lane
-    /// per pass), so the dependent cache misses of different keys overlap instead of queueing. Worth it when the
-    /// table is bigger than the cache; never panics or allocates.
-    pub fn lookup_batch_u32(&self, keys: &[u32], out: &mut [u32]) {
-        for (keys, out) in keys.chunks(LANES).zip(out.chunks_mut(LANES)) {
-            let values = lookup_lanes_u32(|_| self, keys);
-            for (o, v) in out.iter_mut().zip(values).take(keys.len()) {
-                *o = v;
-            }
-        }
     }
 
     /// The value of the longest prefix containing `key` (an IPv6 address as `u128`). Never panics.
@@ -302,61 +273,6 @@ impl LpmTable {
     }
 }
 
-/// Looks up `keys[i]` (at most [`LANES`] of them) in `table(i)`, all lanes in lock step: every lane's root entry
-/// first, then [`finish_lanes_u32`]. Returns each lane's value (0 past `keys.len()`), exactly what
-/// [`LpmTable::lookup_u32`] returns.
-#[inline(always)]
-fn lookup_lanes_u32<'t>(table: impl Fn(usize) -> &'t LpmTable, keys: &[u32]) -> [u32; LANES] {
-    let mut entry = [0u32; LANES];
-    let mut lane_keys = [0u32; LANES];
-    for (i, ((e, k), &key)) in entry.iter_mut().zip(&mut lane_keys).zip(keys).enumerate() {
-        *k = key;
-        *e = table(i).root_entry_u32(key);
-    }
-    finish_lanes_u32(table, &lane_keys, &mut entry);
-    entry
-}
-
-/// Finishes lookups whose root entries are in `entry` (lane `i`: key `keys[i]` in `table(i)`, as
-/// [`LpmTable::root_entry_u32`] returned): passes that step each unfinished lane down one node, until no lane
-/// points at a node. Afterwards `entry[i]` is exactly what [`LpmTable::lookup_u32`] returns for lane `i`. Lanes
-/// may use different tables (the policy walks each packet's group table).
-///
-/// A pass walks a list of the unfinished lanes, rebuilt without branches as it goes, so the loads of a pass do
-/// not wait for each other and their cache misses overlap. (The node step itself branches on child or leaf, as
-/// in `lookup_u32`; a conditional-move version measured the same.)
-#[inline(always)]
-pub(crate) fn finish_lanes_u32<'t>(
-    table: impl Fn(usize) -> &'t LpmTable,
-    keys: &[u32; LANES],
-    entry: &mut [u32; LANES],
-) {
-    // The unfinished lanes, `walking` of them, and how many key bits each has consumed.
-    let mut lanes = [0u8; LANES];
-    let mut offset = [0u32; LANES];
-    let mut walking = 0usize;
-    for (i, (&e, o)) in entry.iter().zip(&mut offset).enumerate() {
-        *o = table(i).root_bits;
-        lanes[walking % LANES] = i as u8;
-        walking += usize::from(e & NODE_FLAG != 0);
-    }
-    while walking != 0 {
-        let mut still = 0usize;
-        for k in 0..walking.min(LANES) {
-            // `% LANES` (a power of two: a mask) proves every index in bounds.
-            let i = usize::from(lanes[k % LANES]) % LANES;
-            let t = table(i);
-            let (e, o) = (entry[i], offset[i]);
-            let next = t.step_u32(e, u64::from(keys[i]) << 32, o);
-            entry[i] = next;
-            offset[i] = o.saturating_add(STRIDE);
-            lanes[still % LANES] = i as u8;
-            still += usize::from(next & NODE_FLAG != 0);
-        }
-        walking = still;
-    }
-}
-
 /// Width in bits of the slot of a node `offset` bits into an IPv4 key.
 #[inline(always)]
 fn slot_width_u32(offset: u32) -> u32 {
@@ -509,42 +425,6 @@ mod tests {
                 proptest::prop_assert_eq!(t.lookup_u32(key), want);
                 for table in &wide {
                     proptest::prop_assert_eq!(table.lookup_u32(key), want);
-                }
-            }
-        }
-
-        #[test]
-        fn batch_lookup_agrees_with_single_lookups(
-            raw in proptest::collection::vec((proptest::num::u32::ANY, 0u8..=32, 1u32..50), 0..3000),
-            probes in proptest::collection::vec((0usize..3000, proptest::num::u32::ANY, 0u8..=32), 0..40),
-            root in 1u32..=16,
-            short_out in 0usize..3,
-        ) {
-            let entries: Vec<(u128, u8, u32)> = raw.iter().map(|&(a, l, v)| {
-                let masked = if l == 0 { 0 } else { a & (u32::MAX << (32 - u32::from(l))) };
-                (masked as u128, l, v)
-            }).collect();
-            // Keys near the prefixes, so lanes end at different depths.
-            let keys: Vec<u32> = probes.iter().map(|&(pick, noise, keep)| match entries.get(pick) {
-                Some(&(n, _, _)) if keep > 0 => {
-                    let mask = u32::MAX << (32 - u32::from(keep));
-                    ((n as u32) & mask) | (noise & !mask)
-                }
-                _ => noise,
-            }).collect();
-            for table in [LpmTable::build(32, &entries, 0), LpmTable::build_with_root(32, &entries, 0, root)] {
-                // `out` longer than `keys`: the tail stays as it was.
-                let mut out = vec![u32::MAX; keys.len() + 3];
-                table.lookup_batch_u32(&keys, &mut out);
-                for (i, &key) in keys.iter().enumerate() {
-                    proptest::prop_assert_eq!(out[i], table.lookup_u32(key), "key {} of {}", i, keys.len());
-                }
-                proptest::prop_assert!(out[keys.len()..].iter().all(|&v| v == u32::MAX));
-                // `out` shorter than `keys`: only its length is looked up.
-                let mut out = vec![u32::MAX; keys.len().saturating_sub(short_out)];
-                table.lookup_batch_u32(&keys, &mut out);
-                for (i, &v) in out.iter().enumerate() {
-                    proptest::prop_assert_eq!(v, table.lookup_u32(keys[i]));
                 }
             }
         }

@@ -27,8 +27,7 @@
 //! destination; IPv4 sources take one read up to /16 and at most 4, destinations at most 5, or 4 in tables of
 //! 2048+ prefixes), one leaf read, and a binary search over the leaf's port runs (a handful of entries), each run
 //! carrying its rule's outcome; the work does not grow with the number of rules (only the cache
-//! footprint does), and nothing allocates. [`PolicySnapshot::evaluate_v4_batch`] walks up to [`lpm::LANES`]
-//! packets in lock step so that, with big policies, their cache misses overlap.
+//! footprint does), and nothing allocates.
 
 mod host;
 pub mod lpm;
@@ -134,16 +133,6 @@ impl fmt::Display for Verdict {
             Verdict::Deny(DenyReason::Rule) => "deny (rule)",
         })
     }
-}
-
-/// What the policy reads of a flow's first IPv4 packet, for [`PolicySnapshot::evaluate_v4_batch`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PacketV4 {
-    pub src: Ipv4Addr,
-    pub dst: Ipv4Addr,
-    pub proto: u8,
-    /// 0 for ICMP.
-    pub dst_port: u16,
 }
 
 /// What a rule does with the traffic it decides.
@@ -569,9 +558,6 @@ struct DestLeaf {
     classes: [RunSlice; 4],
 }
 
-/// The run slice of no rule (default deny).
-const NO_SLICE: RunSlice = RunSlice { start: NO_RULE, extra: 0, outcome: NO_OUTCOME };
-
 /// The index in [`DestLeaf::classes`] of protocol `proto`.
 #[inline(always)]
 fn proto_class(proto: u8) -> usize {
@@ -956,62 +942,6 @@ impl PolicySnapshot {
     pub fn evaluate_v4(&self, src: Ipv4Addr, dst: Ipv4Addr, proto: u8, dst_port: u16) -> Decision {
         let group = self.sources_v4.lookup_u32(u32::from(src));
         self.decide(group, |g| g.dest_v4.lookup_u32(u32::from(dst)), proto, dst_port)
-    }
-
-    /// [`evaluate_v4`](Self::evaluate_v4) of many packets: `out[i]` gets the decision for `packets[i]`, for every
-    /// `i` below the shorter of the two lengths (the rest of `out` is left as is). Never allocates or panics.
-    ///
-    /// Packets go through in groups of [`lpm::LANES`] in lock step: source group and destination root entry of
-    /// every lane, then the destination trie walks (each lane in its own group's table) one node per pass, then
-    /// every lane's leaf, then every lane's port run. One packet's lookup is a chain of dependent loads; here the
-    /// chains of different packets are in flight together, so with policies larger than the cache their misses
-    /// overlap instead of adding up. Measured (bench/RESULTS.md, `policy_lookup_batch` in `bench/policy.rs`): the
-    /// 100 000-rule policy loses less against the 10-rule one than with `evaluate_v4`, but per packet it is not
-    /// faster than `evaluate_v4` in a loop, which the core already overlaps across packets.
-    ///
-    /// Who should call it: a batch-first pipeline stage that collects the new (or re-judged) flows of a receive
-    /// batch before judging them. Today nothing does: the pipeline is per frame and the policy is consulted inside
-    /// `Nat::outbound` for one flow at a time, where no batch exists without restructuring the pipeline.
-    pub fn evaluate_v4_batch(&self, packets: &[PacketV4], out: &mut [Decision]) {
-        /// The destination table of lanes without a group (their lookup result is not used).
-        static NO_GROUP: LpmTable = LpmTable::EMPTY_V4;
-        for (packets, out) in packets.chunks(lpm::LANES).zip(out.chunks_mut(lpm::LANES)) {
-            // Source → group → destination table → root entry, per lane. Sources of /16 or shorter end at the
-            // root (the source table's root is 16 bits); a longer one is looked up in full.
-            let mut groups = [0u32; lpm::LANES];
-            let mut tables = [&NO_GROUP; lpm::LANES];
-            let mut keys = [0u32; lpm::LANES];
-            let mut entries = [0u32; lpm::LANES];
-            for ((((g, t), k), e), p) in
-                groups.iter_mut().zip(&mut tables).zip(&mut keys).zip(&mut entries).zip(packets)
-            {
-                let src = u32::from(p.src);
-                *g = self.sources_v4.root_entry_u32(src);
-                if *g & lpm::NODE_FLAG != 0 {
-                    *g = self.sources_v4.lookup_u32(src);
-                }
-                if let Some(group) = g.checked_sub(1).and_then(|i| self.groups.get(i as usize)) {
-                    *t = &group.dest_v4;
-                }
-                *k = u32::from(p.dst);
-                *e = t.root_entry_u32(*k);
-            }
-            lpm::finish_lanes_u32(|i| tables.get(i).copied().unwrap_or(&NO_GROUP), &keys, &mut entries);
-            // Every lane's leaf read before any lane's port search, so those misses overlap too.
-            let mut slices = [NO_SLICE; lpm::LANES];
-            for (((slice, &leaf), &t), p) in slices.iter_mut().zip(&entries).zip(&tables).zip(packets) {
-                if !std::ptr::eq(t, &NO_GROUP) {
-                    *slice =
-                        self.leaves.get(leaf as usize).map_or(NO_SLICE, |l| l.classes[proto_class(p.proto)]);
-                }
-            }
-            for (((o, p), &g), &slice) in out.iter_mut().zip(packets).zip(&groups).zip(&slices) {
-                *o = match g.checked_sub(1) {
-                    Some(index) => self.decision(GroupId(index), self.slice_run(slice, p.dst_port)),
-                    None => self.no_group(),
-                };
-            }
-        }
     }
 
     /// The group a source belongs to.

@@ -64,14 +64,6 @@ impl FrameLedger {
         }
     }
 
-    pub fn len(&self) -> u32 {
-        self.states.len() as u32
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.states.is_empty()
-    }
-
     pub fn state(&self, frame: u32) -> Option<FrameState> {
         self.states.get(frame as usize).copied()
     }
@@ -81,7 +73,8 @@ impl FrameLedger {
         self.counts[slot(state)]
     }
 
-    pub fn free_count(&self) -> u32 {
+    #[cfg(test)]
+    fn free_count(&self) -> u32 {
         self.free.len() as u32
     }
 

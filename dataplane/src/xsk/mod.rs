@@ -312,8 +312,11 @@ impl Port {
         self.rx.fd().as_raw_fd()
     }
 
-    pub fn ledger(&self) -> &FrameLedger {
-        &self.ledger
+    /// UMEM frames still on the fill ring or awaiting a TX completion (logged when a worker stops: the UMEM is
+    /// unmapped only after the socket is closed, so these are not leaked, but a large number means the kernel was
+    /// still busy with them).
+    pub fn frames_lent_to_kernel(&self) -> u32 {
+        self.ledger.lent_to_kernel()
     }
 
     pub fn bogus_completions(&self) -> u64 {
