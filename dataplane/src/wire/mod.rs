@@ -2,8 +2,9 @@
 //!
 //! Every other layer reads and writes packets through here: [`ethernet`] (with the VLAN tags it refuses),
 //! [`ipv4`] (the validated frame layout, options, the fixed header's fields), [`tcp`], [`udp`], [`icmp`] (field
-//! offsets, flags, options), [`transport`] (the fields the NAT tracks, read once per packet) and [`checksum`]
-//! (RFC 1071 sums, RFC 1624 incremental updates). smoltcp's `wire` module is the model: named offsets instead of
+//! offsets, flags, options), [`transport`] (the fields the NAT tracks, read once per packet), [`checksum`]
+//! (RFC 1071 sums, RFC 1624 incremental updates), and for the L7 path the byte streams it judges: [`tls`] (the
+//! ClientHello) and [`http`] (HTTP/1.1 request heads and body framing). smoltcp's `wire` module is the model: named offsets instead of
 //! magic numbers, and views that never trust a length they read.
 //!
 //! **Contract, for every function in this module:** no input makes it panic (a read past the end yields `None`,
@@ -16,9 +17,11 @@
 
 pub mod checksum;
 pub mod ethernet;
+pub mod http;
 pub mod icmp;
 pub mod ipv4;
 pub mod tcp;
+pub mod tls;
 pub mod transport;
 pub mod udp;
 
