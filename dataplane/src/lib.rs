@@ -36,6 +36,7 @@ pub mod drop;
 pub mod fragments;
 pub mod handoff;
 pub mod icmp;
+pub mod l7;
 pub mod nat;
 pub mod nexthop;
 pub mod pipeline;

@@ -1,0 +1,415 @@
+//! The L7 path's per-connection engine, sans-IO: what egressd decides about a TCP connection of an `l7` flow from
+//! the bytes its client sends, and what it sends back.
+//!
+//! Where it sits: the worker punts every frame of an `l7` flow to the L7 threads, which terminate the client's
+//! TCP connection (a smoltcp socket listening on exactly the address the client dialled) and open their own
+//! connection upstream from the group's egress IP. Between the two sockets sits one [`Connection`] per client
+//! connection. It never touches a socket, a thread or a clock: the driver passes time in, feeds it bytes, and
+//! does what it asks (connect upstream, send these bytes there, send this refusal to the client, close). So every
+//! decision is tested here without a network, as quinn-proto tests QUIC.
+//!
+//! What it decides, in order:
+//! 1. **Classify** the first bytes: a TLS handshake record → TLS; an HTTP method token → HTTP/1.1; anything else
+//!    is refused. Within [`L7Limits::classify_timeout`] and [`L7Limits::max_head_bytes`]: a client that sends
+//!    nothing, or a head that never ends, is closed at the deadline or the cap.
+//! 2. **TLS**: read the ClientHello ([`crate::wire::tls`]), check its server name against the rule's host
+//!    patterns and its newest version against the rule's minimum. Allowed → connect upstream, replay the
+//!    buffered bytes, then splice both ways untouched (egressd never decrypts). Refused → a fatal alert, close.
+//! 3. **HTTP/1.1**: read every request head ([`crate::wire::http`]) on the connection, judge its Host, then
+//!    forward exactly its head and body (Content-Length or chunked framing) before reading the next head. A
+//!    request for a host the rule does not allow is answered `403` with a one-line reason and `Connection:
+//!    close`, and nothing of it reaches upstream, even after allowed requests on the same keep-alive connection.
+//!    An ambiguous request (smuggling shapes) is answered `400`.
+//!
+//! A request refused after allowed ones on the same connection: its bytes are dropped at once, but its refusal
+//! must reach the client after the upstream's responses to the earlier requests. [`Connection::refusal_waits`]
+//! says so; the driver then half-closes the upstream after the judged bytes, relays the upstream's responses
+//! until it closes, and only then sends [`Connection::to_client`] and closes.
+//!
+//! Memory per connection is fixed when it is made (the head buffer and the TLS scratch buffer), so the L7
+//! threads' memory is bounded by their connection limit.
+
+use std::fmt;
+
+use crate::policy::{PolicySnapshot, RuleId};
+use crate::time::Instant;
+use crate::wire::http::{self, BodyFraming, ChunkedBody, HttpError};
+use crate::wire::tls::{self, HelloError};
+
+/// Bounds of one connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L7Limits {
+    /// Time from the connection's start to a decision on its first bytes.
+    pub classify_timeout_nanos: u64,
+    /// Bytes buffered before a decision (a ClientHello, or one request head); the TLS scratch buffer has the same
+    /// size.
+    pub max_head_bytes: usize,
+}
+
+impl Default for L7Limits {
+    fn default() -> Self {
+        L7Limits { classify_timeout_nanos: 10_000_000_000, max_head_bytes: 16 * 1024 }
+    }
+}
+
+/// Why a connection (or one of its requests) was refused. `as_str` is the metric label and audit reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The first bytes are neither a TLS handshake nor an HTTP request.
+    NotTlsOrHttp,
+    /// The ClientHello was unusable (malformed, no or several server names, an IP literal, too large).
+    BadClientHello(HelloError),
+    /// The request head was unusable or ambiguous.
+    BadRequest(HttpError),
+    /// The name (SNI or Host) matches none of the rule's host patterns.
+    HostNotAllowed,
+    /// Nothing decidable arrived before the deadline.
+    Timeout,
+    /// The head did not end within the byte cap.
+    TooLarge,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::NotTlsOrHttp => "not_tls_or_http",
+            Refusal::BadClientHello(e) => e.as_str(),
+            Refusal::BadRequest(e) => e.as_str(),
+            Refusal::HostNotAllowed => "host_not_allowed",
+            Refusal::Timeout => "classify_timeout",
+            Refusal::TooLarge => "head_too_large",
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the connection carries, once classified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tls,
+    Http,
+}
+
+/// Where the connection stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Waiting for enough bytes to classify.
+    Classifying,
+    /// TLS, waiting for the whole ClientHello.
+    ClientHello,
+    /// TLS allowed: bytes go through untouched, both ways.
+    Splicing,
+    /// HTTP, waiting for a whole request head.
+    RequestHead,
+    /// HTTP, forwarding `left` more body bytes of an allowed request.
+    Body { left: u64 },
+    /// HTTP, forwarding a chunked body of an allowed request.
+    Chunked(ChunkedBody),
+    /// Refused: the refusal response (if any) goes to the client, then the connection closes.
+    Refused(Refusal),
+}
+
+/// What is known of the connection, for its access log line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub protocol: Option<Protocol>,
+    /// The SNI or the Host of the last request judged.
+    pub name: String,
+    pub method: String,
+    pub path: String,
+    /// HTTP requests allowed on this connection.
+    pub requests_allowed: u32,
+    pub refusal: Option<Refusal>,
+    /// Bytes from the client forwarded upstream.
+    pub bytes_up: u64,
+}
+
+/// One client connection of an `l7` flow. See the module docs.
+pub struct Connection {
+    rule: RuleId,
+    limits: L7Limits,
+    deadline: Instant,
+    state: State,
+    /// Client bytes not yet forwarded (the buffered head); never longer than `limits.max_head_bytes`.
+    pending: Vec<u8>,
+    /// `pending[..ready]` is judged and may go upstream.
+    ready: usize,
+    /// Where a ClientHello split over records is gathered.
+    scratch: Box<[u8]>,
+    upstream_wanted: bool,
+    upstream_connected: bool,
+    /// The refusal response still to be sent to the client, and how much of it was sent.
+    to_client: Vec<u8>,
+    to_client_sent: usize,
+    summary: Summary,
+}
+
+impl Connection {
+    /// A connection of the flow the policy sent to the L7 path under `rule`, starting at `now`.
+    pub fn new(now: Instant, rule: RuleId, limits: L7Limits) -> Connection {
+        Connection {
+            rule,
+            limits,
+            deadline: now.saturating_add(std::time::Duration::from_nanos(limits.classify_timeout_nanos)),
+            state: State::Classifying,
+            pending: Vec::with_capacity(limits.max_head_bytes),
+            ready: 0,
+            scratch: vec![0; limits.max_head_bytes].into_boxed_slice(),
+            upstream_wanted: false,
+            upstream_connected: false,
+            to_client: Vec::new(),
+            to_client_sent: 0,
+            summary: Summary::default(),
+        }
+    }
+
+    /// Takes bytes the client sent; returns how many it took. Fewer than `data.len()` means "not now": the driver
+    /// keeps the rest in the client socket (TCP flow control pushes back) and offers them again after draining
+    /// [`Connection::to_upstream`].
+    pub fn on_client_data(&mut self, data: &[u8], policy: &PolicySnapshot) -> usize {
+        if matches!(self.state, State::Refused(_)) {
+            // Nothing more of the client's reaches anywhere; the driver is closing.
+            return data.len();
+        }
+        // The buffer never grows past its cap: what does not fit waits in the client socket.
+        let room = self.limits.max_head_bytes.saturating_sub(self.pending.len());
+        let take = room.min(data.len());
+        self.pending.extend_from_slice(&data[..take]);
+        if self.state == State::Splicing {
+            self.ready = self.pending.len();
+        } else {
+            self.advance(policy);
+        }
+        take
+    }
+
+    /// Runs the state machine over the buffered bytes until it needs more.
+    fn advance(&mut self, policy: &PolicySnapshot) {
+        loop {
+            let unjudged = &self.pending[self.ready..];
+            match self.state {
+                State::Classifying => match unjudged.first() {
+                    None => return,
+                    Some(&tls::CONTENT_HANDSHAKE) => {
+                        self.summary.protocol = Some(Protocol::Tls);
+                        self.state = State::ClientHello;
+                    }
+                    Some(b) if b.is_ascii_uppercase() => {
+                        self.summary.protocol = Some(Protocol::Http);
+                        self.state = State::RequestHead;
+                    }
+                    Some(_) => return self.refuse(Refusal::NotTlsOrHttp),
+                },
+                State::ClientHello => {
+                    let hello = match tls::parse_client_hello(unjudged, &mut self.scratch) {
+                        Err(HelloError::Incomplete) => return self.refuse_if_full(),
+                        Err(e) => return self.refuse(Refusal::BadClientHello(e)),
+                        Ok(hello) => hello,
+                    };
+                    self.summary.name = hello.server_name.to_ascii_lowercase();
+                    if !policy.host_allowed(self.rule, &self.summary.name) {
+                        return self.refuse(Refusal::HostNotAllowed);
+                    }
+                    self.upstream_wanted = true;
+                    self.ready = self.pending.len();
+                    self.state = State::Splicing;
+                    return;
+                }
+                State::Splicing => return,
+                State::RequestHead => {
+                    if unjudged.is_empty() {
+                        return;
+                    }
+                    let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
+                    let head = match http::parse_request(unjudged, &mut headers) {
+                        Err(HttpError::Incomplete) => return self.refuse_if_full(),
+                        Err(e) => return self.refuse(Refusal::BadRequest(e)),
+                        Ok(head) => head,
+                    };
+                    self.summary.name.clear();
+                    self.summary.name.push_str(&head.host.to_ascii_lowercase());
+                    self.summary.method.clear();
+                    self.summary.method.push_str(head.method);
+                    self.summary.path.clear();
+                    self.summary.path.push_str(head.path);
+                    let (head_len, body) = (head.head_len, head.body);
+                    if !policy.host_allowed(self.rule, &self.summary.name) {
+                        return self.refuse(Refusal::HostNotAllowed);
+                    }
+                    self.summary.requests_allowed += 1;
+                    self.upstream_wanted = true;
+                    self.ready += head_len;
+                    self.state = match body {
+                        BodyFraming::None => State::RequestHead,
+                        BodyFraming::Length(left) => State::Body { left },
+                        BodyFraming::Chunked => State::Chunked(ChunkedBody::new()),
+                    };
+                }
+                State::Body { left } => {
+                    let take = unjudged.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    if take == 0 {
+                        return;
+                    }
+                    self.ready += take;
+                    let left = left - take as u64;
+                    self.state = if left == 0 { State::RequestHead } else { State::Body { left } };
+                }
+                State::Chunked(mut body) => {
+                    if unjudged.is_empty() {
+                        return;
+                    }
+                    match body.advance(unjudged) {
+                        Ok(n) => self.ready += n,
+                        Err(e) => return self.refuse(Refusal::BadRequest(e)),
+                    }
+                    if !body.is_done() {
+                        self.state = State::Chunked(body);
+                        return;
+                    }
+                    self.state = State::RequestHead;
+                }
+                State::Refused(_) => return,
+            }
+        }
+    }
+
+    /// A head still incomplete when the buffer is full will never fit.
+    fn refuse_if_full(&mut self) {
+        if self.pending.len() >= self.limits.max_head_bytes {
+            self.refuse(Refusal::TooLarge);
+        }
+    }
+
+    fn refuse(&mut self, why: Refusal) {
+        self.summary.refusal = Some(why);
+        // What was judged before (earlier allowed requests) still goes; the refused request's bytes never do.
+        self.pending.truncate(self.ready);
+        self.to_client.clear();
+        match self.summary.protocol {
+            Some(Protocol::Tls) => self.to_client.extend_from_slice(&tls_alert(why)),
+            Some(Protocol::Http) => self.write_http_refusal(why),
+            None => {}
+        }
+        self.state = State::Refused(why);
+    }
+
+    fn write_http_refusal(&mut self, why: Refusal) {
+        use std::io::Write;
+        let (status, body) = match why {
+            Refusal::HostNotAllowed => (
+                "403 Forbidden",
+                format!("egressd: host {} is not allowed by this rule\n", self.summary.name),
+            ),
+            Refusal::TooLarge => {
+                ("431 Request Header Fields Too Large", "egressd: request head too large\n".into())
+            }
+            other => ("400 Bad Request", format!("egressd: refused ({other})\n")),
+        };
+        let _ = write!(
+            self.to_client,
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+
+    /// Whether the driver should open the upstream connection now (and has not said it did).
+    pub fn wants_upstream(&self) -> bool {
+        self.upstream_wanted && !self.upstream_connected
+    }
+
+    /// The upstream connection is established: judged bytes may flow.
+    pub fn on_upstream_connected(&mut self) {
+        self.upstream_connected = true;
+    }
+
+    /// Judged client bytes to send upstream (empty until the upstream is connected).
+    pub fn to_upstream(&self) -> &[u8] {
+        if self.upstream_connected {
+            &self.pending[..self.ready]
+        } else {
+            &[]
+        }
+    }
+
+    /// `n` bytes of [`Connection::to_upstream`] were sent.
+    pub fn upstream_sent(&mut self, n: usize, policy: &PolicySnapshot) {
+        let n = n.min(self.ready);
+        self.pending.drain(..n);
+        self.ready -= n;
+        self.summary.bytes_up += n as u64;
+        // Room in the buffer: the next request's bytes may already be there.
+        if !matches!(self.state, State::Splicing | State::Refused(_)) {
+            self.advance(policy);
+        }
+    }
+
+    /// The refusal response still to send to the client.
+    pub fn to_client(&self) -> &[u8] {
+        &self.to_client[self.to_client_sent..]
+    }
+
+    pub fn client_sent(&mut self, n: usize) {
+        self.to_client_sent = (self.to_client_sent + n).min(self.to_client.len());
+    }
+
+    /// Refused, its response sent and judged bytes flushed: close the client (FIN after the response).
+    pub fn should_close(&self) -> bool {
+        matches!(self.state, State::Refused(_)) && self.to_client().is_empty() && self.ready == 0
+    }
+
+    /// Refused after allowed HTTP requests: the refusal goes to the client only once the upstream has answered
+    /// them and closed (see the module docs).
+    pub fn refusal_waits(&self) -> bool {
+        matches!(self.state, State::Refused(_)) && self.summary.requests_allowed > 0
+    }
+
+    /// Allowed TLS: after [`Connection::to_upstream`] is drained, the driver copies both ways untouched.
+    pub fn is_splicing(&self) -> bool {
+        self.state == State::Splicing
+    }
+
+    /// When [`Connection::on_timeout`] must next be called, if a deadline is pending.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        matches!(self.state, State::Classifying | State::ClientHello).then_some(self.deadline)
+    }
+
+    /// Time passed: a connection still undecided at its deadline is refused.
+    pub fn on_timeout(&mut self, now: Instant) {
+        if self.poll_timeout().is_some_and(|deadline| now >= deadline) {
+            self.refuse(Refusal::Timeout);
+        }
+    }
+
+    pub fn summary(&self) -> &Summary {
+        &self.summary
+    }
+}
+
+/// A fatal TLS alert record (RFC 8446 6): `access_denied` for a policy refusal, `unrecognized_name` for a hello
+/// without a usable name (RFC 6066 3), `decode_error` for a malformed one.
+fn tls_alert(why: Refusal) -> [u8; 7] {
+    const ALERT: u8 = 21;
+    const FATAL: u8 = 2;
+    const ACCESS_DENIED: u8 = 49;
+    const DECODE_ERROR: u8 = 50;
+    const UNRECOGNIZED_NAME: u8 = 112;
+    let description = match why {
+        Refusal::BadClientHello(
+            HelloError::NoServerName
+            | HelloError::MultipleServerNames
+            | HelloError::IpLiteralServerName
+            | HelloError::InvalidServerName,
+        ) => UNRECOGNIZED_NAME,
+        Refusal::BadClientHello(_) => DECODE_ERROR,
+        _ => ACCESS_DENIED,
+    };
+    [ALERT, 3, 3, 0, 2, FATAL, description]
+}
+
+#[cfg(test)]
+mod tests;

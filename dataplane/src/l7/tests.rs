@@ -1,0 +1,231 @@
+//! The L7 engine on a virtual clock, against a policy with an `l7` rule: what reaches upstream, what the client
+//! gets back, and when it closes.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::*;
+use crate::policy::{Action, HostPattern, PolicyBuilder, Prefix, ProtoMatch, RuleSpec};
+
+/// One group; rule 0 is `l7` for api.stripe.com, *.paypal.com and httpbin.test.
+fn policy() -> (PolicySnapshot, RuleId) {
+    let mut b = PolicyBuilder::new();
+    let g = b.add_group("payments", vec![Ipv4Addr::new(192, 0, 2, 30)]);
+    b.add_source(g, Prefix::new(IpAddr::V4(Ipv4Addr::new(10, 10, 1, 0)), 24).unwrap());
+    let mut rule = RuleSpec::new(
+        g,
+        vec![Prefix::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).unwrap()],
+        ProtoMatch::Any,
+        vec![],
+        Action::L7,
+    );
+    rule.hosts = ["api.stripe.com", "*.paypal.com", "httpbin.test"]
+        .iter()
+        .map(|h| HostPattern::parse(h).unwrap())
+        .collect();
+    let id = b.add_rule(rule);
+    (b.build(1).unwrap(), id)
+}
+
+fn connection() -> (Connection, PolicySnapshot) {
+    let (policy, rule) = policy();
+    (Connection::new(Instant::ZERO, rule, L7Limits::default()), policy)
+}
+
+/// A minimal ClientHello record for `name` (legacy version TLS 1.2, one suite, SNI only).
+fn client_hello(name: &str) -> Vec<u8> {
+    let mut sni = vec![0u8];
+    sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    sni.extend_from_slice(name.as_bytes());
+    let mut sni_ext = (sni.len() as u16).to_be_bytes().to_vec();
+    sni_ext.extend_from_slice(&sni);
+    let mut ext = vec![0, 0];
+    ext.extend_from_slice(&(sni_ext.len() as u16).to_be_bytes());
+    ext.extend_from_slice(&sni_ext);
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[9; 32]);
+    body.extend_from_slice(&[0, 0, 2, 0x13, 0x01, 1, 0]);
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut msg = vec![1, 0, (body.len() >> 8) as u8, body.len() as u8];
+    msg.extend_from_slice(&body);
+    let mut record = vec![22, 3, 1, (msg.len() >> 8) as u8, msg.len() as u8];
+    record.extend_from_slice(&msg);
+    record
+}
+
+/// Drains everything judged to "upstream" (connecting it first if asked); returns the bytes.
+fn flush_upstream(c: &mut Connection, policy: &PolicySnapshot) -> Vec<u8> {
+    if c.wants_upstream() {
+        c.on_upstream_connected();
+    }
+    let mut out = Vec::new();
+    loop {
+        let chunk = c.to_upstream().to_vec();
+        if chunk.is_empty() {
+            return out;
+        }
+        c.upstream_sent(chunk.len(), policy);
+        out.extend_from_slice(&chunk);
+    }
+}
+
+#[test]
+fn an_allowed_sni_is_replayed_upstream_then_spliced() {
+    let (mut c, policy) = connection();
+    let hello = client_hello("API.Stripe.com");
+    // The hello arrives in three pieces: nothing goes upstream until it is whole.
+    assert_eq!(c.on_client_data(&hello[..3], &policy), 3);
+    assert!(!c.wants_upstream() && c.to_upstream().is_empty());
+    assert_eq!(c.on_client_data(&hello[3..40], &policy), 37);
+    assert!(!c.wants_upstream());
+    c.on_client_data(&hello[40..], &policy);
+    assert!(c.wants_upstream(), "whole hello, allowed name: connect");
+    assert!(c.to_upstream().is_empty(), "nothing before the upstream is connected");
+    assert_eq!(flush_upstream(&mut c, &policy), hello, "the hello goes upstream byte for byte");
+    assert!(c.is_splicing() && c.poll_timeout().is_none());
+    c.on_client_data(b"\x17\x03\x03\x00\x01z", &policy);
+    assert_eq!(flush_upstream(&mut c, &policy), b"\x17\x03\x03\x00\x01z");
+    assert_eq!(c.summary().name, "api.stripe.com");
+    assert_eq!(c.summary().refusal, None);
+}
+
+#[test]
+fn wildcards_match_subdomains_but_not_the_bare_suffix() {
+    for (name, allowed) in
+        [("www.paypal.com", true), ("a.b.paypal.com", true), ("paypal.com", false), ("evilpaypal.com", false)]
+    {
+        let (mut c, policy) = connection();
+        c.on_client_data(&client_hello(name), &policy);
+        assert_eq!(c.wants_upstream(), allowed, "{name}");
+    }
+}
+
+#[test]
+fn a_denied_sni_gets_an_access_denied_alert_and_nothing_reaches_upstream() {
+    let (mut c, policy) = connection();
+    c.on_client_data(&client_hello("evil.example"), &policy);
+    assert!(!c.wants_upstream());
+    assert_eq!(c.to_client(), [21, 3, 3, 0, 2, 2, 49], "fatal access_denied");
+    assert_eq!(c.summary().refusal, Some(Refusal::HostNotAllowed));
+    assert!(!c.should_close(), "the alert first");
+    c.client_sent(7);
+    assert!(c.should_close());
+    assert_eq!(flush_upstream(&mut c, &policy), b"");
+}
+
+#[test]
+fn a_hello_without_a_usable_name_gets_unrecognized_name() {
+    let (mut c, policy) = connection();
+    c.on_client_data(&client_hello("198.51.100.7"), &policy);
+    assert_eq!(c.to_client(), [21, 3, 3, 0, 2, 2, 112]);
+    assert_eq!(c.summary().refusal, Some(Refusal::BadClientHello(HelloError::IpLiteralServerName)));
+}
+
+#[test]
+fn garbage_is_refused_at_once_and_silence_at_the_deadline() {
+    let (mut c, policy) = connection();
+    c.on_client_data(b"\x00\x01 hello", &policy);
+    assert_eq!(c.summary().refusal, Some(Refusal::NotTlsOrHttp));
+    assert!(c.to_client().is_empty() && c.should_close(), "unknown protocol: just close");
+
+    let (mut c, _) = connection();
+    let deadline = c.poll_timeout().expect("a deadline while classifying");
+    assert_eq!(deadline, Instant::from_secs(10));
+    c.on_timeout(Instant::from_secs(9));
+    assert_eq!(c.summary().refusal, None);
+    c.on_timeout(deadline);
+    assert_eq!(c.summary().refusal, Some(Refusal::Timeout));
+    assert!(c.should_close());
+
+    // A hello that never ends: refused at the byte cap, never buffered past it.
+    let (mut c, policy) = connection();
+    let mut endless = vec![22, 3, 1, 0x40, 0x00, 1, 0, 0xff, 0xff];
+    endless.resize(20_000, 0);
+    let taken = c.on_client_data(&endless, &policy);
+    assert!(taken <= L7Limits::default().max_head_bytes);
+    assert!(matches!(c.summary().refusal, Some(Refusal::TooLarge | Refusal::BadClientHello(_))));
+}
+
+#[test]
+fn http_requests_are_judged_one_by_one_on_a_keep_alive_connection() {
+    let (mut c, policy) = connection();
+    let first = b"GET /status/200 HTTP/1.1\r\nHost: httpbin.test\r\n\r\n";
+    let post = b"POST /post HTTP/1.1\r\nHost: httpbin.test\r\nContent-Length: 5\r\n\r\nhello";
+    let denied = b"GET /admin HTTP/1.1\r\nHost: evil.example\r\n\r\n";
+    let after = b"GET /get HTTP/1.1\r\nHost: httpbin.test\r\n\r\n";
+    let mut stream = Vec::new();
+    for part in [&first[..], post, denied, after] {
+        stream.extend_from_slice(part);
+    }
+    // Fed a byte at a time: the same outcome as at once.
+    for chunking in [1, stream.len()] {
+        let (mut c2, _) = connection();
+        let mut upstream = Vec::new();
+        for piece in stream.chunks(chunking) {
+            let mut piece = piece;
+            while !piece.is_empty() {
+                let n = c2.on_client_data(piece, &policy);
+                piece = &piece[n..];
+                upstream.extend(flush_upstream(&mut c2, &policy));
+            }
+        }
+        let allowed = [&first[..], post].concat();
+        assert_eq!(upstream, allowed, "only the two allowed requests, whole (chunks of {chunking})");
+        assert_eq!(c2.summary().requests_allowed, 2);
+        assert_eq!(c2.summary().refusal, Some(Refusal::HostNotAllowed));
+        assert!(c2.refusal_waits(), "the 403 follows the upstream's two responses");
+        let response = String::from_utf8(c2.to_client().to_vec()).unwrap();
+        assert!(response.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{response}");
+        assert!(response.contains("Connection: close\r\n"));
+        assert!(response.ends_with("egressd: host evil.example is not allowed by this rule\n"));
+    }
+    // The first request alone.
+    c.on_client_data(first, &policy);
+    assert_eq!(flush_upstream(&mut c, &policy), first);
+    assert_eq!((c.summary().method.as_str(), c.summary().path.as_str()), ("GET", "/status/200"));
+}
+
+#[test]
+fn chunked_bodies_are_forwarded_whole_and_the_next_head_judged() {
+    let (mut c, policy) = connection();
+    let req =
+        b"POST /p HTTP/1.1\r\nHost: httpbin.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+    let smuggled = b"GET /admin HTTP/1.1\r\nHost: evil.example\r\n\r\n";
+    c.on_client_data(&[&req[..], smuggled].concat(), &policy);
+    assert_eq!(flush_upstream(&mut c, &policy), req, "the body ends where its last chunk does");
+    assert_eq!(c.summary().refusal, Some(Refusal::HostNotAllowed), "the request hidden after it is judged");
+}
+
+#[test]
+fn ambiguous_requests_get_400_and_reach_nothing() {
+    let (mut c, policy) = connection();
+    c.on_client_data(
+        b"POST / HTTP/1.1\r\nHost: httpbin.test\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        &policy,
+    );
+    assert_eq!(c.summary().refusal, Some(Refusal::BadRequest(HttpError::AmbiguousLength)));
+    assert!(String::from_utf8_lossy(c.to_client()).starts_with("HTTP/1.1 400 Bad Request\r\n"));
+    assert!(!c.refusal_waits());
+    assert_eq!(flush_upstream(&mut c, &policy), b"");
+}
+
+#[test]
+fn arbitrary_client_bytes_never_panic_and_never_pass_unjudged() {
+    use proptest::prelude::*;
+    let (policy, rule) = policy();
+    proptest!(|(bytes in proptest::collection::vec(any::<u8>(), 0..3000), step in 1usize..700)| {
+        let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default());
+        let mut upstream = Vec::new();
+        for piece in bytes.chunks(step) {
+            c.on_client_data(piece, &policy);
+            upstream.extend(flush_upstream(&mut c, &policy));
+        }
+        c.on_timeout(Instant::from_secs(60));
+        // Whatever went upstream was judged: a hello or request for an allowed name comes first.
+        if !upstream.is_empty() {
+            prop_assert!(c.summary().requests_allowed > 0 || c.summary().protocol == Some(Protocol::Tls));
+            prop_assert!(["api.stripe.com", "httpbin.test"].contains(&c.summary().name.as_str())
+                || c.summary().name.ends_with(".paypal.com"));
+        }
+    });
+}
