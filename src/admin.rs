@@ -298,6 +298,12 @@ impl Collector for CoreCollector {
             "New flows that found no free egress port.",
             [(vec![], sum(&|w: &WorkerStats| get(&w.nat.allocation_failures)))],
         )?;
+        counters(
+            &mut encoder,
+            "egressd_nat_log_suppressed",
+            "NAT translation log records not written: over the rate bound ([nat] log_rate) or the queue was full.",
+            [(vec![], sum(&|w: &WorkerStats| get(&w.nat.log_suppressed)))],
+        )?;
         let mut in_use: std::collections::BTreeMap<(std::net::Ipv4Addr, &str), u64> = Default::default();
         for w in &state.workers {
             for (ip, tcp, udp, icmp) in w.nat.egress_ports() {

@@ -24,6 +24,7 @@ use arc_swap::ArcSwap;
 use dataplane::audit::{AuditEvent, AuditQueue};
 use dataplane::drop::DropReason;
 use dataplane::handoff::Handoffs;
+use dataplane::nat::{NatLogQueue, NatLogRecord};
 use dataplane::nexthop::{NextHopTable, ResolveQueue};
 use dataplane::pipeline::{NextHops, Pipeline};
 use dataplane::policy::{PolicySnapshot, Verdict};
@@ -42,6 +43,8 @@ use crate::policy::PolicyReloader;
 const HANDOFF_QUEUE_FRAMES: usize = 1024;
 /// Denials waiting for the control thread to write them to the audit log.
 const AUDIT_QUEUE_EVENTS: usize = 4096;
+/// Translation log records waiting for the control thread (it drains them every tick).
+const NAT_LOG_QUEUE_RECORDS: usize = 65536;
 /// How often the kernel's routes and neighbours are re-read.
 const FIB_REFRESH: Duration = Duration::from_millis(250);
 /// After a resolution request, the tables are re-read every tick for this long (workers hold frames meanwhile).
@@ -135,6 +138,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     let nat_config = config.nat.to_engine(workers_count);
     let handoffs = Arc::new(Handoffs::new(cores.len(), HANDOFF_QUEUE_FRAMES));
     let audit = Arc::new(AuditQueue::new(AUDIT_QUEUE_EVENTS));
+    let nat_log = Arc::new(NatLogQueue::new(NAT_LOG_QUEUE_RECORDS));
     tracing::info!(
         max_flows_per_worker = nat_config.max_flows,
         udp_timeout_s = nat_config.timeouts.udp_secs,
@@ -168,6 +172,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
                 handoffs.clone(),
             )
             .with_audit(audit.clone())
+            .with_nat_log(config.nat.log_mode(), config.nat.log_rate(), nat_log.clone())
             .with_mss_clamp(dp.clamp_mss)
             .with_source_validation(dp.source_validation.unwrap_or(true)),
             stop: stop_workers.clone(),
@@ -223,6 +228,13 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
         }
         while let Some(event) = audit.pop() {
             write_audit(&event, &policy.load());
+        }
+        if let Some(first) = nat_log.pop() {
+            let clock = WallClock::now();
+            let policy = policy.load();
+            for record in std::iter::once(first).chain(std::iter::from_fn(|| nat_log.pop())) {
+                write_nat_log(&record, &policy, &clock);
+            }
         }
         for hop in next_hops.resolve.drain() {
             let interface = if on_link(&next_hops.table.load().inside, hop) { &inside } else { &outside };
@@ -370,6 +382,79 @@ fn on_link(table: &dataplane::nexthop::InterfaceTable, hop: Ipv4Addr) -> bool {
 fn rule_label(policy: &PolicySnapshot, generation: u64, rule: dataplane::policy::RuleId) -> Option<String> {
     let named = (policy.generation() == generation).then(|| policy.rule(rule)).flatten();
     Some(named.and_then(|r| r.name.clone()).unwrap_or_else(|| (rule.0 + 1).to_string()))
+}
+
+/// Converts the engine's monotonic seconds to wall-clock time.
+struct WallClock {
+    wall: std::time::SystemTime,
+    monotonic_secs: u64,
+}
+
+impl WallClock {
+    fn now() -> WallClock {
+        WallClock {
+            wall: std::time::SystemTime::now(),
+            monotonic_secs: dataplane::time::Instant::monotonic().as_nanos() / 1_000_000_000,
+        }
+    }
+
+    fn at(&self, monotonic_secs: u32) -> String {
+        let ago = self.monotonic_secs.saturating_sub(u64::from(monotonic_secs));
+        let when = self.wall.checked_sub(std::time::Duration::from_secs(ago)).unwrap_or(self.wall);
+        humantime::format_rfc3339_seconds(when).to_string()
+    }
+}
+
+/// One translation log line per record (target `egressd::nat`; a JSON object with `--log-format json`).
+fn write_nat_log(record: &NatLogRecord, policy: &PolicySnapshot, clock: &WallClock) {
+    let proto = match record.proto {
+        1 => "icmp",
+        6 => "tcp",
+        17 => "udp",
+        _ => "other",
+    };
+    let current = policy.generation() as u32 == record.generation;
+    let group =
+        record.group.filter(|_| current).map(|g| policy.group_name(g).to_string()).unwrap_or_default();
+    let rule = record
+        .rule
+        .and_then(|r| rule_label(policy, policy.generation(), r).filter(|_| current))
+        .unwrap_or_default();
+    let start = clock.at(record.started_secs);
+    match record.end {
+        None => tracing::info!(
+            target: "egressd::nat",
+            event = "created",
+            proto,
+            inside = %record.inside,
+            egress = %record.egress,
+            remote = %record.remote,
+            group,
+            rule,
+            start,
+            worker = record.worker,
+            "nat mapping created"
+        ),
+        Some(end) => tracing::info!(
+            target: "egressd::nat",
+            event = "closed",
+            proto,
+            inside = %record.inside,
+            egress = %record.egress,
+            remote = %record.remote,
+            group,
+            rule,
+            start,
+            end = clock.at(record.ended_secs),
+            packets_out = record.packets_out,
+            packets_in = record.packets_in,
+            bytes_out = record.bytes_out,
+            bytes_in = record.bytes_in,
+            reason = end.as_str(),
+            worker = record.worker,
+            "nat flow closed"
+        ),
+    }
 }
 
 /// One audit line per reported denial (target `egressd::audit`; a JSON object with `--log-format json`).

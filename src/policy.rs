@@ -98,6 +98,8 @@ pub fn restart_only_settings(config: &Config) -> Vec<(&'static str, String)> {
         ("[nat] timers", format!("{:?}", nat.timeouts())),
         ("[nat] port_quarantine", nat.port_quarantine_secs().to_string()),
         ("[nat] icmp errors", format!("{:?}", nat.icmp_errors())),
+        ("[nat] log", format!("{:?}", nat.log_mode())),
+        ("[nat] log_rate", nat.log_rate().to_string()),
         ("[admin] listen", admin.listen().to_string()),
         ("[admin] remote_control", admin.remote_control().to_string()),
         ("[admin] token_file", format!("{:?}", admin.token_file.as_ref().map(|t| t.get_ref()))),

@@ -325,3 +325,39 @@ print(ok)
     );
     assert_eq!(gw.metric(r#"egressd_drops_total{reason="fragment_unmatched"}"#), 0.0);
 }
+
+/// The NAT translation log: a line when a flow's translation is made and one when it ends, with what an abuse
+/// report needs (inside, egress and remote endpoints, packets and bytes each way, why it ended).
+#[test]
+fn the_translation_log_names_who_used_an_egress_port() {
+    let lab = Lab::up(false);
+    let (_dir, config, _) =
+        lab_config(|text| format!("{text}\n[nat]\nlog = \"all\"\nudp_timeout = \"3s\"\n"));
+    let gw = Gateway::start(&lab, &config);
+    assert_eq!(whoami(&lab, "203.0.113.10", 41000), "192.0.2.10:41000", "log:\n{}", gw.log_text());
+    let lines = |what: &str| -> Vec<String> {
+        gw.log_text()
+            .lines()
+            .filter(|l| l.contains(what) && l.contains("inside=10.10.0.2:41000"))
+            .map(str::to_string)
+            .collect()
+    };
+    wait_for(|| !lines("nat mapping created").is_empty(), "the creation line");
+    let created = &lines("nat mapping created")[0];
+    for part in ["egress=192.0.2.10:41000", "remote=203.0.113.10:9000", "udp", "start="] {
+        assert!(created.contains(part), "{part} missing from {created}");
+    }
+    // The UDP timeout is 3 s: the flow ends, and its line counts the one datagram each way.
+    support::wait_for_within(
+        std::time::Duration::from_secs(15),
+        || !lines("nat flow closed").is_empty(),
+        "the end line",
+    );
+    let closed = &lines("nat flow closed")[0];
+    for part in ["egress=192.0.2.10:41000", "packets_out=1", "packets_in=1", "idle_timeout", "end="] {
+        assert!(closed.contains(part), "{part} missing from {closed}");
+    }
+    assert!(lines("nat mapping created").len() == 1, "one mapping, one line");
+    let metrics = gw.metrics();
+    assert!(metrics.contains(&("egressd_nat_log_suppressed_total".to_string(), 0.0)), "nothing suppressed");
+}

@@ -132,6 +132,7 @@ pub struct NatGauges {
     pub icmp: AtomicU64,
     pub mappings: AtomicU64,
     pub allocation_failures: AtomicU64,
+    pub log_suppressed: AtomicU64,
     /// Per egress IP this worker has used: (IPv4 as u32, TCP, UDP, ICMP ports in use).
     pub egress: [[AtomicU64; 4]; MAX_EGRESS_IPS],
     pub egress_len: AtomicU64,

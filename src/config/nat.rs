@@ -12,7 +12,15 @@
 //! icmp_on_out_of_ports = false    # answer a new flow that finds no free port with ICMP 3/13
 //! icmp_rate = 1000                # ICMP errors per second per worker (token bucket refill)
 //! icmp_burst = 50                 # ICMP errors a worker may send at once
+//! log = "off"                     # translation log: "off", "all", or "sampled"
+//! log_sample = 100                # with "sampled": one flow in this many
+//! log_rate = 10000                # records per second per worker; beyond it they are counted, not written
 //! ```
+//!
+//! The translation log writes a line (target `egressd::nat`, JSON with `--log-format json`) when a flow's
+//! translation is created and when the flow ends: inside, egress and remote ip:port, protocol, group, rule,
+//! start and end time, packets and bytes each way, and why it ended. It is what an abuse report about an egress
+//! IP and port needs. Lines beyond `log_rate` are counted in `egressd_nat_log_suppressed_total`.
 //!
 //! Durations are integers (seconds) or strings of `<number><unit>` parts, units `d`, `h`, `m`, `s`
 //! (`"2h4m"`, `"300s"`, `"90"`). Timers below the RFC minimums are accepted with a warning naming the requirement
@@ -99,6 +107,12 @@ pub struct NatSection {
     pub icmp_rate: Option<Spanned<i64>>,
     /// ICMP errors a worker may send at once. Default 50.
     pub icmp_burst: Option<Spanned<i64>>,
+    /// Translation log: "off" (default), "all", "sampled".
+    pub log: Option<Spanned<String>>,
+    /// With `log = "sampled"`: one flow in this many. Default 100.
+    pub log_sample: Option<Spanned<i64>>,
+    /// Translation log records per second per worker. Default 10 000.
+    pub log_rate: Option<Spanned<i64>>,
 }
 
 /// The name `config::Config` uses for this section.
@@ -108,6 +122,8 @@ pub const DEFAULT_MAX_FLOWS: u32 = 1 << 20;
 pub const DEFAULT_MAX_FLOWS_PER_SOURCE: u32 = 16384;
 /// Largest `icmp_rate` / `icmp_burst` accepted.
 const MAX_ICMP_RATE: i64 = 1_000_000;
+/// Largest `log_rate` / `log_sample` accepted.
+const MAX_LOG_RATE: i64 = 1_000_000;
 
 /// Longest timer accepted (the engine keeps times in 31-bit seconds; a week is plenty).
 const MAX_TIMER_SECS: u64 = 7 * 86400;
@@ -172,6 +188,28 @@ impl NatSection {
         }
     }
 
+    /// The translation log's mode.
+    pub fn log_mode(&self) -> dataplane::nat::NatLogMode {
+        use dataplane::nat::NatLogMode;
+        match self.log.as_ref().map(|v| v.get_ref().as_str()) {
+            Some("all") => NatLogMode::All,
+            Some("sampled") => NatLogMode::Sampled {
+                one_in: self
+                    .log_sample
+                    .as_ref()
+                    .map_or(100, |v| (*v.get_ref()).clamp(1, MAX_LOG_RATE) as u32),
+            },
+            _ => NatLogMode::Off,
+        }
+    }
+
+    /// Translation log records per second per worker.
+    pub fn log_rate(&self) -> u32 {
+        self.log_rate
+            .as_ref()
+            .map_or(dataplane::nat::DEFAULT_RECORDS_PER_SEC, |v| (*v.get_ref()).clamp(1, MAX_LOG_RATE) as u32)
+    }
+
     /// One worker's engine settings. The flow limits are totals: each worker gets `ceil(total / workers)` (RSS
     /// spreads a source's flows over the workers, so its per-source share is divided the same way).
     pub fn to_engine(&self, workers: u16) -> dataplane::nat::NatConfig {
@@ -192,7 +230,23 @@ impl NatSection {
             ("icmp_burst", &self.icmp_burst, MAX_ICMP_RATE),
             ("max_flows", &self.max_flows, MAX_FLOWS),
             ("max_flows_per_source", &self.max_flows_per_source, MAX_FLOWS),
+            ("log_sample", &self.log_sample, MAX_LOG_RATE),
+            ("log_rate", &self.log_rate, MAX_LOG_RATE),
         ];
+        if let Some(v) = &self.log {
+            if !["off", "all", "sampled"].contains(&v.get_ref().as_str()) {
+                diags.error(
+                    src,
+                    v.span(),
+                    format!("log: \"{}\" must be \"off\", \"all\" or \"sampled\"", v.get_ref()),
+                );
+            }
+        }
+        if let (Some(sample), false) =
+            (&self.log_sample, self.log.as_ref().is_some_and(|v| v.get_ref() == "sampled"))
+        {
+            diags.warn(src, sample.span(), "log_sample: has no effect unless log = \"sampled\"".to_string());
+        }
         for (key, value, max) in counts {
             if let Some(v) = value {
                 let n = *v.get_ref();
@@ -392,5 +446,26 @@ icmp_burst = 2000000
         for bad in ["", "m", "5x", "1.5m", "-3s", "99999999999999999999s"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_translation_log_is_configured_and_checked() {
+        use dataplane::nat::NatLogMode;
+        let l = load("log = \"sampled\"\nlog_sample = 10\nlog_rate = 500\n").unwrap();
+        assert_eq!(l.config.nat.log_mode(), NatLogMode::Sampled { one_in: 10 });
+        assert_eq!(l.config.nat.log_rate(), 500);
+        assert_eq!(load("log = \"all\"\n").unwrap().config.nat.log_mode(), NatLogMode::All);
+        let defaults = load("").unwrap();
+        assert_eq!(
+            (defaults.config.nat.log_mode(), defaults.config.nat.log_rate()),
+            (NatLogMode::Off, 10_000)
+        );
+        let e = load("log = \"everything\"\n").unwrap_err();
+        assert!(
+            e[0].contains("t.toml:5:7") && e[0].contains("must be \"off\", \"all\" or \"sampled\""),
+            "{e:?}"
+        );
+        let e = load("log = \"all\"\nlog_rate = 0\n").unwrap_err();
+        assert!(e[0].contains("log_rate: 0 must be 1..=1000000"), "{e:?}");
     }
 }

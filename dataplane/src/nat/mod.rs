@@ -79,11 +79,15 @@ use crate::wire::transport::{self, Transport};
 use crate::wire::{checksum, icmp, ip_proto, ipv4, read_u16, read_u32, udp, write_u16, write_u32};
 
 mod icmp_error;
+mod log;
 mod packet;
+pub use log::FlowEnd as NatFlowEnd;
+pub use log::{NatLogMode, NatLogQueue, NatLogRecord, DEFAULT_RECORDS_PER_SEC};
 mod ports;
 #[cfg(test)]
 mod tests;
 
+use log::{endpoint, FlowEnd, FlowKey, FlowLog};
 use packet::*;
 use ports::*;
 pub use ports::{reply_owner, MAX_GROUP_PORT_COUNTERS};
@@ -235,6 +239,8 @@ pub struct NatStats {
     pub mappings: u32,
     /// Port allocations that found no free port (each also dropped a packet as `OutOfPorts`).
     pub allocation_failures: u64,
+    /// Translation log records this worker could not send (rate bound or full queue).
+    pub log_suppressed: u64,
     egress: [EgressPorts; MAX_EGRESS_IPS],
     egress_len: usize,
 }
@@ -251,6 +257,7 @@ impl NatStats {
         set(&gauges.icmp, self.icmp.into());
         set(&gauges.mappings, self.mappings.into());
         set(&gauges.allocation_failures, self.allocation_failures);
+        set(&gauges.log_suppressed, self.log_suppressed);
         let ports = self.egress_ports();
         for (slot, e) in gauges.egress.iter().zip(ports) {
             set(&slot[0], u32::from(e.ip).into());
@@ -288,6 +295,8 @@ pub struct Nat {
     sessions: Box<[Session]>,
     free_session: u32,
     session_count: u32,
+    /// The translation log, when on ([`Nat::set_log`]).
+    flow_log: Option<FlowLog>,
     /// Inside 5-tuple → session.
     out_idx: Index,
     /// External 5-tuple → session (UDP: hashed without the remote port, for address-dependent filtering).
@@ -400,6 +409,7 @@ impl Nat {
             sessions,
             free_session: 0,
             session_count: 0,
+            flow_log: None,
             out_idx: Index::with_capacity(n),
             in_idx: Index::with_capacity(n),
             lru: [Lru::EMPTY; CLASSES],
@@ -461,6 +471,7 @@ impl Nat {
             icmp: self.lru[CLASS_ICMP as usize].len,
             mappings: self.mapping_count,
             allocation_failures: self.allocation_failures,
+            log_suppressed: self.log_suppressed(),
             egress,
             egress_len: self.egress_len,
         }
@@ -775,6 +786,9 @@ impl Nat {
         self.out_idx.insert_at(slots.out_pos, slots.ho, sid);
         self.in_idx.insert(slots.hi, sid);
         lru_push(&mut self.sessions, &mut self.lru[usize::from(class)], sid);
+        if self.flow_log.is_some() {
+            self.log_created(sid, now_s, flags);
+        }
         if flags & SESSION_UNJUDGED != 0 {
             // Created by an inbound packet: its own bounds, not the inside host's quota.
             self.unsolicited += 1;
@@ -789,10 +803,20 @@ impl Nat {
     }
 
     /// Removes a session; frees its mapping (port into quarantine) when it was the last user.
-    fn remove_session(&mut self, sid: u32, now_s: u32) {
+    fn remove_session(&mut self, sid: u32, now_s: u32, why: FlowEnd) {
         let Some(&s) = self.sessions.get(sid as usize) else { return };
         if s.class == CLASS_FREE {
             return;
+        }
+        if let Some(log) = self.flow_log.as_mut() {
+            let key = FlowKey {
+                proto: s.proto,
+                inside: endpoint(s.in_addr, s.in_port),
+                egress: endpoint(self.egress.get(usize::from(s.ip_idx)).copied().unwrap_or(0), s.ext_port),
+                remote: endpoint(s.remote_addr, s.remote_port),
+                generation: s.generation,
+            };
+            log.ended(Instant::from_secs(u64::from(now_s)), sid, key, why);
         }
         lru_unlink(&mut self.sessions, &mut self.lru[usize::from(s.class)], sid);
         let ho = self.out_hash(s.in_addr, s.in_port, s.remote_addr, s.remote_port, s.proto);
@@ -867,7 +891,12 @@ impl Nat {
                 if now_s < s.last_seen.saturating_add(self.timeouts[class]) {
                     break;
                 }
-                self.remove_session(head, now_s);
+                let why = if class == usize::from(CLASS_TCP_TRANSITORY) {
+                    FlowEnd::TcpClosed
+                } else {
+                    FlowEnd::Idle
+                };
+                self.remove_session(head, now_s, why);
                 removed += 1;
             }
         }
@@ -877,6 +906,36 @@ impl Nat {
     // -----------------------------------------------------------------------------------------------------------
     // Outbound
     // -----------------------------------------------------------------------------------------------------------
+
+    /// Turns the translation log on (`mode` other than `Off`): records go to `queue`, at most `records_per_sec`.
+    /// Allocates the per-flow figures (packets and bytes each way) beside the sessions.
+    pub fn set_log(&mut self, mode: NatLogMode, records_per_sec: u32, queue: std::sync::Arc<NatLogQueue>) {
+        self.flow_log = (mode != NatLogMode::Off)
+            .then(|| FlowLog::new(mode, records_per_sec, queue, self.sessions.len(), self.worker));
+    }
+
+    /// Translation log records this worker could not send (rate bound or full queue).
+    pub fn log_suppressed(&self) -> u64 {
+        self.flow_log.as_ref().map_or(0, |l| l.suppressed)
+    }
+
+    #[cold]
+    fn log_created(&mut self, sid: u32, now_s: u32, flags: u8) {
+        let s = self.sessions[sid as usize];
+        let key = FlowKey {
+            proto: s.proto,
+            inside: endpoint(s.in_addr, s.in_port),
+            egress: endpoint(self.egress.get(usize::from(s.ip_idx)).copied().unwrap_or(0), s.ext_port),
+            remote: endpoint(s.remote_addr, s.remote_port),
+            generation: s.generation,
+        };
+        // A session an inbound packet created was never judged; otherwise the decision that let it in.
+        let decision = if flags & SESSION_UNJUDGED != 0 { None } else { self.last_decision };
+        if let Some(log) = self.flow_log.as_mut() {
+            let (group, rule) = decision.map_or((None, None), |d| (d.group, d.rule));
+            log.created(Instant::from_secs(u64::from(now_s)), sid, key, group, rule);
+        }
+    }
 
     /// Whether the flow tables have outgrown the cache, so that [`Nat::prefetch_flow`] pays for itself. With fewer
     /// flows every lookup hits the cache anyway and the prefetch passes are pure cost (about 10 % of the one-flow
@@ -996,7 +1055,8 @@ impl Nat {
                     let ip_gone = d.group.is_some_and(|g| !self.egress_listed(policy, g, s.ip_idx));
                     let denied = denied.or(ip_gone.then_some(DropReason::NoEgressIp));
                     if let Some(reason) = denied {
-                        self.remove_session(sid, now_s);
+                        let why = if ip_gone { FlowEnd::EgressIpRemoved } else { FlowEnd::PolicyChanged };
+                        self.remove_session(sid, now_s, why);
                         return Err(reason);
                     }
                     if s.flags & SESSION_UNJUDGED != 0 {
@@ -1108,6 +1168,9 @@ impl Nat {
         let egress = self.egress[usize::from(s.ip_idx)];
         let port_off = if l4.proto == ip_proto::ICMP { icmp::IDENTIFIER } else { udp::SRC_PORT };
         rewrite(packet, l4.ihl, l4.proto, ipv4::SRC, egress, port_off, s.ext_port);
+        if let Some(log) = self.flow_log.as_mut() {
+            log.count(sid, true, packet.len());
+        }
         if s.flags & SESSION_HAIRPIN != 0 {
             // RFC 4787 REQ-9: hairpinning. The SNATed packet now looks like an inbound one from our own egress
             // endpoint; the owner of the destination port runs the inbound leg.
@@ -1226,6 +1289,9 @@ impl Nat {
         }
         let port_off = if l4.proto == ip_proto::ICMP { icmp::IDENTIFIER } else { udp::DST_PORT };
         rewrite(packet, l4.ihl, l4.proto, ipv4::DST, s.in_addr, port_off, s.in_port);
+        if let Some(log) = self.flow_log.as_mut() {
+            log.count(sid, false, packet.len());
+        }
         Ok(Inbound::Forward)
     }
 

@@ -5,6 +5,7 @@ use super::*;
 use crate::policy::{Action, PolicyBuilder, Prefix, ProtoMatch, RuleSpec};
 use etherparse::PacketBuilder;
 use proptest::prelude::*;
+use std::net::SocketAddrV4;
 
 type A = [u8; 4];
 const C1: A = [10, 0, 0, 1];
@@ -1601,4 +1602,94 @@ proptest::proptest! {
         nat.prefetch_session(hint);
         nat.prefetch_session(FlowHint { hash: 1, pos: u32::MAX - 1, inbound: from_outside });
     }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Translation log
+// ---------------------------------------------------------------------------------------------------------------
+
+fn logging_nat(mode: NatLogMode, per_sec: u32) -> (Nat, std::sync::Arc<NatLogQueue>) {
+    let queue = std::sync::Arc::new(NatLogQueue::new(64));
+    let mut nat = Nat::new(&cfg(), 0);
+    nat.set_log(mode, per_sec, queue.clone());
+    (nat, queue)
+}
+
+fn drain(queue: &NatLogQueue) -> Vec<NatLogRecord> {
+    std::iter::from_fn(|| queue.pop()).collect()
+}
+
+#[test]
+fn the_translation_log_records_creation_and_end_with_counts() {
+    let pol = policy();
+    let (mut nat, queue) = logging_nat(NatLogMode::All, 1000);
+    let (egress, port) = udp_out(&mut nat, 10, C1, 40000, SRV, 53, &pol);
+    let created = drain(&queue);
+    assert_eq!(created.len(), 1);
+    let c = created[0];
+    assert_eq!(c.end, None);
+    assert_eq!(
+        (c.inside, c.egress, c.remote),
+        (SocketAddrV4::new(ip(C1), 40000), SocketAddrV4::new(egress, port), SocketAddrV4::new(ip(SRV), 53),)
+    );
+    assert_eq!((c.proto, c.started_secs), (ip_proto::UDP, 10));
+    assert!(c.group.is_some() && c.rule.is_some(), "the decision that allowed it");
+    udp_out(&mut nat, 11, C1, 40000, SRV, 53, &pol);
+    assert_eq!(inb(&mut nat, 12, &mut udp(SRV, 53, EG, port)), Ok(Inbound::Forward));
+    assert!(drain(&queue).is_empty(), "packets are counted, not logged");
+    assert_eq!(expire_all(&mut nat, 12 + 300), 1);
+    let ended = drain(&queue);
+    assert_eq!(ended.len(), 1);
+    let e = ended[0];
+    assert_eq!(e.end, Some(NatFlowEnd::Idle));
+    assert_eq!((e.started_secs, e.ended_secs), (10, 312));
+    let len = udp(C1, 40000, SRV, 53).len() as u64;
+    assert_eq!((e.packets_out, e.packets_in, e.bytes_out, e.bytes_in), (2, 1, 2 * len, len));
+}
+
+#[test]
+fn the_translation_log_names_why_a_flow_ended() {
+    let (mut nat, queue) = logging_nat(NatLogMode::All, 1000);
+    let pol = policy();
+    // A TCP flow that closes: FIN both ways, then the transitory timer.
+    let port = handshake(&mut nat, 0, &pol);
+    out(&mut nat, 1, &mut tcp(C1, 40000, SRV, 443, 1001, 5001, "FA"), &pol).unwrap();
+    inb(&mut nat, 1, &mut tcp(SRV, 443, EG, port, 5001, 1006, "FA")).unwrap();
+    drain(&queue);
+    assert_eq!(expire_all(&mut nat, 1 + 240), 1);
+    assert_eq!(drain(&queue).iter().map(|r| r.end).collect::<Vec<_>>(), vec![Some(NatFlowEnd::TcpClosed)]);
+    // A flow whose rule a reload removed ends on its next packet.
+    udp_out(&mut nat, 300, C1, 40001, [203, 0, 113, 66], 53, &policy_with(1, &[EG], false));
+    drain(&queue);
+    let stricter = policy_with(2, &[EG], true);
+    assert!(out(&mut nat, 301, &mut udp(C1, 40001, [203, 0, 113, 66], 53), &stricter).is_err());
+    assert_eq!(
+        drain(&queue).iter().map(|r| r.end).collect::<Vec<_>>(),
+        vec![Some(NatFlowEnd::PolicyChanged)]
+    );
+}
+
+#[test]
+fn the_translation_log_samples_and_bounds_its_rate() {
+    let pol = policy();
+    let (mut nat, queue) = logging_nat(NatLogMode::Sampled { one_in: 4 }, 1000);
+    for i in 0..40 {
+        udp_out(&mut nat, 5, C1, 41000 + i, SRV, 53, &pol);
+    }
+    assert_eq!(drain(&queue).len(), 10, "one flow in four");
+    expire_all(&mut nat, 1000);
+    assert_eq!(drain(&queue).len(), 10, "the same flows' ends, and only theirs");
+
+    // 5 records a second: a burst of 30 new flows sends 5 and counts 25 as suppressed.
+    let (mut nat, queue) = logging_nat(NatLogMode::All, 5);
+    for i in 0..30 {
+        udp_out(&mut nat, 7, C1, 42000 + i, SRV, 53, &pol);
+    }
+    assert_eq!(drain(&queue).len(), 5);
+    assert_eq!(nat.log_suppressed(), 25);
+
+    // Off: nothing, and no figures allocated.
+    let (mut nat, queue) = logging_nat(NatLogMode::Off, 1000);
+    udp_out(&mut nat, 5, C1, 43000, SRV, 53, &pol);
+    assert!(drain(&queue).is_empty() && nat.flow_log.is_none());
 }

@@ -37,7 +37,7 @@ use crate::drop::DropReason;
 use crate::fragments::{FragmentKey, FragmentRoute, FragmentTable};
 use crate::handoff::{HandoffKind, Handoffs};
 use crate::icmp::{IcmpErrors, Unreachable, MAX_REPLY_FRAME};
-use crate::nat::{FlowHint, Inbound, Nat, NatConfig, Outbound};
+use crate::nat::{FlowHint, Inbound, Nat, NatConfig, NatLogMode, NatLogQueue, Outbound};
 use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
 use crate::policy::{Decision, PolicySnapshot, SharedPolicy, Verdict};
 use crate::stats::{RuleHits, WorkerStats};
@@ -273,6 +273,17 @@ impl Pipeline {
     }
 
     /// Sends denial events to `queue` (the control thread writes the audit log).
+    /// Turns the NAT translation log on (see [`crate::nat::NatLogMode`]).
+    pub fn with_nat_log(
+        mut self,
+        mode: NatLogMode,
+        records_per_sec: u32,
+        queue: Arc<NatLogQueue>,
+    ) -> Pipeline {
+        self.nat.set_log(mode, records_per_sec, queue);
+        self
+    }
+
     pub fn with_audit(mut self, queue: Arc<AuditQueue>) -> Pipeline {
         self.audit = Some(queue);
         self
