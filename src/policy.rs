@@ -99,6 +99,7 @@ pub fn restart_only_settings(config: &Config) -> Vec<(&'static str, String)> {
         ("[nat] port_quarantine", nat.port_quarantine_secs().to_string()),
         ("[nat] icmp errors", format!("{:?}", nat.icmp_errors())),
         ("[nat] log", format!("{:?}", nat.log_mode())),
+        ("[l7]", format!("{:?}", config.l7.settings())),
         ("[nat] log_rate", nat.log_rate().to_string()),
         ("[admin] listen", admin.listen().to_string()),
         ("[admin] remote_control", admin.remote_control().to_string()),

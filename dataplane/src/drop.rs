@@ -78,6 +78,8 @@ drop_reasons! {
     DefaultDeny => "default_deny",
     /// The flow needs the L7 path, which is not available.
     L7Unavailable => "l7_unavailable",
+    /// The L7 path's queue was full (the client retransmits).
+    L7QueueFull => "l7_queue_full",
 
     // --- conntrack and NAT ---
     /// Flow table full: new flows are refused, established ones keep working.

@@ -72,6 +72,8 @@ pub struct WorkerStats {
     pub audit_suppressed: Counter,
     /// Frames copied to the worker that owns their NAT port.
     pub handed_off: Counter,
+    /// Packets of `l7` flows handed to the L7 path.
+    pub l7_punted: Counter,
     /// ICMP errors the pipeline wrote (out of NAT ports → 3/13) and handed to the worker to send.
     pub icmp_errors_sent: Counter,
     /// ICMP errors left unsent by the per-worker rate limit.
@@ -163,6 +165,7 @@ impl Default for WorkerStats {
             rule_hits: arc_swap::ArcSwap::from_pointee(RuleHits::new(0, 0)),
             audit_suppressed: Counter::default(),
             handed_off: Counter::default(),
+            l7_punted: Counter::default(),
             icmp_errors_sent: Counter::default(),
             icmp_errors_rate_limited: Counter::default(),
             kernel_drops: Default::default(),

@@ -87,6 +87,7 @@ impl Worker {
                     + forward_burst(Side::Outside, inside, outside, &mut self.pipeline, &stats, &mut scratch);
             let now = Instant::monotonic();
             let moved = moved + self.drain_handoffs(now, &stats, &mut scratch);
+            let moved = moved + self.drain_l7(&stats, &mut scratch);
             if self.pipeline.has_held() {
                 self.release_held(now, &stats);
             }
@@ -151,6 +152,20 @@ impl Worker {
 }
 
 impl Worker {
+    /// Sends up to one burst of the L7 path's packets for clients out of the inside port.
+    fn drain_l7(&mut self, stats: &WorkerStats, scratch: &mut [u8]) -> usize {
+        let inside = &mut self.inside;
+        let taken = self.pipeline.drain_l7(HANDOFF_BURST, scratch, |frame| {
+            if let Err(e) = inside.stage_tx(frame) {
+                stats.count_drop(e.drop_reason());
+            }
+        });
+        if taken > 0 {
+            self.inside.flush_tx(stats, Side::Inside);
+        }
+        taken
+    }
+
     /// Republishes the NAT gauges and the kernel's socket drop counters for the admin endpoint.
     fn publish_gauges(&self, stats: &WorkerStats) {
         self.pipeline.publish_gauges();
@@ -213,7 +228,7 @@ fn stage(
             (out, &reply[..len.min(reply.len())])
         }
         // Dropped, held and handed-off frames need nothing more here (their bytes were copied where needed).
-        Action::Drop(_) | Action::HandedOff | Action::Held => return,
+        Action::Drop(_) | Action::HandedOff | Action::Held | Action::Punted => return,
     };
     if let Err(e) = port_on(out, inside, outside).stage_tx(bytes) {
         stats.count_drop(e.drop_reason());
@@ -288,7 +303,7 @@ fn forward_burst(
                 }
             }
             // Dropped, held and handed-off frames need nothing more here (their bytes were copied where needed).
-            Action::Drop(_) | Action::HandedOff | Action::Held => Ok(()),
+            Action::Drop(_) | Action::HandedOff | Action::Held | Action::Punted => Ok(()),
         };
         if let Err(e) = staged {
             stats.count_drop(e.drop_reason());

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod dataplane;
+pub mod l7;
 pub mod nat;
 pub mod policy;
 
@@ -27,6 +28,9 @@ pub struct Config {
     /// NAT and conntrack limits and timers.
     #[serde(default)]
     pub nat: nat::NatConfig,
+    /// The L7 path's ports, limits and timeouts.
+    #[serde(default)]
+    pub l7: l7::L7Section,
     /// Policy-wide settings (default action, dry run).
     #[serde(default)]
     pub policy: policy::PolicySettings,
@@ -192,6 +196,7 @@ pub fn parse(source: Source) -> Result<Loaded, ConfigErrors> {
     config.dataplane.validate(&source, &mut diags);
     config.admin.validate(&source, &mut diags);
     config.nat.validate(&source, &mut diags);
+    config.l7.validate(&source, &mut diags);
     policy::validate(&config, &source, &mut diags);
     if diags.errors.is_empty() {
         Ok(Loaded { config, source, warnings: diags.warnings })

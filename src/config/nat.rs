@@ -221,6 +221,7 @@ impl NatSection {
             port_quarantine_secs: self.port_quarantine_secs(),
             workers: workers.max(1),
             icmp_errors: self.icmp_errors(),
+            reserved_tcp_ports: None,
         }
     }
 

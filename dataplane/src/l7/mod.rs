@@ -411,6 +411,7 @@ fn tls_alert(why: Refusal) -> [u8; 7] {
     [ALERT, 3, 3, 0, 2, FATAL, description]
 }
 
+pub mod punt;
 pub mod stack;
 
 #[cfg(test)]

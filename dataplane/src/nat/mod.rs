@@ -149,6 +149,8 @@ pub struct NatConfig {
     pub workers: u16,
     /// ICMP errors the pipeline sends for flows the NAT refuses (out of ports → 3/13, off by default).
     pub icmp_errors: crate::icmp::IcmpErrors,
+    /// TCP ports of every egress IP the NAT never allocates: the L7 path's upstream connections use them.
+    pub reserved_tcp_ports: Option<(u16, u16)>,
 }
 
 impl Default for NatConfig {
@@ -160,6 +162,7 @@ impl Default for NatConfig {
             port_quarantine_secs: 120,
             workers: 1,
             icmp_errors: crate::icmp::IcmpErrors::default(),
+            reserved_tcp_ports: None,
         }
     }
 }
@@ -396,7 +399,7 @@ impl Nat {
             let rs = std::collections::hash_map::RandomState::new();
             (rs.hash_one(0x5eed_u64), rs.hash_one(0xfeed_u64))
         };
-        Nat {
+        let mut nat = Nat {
             worker,
             workers,
             timeouts,
@@ -432,6 +435,22 @@ impl Nat {
             cursor: [[[0; 2]; PCS]; MAX_EGRESS_IPS],
             allocation_failures: 0,
             last_decision: None,
+        };
+        if let Some((first, last)) = config.reserved_tcp_ports {
+            nat.reserve_tcp_ports(first, last);
+        }
+        nat
+    }
+
+    /// Marks TCP ports `first..=last` of every egress IP as never free in this worker's slices: a "free from"
+    /// second no clock reaches, so allocation skips them and lookups find no mapping there.
+    fn reserve_tcp_ports(&mut self, first: u16, last: u16) {
+        for ip_idx in 0..MAX_EGRESS_IPS as u8 {
+            for port in first..=last {
+                if let Some(slot) = self.port_slot(ip_idx, PC_TCP, port) {
+                    self.ports[slot] = !IN_USE;
+                }
+            }
         }
     }
 

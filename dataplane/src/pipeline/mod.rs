@@ -37,6 +37,7 @@ use crate::drop::DropReason;
 use crate::fragments::{FragmentKey, FragmentRoute, FragmentTable};
 use crate::handoff::{HandoffKind, Handoffs};
 use crate::icmp::{IcmpErrors, Unreachable, MAX_REPLY_FRAME};
+use crate::l7::punt::{Punt, PuntedPacket};
 use crate::nat::{FlowHint, Inbound, Nat, NatConfig, NatLogMode, NatLogQueue, Outbound};
 use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
 use crate::policy::{Decision, PolicySnapshot, SharedPolicy, Verdict};
@@ -58,6 +59,8 @@ pub enum Action {
     HandedOff,
     /// Copied aside until its next hop's MAC is known ([`Pipeline::release_held`]); this frame can be released.
     Held,
+    /// A packet of an `l7` flow, copied to the L7 path; this frame can be released.
+    Punted,
     /// The frame was dropped (its reason counted) and answered: transmit the first `len` bytes of
     /// [`Pipeline::reply_frame`] out of `out` before the next `process` call; this frame can be released.
     Reply { out: Side, len: usize },
@@ -109,6 +112,8 @@ pub struct Pipeline {
     fragments: FragmentTable,
     /// Later fragments waiting for their datagram's first (preallocated, at most [`HOLD_FRAGMENTS`]).
     held_fragments: Vec<HeldFrame>,
+    /// Where packets of `l7` flows go.
+    l7: Option<Arc<Punt>>,
     /// Clamp the MSS of TCP SYNs to the smaller interface MTU less 40 (`[dataplane] clamp_mss`).
     clamp_mss: bool,
     /// Drop packets from inside whose source the inside interface has no route to (`[dataplane]
@@ -155,6 +160,8 @@ impl std::fmt::Debug for Pipeline {
 enum Next {
     Out(Side),
     HandOff(u16, HandoffKind),
+    /// Copied to the L7 path.
+    Punted,
 }
 
 /// How a frame reached this worker.
@@ -212,6 +219,7 @@ impl Pipeline {
             fragments: FragmentTable::default(),
             held_fragments: Vec::with_capacity(HOLD_FRAGMENTS),
             clamp_mss: false,
+            l7: None,
             validate_sources: true,
         };
         pipeline.publish_rule_hits();
@@ -281,6 +289,12 @@ impl Pipeline {
         queue: Arc<NatLogQueue>,
     ) -> Pipeline {
         self.nat.set_log(mode, records_per_sec, queue);
+        self
+    }
+
+    /// Punts the packets of `l7` flows to the L7 path (without it they are dropped as `l7_unavailable`).
+    pub fn with_l7(mut self, punt: Arc<Punt>) -> Pipeline {
+        self.l7 = Some(punt);
         self
     }
 
@@ -519,6 +533,7 @@ impl Pipeline {
                 return Ok(Action::Reply { out: Side::Inside, len });
             }
             Err(reason) => return Err(reason),
+            Ok(Next::Punted) => return Ok(Action::Punted),
             Ok(Next::HandOff(worker, kind)) => {
                 if let Some(key) = first_fragment.flatten() {
                     self.record_fragment(now, key, FragmentRoute::HandOff { worker, kind })?;
@@ -779,7 +794,8 @@ impl Pipeline {
             let (validate, inside) = (self.validate_sources, &self.snapshot.inside);
             let admit = |src| !validate || inside.routes_to(src);
             let result = self.nat.outbound_admitting(now, packet, &self.policy_snapshot, admit);
-            if let Some(decision) = self.nat.take_decision() {
+            let decision = self.nat.take_decision();
+            if let Some(decision) = decision {
                 self.observe(now, decision, packet);
             }
             return match result? {
@@ -795,7 +811,7 @@ impl Pipeline {
                 }
                 // Handed to us because we own the endpoint, yet we do not: never bounce it again.
                 Outbound::OtherWorker(_) => Err(DropReason::NoMapping),
-                Outbound::L7 => Err(DropReason::L7Unavailable),
+                Outbound::L7 => self.punt(packet, decision),
             };
         }
         let result = match leg {
@@ -810,6 +826,58 @@ impl Pipeline {
             // Handed to us because we own the port, yet we do not: never bounce it again.
             Inbound::OtherWorker(_) => Err(DropReason::NoMapping),
         }
+    }
+
+    /// Hands a packet of an `l7` flow to the L7 path, with its rule and the egress IP its group leaves from.
+    fn punt(&mut self, packet: &[u8], decision: Option<Decision>) -> Result<Next, DropReason> {
+        let (Some(punt), Some(decision)) = (&self.l7, decision) else {
+            return Err(DropReason::L7Unavailable);
+        };
+        let (Some(group), Some(rule)) = (decision.group, decision.rule) else {
+            return Err(DropReason::L7Unavailable);
+        };
+        let src = Ipv4Addr::from(crate::wire::read_u32(packet, ipv4::SRC));
+        let egress = self.policy_snapshot.egress_ip_for(group, src).ok_or(DropReason::NoEgressIp)?;
+        let punted =
+            PuntedPacket::new(packet, self.worker, rule.0, egress).ok_or(DropReason::FrameTooLarge)?;
+        if punt.to_l7(punted) {
+            self.stats.l7_punted.inc();
+            Ok(Next::Punted)
+        } else {
+            Err(DropReason::L7QueueFull)
+        }
+    }
+
+    /// Sends the L7 path's packets for clients this worker owes: each framed for its next hop on the inside and
+    /// passed to `send`. Returns how many were taken (at most `budget`).
+    pub fn drain_l7(&mut self, budget: usize, frame: &mut [u8], mut send: impl FnMut(&[u8])) -> usize {
+        let Some(punt) = self.l7.clone() else { return 0 };
+        let mut taken = 0;
+        while taken < budget {
+            let Some(p) = punt.pop_for_worker(self.worker) else { break };
+            taken += 1;
+            let packet = p.packet();
+            let len = ethernet::HEADER_LEN + packet.len();
+            let Some(out) = frame.get_mut(..len) else { continue };
+            let Some(dst) = ipv4::fixed(packet).map(|h| Ipv4Addr::from(ipv4::dst(h))) else { continue };
+            match self.snapshot.lookup_l2(Side::Inside, dst) {
+                Ok(macs) => {
+                    out[..ethernet::MACS_LEN].copy_from_slice(&macs);
+                    out[ethernet::ETHERTYPE..ethernet::HEADER_LEN]
+                        .copy_from_slice(&ethernet::ethertype::IPV4.to_be_bytes());
+                    out[ethernet::HEADER_LEN..].copy_from_slice(packet);
+                    send(out);
+                }
+                Err(NextHop::NoNeighbour(hop)) => {
+                    // The client just sent us a packet, so this is rare; TCP retransmits once it resolves.
+                    let now = Instant::monotonic();
+                    self.request_resolution(now, hop);
+                    self.stats.count_drop(DropReason::NoNeighbour);
+                }
+                Err(_) => self.stats.count_drop(DropReason::NoRoute),
+            }
+        }
+        taken
     }
 
     fn request_resolution(&mut self, now: Instant, hop: Ipv4Addr) {

@@ -1082,6 +1082,7 @@ proptest! {
             Action::Drop(reason) => prop_assert_eq!(p.stats().drops(reason), 1),
             Action::HandedOff => prop_assert!(false, "a lone worker never hands off"),
             Action::Held => prop_assert!(false, "every neighbour is known"),
+            Action::Punted => prop_assert!(false, "no L7 path in this pipeline"),
             Action::Reply { .. } => prop_assert!(false, "ICMP errors are off by default"),
         }
     }

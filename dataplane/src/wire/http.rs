@@ -357,9 +357,10 @@ mod tests {
 
     use super::*;
 
-    fn parse(
-        text: &str,
-    ) -> Result<(String, String, String, Option<u16>, BodyFraming, bool, usize), HttpError> {
+    /// Method, path, host, port, framing, close, head length.
+    type Head = (String, String, String, Option<u16>, BodyFraming, bool, usize);
+
+    fn parse(text: &str) -> Result<Head, HttpError> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let h = parse_request(text.as_bytes(), &mut headers)?;
         Ok((h.method.into(), h.path.into(), h.host.into(), h.port, h.body, h.close, h.head_len))

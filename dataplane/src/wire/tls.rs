@@ -585,7 +585,7 @@ mod tests {
     #[test]
     fn malformed_and_ambiguous_hellos_are_refused() {
         let good = sni(&[(0, b"api.x.test")]);
-        assert!(ours(&hello_with(&[good.clone()], &[])).is_ok());
+        assert!(ours(&hello_with(std::slice::from_ref(&good), &[])).is_ok());
         assert_eq!(
             ours(&hello_with(&[good.clone(), good.clone()], &[])),
             Err(HelloError::Malformed("duplicate extension"))
@@ -595,14 +595,14 @@ mod tests {
             Err(HelloError::Malformed("duplicate extension"))
         );
         assert_eq!(
-            ours(&hello_with(&[good.clone()], &[0])),
+            ours(&hello_with(std::slice::from_ref(&good), &[0])),
             Err(HelloError::Malformed("data after the extensions"))
         );
         assert_eq!(
             ours(&hello_with(&[(extension::ALPN, vec![0, 1, 0])], &[])),
             Err(HelloError::Malformed("empty alpn protocol"))
         );
-        let mut two_messages = hello_with(&[good.clone()], &[]);
+        let mut two_messages = hello_with(std::slice::from_ref(&good), &[]);
         let extra = [1u8, 0, 0, 0];
         two_messages[4] += 4;
         two_messages.extend_from_slice(&extra);
