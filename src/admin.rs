@@ -58,6 +58,8 @@ pub struct AdminState {
     pub largest_mtu: u32,
     /// How many flows the NAT tables hold, all workers together (0: not known, not exported).
     pub max_flows: u64,
+    /// The L7 path's counters and queues, when it runs.
+    pub l7: Option<(Arc<crate::l7::L7Stats>, Arc<dataplane::l7::punt::Punt>)>,
 }
 
 /// Up to this many rules, `/metrics` lists every rule's decisions, zeros included (so unused rules show); a larger
@@ -89,6 +91,7 @@ impl AdminState {
             interface_mtu: Vec::new(),
             largest_mtu: u32::MAX,
             max_flows: 0,
+            l7: None,
         }
     }
 
@@ -304,6 +307,66 @@ impl Collector for CoreCollector {
             "NAT translation log records not written: over the rate bound ([nat] log_rate) or the queue was full.",
             [(vec![], sum(&|w: &WorkerStats| get(&w.nat.log_suppressed)))],
         )?;
+        if let Some((l7, punt)) = &state.l7 {
+            let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            gauges(
+                &mut encoder,
+                "egressd_l7_connections_open",
+                "Client connections the L7 path holds.",
+                [(vec![], g(&l7.open))],
+            )?;
+            counters(
+                &mut encoder,
+                "egressd_l7_connections",
+                "Client connections the L7 path accepted.",
+                [(vec![], g(&l7.accepted))],
+            )?;
+            counters(
+                &mut encoder,
+                "egressd_l7_allowed",
+                "L7 connections whose name (SNI or every request's Host) was allowed and reached upstream.",
+                [(vec![], g(&l7.allowed))],
+            )?;
+            let refused: Vec<(Labels, u64)> = l7
+                .refused
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(reason, n)| (vec![("reason", reason.to_string())], *n))
+                .collect();
+            counters(
+                &mut encoder,
+                "egressd_l7_refused",
+                "L7 connections (or requests) refused, by reason (host_not_allowed, no_sni, ambiguous_length, ...).",
+                refused,
+            )?;
+            counters(
+                &mut encoder,
+                "egressd_l7_upstream_failures",
+                "Allowed L7 connections whose upstream could not be reached (the client was reset).",
+                [(vec![], g(&l7.upstream_failed))],
+            )?;
+            counters(
+                &mut encoder,
+                "egressd_l7_dropped_packets",
+                "Packets of L7 flows dropped: over max_connections, of no connection, or a full queue.",
+                [
+                    (vec![("reason", "over_limit".to_string())], g(&l7.over_limit)),
+                    (vec![("reason", "no_connection".to_string())], g(&l7.stray_packets)),
+                    (vec![("reason", "queue_full_to_l7".to_string())], g(&punt.dropped_to_l7)),
+                    (vec![("reason", "queue_full_to_workers".to_string())], g(&punt.dropped_to_workers)),
+                ],
+            )?;
+            counters(
+                &mut encoder,
+                "egressd_l7_bytes",
+                "Bytes the L7 path relayed, by direction.",
+                [
+                    (vec![("direction", "up".to_string())], g(&l7.bytes_up)),
+                    (vec![("direction", "down".to_string())], g(&l7.bytes_down)),
+                ],
+            )?;
+        }
         let mut in_use: std::collections::BTreeMap<(std::net::Ipv4Addr, &str), u64> = Default::default();
         for w in &state.workers {
             for (ip, tcp, udp, icmp) in w.nat.egress_ports() {

@@ -24,6 +24,7 @@ use arc_swap::ArcSwap;
 use dataplane::audit::{AuditEvent, AuditQueue};
 use dataplane::drop::DropReason;
 use dataplane::handoff::Handoffs;
+use dataplane::l7::punt::Punt;
 use dataplane::nat::{NatLogQueue, NatLogRecord};
 use dataplane::nexthop::{NextHopTable, ResolveQueue};
 use dataplane::pipeline::{NextHops, Pipeline};
@@ -45,6 +46,8 @@ const HANDOFF_QUEUE_FRAMES: usize = 1024;
 const AUDIT_QUEUE_EVENTS: usize = 4096;
 /// Translation log records waiting for the control thread (it drains them every tick).
 const NAT_LOG_QUEUE_RECORDS: usize = 65536;
+/// Packets on their way to and from the L7 thread, each way (2 KiB each).
+const L7_QUEUE_PACKETS: usize = 4096;
 /// How often the kernel's routes and neighbours are re-read.
 const FIB_REFRESH: Duration = Duration::from_millis(250);
 /// After a resolution request, the tables are re-read every tick for this long (workers hold frames meanwhile).
@@ -94,6 +97,12 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     let reloader = Arc::new(PolicyReloader::running(crate::policy::restart_only_settings(config)));
 
     let egress_ips = egress_ips(&loaded);
+    // The L7 path runs when the policy has an `l7` rule at start: its upstream ports are then reserved.
+    let l7_settings = config.l7.settings();
+    let l7_active = l7_active(config);
+    let (first, last) = l7_settings.upstream_ports;
+    let l7_upstream: Vec<(Ipv4Addr, u16, u16)> =
+        if l7_active { egress_ips.iter().map(|ip| (*ip, first, last)).collect() } else { Vec::new() };
     let node_addrs = fib::node_addresses(&egress_ips).context("listing the node's addresses")?;
     tracing::info!(
         ?egress_ips,
@@ -125,7 +134,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     };
     let mut programs = Vec::with_capacity(2);
     for interface in [&inside, &outside] {
-        let program = XdpProgram::attach(interface, mode, &node_addrs)?;
+        let program = XdpProgram::attach(interface, mode, &node_addrs, &l7_upstream)?;
         tracing::info!(interface = %interface, mode = program.mode().as_str(), "XDP program attached");
         programs.push(program);
     }
@@ -135,7 +144,11 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     }
 
     let workers_count = cores.len() as u16;
-    let nat_config = config.nat.to_engine(workers_count);
+    let mut nat_config = config.nat.to_engine(workers_count);
+    if l7_active {
+        nat_config.reserved_tcp_ports = Some(l7_settings.upstream_ports);
+    }
+    let punt = l7_active.then(|| Punt::new(cores.len(), L7_QUEUE_PACKETS));
     let handoffs = Arc::new(Handoffs::new(cores.len(), HANDOFF_QUEUE_FRAMES));
     let audit = Arc::new(AuditQueue::new(AUDIT_QUEUE_EVENTS));
     let nat_log = Arc::new(NatLogQueue::new(NAT_LOG_QUEUE_RECORDS));
@@ -173,6 +186,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
             )
             .with_audit(audit.clone())
             .with_nat_log(config.nat.log_mode(), config.nat.log_rate(), nat_log.clone())
+            .with_l7_if(punt.clone())
             .with_mss_clamp(dp.clamp_mss)
             .with_source_validation(dp.source_validation.unwrap_or(true)),
             stop: stop_workers.clone(),
@@ -185,7 +199,29 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
         workers.push(handle);
     }
 
+    let l7_stats = Arc::new(crate::l7::L7Stats::default());
+    let l7_thread = match &punt {
+        Some(punt) => {
+            let inside_mtu = mtus.first().map_or(1500, |(_, m)| m.load(Ordering::Relaxed) as usize);
+            let handle = crate::l7::L7Thread {
+                punt: punt.clone(),
+                policy: policy.clone(),
+                settings: l7_settings,
+                stats: l7_stats.clone(),
+                stop: stop_workers.clone(),
+                egress_ips: egress_ips.clone(),
+                mtu: inside_mtu,
+            }
+            .spawn()
+            .context("starting the L7 thread")?;
+            tracing::info!(upstream_ports = ?l7_settings.upstream_ports, "L7 path started");
+            Some(handle)
+        }
+        None => None,
+    };
+
     let mut admin_state = AdminState::new(stats);
+    admin_state.l7 = punt.clone().map(|p| (l7_stats.clone(), p));
     admin_state.control = admin::control_policy(&config.admin)?;
     admin_state.policy = Some(policy.clone());
     admin_state.interface_mtu = mtus;
@@ -281,6 +317,11 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
             anyhow::bail!("a worker thread panicked");
         }
     }
+    if let Some(l7) = l7_thread {
+        if l7.join().is_err() {
+            anyhow::bail!("the L7 thread panicked");
+        }
+    }
     tracing::info!("stopped cleanly");
     Ok(())
 }
@@ -345,6 +386,14 @@ impl Watchdog {
             self.stalled = true;
         }
     }
+}
+
+/// Whether the policy has an `l7` rule (then the L7 path runs).
+pub fn l7_active(config: &crate::config::Config) -> bool {
+    config
+        .rule
+        .iter()
+        .any(|r| matches!(r.get_ref().action.get_ref(), crate::config::policy::ActionConfig::L7))
 }
 
 /// The addresses whose traffic belongs to egressd: `[dataplane] egress_ips` and every group's egress IPs.

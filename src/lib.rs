@@ -9,4 +9,5 @@ pub mod config;
 pub mod exposition;
 pub mod fib;
 pub mod gateway;
+pub mod l7;
 pub mod policy;

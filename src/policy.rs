@@ -100,6 +100,7 @@ pub fn restart_only_settings(config: &Config) -> Vec<(&'static str, String)> {
         ("[nat] icmp errors", format!("{:?}", nat.icmp_errors())),
         ("[nat] log", format!("{:?}", nat.log_mode())),
         ("[l7]", format!("{:?}", config.l7.settings())),
+        ("l7 path (an `l7` rule at start)", crate::gateway::l7_active(config).to_string()),
         ("[nat] log_rate", nat.log_rate().to_string()),
         ("[admin] listen", admin.listen().to_string()),
         ("[admin] remote_control", admin.remote_control().to_string()),

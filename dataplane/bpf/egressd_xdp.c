@@ -12,6 +12,9 @@
 //   - IPv4 to one of the node's own addresses      -> XDP_PASS (ssh, DNS replies, the admin port, ...).
 //     `local_addrs` holds them, filled by egressd at start from the kernel's interface addresses EXCLUDING the
 //     egress IPs: traffic to an egress IP is egressd's (NAT replies).
+//   - TCP to an egress IP whose destination port is in that IP's `l7_upstream` range -> XDP_PASS: replies to
+//     the L7 path's upstream connections, which are kernel sockets bound to the egress IP (the NAT never
+//     allocates those ports).
 //   - everything else                              -> the AF_XDP socket of this rx queue (`xsks`), or
 //     XDP_PASS when no socket is bound to that queue.
 // Written without libbpf headers so only linux-libc-dev and clang are needed.
@@ -52,6 +55,18 @@ struct {
     __type(key, struct in6_addr);
     __type(value, __u8);
 } local_addrs6 SEC(".maps");
+
+// Egress IP (network byte order) -> the TCP ports (host order, inclusive) the L7 path's kernel sockets use on it.
+struct port_range {
+    __u16 first;
+    __u16 last;
+};
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 64);
+    __type(key, __u32);
+    __type(value, struct port_range);
+} l7_upstream SEC(".maps");
 
 // Frames the program itself drops, by reason (per CPU; egressd sums them into egressd_drops_total).
 #define DROP_IPV6_UNSUPPORTED 0
@@ -133,6 +148,17 @@ int egressd_xdp(struct xdp_md *ctx)
         return XDP_PASS;
     if (bpf_map_lookup_elem(&local_addrs, &daddr))
         return XDP_PASS;
+    struct port_range *l7 = bpf_map_lookup_elem(&l7_upstream, &daddr);
+    // TCP (6), not a later fragment (offset bits of frag_off, network order).
+    if (l7 && ip->protocol == 6 && (ip->frag_off & 0xff1f) == 0) {
+        __u32 ihl = (ip->ihl & 0xf) * 4;
+        __u8 *tcp = (__u8 *)l3 + ihl;
+        if (ihl >= 20 && (void *)(tcp + 4) <= data_end) {
+            __u16 dport = ((__u16)tcp[2] << 8) | tcp[3];
+            if (dport >= l7->first && dport <= l7->last)
+                return XDP_PASS;
+        }
+    }
     return bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
 }
 

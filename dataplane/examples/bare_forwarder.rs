@@ -95,8 +95,9 @@ fn main() -> Result<(), String> {
     let mut in_port = Port::open(inside, 0, config).map_err(|e| e.to_string())?;
     let mut out_port = Port::open(outside, 0, config).map_err(|e| e.to_string())?;
     // No node addresses: this forwarder is only ever pointed at the bench's traffic; ARP still goes to the kernel.
-    let mut in_prog = XdpProgram::attach(inside, XdpModeChoice::Auto, &[]).map_err(|e| e.to_string())?;
-    let mut out_prog = XdpProgram::attach(outside, XdpModeChoice::Auto, &[]).map_err(|e| e.to_string())?;
+    let mut in_prog = XdpProgram::attach(inside, XdpModeChoice::Auto, &[], &[]).map_err(|e| e.to_string())?;
+    let mut out_prog =
+        XdpProgram::attach(outside, XdpModeChoice::Auto, &[], &[]).map_err(|e| e.to_string())?;
     in_prog.register(&in_port).map_err(|e| e.to_string())?;
     out_prog.register(&out_port).map_err(|e| e.to_string())?;
     eprintln!(

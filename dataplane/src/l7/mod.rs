@@ -317,6 +317,19 @@ impl Connection {
         );
     }
 
+    /// Client bytes [`Connection::on_client_data`] would take now.
+    pub fn room(&self) -> usize {
+        if matches!(self.state, State::Refused(_)) {
+            return usize::MAX;
+        }
+        self.limits.max_head_bytes.saturating_sub(self.pending.len())
+    }
+
+    /// The rule the flow matched.
+    pub fn rule(&self) -> RuleId {
+        self.rule
+    }
+
     /// Whether the driver should open the upstream connection now (and has not said it did).
     pub fn wants_upstream(&self) -> bool {
         self.upstream_wanted && !self.upstream_connected

@@ -181,6 +181,31 @@ impl ClientStack {
         self.socket(key).and_then(|s| s.send_slice(data).ok()).unwrap_or(0)
     }
 
+    /// Bytes [`ClientStack::send`] would take now.
+    pub fn send_room(&mut self, key: &FourTuple) -> usize {
+        self.socket(key).map_or(0, |s| if s.may_send() { s.send_capacity() - s.send_queue() } else { 0 })
+    }
+
+    /// Bytes queued for the client and not yet acknowledged.
+    pub fn unsent(&mut self, key: &FourTuple) -> usize {
+        self.socket(key).map_or(0, |s| s.send_queue())
+    }
+
+    /// Whether the connection is over (closed, or in TIME-WAIT) or unknown.
+    pub fn is_finished(&mut self, key: &FourTuple) -> bool {
+        self.socket(key).is_none_or(|s| matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait))
+    }
+
+    /// Forgets a connection (whatever its state).
+    pub fn remove(&mut self, key: &FourTuple) {
+        self.endpoints.remove(key);
+    }
+
+    /// The TCP state of the connection's endpoint, for logs.
+    pub fn state_name(&mut self, key: &FourTuple) -> String {
+        self.socket(key).map_or_else(|| "unknown".to_string(), |s| s.state().to_string())
+    }
+
     /// Whether the client's TCP connection is established (the handshake done).
     pub fn is_established(&mut self, key: &FourTuple) -> bool {
         self.socket(key).is_some_and(|s| s.state() == tcp::State::Established)
@@ -359,6 +384,7 @@ mod tests {
         let n = stack.recv(&key, &mut buf);
         assert_eq!(&buf[..n], b"hello");
 
+        assert!(stack.send_room(&key) > 0, "room to send: {}", stack.send_room(&key));
         assert_eq!(stack.send(&key, b"world"), 5);
         let mut sent = Vec::new();
         stack.poll(Instant::from_secs(1), &key, &mut |p| sent.push(read(p)));

@@ -1693,3 +1693,22 @@ fn the_translation_log_samples_and_bounds_its_rate() {
     udp_out(&mut nat, 5, C1, 43000, SRV, 53, &pol);
     assert!(drain(&queue).is_empty() && nat.flow_log.is_none());
 }
+
+#[test]
+fn reserved_tcp_ports_are_never_allocated_but_udp_keeps_them() {
+    let pol = policy();
+    let c = NatConfig { reserved_tcp_ports: Some((40000, 40015)), ..cfg() };
+    let mut nat = Nat::new(&c, 0);
+    let mut syn = tcp(C1, 40000, SRV, 443, 1000, 0, "S");
+    assert_eq!(out(&mut nat, 0, &mut syn, &pol), Ok(Outbound::Forward));
+    let port = src_of(&syn).1;
+    assert!(!(40000..=40015).contains(&port), "TCP 40000 is the L7 path's: got {port}");
+    assert_eq!(udp_out(&mut nat, 0, C1, 40000, SRV, 53, &pol).1, 40000, "UDP is not reserved");
+    // A reply to a reserved port finds no mapping (the kernel, not the NAT, owns those).
+    assert_eq!(inb(&mut nat, 0, &mut tcp(SRV, 443, EG, 40005, 1, 1, "SA")), Err(DropReason::NoMapping));
+    for i in 0..64 {
+        let mut syn = tcp(C2, 40000 + i, SRV, 443, 1, 0, "S");
+        out(&mut nat, 0, &mut syn, &pol).unwrap();
+        assert!(!(40000..=40015).contains(&src_of(&syn).1));
+    }
+}

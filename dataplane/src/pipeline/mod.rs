@@ -292,6 +292,14 @@ impl Pipeline {
         self
     }
 
+    /// [`Pipeline::with_l7`] when there is an L7 path.
+    pub fn with_l7_if(self, punt: Option<Arc<Punt>>) -> Pipeline {
+        match punt {
+            Some(punt) => self.with_l7(punt),
+            None => self,
+        }
+    }
+
     /// Punts the packets of `l7` flows to the L7 path (without it they are dropped as `l7_unavailable`).
     pub fn with_l7(mut self, punt: Arc<Punt>) -> Pipeline {
         self.l7 = Some(punt);

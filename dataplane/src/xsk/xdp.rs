@@ -83,11 +83,13 @@ impl std::fmt::Debug for XdpProgram {
 
 impl XdpProgram {
     /// Loads a fresh instance of the program, fills `local_addrs`/`local_addrs6` with `node_addrs` (frames to them
-    /// stay with the kernel) and attaches it to `interface`.
+    /// stay with the kernel) and `l7_upstream` with `(egress IP, first port, last port)` (TCP to those ports stays
+    /// with the kernel: the L7 path's upstream sockets), and attaches it to `interface`.
     pub fn attach(
         interface: &str,
         choice: XdpModeChoice,
         node_addrs: &[IpAddr],
+        l7_upstream: &[(std::net::Ipv4Addr, u16, u16)],
     ) -> Result<XdpProgram, XdpError> {
         let map_err = |map: &'static str, e: &dyn std::fmt::Display| XdpError::Map {
             interface: interface.to_string(),
@@ -118,6 +120,19 @@ impl XdpProgram {
                 IpAddr::V4(_) => None,
             }) {
                 local.insert(addr.octets(), 1, 0).map_err(|e| map_err("local_addrs6", &e))?;
+            }
+        }
+        {
+            let map = ebpf.map_mut("l7_upstream").ok_or_else(|| map_err("l7_upstream", &"missing"))?;
+            let mut ranges: BpfHashMap<_, u32, u32> =
+                BpfHashMap::try_from(map).map_err(|e| map_err("l7_upstream", &e))?;
+            for (addr, first, last) in l7_upstream {
+                // `struct port_range { __u16 first; __u16 last; }` in this machine's byte order.
+                let range = u32::from(*first) | u32::from(*last) << 16;
+                let range = if cfg!(target_endian = "little") { range } else { range.rotate_left(16) };
+                ranges
+                    .insert(u32::from_ne_bytes(addr.octets()), range, 0)
+                    .map_err(|e| map_err("l7_upstream", &e))?;
             }
         }
         let program: &mut Xdp = ebpf

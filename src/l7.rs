@@ -1,0 +1,507 @@
+//! The L7 path's thread: drives the client-side TCP endpoints (`dataplane::l7::stack`), the per-connection
+//! engine (`dataplane::l7::Connection`) and the upstream connections (kernel TCP sockets bound to the group's
+//! egress IP and a port of `[l7] upstream_ports`, which the NAT never allocates and the XDP program leaves to the
+//! kernel: the kernel brings SACK, congestion control and path-MTU discovery towards the internet).
+//!
+//! One thread, one mio poll: packets punted by the workers wake it; upstream sockets are edge-triggered; every
+//! 50 ms it visits every connection for deadlines, idle timeouts and smoltcp's retransmissions. It never blocks a
+//! worker: its queues are bounded both ways and full ones drop (TCP retransmits).
+//!
+//! Per connection: the engine judges the client's bytes; once it wants upstream, the thread connects (connect
+//! timeout → the client is reset), replays what the engine judged, and relays the upstream's bytes to the client
+//! untouched. Refusals go to the client as the engine wrote them (a TLS alert, a 403), then FIN. Half-closes pass
+//! both ways. At the end one access line (target `egressd::l7`) and, for a refusal, one audit line.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dataplane::l7::punt::{Punt, PuntedPacket};
+use dataplane::l7::stack::{ClientStack, FourTuple, StackDrop, StackLimits};
+use dataplane::l7::{Connection, L7Limits, Protocol};
+use dataplane::policy::{PolicySnapshot, RuleId, SharedPolicy};
+use dataplane::time::Instant;
+use mio::net::TcpStream;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::config::l7::L7Settings;
+
+const WAKE: Token = Token(0);
+/// How often every connection is visited for its timers.
+const SWEEP_NANOS: u64 = 50_000_000;
+/// Punted packets taken per loop iteration before the sockets get a turn.
+const PUNT_BURST: usize = 1024;
+
+/// Counters the admin endpoint exports.
+#[derive(Debug, Default)]
+pub struct L7Stats {
+    pub open: AtomicU64,
+    pub accepted: AtomicU64,
+    pub allowed: AtomicU64,
+    /// Refused connections (or requests), by reason.
+    pub refused: Mutex<BTreeMap<&'static str, u64>>,
+    pub upstream_failed: AtomicU64,
+    pub over_limit: AtomicU64,
+    pub stray_packets: AtomicU64,
+    pub bytes_up: AtomicU64,
+    pub bytes_down: AtomicU64,
+}
+
+/// Everything the thread needs.
+pub struct L7Thread {
+    pub punt: Arc<Punt>,
+    pub policy: Arc<SharedPolicy>,
+    pub settings: L7Settings,
+    pub stats: Arc<L7Stats>,
+    pub stop: Arc<AtomicBool>,
+    /// Egress IPs the upstream connections may leave from.
+    pub egress_ips: Vec<Ipv4Addr>,
+    /// Largest packet sent to clients (the inside MTU).
+    pub mtu: usize,
+}
+
+struct Conn {
+    engine: Connection,
+    worker: u16,
+    egress: Ipv4Addr,
+    started: Instant,
+    last_activity: Instant,
+    upstream: Option<TcpStream>,
+    token: Option<Token>,
+    local_port: Option<u16>,
+    connect_started: Instant,
+    connected: bool,
+    upstream_failed: bool,
+    upstream_eof: bool,
+    upstream_write_shut: bool,
+    client_closed: bool,
+    /// The client's handshake completed (before it, "cannot receive" means "not yet", not "finished").
+    client_established: bool,
+    bytes_down: u64,
+    end: &'static str,
+}
+
+impl L7Thread {
+    pub fn spawn(self) -> anyhow::Result<std::thread::JoinHandle<()>> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        self.punt.set_wake(Box::new(move || {
+            let _ = waker.wake();
+        }));
+        Ok(std::thread::Builder::new().name("egressd-l7".into()).spawn(move || {
+            let mut driver = Driver::new(self, poll);
+            driver.run();
+        })?)
+    }
+}
+
+struct Driver {
+    t: L7Thread,
+    poll: Poll,
+    stack: ClientStack,
+    conns: HashMap<FourTuple, Conn>,
+    tokens: HashMap<Token, FourTuple>,
+    next_token: usize,
+    ports: HashMap<Ipv4Addr, VecDeque<u16>>,
+    buf: Vec<u8>,
+    limits: L7Limits,
+}
+
+impl Driver {
+    fn new(t: L7Thread, poll: Poll) -> Driver {
+        let s = t.settings;
+        let ports = t
+            .egress_ips
+            .iter()
+            .map(|ip| (*ip, (s.upstream_ports.0..=s.upstream_ports.1).collect()))
+            .collect();
+        let stack = ClientStack::new(
+            StackLimits { max_connections: s.max_connections, socket_buffer: s.socket_buffer, mtu: t.mtu },
+            std::process::id().into(),
+        );
+        let limits = L7Limits {
+            classify_timeout_nanos: s.classify_timeout_secs * 1_000_000_000,
+            ..L7Limits::default()
+        };
+        Driver {
+            t,
+            poll,
+            stack,
+            conns: HashMap::new(),
+            tokens: HashMap::new(),
+            next_token: 1,
+            ports,
+            buf: vec![0; 64 * 1024],
+            limits,
+        }
+    }
+
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(256);
+        let mut touched: Vec<FourTuple> = Vec::new();
+        let mut last_sweep = Instant::ZERO;
+        while !self.t.stop.load(Ordering::Relaxed) {
+            let now = Instant::monotonic();
+            let mut taken = 0;
+            while taken < PUNT_BURST {
+                let Some(p) = self.t.punt.pop_for_l7() else { break };
+                taken += 1;
+                if let Some(key) = self.on_punted(now, &p) {
+                    touched.push(key);
+                }
+            }
+            let wait = if taken == 0 && self.t.punt.park() {
+                Some(Duration::from_millis(10))
+            } else {
+                Some(Duration::ZERO)
+            };
+            if let Err(e) = self.poll.poll(&mut events, wait) {
+                if e.kind() != ErrorKind::Interrupted {
+                    tracing::warn!(error = %e, "L7 poll failed");
+                }
+            }
+            self.t.punt.unpark();
+            for event in events.iter() {
+                if let Some(key) = self.tokens.get(&event.token()) {
+                    touched.push(*key);
+                }
+            }
+            let now = Instant::monotonic();
+            if now.as_nanos().saturating_sub(last_sweep.as_nanos()) >= SWEEP_NANOS {
+                last_sweep = now;
+                touched.extend(self.conns.keys().copied());
+            }
+            let policy = self.t.policy.load_full();
+            for key in touched.drain(..) {
+                self.pump(now, key, &policy);
+            }
+        }
+        for (_, mut conn) in self.conns.drain() {
+            if let Some(s) = conn.upstream.as_mut() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+    }
+
+    /// A packet from a client: into its endpoint; a new connection gets its engine.
+    fn on_punted(&mut self, now: Instant, p: &PuntedPacket) -> Option<FourTuple> {
+        let punt = &self.t.punt;
+        let worker = p.worker;
+        let mut emit = |packet: &[u8]| {
+            if let Some(out) = PuntedPacket::new(packet, worker, 0, Ipv4Addr::UNSPECIFIED) {
+                punt.to_worker(out);
+            }
+        };
+        match self.stack.on_packet(now, p.packet(), &mut emit) {
+            Ok(key) => {
+                self.conns.entry(key).or_insert_with(|| {
+                    self.t.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    self.t.stats.open.fetch_add(1, Ordering::Relaxed);
+                    Conn {
+                        engine: Connection::new(now, RuleId(p.rule), self.limits),
+                        worker,
+                        egress: p.egress,
+                        started: now,
+                        last_activity: now,
+                        upstream: None,
+                        token: None,
+                        local_port: None,
+                        connect_started: now,
+                        connected: false,
+                        upstream_failed: false,
+                        upstream_eof: false,
+                        upstream_write_shut: false,
+                        client_closed: false,
+                        client_established: false,
+                        bytes_down: 0,
+                        end: "",
+                    }
+                });
+                Some(key)
+            }
+            Err(StackDrop::TooManyConnections) => {
+                self.t.stats.over_limit.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Err(_) => {
+                self.t.stats.stray_packets.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Moves everything that can move on one connection, then lets its endpoint send.
+    fn pump(&mut self, now: Instant, key: FourTuple, policy: &PolicySnapshot) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let stack = &mut self.stack;
+        let buf = &mut self.buf;
+        let settings = self.t.settings;
+        conn.engine.on_timeout(now);
+        conn.client_established |= stack.is_established(&key);
+        // The client sent its FIN (only meaningful once its handshake completed).
+        let client_finished = conn.client_established && !stack.client_may_send(&key);
+
+        // Client → engine.
+        loop {
+            let room = conn.engine.room().min(buf.len());
+            if room == 0 {
+                break;
+            }
+            let n = stack.recv(&key, &mut buf[..room]);
+            if n == 0 {
+                break;
+            }
+            conn.last_activity = now;
+            conn.engine.on_client_data(&buf[..n], policy);
+        }
+
+        // Upstream: connect once the engine wants it.
+        if conn.engine.wants_upstream() && conn.upstream.is_none() && !conn.upstream_failed {
+            match connect(&mut self.ports, conn.egress, key.server) {
+                Ok((mut stream, port)) => {
+                    let token = Token(self.next_token);
+                    self.next_token += 1;
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                        .is_ok()
+                    {
+                        self.tokens.insert(token, key);
+                        conn.token = Some(token);
+                    }
+                    conn.upstream = Some(stream);
+                    conn.local_port = Some(port);
+                    conn.connect_started = now;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, server = %key.server, "upstream connect failed");
+                    conn.upstream_failed = true;
+                }
+            }
+        }
+        if let (Some(stream), false) = (conn.upstream.as_ref(), conn.connected) {
+            match stream.take_error() {
+                Ok(Some(_)) | Err(_) => conn.upstream_failed = true,
+                Ok(None) => {
+                    if stream.peer_addr().is_ok() {
+                        conn.connected = true;
+                        conn.engine.on_upstream_connected();
+                    } else if now.as_nanos().saturating_sub(conn.connect_started.as_nanos())
+                        > settings.connect_timeout_secs * 1_000_000_000
+                    {
+                        conn.upstream_failed = true;
+                    }
+                }
+            }
+        }
+        if conn.upstream_failed && !conn.client_closed {
+            // A refused or unreachable upstream: the client is reset at once, never left hanging.
+            stack.abort(&key);
+            conn.client_closed = true;
+            conn.end = "upstream_failed";
+            self.t.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
+        }
+
+        if let (Some(stream), true) = (conn.upstream.as_mut(), conn.connected) {
+            // Engine → upstream.
+            loop {
+                let data = conn.engine.to_upstream();
+                if data.is_empty() {
+                    break;
+                }
+                match stream.write(data) {
+                    Ok(n) => {
+                        conn.engine.upstream_sent(n, policy);
+                        conn.last_activity = now;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        conn.upstream_eof = true;
+                        break;
+                    }
+                }
+            }
+            // Upstream → client, as much as the client's socket takes.
+            while !conn.upstream_eof {
+                let room = stack.send_room(&key).min(buf.len());
+                if room == 0 {
+                    break;
+                }
+                match stream.read(&mut buf[..room]) {
+                    Ok(0) => conn.upstream_eof = true,
+                    Ok(n) => {
+                        stack.send(&key, &buf[..n]);
+                        conn.bytes_down += n as u64;
+                        conn.last_activity = now;
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(_) => conn.upstream_eof = true,
+                }
+            }
+            // The client finished sending (or was refused after allowed requests): pass the half-close on.
+            let client_done = client_finished || conn.engine.refusal_waits();
+            if client_done && conn.engine.to_upstream().is_empty() && !conn.upstream_write_shut {
+                let _ = stream.shutdown(Shutdown::Write);
+                conn.upstream_write_shut = true;
+            }
+        }
+
+        // The refusal, once whatever the upstream still had to say has gone first.
+        let upstream_done = conn.upstream.is_none() || conn.upstream_eof || conn.upstream_failed;
+        if !conn.engine.to_client().is_empty() && (!conn.engine.refusal_waits() || upstream_done) {
+            let n = stack.send(&key, conn.engine.to_client());
+            conn.engine.client_sent(n);
+        }
+        if !conn.client_closed {
+            let refused_and_said =
+                conn.engine.should_close() && (!conn.engine.refusal_waits() || upstream_done);
+            let client_gone_undecided =
+                client_finished && conn.upstream.is_none() && !conn.engine.wants_upstream();
+            if refused_and_said {
+                stack.close(&key);
+                conn.client_closed = true;
+                conn.end = "refused";
+            } else if conn.upstream_eof && stack.unsent(&key) == 0 {
+                stack.close(&key);
+                conn.client_closed = true;
+                conn.end =
+                    if conn.engine.summary().refusal.is_some() { "refused" } else { "upstream_closed" };
+            } else if client_gone_undecided {
+                stack.close(&key);
+                conn.client_closed = true;
+                conn.end = "client_closed";
+            } else if now.as_nanos().saturating_sub(conn.last_activity.as_nanos())
+                > settings.idle_timeout_secs * 1_000_000_000
+            {
+                stack.abort(&key);
+                conn.client_closed = true;
+                conn.end = "idle_timeout";
+            }
+        }
+
+        let punt = &self.t.punt;
+        let worker = conn.worker;
+        stack.poll(now, &key, &mut |packet: &[u8]| {
+            if let Some(out) = PuntedPacket::new(packet, worker, 0, Ipv4Addr::UNSPECIFIED) {
+                punt.to_worker(out);
+            }
+        });
+
+        let upstream_over = conn.upstream.is_none() || conn.upstream_eof || conn.upstream_failed;
+        if stack.is_finished(&key) && upstream_over {
+            self.finish(now, key, policy);
+        } else if stack.is_finished(&key) && !conn.upstream_write_shut {
+            // The client is gone: so is the upstream.
+            if let Some(s) = conn.upstream.as_ref() {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            conn.upstream_eof = true;
+        }
+    }
+
+    /// The connection is over: log it, give its port back, forget it.
+    fn finish(&mut self, now: Instant, key: FourTuple, policy: &PolicySnapshot) {
+        self.stack.remove(&key);
+        let Some(mut conn) = self.conns.remove(&key) else { return };
+        if let Some(token) = conn.token {
+            self.tokens.remove(&token);
+        }
+        if let Some(mut stream) = conn.upstream.take() {
+            let _ = self.poll.registry().deregister(&mut stream);
+        }
+        if let Some(port) = conn.local_port {
+            self.ports.entry(conn.egress).or_default().push_back(port);
+        }
+        let stats = &self.t.stats;
+        stats.open.fetch_sub(1, Ordering::Relaxed);
+        let summary = conn.engine.summary();
+        stats.bytes_up.fetch_add(summary.bytes_up, Ordering::Relaxed);
+        stats.bytes_down.fetch_add(conn.bytes_down, Ordering::Relaxed);
+        let rule = rule_label(policy, conn.engine.rule());
+        let protocol = match summary.protocol {
+            Some(Protocol::Tls) => "tls",
+            Some(Protocol::Http) => "http",
+            None => "",
+        };
+        let (verdict, reason) = match summary.refusal {
+            Some(r) => ("refused", r.as_str()),
+            None if conn.upstream_failed => ("allowed", "upstream_failed"),
+            None if conn.connected => ("allowed", ""),
+            None => ("undecided", ""),
+        };
+        if let Some(r) = summary.refusal {
+            *stats.refused.lock().unwrap_or_else(|e| e.into_inner()).entry(r.as_str()).or_default() += 1;
+            tracing::info!(
+                target: "egressd::audit",
+                client = %key.client,
+                server = %key.server,
+                name = summary.name.as_str(),
+                protocol,
+                rule = rule.as_str(),
+                reason = r.as_str(),
+                "l7 refused"
+            );
+        } else if conn.connected {
+            stats.allowed.fetch_add(1, Ordering::Relaxed);
+        }
+        let egress = SocketAddrV4::new(conn.egress, conn.local_port.unwrap_or(0));
+        tracing::info!(
+            target: "egressd::l7",
+            client = %key.client,
+            server = %key.server,
+            egress = %egress,
+            protocol,
+            name = summary.name.as_str(),
+            method = summary.method.as_str(),
+            path = summary.path.as_str(),
+            requests = summary.requests_allowed,
+            rule = rule.as_str(),
+            verdict,
+            reason,
+            bytes_up = summary.bytes_up,
+            bytes_down = conn.bytes_down,
+            duration_ms = now.as_nanos().saturating_sub(conn.started.as_nanos()) / 1_000_000,
+            end = conn.end,
+            "l7 connection"
+        );
+    }
+}
+
+/// A non-blocking connection from `egress` (a free port of the L7 range) to `server`.
+fn connect(
+    ports: &mut HashMap<Ipv4Addr, VecDeque<u16>>,
+    egress: Ipv4Addr,
+    server: SocketAddrV4,
+) -> std::io::Result<(TcpStream, u16)> {
+    let free = ports.entry(egress).or_default();
+    let port = free.pop_front().ok_or_else(|| std::io::Error::other("no free L7 upstream port"))?;
+    let attempt = (|| {
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.set_tcp_nodelay(true)?;
+        socket.bind(&SocketAddr::V4(SocketAddrV4::new(egress, port)).into())?;
+        match socket.connect(&SocketAddr::V4(server).into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) || e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+        Ok(TcpStream::from_std(socket.into()))
+    })();
+    match attempt {
+        Ok(stream) => Ok((stream, port)),
+        Err(e) => {
+            free.push_back(port);
+            Err(e)
+        }
+    }
+}
+
+fn rule_label(policy: &PolicySnapshot, rule: RuleId) -> String {
+    policy.rule(rule).and_then(|r| r.name.clone()).unwrap_or_else(|| (rule.0 + 1).to_string())
+}

@@ -1,0 +1,201 @@
+//! Lab tests of the L7 path through the real gateway: TLS passed through by SNI (the client verifies the
+//! server's own certificate: egressd never decrypts), HTTP/1.1 judged by Host on every request of a keep-alive
+//! connection, refusals that are explicit and immediate, and the upstream leaving from the group's egress IP.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Instant;
+
+use support::{lab_config, wait_for, Gateway, Lab};
+
+/// The lab's first rule (web → the servers on TCP 80 and 443) made an `l7` rule for these names.
+fn l7_config(text: &str) -> String {
+    let allow = "ports = [80, 443]\naction = \"allow\"";
+    assert!(text.contains(allow), "conf/lab.toml changed: update this test");
+    text.replacen(
+        allow,
+        "ports = [80, 443]\naction = \"l7\"\nhosts = [\"httpbin.test\", \"api.stripe.com\", \"*.x.test\"]",
+        1,
+    )
+}
+
+/// A TLS server in ext on 203.0.113.10:443 (python's ssl module) with a certificate for api.stripe.com and
+/// *.x.test, answering every request with the address it saw the client at. Killed on drop.
+struct TlsServer {
+    child: Child,
+    _dir: tempfile::TempDir,
+    cert: std::path::PathBuf,
+}
+
+impl TlsServer {
+    fn start(lab: &Lab) -> TlsServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        let made = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=api.stripe.com",
+            ])
+            .args(["-addext", "subjectAltName=DNS:api.stripe.com,DNS:*.x.test"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("run openssl");
+        assert!(made.status.success(), "openssl req: {}", String::from_utf8_lossy(&made.stderr));
+        let script = format!(
+            r#"
+import socket, ssl, threading
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("{cert}", "{key}")
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("203.0.113.10", 443)); s.listen(64)
+def serve(c, peer):
+    try:
+        t = ctx.wrap_socket(c, server_side=True)
+        t.recv(65536)
+        body = "%s:%d\n" % peer
+        t.sendall(("HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)).encode())
+        t.close()
+    except Exception:
+        c.close()
+while True:
+    c, peer = s.accept()
+    threading.Thread(target=serve, args=(c, peer), daemon=True).start()
+"#,
+            cert = cert.display(),
+            key = key.display()
+        );
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.ns("ext"), "python3", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the TLS server");
+        let server = TlsServer { child, _dir: dir, cert };
+        wait_for(
+            || lab.sh("ext", "ss -ltn | grep -q '203.0.113.10:443'").status.success(),
+            "the TLS server listening",
+        );
+        server
+    }
+
+    fn cert(&self) -> &Path {
+        &self.cert
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `curl` in the client namespace; (exit code, stdout, stderr, seconds it took).
+fn curl(lab: &Lab, args: &[&str]) -> (i32, String, String, f64) {
+    let start = Instant::now();
+    let out = lab.exec("client", "curl", &[&["-sS", "-m", "5"], args].concat());
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        start.elapsed().as_secs_f64(),
+    )
+}
+
+/// The upstream's source as the server saw it: from the group's egress IP, on a port of the L7 range.
+fn assert_from_l7_range(seen: &str) {
+    let (ip, port) = seen.trim().rsplit_once(':').unwrap_or_else(|| panic!("server answered {seen:?}"));
+    assert_eq!(ip, "192.0.2.10", "the upstream leaves from the web group's egress IP");
+    let port: u16 = port.parse().expect("a port");
+    assert!((61000..=65535).contains(&port), "upstream port {port} is outside [l7] upstream_ports");
+}
+
+#[test]
+fn tls_passes_through_by_sni_and_other_names_get_an_alert() {
+    let lab = Lab::up(false);
+    let tls = TlsServer::start(&lab);
+    let (_dir, config, _) = lab_config(l7_config);
+    let gw = Gateway::start(&lab, &config);
+    let cacert = tls.cert().to_str().expect("utf-8 path");
+
+    // Allowed: the handshake completes end to end with the server's own certificate, verified by the client.
+    let (code, body, err, _) = curl(
+        &lab,
+        &["--cacert", cacert, "--resolve", "api.stripe.com:443:203.0.113.10", "https://api.stripe.com/"],
+    );
+    assert_eq!(code, 0, "curl: {err}\ngateway log:\n{}", gw.log_text());
+    assert_from_l7_range(&body);
+    // A wildcard matches a name two labels deep (verification off: the certificate's *.x.test covers one).
+    let (code, body, err, _) =
+        curl(&lab, &["-k", "--resolve", "a.b.x.test:443:203.0.113.10", "https://a.b.x.test/"]);
+    assert_eq!(code, 0, "a.b.x.test: {err}");
+    assert_from_l7_range(&body);
+
+    // Refused at once with a TLS alert, not a hang; nothing reaches the server.
+    for name in ["evil.example", "x.test"] {
+        let (code, _, err, took) = curl(
+            &lab,
+            &["-k", "--resolve", &format!("{name}:443:203.0.113.10"), &format!("https://{name}/")],
+        );
+        assert_ne!(code, 0, "{name} must be refused");
+        assert!(err.to_lowercase().contains("alert") || err.contains("access denied"), "{name}: {err}");
+        assert!(took < 2.0, "{name}: refused after {took:.1} s: must be immediate");
+    }
+    wait_for(
+        || gw.log_text().lines().any(|l| l.contains("l7 refused") && l.contains("evil.example")),
+        "the audit line for evil.example",
+    );
+    let refused = gw.metric(r#"egressd_l7_refused_total{reason="host_not_allowed"}"#);
+    assert!(refused >= 2.0, "host_not_allowed counted: {refused}");
+    assert!(gw.metric("egressd_l7_allowed_total") >= 2.0);
+}
+
+#[test]
+fn http_requests_are_judged_by_host_one_by_one() {
+    let lab = Lab::up(false);
+    let (_dir, config, _) = lab_config(l7_config);
+    let gw = Gateway::start(&lab, &config);
+
+    let (code, body, err, _) = curl(&lab, &["-H", "Host: httpbin.test", "http://203.0.113.10/ip"]);
+    assert_eq!(code, 0, "allowed host: {err}\ngateway log:\n{}", gw.log_text());
+    assert_from_l7_range(&body);
+
+    let (_, body, _, took) = curl(&lab, &["-i", "-H", "Host: evil.test", "http://203.0.113.10/ip"]);
+    assert!(body.starts_with("HTTP/1.1 403 Forbidden"), "denied host: {body}");
+    assert!(body.contains("egressd: host evil.test is not allowed"), "{body}");
+    assert!(took < 2.0, "the 403 must be immediate ({took:.1} s)");
+
+    // One keep-alive connection: an allowed request, then one for a denied host. The first is answered by the
+    // server, the second by egressd, and it never reaches the server.
+    let out = lab.sh(
+        "client",
+        "printf 'GET /ip HTTP/1.1\\r\\nHost: httpbin.test\\r\\n\\r\\nGET /secret HTTP/1.1\\r\\nHost: evil.test\\r\\n\\r\\n' \
+         | timeout 5 socat -t3 - TCP4:203.0.113.10:80",
+    );
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(answer.matches("HTTP/1.1 200 OK").count(), 1, "one answer from the server:\n{answer}");
+    let (first, second) = answer.split_once("HTTP/1.1 403").unwrap_or_else(|| panic!("no 403:\n{answer}"));
+    assert!(first.contains("192.0.2.10:"), "the server's answer first:\n{answer}");
+    assert!(second.contains("evil.test"), "{answer}");
+    let nginx_log = lab.sh("ext", "cat /run/egressd-lab/*/nginx-access.log 2>/dev/null || true");
+    assert!(
+        !String::from_utf8_lossy(&nginx_log.stdout).contains("/secret"),
+        "the denied request reached the server"
+    );
+    wait_for(
+        || gw.metric(r#"egressd_l7_refused_total{reason="host_not_allowed"}"#) >= 2.0,
+        "both refusals counted",
+    );
+}
