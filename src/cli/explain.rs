@@ -383,7 +383,7 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         }
         if explanation.layer == "L7" {
             println!(
-                "note:      until the L7 path exists the dataplane drops l7 flows (counter l7_unavailable)"
+                "note:      the L7 path checks the TLS SNI, or each HTTP request's Host, against the rule's hosts"
             );
         }
     }
