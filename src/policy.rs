@@ -63,9 +63,23 @@ pub fn compile(config: &Config, generation: u64) -> Result<PolicySnapshot, Strin
                 .map(|h| HostPattern::parse(h.get_ref()))
                 .collect::<Result<_, _>>()
                 .map_err(|e| e.to_string())?,
+            l7: l7_conditions(r)?,
         });
     }
     b.build(generation).map_err(|e| e.to_string())
+}
+
+/// An `l7` rule's conditions on requests and hellos (validated before: errors here are only a safety net).
+fn l7_conditions(
+    r: &crate::config::policy::RuleConfig,
+) -> Result<dataplane::policy::l7::L7Conditions, String> {
+    use dataplane::policy::l7::{parse_tls_version, HeaderCondition, L7Conditions, PathPattern};
+    Ok(L7Conditions {
+        methods: r.methods.iter().map(|m| m.get_ref().clone()).collect(),
+        paths: r.paths.iter().map(|p| PathPattern::parse(p.get_ref())).collect::<Result<_, _>>()?,
+        headers: r.headers.iter().map(|h| HeaderCondition::parse(h.get_ref())).collect::<Result<_, _>>()?,
+        min_tls_version: r.min_tls_version.as_ref().map(|v| parse_tls_version(v.get_ref())).transpose()?,
+    })
 }
 
 /// The destination as written for explain: not used on the data path.

@@ -452,3 +452,33 @@ fn explain_names_a_named_rule() {
     let v = explain_json(&c.path, &["--src", "10.0.0.5", "--dst", "203.0.113.9:443"]);
     assert_eq!(v["rule_name"], serde_json::Value::Null);
 }
+
+#[test]
+fn l7_request_conditions_with_method_and_path() {
+    let text = "[dataplane]\ninside = \"a\"\noutside = \"b\"\n\n[[group]]\nname = \"web\"\nsources = [\"10.0.0.0/24\"]\n\
+                egress_ips = [\"192.0.2.10\"]\n\n[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\nproto = \"tcp\"\n\
+                ports = [80]\naction = \"l7\"\nhosts = [\"httpbin.test\"]\nmethods = [\"GET\"]\npaths = [\"/status/*\"]\n";
+    let c = write_config(text);
+    let base = ["--src", "10.0.0.5", "--dst", "203.0.113.10:80", "--host", "httpbin.test"];
+    let ask = |extra: &[&str]| explain_json(&c.path, &[&base[..], extra].concat());
+    let v = ask(&["--path", "/status/200"]);
+    assert_eq!(v["request_allowed"], true, "{v}");
+    let v = ask(&["--method", "POST", "--path", "/status/200"]);
+    assert_eq!(v["request_allowed"], false);
+    assert!(v["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with("POST /status/200 is refused with 403 (method_not_allowed)"));
+    let v = ask(&["--path", "/admin"]);
+    assert!(v["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .ends_with("GET /admin is refused with 403 (path_not_allowed)"));
+    // Without --method/--path: the conditions are named, no answer.
+    let v = ask(&[]);
+    assert_eq!(v["request_allowed"], serde_json::Value::Null);
+    assert!(v["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("requests must also meet: methods GET; paths /status/*"));
+}

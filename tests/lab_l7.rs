@@ -199,3 +199,35 @@ fn http_requests_are_judged_by_host_one_by_one() {
         "both refusals counted",
     );
 }
+
+#[test]
+fn http_methods_and_paths_are_checked_through_the_gateway() {
+    let lab = Lab::up(false);
+    let (_dir, config, _) = lab_config(|text| {
+        text.replacen(
+            "ports = [80, 443]\naction = \"allow\"",
+            "ports = [80]\naction = \"l7\"\nhosts = [\"httpbin.test\"]\nmethods = [\"GET\", \"HEAD\"]\npaths = [\"/ip\"]",
+            1,
+        )
+    });
+    let gw = Gateway::start(&lab, &config);
+    let (code, body, err, _) = curl(&lab, &["-H", "Host: httpbin.test", "http://203.0.113.10/ip"]);
+    assert_eq!(code, 0, "GET /ip: {err}\ngateway log:\n{}", gw.log_text());
+    assert_from_l7_range(&body);
+    let (_, body, _, _) =
+        curl(&lab, &["-i", "-X", "POST", "-d", "x=1", "-H", "Host: httpbin.test", "http://203.0.113.10/ip"]);
+    assert!(body.starts_with("HTTP/1.1 403 Forbidden"), "POST: {body}");
+    assert!(
+        body.contains("POST /ip on httpbin.test is not allowed by this rule (method_not_allowed)"),
+        "{body}"
+    );
+    let (_, body, _, _) = curl(&lab, &["-i", "-H", "Host: httpbin.test", "http://203.0.113.10/index.html"]);
+    assert!(body.contains("(path_not_allowed)"), "GET /index.html: {body}");
+    wait_for(
+        || {
+            gw.metric(r#"egressd_l7_refused_total{reason="method_not_allowed"}"#) == 1.0
+                && gw.metric(r#"egressd_l7_refused_total{reason="path_not_allowed"}"#) == 1.0
+        },
+        "both refusals counted by reason",
+    );
+}

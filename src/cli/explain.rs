@@ -33,6 +33,12 @@ pub struct ExplainArgs {
     /// SNI or Host name the client would present (checked against the hosts of an l7 rule). Alias: --sni.
     #[arg(long, alias = "sni")]
     pub host: Option<String>,
+    /// HTTP method of the request (checked against an l7 rule's `methods`; default GET with --path).
+    #[arg(long)]
+    pub method: Option<String>,
+    /// HTTP path of the request (checked against an l7 rule's `paths`; default / with --method).
+    #[arg(long)]
+    pub path: Option<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -48,6 +54,9 @@ pub struct Flow {
     /// Destination port; 0 for ICMP.
     pub port: u16,
     pub host: Option<String>,
+    /// The HTTP request's method and path, if given.
+    pub method: Option<String>,
+    pub path: Option<String>,
 }
 
 impl Flow {
@@ -79,7 +88,7 @@ impl Flow {
         if src.is_ipv4() != dst.is_ipv4() {
             return Err("--src and --dst must be of the same address family".to_string());
         }
-        Ok(Flow { src, dst, proto, port, host: host.map(str::to_string) })
+        Ok(Flow { src, dst, proto, port, host: host.map(str::to_string), method: None, path: None })
     }
 
     fn proto_name(&self) -> &'static str {
@@ -127,6 +136,8 @@ pub struct Explanation {
     pub reason: String,
     /// With `--host` on an l7 verdict: whether the rule's host patterns allow it.
     pub host_allowed: Option<bool>,
+    /// With `--method`/`--path` on an l7 rule with request conditions: whether they allow the request.
+    pub request_allowed: Option<bool>,
 }
 
 /// Judges `flow` with `snapshot` (compiled from `loaded`) and says why.
@@ -169,6 +180,7 @@ pub fn explain_flow(loaded: &Loaded, snapshot: &PolicySnapshot, flow: &Flow) -> 
     };
     let mut reason = String::new();
     let mut host_allowed = None;
+    let mut request_allowed = None;
     match (decision.group, decision.rule.and_then(|id| snapshot.rule(id).map(|r| (id, r)))) {
         (None, _) => reason.push_str(&format!("source {} is in no group's sources", flow.src)),
         (Some(g), None) => {
@@ -234,6 +246,9 @@ pub fn explain_flow(loaded: &Loaded, snapshot: &PolicySnapshot, flow: &Flow) -> 
                                 );
                             }
                         }
+                        if let (true, Some(c)) = (allowed, snapshot.l7_conditions(id)) {
+                            request_allowed = explain_request(c, flow, &mut reason);
+                        }
                     }
                     None => {
                         let _ = write!(reason, "; the L7 path checks SNI/Host against {}", hosts.join(", "));
@@ -260,6 +275,7 @@ pub fn explain_flow(loaded: &Loaded, snapshot: &PolicySnapshot, flow: &Flow) -> 
                  (the policy would say {verdict}: {reason})"
             ),
             host_allowed,
+            request_allowed,
         };
     }
     if matches!(decision.verdict, Verdict::Deny(_)) {
@@ -282,6 +298,48 @@ pub fn explain_flow(loaded: &Loaded, snapshot: &PolicySnapshot, flow: &Flow) -> 
         forwarded: decision.forwards(),
         reason,
         host_allowed,
+        request_allowed,
+    }
+}
+
+/// What an l7 rule's request conditions require, and with `--method`/`--path` whether they allow the request
+/// (headers are named, not checked: explain has none).
+fn explain_request(c: &dataplane::policy::l7::CompiledL7, flow: &Flow, reason: &mut String) -> Option<bool> {
+    let cond = c.conditions();
+    let list = |items: Vec<String>| items.join(", ");
+    let mut needs = Vec::new();
+    if !cond.methods.is_empty() {
+        needs.push(format!("methods {}", list(cond.methods.clone())));
+    }
+    if !cond.paths.is_empty() {
+        needs.push(format!("paths {}", list(cond.paths.iter().map(ToString::to_string).collect())));
+    }
+    if !cond.headers.is_empty() {
+        needs.push(format!("headers {}", list(cond.headers.iter().map(ToString::to_string).collect())));
+    }
+    if let Some(v) = cond.min_tls_version {
+        needs.push(format!("TLS ≥ 1.{}", v.saturating_sub(0x0301)));
+    }
+    if !needs.is_empty() {
+        let _ = write!(reason, "; requests must also meet: {}", needs.join("; "));
+    }
+    if flow.method.is_none() && flow.path.is_none() {
+        return None;
+    }
+    let (method, path) = (flow.method.as_deref().unwrap_or("GET"), flow.path.as_deref().unwrap_or("/"));
+    // Headers as the rule wants them: explain judges method and path.
+    let wanted = |name: &str| {
+        cond.headers.iter().find(|h| h.name == name).map(|h| h.value.as_deref().unwrap_or("").as_bytes())
+    };
+    match c.check_request(method, path, wanted) {
+        Ok(()) => {
+            let _ = write!(reason, "; {method} {path} is allowed");
+            Some(true)
+        }
+        Err(d) => {
+            let _ = write!(reason, "; {method} {path} is refused with 403 ({})", d.as_str());
+            Some(false)
+        }
     }
 }
 
@@ -343,6 +401,9 @@ impl Explanation {
         if let Some(allowed) = self.host_allowed {
             let _ = writeln!(out, "host:      {}", if allowed { "allowed" } else { "refused" });
         }
+        if let Some(allowed) = self.request_allowed {
+            let _ = writeln!(out, "request:   {}", if allowed { "allowed" } else { "refused (403)" });
+        }
         let _ = writeln!(out, "why:       {}", self.reason);
         out
     }
@@ -360,7 +421,7 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         eprintln!("warning: {w}");
     }
     let flow = match Flow::parse(&args.src, &args.dst, &args.proto, args.host.as_deref()) {
-        Ok(flow) => flow,
+        Ok(flow) => Flow { method: args.method.clone(), path: args.path.clone(), ..flow },
         Err(e) => {
             eprintln!("egressd explain: {e}");
             return Ok(ExitCode::FAILURE);

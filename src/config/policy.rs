@@ -97,6 +97,18 @@ pub struct RuleConfig {
     /// For `l7` rules: the SNI / Host names allowed.
     #[serde(default)]
     pub hosts: Vec<Spanned<String>>,
+    /// For `l7` rules: the HTTP methods allowed (all when absent).
+    #[serde(default)]
+    pub methods: Vec<Spanned<String>>,
+    /// For `l7` rules: the paths allowed: `/exact`, `/prefix/*`, `regex:PATTERN` (all when absent).
+    #[serde(default)]
+    pub paths: Vec<Spanned<String>>,
+    /// For `l7` rules: headers every request must carry: `name` or `name: value`.
+    #[serde(default)]
+    pub headers: Vec<Spanned<String>>,
+    /// For `l7` rules: the oldest TLS version a ClientHello may offer as its newest ("1.2", "1.3").
+    #[serde(default)]
+    pub min_tls_version: Option<Spanned<String>>,
     #[serde(default)]
     pub dry_run: bool,
 }
@@ -430,6 +442,59 @@ fn check_rule<'a>(
             if let Some(h) = r.hosts.first() {
                 diags.error(src, h.span(), "hosts are only allowed on rules with action = \"l7\"");
             }
+            let l7_only =
+                [("methods", r.methods.first()), ("paths", r.paths.first()), ("headers", r.headers.first())];
+            for (key, first) in l7_only.into_iter().chain([("min_tls_version", r.min_tls_version.as_ref())]) {
+                if let Some(v) = first {
+                    diags.error(
+                        src,
+                        v.span(),
+                        format!("{key} are only checked on rules with action = \"l7\""),
+                    );
+                }
+            }
+        }
+    }
+    for m in &r.methods {
+        let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+        if m.get_ref().is_empty() || !m.get_ref().chars().all(token) {
+            diags.error(src, m.span(), format!("methods: {:?} is not an HTTP method", m.get_ref()));
+        } else if m.get_ref().chars().any(|c| c.is_ascii_lowercase()) {
+            diags.warn(
+                src,
+                m.span(),
+                format!(
+                    "methods: {:?} has lowercase letters; methods are case-sensitive (GET, not get)",
+                    m.get_ref()
+                ),
+            );
+        }
+    }
+    for p in &r.paths {
+        if let Err(e) = dataplane::policy::l7::PathPattern::parse(p.get_ref()) {
+            diags.error(src, p.span(), e);
+        }
+    }
+    for h in &r.headers {
+        if let Err(e) = dataplane::policy::l7::HeaderCondition::parse(h.get_ref()) {
+            diags.error(src, h.span(), e);
+        }
+    }
+    if let Some(v) = &r.min_tls_version {
+        if let Err(e) = dataplane::policy::l7::parse_tls_version(v.get_ref()) {
+            diags.error(src, v.span(), format!("min_tls_version: {e}"));
+        }
+    }
+    let http_conditions = r.methods.first().or(r.paths.first()).or(r.headers.first());
+    if let (Some(c), ActionConfig::L7) = (http_conditions, action) {
+        if r.ports.iter().any(|p| parse_port_spec(p.get_ref()).is_ok_and(|p| p.first <= 443 && 443 <= p.last))
+        {
+            diags.warn(
+                src,
+                c.span(),
+                "methods, paths and headers can only be checked on plaintext HTTP: TLS connections under this rule \
+                 (port 443) will be refused",
+            );
         }
     }
     for h in &r.hosts {

@@ -31,6 +31,7 @@
 
 use std::fmt;
 
+use crate::policy::l7::RequestDenial;
 use crate::policy::{PolicySnapshot, RuleId};
 use crate::time::Instant;
 use crate::wire::http::{self, BodyFraming, ChunkedBody, HttpError};
@@ -63,6 +64,12 @@ pub enum Refusal {
     BadRequest(HttpError),
     /// The name (SNI or Host) matches none of the rule's host patterns.
     HostNotAllowed,
+    /// The request's method, path or headers do not meet the rule's conditions.
+    RequestNotAllowed(RequestDenial),
+    /// The ClientHello offers nothing as new as the rule's `min_tls_version`.
+    TlsVersionTooOld,
+    /// TLS under a rule with HTTP conditions, which only plaintext requests can meet.
+    TlsNeedsPlaintext,
     /// Nothing decidable arrived before the deadline.
     Timeout,
     /// The head did not end within the byte cap.
@@ -76,6 +83,9 @@ impl Refusal {
             Refusal::BadClientHello(e) => e.as_str(),
             Refusal::BadRequest(e) => e.as_str(),
             Refusal::HostNotAllowed => "host_not_allowed",
+            Refusal::RequestNotAllowed(d) => d.as_str(),
+            Refusal::TlsVersionTooOld => "tls_version_too_old",
+            Refusal::TlsNeedsPlaintext => "http_rules_need_plaintext",
             Refusal::Timeout => "classify_timeout",
             Refusal::TooLarge => "head_too_large",
         }
@@ -127,6 +137,8 @@ pub struct Summary {
     pub refusal: Option<Refusal>,
     /// Bytes from the client forwarded upstream.
     pub bytes_up: u64,
+    /// Refusals a dry run let through (the last one), for the logs.
+    pub dry_run_refusal: Option<Refusal>,
 }
 
 /// One client connection of an `l7` flow. See the module docs.
@@ -212,8 +224,22 @@ impl Connection {
                         Ok(hello) => hello,
                     };
                     self.summary.name = hello.server_name.to_ascii_lowercase();
-                    if !policy.host_allowed(self.rule, &self.summary.name) {
-                        return self.refuse(Refusal::HostNotAllowed);
+                    let max_version = hello.max_version;
+                    let conditions = policy.l7_conditions(self.rule).map(|c| c.conditions());
+                    let why = if !policy.host_allowed(self.rule, &self.summary.name) {
+                        Some(Refusal::HostNotAllowed)
+                    } else if conditions.is_some_and(|c| c.needs_plaintext()) {
+                        Some(Refusal::TlsNeedsPlaintext)
+                    } else if conditions.and_then(|c| c.min_tls_version).is_some_and(|min| max_version < min)
+                    {
+                        Some(Refusal::TlsVersionTooOld)
+                    } else {
+                        None
+                    };
+                    if let Some(why) = why {
+                        if self.refused(why, policy) {
+                            return;
+                        }
                     }
                     self.upstream_wanted = true;
                     self.ready = self.pending.len();
@@ -238,8 +264,19 @@ impl Connection {
                     self.summary.path.clear();
                     self.summary.path.push_str(head.path);
                     let (head_len, body) = (head.head_len, head.body);
-                    if !policy.host_allowed(self.rule, &self.summary.name) {
-                        return self.refuse(Refusal::HostNotAllowed);
+                    let why = if !policy.host_allowed(self.rule, &self.summary.name) {
+                        Some(Refusal::HostNotAllowed)
+                    } else {
+                        policy.l7_conditions(self.rule).and_then(|c| {
+                            c.check_request(head.method, head.path, |n| head.header(n))
+                                .err()
+                                .map(Refusal::RequestNotAllowed)
+                        })
+                    };
+                    if let Some(why) = why {
+                        if self.refused(why, policy) {
+                            return;
+                        }
                     }
                     self.summary.requests_allowed += 1;
                     self.upstream_wanted = true;
@@ -278,6 +315,17 @@ impl Connection {
         }
     }
 
+    /// A policy refusal: refuses, unless the rule (or the policy) is in dry run, which lets it through and
+    /// records it. Returns whether the connection was refused.
+    fn refused(&mut self, why: Refusal, policy: &PolicySnapshot) -> bool {
+        if policy.l7_dry_run(self.rule) {
+            self.summary.dry_run_refusal = Some(why);
+            return false;
+        }
+        self.refuse(why);
+        true
+    }
+
     /// A head still incomplete when the buffer is full will never fit.
     fn refuse_if_full(&mut self) {
         if self.pending.len() >= self.limits.max_head_bytes {
@@ -304,6 +352,16 @@ impl Connection {
             Refusal::HostNotAllowed => (
                 "403 Forbidden",
                 format!("egressd: host {} is not allowed by this rule\n", self.summary.name),
+            ),
+            Refusal::RequestNotAllowed(d) => (
+                "403 Forbidden",
+                format!(
+                    "egressd: {} {} on {} is not allowed by this rule ({})\n",
+                    self.summary.method,
+                    self.summary.path,
+                    self.summary.name,
+                    d.as_str()
+                ),
             ),
             Refusal::TooLarge => {
                 ("431 Request Header Fields Too Large", "egressd: request head too large\n".into())
@@ -411,6 +469,7 @@ fn tls_alert(why: Refusal) -> [u8; 7] {
     const ACCESS_DENIED: u8 = 49;
     const DECODE_ERROR: u8 = 50;
     const UNRECOGNIZED_NAME: u8 = 112;
+    const PROTOCOL_VERSION: u8 = 70;
     let description = match why {
         Refusal::BadClientHello(
             HelloError::NoServerName
@@ -419,6 +478,7 @@ fn tls_alert(why: Refusal) -> [u8; 7] {
             | HelloError::InvalidServerName,
         ) => UNRECOGNIZED_NAME,
         Refusal::BadClientHello(_) => DECODE_ERROR,
+        Refusal::TlsVersionTooOld => PROTOCOL_VERSION,
         _ => ACCESS_DENIED,
     };
     [ALERT, 3, 3, 0, 2, FATAL, description]

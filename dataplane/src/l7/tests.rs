@@ -4,6 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::*;
+use crate::policy::l7::RequestDenial;
 use crate::policy::{Action, HostPattern, PolicyBuilder, Prefix, ProtoMatch, RuleSpec};
 
 /// One group; rule 0 is `l7` for api.stripe.com, *.paypal.com and httpbin.test.
@@ -228,4 +229,86 @@ fn arbitrary_client_bytes_never_panic_and_never_pass_unjudged() {
                 || c.summary().name.ends_with(".paypal.com"));
         }
     });
+}
+
+/// One group; rule 0 is `l7` for httpbin.test with `conditions`, dry run as given.
+fn policy_with(conditions: crate::policy::l7::L7Conditions, dry_run: bool) -> (PolicySnapshot, RuleId) {
+    let mut b = PolicyBuilder::new();
+    let g = b.add_group("apps", vec![Ipv4Addr::new(192, 0, 2, 30)]);
+    b.add_source(g, Prefix::new(IpAddr::V4(Ipv4Addr::new(10, 10, 1, 0)), 24).unwrap());
+    let mut rule = RuleSpec::new(
+        g,
+        vec![Prefix::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).unwrap()],
+        ProtoMatch::Any,
+        vec![],
+        Action::L7,
+    );
+    rule.hosts = vec![HostPattern::parse("httpbin.test").unwrap()];
+    rule.l7 = conditions;
+    rule.dry_run = dry_run;
+    let id = b.add_rule(rule);
+    (b.build(1).unwrap(), id)
+}
+
+fn get_status_only() -> crate::policy::l7::L7Conditions {
+    use crate::policy::l7::{L7Conditions, PathPattern};
+    L7Conditions {
+        methods: vec!["GET".into(), "HEAD".into()],
+        paths: vec![PathPattern::parse("/status/*").unwrap(), PathPattern::parse("regex:/get|/ip").unwrap()],
+        headers: vec![],
+        min_tls_version: None,
+    }
+}
+
+#[test]
+fn methods_and_paths_are_checked_on_every_request() {
+    let (policy, rule) = policy_with(get_status_only(), false);
+    let run = |request: &[u8]| {
+        let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default());
+        c.on_client_data(request, &policy);
+        let up = flush_upstream(&mut c, &policy);
+        (up, c.summary().refusal, String::from_utf8_lossy(c.to_client()).into_owned())
+    };
+    let allowed = b"GET /status/200 HTTP/1.1\r\nHost: httpbin.test\r\n\r\n";
+    assert_eq!(run(allowed), (allowed.to_vec(), None, String::new()));
+    let (up, why, answer) =
+        run(b"POST /status/200 HTTP/1.1\r\nHost: httpbin.test\r\nContent-Length: 0\r\n\r\n");
+    assert_eq!((up.len(), why), (0, Some(Refusal::RequestNotAllowed(RequestDenial::Method))));
+    assert!(answer.contains("403") && answer.contains("POST /status/200 on httpbin.test"), "{answer}");
+    let (up, why, _) = run(b"GET /admin HTTP/1.1\r\nHost: httpbin.test\r\n\r\n");
+    assert_eq!((up.len(), why), (0, Some(Refusal::RequestNotAllowed(RequestDenial::Path))));
+    // An allowed request followed by a forbidden path on the same connection: only the first goes.
+    let both = [&allowed[..], b"GET /ip/../admin HTTP/1.1\r\nHost: httpbin.test\r\n\r\n"].concat();
+    let (up, why, _) = run(&both);
+    assert_eq!((up, why), (allowed.to_vec(), Some(Refusal::RequestNotAllowed(RequestDenial::Path))));
+    // TLS cannot be checked for methods and paths: refused, not waved through.
+    let (up, why, _) = run(&client_hello("httpbin.test"));
+    assert_eq!((up.len(), why), (0, Some(Refusal::TlsNeedsPlaintext)));
+}
+
+#[test]
+fn a_minimum_tls_version_refuses_older_hellos_with_protocol_version() {
+    let conditions = crate::policy::l7::L7Conditions { min_tls_version: Some(0x0304), ..Default::default() };
+    let (policy, rule) = policy_with(conditions, false);
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default());
+    // The test hello offers TLS 1.2 only (legacy version, no supported_versions).
+    c.on_client_data(&client_hello("httpbin.test"), &policy);
+    assert_eq!(c.summary().refusal, Some(Refusal::TlsVersionTooOld));
+    assert_eq!(c.to_client(), [21, 3, 3, 0, 2, 2, 70]);
+    let conditions = crate::policy::l7::L7Conditions { min_tls_version: Some(0x0303), ..Default::default() };
+    let (policy, rule) = policy_with(conditions, false);
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default());
+    c.on_client_data(&client_hello("httpbin.test"), &policy);
+    assert!(c.wants_upstream(), "1.2 meets a 1.2 minimum");
+}
+
+#[test]
+fn a_dry_run_rule_lets_refusals_through_and_records_them() {
+    let (policy, rule) = policy_with(get_status_only(), true);
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default());
+    let request = b"DELETE /admin HTTP/1.1\r\nHost: evil.example\r\n\r\n";
+    c.on_client_data(request, &policy);
+    assert_eq!(flush_upstream(&mut c, &policy), request, "forwarded");
+    assert_eq!(c.summary().refusal, None);
+    assert_eq!(c.summary().dry_run_refusal, Some(Refusal::HostNotAllowed));
 }

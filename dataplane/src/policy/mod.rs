@@ -30,6 +30,7 @@
 //! footprint does), and nothing allocates.
 
 mod host;
+pub mod l7;
 pub mod lpm;
 
 use std::collections::HashMap;
@@ -345,6 +346,9 @@ pub struct RuleSpec {
     pub hosts: Vec<HostPattern>,
     /// The rule's name in metrics, audit lines and `explain` (its position when it has none).
     pub name: Option<String>,
+    /// For `Action::L7`: what every request (methods, paths, headers) and every ClientHello (TLS version) must
+    /// also meet.
+    pub l7: l7::L7Conditions,
 }
 
 impl RuleSpec {
@@ -366,6 +370,7 @@ impl RuleSpec {
             dry_run: false,
             hosts: Vec::new(),
             name: None,
+            l7: l7::L7Conditions::default(),
         }
     }
 
@@ -395,6 +400,8 @@ pub enum BuildError {
     SourceInTwoGroups { prefix: Prefix, first: GroupId, second: GroupId },
     #[error("too many groups or rules for the table format")]
     TooLarge,
+    #[error("rule {0}: {1}")]
+    L7Conditions(u32, String),
 }
 
 struct GroupSpec {
@@ -495,6 +502,18 @@ impl PolicyBuilder {
             groups.push(group);
         }
         let LeafCompiler { leaves, runs, .. } = compiler;
+        let l7 = self
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (!r.l7.is_empty())
+                    .then(|| {
+                        l7::CompiledL7::new(&r.l7).map_err(|e| BuildError::L7Conditions(i as u32 + 1, e))
+                    })
+                    .transpose()
+            })
+            .collect::<Result<_, _>>()?;
         Ok(PolicySnapshot {
             generation,
             dry_run: self.dry_run,
@@ -505,6 +524,7 @@ impl PolicyBuilder {
             source_prefixes: seen.len(),
             groups,
             specs: self.rules,
+            l7,
             leaves,
             runs,
         })
@@ -892,6 +912,8 @@ pub struct PolicySnapshot {
     groups: Vec<CompiledGroup>,
     /// The rules as given to the builder, for `explain`, the L7 path's host check and audit lines.
     specs: Vec<RuleSpec>,
+    /// Per rule: its compiled L7 conditions, if it has any.
+    l7: Vec<Option<l7::CompiledL7>>,
     leaves: Vec<DestLeaf>,
     runs: Vec<PortRun>,
 }
@@ -1082,6 +1104,16 @@ impl PolicySnapshot {
 
     /// For the L7 path: whether `host` (SNI or Host, any case, optional trailing dot) is allowed by `rule`'s host
     /// patterns. False for an unknown rule or one with no hosts.
+    pub fn l7_conditions(&self, rule: RuleId) -> Option<&l7::CompiledL7> {
+        self.l7.get(rule.0 as usize)?.as_ref()
+    }
+
+    /// Whether refusals of `rule` are only reported (the rule's or the policy's dry run): the L7 path then lets
+    /// them through and counts them.
+    pub fn l7_dry_run(&self, rule: RuleId) -> bool {
+        self.dry_run || self.rule(rule).is_some_and(|r| r.dry_run)
+    }
+
     pub fn host_allowed(&self, rule: RuleId, host: &str) -> bool {
         self.rule(rule).is_some_and(|r| r.hosts.iter().any(|p| p.matches(host)))
     }

@@ -156,6 +156,7 @@ fn arb_rule(groups: u32, v6: bool) -> impl Strategy<Value = RuleSpec> {
             dry_run,
             hosts: vec![],
             name: None,
+            l7: Default::default(),
         })
 }
 

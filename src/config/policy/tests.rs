@@ -418,3 +418,41 @@ fn rule_names_are_label_safe_and_unique_within_their_group() {
     assert!(e[0].ends_with("rule name \"has space\": 1-64 letters, digits, '-', '_' or '.'"), "{e:?}");
     assert_eq!(errors(&rule("", "web")).len(), 1);
 }
+
+#[test]
+fn l7_request_conditions_are_checked() {
+    let rule = "[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\nproto = \"tcp\"\nports = [80]\naction = \"l7\"\nhosts = [\"httpbin.test\"]\n";
+    assert!(warnings(&format!(
+        "{rule}methods = [\"GET\"]\npaths = [\"/status/*\", \"/get\", \"regex:/api/v1/.*\"]\nheaders = [\"x-team: pay\"]\nmin_tls_version = \"1.2\"\n"
+    ))
+    .is_empty());
+    assert_eq!(
+        errors(&format!("{rule}paths = [\"status\", \"regex:(\"]\n")),
+        [
+            "t.toml:17:10: path \"status\" must start with \"/\" (or be \"regex:...\")",
+            "t.toml:17:20: path regex \"(\": unclosed group",
+        ]
+    );
+    assert_eq!(
+        errors(&format!("{rule}methods = [\"G T\"]\nheaders = [\"a b\"]\nmin_tls_version = \"1.4\"\n")),
+        [
+            "t.toml:17:12: methods: \"G T\" is not an HTTP method",
+            "t.toml:18:12: header \"a b\": \"a b\" is not a header name",
+            "t.toml:19:19: min_tls_version: TLS version \"1.4\" must be \"1.2\" or \"1.3\" (or \"1.0\", \"1.1\")",
+        ]
+    );
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\nproto = \"tcp\"\naction = \"allow\"\nmethods = [\"GET\"]\n"),
+        ["t.toml:15:12: methods are only checked on rules with action = \"l7\""]
+    );
+    let on_443 = rule.replace("ports = [80]", "ports = [80, 443]");
+    assert_eq!(
+        warnings(&format!("{on_443}methods = [\"GET\"]\n")),
+        ["t.toml:17:12: methods, paths and headers can only be checked on plaintext HTTP: TLS connections under this \
+          rule (port 443) will be refused"]
+    );
+    assert_eq!(
+        warnings(&format!("{rule}methods = [\"get\"]\n")),
+        ["t.toml:17:12: methods: \"get\" has lowercase letters; methods are case-sensitive (GET, not get)"]
+    );
+}
