@@ -448,6 +448,18 @@ impl Driver {
         } else if conn.connected {
             stats.allowed.fetch_add(1, Ordering::Relaxed);
         }
+        if let Some(r) = summary.dry_run_refusal {
+            tracing::info!(
+                target: "egressd::audit",
+                client = %key.client,
+                server = %key.server,
+                name = summary.name.as_str(),
+                protocol,
+                rule = rule.as_str(),
+                reason = r.as_str(),
+                "l7 refusal let through (dry run)"
+            );
+        }
         let egress = SocketAddrV4::new(conn.egress, conn.local_port.unwrap_or(0));
         tracing::info!(
             target: "egressd::l7",

@@ -60,10 +60,29 @@ ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain("{cert}", "{key}")
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("203.0.113.10", 443)); s.listen(64)
+import hashlib
 def serve(c, peer):
     try:
         t = ctx.wrap_socket(c, server_side=True)
-        t.recv(65536)
+        head = t.recv(65536)
+        if head.startswith(b"PUT "):
+            # Upload then download: hash what arrives (Content-Length bytes after the head), answer the hash, then
+            # send as many bytes of a fixed stream.
+            h, rest = head.split(b"\r\n\r\n", 1)
+            n = int([l for l in h.split(b"\r\n") if l.lower().startswith(b"content-length:")][0].split(b":")[1])
+            sha = hashlib.sha256(rest); got = len(rest)
+            while got < n:
+                chunk = t.recv(min(1 << 16, n - got))
+                if not chunk: break
+                sha.update(chunk); got += len(chunk)
+            t.sendall(sha.hexdigest().encode() + b"\n")
+            block = bytes(range(256)) * 256
+            sent = 0
+            while sent < n:
+                part = block[: min(len(block), n - sent)]
+                t.sendall(part); sent += len(part)
+            t.close()
+            return
         body = "%s:%d\n" % peer
         t.sendall(("HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)).encode())
         t.close()
@@ -230,4 +249,140 @@ fn http_methods_and_paths_are_checked_through_the_gateway() {
         },
         "both refusals counted by reason",
     );
+}
+
+/// Runs a python script in the client namespace; its stdout.
+fn client_python(lab: &Lab, script: &str) -> String {
+    let out = lab.exec("client", "python3", &["-c", script]);
+    assert!(out.status.success(), "client script failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn tls_hellos_in_one_byte_segments_and_50_mb_each_way_pass_intact() {
+    let lab = Lab::up(false);
+    let tls = TlsServer::start(&lab);
+    let (_dir, config, _) = lab_config(l7_config);
+    let gw = Gateway::start(&lab, &config);
+    let cafile = tls.cert().display().to_string();
+
+    // The ClientHello goes out one byte per TCP segment (TCP_NODELAY, a pause between bytes); the handshake then
+    // completes against the server's own certificate.
+    let out = client_python(
+        &lab,
+        &format!(
+            r#"
+import socket, ssl, time
+ctx = ssl.create_default_context(cafile="{cafile}")
+raw = socket.create_connection(("203.0.113.10", 443), timeout=10)
+raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(inc, out, server_hostname="api.stripe.com")
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+hello = out.read()
+for b in hello:
+    raw.sendall(bytes([b])); time.sleep(0.002)
+while True:
+    try:
+        tls.do_handshake(); break
+    except ssl.SSLWantReadError:
+        data = raw.recv(65536)
+        if not data: raise SystemExit("closed during the handshake")
+        inc.write(data)
+    raw.sendall(out.read())
+raw.sendall(out.read())
+tls.write(b"GET / HTTP/1.1\r\nHost: api.stripe.com\r\n\r\n"); raw.sendall(out.read())
+answer = b""
+while True:
+    try:
+        answer += tls.read(65536)
+    except ssl.SSLWantReadError:
+        data = raw.recv(65536)
+        if not data: break
+        inc.write(data)
+    except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+        break
+print(len(hello), answer.decode().split("\r\n\r\n", 1)[1].strip())
+"#
+        ),
+    );
+    let (hello_len, seen) = out.trim().split_once(' ').unwrap_or_else(|| panic!("{out}\n{}", gw.log_text()));
+    assert!(hello_len.parse::<usize>().unwrap_or(0) > 200, "a real hello: {hello_len} bytes");
+    assert_from_l7_range(seen);
+
+    // 50 MB up and 50 MB down through one passed-through TLS connection, compared by SHA-256 both ways.
+    let out = client_python(
+        &lab,
+        &format!(
+            r#"
+import hashlib, os, socket, ssl
+n = 50 * 1024 * 1024
+ctx = ssl.create_default_context(cafile="{cafile}")
+s = ctx.wrap_socket(socket.create_connection(("203.0.113.10", 443), timeout=60), server_hostname="api.stripe.com")
+data = os.urandom(n)
+s.sendall(b"PUT /upload HTTP/1.1\r\nHost: api.stripe.com\r\nContent-Length: %d\r\n\r\n" % n)
+s.sendall(data)
+f = s.makefile("rb")
+server_sha = f.readline().strip().decode()
+block = bytes(range(256)) * 256
+expect, got, sha = hashlib.sha256(), 0, hashlib.sha256()
+while got < n:
+    chunk = f.read(min(1 << 16, n - got))
+    if not chunk: break
+    sha.update(chunk); got += len(chunk)
+sent = 0
+while sent < n:
+    part = block[: min(len(block), n - sent)]; expect.update(part); sent += len(part)
+print(server_sha == hashlib.sha256(data).hexdigest(), got == n and sha.hexdigest() == expect.hexdigest())
+"#
+        ),
+    );
+    assert_eq!(out.trim(), "True True", "upload hash match, download hash match\n{}", gw.log_text());
+}
+
+#[test]
+fn refusals_are_prompt_an_absent_upstream_resets_and_silence_is_closed_at_the_deadline() {
+    let lab = Lab::up(false);
+    let (_dir, config, _) =
+        lab_config(|text| format!("{}\n[l7]\nclassify_timeout = \"2s\"\n", l7_config(text)));
+    let gw = Gateway::start(&lab, &config);
+
+    // Nothing listens on 203.0.113.10:443 here: the allowed connection's upstream is refused, and the client is
+    // reset at once instead of waiting for a handshake that cannot come.
+    let (code, _, err, took) =
+        curl(&lab, &["-k", "--resolve", "api.stripe.com:443:203.0.113.10", "https://api.stripe.com/"]);
+    assert_ne!(code, 0);
+    assert!(took < 2.0, "reset after {took:.1} s: {err}");
+    wait_for(|| gw.metric("egressd_l7_upstream_failures_total") >= 1.0, "the upstream failure counted");
+
+    // A client that connects and says nothing (and does not close) is closed at classify_timeout (2 s).
+    let out = client_python(
+        &lab,
+        r#"
+import socket, time
+s = socket.create_connection(("203.0.113.10", 80), timeout=20)
+start = time.time()
+data = s.recv(100)
+print(round(time.time() - start, 1), len(data))
+"#,
+    );
+    let (took, bytes) = out.trim().split_once(' ').unwrap_or_else(|| panic!("{out}"));
+    let took: f64 = took.parse().unwrap_or(0.0);
+    assert!((1.5..6.0).contains(&took) && bytes == "0", "closed after {took} s with {bytes} bytes");
+    wait_for(
+        || gw.metric(r#"egressd_l7_refused_total{reason="classify_timeout"}"#) >= 1.0,
+        "the silent client counted",
+    );
+
+    // 200 connections at once, each judged and answered.
+    let out = lab.sh(
+        "client",
+        "seq 200 | xargs -P 200 -I{} curl -s -m 10 -o /dev/null -w '%{http_code}\\n' -H 'Host: httpbin.test' \
+         http://203.0.113.10/ip | sort | uniq -c",
+    );
+    let counts = String::from_utf8_lossy(&out.stdout);
+    assert!(counts.contains("200 200"), "every one of 200 concurrent requests answered 200: {counts}");
 }
