@@ -41,7 +41,10 @@ fn client(i: usize) -> SocketAddrV4 {
 
 /// A stack with `n` established connections; per connection its key, next client seq and the server's next seq.
 fn open(n: usize) -> (ClientStack, Vec<(FourTuple, u32, u32)>) {
-    let mut stack = ClientStack::new(StackLimits { max_connections: n, socket_buffer: 4096, mtu: 1500 }, 9);
+    let mut stack = ClientStack::new(
+        StackLimits { max_connections: n, max_per_source: n, socket_buffer: 4096, mtu: 1500 },
+        9,
+    );
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
         let c = client(i);

@@ -352,6 +352,7 @@ impl Collector for CoreCollector {
                 "Packets of L7 flows dropped: over max_connections, of no connection, or a full queue.",
                 [
                     (vec![("reason", "over_limit".to_string())], g(&l7.over_limit)),
+                    (vec![("reason", "over_source_limit".to_string())], g(&l7.over_source_limit)),
                     (vec![("reason", "no_connection".to_string())], g(&l7.stray_packets)),
                     (vec![("reason", "queue_full_to_l7".to_string())], g(&punt.dropped_to_l7)),
                     (vec![("reason", "queue_full_to_workers".to_string())], g(&punt.dropped_to_workers)),

@@ -200,6 +200,15 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     }
 
     let l7_stats = Arc::new(crate::l7::L7Stats::default());
+    let resolver = l7_settings
+        .verify_destination
+        .then(|| l7_settings.resolver.or_else(crate::l7::dns::system_resolver))
+        .flatten();
+    if l7_settings.verify_destination && resolver.is_none() {
+        anyhow::bail!(
+            "[l7] verify_destination = \"dns\" needs a DNS server: set [l7] resolver, or a nameserver in /etc/resolv.conf"
+        );
+    }
     let l7_thread = match &punt {
         Some(punt) => {
             let inside_mtu = mtus.first().map_or(1500, |(_, m)| m.load(Ordering::Relaxed) as usize);
@@ -211,6 +220,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
                 stop: stop_workers.clone(),
                 egress_ips: egress_ips.clone(),
                 mtu: inside_mtu,
+                resolver,
             }
             .spawn()
             .context("starting the L7 thread")?;

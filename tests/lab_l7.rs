@@ -386,3 +386,77 @@ print(round(time.time() - start, 1), len(data))
     let counts = String::from_utf8_lossy(&out.stdout);
     assert!(counts.contains("200 200"), "every one of 200 concurrent requests answered 200: {counts}");
 }
+
+/// dnsmasq in ext on 203.0.113.25:53, answering api.stripe.com and httpbin.test with 203.0.113.10. Killed on drop.
+struct Dns(Child);
+
+impl Dns {
+    fn start(lab: &Lab) -> Dns {
+        let found = Command::new("sh").args(["-c", "command -v dnsmasq"]).output().expect("run sh");
+        assert!(found.status.success(), "this test needs dnsmasq: run scripts/setup first");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns("ext"),
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+            ])
+            .args(["--listen-address=203.0.113.25", "--bind-interfaces", "--port=53", "--pid-file="])
+            .args(["--address=/api.stripe.com/203.0.113.10", "--address=/httpbin.test/203.0.113.10"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dnsmasq");
+        wait_for(
+            || lab.sh("ext", "ss -lun | grep -q '203.0.113.25:53'").status.success(),
+            "dnsmasq listening",
+        );
+        Dns(child)
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn with_dns_verification_an_allowed_name_at_another_address_is_refused() {
+    let lab = Lab::up(false);
+    let _dns = Dns::start(&lab);
+    let tls = TlsServer::start(&lab);
+    let (_dir, config, _) = lab_config(|text| {
+        format!("{}\n[l7]\nverify_destination = \"dns\"\nresolver = \"203.0.113.25\"\n", l7_config(text))
+    });
+    let gw = Gateway::start(&lab, &config);
+    let cacert = tls.cert().to_str().expect("utf-8 path");
+
+    // The name at its own address: allowed.
+    let (code, body, err, _) = curl(
+        &lab,
+        &["--cacert", cacert, "--resolve", "api.stripe.com:443:203.0.113.10", "https://api.stripe.com/"],
+    );
+    assert_eq!(code, 0, "{err}\ngateway log:\n{}", gw.log_text());
+    assert_from_l7_range(&body);
+    // The same allowed name sent to another address (domain fronting by IP): refused with an alert.
+    let (code, _, err, took) =
+        curl(&lab, &["-k", "--resolve", "api.stripe.com:443:203.0.113.11", "https://api.stripe.com/"]);
+    assert_ne!(code, 0, "fronted TLS must be refused");
+    assert!(err.to_lowercase().contains("alert") || err.contains("access denied"), "{err}");
+    assert!(took < 3.0, "refused after {took:.1} s");
+    // HTTP: the Host at its address passes, at another address gets 403.
+    let (code, body, err, _) = curl(&lab, &["-H", "Host: httpbin.test", "http://203.0.113.10/ip"]);
+    assert_eq!(code, 0, "{err}");
+    assert_from_l7_range(&body);
+    let (_, body, _, _) = curl(&lab, &["-i", "-H", "Host: httpbin.test", "http://203.0.113.12/ip"]);
+    assert!(body.starts_with("HTTP/1.1 403") && body.contains("does not resolve to the address"), "{body}");
+    wait_for(
+        || gw.metric(r#"egressd_l7_refused_total{reason="destination_not_in_dns"}"#) >= 2.0,
+        "both fronted connections counted",
+    );
+}

@@ -4,11 +4,19 @@
 //! [l7]
 //! upstream_ports = [61000, 65535]  # TCP ports of every egress IP the L7 path connects upstream from
 //! max_connections = 4096           # client connections at once; beyond, new ones are dropped (counted)
+//! max_connections_per_source = 256 # client connections one client address may hold
 //! socket_buffer = 65536            # bytes of each client socket's receive and send buffer
 //! classify_timeout = "10s"         # a client must send its ClientHello or request head within this
 //! connect_timeout = "5s"           # upstream connection attempt; past it the client is reset
 //! idle_timeout = "5m"              # a connection with no bytes either way for this long is closed
+//! verify_destination = "off"       # "dns": the dialled address must be among the name's DNS answers
+//! resolver = "192.0.2.53:53"       # the DNS server for "dns" (default: /etc/resolv.conf's first nameserver)
+//! dns_min_ttl = "5s"               # answers are cached for their TTL, at least this
+//! dns_max_ttl = "5m"               # and at most this
 //! ```
+//!
+//! `verify_destination = "dns"` closes a hole Istio leaves open: a client can present an allowed SNI or Host to
+//! any address (domain fronting by IP). With it, a name is allowed only towards the addresses it resolves to.
 //!
 //! The NAT never allocates `upstream_ports` on any egress IP while the policy has an `l7` rule: the kernel's TCP
 //! sockets of the L7 path own them, and the XDP program passes their replies to the kernel. All of `[l7]` takes
@@ -25,10 +33,15 @@ use super::{Diagnostics, Source};
 pub struct L7Section {
     pub upstream_ports: Option<Spanned<[i64; 2]>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub max_connections_per_source: Option<Spanned<i64>>,
     pub socket_buffer: Option<Spanned<i64>>,
     pub classify_timeout: Option<Spanned<DurationValue>>,
     pub connect_timeout: Option<Spanned<DurationValue>>,
     pub idle_timeout: Option<Spanned<DurationValue>>,
+    pub verify_destination: Option<Spanned<String>>,
+    pub resolver: Option<Spanned<String>>,
+    pub dns_min_ttl: Option<Spanned<DurationValue>>,
+    pub dns_max_ttl: Option<Spanned<DurationValue>>,
 }
 
 pub const DEFAULT_UPSTREAM_PORTS: (u16, u16) = (61000, 65535);
@@ -38,10 +51,16 @@ pub const DEFAULT_UPSTREAM_PORTS: (u16, u16) = (61000, 65535);
 pub struct L7Settings {
     pub upstream_ports: (u16, u16),
     pub max_connections: usize,
+    pub max_connections_per_source: usize,
     pub socket_buffer: usize,
     pub classify_timeout_secs: u64,
     pub connect_timeout_secs: u64,
     pub idle_timeout_secs: u64,
+    pub verify_destination: bool,
+    /// Set with `verify_destination`: from `resolver`, else the system's.
+    pub resolver: Option<std::net::SocketAddr>,
+    pub dns_min_ttl_secs: u64,
+    pub dns_max_ttl_secs: u64,
 }
 
 impl L7Section {
@@ -60,10 +79,15 @@ impl L7Section {
                 .filter(|[a, b]| (1024..=65535).contains(a) && (*a..=65535).contains(b))
                 .map_or(DEFAULT_UPSTREAM_PORTS, |[a, b]| (a as u16, b as u16)),
             max_connections: count(&self.max_connections, 4096, 1_000_000),
+            max_connections_per_source: count(&self.max_connections_per_source, 256, 1_000_000),
             socket_buffer: count(&self.socket_buffer, 65536, 16 << 20),
             classify_timeout_secs: secs(&self.classify_timeout, 10),
             connect_timeout_secs: secs(&self.connect_timeout, 5),
             idle_timeout_secs: secs(&self.idle_timeout, 300),
+            verify_destination: self.verify_destination.as_ref().is_some_and(|v| v.get_ref() == "dns"),
+            resolver: self.resolver.as_ref().and_then(|r| parse_resolver(r.get_ref()).ok()),
+            dns_min_ttl_secs: secs(&self.dns_min_ttl, 5),
+            dns_max_ttl_secs: secs(&self.dns_max_ttl, 300),
         }
     }
 
@@ -86,6 +110,7 @@ impl L7Section {
         }
         for (key, value, max) in [
             ("max_connections", &self.max_connections, 1_000_000),
+            ("max_connections_per_source", &self.max_connections_per_source, 1_000_000),
             ("socket_buffer", &self.socket_buffer, 16 << 20),
         ] {
             if let Some(v) = value {
@@ -95,10 +120,26 @@ impl L7Section {
                 }
             }
         }
+        if let Some(v) = &self.verify_destination {
+            if !["off", "dns"].contains(&v.get_ref().as_str()) {
+                diags.error(
+                    src,
+                    v.span(),
+                    format!("verify_destination: \"{}\" must be \"off\" or \"dns\"", v.get_ref()),
+                );
+            }
+        }
+        if let Some(v) = &self.resolver {
+            if let Err(e) = parse_resolver(v.get_ref()) {
+                diags.error(src, v.span(), format!("resolver: {e}"));
+            }
+        }
         for (key, value) in [
             ("classify_timeout", &self.classify_timeout),
             ("connect_timeout", &self.connect_timeout),
             ("idle_timeout", &self.idle_timeout),
+            ("dns_min_ttl", &self.dns_min_ttl),
+            ("dns_max_ttl", &self.dns_max_ttl),
         ] {
             if let Some(v) = value {
                 match v.get_ref().seconds() {
@@ -109,6 +150,16 @@ impl L7Section {
             }
         }
     }
+}
+
+/// `IP` or `IP:PORT` (port 53 by default).
+fn parse_resolver(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = text.parse::<std::net::SocketAddr>() {
+        return Ok(addr);
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(|ip| std::net::SocketAddr::new(ip, 53))
+        .map_err(|_| format!("\"{text}\" is not IP or IP:PORT"))
 }
 
 #[cfg(test)]
@@ -132,6 +183,17 @@ mod tests {
         assert!(e[0].starts_with("t.toml:5:18: upstream_ports: [100, 200]"), "{e:?}");
         let e = load("upstream_ports = [60000, 60003]\n").unwrap_err();
         assert!(e[0].contains("fewer than 16 ports"), "{e:?}");
+        let l = load("verify_destination = \"dns\"\nresolver = \"192.0.2.53\"\n").unwrap();
+        let s = l.config.l7.settings();
+        assert_eq!((s.verify_destination, s.resolver), (true, Some("192.0.2.53:53".parse().unwrap())));
+        let e = load("verify_destination = \"yes\"\nresolver = \"dns.example\"\n").unwrap_err();
+        assert_eq!(
+            e,
+            [
+                "t.toml:5:22: verify_destination: \"yes\" must be \"off\" or \"dns\"",
+                "t.toml:6:12: resolver: \"dns.example\" is not IP or IP:PORT",
+            ]
+        );
         let e = load("idle_timeout = 0\n").unwrap_err();
         assert!(e[0].contains("idle_timeout: must be more than 0 s"), "{e:?}");
     }

@@ -45,11 +45,18 @@ pub struct L7Limits {
     /// Bytes buffered before a decision (a ClientHello, or one request head); the TLS scratch buffer has the same
     /// size.
     pub max_head_bytes: usize,
+    /// Check that the address the client dialled is among the DNS answers for the name it presents (the SNI, or
+    /// each request's Host): an allowed name sent to any other address (domain fronting by IP) is refused.
+    pub verify_destination: bool,
 }
 
 impl Default for L7Limits {
     fn default() -> Self {
-        L7Limits { classify_timeout_nanos: 10_000_000_000, max_head_bytes: 16 * 1024 }
+        L7Limits {
+            classify_timeout_nanos: 10_000_000_000,
+            max_head_bytes: 16 * 1024,
+            verify_destination: false,
+        }
     }
 }
 
@@ -72,6 +79,8 @@ pub enum Refusal {
     TlsNeedsPlaintext,
     /// Nothing decidable arrived before the deadline.
     Timeout,
+    /// The dialled address is not among the DNS answers for the name (or the name did not resolve).
+    DestinationMismatch,
     /// The head did not end within the byte cap.
     TooLarge,
 }
@@ -87,6 +96,7 @@ impl Refusal {
             Refusal::TlsVersionTooOld => "tls_version_too_old",
             Refusal::TlsNeedsPlaintext => "http_rules_need_plaintext",
             Refusal::Timeout => "classify_timeout",
+            Refusal::DestinationMismatch => "destination_not_in_dns",
             Refusal::TooLarge => "head_too_large",
         }
     }
@@ -122,6 +132,10 @@ enum State {
     Chunked(ChunkedBody),
     /// Refused: the refusal response (if any) goes to the client, then the connection closes.
     Refused(Refusal),
+    /// Allowed by name, waiting for the DNS answer that says whether the dialled address is the name's.
+    VerifyingTls,
+    /// The same for a request head of `head_len` bytes framed by `body`.
+    VerifyingRequest { head_len: usize, body: BodyFraming },
 }
 
 /// What is known of the connection, for its access log line.
@@ -155,6 +169,10 @@ pub struct Connection {
     scratch: Box<[u8]>,
     upstream_wanted: bool,
     upstream_connected: bool,
+    /// The name the driver must resolve to verify the destination (see [`L7Limits::verify_destination`]).
+    to_resolve: Option<String>,
+    /// The last name whose answers included the dialled address.
+    verified_name: Option<String>,
     /// The refusal response still to be sent to the client, and how much of it was sent.
     to_client: Vec<u8>,
     to_client_sent: usize,
@@ -174,6 +192,8 @@ impl Connection {
             scratch: vec![0; limits.max_head_bytes].into_boxed_slice(),
             upstream_wanted: false,
             upstream_connected: false,
+            to_resolve: None,
+            verified_name: None,
             to_client: Vec::new(),
             to_client_sent: 0,
             summary: Summary::default(),
@@ -241,12 +261,17 @@ impl Connection {
                             return;
                         }
                     }
+                    if self.limits.verify_destination {
+                        self.to_resolve = Some(self.summary.name.clone());
+                        self.state = State::VerifyingTls;
+                        return;
+                    }
                     self.upstream_wanted = true;
                     self.ready = self.pending.len();
                     self.state = State::Splicing;
                     return;
                 }
-                State::Splicing => return,
+                State::Splicing | State::VerifyingTls | State::VerifyingRequest { .. } => return,
                 State::RequestHead => {
                     if unjudged.is_empty() {
                         return;
@@ -278,14 +303,14 @@ impl Connection {
                             return;
                         }
                     }
-                    self.summary.requests_allowed += 1;
-                    self.upstream_wanted = true;
-                    self.ready += head_len;
-                    self.state = match body {
-                        BodyFraming::None => State::RequestHead,
-                        BodyFraming::Length(left) => State::Body { left },
-                        BodyFraming::Chunked => State::Chunked(ChunkedBody::new()),
-                    };
+                    if self.limits.verify_destination
+                        && self.verified_name.as_deref() != Some(&self.summary.name)
+                    {
+                        self.to_resolve = Some(self.summary.name.clone());
+                        self.state = State::VerifyingRequest { head_len, body };
+                        return;
+                    }
+                    self.forward_request(head_len, body);
                 }
                 State::Body { left } => {
                     let take = unjudged.len().min(usize::try_from(left).unwrap_or(usize::MAX));
@@ -312,6 +337,63 @@ impl Connection {
                 }
                 State::Refused(_) => return,
             }
+        }
+    }
+
+    /// Lets an allowed request head through and follows its body.
+    fn forward_request(&mut self, head_len: usize, body: BodyFraming) {
+        self.summary.requests_allowed += 1;
+        self.upstream_wanted = true;
+        self.ready += head_len;
+        self.state = match body {
+            BodyFraming::None => State::RequestHead,
+            BodyFraming::Length(left) => State::Body { left },
+            BodyFraming::Chunked => State::Chunked(ChunkedBody::new()),
+        };
+    }
+
+    /// The name the driver must resolve before the connection can go on (taken: asked once).
+    pub fn take_resolution(&mut self) -> Option<String> {
+        self.to_resolve.take()
+    }
+
+    /// The DNS answers for the name being verified: the dialled address `dialled` must be among them (an empty
+    /// list: the name did not resolve). Then the connection goes on as if the name alone had been checked.
+    pub fn on_resolved(
+        &mut self,
+        answers: &[std::net::Ipv4Addr],
+        dialled: std::net::Ipv4Addr,
+        policy: &PolicySnapshot,
+    ) {
+        let verified = answers.contains(&dialled);
+        match self.state {
+            State::VerifyingTls if verified => {
+                self.verified_name = Some(self.summary.name.clone());
+                self.upstream_wanted = true;
+                self.ready = self.pending.len();
+                self.state = State::Splicing;
+            }
+            State::VerifyingRequest { head_len, body } if verified => {
+                self.verified_name = Some(self.summary.name.clone());
+                self.forward_request(head_len, body);
+                self.advance(policy);
+            }
+            state @ (State::VerifyingTls | State::VerifyingRequest { .. }) => {
+                if self.refused(Refusal::DestinationMismatch, policy) {
+                    return;
+                }
+                // Dry run: recorded, and the connection goes on as if verified.
+                self.verified_name = Some(self.summary.name.clone());
+                if let State::VerifyingRequest { head_len, body } = state {
+                    self.forward_request(head_len, body);
+                    self.advance(policy);
+                } else {
+                    self.upstream_wanted = true;
+                    self.ready = self.pending.len();
+                    self.state = State::Splicing;
+                }
+            }
+            _ => {}
         }
     }
 
@@ -361,6 +443,13 @@ impl Connection {
                     self.summary.path,
                     self.summary.name,
                     d.as_str()
+                ),
+            ),
+            Refusal::DestinationMismatch => (
+                "403 Forbidden",
+                format!(
+                    "egressd: {} does not resolve to the address this connection dialled\n",
+                    self.summary.name
                 ),
             ),
             Refusal::TooLarge => {
@@ -446,7 +535,8 @@ impl Connection {
 
     /// When [`Connection::on_timeout`] must next be called, if a deadline is pending.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        matches!(self.state, State::Classifying | State::ClientHello).then_some(self.deadline)
+        matches!(self.state, State::Classifying | State::ClientHello | State::VerifyingTls)
+            .then_some(self.deadline)
     }
 
     /// Time passed: a connection still undecided at its deadline is refused.

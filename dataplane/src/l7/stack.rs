@@ -34,6 +34,8 @@ pub struct FourTuple {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StackLimits {
     pub max_connections: usize,
+    /// Connections one client address may hold (one source cannot take every slot).
+    pub max_per_source: usize,
     /// Receive and send buffer of each socket, bytes.
     pub socket_buffer: usize,
     /// Largest IPv4 packet sent to clients (the inside MTU).
@@ -42,7 +44,7 @@ pub struct StackLimits {
 
 impl Default for StackLimits {
     fn default() -> Self {
-        StackLimits { max_connections: 4096, socket_buffer: 64 * 1024, mtu: 1500 }
+        StackLimits { max_connections: 4096, max_per_source: 256, socket_buffer: 64 * 1024, mtu: 1500 }
     }
 }
 
@@ -55,6 +57,8 @@ pub enum StackDrop {
     NoConnection,
     /// A new connection when [`StackLimits::max_connections`] are open.
     TooManyConnections,
+    /// A new connection from a client address that holds [`StackLimits::max_per_source`].
+    TooManyFromSource,
 }
 
 struct Endpoint {
@@ -67,6 +71,8 @@ struct Endpoint {
 pub struct ClientStack {
     limits: StackLimits,
     endpoints: HashMap<FourTuple, Endpoint>,
+    /// Open connections per client address.
+    per_source: HashMap<Ipv4Addr, usize>,
     /// Where smoltcp writes a packet before `emit` sees it (reused: no allocation per packet).
     tx_buffer: Vec<u8>,
     seed: u64,
@@ -77,6 +83,7 @@ impl ClientStack {
         ClientStack {
             limits,
             endpoints: HashMap::with_capacity(limits.max_connections.min(1 << 16)),
+            per_source: HashMap::new(),
             tx_buffer: Vec::with_capacity(limits.mtu),
             seed,
         }
@@ -115,6 +122,11 @@ impl ClientStack {
             if self.endpoints.len() >= self.limits.max_connections {
                 return Err(StackDrop::TooManyConnections);
             }
+            let held = self.per_source.entry(*key.client.ip()).or_default();
+            if *held >= self.limits.max_per_source {
+                return Err(StackDrop::TooManyFromSource);
+            }
+            *held += 1;
             let endpoint = self.new_endpoint(now, key.server);
             self.endpoints.insert(key, endpoint);
         }
@@ -198,7 +210,18 @@ impl ClientStack {
 
     /// Forgets a connection (whatever its state).
     pub fn remove(&mut self, key: &FourTuple) {
-        self.endpoints.remove(key);
+        if self.endpoints.remove(key).is_some() {
+            self.forget_source(key);
+        }
+    }
+
+    fn forget_source(&mut self, key: &FourTuple) {
+        if let Some(held) = self.per_source.get_mut(key.client.ip()) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                self.per_source.remove(key.client.ip());
+            }
+        }
     }
 
     /// The TCP state of the connection's endpoint, for logs.
@@ -232,9 +255,16 @@ impl ClientStack {
 
     /// Forgets connections whose socket has closed; returns how many went.
     pub fn reap(&mut self) -> usize {
-        let before = self.endpoints.len();
-        self.endpoints.retain(|_, e| e.sockets.get::<tcp::Socket>(e.handle).state() != tcp::State::Closed);
-        before - self.endpoints.len()
+        let closed: Vec<FourTuple> = self
+            .endpoints
+            .iter()
+            .filter(|(_, e)| e.sockets.get::<tcp::Socket>(e.handle).state() == tcp::State::Closed)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in &closed {
+            self.remove(key);
+        }
+        closed.len()
     }
 }
 
@@ -412,7 +442,10 @@ mod tests {
 
     #[test]
     fn only_a_bare_syn_opens_a_connection_and_the_limit_holds() {
-        let mut stack = ClientStack::new(StackLimits { max_connections: 2, ..StackLimits::default() }, 7);
+        let mut stack = ClientStack::new(
+            StackLimits { max_connections: 3, max_per_source: 2, ..StackLimits::default() },
+            7,
+        );
         for flags in ["A", "PA", "SA", "R", "FA"] {
             let (result, seen) = run(&mut stack, Instant::ZERO, &segment(40001, 5, 9, flags, b"x"));
             assert_eq!(result, Err(StackDrop::NoConnection), "{flags}");
@@ -421,11 +454,32 @@ mod tests {
         assert!(run(&mut stack, Instant::ZERO, &segment(40001, 5, 0, "S", b"")).0.is_ok());
         assert!(run(&mut stack, Instant::ZERO, &segment(40002, 5, 0, "S", b"")).0.is_ok());
         let (full, seen) = run(&mut stack, Instant::ZERO, &segment(40003, 5, 0, "S", b""));
-        assert_eq!(full, Err(StackDrop::TooManyConnections));
+        assert_eq!(full, Err(StackDrop::TooManyFromSource), "two per source");
         assert!(seen.is_empty());
+        // Another source gets the third slot; a fourth connection finds the stack full.
+        let other = |port: u16| {
+            let mut p = segment(port, 5, 0, "S", b"");
+            p[12..16].copy_from_slice(&[10, 10, 1, 3]);
+            p[10..12].copy_from_slice(&[0, 0]);
+            let sum = crate::wire::checksum::compute(&p[..20]);
+            p[10..12].copy_from_slice(&sum.to_be_bytes());
+            // The TCP checksum covers the source address too: recompute it over the pseudo header.
+            let tcp_len = (p.len() - 20) as u16;
+            p[36..38].copy_from_slice(&[0, 0]);
+            let mut pseudo = Vec::new();
+            pseudo.extend_from_slice(&p[12..20]);
+            pseudo.extend_from_slice(&[0, 6]);
+            pseudo.extend_from_slice(&tcp_len.to_be_bytes());
+            pseudo.extend_from_slice(&p[20..]);
+            let sum = crate::wire::checksum::compute(&pseudo);
+            p[36..38].copy_from_slice(&sum.to_be_bytes());
+            p
+        };
+        assert!(run(&mut stack, Instant::ZERO, &other(41000)).0.is_ok());
+        assert_eq!(run(&mut stack, Instant::ZERO, &other(41001)).0, Err(StackDrop::TooManyConnections));
         // A retransmitted SYN of an open connection is that connection's, not a new one.
         assert!(run(&mut stack, Instant::ZERO, &segment(40001, 5, 0, "S", b"")).0.is_ok());
-        assert_eq!(stack.len(), 2);
+        assert_eq!(stack.len(), 3);
         assert_eq!(run(&mut stack, Instant::ZERO, b"\x45garbage").0, Err(StackDrop::Malformed));
     }
 

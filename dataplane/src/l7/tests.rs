@@ -312,3 +312,45 @@ fn a_dry_run_rule_lets_refusals_through_and_records_them() {
     assert_eq!(c.summary().refusal, None);
     assert_eq!(c.summary().dry_run_refusal, Some(Refusal::HostNotAllowed));
 }
+
+#[test]
+fn with_destination_verification_a_name_must_resolve_to_the_dialled_address() {
+    let (policy, rule) = policy();
+    let limits = L7Limits { verify_destination: true, ..L7Limits::default() };
+    let dialled = Ipv4Addr::new(198, 51, 100, 7);
+    // TLS: nothing goes upstream until the answer; the right address lets it through.
+    let mut c = Connection::new(Instant::ZERO, rule, limits);
+    let hello = client_hello("api.stripe.com");
+    c.on_client_data(&hello, &policy);
+    assert!(!c.wants_upstream());
+    assert_eq!(c.take_resolution().as_deref(), Some("api.stripe.com"));
+    assert_eq!(c.take_resolution(), None, "asked once");
+    c.on_resolved(&[Ipv4Addr::new(203, 0, 113, 1), dialled], dialled, &policy);
+    assert_eq!(flush_upstream(&mut c, &policy), hello);
+    // An allowed name sent to an address that is not its own (domain fronting by IP): refused.
+    let mut c = Connection::new(Instant::ZERO, rule, limits);
+    c.on_client_data(&client_hello("api.stripe.com"), &policy);
+    c.on_resolved(&[Ipv4Addr::new(203, 0, 113, 1)], dialled, &policy);
+    assert_eq!(c.summary().refusal, Some(Refusal::DestinationMismatch));
+    assert_eq!(c.to_client(), [21, 3, 3, 0, 2, 2, 49]);
+    // HTTP: each new Host is verified once; the same Host again goes straight through.
+    let mut c = Connection::new(Instant::ZERO, rule, limits);
+    let first = b"GET /a HTTP/1.1\r\nHost: httpbin.test\r\n\r\n";
+    let second = b"GET /b HTTP/1.1\r\nHost: httpbin.test\r\n\r\n";
+    c.on_client_data(&[&first[..], second].concat(), &policy);
+    assert_eq!(c.take_resolution().as_deref(), Some("httpbin.test"));
+    assert_eq!(flush_upstream(&mut c, &policy), b"");
+    c.on_resolved(&[dialled], dialled, &policy);
+    assert_eq!(flush_upstream(&mut c, &policy), [&first[..], second].concat());
+    assert_eq!(c.take_resolution(), None);
+    // No answer at all counts as not verified.
+    let mut c = Connection::new(Instant::ZERO, rule, limits);
+    c.on_client_data(first, &policy);
+    c.on_resolved(&[], dialled, &policy);
+    let answer = String::from_utf8_lossy(c.to_client()).into_owned();
+    assert!(
+        answer.starts_with("HTTP/1.1 403") && answer.contains("does not resolve to the address"),
+        "{answer}"
+    );
+    assert_eq!(c.summary().refusal, Some(Refusal::DestinationMismatch));
+}

@@ -29,6 +29,10 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::config::l7::L7Settings;
 
+pub mod dns;
+
+const DNS: Token = Token(usize::MAX);
+
 const WAKE: Token = Token(0);
 /// How often every connection is visited for its timers.
 const SWEEP_NANOS: u64 = 50_000_000;
@@ -45,6 +49,7 @@ pub struct L7Stats {
     pub refused: Mutex<BTreeMap<&'static str, u64>>,
     pub upstream_failed: AtomicU64,
     pub over_limit: AtomicU64,
+    pub over_source_limit: AtomicU64,
     pub stray_packets: AtomicU64,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
@@ -61,6 +66,8 @@ pub struct L7Thread {
     pub egress_ips: Vec<Ipv4Addr>,
     /// Largest packet sent to clients (the inside MTU).
     pub mtu: usize,
+    /// With `verify_destination = "dns"`: the DNS server to ask.
+    pub resolver: Option<std::net::SocketAddr>,
 }
 
 struct Conn {
@@ -108,6 +115,7 @@ struct Driver {
     ports: HashMap<Ipv4Addr, VecDeque<u16>>,
     buf: Vec<u8>,
     limits: L7Limits,
+    resolver: Option<dns::Resolver>,
 }
 
 impl Driver {
@@ -119,13 +127,27 @@ impl Driver {
             .map(|ip| (*ip, (s.upstream_ports.0..=s.upstream_ports.1).collect()))
             .collect();
         let stack = ClientStack::new(
-            StackLimits { max_connections: s.max_connections, socket_buffer: s.socket_buffer, mtu: t.mtu },
+            StackLimits {
+                max_connections: s.max_connections,
+                max_per_source: s.max_connections_per_source,
+                socket_buffer: s.socket_buffer,
+                mtu: t.mtu,
+            },
             std::process::id().into(),
         );
         let limits = L7Limits {
             classify_timeout_nanos: s.classify_timeout_secs * 1_000_000_000,
+            verify_destination: t.resolver.is_some(),
             ..L7Limits::default()
         };
+        let resolver = t.resolver.and_then(|server| {
+            let made =
+                dns::Resolver::new(server, s.dns_min_ttl_secs, s.dns_max_ttl_secs).and_then(|mut r| {
+                    poll.registry().register(&mut r.socket, DNS, Interest::READABLE)?;
+                    Ok(r)
+                });
+            made.map_err(|e| tracing::error!(error = %e, "cannot open the L7 resolver's socket")).ok()
+        });
         Driver {
             t,
             poll,
@@ -136,12 +158,14 @@ impl Driver {
             ports,
             buf: vec![0; 64 * 1024],
             limits,
+            resolver,
         }
     }
 
     fn run(&mut self) {
         let mut events = Events::with_capacity(256);
         let mut touched: Vec<FourTuple> = Vec::new();
+        let mut resolved: Vec<(FourTuple, Vec<Ipv4Addr>)> = Vec::new();
         let mut last_sweep = Instant::ZERO;
         while !self.t.stop.load(Ordering::Relaxed) {
             let now = Instant::monotonic();
@@ -164,17 +188,30 @@ impl Driver {
                 }
             }
             self.t.punt.unpark();
+            let now = Instant::monotonic();
             for event in events.iter() {
-                if let Some(key) = self.tokens.get(&event.token()) {
+                if event.token() == DNS {
+                    if let Some(r) = self.resolver.as_mut() {
+                        r.on_readable(now, &mut resolved);
+                    }
+                } else if let Some(key) = self.tokens.get(&event.token()) {
                     touched.push(*key);
                 }
             }
-            let now = Instant::monotonic();
             if now.as_nanos().saturating_sub(last_sweep.as_nanos()) >= SWEEP_NANOS {
                 last_sweep = now;
                 touched.extend(self.conns.keys().copied());
+                if let Some(r) = self.resolver.as_mut() {
+                    r.on_tick(now, &mut resolved);
+                }
             }
             let policy = self.t.policy.load_full();
+            for (key, answers) in resolved.drain(..) {
+                if let Some(conn) = self.conns.get_mut(&key) {
+                    conn.engine.on_resolved(&answers, *key.server.ip(), &policy);
+                    touched.push(key);
+                }
+            }
             for key in touched.drain(..) {
                 self.pump(now, key, &policy);
             }
@@ -226,6 +263,10 @@ impl Driver {
                 self.t.stats.over_limit.fetch_add(1, Ordering::Relaxed);
                 None
             }
+            Err(StackDrop::TooManyFromSource) => {
+                self.t.stats.over_source_limit.fetch_add(1, Ordering::Relaxed);
+                None
+            }
             Err(_) => {
                 self.t.stats.stray_packets.fetch_add(1, Ordering::Relaxed);
                 None
@@ -256,6 +297,16 @@ impl Driver {
             }
             conn.last_activity = now;
             conn.engine.on_client_data(&buf[..n], policy);
+        }
+        // The name must resolve to the address the client dialled (verify_destination = "dns").
+        if let Some(name) = conn.engine.take_resolution() {
+            let answers = match self.resolver.as_mut() {
+                Some(r) => r.lookup(now, &name, key),
+                None => Some(Vec::new()),
+            };
+            if let Some(answers) = answers {
+                conn.engine.on_resolved(&answers, *key.server.ip(), policy);
+            }
         }
 
         // Upstream: connect once the engine wants it.
