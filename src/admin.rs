@@ -315,6 +315,31 @@ impl Collector for CoreCollector {
                 "Client connections the L7 path holds.",
                 [(vec![], g(&l7.open))],
             )?;
+            gauges(
+                &mut encoder,
+                "egressd_l7_connections_in_phase",
+                "L7 client connections by phase: classifying (waiting for the first bytes), connecting (allowed or \
+                 being verified, no upstream yet), relaying, closing.",
+                [
+                    (vec![("phase", "classifying".to_string())], g(&l7.classifying)),
+                    (vec![("phase", "connecting".to_string())], g(&l7.verifying)),
+                    (vec![("phase", "relaying".to_string())], g(&l7.relaying)),
+                    (vec![("phase", "closing".to_string())], g(&l7.closing)),
+                ],
+            )?;
+            let histogram = encoder.encode_descriptor(
+                "egressd_l7_decision_seconds",
+                "Time from a connection's first packet to the decision on its ClientHello or first request.",
+                None,
+                MetricType::Histogram,
+            )?;
+            l7.decision_seconds.encode(histogram)?;
+            counters(
+                &mut encoder,
+                "egressd_l7_punted_packets",
+                "Packets of l7 flows the workers handed to the L7 path.",
+                [(vec![], sum(&|w: &WorkerStats| w.l7_punted.get()))],
+            )?;
             counters(
                 &mut encoder,
                 "egressd_l7_connections",

@@ -217,6 +217,21 @@ fn http_requests_are_judged_by_host_one_by_one() {
         || gw.metric(r#"egressd_l7_refused_total{reason="host_not_allowed"}"#) >= 2.0,
         "both refusals counted",
     );
+    // Every connection's decision is in the histogram; the L7 series pass promtool's lint.
+    assert!(gw.metric("egressd_l7_decision_seconds_count") >= 3.0);
+    assert!(gw.metric("egressd_l7_punted_packets_total") > 0.0);
+    let metrics = gw.metrics();
+    assert!(
+        metrics.iter().any(|(n, _)| n == r#"egressd_l7_connections_in_phase{phase="relaying"}"#),
+        "phase gauges"
+    );
+    let lint = lab.sh("gw", "curl -sf http://127.0.0.1:9900/metrics | promtool check metrics");
+    assert!(
+        lint.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&lint.stdout),
+        String::from_utf8_lossy(&lint.stderr)
+    );
 }
 
 #[test]

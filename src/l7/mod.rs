@@ -40,9 +40,16 @@ const SWEEP_NANOS: u64 = 50_000_000;
 const PUNT_BURST: usize = 1024;
 
 /// Counters the admin endpoint exports.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct L7Stats {
     pub open: AtomicU64,
+    /// Seconds from a connection's first packet to the decision on its first bytes (allowed or refused).
+    pub decision_seconds: prometheus_client::metrics::histogram::Histogram,
+    /// Connections by what they are doing now (recomputed every sweep).
+    pub classifying: AtomicU64,
+    pub verifying: AtomicU64,
+    pub relaying: AtomicU64,
+    pub closing: AtomicU64,
     pub accepted: AtomicU64,
     pub allowed: AtomicU64,
     /// Refused connections (or requests), by reason.
@@ -53,6 +60,29 @@ pub struct L7Stats {
     pub stray_packets: AtomicU64,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
+}
+
+impl Default for L7Stats {
+    fn default() -> Self {
+        let buckets = [0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0];
+        L7Stats {
+            open: AtomicU64::new(0),
+            decision_seconds: prometheus_client::metrics::histogram::Histogram::new(buckets),
+            classifying: AtomicU64::new(0),
+            verifying: AtomicU64::new(0),
+            relaying: AtomicU64::new(0),
+            closing: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            allowed: AtomicU64::new(0),
+            refused: Mutex::new(BTreeMap::new()),
+            upstream_failed: AtomicU64::new(0),
+            over_limit: AtomicU64::new(0),
+            over_source_limit: AtomicU64::new(0),
+            stray_packets: AtomicU64::new(0),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Everything the thread needs.
@@ -89,6 +119,8 @@ struct Conn {
     client_established: bool,
     bytes_down: u64,
     end: &'static str,
+    /// The decision on the first bytes was recorded in the histogram.
+    decided: bool,
 }
 
 impl L7Thread {
@@ -201,6 +233,7 @@ impl Driver {
             if now.as_nanos().saturating_sub(last_sweep.as_nanos()) >= SWEEP_NANOS {
                 last_sweep = now;
                 touched.extend(self.conns.keys().copied());
+                self.count_states();
                 if let Some(r) = self.resolver.as_mut() {
                     r.on_tick(now, &mut resolved);
                 }
@@ -255,6 +288,7 @@ impl Driver {
                         client_established: false,
                         bytes_down: 0,
                         end: "",
+                        decided: false,
                     }
                 });
                 Some(key)
@@ -309,6 +343,11 @@ impl Driver {
             }
         }
 
+        if !conn.decided && (conn.engine.wants_upstream() || conn.engine.summary().refusal.is_some()) {
+            conn.decided = true;
+            let secs = now.as_nanos().saturating_sub(conn.started.as_nanos()) as f64 / 1e9;
+            self.t.stats.decision_seconds.observe(secs);
+        }
         // Upstream: connect once the engine wants it.
         if conn.engine.wants_upstream() && conn.upstream.is_none() && !conn.upstream_failed {
             match connect(&mut self.ports, conn.egress, key.server) {
@@ -451,6 +490,31 @@ impl Driver {
                 let _ = s.shutdown(Shutdown::Both);
             }
             conn.upstream_eof = true;
+        }
+    }
+
+    /// Publishes how many connections are in each phase.
+    fn count_states(&self) {
+        let (mut classifying, mut verifying, mut relaying, mut closing) = (0, 0, 0, 0);
+        for conn in self.conns.values() {
+            if conn.client_closed || conn.engine.summary().refusal.is_some() {
+                closing += 1;
+            } else if conn.connected {
+                relaying += 1;
+            } else if conn.engine.wants_upstream() || conn.engine.poll_timeout().is_none() {
+                verifying += 1;
+            } else {
+                classifying += 1;
+            }
+        }
+        let stats = &self.t.stats;
+        for (gauge, n) in [
+            (&stats.classifying, classifying),
+            (&stats.verifying, verifying),
+            (&stats.relaying, relaying),
+            (&stats.closing, closing),
+        ] {
+            gauge.store(n, Ordering::Relaxed);
         }
     }
 

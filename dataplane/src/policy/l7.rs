@@ -1,5 +1,5 @@
 //! What an `l7` rule requires beyond the name: of every HTTP request, its method, path and headers; of every TLS
-//! ClientHello, a minimum protocol version. The seeds of these are Istio's AuthorizationPolicy `to.operation`
+//! ClientHello, a minimum protocol version. They follow Istio's AuthorizationPolicy `to.operation`
 //! (methods, paths) and Cilium's HTTP rules (method, path regex, headers).
 //!
 //! Paths are written as an exact path (`/get`), a prefix (`/status/*`: everything under `/status/`), or an
