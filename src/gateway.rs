@@ -148,7 +148,11 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     if l7_active {
         nat_config.reserved_tcp_ports = Some(l7_settings.upstream_ports);
     }
-    let punt = l7_active.then(|| Punt::new(cores.len(), L7_QUEUE_PACKETS));
+    let punt = if l7_active {
+        Some(Punt::new(cores.len(), L7_QUEUE_PACKETS).context("making the L7 path's queues")?)
+    } else {
+        None
+    };
     let handoffs = Arc::new(Handoffs::new(cores.len(), HANDOFF_QUEUE_FRAMES));
     let audit = Arc::new(AuditQueue::new(AUDIT_QUEUE_EVENTS));
     let nat_log = Arc::new(NatLogQueue::new(NAT_LOG_QUEUE_RECORDS));

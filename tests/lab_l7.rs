@@ -176,9 +176,14 @@ fn tls_passes_through_by_sni_and_other_names_get_an_alert() {
         || gw.log_text().lines().any(|l| l.contains("l7 refused") && l.contains("evil.example")),
         "the audit line for evil.example",
     );
-    let refused = gw.metric(r#"egressd_l7_refused_total{reason="host_not_allowed"}"#);
-    assert!(refused >= 2.0, "host_not_allowed counted: {refused}");
-    assert!(gw.metric("egressd_l7_allowed_total") >= 2.0);
+    // Counted when each connection ends (the refused ones close right after their alert).
+    wait_for(
+        || {
+            gw.metric(r#"egressd_l7_refused_total{reason="host_not_allowed"}"#) >= 2.0
+                && gw.metric("egressd_l7_allowed_total") >= 2.0
+        },
+        "two refusals and two allowed connections counted",
+    );
 }
 
 #[test]

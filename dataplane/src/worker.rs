@@ -72,7 +72,9 @@ impl Worker {
             }
         }
         let stats = self.pipeline.stats().clone();
-        let fds = [self.inside.fd(), self.outside.fd()];
+        // The L7 path's wake-up socket too, so that its packets for clients do not wait out an idle sleep.
+        let mut fds = vec![self.inside.fd(), self.outside.fd()];
+        fds.extend(self.pipeline.l7_wake_fd());
         let mut empty_polls: u32 = 0;
         let mut last_gauges = Instant::ZERO;
         // Where hairpinned frames are copied on their way back out of the port they came in by, and handed-over
@@ -108,7 +110,10 @@ impl Worker {
             match self.config.idle {
                 IdleMode::Busy => std::hint::spin_loop(),
                 IdleMode::Adaptive if empty_polls >= self.config.idle_polls => {
-                    wait_readable(&fds, self.config.idle_timeout_ms)
+                    if self.pipeline.l7_park() {
+                        wait_readable(&fds, self.config.idle_timeout_ms);
+                    }
+                    self.pipeline.l7_unpark();
                 }
                 IdleMode::Adaptive => std::hint::spin_loop(),
             }

@@ -4,9 +4,14 @@
 //! all workers; the L7 thread answers through one bounded queue per worker, which that worker drains and sends
 //! out of its inside port. Neither side ever blocks: a full queue drops the packet (counted; TCP retransmits).
 //! The L7 thread parks when it has nothing to do; a worker wakes it (through the callback the thread installed)
-//! only when it is parked, so a busy L7 thread costs the workers no system call.
+//! only when it is parked, so a busy L7 thread costs the workers no system call. The other way round, an idle
+//! worker sleeps in `poll()` on its sockets and on a wake-up socket of its own, which the L7 thread writes to only
+//! when that worker is parked.
 
+use std::io::{Read, Write};
 use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -46,9 +51,18 @@ impl PuntedPacket {
 }
 
 /// The queues and the wake-up between the workers and the L7 thread.
+/// A worker's wake-up: the read end it polls, the write end the L7 thread writes a byte to, and whether the
+/// worker is (about to be) asleep.
+struct WorkerWake {
+    read: UnixStream,
+    write: UnixStream,
+    parked: AtomicBool,
+}
+
 pub struct Punt {
     to_l7: ArrayQueue<PuntedPacket>,
     to_workers: Vec<ArrayQueue<PuntedPacket>>,
+    worker_wakes: Vec<WorkerWake>,
     parked: AtomicBool,
     wake: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Packets dropped because the queue towards the L7 thread or a worker was full.
@@ -57,15 +71,56 @@ pub struct Punt {
 }
 
 impl Punt {
-    pub fn new(workers: usize, capacity: usize) -> Arc<Punt> {
-        Arc::new(Punt {
+    /// Queues for `workers` workers, each way `capacity` packets deep. Fails only if the wake-up sockets cannot
+    /// be made.
+    pub fn new(workers: usize, capacity: usize) -> std::io::Result<Arc<Punt>> {
+        let worker_wakes = (0..workers.max(1))
+            .map(|_| {
+                let (read, write) = UnixStream::pair()?;
+                read.set_nonblocking(true)?;
+                write.set_nonblocking(true)?;
+                Ok(WorkerWake { read, write, parked: AtomicBool::new(false) })
+            })
+            .collect::<std::io::Result<_>>()?;
+        Ok(Arc::new(Punt {
             to_l7: ArrayQueue::new(capacity.max(1)),
             to_workers: (0..workers.max(1)).map(|_| ArrayQueue::new(capacity.max(1))).collect(),
+            worker_wakes,
             parked: AtomicBool::new(false),
             wake: std::sync::OnceLock::new(),
             dropped_to_l7: AtomicU64::new(0),
             dropped_to_workers: AtomicU64::new(0),
-        })
+        }))
+    }
+
+    /// The socket worker `worker` adds to its `poll()` set: readable when the L7 thread has woken it.
+    pub fn worker_wake_fd(&self, worker: u16) -> Option<RawFd> {
+        self.worker_wakes.get(usize::from(worker)).map(|w| w.read.as_raw_fd())
+    }
+
+    /// On worker `worker`, before it sleeps: from now on the L7 thread wakes it. False if packets for it arrived
+    /// in the meantime (then it must not sleep).
+    pub fn worker_park(&self, worker: u16) -> bool {
+        let (Some(wake), Some(queue)) =
+            (self.worker_wakes.get(usize::from(worker)), self.to_workers.get(usize::from(worker)))
+        else {
+            return true;
+        };
+        wake.parked.store(true, Ordering::SeqCst);
+        if !queue.is_empty() {
+            wake.parked.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// On worker `worker` after it woke: no more wake-ups needed; the wake-up bytes are read away.
+    pub fn worker_unpark(&self, worker: u16) {
+        if let Some(wake) = self.worker_wakes.get(usize::from(worker)) {
+            wake.parked.store(false, Ordering::SeqCst);
+            let mut sink = [0u8; 64];
+            while matches!((&wake.read).read(&mut sink), Ok(n) if n > 0) {}
+        }
     }
 
     /// The L7 thread's wake-up (set once, before the workers start punting).
@@ -111,10 +166,17 @@ impl Punt {
 
     /// From the L7 thread: a packet for a client, sent by worker `packet.worker`.
     pub fn to_worker(&self, packet: PuntedPacket) -> bool {
-        let queue = self.to_workers.get(usize::from(packet.worker)).or(self.to_workers.first());
+        let worker = if usize::from(packet.worker) < self.to_workers.len() { packet.worker } else { 0 };
+        let queue = self.to_workers.get(usize::from(worker));
         if queue.is_none_or(|q| q.push(packet).is_err()) {
             self.dropped_to_workers.fetch_add(1, Ordering::Relaxed);
             return false;
+        }
+        if let Some(wake) = self.worker_wakes.get(usize::from(worker)) {
+            if wake.parked.swap(false, Ordering::SeqCst) {
+                // A full socket buffer means a wake-up is already pending.
+                let _ = (&wake.write).write(&[1]);
+            }
         }
         true
     }
@@ -135,7 +197,7 @@ mod tests {
 
     #[test]
     fn packets_cross_both_ways_and_a_parked_thread_is_woken_once() {
-        let punt = Punt::new(2, 2);
+        let punt = Punt::new(2, 2).unwrap();
         let woken = Arc::new(AtomicU64::new(0));
         let w = woken.clone();
         punt.set_wake(Box::new(move || {
@@ -152,7 +214,14 @@ mod tests {
         assert_eq!(woken.load(Ordering::Relaxed), 1, "woken by the first, not the second");
         assert!(!punt.to_l7(p), "full");
         assert_eq!(punt.dropped_to_l7.load(Ordering::Relaxed), 1);
+        assert!(punt.worker_park(1));
         assert!(punt.to_worker(p));
+        // The parked worker's socket is readable; unparking reads it empty.
+        let mut byte = [0u8; 1];
+        let fd_ready = (&punt.worker_wakes[1].read).read(&mut byte).is_ok();
+        assert!(fd_ready, "the wake-up byte was written");
+        assert!(!punt.worker_park(1), "a packet is waiting: do not sleep");
+        punt.worker_unpark(1);
         assert_eq!(punt.pop_for_worker(1).map(|p| p.len), Some(4));
         assert!(punt.pop_for_worker(0).is_none());
         assert!(PuntedPacket::new(&[0; PUNT_MAX_PACKET + 1], 0, 0, Ipv4Addr::UNSPECIFIED).is_none());

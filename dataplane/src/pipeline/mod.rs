@@ -856,6 +856,23 @@ impl Pipeline {
         }
     }
 
+    /// The L7 path's wake-up socket for this worker (for its `poll()` set), when there is an L7 path.
+    pub fn l7_wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.l7.as_ref()?.worker_wake_fd(self.worker)
+    }
+
+    /// Before the worker sleeps: false if the L7 path already has packets for it.
+    pub fn l7_park(&self) -> bool {
+        self.l7.as_ref().is_none_or(|p| p.worker_park(self.worker))
+    }
+
+    /// After the worker woke.
+    pub fn l7_unpark(&self) {
+        if let Some(p) = &self.l7 {
+            p.worker_unpark(self.worker);
+        }
+    }
+
     /// Sends the L7 path's packets for clients this worker owes: each framed for its next hop on the inside and
     /// passed to `send`. Returns how many were taken (at most `budget`).
     pub fn drain_l7(&mut self, budget: usize, frame: &mut [u8], mut send: impl FnMut(&[u8])) -> usize {
