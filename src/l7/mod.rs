@@ -245,6 +245,12 @@ impl Driver {
                     touched.push(key);
                 }
             }
+            // Once per connection per round, however many of its packets and events came (a download's ACKs would
+            // otherwise pump the same connection once each).
+            touched.sort_unstable_by_key(|k| {
+                (u32::from(*k.client.ip()), k.client.port(), u32::from(*k.server.ip()), k.server.port())
+            });
+            touched.dedup();
             for key in touched.drain(..) {
                 self.pump(now, key, &policy);
             }
