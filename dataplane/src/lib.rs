@@ -27,6 +27,11 @@
 //!
 //! [`icmp`] writes the ICMP errors the gateway originates (3/13 out of NAT ports, 3/4 packet too big).
 //!
+//! [`l7`] is the L7 path's engine: flows of `l7` rules are punted by the workers ([`l7::punt`]) to an L7 thread
+//! (in the `egressd` crate) that terminates the client's TCP on smoltcp ([`l7::stack`]) and lets each connection's
+//! [`l7::Connection`] judge the ClientHello or every HTTP request before anything goes upstream. The pipeline
+//! decides only that a flow is `l7`; it keeps no NAT state for it.
+//!
 //! [`stats`] holds the per-worker counters every layer writes to.
 #![deny(unsafe_code)]
 
