@@ -10,7 +10,7 @@
 //!
 //! What it decides, in order:
 //! 1. **Classify** the first bytes: a TLS handshake record → TLS; an HTTP method token → HTTP/1.1; anything else
-//!    is refused. Within [`L7Limits::classify_timeout`] and [`L7Limits::max_head_bytes`]: a client that sends
+//!    is refused. Within [`L7Limits::classify_timeout_nanos`] and [`L7Limits::max_head_bytes`]: a client that sends
 //!    nothing, or a head that never ends, is closed at the deadline or the cap.
 //! 2. **TLS**: read the ClientHello ([`crate::wire::tls`]), check its server name against the rule's host
 //!    patterns and its newest version against the rule's minimum. Allowed → connect upstream, replay the
