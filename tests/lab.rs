@@ -58,6 +58,18 @@ fn http_and_udp_cross_only_through_egressd() {
     for series in used {
         assert!(exported.contains(series), "the alert rules use {series}, which egressd does not export");
     }
+    // So is every series the Grafana dashboard uses (the L7 ones are checked where the L7 path runs).
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/conf/monitoring/egressd-dashboard.json"
+    ))
+    .expect("dashboard");
+    let used = dashboard
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("egressd_") && !w.starts_with("egressd_l7_"));
+    for series in used {
+        assert!(exported.contains(series), "the dashboard uses {series}, which egressd does not export");
+    }
     // `egressd stats --watch` prints the counters with their rates over the interval.
     let watch = lab.exec(
         "gw",
