@@ -432,3 +432,37 @@ fn prometheus_scrapes_the_gateway() {
     wait_until(r#"egressd_reloads_total{result="ok"}"#, 3.0);
     wait_until(r#"egressd_ready"#, 1.0);
 }
+
+/// `egressd doctor` on the node: what is wrong, and fine once egressd runs on a well-set-up node.
+#[test]
+fn doctor_says_what_is_wrong_with_the_node() {
+    let lab = Lab::up(false);
+    let bin = support::egressd_bin();
+    let config = repo_root().join("conf/lab.toml");
+    let doctor = |lab: &Lab| {
+        let out = lab.exec("gw", bin.to_str().unwrap(), &["doctor", config.to_str().unwrap()]);
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // Not running yet: the admin endpoint does not answer.
+    let (code, text) = doctor(&lab);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("FAIL  admin endpoint")), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("ok    egress IPs: 2 on gw-out")), "{text}");
+    let gw = Gateway::start(&lab, &config);
+    assert!(lab.curl("http://203.0.113.10/ip", 5).is_some(), "traffic through the gateway");
+    let (code, text) = doctor(&lab);
+    assert_eq!(code, Some(0), "a healthy node:\n{text}\n{}", gw.log_text());
+    for check in ["inside XDP: attached", "outside XDP: attached", "admin endpoint", "policy: generation 1"] {
+        assert!(text.lines().any(|l| l.starts_with("ok") && l.contains(check)), "{check}:\n{text}");
+    }
+    // Forwarding turned on and an egress IP gone: both named, with the fix.
+    lab.sh("gw", "sysctl -qw net.ipv4.ip_forward=1; ip addr del 192.0.2.11/32 dev gw-out");
+    let (code, text) = doctor(&lab);
+    lab.sh("gw", "sysctl -qw net.ipv4.ip_forward=0; ip addr add 192.0.2.11/32 dev gw-out");
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("FAIL  ip_forward: on") && text.contains("sysctl -w net.ipv4.ip_forward=0"),
+        "{text}"
+    );
+    assert!(text.contains("FAIL  egress IPs: 192.0.2.11 not on gw-out"), "{text}");
+}

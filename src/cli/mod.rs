@@ -1,6 +1,7 @@
 //! The command line: one module per subcommand; this one owns parsing and dispatch.
 
 pub mod check;
+pub mod doctor;
 pub mod explain;
 pub mod reload;
 pub mod run;
@@ -44,6 +45,9 @@ pub enum Command {
     Stats(stats::StatsArgs),
     /// Ask a running gateway to re-read its configuration.
     Reload(AdminArgs),
+    /// Check this node's setup against a configuration (interfaces, queues, MTU, egress IPs, ip_forward, next
+    /// hops, XDP, the running gateway) and say how to fix what is wrong. Exit 1 on any failure.
+    Doctor(doctor::DoctorArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -82,5 +86,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Explain(args) => explain::explain(args),
         Command::Stats(args) => stats::stats(args),
         Command::Reload(args) => reload::reload(args),
+        Command::Doctor(args) => doctor::doctor(args),
     }
 }
