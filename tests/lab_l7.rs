@@ -222,19 +222,27 @@ fn http_requests_are_judged_by_host_one_by_one() {
         || gw.metric(r#"egressd_l7_refused_total{reason="host_not_allowed"}"#) >= 2.0,
         "both refusals counted",
     );
-    // Every L7 series the Grafana dashboard uses is exported.
+    // Every L7 series the Grafana dashboard and the alert rules use is exported.
     let exported: std::collections::HashSet<String> =
         gw.metrics().into_iter().map(|(n, _)| n.split('{').next().unwrap_or("").to_string()).collect();
     let dashboard = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/conf/monitoring/egressd-dashboard.json"
     ))
-    .expect("dashboard");
+    .expect("dashboard")
+        + &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/conf/monitoring/egressd-alerts.yml"
+        ))
+        .expect("alert rules");
     for series in dashboard
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
         .filter(|w| w.starts_with("egressd_l7_"))
     {
-        assert!(exported.contains(series), "the dashboard uses {series}, which egressd does not export");
+        assert!(
+            exported.contains(series),
+            "the dashboard or alerts use {series}, which egressd does not export"
+        );
     }
     // Every connection's decision is in the histogram; the L7 series pass promtool's lint.
     assert!(gw.metric("egressd_l7_decision_seconds_count") >= 3.0);
