@@ -108,6 +108,24 @@ fn bench(c: &mut Criterion) {
     group.bench_function("two_workers/at_owner", |b| two(b, false));
     group.bench_function("two_workers/handed_over", |b| two(b, true));
 
+    // The NAT translation log's cost: established traffic with `[nat] log = "all"` (per-flow packet and byte
+    // counts on every packet) against the same pipeline without it, in the same run.
+    for (name, log) in [("off", false), ("on", true)] {
+        let mut state: Option<(Pipeline, Batch)> = None;
+        group.bench_function(format!("established_nat_log/{name}"), |b| {
+            let (p, frames) = state.get_or_insert_with(|| {
+                let mut p = pipeline(10);
+                if log {
+                    let queue = std::sync::Arc::new(dataplane::nat::NatLogQueue::new(1 << 16));
+                    p = p.with_nat_log(dataplane::nat::NatLogMode::All, 1_000_000, queue);
+                }
+                let frames = established(&mut p, batch(&[Kind::Allowed]));
+                (p, frames)
+            });
+            b.iter_batched_ref(|| frames.clone(), |f| black_box(run(p, f)), BatchSize::SmallInput)
+        });
+    }
+
     // Live flows: the same established traffic with 1 flow in the table vs 1 000 000 (10-rule policy), each with
     // the worker's prefetch passes (`run`) and without them (`run_without_prefetch`, the same-run baseline).
     type Runner = fn(&mut Pipeline, &mut Batch) -> usize;
