@@ -411,7 +411,7 @@ pub fn l7_active(config: &crate::config::Config) -> bool {
 }
 
 /// The addresses whose traffic belongs to egressd: `[dataplane] egress_ips` and every group's egress IPs.
-fn egress_ips(loaded: &Loaded) -> Vec<Ipv4Addr> {
+pub fn egress_ips(loaded: &Loaded) -> Vec<Ipv4Addr> {
     let mut ips = loaded.config.dataplane.egress_ips();
     for group in &loaded.config.group {
         ips.extend(group.egress_ips.iter().filter_map(|ip| ip.get_ref().parse::<Ipv4Addr>().ok()));
@@ -424,10 +424,8 @@ fn egress_ips(loaded: &Loaded) -> Vec<Ipv4Addr> {
 /// Asks the kernel to resolve every route gateway of both interfaces that has no neighbour entry yet.
 fn resolve_gateways(table: &NextHopTable, inside: &str, outside: &str) {
     for (side, interface) in [(&table.inside, inside), (&table.outside, outside)] {
-        for gateway in side.routes().iter().filter_map(|r| r.gateway) {
-            if side.neighbour(gateway).is_none() {
-                fib::request_resolution(interface, gateway);
-            }
+        for gateway in side.unresolved_gateways() {
+            fib::request_resolution(interface, gateway);
         }
     }
 }

@@ -120,6 +120,11 @@ impl InterfaceTable {
         self.compiled.iter().find(|r| dst & r.mask == r.network)
     }
 
+    /// The routes' gateways that have no neighbour entry yet.
+    pub fn unresolved_gateways(&self) -> impl Iterator<Item = Ipv4Addr> + '_ {
+        self.routes().iter().filter_map(|r| r.gateway).filter(|g| self.neighbour(*g).is_none())
+    }
+
     pub fn neighbour(&self, ip: Ipv4Addr) -> Option<Mac> {
         self.neighbours.binary_search_by_key(&ip, |(a, _)| *a).ok().map(|i| self.neighbours[i].1)
     }

@@ -146,12 +146,7 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<ExitCode> {
                 .collect()
         })
         .unwrap_or_default();
-    let mut egress_ips = dp.egress_ips();
-    for group in &config.group {
-        egress_ips.extend(group.egress_ips.iter().filter_map(|ip| ip.get_ref().parse::<Ipv4Addr>().ok()));
-    }
-    egress_ips.sort();
-    egress_ips.dedup();
+    let egress_ips = crate::gateway::egress_ips(&loaded);
     let missing: Vec<String> =
         egress_ips.iter().filter(|ip| !addresses.contains(ip)).map(|ip| ip.to_string()).collect();
     if missing.is_empty() {
@@ -180,14 +175,11 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<ExitCode> {
     }
     match crate::fib::Fib::new(dp.inside.get_ref(), outside).read() {
         Ok(table) => {
-            let mut unresolved = Vec::new();
-            for side in [&table.inside, &table.outside] {
-                for gateway in side.routes().iter().filter_map(|route| route.gateway) {
-                    if side.neighbour(gateway).is_none() {
-                        unresolved.push(gateway.to_string());
-                    }
-                }
-            }
+            let unresolved: Vec<String> = [&table.inside, &table.outside]
+                .into_iter()
+                .flat_map(|side| side.unresolved_gateways())
+                .map(|gateway| gateway.to_string())
+                .collect();
             if unresolved.is_empty() {
                 r.say(Level::Ok, "next hops", "every route's gateway is resolved");
             } else {

@@ -827,14 +827,8 @@ impl Nat {
         if s.class == CLASS_FREE {
             return;
         }
-        if let Some(log) = self.flow_log.as_mut() {
-            let key = FlowKey {
-                proto: s.proto,
-                inside: endpoint(s.in_addr, s.in_port),
-                egress: endpoint(self.egress.get(usize::from(s.ip_idx)).copied().unwrap_or(0), s.ext_port),
-                remote: endpoint(s.remote_addr, s.remote_port),
-                generation: s.generation,
-            };
+        let key = self.flow_log.is_some().then(|| self.flow_key(&s));
+        if let (Some(log), Some(key)) = (self.flow_log.as_mut(), key) {
             log.ended(Instant::from_secs(u64::from(now_s)), sid, key, why);
         }
         lru_unlink(&mut self.sessions, &mut self.lru[usize::from(s.class)], sid);
@@ -938,16 +932,20 @@ impl Nat {
         self.flow_log.as_ref().map_or(0, |l| l.suppressed)
     }
 
-    #[cold]
-    fn log_created(&mut self, sid: u32, now_s: u32, flags: u8) {
-        let s = self.sessions[sid as usize];
-        let key = FlowKey {
+    /// What a translation log record says of session `s`.
+    fn flow_key(&self, s: &Session) -> FlowKey {
+        FlowKey {
             proto: s.proto,
             inside: endpoint(s.in_addr, s.in_port),
             egress: endpoint(self.egress.get(usize::from(s.ip_idx)).copied().unwrap_or(0), s.ext_port),
             remote: endpoint(s.remote_addr, s.remote_port),
             generation: s.generation,
-        };
+        }
+    }
+
+    #[cold]
+    fn log_created(&mut self, sid: u32, now_s: u32, flags: u8) {
+        let key = self.flow_key(&self.sessions[sid as usize]);
         // A session an inbound packet created was never judged; otherwise the decision that let it in.
         let decision = if flags & SESSION_UNJUDGED != 0 { None } else { self.last_decision };
         if let Some(log) = self.flow_log.as_mut() {
