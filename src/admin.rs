@@ -1,5 +1,5 @@
 //! The admin HTTP endpoint: `/metrics` (OpenMetrics or Prometheus text, as the scraper asks), `/healthz`,
-//! `/readyz`, `POST /reload`.
+//! `/readyz`, `POST /reload`, `GET /flows` and `POST /flows/delete` (see [`crate::flows`]).
 //!
 //! It listens on loopback by default and runs on its own thread, never on a worker's core: a scrape reads the
 //! workers' single-writer counters with relaxed loads, so it cannot stall the data path. Anything else the
@@ -60,6 +60,8 @@ pub struct AdminState {
     pub max_flows: u64,
     /// The L7 path's counters and queues, when it runs.
     pub l7: Option<(Arc<crate::l7::L7Stats>, Arc<dataplane::l7::punt::Punt>)>,
+    /// The workers' mailboxes for `GET /flows` and `POST /flows/delete`.
+    pub flows: Option<Arc<dataplane::nat::flows::FlowQueries>>,
 }
 
 /// Up to this many rules, `/metrics` lists every rule's decisions, zeros included (so unused rules show); a larger
@@ -92,6 +94,7 @@ impl AdminState {
             largest_mtu: u32::MAX,
             max_flows: 0,
             l7: None,
+            flows: None,
         }
     }
 
@@ -614,11 +617,20 @@ fn respond(state: &Arc<AdminState>, mut request: tiny_http::Request) {
                 (503, "not ready\n".into(), "text/plain")
             }
         }
-        (Method::Post, "/reload") if !state.control.allows(request.remote_addr(), request.headers()) => (
-            403,
-            "control requests need a loopback peer, or remote_control with a bearer token ([admin])\n".into(),
-            "text/plain",
-        ),
+        (Method::Post, "/reload") | (Method::Get, "/flows") | (Method::Post, "/flows/delete")
+            if !state.control.allows(request.remote_addr(), request.headers()) =>
+        {
+            (
+                403,
+                "control requests (reload, flows) need a loopback peer, or remote_control with a bearer token ([admin])\n"
+                    .into(),
+                "text/plain",
+            )
+        }
+        (Method::Get, "/flows") | (Method::Post, "/flows/delete") => {
+            let query = request.url().split_once('?').map_or("", |(_, q)| q).to_string();
+            flows_response(state, request.method() == &Method::Get, &query)
+        }
         (Method::Post, "/reload") => {
             // Drain the body, if any; the reload reads the file named at start-up.
             let _ = std::io::copy(&mut request.as_reader().take(64 * 1024), &mut std::io::sink());
@@ -627,15 +639,33 @@ fn respond(state: &Arc<AdminState>, mut request: tiny_http::Request) {
                 Err(reason) => (422, format!("{reason}\n"), "text/plain"),
             }
         }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/reload") => {
+        (_, "/metrics" | "/healthz" | "/readyz" | "/reload" | "/flows" | "/flows/delete") => {
             (405, "method not allowed\n".into(), "text/plain")
         }
-        _ => (404, "not found: try /metrics, /healthz, /readyz, POST /reload\n".into(), "text/plain"),
+        _ => (404, "not found: try /metrics, /healthz, /readyz, POST /reload, /flows, POST /flows/delete\n".into(), "text/plain"),
     };
     let header = tiny_http::Header::from_bytes("Content-Type", content_type).expect("static header is valid");
     let response = tiny_http::Response::from_string(body).with_status_code(status).with_header(header);
     if let Err(e) = request.respond(response) {
         tracing::debug!(error = %e, "admin: client went away");
+    }
+}
+
+/// `GET /flows` (`list`) or `POST /flows/delete`: JSON, or the reason in plain text.
+fn flows_response(state: &Arc<AdminState>, list: bool, query: &str) -> (u16, String, &'static str) {
+    let (Some(queries), Some(policy)) = (&state.flows, &state.policy) else {
+        return (404, "this gateway has no flow table\n".into(), "text/plain");
+    };
+    let policy = policy.load_full();
+    let answer = if list {
+        crate::flows::list(queries, &policy, query).map(|l| serde_json::to_string(&l))
+    } else {
+        crate::flows::delete(queries, &policy, query).map(|d| serde_json::to_string(&d))
+    };
+    match answer {
+        Ok(Ok(json)) => (200, json + "\n", "application/json"),
+        Ok(Err(e)) => (500, format!("{e}\n"), "text/plain"),
+        Err(e) => (e.status, e.message + "\n", "text/plain"),
     }
 }
 

@@ -156,6 +156,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     let handoffs = Arc::new(Handoffs::new(cores.len(), HANDOFF_QUEUE_FRAMES));
     let audit = Arc::new(AuditQueue::new(AUDIT_QUEUE_EVENTS));
     let nat_log = Arc::new(NatLogQueue::new(NAT_LOG_QUEUE_RECORDS));
+    let flow_queries = Arc::new(dataplane::nat::flows::FlowQueries::new(cores.len()));
     tracing::info!(
         max_flows_per_worker = nat_config.max_flows,
         udp_timeout_s = nat_config.timeouts.udp_secs,
@@ -189,6 +190,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
                 handoffs.clone(),
             )
             .with_audit(audit.clone())
+            .with_flow_queries(flow_queries.clone())
             .with_nat_log(config.nat.log_mode(), config.nat.log_rate(), nat_log.clone())
             .with_l7_if(punt.clone())
             .with_mss_clamp(dp.clamp_mss)
@@ -238,6 +240,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     admin_state.l7 = punt.clone().map(|p| (l7_stats.clone(), p));
     admin_state.control = admin::control_policy(&config.admin)?;
     admin_state.policy = Some(policy.clone());
+    admin_state.flows = Some(flow_queries);
     admin_state.interface_mtu = mtus;
     admin_state.largest_mtu = dataplane::xsk::largest_mtu(frame_size);
     admin_state.max_flows = u64::from(nat_config.max_flows) * u64::from(workers_count);

@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod exposition;
 pub mod fib;
+pub mod flows;
 pub mod gateway;
 pub mod l7;
 pub mod policy;

@@ -361,3 +361,92 @@ fn the_translation_log_names_who_used_an_egress_port() {
     let metrics = gw.metrics();
     assert!(metrics.contains(&("egressd_nat_log_suppressed_total".to_string(), 0.0)), "nothing suppressed");
 }
+
+/// `egressd flows`: the live flows of a running gateway (with one worker or several), found by inside, egress or
+/// remote endpoint, and deleted on request: a deleted TCP flow's next segment is not a SYN, so it is dropped
+/// (`tcp_not_syn`) and the client's connection fails, while other flows keep going.
+#[test]
+fn flows_are_listed_and_deleted_through_the_admin_endpoint() {
+    let lab = Lab::up(false);
+    let gw = Gateway::start(&lab, &repo_root().join("conf/lab.toml"));
+    let bin = egressd_bin();
+    let flows = |args: &[&str]| {
+        let mut all = vec!["flows"];
+        all.extend_from_slice(args);
+        let out = lab.exec("gw", bin.to_str().unwrap(), &all);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // A kept-alive HTTP connection from source port 41234: a request, a pause while the test looks, another one.
+    let keepalive = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &lab.ns("client"),
+            "python3",
+            "-c",
+            r#"
+import http.client, socket, time
+c = http.client.HTTPConnection("203.0.113.10", 80, timeout=3, source_address=("10.10.0.2", 41234))
+c.request("GET", "/ip"); print(c.getresponse().read().decode().strip(), flush=True)
+time.sleep(4)
+try:
+    c.request("GET", "/ip"); c.getresponse().read(); print("second ok")
+except Exception as e:
+    print("second failed", type(e).__name__)
+"#,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python");
+    // A UDP flow beside it.
+    assert_eq!(whoami(&lab, "198.51.100.10", 41300), "192.0.2.10:41300");
+    let tcp_flow = |text: &str| text.lines().any(|l| l.contains("10.10.0.2:41234"));
+    wait_for(|| tcp_flow(&flows(&[]).1), "the TCP flow listed");
+
+    // JSON: the TCP flow with its translation, state and group; the UDP flow too.
+    let (code, json, err) = flows(&["--json", "--inside", "10.10.0.2"]);
+    assert_eq!(code, Some(0), "{err}");
+    let listing: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let rows = listing["flows"].as_array().unwrap();
+    let tcp = rows.iter().find(|f| f["inside"] == "10.10.0.2:41234").unwrap_or_else(|| panic!("{json}"));
+    assert_eq!((tcp["proto"].as_str(), tcp["state"].as_str()), (Some("tcp"), Some("established")), "{json}");
+    assert_eq!((tcp["remote"].as_str(), tcp["group"].as_str()), (Some("203.0.113.10:80"), Some("web")));
+    let egress = tcp["egress"].as_str().unwrap().to_string();
+    assert!(egress.starts_with("192.0.2.10:"), "{egress}");
+    assert!(rows.iter().any(|f| f["inside"] == "10.10.0.2:41300" && f["state"] == "active"), "{json}");
+    assert_eq!(listing["truncated"], false);
+
+    // "Who was this egress port?" — exactly the TCP flow. Filters that match nothing list nothing.
+    let (_, table, _) = flows(&["--egress", &egress]);
+    let lines: Vec<&str> = table.lines().filter(|l| l.starts_with("tcp") || l.starts_with("udp")).collect();
+    assert_eq!(lines.len(), 1, "{table}");
+    assert!(lines[0].contains("10.10.0.2:41234") && lines[0].contains("established"), "{table}");
+    assert!(flows(&["--proto", "udp", "--remote", "198.51.100.10:9000"]).1.contains("10.10.0.2:41300"));
+    assert!(!tcp_flow(&flows(&["--group", "payments"]).1));
+    let (code, _, err) = flows(&["--group", "nope"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no source group `nope`"), "{err}");
+    let (_, one, _) = flows(&["--limit", "1"]);
+    assert!(one.contains("more match"), "{one}");
+
+    // Deleting needs a filter; with one, the TCP flow goes and the UDP flow stays.
+    let (code, _, err) = flows(&["--delete"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("all=yes"), "{err}");
+    let not_syn = gw.metric(r#"egressd_drops_total{reason="tcp_not_syn"}"#);
+    let (code, out, err) = flows(&["--delete", "--inside", "10.10.0.2:41234"]);
+    assert_eq!((code, out.trim()), (Some(0), "1 flow(s) deleted"), "{err}");
+    assert!(!tcp_flow(&flows(&[]).1));
+    assert!(flows(&["--inside", "10.10.0.2:41300"]).1.contains("udp"), "the UDP flow stays");
+    let out = keepalive.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("192.0.2.10:"), "{said}");
+    assert!(said.contains("second failed"), "the deleted connection must not carry on: {said}");
+    assert!(gw.metric(r#"egressd_drops_total{reason="tcp_not_syn"}"#) > not_syn, "its segments were refused");
+    // New flows from the same client are judged and translated as usual.
+    assert!(lab.curl("http://203.0.113.10/ip", 5).is_some_and(|b| b.starts_with("192.0.2.10:")));
+}

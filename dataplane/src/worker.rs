@@ -90,6 +90,7 @@ impl Worker {
             let now = Instant::monotonic();
             let moved = moved + self.drain_handoffs(now, &stats, &mut scratch);
             let moved = moved + self.drain_l7(&stats, &mut scratch);
+            let moved = moved + self.pipeline.answer_flow_query(now);
             if self.pipeline.has_held() {
                 self.release_held(now, &stats);
             }

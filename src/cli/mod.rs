@@ -3,6 +3,7 @@
 pub mod check;
 pub mod doctor;
 pub mod explain;
+pub mod flows;
 pub mod reload;
 pub mod run;
 pub mod stats;
@@ -48,6 +49,8 @@ pub enum Command {
     /// Check this node's setup against a configuration (interfaces, queues, MTU, egress IPs, ip_forward, next
     /// hops, XDP, the running gateway) and say how to fix what is wrong. Exit 1 on any failure.
     Doctor(doctor::DoctorArgs),
+    /// List a running gateway's live flows, or delete them (--delete), like conntrack -L / -D.
+    Flows(flows::FlowsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -58,6 +61,16 @@ pub struct AdminArgs {
     /// File holding the bearer token of an admin endpoint with `remote_control` (control requests only).
     #[arg(long)]
     pub token_file: Option<std::path::PathBuf>,
+}
+
+impl AdminArgs {
+    /// The bearer token from `--token-file`, if one is named.
+    pub fn token(&self) -> anyhow::Result<Option<String>> {
+        let Some(path) = &self.token_file else { return Ok(None) };
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", path.display()))?;
+        Ok(Some(token.trim().to_string()))
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,5 +100,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Stats(args) => stats::stats(args),
         Command::Reload(args) => reload::reload(args),
         Command::Doctor(args) => doctor::doctor(args),
+        Command::Flows(args) => flows::flows(args),
     }
 }

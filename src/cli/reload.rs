@@ -3,15 +3,7 @@
 use std::process::ExitCode;
 
 pub fn reload(args: super::AdminArgs) -> anyhow::Result<ExitCode> {
-    let token = match &args.token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| anyhow::anyhow!("--token-file {}: {e}", path.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
+    let token = args.token()?;
     let (status, body) = crate::admin::http_request_with(args.admin, "POST", "/reload", token.as_deref())?;
     if status == 200 {
         println!("{}", body.trim());

@@ -42,6 +42,8 @@ pub enum FlowEnd {
     PolicyChanged,
     /// Its egress IP was taken from its group.
     EgressIpRemoved,
+    /// An operator removed it (`egressd flows --delete`).
+    Deleted,
 }
 
 impl FlowEnd {
@@ -51,6 +53,7 @@ impl FlowEnd {
             FlowEnd::TcpClosed => "tcp_closed",
             FlowEnd::PolicyChanged => "policy_changed",
             FlowEnd::EgressIpRemoved => "egress_ip_removed",
+            FlowEnd::Deleted => "deleted",
         }
     }
 }
@@ -184,6 +187,16 @@ impl FlowLog {
                 f.bytes_in = f.bytes_in.wrapping_add(len as u64);
             }
         }
+    }
+
+    /// Packets and bytes of the flow at `sid` so far.
+    pub(super) fn counts(&self, sid: u32) -> Option<super::flows::FlowCounts> {
+        self.figures.get(sid as usize).map(|f| super::flows::FlowCounts {
+            packets_out: f.packets_out,
+            packets_in: f.packets_in,
+            bytes_out: f.bytes_out,
+            bytes_in: f.bytes_in,
+        })
     }
 
     /// The session at `sid` ended.

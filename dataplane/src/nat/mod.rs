@@ -78,6 +78,7 @@ use crate::time::Instant;
 use crate::wire::transport::{self, Transport};
 use crate::wire::{checksum, icmp, ip_proto, ipv4, read_u16, read_u32, udp, write_u16, write_u32};
 
+pub mod flows;
 mod icmp_error;
 mod log;
 mod packet;

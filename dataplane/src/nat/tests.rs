@@ -1712,3 +1712,158 @@ fn reserved_tcp_ports_are_never_allocated_but_udp_keeps_them() {
         assert!(!(40000..=40015).contains(&src_of(&syn).1));
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Live flows (`egressd flows`)
+// ---------------------------------------------------------------------------------------------------------------
+
+use super::flows::{FlowFilter, FlowPage, FlowQueries, FlowQuery, FlowState, V4Net, FLOWS_PER_PAGE};
+
+/// Runs `query` on `nat` through the mailboxes the way the worker and the admin thread do, and returns the flows
+/// listed and the number deleted.
+fn run_query(nat: &mut Nat, now: u64, query: FlowQuery, pol: &PolicySnapshot) -> (Vec<flows::FlowInfo>, u32) {
+    let queries = FlowQueries::new(1);
+    queries.ask(0, query, (0..4).map(|_| FlowPage::empty()).collect());
+    let mut active = flows::ActiveQuery::new(queries.poll_query(0).expect("the query arrives"));
+    let (mut listed, mut deleted) = (Vec::new(), 0);
+    for _ in 0..100_000 {
+        let step = nat.answer_flow_query(t(now), &mut active, &queries, |a| pol.group_of(a.into()));
+        while let Some(page) = queries.take_page(0) {
+            assert_eq!(page.query, query.id);
+            assert!(page.flows.len() <= FLOWS_PER_PAGE);
+            listed.extend_from_slice(&page.flows);
+            deleted += page.deleted;
+            let done = page.done;
+            queries.lend(0, page);
+            if done {
+                return (listed, deleted);
+            }
+        }
+        assert_ne!(step, None, "pages were lent back, so the worker always has one");
+    }
+    panic!("the query never finished");
+}
+
+fn list(nat: &mut Nat, now: u64, filter: FlowFilter, pol: &PolicySnapshot) -> Vec<flows::FlowInfo> {
+    run_query(nat, now, FlowQuery { id: 7, filter, delete: false, limit: u32::MAX }, pol).0
+}
+
+#[test]
+fn flows_are_listed_with_their_translation_state_and_timers() {
+    let pol = policy();
+    let mut nat = Nat::new(&cfg(), 0);
+    let tcp_port = handshake(&mut nat, 100, &pol);
+    let (_, udp_port) = udp_out(&mut nat, 110, C2, 5353, SRV2, 53, &pol);
+    let mut flows = list(&mut nat, 130, FlowFilter::default(), &pol);
+    flows.sort_by_key(|f| f.proto);
+    assert_eq!(flows.len(), 2);
+    let (tcp, udp) = (flows[0], flows[1]);
+    assert_eq!(
+        (tcp.proto, tcp.inside, tcp.egress, tcp.remote, tcp.state),
+        (
+            ip_proto::TCP,
+            SocketAddrV4::new(ip(C1), 40000),
+            SocketAddrV4::new(ip(EG), tcp_port),
+            SocketAddrV4::new(ip(SRV), 443),
+            FlowState::Established
+        )
+    );
+    assert_eq!((tcp.idle_secs, tcp.expires_in_secs), (30, 7440 - 30));
+    assert_eq!(
+        (udp.state, udp.egress.port(), udp.idle_secs, udp.expires_in_secs),
+        (FlowState::Active, udp_port, 20, 280)
+    );
+    assert_eq!(tcp.counts, None, "packets and bytes are kept only while the translation log is on");
+}
+
+#[test]
+fn flow_filters_select_by_every_field() {
+    let pol = policy();
+    let mut nat = Nat::new(&cfg(), 0);
+    handshake(&mut nat, 0, &pol);
+    udp_out(&mut nat, 0, C2, 5353, SRV2, 53, &pol);
+    udp_out(&mut nat, 0, C2, 5354, SRV, 123, &pol);
+    let count = |nat: &mut Nat, f: FlowFilter| list(nat, 1, f, &pol).len();
+    let any = FlowFilter::default();
+    assert_eq!(count(&mut nat, any), 3);
+    assert_eq!(count(&mut nat, FlowFilter { inside: Some(V4Net::host(ip(C2))), ..any }), 2);
+    assert_eq!(count(&mut nat, FlowFilter { inside: Some(V4Net { addr: ip(C1), len: 8 }), ..any }), 3);
+    assert_eq!(count(&mut nat, FlowFilter { inside_port: Some(5354), ..any }), 1);
+    assert_eq!(count(&mut nat, FlowFilter { remote: Some(V4Net::host(ip(SRV))), ..any }), 2);
+    assert_eq!(count(&mut nat, FlowFilter { remote_port: Some(53), ..any }), 1);
+    assert_eq!(count(&mut nat, FlowFilter { proto: Some(ip_proto::TCP), ..any }), 1);
+    assert_eq!(count(&mut nat, FlowFilter { state: Some(FlowState::Established), ..any }), 1);
+    assert_eq!(count(&mut nat, FlowFilter { state: Some(FlowState::SynSent), ..any }), 0);
+    assert_eq!(count(&mut nat, FlowFilter { egress_ip: Some(ip(EG)), ..any }), 3);
+    assert_eq!(count(&mut nat, FlowFilter { egress_ip: Some(ip(EG2)), ..any }), 0);
+    let apps = pol.group_of(ip(C1).into());
+    assert!(apps.is_some());
+    assert_eq!(count(&mut nat, FlowFilter { group: apps, ..any }), 3);
+    let other = pol.group_of(Ipv4Addr::new(172, 16, 0, 1).into());
+    assert_eq!(count(&mut nat, FlowFilter { group: other, ..any }), 0);
+}
+
+#[test]
+fn a_listing_of_many_flows_comes_in_bounded_pages_and_honours_its_limit() {
+    let pol = policy();
+    let mut nat = Nat::new(&NatConfig { max_flows: 4096, max_flows_per_source: 4096, ..cfg() }, 0);
+    for i in 0..2000u16 {
+        udp_out(&mut nat, 0, C1, 20000 + i, SRV, 53, &pol);
+    }
+    let flows = list(&mut nat, 1, FlowFilter::default(), &pol);
+    assert_eq!(flows.len(), 2000);
+    let mut ports: Vec<u16> = flows.iter().map(|f| f.inside.port()).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert_eq!(ports.len(), 2000, "every flow once");
+    let query = FlowQuery { id: 9, filter: FlowFilter::default(), delete: false, limit: 700 };
+    assert_eq!(run_query(&mut nat, 1, query, &pol).0.len(), 700);
+}
+
+#[test]
+fn deleting_flows_removes_them_frees_their_ports_and_keeps_the_rest() {
+    let pol = policy();
+    let (mut nat, queue) = logging_nat(NatLogMode::All, 1000);
+    let tcp_port = handshake(&mut nat, 0, &pol);
+    let (_, udp_port) = udp_out(&mut nat, 0, C2, 5353, SRV2, 53, &pol);
+    drain(&queue);
+    let filter = FlowFilter { inside: Some(V4Net::host(ip(C1))), ..FlowFilter::default() };
+    let (listed, deleted) = run_query(&mut nat, 5, FlowQuery { id: 3, filter, delete: true, limit: 0 }, &pol);
+    assert_eq!((listed.len(), deleted), (0, 1));
+    assert_eq!(nat.stats().flows(), 1);
+    assert_eq!(nat.mapping_of(ip(C1), 40000, ip_proto::TCP), None, "its mapping went with its last flow");
+    let ended = drain(&queue);
+    assert_eq!(ended.len(), 1);
+    assert_eq!((ended[0].end, ended[0].inside.port()), (Some(NatFlowEnd::Deleted), 40000));
+    // The deleted flow's replies find nothing; the other flow still translates.
+    assert_eq!(
+        inb(&mut nat, 6, &mut tcp(SRV, 443, EG, tcp_port, 5001, 1001, "A")),
+        Err(DropReason::NoMapping)
+    );
+    assert_eq!(inb(&mut nat, 6, &mut udp(SRV2, 53, EG, udp_port)), Ok(Inbound::Forward));
+    // Counters show while the log is on.
+    let left = list(&mut nat, 7, FlowFilter::default(), &pol);
+    let counts = left[0].counts.expect("the log keeps counts");
+    assert_eq!((counts.packets_out, counts.packets_in), (1, 1));
+}
+
+#[test]
+fn an_abandoned_query_gives_way_to_the_next_one() {
+    let pol = policy();
+    let mut nat = Nat::new(&cfg(), 0);
+    udp_out(&mut nat, 0, C1, 40000, SRV, 53, &pol);
+    let queries = FlowQueries::new(1);
+    let first = FlowQuery { id: 1, filter: FlowFilter::default(), delete: false, limit: u32::MAX };
+    queries.ask(0, first, vec![FlowPage::empty()]);
+    let mut active = flows::ActiveQuery::new(queries.poll_query(0).unwrap());
+    assert_eq!(nat.answer_flow_query(t(1), &mut active, &queries, |_| None), Some(true));
+    // The admin thread gave up before reading; a new query reclaims the page.
+    queries.ask(0, FlowQuery { id: 2, ..first }, Vec::new());
+    let mut active = flows::ActiveQuery::new(queries.poll_query(0).unwrap());
+    assert_eq!(nat.answer_flow_query(t(1), &mut active, &queries, |_| None), Some(true));
+    let page = queries.take_page(0).expect("the reclaimed page carries the answer");
+    assert_eq!((page.query, page.flows.len(), page.done), (2, 1, true));
+    // No page lent: the worker waits instead of spinning through the table.
+    let mut active = flows::ActiveQuery::new(FlowQuery { id: 3, ..first });
+    assert_eq!(nat.answer_flow_query(t(1), &mut active, &queries, |_| None), None);
+}

@@ -27,7 +27,7 @@
 //! Counting: the pipeline counts every drop it decides in [`WorkerStats`]; the worker counts rx/tx and the drops
 //! it decides itself (ring full, bad descriptors).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -38,6 +38,7 @@ use crate::fragments::{FragmentKey, FragmentRoute, FragmentTable};
 use crate::handoff::{HandoffKind, Handoffs};
 use crate::icmp::{IcmpErrors, Unreachable, MAX_REPLY_FRAME};
 use crate::l7::punt::{Punt, PuntedPacket};
+use crate::nat::flows::{ActiveQuery, FlowQueries};
 use crate::nat::{FlowHint, Inbound, Nat, NatConfig, NatLogMode, NatLogQueue, Outbound};
 use crate::nexthop::{NextHop, NextHopTable, ResolveQueue};
 use crate::policy::{Decision, PolicySnapshot, SharedPolicy, Verdict};
@@ -100,6 +101,9 @@ pub struct Pipeline {
     rule_hits: Arc<RuleHits>,
     audit: Option<Arc<AuditQueue>>,
     audit_limiter: TokenBucket,
+    /// The admin thread's flow listings and deletions, and the one this worker is answering.
+    flow_queries: Option<Arc<FlowQueries>>,
+    flow_query: Option<ActiveQuery>,
     icmp_errors: IcmpErrors,
     icmp_bucket: TokenBucket,
     /// IP identification of the next ICMP error.
@@ -211,6 +215,8 @@ impl Pipeline {
             rule_hits: Arc::new(RuleHits::new(0, 0)),
             audit: None,
             audit_limiter: audit_limiter(),
+            flow_queries: None,
+            flow_query: None,
             icmp_errors,
             icmp_bucket: TokenBucket::new(icmp_errors.per_sec, icmp_errors.burst, Instant::ZERO),
             icmp_ip_id: 0,
@@ -309,6 +315,33 @@ impl Pipeline {
     pub fn with_audit(mut self, queue: Arc<AuditQueue>) -> Pipeline {
         self.audit = Some(queue);
         self
+    }
+
+    /// Answers the admin thread's flow listings and deletions (see [`crate::nat::flows`]).
+    pub fn with_flow_queries(mut self, queries: Arc<FlowQueries>) -> Pipeline {
+        self.flow_queries = Some(queries);
+        self
+    }
+
+    /// Does one bounded step of a pending flow query; returns 1 if it did work (so the worker does not park
+    /// while a query makes progress), 0 otherwise.
+    pub fn answer_flow_query(&mut self, now: Instant) -> usize {
+        let Some(queries) = &self.flow_queries else { return 0 };
+        if let Some(query) = queries.poll_query(self.worker) {
+            self.flow_query = Some(ActiveQuery::new(query));
+        }
+        let Some(active) = self.flow_query.as_mut() else { return 0 };
+        let policy = &self.policy_snapshot;
+        match self.nat.answer_flow_query(now, active, queries, |addr| policy.group_of(IpAddr::V4(addr))) {
+            // Waiting for the admin thread to read a page: nothing to do until it does.
+            None => 0,
+            Some(done) => {
+                if done {
+                    self.flow_query = None;
+                }
+                1
+            }
+        }
     }
 
     /// Fresh per-rule counters for the policy generation now running (allocates; only when the policy changes).
