@@ -197,6 +197,7 @@ pub fn lab_table() -> NextHopTable {
             ],
             vec![(ip(192, 0, 2, 2), EXT_MAC)],
         ),
+        outside_from: Vec::new(),
     }
 }
 

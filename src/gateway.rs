@@ -48,10 +48,13 @@ const AUDIT_QUEUE_EVENTS: usize = 4096;
 const NAT_LOG_QUEUE_RECORDS: usize = 65536;
 /// Packets on their way to and from the L7 thread, each way (2 KiB each).
 const L7_QUEUE_PACKETS: usize = 4096;
-/// How often the kernel's routes and neighbours are re-read.
-const FIB_REFRESH: Duration = Duration::from_millis(250);
-/// After a resolution request, the tables are re-read every tick for this long (workers hold frames meanwhile).
-const FAST_REFRESH_FOR: Duration = Duration::from_secs(1);
+/// How often the interfaces' MTUs and the XDP programs' counters are read.
+const INTERFACE_REFRESH: Duration = Duration::from_millis(250);
+/// The routing tables are re-read when the kernel says they changed, and this often besides (a notification can
+/// be lost when the socket's buffer overflows; the overflow itself also triggers a re-read).
+const FIB_SAFETY_REFRESH: Duration = Duration::from_secs(10);
+/// Without change notifications, the routing tables are re-read this often.
+const FIB_POLL: Duration = Duration::from_millis(250);
 /// How long the control loop sleeps between checks of signals and resolution requests.
 const CONTROL_TICK: Duration = Duration::from_millis(20);
 
@@ -76,8 +79,21 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGHUP, reload_requested.clone())
         .context("installing signal handlers")?;
 
+    let egress_ips = egress_ips(&loaded);
     let fib = Fib::new(&inside, &outside);
-    let table = fib.read().context("reading the kernel's routes and neighbours")?;
+    let (table, mut routing_warnings) =
+        fib.read(&egress_ips).context("reading the kernel's routes and neighbours")?;
+    for warning in &routing_warnings {
+        tracing::warn!("{warning}");
+    }
+    // The kernel says when its routes, rules, neighbours or links change; without the subscription, poll.
+    let mut route_events = match fib::netlink::RouteEvents::subscribe() {
+        Ok(events) => Some(events),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot subscribe to routing changes; re-reading the tables every 250 ms");
+            None
+        }
+    };
     // A frame longer than a UMEM frame holds is dropped by the kernel with no word to egressd: refuse to start.
     let frame_size = dp.frame_size();
     let mut mtus = Vec::with_capacity(2);
@@ -96,7 +112,6 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     let policy = Arc::new(ArcSwap::from_pointee(snapshot));
     let reloader = Arc::new(PolicyReloader::running(crate::policy::restart_only_settings(config)));
 
-    let egress_ips = egress_ips(&loaded);
     // The L7 path runs when the policy has an `l7` rule at start: its upstream ports are then reserved.
     let l7_settings = config.l7.settings();
     let l7_active = l7_active(config);
@@ -270,8 +285,8 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     notify_systemd(&[sd_notify::NotifyState::Ready]);
     let mut watchdog = Watchdog::new(&admin_state);
 
-    let mut last_refresh = Instant::now();
-    let mut fast_refresh_until = Instant::now();
+    let mut last_interface_refresh = Instant::now();
+    let mut last_fib_read = Instant::now();
     while !stop_requested.load(Ordering::Relaxed) {
         std::thread::sleep(CONTROL_TICK);
         watchdog.tick(&admin_state);
@@ -289,15 +304,14 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
                 write_nat_log(&record, &policy, &clock);
             }
         }
+        // Frames wait in the workers; the kernel's neighbour notification brings the answer.
         for hop in next_hops.resolve.drain() {
             let interface = if on_link(&next_hops.table.load().inside, hop) { &inside } else { &outside };
             tracing::debug!(%hop, %interface, "asking the kernel to resolve a next hop");
             fib::request_resolution(interface, hop);
-            // Frames wait in the workers: look again every tick until the kernel has the answer.
-            fast_refresh_until = Instant::now() + FAST_REFRESH_FOR;
         }
-        if last_refresh.elapsed() >= FIB_REFRESH || Instant::now() < fast_refresh_until {
-            last_refresh = Instant::now();
+        if last_interface_refresh.elapsed() >= INTERFACE_REFRESH {
+            last_interface_refresh = Instant::now();
             let mut ipv6 = 0;
             for program in &programs {
                 match program.drops() {
@@ -307,11 +321,27 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
             }
             admin_state.xdp_drops[DropReason::Ipv6Unsupported as usize].store(ipv6, Ordering::Relaxed);
             watch_mtus(&admin_state, frame_size);
-            match fib.read() {
-                Ok(table) => {
+        }
+        let reread = match &mut route_events {
+            Some(events) => events.changed() || last_fib_read.elapsed() >= FIB_SAFETY_REFRESH,
+            None => last_fib_read.elapsed() >= FIB_POLL,
+        };
+        if reread {
+            last_fib_read = Instant::now();
+            match fib.read(&egress_ips) {
+                Ok((table, warnings)) => {
+                    if warnings != routing_warnings {
+                        for warning in warnings.iter().filter(|w| !routing_warnings.contains(w)) {
+                            tracing::warn!("{warning}");
+                        }
+                        routing_warnings = warnings;
+                    }
                     resolve_gateways(&table, &inside, &outside);
                     if table != **next_hops.table.load() {
-                        tracing::debug!("next-hop table changed");
+                        tracing::debug!(
+                            routes_by_source = table.routes_by_source(),
+                            "next-hop table changed"
+                        );
                         next_hops.table.store(Arc::new(table));
                     }
                 }
@@ -426,7 +456,9 @@ pub fn egress_ips(loaded: &Loaded) -> Vec<Ipv4Addr> {
 
 /// Asks the kernel to resolve every route gateway of both interfaces that has no neighbour entry yet.
 fn resolve_gateways(table: &NextHopTable, inside: &str, outside: &str) {
-    for (side, interface) in [(&table.inside, inside), (&table.outside, outside)] {
+    let by_source = table.outside_from.iter().map(|(_, t)| (t, outside));
+    for (side, interface) in [(&table.inside, inside), (&table.outside, outside)].into_iter().chain(by_source)
+    {
         for gateway in side.unresolved_gateways() {
             fib::request_resolution(interface, gateway);
         }

@@ -450,3 +450,70 @@ except Exception as e:
     // New flows from the same client are judged and translated as usual.
     assert!(lab.curl("http://203.0.113.10/ip", 5).is_some_and(|b| b.starts_with("192.0.2.10:")));
 }
+
+/// Policy routing, read over netlink and followed as the kernel would: `ip rule add from 192.0.2.11 lookup 100`
+/// sends the payments group's egress IP through a second uplink (a macvlan in ext with its own MAC) while the web
+/// group keeps the main table's; a `blackhole` rule stops that egress IP's traffic (`no_route`). Each change
+/// applies while egressd runs, from the kernel's change notifications.
+#[test]
+fn policy_routing_gives_an_egress_ip_its_own_uplink_and_follows_rule_changes() {
+    let lab = Lab::up(false);
+    // The second uplink: 192.0.2.3 on a macvlan of ext0, answering ARP only for its own address.
+    lab.sh(
+        "ext",
+        "sysctl -qw net.ipv4.conf.all.arp_ignore=1 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0 \
+         && ip link add uplink2 link ext0 address 02:00:00:00:02:03 type macvlan mode bridge \
+         && ip addr add 192.0.2.3/24 dev uplink2 && ip link set uplink2 up",
+    );
+    let uplink2_rx = || -> u64 {
+        let out = lab.sh("ext", "cat /sys/class/net/uplink2/statistics/rx_packets");
+        String::from_utf8_lossy(&out.stdout).trim().parse().expect("rx_packets")
+    };
+    let gw = Gateway::start(&lab, &repo_root().join("conf/lab.toml"));
+    let payments = || {
+        let out = lab.exec(
+            "client",
+            "curl",
+            &["-sf", "-m", "3", "--interface", "10.10.1.2", "http://198.51.100.10/1m.bin", "-o", "/dev/null"],
+        );
+        out.status.success()
+    };
+    let web = || lab.curl("http://203.0.113.10/ip", 3).is_some_and(|b| b.starts_with("192.0.2.10:"));
+
+    // Main table: everything leaves by 192.0.2.2.
+    let before = uplink2_rx();
+    assert!(payments() && web(), "log:\n{}", gw.log_text());
+    assert!(uplink2_rx() - before < 5, "nothing for the second uplink yet");
+
+    // The payments egress IP gets table 100, whose default route is the second uplink.
+    lab.sh("gw", "ip route add default via 192.0.2.3 dev gw-out table 100 && ip rule add from 192.0.2.11 lookup 100 priority 100");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = uplink2_rx();
+    assert!(payments(), "payments through the second uplink; log:\n{}", gw.log_text());
+    let moved = uplink2_rx() - before;
+    // (About one ACK per two of the ~720 data segments, plus the request.)
+    assert!(
+        moved >= 200,
+        "a 1 MiB download's ACKs and request went by 192.0.2.3: only {moved} frames\n{}\nlog:\n{}",
+        String::from_utf8_lossy(&lab.sh("gw", "ip rule; ip route show table 100; ip neigh").stdout),
+        gw.log_text()
+    );
+    let before = uplink2_rx();
+    assert!(web(), "web keeps the main table");
+    assert!(uplink2_rx() - before < 5, "web's packets must not take the second uplink");
+
+    // A blackhole rule for that egress IP: no route, and counted; web unaffected.
+    lab.sh("gw", "ip rule del priority 100 && ip rule add from 192.0.2.11 blackhole priority 100");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let no_route = gw.metric(r#"egressd_drops_total{reason="no_route"}"#);
+    assert!(!payments(), "a blackholed egress IP must not leave");
+    assert!(gw.metric(r#"egressd_drops_total{reason="no_route"}"#) > no_route);
+    assert!(web());
+
+    // Rule gone: back to the main table.
+    lab.sh("gw", "ip rule del priority 100");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let before = uplink2_rx();
+    assert!(payments(), "back on the main table; log:\n{}", gw.log_text());
+    assert!(uplink2_rx() - before < 5);
+}

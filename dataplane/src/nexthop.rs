@@ -2,14 +2,16 @@
 //! table for the two interfaces egressd owns.
 //!
 //! The kernel keeps resolving neighbours (ARP stays with the kernel: the XDP program passes it up), so egressd
-//! does not hard-code MACs. A control thread (`egressd::fib`) reads the kernel's tables every few hundred
-//! milliseconds and publishes a [`NextHopTable`] snapshot with an atomic pointer swap; workers read it once per
-//! batch. This module is the pure part: the snapshot and its lookup, sans-IO and unit-tested.
+//! does not hard-code MACs. A control thread (`egressd::fib`) reads the kernel's rules, routes and neighbours over
+//! rtnetlink when they change and publishes a [`NextHopTable`] snapshot with an atomic pointer swap; workers read
+//! it once per batch. This module is the pure part: the snapshot and its lookup, sans-IO and unit-tested.
 //!
-//! Lookup: longest prefix over the routes of the outgoing interface (a gateway is rarely more than a handful of
-//! routes per interface, so a linear scan over routes sorted by prefix length is the fastest structure); the next
-//! hop is the route's gateway, or the destination itself for an on-link route; its MAC comes from the
-//! neighbour snapshot (binary search). No allocation on lookup.
+//! Lookup: each interface's table is the chain of routing tables policy routing consults, flattened: each table's
+//! routes longest prefix first, tables in order, with `throw` jumping to the next table and reject routes ending
+//! the lookup (a gateway is rarely more than a handful of routes per interface, so a linear scan is the fastest
+//! structure). When policy routing gives an egress IP tables of its own, its packets use that table
+//! ([`NextHopTable::lookup_l2_from`]). The next hop is the route's gateway, or the destination itself for an
+//! on-link route; its MAC comes from the neighbour snapshot (binary search). No allocation on lookup.
 
 use std::net::Ipv4Addr;
 
@@ -26,16 +28,42 @@ pub struct Route {
     pub gateway: Option<Ipv4Addr>,
 }
 
-impl Route {
-    fn mask(&self) -> u32 {
-        match self.prefix_len {
-            0 => 0,
-            n => u32::MAX << (32 - n.min(32) as u32),
+/// What a route of a routing table does with the packets it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RouteAction {
+    /// Out of this interface, via the gateway (`None`: on-link, to the destination itself).
+    Via(Option<Ipv4Addr>),
+    /// Not out of this interface: a blackhole, unreachable or prohibit route, or a route out of another
+    /// interface. The lookup ends with no route, as the kernel's would not send it here.
+    Reject,
+    /// `throw`: not in this table; the lookup goes on with the next table of the chain.
+    Throw,
+}
+
+/// One route of one routing table, as the lookup sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableRoute {
+    pub destination: Ipv4Addr,
+    pub prefix_len: u8,
+    pub action: RouteAction,
+}
+
+impl From<Route> for TableRoute {
+    fn from(r: Route) -> TableRoute {
+        TableRoute {
+            destination: r.destination,
+            prefix_len: r.prefix_len,
+            action: RouteAction::Via(r.gateway),
         }
     }
 }
 
 /// Routes and neighbours of one interface.
+///
+/// The routes form a chain of routing tables, in the order the kernel's policy routing rules (`ip rule`) would
+/// consult them for the traffic this table serves: the longest match in the first table that has one wins, as
+/// in the kernel (a `throw` route sends the lookup on to the next table). Without policy routing the chain is
+/// the main table alone.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InterfaceTable {
     /// The interface's own MAC: the source MAC of frames sent out of it.
@@ -44,12 +72,12 @@ pub struct InterfaceTable {
     pub address: Option<Ipv4Addr>,
     /// The interface's MTU: larger packets are not sent out of it (0: not known, not checked).
     pub mtu: u32,
-    /// Sorted longest prefix first.
+    /// The forwarding routes out of this interface, for display and for resolving gateways.
     routes: Vec<Route>,
     /// Sorted by address; only complete (resolved) entries.
     neighbours: Vec<(Ipv4Addr, Mac)>,
-    /// `routes` in the same order, ready for the per-packet scan: mask and network precomputed, and a gateway's
-    /// MAC looked up once per snapshot instead of once per packet.
+    /// The chain, ready for the per-packet scan: each table's routes longest prefix first, tables in chain order,
+    /// mask and network precomputed, and a gateway's MAC looked up once per snapshot instead of once per packet.
     compiled: Vec<CompiledRoute>,
 }
 
@@ -57,29 +85,73 @@ pub struct InterfaceTable {
 struct CompiledRoute {
     mask: u32,
     network: u32,
-    /// `None` for an on-link route.
-    gateway: Option<Ipv4Addr>,
-    /// The gateway's MAC, if the neighbour table has it.
-    gateway_mac: Option<Mac>,
+    action: CompiledAction,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CompiledAction {
+    /// `None` gateway: on-link; the gateway's MAC, if the neighbour table has it.
+    Via {
+        gateway: Option<Ipv4Addr>,
+        gateway_mac: Option<Mac>,
+    },
+    Reject,
+    /// Go on at this index of `compiled` (the next table's first route).
+    Throw(u32),
+}
+
+fn mask_of(prefix_len: u8) -> u32 {
+    match prefix_len {
+        0 => 0,
+        n => u32::MAX << (32 - u32::from(n.min(32))),
+    }
 }
 
 impl InterfaceTable {
-    pub fn new(mac: Mac, mut routes: Vec<Route>, mut neighbours: Vec<(Ipv4Addr, Mac)>) -> InterfaceTable {
-        routes.sort_by_key(|r| std::cmp::Reverse(r.prefix_len));
+    /// A table of one routing table (the main table, with no policy routing).
+    pub fn new(mac: Mac, routes: Vec<Route>, neighbours: Vec<(Ipv4Addr, Mac)>) -> InterfaceTable {
+        InterfaceTable::from_chain(mac, vec![routes.into_iter().map(TableRoute::from).collect()], neighbours)
+    }
+
+    /// A table of a chain of routing tables, in the order policy routing consults them.
+    pub fn from_chain(
+        mac: Mac,
+        mut chain: Vec<Vec<TableRoute>>,
+        mut neighbours: Vec<(Ipv4Addr, Mac)>,
+    ) -> InterfaceTable {
         neighbours.sort_by_key(|(ip, _)| *ip);
         neighbours.dedup_by_key(|(ip, _)| *ip);
+        let mut routes = Vec::new();
+        for table in &mut chain {
+            table.sort_by_key(|r| std::cmp::Reverse(r.prefix_len));
+            for r in table.iter() {
+                if let RouteAction::Via(gateway) = r.action {
+                    let route = Route { destination: r.destination, prefix_len: r.prefix_len, gateway };
+                    if !routes.contains(&route) {
+                        routes.push(route);
+                    }
+                }
+            }
+        }
         let mut table =
             InterfaceTable { mac, address: None, mtu: 0, routes, neighbours, compiled: Vec::new() };
-        table.compiled = table
-            .routes
-            .iter()
-            .map(|r| CompiledRoute {
-                mask: r.mask(),
-                network: u32::from(r.destination) & r.mask(),
-                gateway: r.gateway,
-                gateway_mac: r.gateway.and_then(|gw| table.neighbour(gw)),
-            })
-            .collect();
+        let mut compiled = Vec::new();
+        for routes in &chain {
+            let next_table = (compiled.len() + routes.len()) as u32;
+            compiled.extend(routes.iter().map(|r| CompiledRoute {
+                mask: mask_of(r.prefix_len),
+                network: u32::from(r.destination) & mask_of(r.prefix_len),
+                action: match r.action {
+                    RouteAction::Via(gateway) => CompiledAction::Via {
+                        gateway,
+                        gateway_mac: gateway.and_then(|gw| table.neighbour(gw)),
+                    },
+                    RouteAction::Reject => CompiledAction::Reject,
+                    RouteAction::Throw => CompiledAction::Throw(next_table),
+                },
+            }));
+        }
+        table.compiled = compiled;
         table
     }
 
@@ -111,13 +183,29 @@ impl InterfaceTable {
     /// The next hop for `dst` out of this interface: the gateway of the longest matching route, or `dst` itself
     /// when that route is on-link. `None`: no route.
     pub fn next_hop(&self, dst: Ipv4Addr) -> Option<Ipv4Addr> {
-        self.route_for(dst).map(|r| r.gateway.unwrap_or(dst))
+        self.route_for(dst).map(|(gateway, _)| gateway.unwrap_or(dst))
     }
 
+    /// The route out of this interface for `dst`: `(gateway, its MAC)`; `None` when the chain has no route, or its
+    /// route does not leave here.
     #[inline]
-    fn route_for(&self, dst: Ipv4Addr) -> Option<&CompiledRoute> {
+    fn route_for(&self, dst: Ipv4Addr) -> Option<(Option<Ipv4Addr>, Option<Mac>)> {
         let dst = u32::from(dst);
-        self.compiled.iter().find(|r| dst & r.mask == r.network)
+        let mut i = 0;
+        while let Some(r) = self.compiled.get(i) {
+            if dst & r.mask == r.network {
+                match r.action {
+                    CompiledAction::Via { gateway, gateway_mac } => return Some((gateway, gateway_mac)),
+                    CompiledAction::Reject => return None,
+                    CompiledAction::Throw(next) => {
+                        i = next as usize;
+                        continue;
+                    }
+                }
+            }
+            i += 1;
+        }
+        None
     }
 
     /// The routes' gateways that have no neighbour entry yet.
@@ -155,6 +243,9 @@ pub enum NextHop {
 pub struct NextHopTable {
     pub inside: InterfaceTable,
     pub outside: InterfaceTable,
+    /// Egress IPs whose traffic policy routing sends through other tables than `outside`'s, with their own
+    /// table (same interface, other routes). Empty without policy routing.
+    pub outside_from: Vec<(Ipv4Addr, InterfaceTable)>,
 }
 
 impl NextHopTable {
@@ -168,16 +259,25 @@ impl NextHopTable {
     /// Layer-2 addresses for a packet to `dst` leaving by `out`.
     #[inline]
     pub fn lookup(&self, out: Side, dst: Ipv4Addr) -> NextHop {
-        let table = self.side(out);
-        let Some(route) = table.route_for(dst) else { return NextHop::NoRoute };
-        let (hop, mac) = match route.gateway {
-            Some(gateway) => (gateway, route.gateway_mac),
-            None => (dst, table.neighbour(dst)),
-        };
-        match mac {
-            Some(mac) => NextHop::Resolved { src: table.mac, dst: mac },
-            None => NextHop::NoNeighbour(hop),
+        self.table(out, None).lookup(dst)
+    }
+
+    /// The table that routes a packet from `src` (`None`: not known) leaving by `out`.
+    #[inline]
+    fn table(&self, out: Side, src: Option<Ipv4Addr>) -> &InterfaceTable {
+        match (out, src) {
+            (Side::Outside, Some(src)) if !self.outside_from.is_empty() => {
+                self.outside_from.iter().find(|(from, _)| *from == src).map_or(&self.outside, |(_, t)| t)
+            }
+            _ => self.side(out),
         }
+    }
+
+    /// Whether policy routing gives some egress IP routes of its own, so that the next hop out of the outside
+    /// depends on the packet's (translated) source.
+    #[inline]
+    pub fn routes_by_source(&self) -> bool {
+        !self.outside_from.is_empty()
     }
 
     /// As [`lookup`](Self::lookup), for the per-packet path: a resolved next hop as the first 12 bytes of the
@@ -187,6 +287,32 @@ impl NextHopTable {
         match self.lookup(out, dst) {
             NextHop::Resolved { src, dst } => Ok(l2_header(dst, src)),
             other => Err(other),
+        }
+    }
+
+    /// As [`lookup_l2`](Self::lookup_l2), for a packet from `src` (policy routing may pick its table by source).
+    #[inline]
+    pub fn lookup_l2_from(&self, out: Side, src: Ipv4Addr, dst: Ipv4Addr) -> Result<[u8; 12], NextHop> {
+        match self.table(out, Some(src)).lookup(dst) {
+            NextHop::Resolved { src, dst } => Ok(l2_header(dst, src)),
+            other => Err(other),
+        }
+    }
+}
+
+impl InterfaceTable {
+    /// Layer-2 addresses for a packet to `dst` leaving by this interface.
+    #[inline]
+    pub fn lookup(&self, dst: Ipv4Addr) -> NextHop {
+        let table = self;
+        let Some((gateway, gateway_mac)) = self.route_for(dst) else { return NextHop::NoRoute };
+        let (hop, mac) = match gateway {
+            Some(gateway) => (gateway, gateway_mac),
+            None => (dst, table.neighbour(dst)),
+        };
+        match mac {
+            Some(mac) => NextHop::Resolved { src: table.mac, dst: mac },
+            None => NextHop::NoNeighbour(hop),
         }
     }
 }
@@ -245,6 +371,7 @@ mod tests {
                 ],
                 vec![(ip("192.0.2.2"), [2, 0, 0, 0, 1, 2])],
             ),
+            outside_from: Vec::new(),
         }
     }
 

@@ -173,10 +173,25 @@ pub fn doctor(args: DoctorArgs) -> anyhow::Result<ExitCode> {
         ),
         None => r.say(Level::Warn, "ip_forward", "cannot read /proc/sys/net/ipv4/ip_forward"),
     }
-    match crate::fib::Fib::new(dp.inside.get_ref(), outside).read() {
-        Ok(table) => {
+    match crate::fib::Fib::new(dp.inside.get_ref(), outside).read(&egress_ips) {
+        Ok((table, warnings)) => {
+            for warning in warnings {
+                r.say(Level::Warn, "policy routing", warning);
+            }
+            if table.routes_by_source() {
+                let own: Vec<String> = table.outside_from.iter().map(|(ip, _)| ip.to_string()).collect();
+                r.say(
+                    Level::Ok,
+                    "policy routing",
+                    format!(
+                        "{} routed by tables of their own (ip rule), the rest by the main chain",
+                        own.join(", ")
+                    ),
+                );
+            }
             let unresolved: Vec<String> = [&table.inside, &table.outside]
                 .into_iter()
+                .chain(table.outside_from.iter().map(|(_, t)| t))
                 .flat_map(|side| side.unresolved_gateways())
                 .map(|gateway| gateway.to_string())
                 .collect();

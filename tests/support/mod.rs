@@ -63,11 +63,9 @@ impl Lab {
     fn up_opts(route_back: bool, queues: u32, mtu: u32) -> Lab {
         require_lab_preconditions();
         let serialised = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let id = format!(
-            "t{}x{}",
-            std::process::id() % 100_000,
-            LAB_COUNTER.fetch_add(1, Ordering::Relaxed) % 100
-        );
+        // scripts/lab takes ids of at most 8 characters.
+        let id =
+            format!("t{}x{}", std::process::id() % 10_000, LAB_COUNTER.fetch_add(1, Ordering::Relaxed) % 100);
         let mut cmd = Command::new(repo_root().join("scripts/lab"));
         cmd.args(["up", &id]);
         if route_back {

@@ -549,7 +549,9 @@ impl Pipeline {
         let mut outside_l2 = None;
         if leg.is_outbound() {
             let dst = Ipv4Addr::from(read_u32(frame, l3.ip_start + ipv4::DST));
-            if !self.nat.is_egress_ip(dst) {
+            // With routes by source (policy routing), the route depends on the egress IP the NAT picks: `route`
+            // looks it up after the translation.
+            if !self.nat.is_egress_ip(dst) && !self.snapshot.routes_by_source() {
                 match self.snapshot.lookup_l2(Side::Outside, dst) {
                     Ok(l2) => outside_l2 = Some(l2),
                     Err(NextHop::NoNeighbour(hop)) => {
@@ -655,7 +657,8 @@ impl Pipeline {
             return Err(DropReason::Truncated);
         };
         let dst = Ipv4Addr::from(ipv4::dst(ip));
-        let l2 = match known_l2.map_or_else(|| self.snapshot.lookup_l2(out, dst), Ok) {
+        let src = Ipv4Addr::from(ipv4::src(ip));
+        let l2 = match known_l2.map_or_else(|| self.snapshot.lookup_l2_from(out, src, dst), Ok) {
             Ok(l2) => l2,
             Err(NextHop::NoNeighbour(hop)) => {
                 self.request_resolution(now, hop);

@@ -31,6 +31,7 @@ fn lab_table(with_ext_neighbour: bool) -> NextHopTable {
             ],
             if with_ext_neighbour { vec![(ip("192.0.2.2"), EXT_MAC)] } else { vec![] },
         ),
+        outside_from: Vec::new(),
     }
 }
 

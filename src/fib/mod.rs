@@ -1,11 +1,13 @@
-//! The control thread's view of the kernel's forwarding state: it reads the routes and neighbours of the two
-//! interfaces egressd owns, publishes them to the workers as a `dataplane::nexthop::NextHopTable` snapshot, and
-//! asks the kernel to resolve next hops the workers could not find.
+//! The control thread's view of the kernel's forwarding state: it reads the rules, routes and neighbours over
+//! rtnetlink (`netlink`), works out which routing tables the kernel would consult for the traffic egressd
+//! forwards (`routing`: policy routing, sans-IO), publishes the result to the workers as a
+//! `dataplane::nexthop::NextHopTable` snapshot, and asks the kernel to resolve next hops the workers could not
+//! find.
 //!
-//! Why read the kernel's tables instead of resolving ARP ourselves: the XDP program passes ARP to the kernel, so
+//! Why mirror the kernel's tables instead of resolving ARP ourselves: the XDP program passes ARP to the kernel, so
 //! the kernel keeps its neighbour table fresh (and the node keeps working while egressd runs); egressd only
-//! mirrors it. Reading `/proc/net/route` and `/proc/net/arp` is namespace-aware; the files are small on a
-//! gateway, and a re-read every few hundred milliseconds costs microseconds.
+//! mirrors it. The control thread re-reads on the kernel's change notifications ([`netlink::RouteEvents`]), and
+//! every few seconds besides in case one was lost.
 //!
 //! Resolution: when a worker meets a next hop with no neighbour entry, the control thread asks the kernel to
 //! resolve it over netlink (`RTM_NEWNEIGH` with `NTF_USE`, what the kernel does itself before sending a packet):
@@ -13,16 +15,13 @@
 //! and the worker keeps counting `no_neighbour`). Nothing but ARP is sent: no probe traffic to the next hop or to
 //! an on-link destination.
 
+pub mod netlink;
+pub mod routing;
+
 use std::net::Ipv4Addr;
 use std::path::Path;
 
-use dataplane::nexthop::{InterfaceTable, Mac, NextHopTable, Route};
-
-/// `RTF_UP`, `RTF_GATEWAY` from `<linux/route.h>`.
-const RTF_UP: u32 = 0x1;
-const RTF_GATEWAY: u32 = 0x2;
-/// `ATF_COM` from `<linux/if_arp.h>`: the entry has a hardware address.
-const ATF_COM: u32 = 0x2;
+use dataplane::nexthop::{Mac, NextHopTable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FibError {
@@ -32,6 +31,8 @@ pub enum FibError {
     Read { path: String, source: std::io::Error },
     #[error("interface {interface:?} has no usable MAC address ({text:?})")]
     BadMac { interface: String, text: String },
+    #[error("cannot read the routing tables over netlink: {0}")]
+    Netlink(std::io::Error),
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -44,60 +45,11 @@ pub fn parse_mac(text: &str) -> Option<Mac> {
     parts.next().is_none().then_some(mac)
 }
 
-/// An address as `/proc/net/route` prints it: the network-order bytes read as a native-endian u32, in hex.
-fn proc_route_addr(hex: &str) -> Option<Ipv4Addr> {
-    u32::from_str_radix(hex, 16).ok().map(|v| Ipv4Addr::from(v.to_ne_bytes()))
-}
-
-/// The up routes of `interface` in `/proc/net/route` text (main table). Malformed lines are skipped.
-pub fn parse_proc_route(text: &str, interface: &str) -> Vec<Route> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 8 || f[0] != interface {
-                return None;
-            }
-            let destination = proc_route_addr(f[1])?;
-            let gateway = proc_route_addr(f[2])?;
-            let flags = u32::from_str_radix(f[3], 16).ok()?;
-            let mask = u32::from_be_bytes(proc_route_addr(f[7])?.octets());
-            if flags & RTF_UP == 0 || mask.leading_ones() != mask.count_ones() {
-                return None;
-            }
-            Some(Route {
-                destination,
-                prefix_len: mask.count_ones() as u8,
-                gateway: (flags & RTF_GATEWAY != 0).then_some(gateway),
-            })
-        })
-        .collect()
-}
-
-/// The complete neighbour entries of `interface` in `/proc/net/arp` text.
-pub fn parse_proc_arp(text: &str, interface: &str) -> Vec<(Ipv4Addr, Mac)> {
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 6 || f[5] != interface {
-                return None;
-            }
-            let flags = u32::from_str_radix(f[2].trim_start_matches("0x"), 16).ok()?;
-            if flags & ATF_COM == 0 {
-                return None;
-            }
-            let mac = parse_mac(f[3])?;
-            (mac != [0; 6]).then_some((f[0].parse().ok()?, mac))
-        })
-        .collect()
-}
-
 fn read(path: &str) -> Result<String, FibError> {
     std::fs::read_to_string(path).map_err(|source| FibError::Read { path: path.to_string(), source })
 }
 
-/// Reads the kernel's routes and neighbours for the inside and outside interfaces.
+/// Reads the kernel's routing state for the inside and outside interfaces.
 #[derive(Debug, Clone)]
 pub struct Fib {
     pub inside: String,
@@ -118,31 +70,42 @@ impl Fib {
         parse_mac(&text).ok_or_else(|| FibError::BadMac { interface: interface.to_string(), text })
     }
 
-    /// One consistent-enough snapshot of both interfaces (each file is read once). Each interface's first
-    /// IPv4 address, if any, is the source of the ICMP errors egressd sends out of it (RFC 1812 4.3.2.4).
-    pub fn read(&self) -> Result<NextHopTable, FibError> {
-        let routes = read("/proc/net/route")?;
-        let arp = read("/proc/net/arp")?;
+    /// What the routing tables need to know of `interface`. Its first IPv4 address, if any, is the source of the
+    /// ICMP errors egressd sends out of it (RFC 1812 4.3.2.4).
+    fn link(interface: &str, addrs: &[if_addrs::Interface]) -> Result<routing::Link, FibError> {
+        let mac = Self::mac_of(interface)?;
+        let path = format!("/sys/class/net/{interface}/ifindex");
+        let ifindex = read(&path)?.trim().parse().map_err(|_| FibError::Read {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not an interface index"),
+        })?;
+        let address = addrs.iter().find_map(|i| match i.ip() {
+            std::net::IpAddr::V4(a) if i.name == interface => Some(a),
+            _ => None,
+        });
+        Ok(routing::Link {
+            name: interface.to_string(),
+            ifindex,
+            mac,
+            mtu: interface_mtu(interface)?,
+            address,
+        })
+    }
+
+    /// One snapshot of both interfaces, for traffic from `egress_ips` (policy routing may give each its own
+    /// tables); and the policy routing rules it had to skip (see [`routing`]).
+    pub fn read(&self, egress_ips: &[Ipv4Addr]) -> Result<(NextHopTable, Vec<String>), FibError> {
+        let state = netlink::read_state().map_err(FibError::Netlink)?;
         // Not knowing the addresses only changes the ICMP errors' source (see `dataplane::icmp`): not an error.
         let addrs = if_addrs::get_if_addrs().unwrap_or_default();
-        let table = |interface: &str| -> Result<InterfaceTable, FibError> {
-            let address = addrs.iter().find_map(|i| match i.ip() {
-                std::net::IpAddr::V4(a) if i.name == interface => Some(a),
-                _ => None,
-            });
-            Ok(InterfaceTable::new(
-                Self::mac_of(interface)?,
-                parse_proc_route(&routes, interface),
-                parse_proc_arp(&arp, interface),
-            )
-            .with_address(address)
-            .with_mtu(interface_mtu(interface)?))
-        };
-        Ok(NextHopTable { inside: table(&self.inside)?, outside: table(&self.outside)? })
+        let inside = Self::link(&self.inside, &addrs)?;
+        let outside = Self::link(&self.outside, &addrs)?;
+        let mut warnings = Vec::new();
+        let table = state.next_hops(&inside, &outside, egress_ips, &mut warnings);
+        Ok((table, warnings))
     }
 }
 
-/// Makes the kernel resolve `next_hop`'s MAC on `interface`, as it does before sending a packet: an
 /// `RTM_NEWNEIGH` with `NTF_USE` over netlink creates the neighbour entry if needed and starts ARP, sending
 /// nothing to the next hop but the ARP request (no probe traffic to third parties).
 pub fn request_resolution(interface: &str, next_hop: Ipv4Addr) {
@@ -257,29 +220,6 @@ pub fn node_addresses(egress_ips: &[Ipv4Addr]) -> std::io::Result<Vec<std::net::
 mod tests {
     use super::*;
 
-    const ROUTE: &str = "\
-Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT
-gw-out\t00000000\t020200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
-gw-out\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
-gw-in\t00000A0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0
-gw-in\t0000140A\t FE000A0A\t0002\t0\t0\t0\t0000FFFF\t0\t0\t0
-gw-in\t0000150A\t00000000\t0001\t0\t0\t0\t00FF00FF\t0\t0\t0
-garbage
-";
-
-    const ARP: &str = "\
-IP address       HW type     Flags       HW address            Mask     Device
-192.0.2.2        0x1         0x2         02:00:00:00:01:02     *        gw-out
-192.0.2.7        0x1         0x0         00:00:00:00:00:00     *        gw-out
-10.10.0.2        0x1         0x2         02:00:00:00:00:02     *        gw-in
-10.10.0.9        0x1         0x6         02:00:00:00:00:09     *        gw-in
-10.10.0.3        0x1         0x2         zz:00:00:00:00:02     *        gw-in
-";
-
-    fn ip(s: &str) -> Ipv4Addr {
-        s.parse().unwrap()
-    }
-
     #[test]
     fn an_mtu_larger_than_the_frame_carries_is_refused_with_the_fix() {
         assert_eq!(check_mtu("gw-in", 1500, 2048), Ok(()));
@@ -296,32 +236,6 @@ IP address       HW type     Flags       HW address            Mask     Device
     }
 
     #[test]
-    fn routes_are_read_per_interface_with_gateways_and_prefix_lengths() {
-        assert_eq!(
-            parse_proc_route(ROUTE, "gw-out"),
-            vec![
-                Route { destination: ip("0.0.0.0"), prefix_len: 0, gateway: Some(ip("192.0.2.2")) },
-                Route { destination: ip("192.0.2.0"), prefix_len: 24, gateway: None },
-            ]
-        );
-        // The route that is not up (flags 0002) and the one with a non-contiguous mask are skipped.
-        assert_eq!(
-            parse_proc_route(ROUTE, "gw-in"),
-            vec![Route { destination: ip("10.10.0.0"), prefix_len: 24, gateway: None }]
-        );
-        assert!(parse_proc_route(ROUTE, "eth0").is_empty());
-    }
-
-    #[test]
-    fn only_complete_neighbours_with_valid_macs_are_kept() {
-        assert_eq!(parse_proc_arp(ARP, "gw-out"), vec![(ip("192.0.2.2"), [2, 0, 0, 0, 1, 2])]);
-        assert_eq!(
-            parse_proc_arp(ARP, "gw-in"),
-            vec![(ip("10.10.0.2"), [2, 0, 0, 0, 0, 2]), (ip("10.10.0.9"), [2, 0, 0, 0, 0, 9])]
-        );
-    }
-
-    #[test]
     fn mac_parsing_rejects_malformed_text() {
         assert_eq!(parse_mac("0a:1b:2c:3d:4e:5f\n"), Some([0x0a, 0x1b, 0x2c, 0x3d, 0x4e, 0x5f]));
         assert_eq!(parse_mac("0a:1b:2c:3d:4e"), None);
@@ -331,7 +245,7 @@ IP address       HW type     Flags       HW address            Mask     Device
 
     #[test]
     fn a_missing_interface_is_a_clear_error() {
-        let err = Fib::new("no-such-if0", "no-such-if1").read().unwrap_err();
+        let err = Fib::new("no-such-if0", "no-such-if1").read(&[]).unwrap_err();
         assert!(matches!(err, FibError::NoSuchInterface(ref n) if n == "no-such-if0"), "{err}");
     }
 }
