@@ -1,5 +1,6 @@
 //! The command line: one module per subcommand; this one owns parsing and dispatch.
 
+pub mod assets;
 pub mod check;
 pub mod doctor;
 pub mod explain;
@@ -18,7 +19,18 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(
     name = "egressd",
     version,
-    about = "Egress gateway on AF_XDP: default-deny policy and SNAT to fixed egress IPs"
+    about = "Egress gateway on AF_XDP: default-deny policy and SNAT to fixed egress IPs",
+    long_about = "egressd forwards the traffic that leaves a cluster through a dedicated egress node: every \
+packet from the inside interface passes a default-deny policy (source groups, destination CIDRs, protocols, \
+ports; TLS and HTTP flows checked by name on the L7 path) and leaves by the outside interface from its group's \
+fixed egress IP (SNAT with connection tracking). Worker threads pinned to cores busy-poll AF_XDP sockets; the \
+kernel keeps ARP and the node's own traffic.",
+    after_long_help = "FILES:\n  /etc/egressd/egressd.toml  the configuration (egressd check validates it)\n  \
+/usr/share/doc/egressd/examples/  example policies\n\nSIGNALS:\n  SIGHUP reloads the configuration (a refused \
+file keeps the running one); SIGINT and SIGTERM detach the XDP programs and stop.\n\nEXIT STATUS:\n  0 on \
+success; 1 when a check fails or a request is refused; 2 on a usage error.\n\nSEE ALSO:\n  egressd-run(8), \
+egressd-check(8), egressd-explain(8), egressd-flows(8), egressd-doctor(8); the admin endpoint serves /metrics, \
+/healthz, /readyz and /flows on 127.0.0.1:9900 by default."
 )]
 pub struct Cli {
     /// Log line format on stderr.
@@ -51,6 +63,9 @@ pub enum Command {
     Doctor(doctor::DoctorArgs),
     /// List a running gateway's live flows, or delete them (--delete), like conntrack -L / -D.
     Flows(flows::FlowsArgs),
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenerateAssets(assets::AssetsArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -101,5 +116,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reload(args) => reload::reload(args),
         Command::Doctor(args) => doctor::doctor(args),
         Command::Flows(args) => flows::flows(args),
+        Command::GenerateAssets(args) => assets::generate(args),
     }
 }
