@@ -80,6 +80,7 @@ use crate::wire::{checksum, icmp, ip_proto, ipv4, read_u16, read_u32, udp, write
 
 pub mod flows;
 mod icmp_error;
+mod invariants;
 mod log;
 mod packet;
 pub use log::FlowEnd as NatFlowEnd;

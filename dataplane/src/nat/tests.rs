@@ -1867,3 +1867,36 @@ fn an_abandoned_query_gives_way_to_the_next_one() {
     let mut active = flows::ActiveQuery::new(FlowQuery { id: 3, ..first });
     assert_eq!(nat.answer_flow_query(t(1), &mut active, &queries, |_| None), None);
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Invariants (what the fuzzer checks after every frame)
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn the_invariant_check_passes_on_real_traffic_and_catches_broken_tables() {
+    let pol = policy();
+    let mut nat = Nat::new(&cfg(), 0);
+    assert_eq!(nat.check_invariants(), Ok(()));
+    handshake(&mut nat, 0, &pol);
+    udp_out(&mut nat, 0, C1, 40000, SRV2, 53, &pol);
+    udp_out(&mut nat, 0, C2, 5353, SRV, 53, &pol);
+    assert_eq!(nat.check_invariants(), Ok(()));
+    // A mapping counting one session too many.
+    let mut broken = Nat::new(&cfg(), 0);
+    udp_out(&mut broken, 0, C1, 40000, SRV2, 53, &pol);
+    let mid = broken.map_idx.find(broken.map_hash(u32::from(ip(C1)), 40000, ip_proto::UDP), |_| true).unwrap();
+    broken.mappings[mid as usize].refs += 1;
+    assert!(broken.check_invariants().unwrap_err().contains("counts 2 sessions, 1 use it"));
+    // A second mapping claiming the first one's external port.
+    let mut broken = Nat::new(&cfg(), 0);
+    udp_out(&mut broken, 0, C1, 40000, SRV2, 53, &pol);
+    udp_out(&mut broken, 0, C2, 40001, SRV2, 53, &pol);
+    let first = broken.mappings.iter().position(|m| m.in_port == 40000).unwrap();
+    let second = broken.mappings.iter().position(|m| m.in_port == 40001).unwrap();
+    broken.mappings[second].ext_port = broken.mappings[first].ext_port;
+    assert!(broken.check_invariants().is_err());
+    // Expiry keeps them.
+    expire_all(&mut nat, 100_000);
+    assert_eq!(nat.check_invariants(), Ok(()));
+    assert_eq!(nat.stats().flows(), 0);
+}
