@@ -307,6 +307,13 @@ impl<'a> Gateway<'a> {
         assert!(status.is_ok_and(|s| s.success()), "kill -{signal} egressd failed");
     }
 
+    /// `kill -9`: no clean-up of any kind; waits for the process to be gone.
+    pub fn crash(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Sends SIGTERM and waits (at most 10 s); returns whether egressd exited with status 0.
     pub fn stop(&mut self) -> bool {
         let Some(mut child) = self.child.take() else { return false };

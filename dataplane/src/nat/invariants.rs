@@ -41,7 +41,8 @@ impl Nat {
                 return Err(format!("external endpoint of mapping {mid} ({m:?}) held twice"));
             }
             let h = self.map_hash(m.in_addr, m.in_port, m.proto);
-            if self.map_idx.find(h, |v| v == mid).is_some() && !inside_indexed.insert((m.in_addr, m.in_port, m.proto))
+            if self.map_idx.find(h, |v| v == mid).is_some()
+                && !inside_indexed.insert((m.in_addr, m.in_port, m.proto))
             {
                 return Err(format!("inside endpoint of mapping {mid} ({m:?}) indexed twice"));
             }
@@ -79,7 +80,10 @@ impl Nat {
         }
         for (class, n) in per_class.iter().enumerate() {
             if self.lru[class].len != *n {
-                return Err(format!("LRU list {class} counts {}, {n} sessions are in it", self.lru[class].len));
+                return Err(format!(
+                    "LRU list {class} counts {}, {n} sessions are in it",
+                    self.lru[class].len
+                ));
             }
         }
         for &mid in &live_mappings {

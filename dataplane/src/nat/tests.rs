@@ -1884,7 +1884,8 @@ fn the_invariant_check_passes_on_real_traffic_and_catches_broken_tables() {
     // A mapping counting one session too many.
     let mut broken = Nat::new(&cfg(), 0);
     udp_out(&mut broken, 0, C1, 40000, SRV2, 53, &pol);
-    let mid = broken.map_idx.find(broken.map_hash(u32::from(ip(C1)), 40000, ip_proto::UDP), |_| true).unwrap();
+    let mid =
+        broken.map_idx.find(broken.map_hash(u32::from(ip(C1)), 40000, ip_proto::UDP), |_| true).unwrap();
     broken.mappings[mid as usize].refs += 1;
     assert!(broken.check_invariants().unwrap_err().contains("counts 2 sessions, 1 use it"));
     // A second mapping claiming the first one's external port.
