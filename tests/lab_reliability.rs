@@ -127,7 +127,7 @@ fn reloads_every_second_while_traffic_runs_lose_nothing() {
         let text = if attempted == seconds as u32 / 2 {
             refused += 1;
             format!("{original}\n[[rule]]\ngroup = \"nobody\"\nto = [\"10.0.0.0/8\"]\naction = \"allow\"\n")
-        } else if attempted % 2 == 0 {
+        } else if attempted.is_multiple_of(2) {
             format!("{original}{extra}")
         } else {
             original.clone()
