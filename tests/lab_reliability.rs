@@ -200,3 +200,82 @@ fn a_crash_leaves_nothing_attached_and_a_restart_forwards_new_flows() {
     assert!(gw.metric(r#"egressd_drops_total{reason="tcp_not_syn"}"#) >= 1.0, "its segments were refused");
     eprintln!("crash to ready again: {restarted:?}; the interrupted transfer: {transfer}");
 }
+
+/// Sends one UDP datagram from each of `ports` at `source` to 203.0.113.10:9999 (allowed, closed): a new flow each.
+fn flood(lab: &Lab, source: &str, ports: std::ops::Range<u16>) {
+    let script = format!(
+        r#"
+import socket, struct, time
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
+s.bind(("{source}", 0))
+for p in range({}, {}):
+    s.sendto(struct.pack("!HHHH", p, 9999, 9, 0) + b"x", ("203.0.113.10", 0))
+    if p % 100 == 0:
+        time.sleep(0.002)
+"#,
+        ports.start, ports.end
+    );
+    let out = lab.exec("client", "python3", &["-c", &script]);
+    assert!(out.status.success(), "flood: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Flows an inside address holds, from `egressd flows`.
+fn flows_of(lab: &Lab, inside: &str) -> usize {
+    let out = lab.exec(
+        "gw",
+        support::egressd_bin().to_str().unwrap(),
+        &["flows", "--json", "--limit", "100000", "--inside", inside],
+    );
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).expect("flows JSON");
+    listing["flows"].as_array().map_or(0, Vec::len)
+}
+
+/// Limits under load: one source flooding new flows is held to `max_flows_per_source` and cannot starve another
+/// source; when many sources fill the table (`max_flows`), new flows are refused and counted while an
+/// established transfer goes on untouched.
+#[test]
+fn a_flooding_source_is_capped_and_a_full_table_spares_established_flows() {
+    let lab = Lab::up(false);
+    let (_dir, config, _) =
+        lab_config(|text| format!("{text}\n[nat]\nmax_flows = 2000\nmax_flows_per_source = 500\n"));
+    let gw = Gateway::start(&lab, &config);
+    let _sink = KillOnDrop(start_sink(&lab));
+    // The established flow, from 10.10.0.3.
+    let transfer = start_transfer(&lab, 10, 500_000);
+    std::thread::sleep(Duration::from_secs(1));
+
+    // One source floods 5000 new flows: it keeps at most its quota, the rest are refused under their reason.
+    flood(&lab, "10.10.0.2", 1024..6024);
+    wait_for(
+        || gw.metric(r#"egressd_drops_total{reason="source_flow_limit"}"#) >= 4000.0,
+        "the quota refusals",
+    );
+    let held = flows_of(&lab, "10.10.0.2");
+    assert!((200..=500).contains(&held), "the flooding source holds {held} flows");
+    // Another source is not starved.
+    let other =
+        lab.exec("client", "curl", &["-sf", "-m", "3", "--interface", "10.10.0.3", "http://203.0.113.10/ip"]);
+    assert!(other.status.success(), "another source's new flow");
+
+    // Many sources fill the table: new flows (from the flooded port range) are refused as conntrack_full.
+    let sources: Vec<String> = (4..12).map(|i| format!("10.10.0.{i}")).collect();
+    for s in &sources {
+        lab.sh("client", &format!("ip addr add {s}/24 dev cl0"));
+    }
+    for s in &sources {
+        flood(&lab, s, 1024..1524);
+    }
+    wait_for(
+        || gw.metric(r#"egressd_drops_total{reason="conntrack_full"}"#) >= 100.0,
+        "conntrack_full refusals",
+    );
+    let probe = lab.sh(
+        "client",
+        "python3 -c 'import socket; s = socket.socket(); s.bind((\"10.10.0.3\", 7000)); s.settimeout(2)\n\
+         try:\n    s.connect((\"203.0.113.10\", 80)); print(\"connected\")\nexcept OSError as e:\n    print(\"refused\", e)'",
+    );
+    let probe = String::from_utf8_lossy(&probe.stdout);
+    assert!(probe.starts_with("refused"), "a new flow into a full table: {probe}");
+    // The established transfer never noticed.
+    assert_eq!(output(transfer), "ok", "log:\n{}", gw.log_text());
+}
