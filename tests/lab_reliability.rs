@@ -279,3 +279,106 @@ fn a_flooding_source_is_capped_and_a_full_table_spares_established_flows() {
     // The established transfer never noticed.
     assert_eq!(output(transfer), "ok", "log:\n{}", gw.log_text());
 }
+
+/// RSS of the process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Least-squares slope of `(x, y)` points.
+fn slope(points: &[(f64, f64)]) -> f64 {
+    let n = points.len() as f64;
+    let (sx, sy) = points.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x, b + y));
+    let (mx, my) = (sx / n, sy / n);
+    let num: f64 = points.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    let den: f64 = points.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+    if den == 0.0 {
+        0.0
+    } else {
+        num / den
+    }
+}
+
+/// The soak (`scripts/soak` runs it for 10 minutes; CI for 2): a long paced transfer, HTTP requests on new
+/// connections and UDP queries from new ports all the time (flows open and close; short timers so the table
+/// reaches its steady state within the run), a reload every 5 s. Sampled every 5 s: RSS, live flows, drops by
+/// reason. At the end a report, and: no lost bytes or failed requests, RSS and flow count flat over the second
+/// half (slopes within bounds).
+#[test]
+fn soak_mixed_traffic_and_reloads_keeps_memory_and_flows_flat() {
+    let seconds: u64 = std::env::var("EGRESSD_SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
+    let lab = Lab::up(false);
+    let timers = "\n[nat]\nudp_timeout = \"10s\"\ntcp_transitory_timeout = \"10s\"\ntcp_established_timeout = \"60s\"\n";
+    let (_dir, config, _) = lab_config(|text| format!("{text}{timers}"));
+    let gw = Gateway::start(&lab, &config);
+    let pid = gw.pid();
+    let _sink = KillOnDrop(start_sink(&lab));
+    let transfer = start_transfer(&lab, seconds, 1_000_000);
+    let churn = format!(
+        r#"
+import http.client, random, socket, time
+start, ok, failed, udp_ok, udp_sent = time.time(), 0, 0, 0, 0
+u = None
+while time.time() - start < {seconds}:
+    try:
+        c = http.client.HTTPConnection("203.0.113.10", 80, timeout=3)
+        c.request("GET", "/ip"); c.getresponse().read(); c.close(); ok += 1
+    except Exception:
+        failed += 1
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)
+    s.bind(("10.10.0.2", random.randint(20000, 30000)))
+    try:
+        s.sendto(b"?", ("198.51.100.10", 9000)); udp_sent += 1; s.recv(100); udp_ok += 1
+    except Exception:
+        pass
+    s.close()
+    time.sleep(0.05)
+print(ok, failed, udp_sent, udp_ok, flush=True)
+"#
+    );
+    let churn = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("client"), "python3", "-c", &churn])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("churn");
+
+    let started = Instant::now();
+    let mut samples: Vec<(f64, u64, f64)> = Vec::new();
+    let mut reloads = 0;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        std::thread::sleep(Duration::from_secs(5));
+        gw.signal("HUP");
+        reloads += 1;
+        let flows: f64 =
+            gw.metrics().iter().filter(|(n, _)| n.starts_with("egressd_nat_flows{")).map(|(_, v)| v).sum();
+        samples.push((started.elapsed().as_secs_f64(), rss_kib(pid), flows));
+    }
+    let transfer = output(transfer);
+    let churn = output(churn);
+    let drops: Vec<(String, f64)> =
+        gw.metrics().into_iter().filter(|(n, v)| n.starts_with("egressd_drops_total{") && *v > 0.0).collect();
+    let second_half: Vec<&(f64, u64, f64)> = samples.iter().skip(samples.len() / 2).collect();
+    let rss_slope = slope(&second_half.iter().map(|(t, r, _)| (*t / 60.0, *r as f64)).collect::<Vec<_>>());
+    let flow_slope = slope(&second_half.iter().map(|(t, _, f)| (*t / 60.0, *f)).collect::<Vec<_>>());
+    let (first, last) = (samples.first().unwrap(), samples.last().unwrap());
+    eprintln!(
+        "soak report ({seconds} s, {reloads} reloads):\n  RSS {} -> {} KiB, second-half slope {rss_slope:.0} KiB/min\n  \
+         live flows {} -> {}, second-half slope {flow_slope:.1} flows/min\n  transfer: {transfer}\n  \
+         churn (HTTP ok, HTTP failed, UDP sent, UDP answered): {churn}\n  drops: {drops:?}",
+        first.1, last.1, first.2, last.2
+    );
+    assert_eq!(transfer, "ok", "lost bytes in the long transfer");
+    let counts: Vec<u64> = churn.split_whitespace().map(|w| w.parse().unwrap()).collect();
+    assert_eq!(counts[1], 0, "failed HTTP requests: {churn}");
+    assert!(counts[0] > seconds * 5, "the churn ran: {churn}");
+    assert!(counts[3] + counts[2] / 100 >= counts[2], "UDP answers: {churn}");
+    // Flat: RSS grows by less than 1 MiB a minute, and the flow count by less than 10 % of its level a minute.
+    assert!(rss_slope < 1024.0, "RSS grows {rss_slope:.0} KiB/min in the second half: {samples:?}");
+    assert!(flow_slope.abs() < 0.1 * last.2.max(50.0), "flows drift {flow_slope:.1}/min: {samples:?}");
+}

@@ -307,6 +307,11 @@ impl<'a> Gateway<'a> {
         assert!(status.is_ok_and(|s| s.success()), "kill -{signal} egressd failed");
     }
 
+    /// The egressd process's id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("egressd is running").id()
+    }
+
     /// `kill -9`: no clean-up of any kind; waits for the process to be gone.
     pub fn crash(&mut self) {
         let Some(mut child) = self.child.take() else { return };
