@@ -382,3 +382,126 @@ print(ok, failed, udp_sent, udp_ok, flush=True)
     assert!(rss_slope < 1024.0, "RSS grows {rss_slope:.0} KiB/min in the second half: {samples:?}");
     assert!(flow_slope.abs() < 0.1 * last.2.max(50.0), "flows drift {flow_slope:.1}/min: {samples:?}");
 }
+
+/// Hostile frames while good flows run: malformed, tagged, source-routed, TTL-expired and flag-abusing frames
+/// from inside, unsolicited datagrams and ICMP errors about unknown flows from outside, each sent 20 times in
+/// the middle of a paced TCP transfer and a UDP stream. Each is dropped under its own reason, exactly 20 times;
+/// the good flows lose nothing; egressd keeps running.
+#[test]
+fn hostile_frames_during_traffic_are_each_counted_and_cost_the_good_flows_nothing() {
+    use etherparse::{Icmpv4Type, PacketBuilder};
+    let lab = Lab::up(false);
+    let (_dir, config, _) = lab_config(str::to_string);
+    let gw = Gateway::start(&lab, &config);
+    let _sink = KillOnDrop(start_sink(&lab));
+    let transfer = start_transfer(&lab, 12, 1_000_000);
+    let udp = start_udp_stream(&lab, 12);
+    std::thread::sleep(Duration::from_secs(2));
+
+    let (client, gw_in) = (lab.mac("client", "cl0"), lab.mac("gw", "gw-in"));
+    let (ext, gw_out) = (lab.mac("ext", "ext0"), lab.mac("gw", "gw-out"));
+    let udp_frame = |ttl: u8| {
+        let mut f = Vec::new();
+        PacketBuilder::ethernet2(client, gw_in)
+            .ipv4([10, 10, 0, 2], [203, 0, 113, 10], ttl)
+            .udp(47000, 7)
+            .write(&mut f, b"hostile")
+            .unwrap();
+        f
+    };
+    let fix_ip_checksum = |f: &mut Vec<u8>| {
+        f[24..26].copy_from_slice(&[0, 0]);
+        let ihl = usize::from(f[14] & 0x0f) * 4;
+        let mut sum: u32 =
+            f[14..14 + ihl].chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        f[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    };
+    let mut cases: Vec<(&str, &str, Vec<u8>)> = Vec::new();
+    // From inside.
+    let mut tagged = udp_frame(64);
+    tagged.splice(12..12, [0x81, 0x00, 0x00, 0x05]);
+    cases.push(("client", "vlan_tagged", tagged));
+    cases.push(("client", "ttl_exceeded", udp_frame(1)));
+    let mut bad_sum = udp_frame(64);
+    bad_sum[24] ^= 0xff;
+    cases.push(("client", "bad_ip_checksum", bad_sum));
+    let mut short_ihl = udp_frame(64);
+    short_ihl[14] = 0x44;
+    fix_ip_checksum(&mut short_ihl);
+    cases.push(("client", "bad_ip_header", short_ihl));
+    let mut v6_in_v4 = udp_frame(64);
+    v6_in_v4[14] = 0x65;
+    cases.push(("client", "ip_version_mismatch", v6_in_v4));
+    let mut long_len = udp_frame(64);
+    long_len[16..18].copy_from_slice(&1400u16.to_be_bytes());
+    fix_ip_checksum(&mut long_len);
+    cases.push(("client", "bad_ip_length", long_len));
+    let mut syn_fin = Vec::new();
+    PacketBuilder::ethernet2(client, gw_in)
+        .ipv4([10, 10, 0, 2], [203, 0, 113, 10], 64)
+        .tcp(47001, 80, 1, 64240)
+        .syn()
+        .fin()
+        .write(&mut syn_fin, &[])
+        .unwrap();
+    cases.push(("client", "invalid_tcp_flags", syn_fin));
+    let mut lsrr = Vec::new();
+    {
+        // Loose source route option (type 131), padded to 8 bytes.
+        let options = [131u8, 7, 4, 203, 0, 113, 10, 0];
+        let payload = b"routed";
+        let total = 20 + options.len() + 8 + payload.len();
+        lsrr.extend_from_slice(&gw_in);
+        lsrr.extend_from_slice(&client);
+        lsrr.extend_from_slice(&[0x08, 0x00]);
+        lsrr.extend_from_slice(&[0x47, 0, (total >> 8) as u8, total as u8, 0, 1, 0, 0, 64, 17, 0, 0]);
+        lsrr.extend_from_slice(&[10, 10, 0, 2, 203, 0, 113, 10]);
+        lsrr.extend_from_slice(&options);
+        let udp_len = (8 + payload.len()) as u16;
+        lsrr.extend_from_slice(&47002u16.to_be_bytes());
+        lsrr.extend_from_slice(&7u16.to_be_bytes());
+        lsrr.extend_from_slice(&udp_len.to_be_bytes());
+        lsrr.extend_from_slice(&[0, 0]);
+        lsrr.extend_from_slice(payload);
+        fix_ip_checksum(&mut lsrr);
+    }
+    cases.push(("client", "source_route", lsrr));
+    // From outside.
+    let mut unsolicited = Vec::new();
+    PacketBuilder::ethernet2(ext, gw_out)
+        .ipv4([203, 0, 113, 10], [192, 0, 2, 10], 64)
+        .udp(7, 5555)
+        .write(&mut unsolicited, b"knock")
+        .unwrap();
+    cases.push(("ext", "no_mapping", unsolicited));
+    let mut quoted = Vec::new();
+    PacketBuilder::ipv4([192, 0, 2, 10], [203, 0, 113, 10], 64)
+        .udp(5556, 7)
+        .write(&mut quoted, b"q")
+        .unwrap();
+    let mut unknown_error = Vec::new();
+    PacketBuilder::ethernet2(ext, gw_out)
+        .ipv4([203, 0, 113, 10], [192, 0, 2, 10], 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port))
+        .write(&mut unknown_error, &quoted[..28])
+        .unwrap();
+    cases.push(("ext", "icmp_error_no_mapping", unknown_error));
+
+    let count = |reason: &str| gw.metric(&format!("egressd_drops_total{{reason=\"{reason}\"}}"));
+    for (from, reason, frame) in &cases {
+        let before = count(reason);
+        let iface = if *from == "client" { "cl0" } else { "ext0" };
+        lab.inject(from, iface, &vec![frame.clone(); 20]);
+        wait_for(|| count(reason) - before >= 20.0, reason);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(count(reason) - before, 20.0, "{reason}: each hostile frame once, nothing else");
+    }
+    assert_eq!(output(transfer), "ok", "the transfer under fire; log:\n{}", gw.log_text());
+    let udp = output(udp);
+    let (sent, received) = udp.split_once(' ').unwrap();
+    assert_eq!(sent, received, "the UDP stream under fire");
+    assert!(lab.curl("http://203.0.113.10/ip", 3).is_some(), "egressd keeps running");
+}
