@@ -502,3 +502,147 @@ fn with_dns_verification_an_allowed_name_at_another_address_is_refused() {
         "both fronted connections counted",
     );
 }
+
+/// RSS of `pid` in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Hostile clients of the L7 path: a slowloris head and a ClientHello that never ends are closed at the
+/// classify deadline; a SYN flood from one address is held to `max_connections_per_source`; thousands of idle
+/// connections from many addresses hit `max_connections`, are closed at the deadline, and cost bounded memory —
+/// and a well-behaved client is served throughout.
+#[test]
+fn slowloris_endless_hellos_syn_floods_and_idle_crowds_are_bounded() {
+    let lab = Lab::up(false);
+    let (_dir, config, _) = lab_config(|text| {
+        format!(
+            "{}\n[l7]\nclassify_timeout = \"2s\"\nmax_connections = 1000\nmax_connections_per_source = 200\n",
+            l7_config(text)
+        )
+    });
+    let gw = Gateway::start(&lab, &config);
+    let rss_before = rss_kib(gw.pid());
+    let good = |lab: &Lab| {
+        let out = lab.exec(
+            "client",
+            "curl",
+            &[
+                "-s",
+                "-m",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--interface",
+                "10.10.0.3",
+                "-H",
+                "Host: httpbin.test",
+                "http://203.0.113.10/ip",
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(good(&lab), "200");
+
+    // Slowloris and an endless ClientHello: a byte every 300 ms, closed at the 2 s deadline.
+    let out = client_python(
+        &lab,
+        r#"
+import socket, time
+for first in (b"GET / HTTP/1.1\r\nHost: httpbin.test\r\nX-a: ", bytes([22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc, 3, 3])):
+    s = socket.create_connection(("203.0.113.10", 80 if first[0] == 71 else 443), timeout=10)
+    s.sendall(first); start = time.time(); closed = None
+    try:
+        while time.time() - start < 10:
+            s.sendall(b"a"); time.sleep(0.3)
+            s.setblocking(False)
+            try:
+                if s.recv(100) == b"": closed = time.time() - start; break
+            except BlockingIOError:
+                pass
+            s.setblocking(True)
+    except OSError:
+        closed = time.time() - start
+    print(round(closed, 1) if closed else "open", end=" ")
+"#,
+    );
+    for took in out.split_whitespace() {
+        let took: f64 = took.parse().unwrap_or_else(|_| panic!("still open after 10 s: {out}"));
+        assert!((1.5..6.0).contains(&took), "closed after {took} s: {out}");
+    }
+    wait_for(
+        || gw.metric(r#"egressd_l7_refused_total{reason="classify_timeout"}"#) >= 2.0,
+        "both counted as classify_timeout",
+    );
+
+    // A SYN flood from 10.10.0.2 at the l7 port: one address holds at most 200 connections.
+    let flood = r#"
+import socket, struct
+src, dst = socket.inet_aton("10.10.0.2"), socket.inet_aton("203.0.113.10")
+def csum(b):
+    n = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while n >> 16: n = (n & 0xffff) + (n >> 16)
+    return ~n & 0xffff
+t = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP); t.bind(("10.10.0.2", 0))
+for p in range(20000, 22000):
+    syn = struct.pack("!HHIIBBHHH", p, 80, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+    c = csum(src + dst + struct.pack("!BBH", 0, 6, len(syn)) + syn)
+    t.sendto(syn[:16] + struct.pack("!H", c) + syn[18:], ("203.0.113.10", 0))
+"#;
+    assert!(lab.exec("client", "python3", &["-c", flood]).status.success());
+    wait_for(
+        || gw.metric(r#"egressd_l7_dropped_packets_total{reason="over_source_limit"}"#) >= 1000.0,
+        "the flood held to the per-source limit",
+    );
+    assert_eq!(good(&lab), "200", "served during the SYN flood");
+
+    // 2000 idle connections from ten addresses: over max_connections (1000), the rest are dropped; after the
+    // deadline they are gone and memory is bounded.
+    let addrs: Vec<String> = (10..20).map(|i| format!("10.10.0.{i}")).collect();
+    for a in &addrs {
+        lab.sh("client", &format!("ip addr add {a}/24 dev cl0"));
+    }
+    let crowd = format!(
+        r#"
+import socket, time
+socks = []
+for a in {addrs:?}:
+    for i in range(200):
+        s = socket.socket(); s.setblocking(False); s.bind((a, 0))
+        try: s.connect(("203.0.113.10", 80))
+        except BlockingIOError: pass
+        socks.append(s)
+time.sleep(1.5)
+print(len(socks), flush=True)
+time.sleep(3)
+"#
+    );
+    let crowd = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("client"), "python3", "-c", &crowd])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("crowd");
+    wait_for(
+        || gw.metric(r#"egressd_l7_dropped_packets_total{reason="over_limit"}"#) >= 1.0,
+        "the crowd reaches max_connections",
+    );
+    let rss_peak = rss_kib(gw.pid());
+    let _ = crowd.wait_with_output();
+    // Once the crowd is closed at the deadline, the well-behaved client is served again.
+    support::wait_for_within(
+        std::time::Duration::from_secs(10),
+        || good(&lab) == "200",
+        "served after the crowd",
+    );
+    let grown_mib = rss_peak.saturating_sub(rss_before) / 1024;
+    // Each connection holds two 64 KiB socket buffers at most: 1000 connections, 128 MiB at worst.
+    assert!(grown_mib < 160, "RSS grew {grown_mib} MiB under 1000 idle connections");
+    eprintln!("L7 RSS: {rss_before} KiB before, {rss_peak} KiB with 1000 connections held");
+}

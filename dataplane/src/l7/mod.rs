@@ -160,6 +160,12 @@ pub struct Connection {
     rule: RuleId,
     limits: L7Limits,
     deadline: Instant,
+    /// HTTP: the head being read is held to `deadline` (slowloris). The first head keeps the connection's
+    /// deadline; a later one on a keep-alive connection gets its own from its first byte, armed at the next
+    /// [`Connection::on_timeout`] (`head_arm_pending`), since client bytes come in without the time. A connection
+    /// idle between requests has no head deadline (a slow upstream answer is not the client's fault).
+    head_armed: bool,
+    head_arm_pending: bool,
     state: State,
     /// Client bytes not yet forwarded (the buffered head); never longer than `limits.max_head_bytes`.
     pending: Vec<u8>,
@@ -186,6 +192,8 @@ impl Connection {
             rule,
             limits,
             deadline: now.saturating_add(std::time::Duration::from_nanos(limits.classify_timeout_nanos)),
+            head_armed: false,
+            head_arm_pending: false,
             state: State::Classifying,
             pending: Vec::with_capacity(limits.max_head_bytes),
             ready: 0,
@@ -233,6 +241,7 @@ impl Connection {
                     }
                     Some(b) if b.is_ascii_uppercase() => {
                         self.summary.protocol = Some(Protocol::Http);
+                        self.head_armed = true;
                         self.state = State::RequestHead;
                     }
                     Some(_) => return self.refuse(Refusal::NotTlsOrHttp),
@@ -275,6 +284,9 @@ impl Connection {
                 State::RequestHead => {
                     if unjudged.is_empty() {
                         return;
+                    }
+                    if !self.head_armed {
+                        self.head_arm_pending = true;
                     }
                     let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
                     let head = match http::parse_request(unjudged, &mut headers) {
@@ -343,6 +355,8 @@ impl Connection {
     /// Lets an allowed request head through and follows its body.
     fn forward_request(&mut self, head_len: usize, body: BodyFraming) {
         self.summary.requests_allowed += 1;
+        self.head_armed = false;
+        self.head_arm_pending = false;
         self.upstream_wanted = true;
         self.ready += head_len;
         self.state = match body {
@@ -535,12 +549,23 @@ impl Connection {
 
     /// When [`Connection::on_timeout`] must next be called, if a deadline is pending.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        matches!(self.state, State::Classifying | State::ClientHello | State::VerifyingTls)
-            .then_some(self.deadline)
+        match self.state {
+            State::Classifying | State::ClientHello | State::VerifyingTls => Some(self.deadline),
+            State::RequestHead if self.head_arm_pending => Some(Instant::ZERO),
+            State::RequestHead if self.head_armed => Some(self.deadline),
+            _ => None,
+        }
     }
 
-    /// Time passed: a connection still undecided at its deadline is refused.
+    /// Time passed: a connection still undecided at its deadline is refused, and so is a request head still
+    /// incomplete at its own.
     pub fn on_timeout(&mut self, now: Instant) {
+        if std::mem::take(&mut self.head_arm_pending) {
+            self.head_armed = true;
+            self.deadline =
+                now.saturating_add(std::time::Duration::from_nanos(self.limits.classify_timeout_nanos));
+            return;
+        }
         if self.poll_timeout().is_some_and(|deadline| now >= deadline) {
             self.refuse(Refusal::Timeout);
         }

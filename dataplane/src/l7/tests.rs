@@ -147,6 +147,48 @@ fn garbage_is_refused_at_once_and_silence_at_the_deadline() {
     assert!(matches!(c.summary().refusal, Some(Refusal::TooLarge | Refusal::BadClientHello(_))));
 }
 
+/// Slowloris: a request head trickled byte by byte is refused at the deadline — the first head at the
+/// connection's, a later one on a keep-alive connection at its own, counted from its first byte (armed at the next
+/// timer visit). An idle keep-alive connection between requests has no head deadline.
+#[test]
+fn trickled_request_heads_are_refused_at_their_deadline_but_idle_keep_alive_is_not() {
+    let (mut c, policy) = connection();
+    for (i, b) in b"GET / HTTP/1.1\r\nHost: httpbin.test\r\nX-a: ".iter().enumerate() {
+        c.on_client_data(&[*b], &policy);
+        c.on_timeout(Instant::ZERO.saturating_add(std::time::Duration::from_millis(200 * i as u64)));
+        if c.summary().refusal.is_some() {
+            break;
+        }
+    }
+    c.on_timeout(Instant::from_secs(10));
+    assert_eq!(c.summary().refusal, Some(Refusal::Timeout), "the first head, at the connection's deadline");
+
+    let (mut c, policy) = connection();
+    c.on_client_data(b"GET /a HTTP/1.1\r\nHost: httpbin.test\r\n\r\n", &policy);
+    assert_eq!(flush_upstream(&mut c, &policy).len(), 39);
+    // Idle past every deadline: not refused.
+    c.on_timeout(Instant::from_secs(60));
+    assert_eq!(c.poll_timeout(), None);
+    assert_eq!(c.summary().refusal, None);
+    // The next head starts at 100 s and trickles: armed at the next visit, refused 10 s later.
+    c.on_client_data(b"GET /b HTTP/1.1\r\nHo", &policy);
+    c.on_timeout(Instant::from_secs(100));
+    assert_eq!(c.poll_timeout(), Some(Instant::from_secs(110)));
+    c.on_client_data(b"st: ht", &policy);
+    c.on_timeout(Instant::from_secs(109));
+    assert_eq!(c.summary().refusal, None);
+    c.on_timeout(Instant::from_secs(110));
+    assert_eq!(c.summary().refusal, Some(Refusal::Timeout));
+    // A head that completes in time disarms it.
+    let (mut c, policy) = connection();
+    c.on_client_data(b"GET /a HTTP/1.1\r\nHost: httpbin.test\r\n\r\nGET /b HTTP/1.1\r\n", &policy);
+    c.on_timeout(Instant::from_secs(1));
+    c.on_client_data(b"Host: httpbin.test\r\n\r\n", &policy);
+    c.on_timeout(Instant::from_secs(30));
+    assert_eq!(c.summary().refusal, None);
+    assert_eq!(c.summary().requests_allowed, 2);
+}
+
 #[test]
 fn http_requests_are_judged_one_by_one_on_a_keep_alive_connection() {
     let (mut c, policy) = connection();
