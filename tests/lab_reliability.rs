@@ -383,7 +383,8 @@ print(ok, failed, udp_sent, udp_ok, flush=True)
     assert!(flow_slope.abs() < 0.1 * last.2.max(50.0), "flows drift {flow_slope:.1}/min: {samples:?}");
 }
 
-/// Hostile frames while good flows run: malformed, tagged, source-routed, TTL-expired and flag-abusing frames
+/// Hostile frames while good flows run: malformed, tagged, source-routed, TTL-expired and flag-abusing frames and
+/// transit IPv6 with an extension-header chain
 /// from inside, unsolicited datagrams and ICMP errors about unknown flows from outside, each sent 20 times in
 /// the middle of a paced TCP transfer and a UDP stream. Each is dropped under its own reason, exactly 20 times;
 /// the good flows lose nothing; egressd keeps running.
@@ -469,6 +470,27 @@ fn hostile_frames_during_traffic_are_each_counted_and_cost_the_good_flows_nothin
         fix_ip_checksum(&mut lsrr);
     }
     cases.push(("client", "source_route", lsrr));
+    // Transit IPv6 with a chain of extension headers (hop-by-hop, routing type 0, destination options, fragment):
+    // dropped by the XDP program before any worker sees it.
+    let mut v6 = Vec::new();
+    v6.extend_from_slice(&gw_in);
+    v6.extend_from_slice(&client);
+    v6.extend_from_slice(&[0x86, 0xdd]);
+    let chain: Vec<u8> = [
+        vec![43, 0, 1, 4, 0, 0, 0, 0],            // hop-by-hop → routing, PadN
+        vec![60, 0, 0, 0, 0, 0, 0, 0],            // routing type 0 → destination options
+        vec![44, 0, 1, 4, 0, 0, 0, 0],            // destination options → fragment
+        vec![17, 0, 0, 0, 0, 0, 0, 1],            // fragment → UDP
+        vec![0xb7, 0x98, 0, 7, 0, 9, 0, 0, b'x'], // UDP
+    ]
+    .concat();
+    v6.extend_from_slice(&[0x60, 0, 0, 0]);
+    v6.extend_from_slice(&(chain.len() as u16).to_be_bytes());
+    v6.extend_from_slice(&[0, 64]); // next header: hop-by-hop
+    v6.extend_from_slice(&[0xfd, 0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    v6.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8, 0x01, 0x13, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10]);
+    v6.extend_from_slice(&chain);
+    cases.push(("client", "ipv6_unsupported", v6));
     // From outside.
     let mut unsolicited = Vec::new();
     PacketBuilder::ethernet2(ext, gw_out)
