@@ -202,7 +202,7 @@ fn a_crash_leaves_nothing_attached_and_a_restart_forwards_new_flows() {
 }
 
 /// Sends one UDP datagram from each of `ports` at `source` to 203.0.113.10:9999 (allowed, closed): a new flow each.
-fn flood(lab: &Lab, source: &str, ports: std::ops::Range<u16>) {
+fn flood(lab: &Lab, source: &str, ports: std::ops::Range<u32>) {
     let script = format!(
         r#"
 import socket, struct, time
@@ -526,4 +526,57 @@ fn hostile_frames_during_traffic_are_each_counted_and_cost_the_good_flows_nothin
     let (sent, received) = udp.split_once(' ').unwrap();
     assert_eq!(sent, received, "the UDP stream under fire");
     assert!(lab.curl("http://203.0.113.10/ip", 3).is_some(), "egressd keeps running");
+}
+
+/// Ports of an egress IP exhausted: every UDP port of 192.0.2.10 held (no port held twice, checked on the live
+/// flow list), a new flow is refused as `out_of_ports`, and once the flows expire and their ports leave
+/// quarantine (shortened to 5 s here) new flows get ports again.
+#[test]
+fn exhausted_ports_are_never_shared_and_come_back_after_the_quarantine() {
+    let lab = Lab::up(false);
+    let (_dir, config, _) = lab_config(|text| {
+        format!(
+            "{text}\n[nat]\nmax_flows_per_source = 200000\nudp_timeout = \"5s\"\nport_quarantine = \"5s\"\n"
+        )
+    });
+    let gw = Gateway::start(&lab, &config);
+    let in_use = r#"egressd_nat_ports_in_use{egress_ip="192.0.2.10",proto="udp"}"#;
+    // The flows live 5 s: keep refreshing them until every port is held.
+    let mut rounds = 0;
+    while gw.metric(in_use) < 64512.0 {
+        flood(&lab, "10.10.0.2", 1024..65536);
+        std::thread::sleep(Duration::from_millis(1200));
+        rounds += 1;
+        assert!(rounds < 6, "ports in use: {}\n{}", gw.metric(in_use), gw.log_text());
+    }
+    let whoami = |port: u16| {
+        let out = lab.sh(
+            "client",
+            &format!(
+                "printf x | socat -T1 - UDP4:203.0.113.10:9000,bind=10.10.0.3,sourceport={port},reuseaddr"
+            ),
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let refused = gw.metric(r#"egressd_drops_total{reason="out_of_ports"}"#);
+    assert_eq!(whoami(5000), "", "no port left for a new flow");
+    assert!(gw.metric(r#"egressd_drops_total{reason="out_of_ports"}"#) > refused);
+    // No egress port held twice.
+    let out = lab.exec(
+        "gw",
+        support::egressd_bin().to_str().unwrap(),
+        &["flows", "--json", "--proto", "udp", "--limit", "200000"],
+    );
+    let listing: serde_json::Value = serde_json::from_slice(&out.stdout).expect("flows JSON");
+    let flows = listing["flows"].as_array().unwrap();
+    let ports: std::collections::HashSet<&str> =
+        flows.iter().map(|f| f["egress"].as_str().unwrap()).collect();
+    assert!(flows.len() >= 64512, "{} flows listed", flows.len());
+    assert_eq!(ports.len(), flows.len(), "an egress port held by two flows");
+    // Expiry (5 s) and quarantine (5 s): new flows get ports again.
+    support::wait_for_within(
+        Duration::from_secs(30),
+        || whoami(5001).starts_with("192.0.2.10:"),
+        "ports back",
+    );
 }
