@@ -491,9 +491,11 @@ fn policy_routing_gives_an_egress_ip_its_own_uplink_and_follows_rule_changes() {
     let before = uplink2_rx();
     assert!(payments(), "payments through the second uplink; log:\n{}", gw.log_text());
     let moved = uplink2_rx() - before;
-    // (About one ACK per two of the ~720 data segments, plus the request.)
+    // The request and the client's ACKs. How many ACKs depends on how the client's stack coalesces the data
+    // (GRO on bursts: a slow debug build delivers fewer, larger bursts and gets as few as ~50 ACKs per MiB), so
+    // the bound is loose; the web download below shows the other egress IP adds (almost) nothing here.
     assert!(
-        moved >= 200,
+        moved >= 10,
         "a 1 MiB download's ACKs and request went by 192.0.2.3: only {moved} frames\n{}\nlog:\n{}",
         String::from_utf8_lossy(&lab.sh("gw", "ip rule; ip route show table 100; ip neigh").stdout),
         gw.log_text()
