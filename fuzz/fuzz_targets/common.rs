@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
 use dataplane::nexthop::{InterfaceTable, NextHopTable, Route};
@@ -29,6 +30,18 @@ pub const REMOTE: [[u8; 4]; 6] = [
 ];
 pub const PORTS: [u16; 8] = [40000, 40001, 53, 1, 1023, 1024, 65535, 0];
 pub const REMOTE_PORTS: [u16; 5] = [53, 80, 443, 7, 9];
+
+/// [`policy`] of `generation`, compiled once per process: compiling the tables costs more than running a whole
+/// input, and a snapshot never changes once built, so inputs stay reproducible.
+pub fn policy_of_generation(generation: u64) -> Arc<PolicySnapshot> {
+    static BUILT: Mutex<Vec<Arc<PolicySnapshot>>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap();
+    while built.len() as u64 <= generation {
+        let next = built.len() as u64;
+        built.push(Arc::new(policy(next)));
+    }
+    built[generation as usize].clone()
+}
 
 /// 10.0.0.0/8 leaves from 192.0.2.10/.11 to anything but 203.0.113.128/25.
 pub fn policy(generation: u64) -> PolicySnapshot {

@@ -32,8 +32,8 @@ struct Input {
 }
 
 fuzz_target!(|input: Input| {
-    let policy = policy(1);
-    let mut nat = Nat::new(&NatConfig { max_flows: 128, workers: 1, ..NatConfig::default() }, 0);
+    let policy = policy_of_generation(1);
+    let mut nat = Nat::new(&NatConfig { max_flows: 32, workers: 1, ..NatConfig::default() }, 0);
     let now = Instant::from_secs(10);
     for p in input.flows.iter().take(16) {
         let mut p = *p;

@@ -44,8 +44,8 @@ enum Op {
 }
 
 fuzz_target!(|ops: Vec<Op>| {
-    let policy = Arc::new(dataplane::policy::shared(policy(1)));
-    let nat = NatConfig { max_flows: 256, max_flows_per_source: 64, ..NatConfig::default() };
+    let policy = Arc::new(dataplane::policy::SharedPolicy::new(policy_of_generation(1)));
+    let nat = NatConfig { max_flows: 64, max_flows_per_source: 24, ..NatConfig::default() };
     let mut pipeline = Pipeline::single(
         Arc::new(WorkerStats::default()),
         NextHops::fixed(next_hops()),
@@ -101,7 +101,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 }
                 Op::Reload => {
                     generation += 1;
-                    policy.store(Arc::new(common::policy(generation)));
+                    policy.store(policy_of_generation(generation));
                     None
                 }
             }

@@ -8,7 +8,7 @@
 //!   last sessions drain);
 //! - a mapping's reference count is the number of sessions using it, and every session's mapping exists.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use super::Nat;
 use crate::conntrack::*;
@@ -16,17 +16,20 @@ use crate::conntrack::*;
 impl Nat {
     /// Checks the tables' invariants; the first one broken, described.
     pub fn check_invariants(&self) -> Result<(), String> {
-        // Free mappings: the free list.
-        let mut free_mappings = HashSet::new();
+        // Free mappings: the free list. Flags indexed by mapping id (not hash sets): the fuzzer calls this after
+        // every frame, so it must stay cheap for small tables.
+        let mut is_free = vec![false; self.mappings.len()];
         let mut m = self.free_mapping;
         while m != NONE {
-            if !free_mappings.insert(m) {
-                return Err(format!("mapping free list loops at {m}"));
+            match is_free.get_mut(m as usize) {
+                Some(seen) if *seen => return Err(format!("mapping free list loops at {m}")),
+                Some(seen) => *seen = true,
+                None => return Err(format!("mapping free list points past the slab at {m}")),
             }
-            m = self.mappings.get(m as usize).map_or(NONE, |x| x.refs);
+            m = self.mappings[m as usize].refs;
         }
         let live_mappings: Vec<u32> =
-            (0..self.mappings.len() as u32).filter(|m| !free_mappings.contains(m)).collect();
+            (0..self.mappings.len() as u32).filter(|&m| !is_free[m as usize]).collect();
         if live_mappings.len() as u32 != self.mapping_count {
             return Err(format!("{} live mappings, count says {}", live_mappings.len(), self.mapping_count));
         }
@@ -49,7 +52,7 @@ impl Nat {
         }
 
         let mut sessions = 0u32;
-        let mut refs: HashMap<u32, u32> = HashMap::new();
+        let mut refs = vec![0u32; self.mappings.len()];
         let mut per_class = [0u32; CLASSES];
         for (sid, s) in self.sessions.iter().enumerate() {
             if s.class == CLASS_FREE {
@@ -71,7 +74,7 @@ impl Nat {
                 return Err(format!("session {sid} ({s:?}) missing from the inbound index"));
             }
             match self.mapping_of_session(s) {
-                Some(mid) if !free_mappings.contains(&mid) => *refs.entry(mid).or_default() += 1,
+                Some(mid) if !is_free.get(mid as usize).copied().unwrap_or(true) => refs[mid as usize] += 1,
                 _ => return Err(format!("session {sid} ({s:?}) has no live mapping")),
             }
         }
@@ -88,7 +91,7 @@ impl Nat {
         }
         for &mid in &live_mappings {
             let m = self.mappings[mid as usize];
-            let used = refs.get(&mid).copied().unwrap_or(0);
+            let used = refs[mid as usize];
             if m.refs != used {
                 return Err(format!("mapping {mid} ({m:?}) counts {} sessions, {used} use it", m.refs));
             }
