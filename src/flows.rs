@@ -7,15 +7,15 @@
 //! never what a typo should do. The admin thread asks every worker, collects their pages until all are done or
 //! [`ANSWER_DEADLINE`] passes, and answers in JSON.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dataplane::nat::flows::{
-    proto_by_name, proto_name, FlowFilter, FlowInfo, FlowPage, FlowQueries, FlowQuery, FlowState, V4Net,
+    proto_by_name, proto_name, FlowFilter, FlowInfo, FlowPage, FlowQueries, FlowQuery, FlowState,
     PAGES_IN_FLIGHT,
 };
-use dataplane::policy::PolicySnapshot;
+use dataplane::policy::{PolicySnapshot, Prefix};
 use serde::Serialize;
 
 /// Flows a listing returns unless it asks for another limit.
@@ -33,8 +33,8 @@ pub struct FlowSelector {
     pub limit: u32,
 }
 
-/// Parses `ADDR[/LEN][:PORT]`.
-pub fn parse_endpoint(text: &str) -> Result<(V4Net, Option<u16>), String> {
+/// Parses `ADDR[/LEN][:PORT]` (IPv4: the NAT's flows are).
+pub fn parse_endpoint(text: &str) -> Result<(Prefix, Option<u16>), String> {
     let (net, port) = match text.rsplit_once(':') {
         Some((net, port)) => {
             let port = port.parse::<u16>().map_err(|_| format!("`{text}`: `{port}` is not a port"))?;
@@ -42,15 +42,11 @@ pub fn parse_endpoint(text: &str) -> Result<(V4Net, Option<u16>), String> {
         }
         None => (text, None),
     };
-    let (addr, len) = match net.split_once('/') {
-        Some((addr, len)) => {
-            let len = len.parse::<u8>().ok().filter(|l| *l <= 32);
-            (addr, len.ok_or_else(|| format!("`{text}`: the prefix length must be 0 to 32"))?)
-        }
-        None => (net, 32),
-    };
-    let addr = addr.parse::<Ipv4Addr>().map_err(|_| format!("`{text}`: `{addr}` is not an IPv4 address"))?;
-    Ok((V4Net { addr, len }, port))
+    let prefix = net.parse::<Prefix>().map_err(|e| format!("`{text}`: {e}"))?;
+    if !prefix.is_ipv4() {
+        return Err(format!("`{text}`: flows are IPv4; `{net}` is not an IPv4 address"));
+    }
+    Ok((prefix, port))
 }
 
 impl FlowSelector {
@@ -64,10 +60,10 @@ impl FlowSelector {
                 "remote" => (f.remote, f.remote_port) = parse_endpoint(&value).map(|(n, p)| (Some(n), p))?,
                 "egress" => {
                     let (net, port) = parse_endpoint(&value)?;
-                    if net.len != 32 {
+                    let (IpAddr::V4(ip), 32) = (net.addr(), net.prefix_len()) else {
                         return Err(format!("egress `{value}`: an egress IP is one address, not a prefix"));
-                    }
-                    (f.egress_ip, f.egress_port) = (Some(net.addr), port);
+                    };
+                    (f.egress_ip, f.egress_port) = (Some(ip), port);
                 }
                 "proto" => {
                     f.proto = Some(
@@ -272,15 +268,14 @@ mod tests {
 
     #[test]
     fn endpoints_parse_with_prefixes_and_ports() {
-        let a = |s: &str| s.parse::<Ipv4Addr>().unwrap();
-        assert_eq!(parse_endpoint("10.0.0.1").unwrap(), (V4Net::host(a("10.0.0.1")), None));
-        assert_eq!(parse_endpoint("10.0.0.0/8").unwrap(), (V4Net { addr: a("10.0.0.0"), len: 8 }, None));
-        assert_eq!(parse_endpoint("192.0.2.10:40123").unwrap(), (V4Net::host(a("192.0.2.10")), Some(40123)));
-        assert_eq!(
-            parse_endpoint("10.0.0.0/24:53").unwrap(),
-            (V4Net { addr: a("10.0.0.0"), len: 24 }, Some(53))
-        );
-        for bad in ["10.0.0.1:99999", "10.0.0.0/33", "host", "10.0.0.1:", "::1", ""] {
+        let p = |s: &str| s.parse::<Prefix>().unwrap();
+        assert_eq!(parse_endpoint("10.0.0.1").unwrap(), (p("10.0.0.1/32"), None));
+        assert_eq!(parse_endpoint("10.0.0.0/8").unwrap(), (p("10.0.0.0/8"), None));
+        assert_eq!(parse_endpoint("192.0.2.10:40123").unwrap(), (p("192.0.2.10/32"), Some(40123)));
+        assert_eq!(parse_endpoint("10.0.0.0/24:53").unwrap(), (p("10.0.0.0/24"), Some(53)));
+        let host_bits = parse_endpoint("10.0.0.5/24").unwrap_err();
+        assert!(host_bits.contains("did you mean 10.0.0.0/24"), "{host_bits}");
+        for bad in ["10.0.0.1:99999", "10.0.0.0/33", "host", "10.0.0.1:", "::1", "2001:db8::/32", ""] {
             assert!(parse_endpoint(bad).is_err(), "{bad}");
         }
     }
@@ -291,7 +286,7 @@ mod tests {
             "inside=10.0.0.0/24&egress=192.0.2.10:40123&proto=tcp&state=established&group=apps&limit=5",
         )
         .unwrap();
-        assert_eq!(s.filter.inside.map(|n| n.len), Some(24));
+        assert_eq!(s.filter.inside.map(|n| n.prefix_len()), Some(24));
         assert_eq!(
             (s.filter.egress_ip, s.filter.egress_port),
             (Some("192.0.2.10".parse().unwrap()), Some(40123))

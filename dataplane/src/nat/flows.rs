@@ -8,13 +8,13 @@
 //! stall. The answer is a snapshot per step, not of the whole table at one instant: a flow created behind the
 //! cursor while the scan runs is not listed, as with `conntrack -L`.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_queue::ArrayQueue;
 
 use crate::conntrack::*;
-use crate::policy::GroupId;
+use crate::policy::{GroupId, Prefix};
 use crate::wire::ip_proto;
 
 /// Session slots a worker looks at per step of a query (about 230 KiB of table: tens of microseconds).
@@ -105,32 +105,14 @@ pub struct FlowInfo {
     pub counts: Option<FlowCounts>,
 }
 
-/// An address or a prefix of one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct V4Net {
-    pub addr: Ipv4Addr,
-    pub len: u8,
-}
-
-impl V4Net {
-    pub fn host(addr: Ipv4Addr) -> V4Net {
-        V4Net { addr, len: 32 }
-    }
-
-    pub fn contains(self, addr: Ipv4Addr) -> bool {
-        let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - u32::from(self.len.min(32))) };
-        u32::from(addr) & mask == u32::from(self.addr) & mask
-    }
-}
-
 /// Which flows a query selects; every field given must match.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowFilter {
-    pub inside: Option<V4Net>,
+    pub inside: Option<Prefix>,
     pub inside_port: Option<u16>,
     pub egress_ip: Option<Ipv4Addr>,
     pub egress_port: Option<u16>,
-    pub remote: Option<V4Net>,
+    pub remote: Option<Prefix>,
     pub remote_port: Option<u16>,
     pub proto: Option<u8>,
     pub state: Option<FlowState>,
@@ -147,11 +129,11 @@ impl FlowFilter {
     /// Whether `flow` matches; `group_of` answers the inside address's source group (asked only when needed).
     pub fn matches(&self, flow: &FlowInfo, group_of: impl FnOnce(Ipv4Addr) -> Option<GroupId>) -> bool {
         let port = |want: Option<u16>, have: u16| want.is_none_or(|p| p == have);
-        self.inside.is_none_or(|n| n.contains(*flow.inside.ip()))
+        self.inside.is_none_or(|n| n.contains(IpAddr::V4(*flow.inside.ip())))
             && port(self.inside_port, flow.inside.port())
             && self.egress_ip.is_none_or(|ip| ip == *flow.egress.ip())
             && port(self.egress_port, flow.egress.port())
-            && self.remote.is_none_or(|n| n.contains(*flow.remote.ip()))
+            && self.remote.is_none_or(|n| n.contains(IpAddr::V4(*flow.remote.ip())))
             && port(self.remote_port, flow.remote.port())
             && self.proto.is_none_or(|p| p == flow.proto)
             && self.state.is_none_or(|s| s == flow.state)

@@ -1717,7 +1717,7 @@ fn reserved_tcp_ports_are_never_allocated_but_udp_keeps_them() {
 // Live flows (`egressd flows`)
 // ---------------------------------------------------------------------------------------------------------------
 
-use super::flows::{FlowFilter, FlowPage, FlowQueries, FlowQuery, FlowState, V4Net, FLOWS_PER_PAGE};
+use super::flows::{FlowFilter, FlowPage, FlowQueries, FlowQuery, FlowState, FLOWS_PER_PAGE};
 
 /// Runs `query` on `nat` through the mailboxes the way the worker and the admin thread do, and returns the flows
 /// listed and the number deleted.
@@ -1786,10 +1786,13 @@ fn flow_filters_select_by_every_field() {
     let count = |nat: &mut Nat, f: FlowFilter| list(nat, 1, f, &pol).len();
     let any = FlowFilter::default();
     assert_eq!(count(&mut nat, any), 3);
-    assert_eq!(count(&mut nat, FlowFilter { inside: Some(V4Net::host(ip(C2))), ..any }), 2);
-    assert_eq!(count(&mut nat, FlowFilter { inside: Some(V4Net { addr: ip(C1), len: 8 }), ..any }), 3);
+    assert_eq!(count(&mut nat, FlowFilter { inside: Some(Prefix::truncating(ip(C2).into(), 32)), ..any }), 2);
+    assert_eq!(count(&mut nat, FlowFilter { inside: Some(Prefix::truncating(ip(C1).into(), 8)), ..any }), 3);
     assert_eq!(count(&mut nat, FlowFilter { inside_port: Some(5354), ..any }), 1);
-    assert_eq!(count(&mut nat, FlowFilter { remote: Some(V4Net::host(ip(SRV))), ..any }), 2);
+    assert_eq!(
+        count(&mut nat, FlowFilter { remote: Some(Prefix::truncating(ip(SRV).into(), 32)), ..any }),
+        2
+    );
     assert_eq!(count(&mut nat, FlowFilter { remote_port: Some(53), ..any }), 1);
     assert_eq!(count(&mut nat, FlowFilter { proto: Some(ip_proto::TCP), ..any }), 1);
     assert_eq!(count(&mut nat, FlowFilter { state: Some(FlowState::Established), ..any }), 1);
@@ -1827,7 +1830,7 @@ fn deleting_flows_removes_them_frees_their_ports_and_keeps_the_rest() {
     let tcp_port = handshake(&mut nat, 0, &pol);
     let (_, udp_port) = udp_out(&mut nat, 0, C2, 5353, SRV2, 53, &pol);
     drain(&queue);
-    let filter = FlowFilter { inside: Some(V4Net::host(ip(C1))), ..FlowFilter::default() };
+    let filter = FlowFilter { inside: Some(Prefix::truncating(ip(C1).into(), 32)), ..FlowFilter::default() };
     let (listed, deleted) = run_query(&mut nat, 5, FlowQuery { id: 3, filter, delete: true, limit: 0 }, &pol);
     assert_eq!((listed.len(), deleted), (0, 1));
     assert_eq!(nat.stats().flows(), 1);
