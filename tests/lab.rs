@@ -226,11 +226,7 @@ except Exception as e:
     print("failed", type(e).__name__)
 "#
         );
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &lab.ns("client"), "python3", "-c", &script])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn python")
+        lab.spawn_python("client", &script)
     };
     let reloads = |n: f64| {
         wait_for(|| gw.metric(r#"egressd_reloads_total{result="ok"}"#) >= n, "the reload");

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Instant;
 
-use support::{lab_config, wait_for, Gateway, Lab};
+use support::{lab_config, rss_kib, wait_for, Gateway, Lab};
 
 /// The lab's first rule (web → the servers on TCP 80 and 443) made an `l7` rule for these names.
 fn l7_config(text: &str) -> String {
@@ -95,12 +95,7 @@ while True:
             cert = cert.display(),
             key = key.display()
         );
-        let child = Command::new("ip")
-            .args(["netns", "exec", &lab.ns("ext"), "python3", "-c", &script])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the TLS server");
+        let child = lab.spawn_python_server("ext", &script);
         let server = TlsServer { child, _dir: dir, cert };
         wait_for(
             || lab.sh("ext", "ss -ltn | grep -q '203.0.113.10:443'").status.success(),
@@ -294,12 +289,6 @@ fn http_methods_and_paths_are_checked_through_the_gateway() {
 }
 
 /// Runs a python script in the client namespace; its stdout.
-fn client_python(lab: &Lab, script: &str) -> String {
-    let out = lab.exec("client", "python3", &["-c", script]);
-    assert!(out.status.success(), "client script failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn tls_hellos_in_one_byte_segments_and_50_mb_each_way_pass_intact() {
     let lab = Lab::up(false);
@@ -310,8 +299,8 @@ fn tls_hellos_in_one_byte_segments_and_50_mb_each_way_pass_intact() {
 
     // The ClientHello goes out one byte per TCP segment (TCP_NODELAY, a pause between bytes); the handshake then
     // completes against the server's own certificate.
-    let out = client_python(
-        &lab,
+    let out = lab.python(
+        "client",
         &format!(
             r#"
 import socket, ssl, time
@@ -356,9 +345,7 @@ print(len(hello), answer.decode().split("\r\n\r\n", 1)[1].strip())
     assert_from_l7_range(seen);
 
     // 50 MB up and 50 MB down through one passed-through TLS connection, compared by SHA-256 both ways.
-    let out = client_python(
-        &lab,
-        &format!(
+    let out = lab.python("client", &format!(
             r#"
 import hashlib, os, socket, ssl
 n = 50 * 1024 * 1024
@@ -401,8 +388,8 @@ fn refusals_are_prompt_an_absent_upstream_resets_and_silence_is_closed_at_the_de
     wait_for(|| gw.metric("egressd_l7_upstream_failures_total") >= 1.0, "the upstream failure counted");
 
     // A client that connects and says nothing (and does not close) is closed at classify_timeout (2 s).
-    let out = client_python(
-        &lab,
+    let out = lab.python(
+        "client",
         r#"
 import socket, time
 s = socket.create_connection(("203.0.113.10", 80), timeout=20)
@@ -504,15 +491,6 @@ fn with_dns_verification_an_allowed_name_at_another_address_is_refused() {
 }
 
 /// RSS of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Hostile clients of the L7 path: a slowloris head and a ClientHello that never ends are closed at the
 /// classify deadline; a SYN flood from one address is held to `max_connections_per_source`; thousands of idle
 /// connections from many addresses hit `max_connections`, are closed at the deadline, and cost bounded memory —
@@ -552,9 +530,7 @@ fn slowloris_endless_hellos_syn_floods_and_idle_crowds_are_bounded() {
     assert_eq!(good(&lab), "200");
 
     // Slowloris and an endless ClientHello: a byte every 300 ms, closed at the 2 s deadline.
-    let out = client_python(
-        &lab,
-        r#"
+    let out = lab.python("client", r#"
 import socket, time
 for first in (b"GET / HTTP/1.1\r\nHost: httpbin.test\r\nX-a: ", bytes([22, 3, 1, 0x40, 0, 1, 0, 0x3f, 0xfc, 3, 3])):
     s = socket.create_connection(("203.0.113.10", 80 if first[0] == 71 else 443), timeout=10)
@@ -624,11 +600,7 @@ print(len(socks), flush=True)
 time.sleep(3)
 "#
     );
-    let crowd = Command::new("ip")
-        .args(["netns", "exec", &lab.ns("client"), "python3", "-c", &crowd])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("crowd");
+    let crowd = lab.spawn_python("client", &crowd);
     wait_for(
         || gw.metric(r#"egressd_l7_dropped_packets_total{reason="over_limit"}"#) >= 1.0,
         "the crowd reaches max_connections",

@@ -4,10 +4,10 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use support::{lab_config, wait_for, Gateway, Lab};
+use support::{lab_config, rss_kib, stdout_of, wait_for, Gateway, Lab};
 
 /// A TCP sink in ext on 203.0.113.21:443 (a port the web group may use): reads a connection to its end and
 /// answers with the byte count and SHA-256 of what it read.
@@ -26,12 +26,7 @@ def serve(c):
 while True:
     c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
-    let child = Command::new("ip")
-        .args(["netns", "exec", &lab.ns("ext"), "python3", "-c", script])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("sink");
+    let child = lab.spawn_python_server("ext", script);
     wait_for(
         || String::from_utf8_lossy(&lab.sh("ext", "ss -lnt").stdout).contains("203.0.113.21:443"),
         "the sink",
@@ -60,11 +55,7 @@ except Exception as e:
     print(f"failed after {{n}} bytes, {{time.time() - start:.1f}} s: {{type(e).__name__}} {{e}}", flush=True)
 "#
     );
-    Command::new("ip")
-        .args(["netns", "exec", &lab.ns("client"), "python3", "-c", &script])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("transfer")
+    lab.spawn_python("client", &script)
 }
 
 /// From the client: one datagram every 20 ms to the UDP echo for `seconds`; prints "sent received".
@@ -92,15 +83,7 @@ while time.time() < end:
 print(sent, received, flush=True)
 "#
     );
-    Command::new("ip")
-        .args(["netns", "exec", &lab.ns("client"), "python3", "-c", &script])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("udp stream")
-}
-
-fn output(child: Child) -> String {
-    String::from_utf8_lossy(&child.wait_with_output().unwrap().stdout).trim().to_string()
+    lab.spawn_python("client", &script)
 }
 
 /// The policy reloaded every second while a TCP transfer and a UDP stream run: every reload that changes the
@@ -136,8 +119,8 @@ fn reloads_every_second_while_traffic_runs_lose_nothing() {
         gw.signal("HUP");
         std::thread::sleep(Duration::from_secs(1));
     }
-    let transfer = output(transfer);
-    let udp = output(udp);
+    let transfer = stdout_of(transfer);
+    let udp = stdout_of(udp);
     assert_eq!(transfer, "ok", "the TCP transfer across {attempted} reloads; log:\n{}", gw.log_text());
     let (sent, received) =
         udp.split_once(' ').map(|(a, b)| (a.parse::<u64>().unwrap(), b.parse::<u64>().unwrap())).unwrap();
@@ -195,7 +178,7 @@ fn a_crash_leaves_nothing_attached_and_a_restart_forwards_new_flows() {
         "a new flow right after the restart; log:\n{}",
         gw.log_text()
     );
-    let transfer = output(transfer);
+    let transfer = stdout_of(transfer);
     assert!(transfer.starts_with("failed after"), "the old connection cannot resume: {transfer}");
     assert!(gw.metric(r#"egressd_drops_total{reason="tcp_not_syn"}"#) >= 1.0, "its segments were refused");
     eprintln!("crash to ready again: {restarted:?}; the interrupted transfer: {transfer}");
@@ -277,20 +260,10 @@ fn a_flooding_source_is_capped_and_a_full_table_spares_established_flows() {
     let probe = String::from_utf8_lossy(&probe.stdout);
     assert!(probe.starts_with("refused"), "a new flow into a full table: {probe}");
     // The established transfer never noticed.
-    assert_eq!(output(transfer), "ok", "log:\n{}", gw.log_text());
+    assert_eq!(stdout_of(transfer), "ok", "log:\n{}", gw.log_text());
 }
 
 /// RSS of the process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Least-squares slope of `(x, y)` points.
 fn slope(points: &[(f64, f64)]) -> f64 {
     let n = points.len() as f64;
@@ -342,11 +315,7 @@ while time.time() - start < {seconds}:
 print(ok, failed, udp_sent, udp_ok, flush=True)
 "#
     );
-    let churn = Command::new("ip")
-        .args(["netns", "exec", &lab.ns("client"), "python3", "-c", &churn])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("churn");
+    let churn = lab.spawn_python("client", &churn);
 
     let started = Instant::now();
     let mut samples: Vec<(f64, u64, f64)> = Vec::new();
@@ -359,8 +328,8 @@ print(ok, failed, udp_sent, udp_ok, flush=True)
             gw.metrics().iter().filter(|(n, _)| n.starts_with("egressd_nat_flows{")).map(|(_, v)| v).sum();
         samples.push((started.elapsed().as_secs_f64(), rss_kib(pid), flows));
     }
-    let transfer = output(transfer);
-    let churn = output(churn);
+    let transfer = stdout_of(transfer);
+    let churn = stdout_of(churn);
     let drops: Vec<(String, f64)> =
         gw.metrics().into_iter().filter(|(n, v)| n.starts_with("egressd_drops_total{") && *v > 0.0).collect();
     let second_half: Vec<&(f64, u64, f64)> = samples.iter().skip(samples.len() / 2).collect();
@@ -521,8 +490,8 @@ fn hostile_frames_during_traffic_are_each_counted_and_cost_the_good_flows_nothin
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(count(reason) - before, 20.0, "{reason}: each hostile frame once, nothing else");
     }
-    assert_eq!(output(transfer), "ok", "the transfer under fire; log:\n{}", gw.log_text());
-    let udp = output(udp);
+    assert_eq!(stdout_of(transfer), "ok", "the transfer under fire; log:\n{}", gw.log_text());
+    let udp = stdout_of(udp);
     let (sent, received) = udp.split_once(' ').unwrap();
     assert_eq!(sent, received, "the UDP stream under fire");
     assert!(lab.curl("http://203.0.113.10/ip", 3).is_some(), "egressd keeps running");

@@ -101,6 +101,32 @@ impl Lab {
         self.exec(role, "sh", &["-c", script])
     }
 
+    /// Runs a Python script in the namespace of `role` and returns what it printed; the test fails if it fails.
+    pub fn python(&self, role: &str, script: &str) -> String {
+        let out = self.exec(role, "python3", &["-c", script]);
+        assert!(out.status.success(), "python in {role} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts a Python script in the namespace of `role` with its stdout piped (read it with [`stdout_of`]).
+    pub fn spawn_python(&self, role: &str, script: &str) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(role), "python3", "-c", script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start python in {role}: {e}"))
+    }
+
+    /// Starts a Python server in the namespace of `role`, its output discarded.
+    pub fn spawn_python_server(&self, role: &str, script: &str) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(role), "python3", "-c", script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start python in {role}: {e}"))
+    }
+
     /// GETs `url` from the client namespace; `Some(body)` on HTTP 200 within `timeout_s` seconds.
     pub fn curl(&self, url: &str, timeout_s: u32) -> Option<String> {
         let out = self.exec("client", "curl", &["-sf", "-m", &timeout_s.to_string(), url]);
@@ -345,6 +371,21 @@ impl Drop for Gateway<'_> {
 }
 
 /// Polls `condition` every 100 ms for at most 10 s; fails the test naming `what` if it never holds.
+/// Waits for a child started with a piped stdout and returns that output, trimmed.
+pub fn stdout_of(child: Child) -> String {
+    String::from_utf8_lossy(&child.wait_with_output().expect("wait for the child").stdout).trim().to_string()
+}
+
+/// Resident memory of process `pid` in KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn wait_for(condition: impl FnMut() -> bool, what: &str) {
     wait_for_within(Duration::from_secs(10), condition, what);
 }
