@@ -73,12 +73,13 @@ pub fn compile(config: &Config, generation: u64) -> Result<PolicySnapshot, Strin
 fn l7_conditions(
     r: &crate::config::policy::RuleConfig,
 ) -> Result<dataplane::policy::l7::L7Conditions, String> {
-    use dataplane::policy::l7::{parse_tls_version, HeaderCondition, L7Conditions, PathPattern};
+    use dataplane::policy::l7::{parse_tls_version, HeaderCondition, L7Conditions, PathPattern, RateLimit};
     Ok(L7Conditions {
         methods: r.methods.iter().map(|m| m.get_ref().clone()).collect(),
         paths: r.paths.iter().map(|p| PathPattern::parse(p.get_ref())).collect::<Result<_, _>>()?,
         headers: r.headers.iter().map(|h| HeaderCondition::parse(h.get_ref())).collect::<Result<_, _>>()?,
         min_tls_version: r.min_tls_version.as_ref().map(|v| parse_tls_version(v.get_ref())).transpose()?,
+        rate_limit: r.rate_limit.as_ref().map(|v| RateLimit::parse(v.get_ref())).transpose()?,
     })
 }
 

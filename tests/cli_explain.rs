@@ -481,4 +481,13 @@ fn l7_request_conditions_with_method_and_path() {
         .as_str()
         .unwrap_or_default()
         .contains("requests must also meet: methods GET; paths /status/*"));
+    // A rate limit is named with the rest.
+    let c = write_config(&format!("{text}rate_limit = \"100/1m\"\n"));
+    let v = explain_json(&c.path, &base);
+    assert!(
+        v["reason"].as_str().unwrap_or_default().ends_with(
+            "paths /status/*; at most 100 per 60 s from each client address (then 429, or an alert for TLS)"
+        ),
+        "{v}"
+    );
 }

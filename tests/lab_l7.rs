@@ -208,11 +208,9 @@ fn http_requests_are_judged_by_host_one_by_one() {
     let (first, second) = answer.split_once("HTTP/1.1 403").unwrap_or_else(|| panic!("no 403:\n{answer}"));
     assert!(first.contains("192.0.2.10:"), "the server's answer first:\n{answer}");
     assert!(second.contains("evil.test"), "{answer}");
-    let nginx_log = lab.sh("ext", "cat /run/egressd-lab/*/nginx-access.log 2>/dev/null || true");
-    assert!(
-        !String::from_utf8_lossy(&nginx_log.stdout).contains("/secret"),
-        "the denied request reached the server"
-    );
+    let nginx_log = lab.nginx_access_log();
+    assert!(nginx_log.contains("GET /ip "), "the allowed request reached the server:\n{nginx_log}");
+    assert!(!nginx_log.contains("/secret"), "the denied request reached the server:\n{nginx_log}");
     wait_for(
         || gw.metric(r#"egressd_l7_refused_total{reason="host_not_allowed"}"#) >= 2.0,
         "both refusals counted",
@@ -288,7 +286,72 @@ fn http_methods_and_paths_are_checked_through_the_gateway() {
     );
 }
 
-/// Runs a python script in the client namespace; its stdout.
+/// A rule's `rate_limit` through the gateway: each client address gets its burst, then `429` with `Retry-After`
+/// (the refused requests never reach the server); another address has its own bucket; refusals are counted and
+/// audited.
+#[test]
+fn a_rate_limit_answers_429_per_client_address_and_keeps_refused_requests_from_the_server() {
+    let lab = Lab::up(false);
+    let (_dir, config, _) = lab_config(|text| {
+        text.replacen(
+            "ports = [80, 443]\naction = \"allow\"",
+            "ports = [80]\naction = \"l7\"\nname = \"httpbin-limited\"\nhosts = [\"httpbin.test\"]\nrate_limit = \"3/30s\"",
+            1,
+        )
+    });
+    let gw = Gateway::start(&lab, &config);
+    let request = |from: &str, n: u32| {
+        let url = format!("http://203.0.113.10/ip?ratelimit={n}");
+        let (_, out, err, _) =
+            curl(&lab, &["-i", "--interface", from, "-H", "Host: httpbin.test", url.as_str()]);
+        assert!(!out.is_empty(), "request {n} from {from}: {err}\ngateway log:\n{}", gw.log_text());
+        out
+    };
+    for n in 1..=3 {
+        let answer = request("10.10.0.2", n);
+        assert!(answer.starts_with("HTTP/1.1 200"), "request {n} is within the burst: {answer}");
+    }
+    for n in 4..=5 {
+        let answer = request("10.10.0.2", n);
+        assert!(answer.starts_with("HTTP/1.1 429 Too Many Requests"), "request {n}: {answer}");
+        // One token every 10 s: the next is at most 10 s away.
+        let retry: u64 = answer
+            .lines()
+            .find_map(|l| l.strip_prefix("Retry-After: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no Retry-After: {answer}"));
+        assert!((1..=10).contains(&retry), "Retry-After {retry}");
+    }
+    let other = request("10.10.0.3", 6);
+    assert!(other.starts_with("HTTP/1.1 200"), "another address has its own bucket: {other}");
+    let nginx_log = lab.nginx_access_log();
+    for n in [1, 2, 3, 6] {
+        assert!(
+            nginx_log.contains(&format!("ratelimit={n} ")),
+            "request {n} reached the server:\n{nginx_log}"
+        );
+    }
+    for n in [4, 5] {
+        assert!(!nginx_log.contains(&format!("ratelimit={n} ")), "refused request {n} reached the server");
+    }
+    wait_for(
+        || gw.metric(r#"egressd_l7_refused_total{reason="rate_limited"}"#) == 2.0,
+        "both refusals counted under rate_limited",
+    );
+    wait_for(
+        || {
+            gw.log_text()
+                .lines()
+                .filter(|l| {
+                    l.contains("l7 refused") && l.contains("rate_limited") && l.contains("httpbin-limited")
+                })
+                .count()
+                == 2
+        },
+        "an audit line per refusal, naming the rule",
+    );
+}
+
 #[test]
 fn tls_hellos_in_one_byte_segments_and_50_mb_each_way_pass_intact() {
     let lab = Lab::up(false);

@@ -320,6 +320,12 @@ fn explain_request(c: &dataplane::policy::l7::CompiledL7, flow: &Flow, reason: &
     if let Some(v) = cond.min_tls_version {
         needs.push(format!("TLS ≥ 1.{}", v.saturating_sub(0x0301)));
     }
+    if let Some(limit) = cond.rate_limit {
+        needs.push(format!(
+            "at most {} per {} s from each client address (then 429, or an alert for TLS)",
+            limit.requests, limit.per_secs
+        ));
+    }
     if !needs.is_empty() {
         let _ = write!(reason, "; requests must also meet: {}", needs.join("; "));
     }

@@ -109,6 +109,9 @@ pub struct RuleConfig {
     /// For `l7` rules: the oldest TLS version a ClientHello may offer as its newest ("1.2", "1.3").
     #[serde(default)]
     pub min_tls_version: Option<Spanned<String>>,
+    /// For `l7` rules: requests (HTTP requests, TLS connections) per client address: `REQUESTS/PERIOD`, as "100/1m".
+    #[serde(default)]
+    pub rate_limit: Option<Spanned<String>>,
     #[serde(default)]
     pub dry_run: bool,
 }
@@ -442,15 +445,16 @@ fn check_rule<'a>(
             if let Some(h) = r.hosts.first() {
                 diags.error(src, h.span(), "hosts are only allowed on rules with action = \"l7\"");
             }
-            let l7_only =
-                [("methods", r.methods.first()), ("paths", r.paths.first()), ("headers", r.headers.first())];
-            for (key, first) in l7_only.into_iter().chain([("min_tls_version", r.min_tls_version.as_ref())]) {
+            let l7_only = [
+                ("methods are", r.methods.first()),
+                ("paths are", r.paths.first()),
+                ("headers are", r.headers.first()),
+                ("min_tls_version is", r.min_tls_version.as_ref()),
+                ("rate_limit is", r.rate_limit.as_ref()),
+            ];
+            for (what, first) in l7_only {
                 if let Some(v) = first {
-                    diags.error(
-                        src,
-                        v.span(),
-                        format!("{key} are only checked on rules with action = \"l7\""),
-                    );
+                    diags.error(src, v.span(), format!("{what} only checked on rules with action = \"l7\""));
                 }
             }
         }
@@ -483,6 +487,11 @@ fn check_rule<'a>(
     if let Some(v) = &r.min_tls_version {
         if let Err(e) = dataplane::policy::l7::parse_tls_version(v.get_ref()) {
             diags.error(src, v.span(), format!("min_tls_version: {e}"));
+        }
+    }
+    if let Some(v) = &r.rate_limit {
+        if let Err(e) = dataplane::policy::l7::RateLimit::parse(v.get_ref()) {
+            diags.error(src, v.span(), e);
         }
     }
     let http_conditions = r.methods.first().or(r.paths.first()).or(r.headers.first());

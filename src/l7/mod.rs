@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dataplane::l7::punt::{Punt, PuntedPacket};
+use dataplane::l7::ratelimit::RateLimiter;
 use dataplane::l7::stack::{ClientStack, FourTuple, StackDrop, StackLimits};
 use dataplane::l7::{Connection, L7Limits, Protocol};
 use dataplane::policy::{PolicySnapshot, RuleId, SharedPolicy};
@@ -148,6 +149,7 @@ struct Driver {
     buf: Vec<u8>,
     limits: L7Limits,
     resolver: Option<dns::Resolver>,
+    rate_limits: RateLimiter,
 }
 
 impl Driver {
@@ -191,6 +193,7 @@ impl Driver {
             buf: vec![0; 64 * 1024],
             limits,
             resolver,
+            rate_limits: RateLimiter::new(),
         }
     }
 
@@ -338,15 +341,26 @@ impl Driver {
             conn.last_activity = now;
             conn.engine.on_client_data(&buf[..n], policy);
         }
-        // The name must resolve to the address the client dialled (verify_destination = "dns").
-        if let Some(name) = conn.engine.take_resolution() {
-            let answers = match self.resolver.as_mut() {
-                Some(r) => r.lookup(now, &name, key),
-                None => Some(Vec::new()),
-            };
-            if let Some(answers) = answers {
-                conn.engine.on_resolved(&answers, *key.server.ip(), policy);
+        // What the engine asks before a judged request goes on: its rule's rate limit, then (verify_destination =
+        // "dns") that the name resolves to the address the client dialled. Answering one may judge the next
+        // pipelined request, which asks again.
+        loop {
+            if let Some(limit) = conn.engine.take_admission() {
+                let admitted = self.rate_limits.admit(now, conn.engine.rule(), *key.client.ip(), limit);
+                conn.engine.on_admitted(admitted, policy);
+                continue;
             }
+            if let Some(name) = conn.engine.take_resolution() {
+                let answers = match self.resolver.as_mut() {
+                    Some(r) => r.lookup(now, &name, key),
+                    None => Some(Vec::new()),
+                };
+                if let Some(answers) = answers {
+                    conn.engine.on_resolved(&answers, *key.server.ip(), policy);
+                    continue;
+                }
+            }
+            break;
         }
 
         if !conn.decided && (conn.engine.wants_upstream() || conn.engine.summary().refusal.is_some()) {

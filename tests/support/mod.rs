@@ -87,6 +87,12 @@ impl Lab {
         format!("egd-{}-{}", self.id, role)
     }
 
+    /// What the lab's nginx in ext logged so far (its access log: one line per request it answered).
+    pub fn nginx_access_log(&self) -> String {
+        let path = format!("/tmp/egressd-lab-{}/nginx-access.log", self.id);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
+    }
+
     /// Runs `program args…` in the namespace of `role` and returns its output (never panics on failure).
     pub fn exec(&self, role: &str, program: &str, args: &[&str]) -> Output {
         Command::new("ip")

@@ -31,7 +31,7 @@
 
 use std::fmt;
 
-use crate::policy::l7::RequestDenial;
+use crate::policy::l7::{RateLimit, RequestDenial};
 use crate::policy::{PolicySnapshot, RuleId};
 use crate::time::Instant;
 use crate::wire::http::{self, BodyFraming, ChunkedBody, HttpError};
@@ -83,6 +83,8 @@ pub enum Refusal {
     DestinationMismatch,
     /// The head did not end within the byte cap.
     TooLarge,
+    /// The client address made more requests under the rule than its `rate_limit` allows.
+    RateLimited,
 }
 
 impl Refusal {
@@ -98,6 +100,7 @@ impl Refusal {
             Refusal::Timeout => "classify_timeout",
             Refusal::DestinationMismatch => "destination_not_in_dns",
             Refusal::TooLarge => "head_too_large",
+            Refusal::RateLimited => "rate_limited",
         }
     }
 }
@@ -136,6 +139,15 @@ enum State {
     VerifyingTls,
     /// The same for a request head of `head_len` bytes framed by `body`.
     VerifyingRequest { head_len: usize, body: BodyFraming },
+    /// Allowed by the rule, waiting for its rate limit to admit the request (or the TLS connection).
+    Admitting(Admitted),
+}
+
+/// What an admitted request goes on to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Admitted {
+    Tls,
+    Request { head_len: usize, body: BodyFraming },
 }
 
 /// What is known of the connection, for its access log line.
@@ -153,6 +165,8 @@ pub struct Summary {
     pub bytes_up: u64,
     /// Refusals a dry run let through (the last one), for the logs.
     pub dry_run_refusal: Option<Refusal>,
+    /// With a [`Refusal::RateLimited`]: seconds until the client may try again.
+    pub retry_after_secs: u64,
 }
 
 /// One client connection of an `l7` flow. See the module docs.
@@ -179,6 +193,8 @@ pub struct Connection {
     to_resolve: Option<String>,
     /// The last name whose answers included the dialled address.
     verified_name: Option<String>,
+    /// The rate limit the driver must check before the judged request goes on (see [`Connection::take_admission`]).
+    to_admit: Option<RateLimit>,
     /// The refusal response still to be sent to the client, and how much of it was sent.
     to_client: Vec<u8>,
     to_client_sent: usize,
@@ -202,6 +218,7 @@ impl Connection {
             upstream_connected: false,
             to_resolve: None,
             verified_name: None,
+            to_admit: None,
             to_client: Vec::new(),
             to_client_sent: 0,
             summary: Summary::default(),
@@ -270,17 +287,17 @@ impl Connection {
                             return;
                         }
                     }
-                    if self.limits.verify_destination {
-                        self.to_resolve = Some(self.summary.name.clone());
-                        self.state = State::VerifyingTls;
+                    if let Some(limit) = conditions.and_then(|c| c.rate_limit) {
+                        self.to_admit = Some(limit);
+                        self.state = State::Admitting(Admitted::Tls);
                         return;
                     }
-                    self.upstream_wanted = true;
-                    self.ready = self.pending.len();
-                    self.state = State::Splicing;
-                    return;
+                    return self.tls_allowed();
                 }
-                State::Splicing | State::VerifyingTls | State::VerifyingRequest { .. } => return,
+                State::Splicing
+                | State::VerifyingTls
+                | State::VerifyingRequest { .. }
+                | State::Admitting(_) => return,
                 State::RequestHead => {
                     if unjudged.is_empty() {
                         return;
@@ -315,14 +332,16 @@ impl Connection {
                             return;
                         }
                     }
-                    if self.limits.verify_destination
-                        && self.verified_name.as_deref() != Some(&self.summary.name)
+                    if let Some(limit) =
+                        policy.l7_conditions(self.rule).and_then(|c| c.conditions().rate_limit)
                     {
-                        self.to_resolve = Some(self.summary.name.clone());
-                        self.state = State::VerifyingRequest { head_len, body };
+                        self.to_admit = Some(limit);
+                        self.state = State::Admitting(Admitted::Request { head_len, body });
                         return;
                     }
-                    self.forward_request(head_len, body);
+                    if !self.request_allowed(head_len, body) {
+                        return;
+                    }
                 }
                 State::Body { left } => {
                     let take = unjudged.len().min(usize::try_from(left).unwrap_or(usize::MAX));
@@ -348,6 +367,55 @@ impl Connection {
                     self.state = State::RequestHead;
                 }
                 State::Refused(_) => return,
+            }
+        }
+    }
+
+    /// An allowed ClientHello: on to destination verification, or straight to splicing.
+    fn tls_allowed(&mut self) {
+        if self.limits.verify_destination {
+            self.to_resolve = Some(self.summary.name.clone());
+            self.state = State::VerifyingTls;
+            return;
+        }
+        self.upstream_wanted = true;
+        self.ready = self.pending.len();
+        self.state = State::Splicing;
+    }
+
+    /// An allowed request head: forwarded, unless its name must be verified first (then `false`: wait).
+    fn request_allowed(&mut self, head_len: usize, body: BodyFraming) -> bool {
+        if self.limits.verify_destination && self.verified_name.as_deref() != Some(&self.summary.name) {
+            self.to_resolve = Some(self.summary.name.clone());
+            self.state = State::VerifyingRequest { head_len, body };
+            return false;
+        }
+        self.forward_request(head_len, body);
+        true
+    }
+
+    /// The rate limit the driver must ask about the request just judged (taken: asked once); answer with
+    /// [`Connection::on_admitted`].
+    pub fn take_admission(&mut self) -> Option<RateLimit> {
+        self.to_admit.take()
+    }
+
+    /// The rate limit's answer: admitted, or refused with the seconds until the client may retry (`429` with
+    /// `Retry-After` for HTTP, an `access_denied` alert for TLS).
+    pub fn on_admitted(&mut self, admitted: Result<(), u64>, policy: &PolicySnapshot) {
+        let State::Admitting(next) = self.state else { return };
+        if let Err(secs) = admitted {
+            self.summary.retry_after_secs = secs;
+            if self.refused(Refusal::RateLimited, policy) {
+                return;
+            }
+        }
+        match next {
+            Admitted::Tls => self.tls_allowed(),
+            Admitted::Request { head_len, body } => {
+                if self.request_allowed(head_len, body) {
+                    self.advance(policy);
+                }
             }
         }
     }
@@ -469,13 +537,20 @@ impl Connection {
             Refusal::TooLarge => {
                 ("431 Request Header Fields Too Large", "egressd: request head too large\n".into())
             }
+            Refusal::RateLimited => (
+                "429 Too Many Requests",
+                format!(
+                    "egressd: too many requests from this address under this rule; retry in {} s\n",
+                    self.summary.retry_after_secs
+                ),
+            ),
             other => ("400 Bad Request", format!("egressd: refused ({other})\n")),
         };
-        let _ = write!(
-            self.to_client,
-            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
+        let _ = write!(self.to_client, "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\n");
+        if why == Refusal::RateLimited {
+            let _ = write!(self.to_client, "Retry-After: {}\r\n", self.summary.retry_after_secs);
+        }
+        let _ = write!(self.to_client, "Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
     }
 
     /// Client bytes [`Connection::on_client_data`] would take now.
@@ -600,6 +675,7 @@ fn tls_alert(why: Refusal) -> [u8; 7] {
 }
 
 pub mod punt;
+pub mod ratelimit;
 pub mod stack;
 
 #[cfg(test)]

@@ -299,6 +299,7 @@ fn get_status_only() -> crate::policy::l7::L7Conditions {
         paths: vec![PathPattern::parse("/status/*").unwrap(), PathPattern::parse("regex:/get|/ip").unwrap()],
         headers: vec![],
         min_tls_version: None,
+        rate_limit: None,
     }
 }
 
@@ -395,4 +396,69 @@ fn with_destination_verification_a_name_must_resolve_to_the_dialled_address() {
         "{answer}"
     );
     assert_eq!(c.summary().refusal, Some(Refusal::DestinationMismatch));
+}
+
+/// Answers every admission the connection asks for from `limiter`, for client 10.10.1.5 at `now`.
+fn admit_all(
+    c: &mut Connection,
+    limiter: &mut ratelimit::RateLimiter,
+    now: Instant,
+    policy: &PolicySnapshot,
+) {
+    while let Some(limit) = c.take_admission() {
+        let admitted = limiter.admit(now, c.rule(), Ipv4Addr::new(10, 10, 1, 5), limit);
+        c.on_admitted(admitted, policy);
+    }
+}
+
+#[test]
+fn a_rate_limit_admits_its_burst_then_answers_429_with_retry_after_even_on_a_kept_alive_connection() {
+    use crate::policy::l7::{L7Conditions, RateLimit};
+    let limited =
+        L7Conditions { rate_limit: Some(RateLimit { requests: 2, per_secs: 60 }), ..Default::default() };
+    let (policy, rule) = policy_with(limited, false);
+    let mut limiter = ratelimit::RateLimiter::new();
+    let get = b"GET /get HTTP/1.1\r\nHost: httpbin.test\r\n\r\n";
+    // Three pipelined requests on one connection: nothing moves before the limiter answers.
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default());
+    c.on_client_data(&[&get[..], get, get].concat(), &policy);
+    assert!(!c.wants_upstream(), "the first request waits for its admission");
+    admit_all(&mut c, &mut limiter, Instant::ZERO, &policy);
+    assert_eq!(flush_upstream(&mut c, &policy), [&get[..], get].concat(), "two admitted, the third not sent");
+    assert_eq!(c.summary().refusal, Some(Refusal::RateLimited));
+    assert!(c.refusal_waits(), "the 429 follows the answers to the two admitted requests");
+    let answer = String::from_utf8_lossy(c.to_client()).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 429 Too Many Requests\r\n"), "{answer}");
+    assert!(answer.contains("\r\nRetry-After: 30\r\n"), "one token every 30 s: {answer}");
+    // A new connection from the same client is refused too; after 30 s one more request passes.
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default());
+    c.on_client_data(get, &policy);
+    admit_all(&mut c, &mut limiter, Instant::from_secs(10), &policy);
+    assert_eq!((flush_upstream(&mut c, &policy).len(), c.summary().refusal), (0, Some(Refusal::RateLimited)));
+    assert!(String::from_utf8_lossy(c.to_client()).contains("Retry-After: 20\r\n"));
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default());
+    c.on_client_data(get, &policy);
+    admit_all(&mut c, &mut limiter, Instant::from_secs(30), &policy);
+    assert_eq!(flush_upstream(&mut c, &policy), get);
+    // TLS connections count as requests: over the limit, an access_denied alert.
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default());
+    c.on_client_data(&client_hello("httpbin.test"), &policy);
+    admit_all(&mut c, &mut limiter, Instant::from_secs(30), &policy);
+    assert_eq!(c.summary().refusal, Some(Refusal::RateLimited));
+    assert_eq!(c.to_client(), [21, 3, 3, 0, 2, 2, 49]);
+}
+
+#[test]
+fn a_rate_limit_in_dry_run_records_and_lets_through() {
+    use crate::policy::l7::{L7Conditions, RateLimit};
+    let limited =
+        L7Conditions { rate_limit: Some(RateLimit { requests: 1, per_secs: 60 }), ..Default::default() };
+    let (policy, rule) = policy_with(limited, true);
+    let mut limiter = ratelimit::RateLimiter::new();
+    let get = b"GET /get HTTP/1.1\r\nHost: httpbin.test\r\n\r\n";
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default());
+    c.on_client_data(&[&get[..], get].concat(), &policy);
+    admit_all(&mut c, &mut limiter, Instant::ZERO, &policy);
+    assert_eq!(flush_upstream(&mut c, &policy), [&get[..], get].concat());
+    assert_eq!((c.summary().refusal, c.summary().dry_run_refusal), (None, Some(Refusal::RateLimited)));
 }

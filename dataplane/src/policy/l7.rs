@@ -111,6 +111,51 @@ pub struct L7Conditions {
     pub headers: Vec<HeaderCondition>,
     /// Lowest TLS version the client must offer (wire value: 0x0303 for 1.2, 0x0304 for 1.3).
     pub min_tls_version: Option<u16>,
+    /// Requests (HTTP requests; TLS connections) each client address may make under this rule.
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// At most `requests` per `per_secs` seconds from one client address, in a burst or spread out (a token bucket
+/// holding `requests` tokens, refilled at `requests / per_secs` a second).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub per_secs: u32,
+}
+
+impl RateLimit {
+    /// `REQUESTS/PERIOD`: `10/s`, `100/1m`, `1000/h`, `5/30s`.
+    pub fn parse(text: &str) -> Result<RateLimit, String> {
+        let bad = |why: &str| format!("rate_limit {text:?}: {why} (expected REQUESTS/PERIOD, as \"100/1m\")");
+        let (requests, period) = text.split_once('/').ok_or_else(|| bad("no `/`"))?;
+        let requests: u32 = requests
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| bad("requests must be 1 or more"))?;
+        let period = period.trim();
+        let unit_at =
+            period.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| bad("the period needs a unit"))?;
+        let (count, unit) = period.split_at(unit_at);
+        let count: u32 = if count.is_empty() { 1 } else { count.parse().map_err(|_| bad("bad period"))? };
+        let unit_secs = match unit {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86400,
+            _ => return Err(bad("the period's unit must be s, m, h or d")),
+        };
+        let per_secs = count.checked_mul(unit_secs).filter(|s| (1..=86400).contains(s));
+        let per_secs = per_secs.ok_or_else(|| bad("the period must be 1 s to 1 day"))?;
+        Ok(RateLimit { requests, per_secs })
+    }
+}
+
+impl fmt::Display for RateLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}s", self.requests, self.per_secs)
+    }
 }
 
 impl L7Conditions {
@@ -236,6 +281,7 @@ mod tests {
             paths: paths.iter().map(|p| PathPattern::parse(p).unwrap()).collect(),
             headers: headers.iter().map(|h| HeaderCondition::parse(h).unwrap()).collect(),
             min_tls_version: None,
+            rate_limit: None,
         })
         .unwrap()
     }
@@ -283,6 +329,13 @@ mod tests {
         assert!(HeaderCondition::parse("bad name: x").is_err());
         assert_eq!(HeaderCondition::parse("X-Team").unwrap().name, "x-team");
         assert_eq!(parse_tls_version("1.2"), Ok(0x0303));
+        assert_eq!(RateLimit::parse("10/s"), Ok(RateLimit { requests: 10, per_secs: 1 }));
+        assert_eq!(RateLimit::parse("100/1m"), Ok(RateLimit { requests: 100, per_secs: 60 }));
+        assert_eq!(RateLimit::parse("5 / 30s"), Ok(RateLimit { requests: 5, per_secs: 30 }));
+        assert_eq!(RateLimit::parse("1000/h"), Ok(RateLimit { requests: 1000, per_secs: 3600 }));
+        for bad in ["0/s", "10", "10/", "10/5", "10/5x", "-1/s", "10/0s", "10/2d", "x/s", "10/99999999999h"] {
+            assert!(RateLimit::parse(bad).is_err(), "{bad}");
+        }
         assert!(parse_tls_version("1.4").is_err());
     }
 }

@@ -445,6 +445,15 @@ fn l7_request_conditions_are_checked() {
         errors("[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\nproto = \"tcp\"\naction = \"allow\"\nmethods = [\"GET\"]\n"),
         ["t.toml:15:12: methods are only checked on rules with action = \"l7\""]
     );
+    assert!(warnings(&format!("{rule}rate_limit = \"100/1m\"\n")).is_empty());
+    assert_eq!(
+        errors(&format!("{rule}rate_limit = \"100/1y\"\n")),
+        ["t.toml:17:14: rate_limit \"100/1y\": the period's unit must be s, m, h or d (expected REQUESTS/PERIOD, as \"100/1m\")"]
+    );
+    assert_eq!(
+        errors("[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\nproto = \"tcp\"\naction = \"allow\"\nrate_limit = \"5/s\"\n"),
+        ["t.toml:15:14: rate_limit is only checked on rules with action = \"l7\""]
+    );
     let on_443 = rule.replace("ports = [80]", "ports = [80, 443]");
     assert_eq!(
         warnings(&format!("{on_443}methods = [\"GET\"]\n")),
