@@ -47,6 +47,8 @@ pub struct AdminState {
     pub extra_collectors: Vec<Arc<dyn Collector>>,
     /// The running policy, to name the rules in the per-rule decision counters.
     pub policy: Option<Arc<SharedPolicy>>,
+    /// The resolver of the rules' `to_hosts` names.
+    pub fqdn: Option<Arc<crate::fqdn::FqdnShared>>,
     /// Frames the XDP programs dropped before any worker saw them, by reason (kept fresh by the control loop);
     /// added to the workers' counts of the same reason.
     pub xdp_drops: [AtomicU64; DropReason::COUNT],
@@ -88,6 +90,7 @@ impl AdminState {
             last_reload_ok: AtomicBool::new(true),
             extra_collectors: Vec::new(),
             policy: None,
+            fqdn: None,
             xdp_drops: std::array::from_fn(|_| AtomicU64::new(0)),
             control: ControlPolicy::LoopbackOnly,
             interface_mtu: Vec::new(),
@@ -508,8 +511,22 @@ impl Collector for CoreCollector {
             gauges(
                 &mut encoder,
                 "egressd_policy_generation",
-                "Generation of the running policy (1 at start, +1 per applied reload).",
+                "Generation of the running policy (1 at start, +1 per applied reload or to_hosts change).",
                 [(vec![], policy.load().generation())],
+            )?;
+        }
+        if let Some(fqdn) = &state.fqdn {
+            counters(
+                &mut encoder,
+                "egressd_to_hosts_updates",
+                "Times the addresses of the rules' to_hosts names changed (each recompiles the policy).",
+                [(vec![], fqdn.updates.load(Ordering::Relaxed))],
+            )?;
+            counters(
+                &mut encoder,
+                "egressd_to_hosts_lookup_failures",
+                "Lookups of to_hosts names that got no usable answer (the last answer holds until its TTL ends).",
+                [(vec![], fqdn.failures.load(Ordering::Relaxed))],
             )?;
         }
         gauges(

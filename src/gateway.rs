@@ -107,13 +107,36 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     let next_hops =
         NextHops { table: Arc::new(ArcSwap::from_pointee(table)), resolve: Arc::new(ResolveQueue::new(256)) };
 
-    let snapshot =
-        crate::policy::compile(config, 1).map_err(|e| anyhow::anyhow!("compiling the policy: {e}"))?;
-    let policy = Arc::new(ArcSwap::from_pointee(snapshot));
+    // `to_hosts` names: resolved before the first policy is compiled (up to 3 s), then followed.
+    let l7_settings = config.l7.settings();
+    let dns_names = crate::policy::dns_names(config);
+    let fqdn = match l7_settings.resolver.or_else(crate::l7::dns::system_resolver) {
+        Some(server) => Some(
+            crate::fqdn::FqdnWatcher::start(
+                dns_names,
+                server,
+                l7_settings.dns_min_ttl_secs,
+                l7_settings.dns_max_ttl_secs,
+                Duration::from_secs(3),
+            )
+            .context("starting the to_hosts resolver")?,
+        ),
+        None if !dns_names.is_empty() => {
+            anyhow::bail!("rules with to_hosts need a DNS server: set [l7] resolver (no nameserver in /etc/resolv.conf)")
+        }
+        None => None,
+    };
+    let first_answers = fqdn
+        .as_ref()
+        .map(|w| w.shared.take_changed().unwrap_or_else(|| w.shared.answers()))
+        .unwrap_or_default();
     let reloader = Arc::new(PolicyReloader::running(crate::policy::restart_only_settings(config)));
+    *reloader.fqdn.lock().unwrap_or_else(|e| e.into_inner()) = fqdn.as_ref().map(|w| w.shared.clone());
+    let snapshot =
+        reloader.start(config, first_answers).map_err(|e| anyhow::anyhow!("compiling the policy: {e}"))?;
+    let policy = Arc::new(ArcSwap::from_pointee(snapshot));
 
     // The L7 path runs when the policy has an `l7` rule at start: its upstream ports are then reserved.
-    let l7_settings = config.l7.settings();
     let l7_active = l7_active(config);
     let (first, last) = l7_settings.upstream_ports;
     let l7_upstream: Vec<(Ipv4Addr, u16, u16)> =
@@ -255,6 +278,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
     admin_state.l7 = punt.clone().map(|p| (l7_stats.clone(), p));
     admin_state.control = admin::control_policy(&config.admin)?;
     admin_state.policy = Some(policy.clone());
+    admin_state.fqdn = fqdn.as_ref().map(|w| w.shared.clone());
     admin_state.flows = Some(flow_queries);
     admin_state.interface_mtu = mtus;
     admin_state.largest_mtu = dataplane::xsk::largest_mtu(frame_size);
@@ -293,6 +317,9 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
         if reload_requested.swap(false, Ordering::Relaxed) {
             // Outcome is logged and counted by the reload itself.
             let _ = admin_state.reload();
+        }
+        if let Some(names) = fqdn.as_ref().and_then(|w| w.shared.take_changed()) {
+            reloader.names_changed(names, &policy);
         }
         while let Some(event) = audit.pop() {
             write_audit(&event, &policy.load());

@@ -9,6 +9,7 @@ pub mod config;
 pub mod exposition;
 pub mod fib;
 pub mod flows;
+pub mod fqdn;
 pub mod gateway;
 pub mod l7;
 pub mod policy;

@@ -17,9 +17,30 @@ use dataplane::policy::{
 
 use crate::config::policy::{parse_port_spec, ActionConfig, Proto};
 use crate::config::{Config, ConfigError, ConfigErrors};
+pub use crate::fqdn::ResolvedNames;
 
-/// Compiles a validated configuration. Errors only if the model was not validated first.
+/// Compiles a validated configuration. Errors only if the model was not validated first. `to_hosts` names have
+/// no addresses here: see [`compile_with_names`].
 pub fn compile(config: &Config, generation: u64) -> Result<PolicySnapshot, String> {
+    compile_with_names(config, generation, &ResolvedNames::new())
+}
+
+/// Every name the rules' `to_hosts` use, once each.
+pub fn dns_names(config: &Config) -> Vec<String> {
+    let mut names: Vec<String> =
+        config.rule.iter().flat_map(|r| r.get_ref().to_hosts.iter().map(|h| h.get_ref().clone())).collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// [`compile`], with each `to_hosts` name standing for its current addresses (`names`; a name without any
+/// adds no destination: a rule with only such names matches nothing).
+pub fn compile_with_names(
+    config: &Config,
+    generation: u64,
+    names: &ResolvedNames,
+) -> Result<PolicySnapshot, String> {
     let mut b = PolicyBuilder::new();
     b.dry_run(config.policy.dry_run);
     let mut ids = std::collections::HashMap::new();
@@ -39,9 +60,18 @@ pub fn compile(config: &Config, generation: u64) -> Result<PolicySnapshot, Strin
         let prefixes = |v: &[toml::Spanned<String>]| -> Result<Vec<Prefix>, String> {
             v.iter().map(|s| s.get_ref().parse::<Prefix>().map_err(|e| e.to_string())).collect()
         };
+        let mut to = prefixes(&r.to)?;
+        for name in &r.to_hosts {
+            for addr in names.get(name.get_ref()).into_iter().flatten() {
+                let host = Prefix::truncating(IpAddr::V4(*addr), 32);
+                if !to.contains(&host) {
+                    to.push(host);
+                }
+            }
+        }
         b.add_rule(RuleSpec {
             group,
-            to: prefixes(&r.to)?,
+            to,
             except: prefixes(&r.except)?,
             proto: match r.proto() {
                 Proto::Tcp => ProtoMatch::Tcp,
@@ -145,12 +175,47 @@ pub struct PolicyReloader {
     pub reloads: AtomicU64,
     /// Rejected files.
     pub failures: AtomicU64,
+    /// The configuration running now, and the current addresses of its `to_hosts` names: a DNS change recompiles
+    /// them without reading the file.
+    current: Mutex<Option<(Config, ResolvedNames)>>,
+    /// The resolver of `to_hosts` names, told the names of each configuration swapped in.
+    pub fqdn: Mutex<Option<Arc<crate::fqdn::FqdnShared>>>,
 }
 
 impl PolicyReloader {
     /// A reloader for a gateway running with these restart-only settings.
     pub fn running(settings: Vec<(&'static str, String)>) -> PolicyReloader {
         PolicyReloader { running: settings, ..PolicyReloader::default() }
+    }
+
+    /// Compiles the first policy (generation 1) with the names' first answers and remembers both.
+    pub fn start(&self, config: &Config, names: ResolvedNames) -> Result<PolicySnapshot, String> {
+        let snapshot = compile_with_names(config, 1, &names)?;
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some((config.clone(), names));
+        Ok(snapshot)
+    }
+
+    /// The `to_hosts` names' addresses changed: recompiles the running configuration with them and swaps it in
+    /// (a new generation; not counted as a reload). Returns the generation.
+    pub fn names_changed(&self, names: ResolvedNames, shared: &SharedPolicy) -> Option<u64> {
+        let _serialised = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let (config, held) = current.as_mut()?;
+        *held = names;
+        let generation = shared.load().generation() + 1;
+        match compile_with_names(config, generation, held) {
+            Ok(snapshot) => {
+                shared.store(Arc::new(snapshot));
+                let mut listed: Vec<String> = held.iter().map(|(n, a)| format!("{n}={a:?}")).collect();
+                listed.sort();
+                tracing::info!(generation, names = %listed.join(" "), "policy recompiled: to_hosts addresses changed");
+                Some(generation)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot recompile the policy with new to_hosts addresses");
+                None
+            }
+        }
     }
 
     /// Re-reads `path`, validates and compiles it, and swaps it in with generation = current + 1. On error the
@@ -161,14 +226,23 @@ impl PolicyReloader {
         let result = crate::config::load(path).and_then(|loaded| {
             let generation = shared.load().generation() + 1;
             let restart = needs_restart(&self.running, &restart_only_settings(&loaded.config));
-            compile(&loaded.config, generation).map(|snapshot| (snapshot, restart)).map_err(|m| {
+            let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+            let names = current.as_ref().map(|(_, n)| n.clone()).unwrap_or_default();
+            let compiled = compile_with_names(&loaded.config, generation, &names);
+            let snapshot = compiled.map_err(|m| {
                 ConfigErrors(vec![ConfigError { path: path.to_path_buf(), line: 0, column: 0, message: m }])
-            })
+            })?;
+            let new_names = dns_names(&loaded.config);
+            *current = Some((loaded.config, names));
+            Ok((snapshot, restart, new_names))
         });
         match result {
-            Ok((snapshot, restart)) => {
+            Ok((snapshot, restart, new_names)) => {
                 let generation = snapshot.generation();
                 shared.store(Arc::new(snapshot));
+                if let Some(fqdn) = self.fqdn.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    fqdn.set_names(new_names);
+                }
                 self.reloads.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(generation, "policy reloaded");
                 for line in &restart {
@@ -208,5 +282,40 @@ mod tests {
         );
         assert!(lines[1].starts_with("[dataplane] ring_size changed (2048 -> 4096)"), "{}", lines[1]);
         assert!(lines[2].starts_with("[nat] timers changed"), "{}", lines[2]);
+    }
+}
+
+#[cfg(test)]
+mod to_hosts_tests {
+    use super::*;
+    use crate::config::{parse, Source};
+    use dataplane::policy::Verdict;
+
+    #[test]
+    fn a_name_stands_for_its_current_addresses_and_for_nothing_without_any() {
+        let text = "[dataplane]\ninside = \"a\"\noutside = \"b\"\n[[group]]\nname = \"apps\"\n\
+                    sources = [\"10.0.0.0/24\"]\negress_ips = [\"192.0.2.10\"]\n\
+                    [[rule]]\ngroup = \"apps\"\nproto = \"tcp\"\nports = [5432]\naction = \"allow\"\n\
+                    to_hosts = [\"db.example\"]\n";
+        let config = parse(Source::new("t.toml", text.to_string())).unwrap().config;
+        assert_eq!(dns_names(&config), ["db.example"]);
+        let src: IpAddr = "10.0.0.5".parse().unwrap();
+        let verdict = |names: &ResolvedNames, dst: &str| {
+            compile_with_names(&config, 1, names)
+                .unwrap()
+                .evaluate(src, dst.parse().unwrap(), 6, 5432)
+                .verdict
+        };
+        let mut names = ResolvedNames::new();
+        assert!(
+            matches!(verdict(&names, "192.0.2.7"), Verdict::Deny(_)),
+            "not resolved yet: nothing allowed"
+        );
+        names.insert("db.example".into(), vec!["192.0.2.7".parse().unwrap(), "192.0.2.8".parse().unwrap()]);
+        assert_eq!(verdict(&names, "192.0.2.7"), Verdict::Allow);
+        assert_eq!(verdict(&names, "192.0.2.8"), Verdict::Allow);
+        assert!(matches!(verdict(&names, "192.0.2.9"), Verdict::Deny(_)));
+        names.insert("db.example".into(), Vec::new());
+        assert!(matches!(verdict(&names, "192.0.2.7"), Verdict::Deny(_)), "answers gone: nothing allowed");
     }
 }

@@ -491,3 +491,15 @@ fn l7_request_conditions_with_method_and_path() {
         "{v}"
     );
 }
+
+#[test]
+fn to_hosts_names_are_resolved_and_shown() {
+    // A resolver that does not answer: the name has no address, so the rule matches nothing.
+    let text = "[dataplane]\ninside = \"a\"\noutside = \"b\"\n\n[[group]]\nname = \"web\"\nsources = [\"10.0.0.0/24\"]\n\
+                egress_ips = [\"192.0.2.10\"]\n\n[[rule]]\ngroup = \"web\"\nto_hosts = [\"db.example\"]\nproto = \"tcp\"\n\
+                ports = [5432]\naction = \"allow\"\n\n[l7]\nresolver = \"127.0.0.1:9\"\n";
+    let c = write_config(text);
+    let v = explain_json(&c.path, &["--src", "10.0.0.5", "--dst", "192.0.2.7:5432"]);
+    assert_eq!(v["verdict"], "default-deny", "{v}");
+    assert_eq!(v["to_hosts"]["db.example"], serde_json::json!([]), "{v}");
+}

@@ -3,7 +3,9 @@
 
 mod support;
 
-use support::{lab_config, repo_root, wait_for, Gateway, Lab};
+use std::time::Duration;
+
+use support::{lab_config, repo_root, wait_for, wait_for_within, Dnsmasq, Gateway, Lab};
 
 /// HTTP (curl → nginx) and UDP echo cross the gateway only while egressd runs: gw has ip_forward=0, so what
 /// crosses was forwarded by egressd, and its counters move. After SIGTERM it exits 0 with no XDP program left.
@@ -463,4 +465,55 @@ fn doctor_says_what_is_wrong_with_the_node() {
         "{text}"
     );
     assert!(text.contains("FAIL  egress IPs: 192.0.2.11 not on gw-out"), "{text}");
+}
+
+/// `to_hosts`: a rule's destinations follow DNS without a reload. The web group may reach `www.test` on TCP 80;
+/// while it resolves to .10, .10 answers and .11 is refused; when the name moves to .11, so does the rule (a new
+/// policy generation, no reload); when the resolver goes silent the last answer holds until its TTL runs out,
+/// then nothing is allowed.
+#[test]
+fn to_hosts_follow_dns_without_a_reload() {
+    let lab = Lab::up(false);
+    let mut dns = Dnsmasq::start(&lab, &["--local-ttl=6"]);
+    dns.set_hosts("203.0.113.10 www.test\n");
+    let (_dir, config, _) = lab_config(|text| {
+        let rule = "to = [\"203.0.113.0/24\", \"198.51.100.0/24\"]\nproto = \"tcp\"\nports = [80, 443]";
+        assert!(text.contains(rule), "conf/lab.toml changed: update this test");
+        format!(
+            "{}\n[l7]\nresolver = \"203.0.113.25\"\ndns_min_ttl = \"1s\"\n",
+            text.replacen(rule, "to_hosts = [\"www.test\"]\nproto = \"tcp\"\nports = [80]", 1)
+        )
+    });
+    let gw = Gateway::start(&lab, &config);
+    let get = |ip: &str| {
+        lab.exec("client", "curl", &["-sf", "-m", "1", "-o", "/dev/null", &format!("http://{ip}/")])
+            .status
+            .success()
+    };
+    assert!(get("203.0.113.10"), "www.test's address at start\ngateway log:\n{}", gw.log_text());
+    assert!(!get("203.0.113.11"), "another address");
+    let generation = gw.metric("egressd_policy_generation");
+
+    dns.set_hosts("203.0.113.11 www.test\n");
+    wait_for_within(Duration::from_secs(20), || get("203.0.113.11"), "the rule follows the name to .11");
+    assert!(!get("203.0.113.10"), "the old address is no longer allowed");
+    assert!(gw.metric("egressd_policy_generation") > generation, "a new policy generation");
+    assert_eq!(gw.metric(r#"egressd_reloads_total{result="ok"}"#), 0.0, "without a reload");
+    assert!(gw.log_text().contains("policy recompiled: to_hosts addresses changed"));
+    assert!(gw.metric("egressd_to_hosts_updates_total") >= 2.0, "the first answer and the move");
+    // explain asks the same resolver and judges with what the name has now.
+    let bin = support::egressd_bin();
+    let config_arg = config.to_str().expect("utf-8 path");
+    let args = ["explain", config_arg, "--src", "10.10.0.2", "--dst", "203.0.113.11:80", "--json"];
+    let out = lab.exec("gw", bin.to_str().expect("utf-8 path"), &args);
+    let explained = String::from_utf8_lossy(&out.stdout);
+    assert!(explained.contains(r#""verdict":"allow""#), "{explained}");
+    assert!(explained.contains(r#""to_hosts":{"www.test":["203.0.113.11"]}"#), "{explained}");
+
+    // The resolver goes silent: the last answer (TTL 6 s, asked again every 4.5 s) still counts at first...
+    dns.stop();
+    assert!(get("203.0.113.11"), "the last answer holds until its TTL runs out");
+    // ...and then the name has no address: nothing is allowed.
+    wait_for_within(Duration::from_secs(20), || !get("203.0.113.11"), "the answer expires");
+    assert!(gw.metric("egressd_to_hosts_lookup_failures_total") >= 1.0, "the silent resolver counted");
 }

@@ -5,10 +5,10 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Instant;
 
-use support::{lab_config, rss_kib, wait_for, Gateway, Lab};
+use support::{lab_config, rss_kib, wait_for, Dnsmasq, Gateway, Lab};
 
 /// The lab's first rule (web → the servers on TCP 80 and 443) made an `l7` rule for these names.
 fn l7_config(text: &str) -> String {
@@ -480,47 +480,13 @@ print(round(time.time() - start, 1), len(data))
 }
 
 /// dnsmasq in ext on 203.0.113.25:53, answering api.stripe.com and httpbin.test with 203.0.113.10. Killed on drop.
-struct Dns(Child);
-
-impl Dns {
-    fn start(lab: &Lab) -> Dns {
-        let found = Command::new("sh").args(["-c", "command -v dnsmasq"]).output().expect("run sh");
-        assert!(found.status.success(), "this test needs dnsmasq: run scripts/setup first");
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &lab.ns("ext"),
-                "dnsmasq",
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-            ])
-            .args(["--listen-address=203.0.113.25", "--bind-interfaces", "--port=53", "--pid-file="])
-            .args(["--address=/api.stripe.com/203.0.113.10", "--address=/httpbin.test/203.0.113.10"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start dnsmasq");
-        wait_for(
-            || lab.sh("ext", "ss -lun | grep -q '203.0.113.25:53'").status.success(),
-            "dnsmasq listening",
-        );
-        Dns(child)
-    }
-}
-
-impl Drop for Dns {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn with_dns_verification_an_allowed_name_at_another_address_is_refused() {
     let lab = Lab::up(false);
-    let _dns = Dns::start(&lab);
+    let _dns = Dnsmasq::start(
+        &lab,
+        &["--address=/api.stripe.com/203.0.113.10", "--address=/httpbin.test/203.0.113.10"],
+    );
     let tls = TlsServer::start(&lab);
     let (_dir, config, _) = lab_config(|text| {
         format!("{}\n[l7]\nverify_destination = \"dns\"\nresolver = \"203.0.113.25\"\n", l7_config(text))
@@ -553,7 +519,6 @@ fn with_dns_verification_an_allowed_name_at_another_address_is_refused() {
     );
 }
 
-/// RSS of `pid` in KiB.
 /// Hostile clients of the L7 path: a slowloris head and a ClientHello that never ends are closed at the
 /// classify deadline; a SYN flood from one address is held to `max_connections_per_source`; thousands of idle
 /// connections from many addresses hit `max_connections`, are closed at the deadline, and cost bounded memory —

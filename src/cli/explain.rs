@@ -138,6 +138,9 @@ pub struct Explanation {
     pub host_allowed: Option<bool>,
     /// With `--method`/`--path` on an l7 rule with request conditions: whether they allow the request.
     pub request_allowed: Option<bool>,
+    /// The policy's `to_hosts` names and the addresses they resolve to now (asked when explain runs).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub to_hosts: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 /// Judges `flow` with `snapshot` (compiled from `loaded`) and says why.
@@ -276,6 +279,7 @@ pub fn explain_flow(loaded: &Loaded, snapshot: &PolicySnapshot, flow: &Flow) -> 
             ),
             host_allowed,
             request_allowed,
+            to_hosts: Default::default(),
         };
     }
     if matches!(decision.verdict, Verdict::Deny(_)) {
@@ -299,6 +303,7 @@ pub fn explain_flow(loaded: &Loaded, snapshot: &PolicySnapshot, flow: &Flow) -> 
         reason,
         host_allowed,
         request_allowed,
+        to_hosts: Default::default(),
     }
 }
 
@@ -411,6 +416,10 @@ impl Explanation {
             let _ = writeln!(out, "request:   {}", if allowed { "allowed" } else { "refused (403)" });
         }
         let _ = writeln!(out, "why:       {}", self.reason);
+        for (name, addresses) in &self.to_hosts {
+            let now = if addresses.is_empty() { "no address".to_string() } else { addresses.join(", ") };
+            let _ = writeln!(out, "to_hosts:  {name} = {now}");
+        }
         out
     }
 }
@@ -433,14 +442,34 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let snapshot = match crate::policy::compile(&loaded.config, 1) {
+    // `to_hosts` names stand for what they resolve to now, asked from the resolver the gateway would use.
+    let names = crate::policy::dns_names(&loaded.config);
+    let settings = loaded.config.l7.settings();
+    let answers = match settings.resolver.or_else(crate::l7::dns::system_resolver) {
+        Some(server) if !names.is_empty() => {
+            let watcher = crate::fqdn::FqdnWatcher::start(
+                names.clone(),
+                server,
+                settings.dns_min_ttl_secs,
+                settings.dns_max_ttl_secs,
+                std::time::Duration::from_secs(3),
+            )?;
+            watcher.shared.answers()
+        }
+        _ => names.iter().map(|n| (n.clone(), Vec::new())).collect(),
+    };
+    let snapshot = match crate::policy::compile_with_names(&loaded.config, 1, &answers) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("{}: {e}", args.config.config.display());
             return Ok(ExitCode::FAILURE);
         }
     };
-    let explanation = explain_flow(&loaded, &snapshot, &flow);
+    let mut explanation = explain_flow(&loaded, &snapshot, &flow);
+    explanation.to_hosts = answers
+        .into_iter()
+        .map(|(name, addresses)| (name, addresses.iter().map(ToString::to_string).collect()))
+        .collect();
     if args.json {
         println!("{}", serde_json::to_string(&explanation)?);
     } else {

@@ -82,9 +82,12 @@ pub struct RuleConfig {
     /// A stable name for metrics, audit lines and `explain` (unique within its group); default: the position.
     pub name: Option<Spanned<String>>,
     pub group: Spanned<String>,
-    /// Destination prefixes (at least one).
+    /// Destination prefixes (at least one, or `to_hosts`).
     #[serde(default)]
     pub to: Vec<Spanned<String>>,
+    /// Destinations by DNS name: their `A` records, followed as they change.
+    #[serde(default)]
+    pub to_hosts: Vec<Spanned<String>>,
     #[serde(default)]
     pub except: Vec<Spanned<String>>,
     /// Default `any`.
@@ -371,12 +374,19 @@ fn check_rule<'a>(
     }
     let action = *r.action.get_ref();
     let proto = r.proto();
-    if r.to.is_empty() {
+    if r.to.is_empty() && r.to_hosts.is_empty() {
         diags.error(
             src,
             header.clone(),
-            "rule has no `to` destinations (write \"0.0.0.0/0\" for everywhere)",
+            "rule has no `to` destinations (write \"0.0.0.0/0\" for everywhere) and no `to_hosts`",
         );
+    }
+    for (i, h) in r.to_hosts.iter().enumerate() {
+        if let Err(e) = check_dns_name(h.get_ref()) {
+            diags.error(src, h.span(), format!("to_hosts: {e}"));
+        } else if r.to_hosts[..i].iter().any(|o| o.get_ref() == h.get_ref()) {
+            diags.error(src, h.span(), format!("to_hosts: \"{}\" is listed twice", h.get_ref()));
+        }
     }
     let mut to: Vec<(Prefix, Range<usize>)> = Vec::new();
     for t in &r.to {
@@ -707,3 +717,28 @@ fn merge_ranges(ranges: &[PortRange]) -> Vec<PortRange> {
 
 #[cfg(test)]
 mod tests;
+
+/// A name `to_hosts` can resolve: lowercase letters, digits and `-` in dot-separated labels of 1-63 characters,
+/// 253 characters at most; not an address, no wildcard.
+pub fn check_dns_name(name: &str) -> Result<(), String> {
+    if name.contains('*') {
+        return Err(format!(
+            "\"{name}\": wildcards cannot be resolved (egressd does not snoop DNS): list each name"
+        ));
+    }
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Err(format!("\"{name}\" is an address: put it in `to`"));
+    }
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "\"{name}\" is not a DNS name (lowercase letters, digits and '-' in labels of 1-63, dot-separated)"
+        ));
+    }
+    Ok(())
+}

@@ -79,11 +79,7 @@ impl Resolver {
     }
 
     fn send(&self, lookup: &mut Lookup, now: Instant) -> Result<(), ()> {
-        let name = Name::from_ascii(format!("{}.", lookup.name)).map_err(|_| ())?;
-        let mut message = Message::new(lookup.id, MessageType::Query, OpCode::Query);
-        message.metadata.recursion_desired = true;
-        message.add_query(Query::query(name, RecordType::A));
-        let bytes = message.to_vec().map_err(|_| ())?;
+        let bytes = encode_query(&lookup.name, lookup.id).ok_or(())?;
         self.socket.send_to(&bytes, self.server).map_err(|_| ())?;
         lookup.sent_at = now;
         lookup.tries += 1;
@@ -97,21 +93,14 @@ impl Resolver {
             if from != self.server {
                 continue;
             }
-            let Ok(message) = Message::from_vec(&buf[..n]) else { continue };
-            let Some(question) = message.queries.first() else { continue };
-            let name = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+            let Some(answer) = decode_answer(&buf[..n]) else { continue };
+            let name = answer.name;
             let Some(lookup) = self.lookups.get(&name) else { continue };
-            if lookup.id != message.metadata.id || message.metadata.message_type != MessageType::Response {
+            if lookup.id != answer.id {
                 continue;
             }
-            let mut answers = Vec::new();
-            let mut ttl = self.max_ttl_secs;
-            for record in &message.answers {
-                if let RData::A(a) = &record.data {
-                    answers.push(a.0);
-                    ttl = ttl.min(u64::from(record.ttl));
-                }
-            }
+            let answers = answer.addresses;
+            let ttl = answer.ttl_secs.unwrap_or(self.max_ttl_secs);
             let ttl = ttl.clamp(self.min_ttl_secs, self.max_ttl_secs.max(self.min_ttl_secs));
             if let Some(lookup) = self.lookups.remove(&name) {
                 if self.cache.len() >= MAX_CACHED {
@@ -143,6 +132,46 @@ impl Resolver {
             }
         }
     }
+}
+
+/// An `A` query for `name` (recursion desired), encoded; `None` if `name` is not a DNS name.
+pub fn encode_query(name: &str, id: u16) -> Option<Vec<u8>> {
+    let name = Name::from_ascii(format!("{name}.")).ok()?;
+    let mut message = Message::new(id, MessageType::Query, OpCode::Query);
+    message.metadata.recursion_desired = true;
+    message.add_query(Query::query(name, RecordType::A));
+    message.to_vec().ok()
+}
+
+/// A DNS response, as far as an `A` lookup cares.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub id: u16,
+    /// The question's name, lowercase, without the final dot.
+    pub name: String,
+    /// Its `A` records (none: the name does not resolve, whatever the response code).
+    pub addresses: Vec<Ipv4Addr>,
+    /// The smallest TTL of those records.
+    pub ttl_secs: Option<u64>,
+}
+
+/// Reads a DNS response; `None` for anything else (a query, garbage, no question).
+pub fn decode_answer(bytes: &[u8]) -> Option<Answer> {
+    let message = Message::from_vec(bytes).ok()?;
+    if message.metadata.message_type != MessageType::Response {
+        return None;
+    }
+    let question = message.queries.first()?;
+    let name = question.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
+    let mut addresses = Vec::new();
+    let mut ttl_secs: Option<u64> = None;
+    for record in &message.answers {
+        if let RData::A(a) = &record.data {
+            addresses.push(a.0);
+            ttl_secs = Some(ttl_secs.map_or(u64::from(record.ttl), |t| t.min(u64::from(record.ttl))));
+        }
+    }
+    Some(Answer { id: message.metadata.id, name, addresses, ttl_secs })
 }
 
 /// The first `nameserver` of /etc/resolv.conf, port 53.

@@ -427,3 +427,61 @@ fn write_config(text: &str) -> (tempfile::TempDir, PathBuf) {
     std::fs::write(&path, text).expect("write config");
     (dir, path)
 }
+
+/// dnsmasq in ext on 203.0.113.25:53, answering from `extra_args` (`--address=/NAME/IP`) and from a hosts file
+/// the test rewrites with [`Dnsmasq::set_hosts`]. Killed on drop.
+pub struct Dnsmasq {
+    child: Child,
+    hosts: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Dnsmasq {
+    pub fn start(lab: &Lab, extra_args: &[&str]) -> Dnsmasq {
+        let found = Command::new("sh").args(["-c", "command -v dnsmasq"]).output().expect("run sh");
+        assert!(found.status.success(), "this test needs dnsmasq: run scripts/setup first");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "").expect("hosts file");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &lab.ns("ext"),
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+            ])
+            .args(["--listen-address=203.0.113.25", "--bind-interfaces", "--port=53", "--pid-file="])
+            .arg(format!("--addn-hosts={}", hosts.display()))
+            .args(extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dnsmasq");
+        wait_for(
+            || lab.sh("ext", "ss -lun | grep -q '203.0.113.25:53'").status.success(),
+            "dnsmasq listening",
+        );
+        Dnsmasq { child, hosts, _dir: dir }
+    }
+
+    /// Replaces the hosts file (`IP NAME` lines) and has dnsmasq read it again.
+    pub fn set_hosts(&self, text: &str) {
+        std::fs::write(&self.hosts, text).expect("hosts file");
+        let hup = Command::new("kill").args(["-HUP", &self.child.id().to_string()]).status().expect("kill");
+        assert!(hup.success(), "SIGHUP to dnsmasq");
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

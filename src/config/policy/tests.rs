@@ -297,7 +297,7 @@ fn unknown_keys_anywhere() {
 fn rule_without_destinations() {
     assert_eq!(
         errors("[[rule]]\ngroup = \"web\"\naction = \"deny\"\n"),
-        ["t.toml:10:1: rule has no `to` destinations (write \"0.0.0.0/0\" for everywhere)"]
+        ["t.toml:10:1: rule has no `to` destinations (write \"0.0.0.0/0\" for everywhere) and no `to_hosts`"]
     );
     assert_eq!(
         errors("[[rule]]\ngroup = \"web\"\nto = [\"10.1.0.0/16\", \"10.1.0.0/16\"]\naction = \"deny\"\n"),
@@ -464,4 +464,28 @@ fn l7_request_conditions_are_checked() {
         warnings(&format!("{rule}methods = [\"get\"]\n")),
         ["t.toml:17:12: methods: \"get\" has lowercase letters; methods are case-sensitive (GET, not get)"]
     );
+}
+
+#[test]
+fn to_hosts_must_be_dns_names_and_can_stand_alone() {
+    let rule = |hosts: &str| {
+        format!(
+            "[[rule]]\ngroup = \"web\"\nproto = \"tcp\"\nports = [5432]\naction = \"allow\"\nto_hosts = [{hosts}]\n"
+        )
+    };
+    assert!(errors(&rule("\"db.external.com\"")).is_empty(), "to_hosts without to");
+    let e = errors(&rule(
+        "\"*.external.com\", \"192.0.2.1\", \"Bad_Name.com\", \"db.external.com\", \"db.external.com\"",
+    ));
+    assert_eq!(e.len(), 4, "{e:#?}");
+    assert_eq!(
+        e[0],
+        "t.toml:15:13: to_hosts: \"*.external.com\": wildcards cannot be resolved (egressd does not snoop DNS): \
+         list each name"
+    );
+    assert!(e[1].ends_with("\"192.0.2.1\" is an address: put it in `to`"), "{e:?}");
+    assert!(e[2].contains("\"Bad_Name.com\" is not a DNS name"), "{e:?}");
+    assert!(e[3].ends_with("to_hosts: \"db.external.com\" is listed twice"), "{e:?}");
+    let none = errors("[[rule]]\ngroup = \"web\"\nproto = \"tcp\"\naction = \"allow\"\n");
+    assert!(none[0].ends_with("and no `to_hosts`"), "{none:?}");
 }
