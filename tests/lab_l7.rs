@@ -352,6 +352,32 @@ fn a_rate_limit_answers_429_per_client_address_and_keeps_refused_requests_from_t
     );
 }
 
+/// `egressd import istio` output runs in the gateway: a ServiceEntry and Gateway for httpbin.test on HTTP/80
+/// become the web group's l7 rule; the name passes, another gets 403.
+#[test]
+fn an_imported_istio_service_entry_is_enforced_by_the_gateway() {
+    let lab = Lab::up(false);
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/import/istio-httpbin.yaml");
+    let out = Command::new(support::egressd_bin())
+        .args(["import", "istio", fixture, "--group", "web", "--rules-only"])
+        .output()
+        .expect("egressd import");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let imported = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (_dir, config, _) = lab_config(|text| {
+        // The lab's own rule for the web group's TCP 80/443 steps aside (to a port nothing uses).
+        let own = "ports = [80, 443]\naction = \"allow\"";
+        assert!(text.contains(own), "conf/lab.toml changed: update this test");
+        format!("{}\n{imported}", text.replacen(own, "ports = [8443]\naction = \"allow\"", 1))
+    });
+    let gw = Gateway::start(&lab, &config);
+    let (code, body, err, _) = curl(&lab, &["-H", "Host: httpbin.test", "http://203.0.113.10/ip"]);
+    assert_eq!(code, 0, "{err}\nimported:\n{imported}\ngateway log:\n{}", gw.log_text());
+    assert_from_l7_range(&body);
+    let (_, body, _, _) = curl(&lab, &["-i", "-H", "Host: evil.test", "http://203.0.113.10/ip"]);
+    assert!(body.starts_with("HTTP/1.1 403 Forbidden"), "{body}");
+}
+
 #[test]
 fn tls_hellos_in_one_byte_segments_and_50_mb_each_way_pass_intact() {
     let lab = Lab::up(false);

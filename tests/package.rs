@@ -54,6 +54,7 @@ fn the_debian_package_installs_documents_and_starts_the_gateway() {
         "./etc/egressd/egressd.toml",
         "./usr/share/man/man8/egressd.8.gz",
         "./usr/share/man/man8/egressd-flows.8.gz",
+        "./usr/share/man/man8/egressd-import.8.gz",
         "./usr/share/bash-completion/completions/egressd",
         "./usr/share/zsh/vendor-completions/_egressd",
         "./usr/share/fish/vendor_completions.d/egressd.fish",

@@ -5,6 +5,7 @@ pub mod check;
 pub mod doctor;
 pub mod explain;
 pub mod flows;
+pub mod import;
 pub mod reload;
 pub mod run;
 pub mod stats;
@@ -29,7 +30,7 @@ kernel keeps ARP and the node's own traffic.",
 /usr/share/doc/egressd/examples/  example policies\n\nSIGNALS:\n  SIGHUP reloads the configuration (a refused \
 file keeps the running one); SIGINT and SIGTERM detach the XDP programs and stop.\n\nEXIT STATUS:\n  0 on \
 success; 1 when a check fails or a request is refused; 2 on a usage error.\n\nSEE ALSO:\n  egressd-run(8), \
-egressd-check(8), egressd-explain(8), egressd-flows(8), egressd-doctor(8); the admin endpoint serves /metrics, \
+egressd-check(8), egressd-explain(8), egressd-flows(8), egressd-doctor(8), egressd-import(8); the admin endpoint serves /metrics, \
 /healthz, /readyz and /flows on 127.0.0.1:9900 by default."
 )]
 pub struct Cli {
@@ -63,6 +64,8 @@ pub enum Command {
     Doctor(doctor::DoctorArgs),
     /// List a running gateway's live flows, or delete them (--delete), like conntrack -L / -D.
     Flows(flows::FlowsArgs),
+    /// Translate Istio or Cilium YAML into egressd rules (printed; with a comment for what is not translated).
+    Import(import::ImportArgs),
     /// Write the man pages and shell completions (for packaging).
     #[command(hide = true)]
     GenerateAssets(assets::AssetsArgs),
@@ -116,6 +119,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Reload(args) => reload::reload(args),
         Command::Doctor(args) => doctor::doctor(args),
         Command::Flows(args) => flows::flows(args),
+        Command::Import(args) => import::run(args),
         Command::GenerateAssets(args) => assets::generate(args),
     }
 }

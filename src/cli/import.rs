@@ -1,0 +1,700 @@
+//! `egressd import istio|cilium FILE...`: reads the YAML a user already has and prints the egressd policy that
+//! does what it can of it: `[[group]]` and `[[rule]]` tables to put under a configuration's `[dataplane]`, with a
+//! comment for everything not translated and why.
+//!
+//! Istio: `ServiceEntry` ports become rules (HTTP and HTTPS/TLS ports: `l7` rules by host name, TLS passed through
+//! by SNI; other protocols: `allow` rules to the hosts by DNS, `to_hosts`, or to static endpoint addresses), and so
+//! do a `Gateway`'s servers; all `l7` hosts of one port share one rule (in a group the first matching rule decides,
+//! so two rules for the same port would hide each other's names). `VirtualService` routing, `DestinationRule` TLS
+//! origination, pools and outlier detection, and `AuthorizationPolicy` are named in comments: egressd forwards each
+//! connection to the address the client dialled.
+//!
+//! Cilium: a `CiliumEgressGatewayPolicy` becomes a group leaving from its `egressIP` with an `allow` rule for its
+//! `destinationCIDRs` (minus `excludedCIDRs` inside them); a `CiliumNetworkPolicy`'s egress rules become `allow`
+//! rules (`toCIDR`, `toCIDRSet`, `toFQDNs` names as `to_hosts`) or `l7` rules where they carry HTTP rules.
+//! Kubernetes selectors have no addresses: the sources come from `--sources`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use serde_yaml_ng::Value;
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// What the files are: `istio` (ServiceEntry, Gateway, VirtualService, DestinationRule, …) or `cilium`
+    /// (CiliumEgressGatewayPolicy, CiliumNetworkPolicy).
+    #[arg(value_enum)]
+    pub from: ImportFrom,
+    /// YAML files, each with one or more documents (`---`).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// The source prefixes of the group the rules are for (Kubernetes selectors have no addresses).
+    #[arg(long, value_delimiter = ',', default_value = "10.0.0.0/8")]
+    pub sources: Vec<String>,
+    /// The egress IPs the group leaves from (a CiliumEgressGatewayPolicy's `egressIP` is used where it has one).
+    #[arg(long = "egress-ip", value_delimiter = ',', default_value = "192.0.2.10")]
+    pub egress_ips: Vec<String>,
+    /// The group's name (Istio; Cilium policies are named after themselves).
+    #[arg(long, default_value = "mesh")]
+    pub group: String,
+    /// Print only the rules (for a group the configuration already has), not the `[[group]]` tables.
+    #[arg(long)]
+    pub rules_only: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImportFrom {
+    Istio,
+    Cilium,
+}
+
+/// One YAML document and where it came from.
+pub struct Document {
+    pub origin: String,
+    pub value: Value,
+}
+
+/// Reads every document of `files`.
+pub fn read_documents(files: &[PathBuf]) -> anyhow::Result<Vec<Document>> {
+    use serde::Deserialize;
+    let mut docs = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+            let value = Value::deserialize(doc)
+                .map_err(|e| anyhow::anyhow!("{}: document {}: {e}", file.display(), i + 1))?;
+            if value.is_null() {
+                continue;
+            }
+            docs.push(Document { origin: format!("{} (document {})", file.display(), i + 1), value });
+        }
+    }
+    Ok(docs)
+}
+
+pub fn run(args: ImportArgs) -> anyhow::Result<ExitCode> {
+    let docs = match read_documents(&args.files) {
+        Ok(docs) => docs,
+        Err(e) => {
+            eprintln!("egressd import: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let group = GroupSpec {
+        name: args.group.clone(),
+        sources: args.sources.clone(),
+        egress_ips: args.egress_ips.clone(),
+    };
+    let policy = match args.from {
+        ImportFrom::Istio => import_istio(&docs, &group),
+        ImportFrom::Cilium => import_cilium(&docs, &group),
+    };
+    let mut policy = policy;
+    if args.rules_only {
+        policy.groups.clear();
+    }
+    print!("{}", policy.to_toml());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The group the translated rules belong to.
+#[derive(Clone, Debug)]
+pub struct GroupSpec {
+    pub name: String,
+    pub sources: Vec<String>,
+    pub egress_ips: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Rule {
+    name: String,
+    group: String,
+    to: Vec<String>,
+    except: Vec<String>,
+    to_hosts: Vec<String>,
+    proto: &'static str,
+    ports: Vec<u16>,
+    action: &'static str,
+    hosts: Vec<String>,
+    methods: Vec<String>,
+    paths: Vec<String>,
+    headers: Vec<String>,
+    /// Why the rule exists: the objects it came from.
+    from: Vec<String>,
+}
+
+/// What an import produced.
+#[derive(Debug, Default)]
+pub struct Imported {
+    groups: Vec<GroupSpec>,
+    rules: Vec<Rule>,
+    /// Everything not translated, one line each.
+    notes: Vec<String>,
+}
+
+fn q(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+fn list(items: &[String]) -> String {
+    format!("[{}]", items.iter().map(|s| q(s)).collect::<Vec<_>>().join(", "))
+}
+
+impl Imported {
+    pub fn to_toml(&self) -> String {
+        let mut notes: Vec<&String> = Vec::new();
+        for note in &self.notes {
+            if !notes.contains(&note) {
+                notes.push(note);
+            }
+        }
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# Imported by `egressd import`: put these tables under your configuration's [dataplane]."
+        );
+        if !self.notes.is_empty() {
+            let _ = writeln!(out, "#\n# Not translated:");
+            for note in notes {
+                let _ = writeln!(out, "# - {note}");
+            }
+        }
+        for g in &self.groups {
+            let _ = writeln!(
+                out,
+                "\n[[group]]\nname = {}\nsources = {}\negress_ips = {}",
+                q(&g.name),
+                list(&g.sources),
+                list(&g.egress_ips)
+            );
+        }
+        for r in &self.rules {
+            let _ = writeln!(out, "\n# from {}", r.from.join(", "));
+            let _ = writeln!(out, "[[rule]]\nname = {}\ngroup = {}", q(&r.name), q(&r.group));
+            if !r.to.is_empty() {
+                let _ = writeln!(out, "to = {}", list(&r.to));
+            }
+            if !r.except.is_empty() {
+                let _ = writeln!(out, "except = {}", list(&r.except));
+            }
+            if !r.to_hosts.is_empty() {
+                let _ = writeln!(out, "to_hosts = {}", list(&r.to_hosts));
+            }
+            let _ = writeln!(out, "proto = {}", q(r.proto));
+            if !r.ports.is_empty() {
+                let ports: Vec<String> = r.ports.iter().map(u16::to_string).collect();
+                let _ = writeln!(out, "ports = [{}]", ports.join(", "));
+            }
+            let _ = writeln!(out, "action = {}", q(r.action));
+            for (key, values) in
+                [("hosts", &r.hosts), ("methods", &r.methods), ("paths", &r.paths), ("headers", &r.headers)]
+            {
+                if !values.is_empty() {
+                    let _ = writeln!(out, "{key} = {}", list(values));
+                }
+            }
+        }
+        out
+    }
+}
+
+// --- YAML access --------------------------------------------------------------------------------------------------
+
+fn get<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, key| v.get(*key))
+}
+
+fn text(v: &Value, path: &[&str]) -> Option<String> {
+    get(v, path).and_then(|v| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    })
+}
+
+fn seq<'a>(v: &'a Value, path: &[&str]) -> &'a [Value] {
+    get(v, path).and_then(Value::as_sequence).map_or(&[], Vec::as_slice)
+}
+
+fn texts(v: &Value, path: &[&str]) -> Vec<String> {
+    seq(v, path).iter().filter_map(|x| text(x, &[])).collect()
+}
+
+fn port_number(v: &Value) -> Option<u16> {
+    text(v, &["number"]).or_else(|| text(v, &["port"])).and_then(|n| n.parse().ok()).filter(|n| *n > 0)
+}
+
+fn describe(doc: &Value) -> String {
+    format!(
+        "{} {}",
+        text(doc, &["kind"]).unwrap_or_else(|| "?".into()),
+        text(doc, &["metadata", "name"]).unwrap_or_else(|| "?".into())
+    )
+}
+
+/// Rule names: letters, digits, `-`, `_`, `.`; at most 64.
+fn rule_name(parts: &[&str]) -> String {
+    let joined = parts.join("-");
+    let clean: String = joined
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '-' })
+        .collect();
+    clean.chars().take(64).collect()
+}
+
+fn is_wildcard(host: &str) -> bool {
+    host.starts_with('*')
+}
+
+fn is_address(s: &str) -> bool {
+    s.parse::<std::net::IpAddr>().is_ok() || s.parse::<dataplane::policy::Prefix>().is_ok()
+}
+
+// --- Istio --------------------------------------------------------------------------------------------------------
+
+/// Names an `l7` rule lets through on one port, and the objects they came from.
+#[derive(Default)]
+struct L7Names {
+    hosts: BTreeSet<String>,
+    from: BTreeSet<String>,
+}
+
+/// Destinations an `allow` rule lets through on one port, and the objects they came from.
+#[derive(Default)]
+struct L4Destinations {
+    to: BTreeSet<String>,
+    to_hosts: BTreeSet<String>,
+    from: BTreeSet<String>,
+}
+
+/// Everything allowed, per port.
+#[derive(Default)]
+struct Allowances {
+    l7: BTreeMap<u16, L7Names>,
+    l4: BTreeMap<u16, L4Destinations>,
+}
+
+pub fn import_istio(docs: &[Document], group: &GroupSpec) -> Imported {
+    let mut out = Imported { groups: vec![group.clone()], ..Imported::default() };
+    let mut allow = Allowances::default();
+    for doc in docs {
+        let v = &doc.value;
+        let what = describe(v);
+        match text(v, &["kind"]).as_deref() {
+            Some("ServiceEntry") => service_entry(v, &what, &mut allow, &mut out.notes),
+            Some("Gateway") => gateway(v, &what, &mut allow, &mut out.notes),
+            Some("VirtualService") => virtual_service(v, &what, &mut out.notes),
+            Some("DestinationRule") => destination_rule(v, &what, &mut out.notes),
+            Some("AuthorizationPolicy") => out.notes.push(format!(
+                "{what}: authorization policies are not translated; write their conditions as the l7 rules' methods, \
+                 paths and headers"
+            )),
+            Some(_) | None => out.notes.push(format!("{what} ({}): not an Istio egress object, skipped", doc.origin)),
+        }
+    }
+    for (port, L7Names { hosts, from }) in allow.l7 {
+        out.rules.push(Rule {
+            name: rule_name(&["l7", &port.to_string()]),
+            group: group.name.clone(),
+            to: vec!["0.0.0.0/0".into()],
+            proto: "tcp",
+            ports: vec![port],
+            action: "l7",
+            hosts: hosts.into_iter().collect(),
+            from: from.into_iter().collect(),
+            ..Rule::default()
+        });
+    }
+    for (port, L4Destinations { to, to_hosts, from }) in allow.l4 {
+        out.rules.push(Rule {
+            name: rule_name(&["tcp", &port.to_string()]),
+            group: group.name.clone(),
+            to: to.into_iter().collect(),
+            to_hosts: to_hosts.into_iter().collect(),
+            proto: "tcp",
+            ports: vec![port],
+            action: "allow",
+            from: from.into_iter().collect(),
+            ..Rule::default()
+        });
+    }
+    if !out.rules.is_empty() && out.rules.iter().any(|r| r.action == "l7") {
+        out.notes.push(
+            "l7 rules allow their names towards any address (Istio trusts the SNI and Host too); set [l7] \
+             verify_destination = \"dns\" to allow a name only towards the addresses it resolves to"
+                .into(),
+        );
+    }
+    out
+}
+
+/// HTTP-like protocols are checked by Host; TLS-like by SNI; the rest at L4.
+fn l7_protocol(protocol: &str) -> bool {
+    matches!(protocol.to_ascii_uppercase().as_str(), "HTTP" | "HTTP2" | "GRPC" | "HTTPS" | "TLS")
+}
+
+fn service_entry(v: &Value, what: &str, allow: &mut Allowances, notes: &mut Vec<String>) {
+    if text(v, &["spec", "location"]).as_deref() == Some("MESH_INTERNAL") {
+        notes.push(format!(
+            "{what}: location MESH_INTERNAL (in-mesh endpoints), translated as external destinations"
+        ));
+    }
+    let hosts = texts(v, &["spec", "hosts"]);
+    let resolution = text(v, &["spec", "resolution"]).unwrap_or_else(|| "NONE".into());
+    let endpoints: Vec<String> =
+        seq(v, &["spec", "endpoints"]).iter().filter_map(|e| text(e, &["address"])).collect();
+    let addresses = texts(v, &["spec", "addresses"]);
+    for port in seq(v, &["spec", "ports"]) {
+        let Some(number) = port_number(port) else { continue };
+        let protocol = text(port, &["protocol"]).unwrap_or_else(|| "TCP".into());
+        if l7_protocol(&protocol) {
+            let entry = allow.l7.entry(number).or_default();
+            entry.hosts.extend(hosts.iter().cloned());
+            entry.from.insert(what.to_string());
+            if !endpoints.is_empty() {
+                notes.push(format!(
+                    "{what}: port {number}: endpoints {} (egressd forwards to the address the client dialled; \
+                     routing to endpoints is not translated yet)",
+                    endpoints.join(", ")
+                ));
+            }
+            continue;
+        }
+        // L4: the endpoints when there are any, else the hosts by DNS, else the VIPs / CIDRs.
+        let (mut to, mut to_hosts) = (Vec::new(), Vec::new());
+        let named: Vec<&String> =
+            if endpoints.is_empty() { hosts.iter().collect() } else { endpoints.iter().collect() };
+        for name in named {
+            if is_address(name) {
+                to.push(name.clone());
+            } else if is_wildcard(name) {
+                notes.push(format!(
+                    "{what}: port {number} ({protocol}): wildcard host {name} cannot be resolved at L4"
+                ));
+            } else if resolution == "DNS" || resolution == "DNS_ROUND_ROBIN" || !endpoints.is_empty() {
+                to_hosts.push(name.clone());
+            }
+        }
+        if resolution == "NONE" || resolution == "STATIC" {
+            to.extend(addresses.iter().filter(|a| is_address(a)).cloned());
+        }
+        if to.is_empty() && to_hosts.is_empty() {
+            notes.push(format!("{what}: port {number} ({protocol}): no address or resolvable name, skipped"));
+            continue;
+        }
+        let entry = allow.l4.entry(number).or_default();
+        entry.to.extend(to);
+        entry.to_hosts.extend(to_hosts);
+        entry.from.insert(what.to_string());
+    }
+}
+
+fn gateway(v: &Value, what: &str, allow: &mut Allowances, notes: &mut Vec<String>) {
+    for server in seq(v, &["spec", "servers"]) {
+        let Some(number) = get(server, &["port"]).and_then(port_number) else { continue };
+        let protocol = text(server, &["port", "protocol"]).unwrap_or_else(|| "HTTP".into());
+        let hosts: Vec<String> = texts(server, &["hosts"])
+            .into_iter()
+            // `namespace/host` selects where the host is declared.
+            .map(|h| h.rsplit('/').next().unwrap_or(&h).to_string())
+            .collect();
+        let mode = text(server, &["tls", "mode"]);
+        if let Some(mode) = mode.as_deref().filter(|m| *m != "PASSTHROUGH") {
+            notes.push(format!(
+                "{what}: port {number}: tls mode {mode} (TLS terminated at the gateway) is not translated; the l7 \
+                 rule passes TLS through by SNI"
+            ));
+        }
+        if hosts.iter().any(|h| h == "*") {
+            notes.push(format!(
+                "{what}: port {number}: host \"*\" (any name) is not translated: list the names"
+            ));
+        }
+        let hosts: Vec<String> = hosts.into_iter().filter(|h| h != "*").collect();
+        if l7_protocol(&protocol) {
+            let entry = allow.l7.entry(number).or_default();
+            entry.hosts.extend(hosts);
+            entry.from.insert(what.to_string());
+        } else {
+            let names: Vec<String> = hosts.into_iter().filter(|h| !is_wildcard(h)).collect();
+            if names.is_empty() {
+                continue;
+            }
+            let entry = allow.l4.entry(number).or_default();
+            entry.to_hosts.extend(names);
+            entry.from.insert(what.to_string());
+        }
+    }
+}
+
+fn virtual_service(v: &Value, what: &str, notes: &mut Vec<String>) {
+    let mut untranslated = BTreeSet::new();
+    for kind in ["http", "tls", "tcp"] {
+        for route in seq(v, &["spec", kind]) {
+            for m in seq(route, &["match"]) {
+                for key in ["headers", "uri", "method", "queryParams", "sniHosts", "authority"] {
+                    if get(m, &[key]).is_some() {
+                        untranslated.insert(format!("match on {key}"));
+                    }
+                }
+            }
+            for d in seq(route, &["route"]) {
+                if get(d, &["destination", "subset"]).is_some() {
+                    untranslated.insert("routes to subsets".to_string());
+                }
+                if text(d, &["weight"]).is_some_and(|w| w != "100") {
+                    untranslated.insert("weighted routes".to_string());
+                }
+            }
+            for key in
+                ["retries", "timeout", "fault", "mirror", "rewrite", "redirect", "headers", "corsPolicy"]
+            {
+                if get(route, &[key]).is_some() {
+                    untranslated.insert(key.to_string());
+                }
+            }
+        }
+    }
+    if !untranslated.is_empty() {
+        notes.push(format!(
+            "{what}: {} not translated yet (egressd forwards each request to the address the client dialled)",
+            untranslated.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
+}
+
+fn destination_rule(v: &Value, what: &str, notes: &mut Vec<String>) {
+    let mut untranslated = BTreeSet::new();
+    let mut policies: Vec<&Value> = get(v, &["spec", "trafficPolicy"]).into_iter().collect();
+    policies.extend(seq(v, &["spec", "trafficPolicy", "portLevelSettings"]));
+    policies.extend(seq(v, &["spec", "subsets"]).iter().filter_map(|s| get(s, &["trafficPolicy"])));
+    for p in policies {
+        if let Some(mode) = text(p, &["tls", "mode"]).filter(|m| m != "DISABLE") {
+            untranslated.insert(format!("TLS origination (mode {mode})"));
+        }
+        for key in ["connectionPool", "outlierDetection", "loadBalancer"] {
+            if get(p, &[key]).is_some() {
+                untranslated.insert(key.to_string());
+            }
+        }
+    }
+    if !seq(v, &["spec", "subsets"]).is_empty() {
+        untranslated.insert("subsets".to_string());
+    }
+    if !untranslated.is_empty() {
+        notes.push(format!(
+            "{what}: {} not translated yet",
+            untranslated.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
+}
+
+// --- Cilium -------------------------------------------------------------------------------------------------------
+
+pub fn import_cilium(docs: &[Document], defaults: &GroupSpec) -> Imported {
+    let mut out = Imported::default();
+    for doc in docs {
+        let v = &doc.value;
+        let what = describe(v);
+        let name = rule_name(&[&text(v, &["metadata", "name"]).unwrap_or_else(|| "cilium".into())]);
+        match text(v, &["kind"]).as_deref() {
+            Some("CiliumEgressGatewayPolicy") => egress_gateway_policy(v, &what, &name, defaults, &mut out),
+            Some("CiliumNetworkPolicy" | "CiliumClusterwideNetworkPolicy") => {
+                network_policy(v, &what, &name, defaults, &mut out)
+            }
+            Some(_) | None => {
+                out.notes.push(format!("{what} ({}): not a Cilium egress object, skipped", doc.origin))
+            }
+        }
+    }
+    // A source prefix belongs to one group: --sources goes to the first; the others wait for their pods' CIDRs.
+    for g in out.groups.iter_mut().skip(1) {
+        g.sources.clear();
+        out.notes.push(format!(
+            "group {}: no sources yet (--sources went to the first group): give it its pods' CIDRs",
+            g.name
+        ));
+    }
+    out
+}
+
+fn selector_note(what: &str, out: &mut Imported) {
+    out.notes.push(format!(
+        "{what}: its pod selectors have no addresses; its group's sources are --sources (edit them to the pods' \
+         CIDRs)"
+    ));
+}
+
+fn egress_gateway_policy(v: &Value, what: &str, name: &str, defaults: &GroupSpec, out: &mut Imported) {
+    let egress_ips = match text(v, &["spec", "egressGateway", "egressIP"]) {
+        Some(ip) => vec![ip],
+        None => {
+            out.notes.push(format!("{what}: no egressGateway.egressIP: the group leaves from --egress-ip"));
+            defaults.egress_ips.clone()
+        }
+    };
+    selector_note(what, out);
+    out.groups.push(GroupSpec { name: name.to_string(), sources: defaults.sources.clone(), egress_ips });
+    let to = texts(v, &["spec", "destinationCIDRs"]);
+    let (except, outside) = split_excepts(&to, &texts(v, &["spec", "excludedCIDRs"]));
+    if !outside.is_empty() {
+        out.notes.push(format!(
+            "{what}: excludedCIDRs {} are outside every destinationCIDR: already not allowed",
+            outside.join(", ")
+        ));
+    }
+    // An egress gateway policy chooses the egress IP; egressd also denies by default, so its destinations are
+    // what the group may reach.
+    out.rules.push(Rule {
+        name: rule_name(&[name, "destinations"]),
+        group: name.to_string(),
+        to,
+        except,
+        proto: "any",
+        action: "allow",
+        from: vec![what.to_string()],
+        ..Rule::default()
+    });
+}
+
+/// Excepts strictly inside one of `to` (what egressd's `except` means); the others.
+fn split_excepts(to: &[String], excepts: &[String]) -> (Vec<String>, Vec<String>) {
+    use dataplane::policy::Prefix;
+    let to: Vec<Prefix> = to.iter().filter_map(|t| t.parse().ok()).collect();
+    let mut inside = Vec::new();
+    let mut outside = Vec::new();
+    for e in excepts {
+        match e.parse::<Prefix>() {
+            Ok(p) if to.iter().any(|t| t.covers(&p) && *t != p) => inside.push(e.clone()),
+            _ => outside.push(e.clone()),
+        }
+    }
+    (inside, outside)
+}
+
+fn network_policy(v: &Value, what: &str, name: &str, defaults: &GroupSpec, out: &mut Imported) {
+    selector_note(what, out);
+    out.groups.push(GroupSpec { name: name.to_string(), ..defaults.clone() });
+    for (i, rule) in seq(v, &["spec", "egress"]).iter().enumerate() {
+        let label = format!("{what} egress[{i}]");
+        for key in ["toEndpoints", "toServices", "toEntities", "toGroups", "toRequires"] {
+            if get(rule, &[key]).is_some() {
+                out.notes.push(format!("{label}: {key} (in-cluster selectors) is not translated"));
+            }
+        }
+        let mut to = texts(rule, &["toCIDR"]);
+        let mut except = Vec::new();
+        for set in seq(rule, &["toCIDRSet"]) {
+            if let Some(cidr) = text(set, &["cidr"]) {
+                to.push(cidr);
+            }
+            except.extend(texts(set, &["except"]));
+        }
+        let (except, outside) = split_excepts(&to, &except);
+        if !outside.is_empty() {
+            out.notes.push(format!("{label}: except {} outside its CIDRs, dropped", outside.join(", ")));
+        }
+        let fqdns = seq(rule, &["toFQDNs"]);
+        let names: Vec<String> = fqdns.iter().filter_map(|f| text(f, &["matchName"])).collect();
+        let patterns: Vec<String> = fqdns.iter().filter_map(|f| text(f, &["matchPattern"])).collect();
+        let ports_of = |p: &Value| -> Vec<(u16, String)> {
+            seq(p, &["ports"])
+                .iter()
+                .filter_map(|x| {
+                    let port = text(x, &["port"])?.parse().ok()?;
+                    Some((port, text(x, &["protocol"]).unwrap_or_else(|| "TCP".into()).to_ascii_lowercase()))
+                })
+                .collect()
+        };
+        let to_ports = seq(rule, &["toPorts"]);
+        // Each toPorts entry: its (port, protocol) pairs and its L7 rules.
+        type PortsAndRules<'v> = (Vec<(u16, String)>, Option<&'v Value>);
+        let mut pieces: Vec<PortsAndRules> =
+            to_ports.iter().map(|p| (ports_of(p), get(p, &["rules"]))).collect();
+        if pieces.is_empty() {
+            pieces.push((Vec::new(), None));
+        }
+        for (j, (ports, rules)) in pieces.into_iter().enumerate() {
+            let http = rules.map(|r| seq(r, &["http"])).unwrap_or(&[]);
+            if rules.is_some_and(|r| get(r, &["dns"]).is_some()) {
+                out.notes.push(format!("{label}: dns rules (DNS proxy) are not translated"));
+                continue;
+            }
+            let proto = match ports.first().map(|(_, p)| p.as_str()) {
+                Some("udp") => "udp",
+                Some("tcp") => "tcp",
+                _ => "any",
+            };
+            let port_numbers: Vec<u16> = ports.iter().map(|(p, _)| *p).collect();
+            let base = Rule {
+                group: name.to_string(),
+                proto,
+                ports: port_numbers.clone(),
+                from: vec![label.clone()],
+                ..Rule::default()
+            };
+            if !http.is_empty() {
+                // Methods, paths and headers of all HTTP rules together: egressd has one list of each per rule.
+                let hosts: Vec<String> = names.iter().chain(&patterns).cloned().collect();
+                if hosts.is_empty() {
+                    out.notes.push(format!(
+                        "{label}: HTTP rules without toFQDNs (no host names to check) skipped"
+                    ));
+                    continue;
+                }
+                let mut methods = BTreeSet::new();
+                let mut paths = BTreeSet::new();
+                let mut headers = BTreeSet::new();
+                for h in http {
+                    methods.extend(text(h, &["method"]));
+                    paths.extend(text(h, &["path"]).map(|p| format!("regex:{p}")));
+                    headers.extend(texts(h, &["headers"]));
+                }
+                if http.len() > 1 {
+                    out.notes.push(format!(
+                        "{label}: {} HTTP rules merged into one list of methods, paths and headers (wider: any method \
+                         with any path)",
+                        http.len()
+                    ));
+                }
+                if port_numbers.contains(&443) {
+                    out.notes.push(format!(
+                        "{label}: HTTP rules on port 443 need plaintext; egressd refuses TLS under them"
+                    ));
+                }
+                out.rules.push(Rule {
+                    name: rule_name(&[name, &format!("egress{i}-{j}")]),
+                    to: vec!["0.0.0.0/0".into()],
+                    proto: "tcp",
+                    action: "l7",
+                    hosts,
+                    methods: methods.into_iter().collect(),
+                    paths: paths.into_iter().collect(),
+                    headers: headers.into_iter().collect(),
+                    ..base
+                });
+                continue;
+            }
+            if !patterns.is_empty() {
+                out.notes.push(format!(
+                    "{label}: matchPattern {} cannot be resolved at L4 (egressd does not snoop DNS)",
+                    patterns.join(", ")
+                ));
+            }
+            if to.is_empty() && names.is_empty() {
+                continue;
+            }
+            out.rules.push(Rule {
+                name: rule_name(&[name, &format!("egress{i}-{j}")]),
+                to: to.clone(),
+                except: except.clone(),
+                to_hosts: names.clone(),
+                action: "allow",
+                ..base
+            });
+        }
+    }
+}
