@@ -481,6 +481,15 @@ fn l7_request_conditions_with_method_and_path() {
         .as_str()
         .unwrap_or_default()
         .contains("requests must also meet: methods GET; paths /status/*"));
+    // TLS origination is named too.
+    let c = write_config(&format!("{text}upstream_tls = \"simple\"\nupstream_port = 8443\n"));
+    let v = explain_json(&c.path, &base);
+    assert!(
+        v["reason"].as_str().unwrap_or_default().ends_with(
+            "requests leave over simple TLS to port 8443 (server name the Host), plain HTTP clients only"
+        ),
+        "{v}"
+    );
     // A rate limit is named with the rest.
     let c = write_config(&format!("{text}rate_limit = \"100/1m\"\n"));
     let v = explain_json(&c.path, &base);

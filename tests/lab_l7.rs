@@ -11,6 +11,15 @@ use std::time::Instant;
 use support::{lab_config, rss_kib, wait_for, Dnsmasq, Gateway, Lab};
 
 /// The lab's first rule (web → the servers on TCP 80 and 443) made an `l7` rule for these names.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn l7_config(text: &str) -> String {
     let allow = "ports = [80, 443]\naction = \"allow\"";
     assert!(text.contains(allow), "conf/lab.toml changed: update this test");
@@ -376,6 +385,134 @@ fn an_imported_istio_service_entry_is_enforced_by_the_gateway() {
     assert_from_l7_range(&body);
     let (_, body, _, _) = curl(&lab, &["-i", "-H", "Host: evil.test", "http://203.0.113.10/ip"]);
     assert!(body.starts_with("HTTP/1.1 403 Forbidden"), "{body}");
+}
+
+/// Certificates for TLS origination: a CA, a server certificate for secure.test and other.test, a client
+/// certificate (CN egressd-client); all signed by the CA. Returns the directory.
+fn origination_certificates() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = r#"
+set -e
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=lab-ca -keyout ca.key -out ca.pem 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj /CN=secure.test -keyout server.key -out server.csr 2>/dev/null
+printf 'subjectAltName=DNS:secure.test,DNS:other.test\n' > server.ext
+openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile server.ext -out server.pem 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj /CN=egressd-client -keyout client.key -out client.csr 2>/dev/null
+printf 'extendedKeyUsage=clientAuth\n' > client.ext
+openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile client.ext -out client.pem 2>/dev/null
+"#;
+    let out = Command::new("sh").arg("-c").arg(script).current_dir(dir.path()).output().expect("openssl");
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
+/// TLS origination (`upstream_tls`): plain HTTP from the client leaves as mutual TLS to the destination's port
+/// 8443, where a server that requires a client certificate from the lab CA answers with the certificate's name
+/// and the address it saw. A second Host on the same connection gets 421. After a reload to `simple` (no client
+/// certificate) the server refuses the handshake, and with a server name the certificate does not carry
+/// verification fails: both answered 502 with the reason, audited.
+#[test]
+fn tls_origination_sends_plain_http_clients_over_mutual_tls_and_answers_502_when_tls_fails() {
+    let lab = Lab::up(false);
+    let certs = origination_certificates();
+    let file = |name: &str| certs.path().join(name).display().to_string();
+    let server = format!(
+        r#"
+import socket, ssl, threading
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("{cert}", "{key}")
+ctx.load_verify_locations("{ca}")
+ctx.verify_mode = ssl.CERT_REQUIRED
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("203.0.113.10", 8443)); s.listen(64)
+def serve(c, addr):
+    try:
+        t = ctx.wrap_socket(c, server_side=True)
+        peer = dict(x[0] for x in t.getpeercert()["subject"])["commonName"]
+        buf = b""
+        while True:
+            while b"\r\n\r\n" not in buf:
+                d = t.recv(4096)
+                if not d: return
+                buf += d
+            head, buf = buf.split(b"\r\n\r\n", 1)
+            body = ("client=%s from=%s\n" % (peer, addr[0])).encode()
+            t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    except Exception:
+        pass
+    finally:
+        c.close()
+while True:
+    c, addr = s.accept(); threading.Thread(target=serve, args=(c, addr), daemon=True).start()
+"#,
+        cert = file("server.pem"),
+        key = file("server.key"),
+        ca = file("ca.pem"),
+    );
+    let _server = KillOnDrop(lab.spawn_python_server("ext", &server));
+    wait_for(
+        || String::from_utf8_lossy(&lab.sh("ext", "ss -lnt").stdout).contains("203.0.113.10:8443"),
+        "the mTLS server listening",
+    );
+    let rule = |tls: &str| {
+        format!(
+            "ports = [80]\naction = \"l7\"\nhosts = [\"secure.test\", \"other.test\"]\n{tls}upstream_port = 8443\n\
+             upstream_ca = \"{}\"\n",
+            file("ca.pem")
+        )
+    };
+    let mutual = format!(
+        "upstream_tls = \"mutual\"\nupstream_cert = \"{}\"\nupstream_key = \"{}\"\n",
+        file("client.pem"),
+        file("client.key")
+    );
+    let (_dir, config, original) =
+        lab_config(|text| text.replacen("ports = [80, 443]\naction = \"allow\"\n", &rule(&mutual), 1));
+    let gw = Gateway::start(&lab, &config);
+
+    let (code, body, err, _) = curl(&lab, &["-H", "Host: secure.test", "http://203.0.113.10/"]);
+    assert_eq!(code, 0, "{err}\ngateway log:\n{}", gw.log_text());
+    assert_eq!(body.trim(), "client=egressd-client from=192.0.2.10", "the server saw the client certificate");
+    // Another Host on the same connection: its TLS session is for secure.test.
+    let out = lab.sh(
+        "client",
+        "printf 'GET / HTTP/1.1\\r\\nHost: secure.test\\r\\n\\r\\nGET / HTTP/1.1\\r\\nHost: other.test\\r\\n\\r\\n' \
+         | timeout 5 socat -t3 - TCP4:203.0.113.10:80",
+    );
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.contains("client=egressd-client"), "{answer}");
+    assert!(answer.contains("HTTP/1.1 421 Misdirected Request"), "{answer}");
+
+    // No client certificate: the server ends the handshake; the client gets 502 and why.
+    let reload = |tls: &str, n: f64| {
+        std::fs::write(&config, original.replacen("ports = [80, 443]\naction = \"allow\"\n", &rule(tls), 1))
+            .unwrap();
+        gw.signal("HUP");
+        wait_for(|| gw.metric(r#"egressd_reloads_total{result="ok"}"#) >= n, "the reload");
+    };
+    reload("upstream_tls = \"simple\"\n", 1.0);
+    let (_, body, _, _) = curl(&lab, &["-i", "-H", "Host: secure.test", "http://203.0.113.10/"]);
+    assert!(body.starts_with("HTTP/1.1 502 Bad Gateway"), "{body}");
+    assert!(body.contains("egressd: TLS to the server failed:"), "{body}");
+    // A server name the certificate does not carry: verification fails before anything is sent.
+    reload(&format!("{mutual}upstream_sni = \"wrong.test\"\n"), 2.0);
+    let (_, body, _, _) = curl(&lab, &["-i", "-H", "Host: secure.test", "http://203.0.113.10/"]);
+    assert!(body.starts_with("HTTP/1.1 502 Bad Gateway"), "{body}");
+    assert!(body.contains("certificate not valid for name \"wrong.test\""), "{body}");
+    wait_for(
+        || gw.metric(r#"egressd_l7_refused_total{reason="upstream_tls_failed"}"#) == 2.0,
+        "both failures counted",
+    );
+    wait_for(
+        || {
+            gw.log_text().lines().any(|l| {
+                l.contains("l7 refused")
+                    && l.contains("upstream_tls_failed")
+                    && l.contains("not valid for name")
+            })
+        },
+        "an audit line with the reason",
+    );
 }
 
 #[test]

@@ -334,6 +334,15 @@ fn explain_request(c: &dataplane::policy::l7::CompiledL7, flow: &Flow, reason: &
     if !needs.is_empty() {
         let _ = write!(reason, "; requests must also meet: {}", needs.join("; "));
     }
+    if let Some(tls) = &cond.upstream_tls {
+        let _ = write!(
+            reason,
+            "; requests leave over {} TLS to port {} (server name {}), plain HTTP clients only",
+            if tls.mutual { "mutual" } else { "simple" },
+            tls.port,
+            tls.sni.as_deref().unwrap_or("the Host")
+        );
+    }
     if flow.method.is_none() && flow.path.is_none() {
         return None;
     }

@@ -115,6 +115,23 @@ pub struct RuleConfig {
     /// For `l7` rules: requests (HTTP requests, TLS connections) per client address: `REQUESTS/PERIOD`, as "100/1m".
     #[serde(default)]
     pub rate_limit: Option<Spanned<String>>,
+    /// For `l7` rules: originate TLS towards the destination for plain HTTP clients: "simple" or "mutual".
+    #[serde(default)]
+    pub upstream_tls: Option<Spanned<String>>,
+    /// With `upstream_tls`: the destination port of the TLS connection (default 443).
+    #[serde(default)]
+    pub upstream_port: Option<Spanned<i64>>,
+    /// With `upstream_tls`: the server name sent and verified (default: the request's Host).
+    #[serde(default)]
+    pub upstream_sni: Option<Spanned<String>>,
+    /// With `upstream_tls`: PEM file of the CAs that verify the server (default: the system's roots).
+    #[serde(default)]
+    pub upstream_ca: Option<Spanned<String>>,
+    /// With `upstream_tls = "mutual"`: PEM files of the client certificate chain and its private key.
+    #[serde(default)]
+    pub upstream_cert: Option<Spanned<String>>,
+    #[serde(default)]
+    pub upstream_key: Option<Spanned<String>>,
     #[serde(default)]
     pub dry_run: bool,
 }
@@ -461,6 +478,7 @@ fn check_rule<'a>(
                 ("headers are", r.headers.first()),
                 ("min_tls_version is", r.min_tls_version.as_ref()),
                 ("rate_limit is", r.rate_limit.as_ref()),
+                ("upstream_tls is", r.upstream_tls.as_ref()),
             ];
             for (what, first) in l7_only {
                 if let Some(v) = first {
@@ -504,6 +522,7 @@ fn check_rule<'a>(
             diags.error(src, v.span(), e);
         }
     }
+    check_upstream_tls(src, r, diags);
     let http_conditions = r.methods.first().or(r.paths.first()).or(r.headers.first());
     if let (Some(c), ActionConfig::L7) = (http_conditions, action) {
         if r.ports.iter().any(|p| parse_port_spec(p.get_ref()).is_ok_and(|p| p.first <= 443 && 443 <= p.last))
@@ -741,4 +760,90 @@ pub fn check_dns_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// `upstream_*` keys: a known mode, the files mutual TLS needs (and only then), files that load.
+fn check_upstream_tls(src: &Source, r: &RuleConfig, diags: &mut Diagnostics) {
+    let mode = match &r.upstream_tls {
+        None => {
+            let stray = [&r.upstream_sni, &r.upstream_ca, &r.upstream_cert, &r.upstream_key];
+            if let Some(v) = stray.into_iter().flatten().next() {
+                diags.error(
+                    src,
+                    v.span(),
+                    "upstream_sni, upstream_ca, upstream_cert and upstream_key need upstream_tls",
+                );
+            }
+            if let Some(v) = &r.upstream_port {
+                diags.error(src, v.span(), "upstream_port needs upstream_tls");
+            }
+            return;
+        }
+        Some(mode) => mode,
+    };
+    let mutual = match mode.get_ref().as_str() {
+        "simple" => false,
+        "mutual" => true,
+        other => {
+            diags.error(
+                src,
+                mode.span(),
+                format!("upstream_tls: \"{other}\" must be \"simple\" or \"mutual\""),
+            );
+            return;
+        }
+    };
+    if let Some(v) = &r.upstream_port {
+        if !(1..=65535).contains(v.get_ref()) {
+            diags.error(src, v.span(), format!("upstream_port: {} must be 1..=65535", v.get_ref()));
+        }
+    }
+    if let Some(v) = &r.upstream_sni {
+        if v.get_ref().contains('*') {
+            diags.error(
+                src,
+                v.span(),
+                format!("upstream_sni: \"{}\": a server name cannot be a wildcard", v.get_ref()),
+            );
+        } else if let Err(e) = check_dns_name(v.get_ref()) {
+            diags.error(src, v.span(), format!("upstream_sni: {e}"));
+        }
+    }
+    match (mutual, &r.upstream_cert, &r.upstream_key) {
+        (true, Some(_), Some(_)) | (false, None, None) => {}
+        (true, _, _) => {
+            diags.error(src, mode.span(), "upstream_tls = \"mutual\" needs upstream_cert and upstream_key")
+        }
+        (false, Some(v), _) | (false, _, Some(v)) => {
+            diags.error(src, v.span(), "upstream_cert and upstream_key are for upstream_tls = \"mutual\"")
+        }
+    }
+    for (key, value) in [("upstream_ca", &r.upstream_ca), ("upstream_cert", &r.upstream_cert)] {
+        if let Some(v) = value {
+            if let Err(e) = crate::l7::origination::load_certificates(v.get_ref()) {
+                diags.error(src, v.span(), format!("{key}: {e}"));
+            }
+        }
+    }
+    if let Some(v) = &r.upstream_key {
+        if let Err(e) = crate::l7::origination::load_key(v.get_ref()) {
+            diags.error(src, v.span(), format!("upstream_key: {e}"));
+            return;
+        }
+    }
+    // The files load one by one: do they make a client configuration (a key that fits its certificate, a
+    // certificate rustls accepts)?
+    if let (true, Some(cert), Some(_)) = (mutual, &r.upstream_cert, &r.upstream_key) {
+        let tls = dataplane::policy::l7::UpstreamTls {
+            mutual,
+            port: 443,
+            sni: None,
+            ca_file: r.upstream_ca.as_ref().map(|v| v.get_ref().clone()),
+            cert_file: Some(cert.get_ref().clone()),
+            key_file: r.upstream_key.as_ref().map(|v| v.get_ref().clone()),
+        };
+        if let Err(e) = crate::l7::origination::client_config(&tls) {
+            diags.error(src, cert.span(), format!("upstream_cert: {e}"));
+        }
+    }
 }

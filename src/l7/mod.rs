@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +31,9 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::config::l7::L7Settings;
 
 pub mod dns;
+pub mod origination;
+
+use origination::Upstream;
 
 const DNS: Token = Token(usize::MAX);
 
@@ -107,7 +110,7 @@ struct Conn {
     egress: Ipv4Addr,
     started: Instant,
     last_activity: Instant,
-    upstream: Option<TcpStream>,
+    upstream: Option<Upstream>,
     token: Option<Token>,
     local_port: Option<u16>,
     connect_started: Instant,
@@ -150,6 +153,7 @@ struct Driver {
     limits: L7Limits,
     resolver: Option<dns::Resolver>,
     rate_limits: RateLimiter,
+    tls_configs: origination::Configs,
 }
 
 impl Driver {
@@ -194,6 +198,7 @@ impl Driver {
             limits,
             resolver,
             rate_limits: RateLimiter::new(),
+            tls_configs: origination::Configs::default(),
         }
     }
 
@@ -260,7 +265,7 @@ impl Driver {
         }
         for (_, mut conn) in self.conns.drain() {
             if let Some(s) = conn.upstream.as_mut() {
-                let _ = s.shutdown(Shutdown::Both);
+                s.shutdown_both();
             }
         }
     }
@@ -368,9 +373,16 @@ impl Driver {
             let secs = now.as_nanos().saturating_sub(conn.started.as_nanos()) as f64 / 1e9;
             self.t.stats.decision_seconds.observe(secs);
         }
+        // Under TLS origination (`upstream_tls`), the TLS connection goes to the rule's upstream port.
+        let origination =
+            policy.l7_conditions(conn.engine.rule()).and_then(|c| c.conditions().upstream_tls.as_ref());
+        let server = match origination {
+            Some(tls) => SocketAddrV4::new(*key.server.ip(), tls.port),
+            None => key.server,
+        };
         // Upstream: connect once the engine wants it.
         if conn.engine.wants_upstream() && conn.upstream.is_none() && !conn.upstream_failed {
-            match connect(&mut self.ports, conn.egress, key.server) {
+            match connect(&mut self.ports, conn.egress, server) {
                 Ok((mut stream, port)) => {
                     let token = Token(self.next_token);
                     self.next_token += 1;
@@ -383,7 +395,7 @@ impl Driver {
                         self.tokens.insert(token, key);
                         conn.token = Some(token);
                     }
-                    conn.upstream = Some(stream);
+                    conn.upstream = Some(Upstream::Plain(stream));
                     conn.local_port = Some(port);
                     conn.connect_started = now;
                 }
@@ -394,11 +406,29 @@ impl Driver {
             }
         }
         if let (Some(stream), false) = (conn.upstream.as_ref(), conn.connected) {
-            match stream.take_error() {
+            match stream.tcp().take_error() {
                 Ok(Some(_)) | Err(_) => conn.upstream_failed = true,
                 Ok(None) => {
-                    if stream.peer_addr().is_ok() {
+                    if stream.tcp().peer_addr().is_ok() {
                         conn.connected = true;
+                        if let Some(tls) = origination {
+                            // TLS on the connected socket, for the rule's name or the connection's Host.
+                            let name = tls.sni.as_deref().or(conn.engine.upstream_host()).unwrap_or_default();
+                            let plain = conn.upstream.take();
+                            let started = self
+                                .tls_configs
+                                .get(policy.generation(), conn.engine.rule().0, tls)
+                                .and_then(|config| {
+                                    plain.map_or(Err("no socket".into()), |p| p.start_tls(config, name))
+                                });
+                            match started {
+                                Ok(upstream) => conn.upstream = Some(upstream),
+                                Err(e) => {
+                                    conn.engine.on_upstream_tls_failed(&e);
+                                    conn.upstream_eof = true;
+                                }
+                            }
+                        }
                         conn.engine.on_upstream_connected();
                     } else if now.as_nanos().saturating_sub(conn.connect_started.as_nanos())
                         > settings.connect_timeout_secs * 1_000_000_000
@@ -417,7 +447,20 @@ impl Driver {
         }
 
         if let (Some(stream), true) = (conn.upstream.as_mut(), conn.connected) {
-            // Engine → upstream.
+            // What TLS failed at, before the server said anything: the client gets 502 with the reason.
+            let mut tls_failure: Option<String> = None;
+            let mut failed = |e: &std::io::Error, stream: &Upstream, bytes_down: u64| {
+                if stream.is_tls() && (stream.is_handshaking() || bytes_down == 0) && tls_failure.is_none() {
+                    tls_failure = Some(e.to_string());
+                }
+            };
+            if let Err(e) = stream.flush_tls() {
+                if e.kind() != ErrorKind::WouldBlock {
+                    failed(&e, stream, conn.bytes_down);
+                    conn.upstream_eof = true;
+                }
+            }
+            // Engine → upstream (also after the server's FIN: a half-closed server may still read).
             loop {
                 let data = conn.engine.to_upstream();
                 if data.is_empty() {
@@ -429,7 +472,8 @@ impl Driver {
                         conn.last_activity = now;
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(_) => {
+                    Err(e) => {
+                        failed(&e, stream, conn.bytes_down);
                         conn.upstream_eof = true;
                         break;
                     }
@@ -449,13 +493,19 @@ impl Driver {
                         conn.last_activity = now;
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(_) => conn.upstream_eof = true,
+                    Err(e) => {
+                        failed(&e, stream, conn.bytes_down);
+                        conn.upstream_eof = true;
+                    }
                 }
+            }
+            if let Some(why) = tls_failure {
+                conn.engine.on_upstream_tls_failed(&why);
             }
             // The client finished sending (or was refused after allowed requests): pass the half-close on.
             let client_done = client_finished || conn.engine.refusal_waits();
             if client_done && conn.engine.to_upstream().is_empty() && !conn.upstream_write_shut {
-                let _ = stream.shutdown(Shutdown::Write);
+                stream.shutdown_write();
                 conn.upstream_write_shut = true;
             }
         }
@@ -506,8 +556,8 @@ impl Driver {
             self.finish(now, key, policy);
         } else if stack.is_finished(&key) && !conn.upstream_write_shut {
             // The client is gone: so is the upstream.
-            if let Some(s) = conn.upstream.as_ref() {
-                let _ = s.shutdown(Shutdown::Both);
+            if let Some(s) = conn.upstream.as_mut() {
+                s.shutdown_both();
             }
             conn.upstream_eof = true;
         }
@@ -546,7 +596,7 @@ impl Driver {
             self.tokens.remove(&token);
         }
         if let Some(mut stream) = conn.upstream.take() {
-            let _ = self.poll.registry().deregister(&mut stream);
+            let _ = self.poll.registry().deregister(stream.tcp_mut());
         }
         if let Some(port) = conn.local_port {
             self.ports.entry(conn.egress).or_default().push_back(port);
@@ -578,6 +628,7 @@ impl Driver {
                 protocol,
                 rule = rule.as_str(),
                 reason = r.as_str(),
+                detail = summary.upstream_error.as_str(),
                 "l7 refused"
             );
         } else if conn.connected {

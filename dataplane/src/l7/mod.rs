@@ -85,6 +85,11 @@ pub enum Refusal {
     TooLarge,
     /// The client address made more requests under the rule than its `rate_limit` allows.
     RateLimited,
+    /// Under TLS origination, a later request on the connection named another host than the first (the upstream
+    /// TLS session was made for that one).
+    HostChanged,
+    /// The TLS egressd originated towards the destination failed (handshake, certificate, or the connection).
+    UpstreamTlsFailed,
 }
 
 impl Refusal {
@@ -101,6 +106,8 @@ impl Refusal {
             Refusal::DestinationMismatch => "destination_not_in_dns",
             Refusal::TooLarge => "head_too_large",
             Refusal::RateLimited => "rate_limited",
+            Refusal::HostChanged => "host_changed",
+            Refusal::UpstreamTlsFailed => "upstream_tls_failed",
         }
     }
 }
@@ -167,6 +174,8 @@ pub struct Summary {
     pub dry_run_refusal: Option<Refusal>,
     /// With a [`Refusal::RateLimited`]: seconds until the client may try again.
     pub retry_after_secs: u64,
+    /// With a [`Refusal::UpstreamTlsFailed`]: what failed.
+    pub upstream_error: String,
 }
 
 /// One client connection of an `l7` flow. See the module docs.
@@ -195,6 +204,8 @@ pub struct Connection {
     verified_name: Option<String>,
     /// The rate limit the driver must check before the judged request goes on (see [`Connection::take_admission`]).
     to_admit: Option<RateLimit>,
+    /// Under TLS origination: the Host of the first request, which the upstream TLS session is for.
+    pinned_host: Option<String>,
     /// The refusal response still to be sent to the client, and how much of it was sent.
     to_client: Vec<u8>,
     to_client_sent: usize,
@@ -219,6 +230,7 @@ impl Connection {
             to_resolve: None,
             verified_name: None,
             to_admit: None,
+            pinned_host: None,
             to_client: Vec::new(),
             to_client_sent: 0,
             summary: Summary::default(),
@@ -318,8 +330,15 @@ impl Connection {
                     self.summary.path.clear();
                     self.summary.path.push_str(head.path);
                     let (head_len, body) = (head.head_len, head.body);
+                    let originating = policy
+                        .l7_conditions(self.rule)
+                        .is_some_and(|c| c.conditions().upstream_tls.is_some());
                     let why = if !policy.host_allowed(self.rule, &self.summary.name) {
                         Some(Refusal::HostNotAllowed)
+                    } else if originating
+                        && self.pinned_host.as_ref().is_some_and(|h| *h != self.summary.name)
+                    {
+                        Some(Refusal::HostChanged)
                     } else {
                         policy.l7_conditions(self.rule).and_then(|c| {
                             c.check_request(head.method, head.path, |n| head.header(n))
@@ -331,6 +350,9 @@ impl Connection {
                         if self.refused(why, policy) {
                             return;
                         }
+                    }
+                    if originating && self.pinned_host.is_none() {
+                        self.pinned_host = Some(self.summary.name.clone());
                     }
                     if let Some(limit) =
                         policy.l7_conditions(self.rule).and_then(|c| c.conditions().rate_limit)
@@ -392,6 +414,23 @@ impl Connection {
         }
         self.forward_request(head_len, body);
         true
+    }
+
+    /// Under TLS origination: the host the upstream TLS session is for (the first request's Host).
+    pub fn upstream_host(&self) -> Option<&str> {
+        self.pinned_host.as_deref()
+    }
+
+    /// The TLS egressd originated failed (`detail`: why, for the client and the audit line): what was judged and
+    /// not sent is dropped, the client gets `502` and the connection closes.
+    pub fn on_upstream_tls_failed(&mut self, detail: &str) {
+        if matches!(self.state, State::Refused(_)) {
+            return;
+        }
+        self.summary.upstream_error = detail.to_string();
+        self.pending.clear();
+        self.ready = 0;
+        self.refuse(Refusal::UpstreamTlsFailed);
     }
 
     /// The rate limit the driver must ask about the request just judged (taken: asked once); answer with
@@ -537,6 +576,19 @@ impl Connection {
             Refusal::TooLarge => {
                 ("431 Request Header Fields Too Large", "egressd: request head too large\n".into())
             }
+            Refusal::HostChanged => (
+                "421 Misdirected Request",
+                format!(
+                    "egressd: this connection's TLS to the server is for {}; send requests for {} on a new \
+                     connection\n",
+                    self.pinned_host.as_deref().unwrap_or(""),
+                    self.summary.name
+                ),
+            ),
+            Refusal::UpstreamTlsFailed => (
+                "502 Bad Gateway",
+                format!("egressd: TLS to the server failed: {}\n", self.summary.upstream_error),
+            ),
             Refusal::RateLimited => (
                 "429 Too Many Requests",
                 format!(

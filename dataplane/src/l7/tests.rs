@@ -275,6 +275,15 @@ fn arbitrary_client_bytes_never_panic_and_never_pass_unjudged() {
 
 /// One group; rule 0 is `l7` for httpbin.test with `conditions`, dry run as given.
 fn policy_with(conditions: crate::policy::l7::L7Conditions, dry_run: bool) -> (PolicySnapshot, RuleId) {
+    policy_with_hosts(conditions, dry_run, &["httpbin.test"])
+}
+
+/// [`policy_with`] for these host patterns.
+fn policy_with_hosts(
+    conditions: crate::policy::l7::L7Conditions,
+    dry_run: bool,
+    hosts: &[&str],
+) -> (PolicySnapshot, RuleId) {
     let mut b = PolicyBuilder::new();
     let g = b.add_group("apps", vec![Ipv4Addr::new(192, 0, 2, 30)]);
     b.add_source(g, Prefix::new(IpAddr::V4(Ipv4Addr::new(10, 10, 1, 0)), 24).unwrap());
@@ -285,7 +294,7 @@ fn policy_with(conditions: crate::policy::l7::L7Conditions, dry_run: bool) -> (P
         vec![],
         Action::L7,
     );
-    rule.hosts = vec![HostPattern::parse("httpbin.test").unwrap()];
+    rule.hosts = hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect();
     rule.l7 = conditions;
     rule.dry_run = dry_run;
     let id = b.add_rule(rule);
@@ -300,6 +309,7 @@ fn get_status_only() -> crate::policy::l7::L7Conditions {
         headers: vec![],
         min_tls_version: None,
         rate_limit: None,
+        upstream_tls: None,
     }
 }
 
@@ -461,4 +471,38 @@ fn a_rate_limit_in_dry_run_records_and_lets_through() {
     admit_all(&mut c, &mut limiter, Instant::ZERO, &policy);
     assert_eq!(flush_upstream(&mut c, &policy), [&get[..], get].concat());
     assert_eq!((c.summary().refusal, c.summary().dry_run_refusal), (None, Some(Refusal::RateLimited)));
+}
+
+#[test]
+fn under_tls_origination_a_connection_keeps_its_first_host_and_a_failed_tls_answers_502() {
+    use crate::policy::l7::{L7Conditions, UpstreamTls};
+    let tls =
+        UpstreamTls { mutual: false, port: 443, sni: None, ca_file: None, cert_file: None, key_file: None };
+    let conditions = L7Conditions { upstream_tls: Some(tls), ..Default::default() };
+    let (policy, rule) = policy_with_hosts(conditions, false, &["httpbin.test", "api.stripe.com"]);
+    let first = b"GET /a HTTP/1.1\r\nHost: httpbin.test\r\n\r\n";
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default());
+    c.on_client_data(&[&first[..], b"GET /b HTTP/1.1\r\nHost: api.stripe.com\r\n\r\n"].concat(), &policy);
+    assert_eq!(c.upstream_host(), Some("httpbin.test"), "the TLS session is for the first Host");
+    assert_eq!(flush_upstream(&mut c, &policy), first, "only the first request goes");
+    assert_eq!(c.summary().refusal, Some(Refusal::HostChanged));
+    let answer = String::from_utf8_lossy(c.to_client()).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 421 Misdirected Request"), "{answer}");
+    // TLS from the client cannot be originated again: refused.
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default());
+    c.on_client_data(&client_hello("httpbin.test"), &policy);
+    assert_eq!(c.summary().refusal, Some(Refusal::TlsNeedsPlaintext));
+    // The originated TLS fails: nothing judged goes anywhere, the client is told why.
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default());
+    c.on_client_data(first, &policy);
+    assert!(c.wants_upstream());
+    c.on_upstream_tls_failed("invalid peer certificate: UnknownIssuer");
+    assert!(c.to_upstream().is_empty());
+    assert_eq!(c.summary().refusal, Some(Refusal::UpstreamTlsFailed));
+    let answer = String::from_utf8_lossy(c.to_client()).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 502 Bad Gateway"), "{answer}");
+    assert!(answer.contains("TLS to the server failed: invalid peer certificate: UnknownIssuer"), "{answer}");
+    let n = c.to_client().len();
+    c.client_sent(n);
+    assert!(c.should_close(), "the 502 sent: close");
 }

@@ -113,6 +113,24 @@ pub struct L7Conditions {
     pub min_tls_version: Option<u16>,
     /// Requests (HTTP requests; TLS connections) each client address may make under this rule.
     pub rate_limit: Option<RateLimit>,
+    /// Plain HTTP from the client leaves as HTTPS: TLS originated to the destination (Istio's TLS origination).
+    pub upstream_tls: Option<UpstreamTls>,
+}
+
+/// TLS egressd originates towards the destination for plain HTTP clients.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UpstreamTls {
+    /// Present a client certificate (mutual TLS).
+    pub mutual: bool,
+    /// The destination port the TLS connection goes to (the client dialled the rule's plain port).
+    pub port: u16,
+    /// The server name sent and verified; by default each connection's HTTP Host.
+    pub sni: Option<String>,
+    /// PEM file of the CA certificates that verify the server; the system's roots when absent.
+    pub ca_file: Option<String>,
+    /// PEM files of the client certificate chain and its key (mutual).
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
 }
 
 /// At most `requests` per `per_secs` seconds from one client address, in a burst or spread out (a token bucket
@@ -165,7 +183,10 @@ impl L7Conditions {
 
     /// Whether a condition needs the plaintext request (so TLS under this rule is refused).
     pub fn needs_plaintext(&self) -> bool {
-        !self.methods.is_empty() || !self.paths.is_empty() || !self.headers.is_empty()
+        !self.methods.is_empty()
+            || !self.paths.is_empty()
+            || !self.headers.is_empty()
+            || self.upstream_tls.is_some()
     }
 }
 
@@ -282,6 +303,7 @@ mod tests {
             headers: headers.iter().map(|h| HeaderCondition::parse(h).unwrap()).collect(),
             min_tls_version: None,
             rate_limit: None,
+            upstream_tls: None,
         })
         .unwrap()
     }

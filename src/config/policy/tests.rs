@@ -489,3 +489,37 @@ fn to_hosts_must_be_dns_names_and_can_stand_alone() {
     let none = errors("[[rule]]\ngroup = \"web\"\nproto = \"tcp\"\naction = \"allow\"\n");
     assert!(none[0].ends_with("and no `to_hosts`"), "{none:?}");
 }
+
+#[test]
+fn upstream_tls_needs_its_files_and_only_on_l7_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.pem").display().to_string();
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let not_pem = not_pem.display().to_string();
+    let rule = "[[rule]]\ngroup = \"web\"\nto = [\"0.0.0.0/0\"]\nproto = \"tcp\"\nports = [80]\naction = \"l7\"\nhosts = [\"secure.test\"]\n";
+    // Simple TLS with the system's roots: nothing else needed.
+    assert!(errors(&format!("{rule}upstream_tls = \"simple\"\n")).is_empty());
+    let e = errors(&format!("{rule}upstream_tls = \"mutual\"\n"));
+    assert_eq!(e, ["t.toml:17:16: upstream_tls = \"mutual\" needs upstream_cert and upstream_key"]);
+    let e = errors(&format!(
+        "{rule}upstream_tls = \"tls\"\nupstream_port = 70000\nupstream_sni = \"*.x\"\nupstream_ca = \"{missing}\"\n"
+    ));
+    assert_eq!(e.len(), 1, "an unknown mode stops there: {e:?}");
+    assert!(e[0].ends_with("upstream_tls: \"tls\" must be \"simple\" or \"mutual\""), "{e:?}");
+    let e = errors(&format!(
+        "{rule}upstream_tls = \"simple\"\nupstream_port = 70000\nupstream_sni = \"*.x\"\nupstream_ca = \"{missing}\"\n\
+         upstream_cert = \"{not_pem}\"\n"
+    ));
+    assert_eq!(e.len(), 5, "{e:#?}");
+    assert!(e[0].ends_with("upstream_port: 70000 must be 1..=65535"), "{e:?}");
+    assert!(e[1].ends_with("upstream_sni: \"*.x\": a server name cannot be a wildcard"), "{e:?}");
+    assert!(e[2].contains(&format!("upstream_ca: {missing}:")), "{e:?}");
+    assert!(e[3].ends_with("upstream_cert and upstream_key are for upstream_tls = \"mutual\""), "{e:?}");
+    assert!(e[4].contains("no PEM certificate"), "{e:?}");
+    let e = errors(&rule.replace(
+        "action = \"l7\"\nhosts = [\"secure.test\"]\n",
+        "action = \"allow\"\nupstream_port = 443\n",
+    ));
+    assert_eq!(e, ["t.toml:16:17: upstream_port needs upstream_tls"]);
+}
