@@ -72,7 +72,8 @@ fn istio_egress_objects_become_l7_and_dns_rules_that_check_accepts() {
     assert!(db.contains("action = \"allow\""), "{db}");
     // What egressd does not do yet is named, with the object it comes from.
     for note in [
-        "DestinationRule dr-nginx-ext: TLS origination (mode MUTUAL), subsets not translated yet",
+        "DestinationRule dr-nginx-ext: TLS origination (mode MUTUAL; egressd's is per rule: upstream_tls), subsets \
+         not translated yet",
         "VirtualService vs-nginx-ext-egress: match on headers, routes to subsets not translated yet",
         "DestinationRule external-api-destination: connectionPool, loadBalancer, outlierDetection",
         "verify_destination = \"dns\"",

@@ -473,6 +473,14 @@ while True:
     let (code, body, err, _) = curl(&lab, &["-H", "Host: secure.test", "http://203.0.113.10/"]);
     assert_eq!(code, 0, "{err}\ngateway log:\n{}", gw.log_text());
     assert_eq!(body.trim(), "client=egressd-client from=192.0.2.10", "the server saw the client certificate");
+    wait_for(
+        || {
+            gw.log_text().lines().any(|l| {
+                l.contains("l7 connection") && l.contains("upstream_tls") && l.contains("established")
+            })
+        },
+        "the access line says the TLS egressd originated was established",
+    );
     // Another Host on the same connection: its TLS session is for secure.test.
     let out = lab.sh(
         "client",

@@ -473,7 +473,9 @@ fn destination_rule(v: &Value, what: &str, notes: &mut Vec<String>) {
     policies.extend(seq(v, &["spec", "subsets"]).iter().filter_map(|s| get(s, &["trafficPolicy"])));
     for p in policies {
         if let Some(mode) = text(p, &["tls", "mode"]).filter(|m| m != "DISABLE") {
-            untranslated.insert(format!("TLS origination (mode {mode})"));
+            // egressd originates TLS per l7 rule (upstream_tls), not per destination host behind a shared port.
+            untranslated
+                .insert(format!("TLS origination (mode {mode}; egressd's is per rule: upstream_tls)"));
         }
         for key in ["connectionPool", "outlierDetection", "loadBalancer"] {
             if get(p, &[key]).is_some() {

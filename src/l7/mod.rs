@@ -122,6 +122,10 @@ struct Conn {
     /// The client's handshake completed (before it, "cannot receive" means "not yet", not "finished").
     client_established: bool,
     bytes_down: u64,
+    /// When the upstream's first byte came (for the access line's upstream time).
+    first_byte_at: Option<Instant>,
+    /// Under TLS origination: whether the handshake completed.
+    tls_established: bool,
     end: &'static str,
     /// The decision on the first bytes was recorded in the histogram.
     decided: bool,
@@ -301,6 +305,8 @@ impl Driver {
                         client_closed: false,
                         client_established: false,
                         bytes_down: 0,
+                        first_byte_at: None,
+                        tls_established: false,
                         end: "",
                         decided: false,
                     }
@@ -490,6 +496,7 @@ impl Driver {
                     Ok(n) => {
                         stack.send(&key, &buf[..n]);
                         conn.bytes_down += n as u64;
+                        conn.first_byte_at.get_or_insert(now);
                         conn.last_activity = now;
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -499,6 +506,7 @@ impl Driver {
                     }
                 }
             }
+            conn.tls_established |= stream.is_tls() && !stream.is_handshaking();
             if let Some(why) = tls_failure {
                 conn.engine.on_upstream_tls_failed(&why);
             }
@@ -647,6 +655,15 @@ impl Driver {
             );
         }
         let egress = SocketAddrV4::new(conn.egress, conn.local_port.unwrap_or(0));
+        // TLS egressd originated: established, failed, or none; and the time from connecting to the first byte.
+        let upstream_tls = match (summary.refusal, conn.tls_established) {
+            (Some(dataplane::l7::Refusal::UpstreamTlsFailed), _) => "failed",
+            (_, true) => "established",
+            _ => "",
+        };
+        let upstream_first_byte_ms = conn
+            .first_byte_at
+            .map_or(0, |t| t.as_nanos().saturating_sub(conn.connect_started.as_nanos()) / 1_000_000);
         tracing::info!(
             target: "egressd::l7",
             client = %key.client,
@@ -662,6 +679,8 @@ impl Driver {
             reason,
             bytes_up = summary.bytes_up,
             bytes_down = conn.bytes_down,
+            upstream_tls,
+            upstream_first_byte_ms,
             duration_ms = now.as_nanos().saturating_sub(conn.started.as_nanos()) / 1_000_000,
             end = conn.end,
             "l7 connection"
