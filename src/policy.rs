@@ -120,6 +120,7 @@ fn l7_conditions(
             cert_file: r.upstream_cert.as_ref().map(|v| v.get_ref().clone()),
             key_file: r.upstream_key.as_ref().map(|v| v.get_ref().clone()),
         }),
+        max_upstream_connections: r.max_upstream_connections.as_ref().map(|v| *v.get_ref() as u32),
     })
 }
 

@@ -523,6 +523,55 @@ while True:
     );
 }
 
+/// `max_upstream_connections`: two kept-alive connections hold the rule's two upstream connections; a third
+/// client gets 503 at once (nothing reaches the server), counted and audited; once one closes, a new one passes.
+#[test]
+fn an_upstream_connection_limit_answers_503_beyond_it() {
+    let lab = Lab::up(false);
+    let (_dir, config, _) = lab_config(|text| {
+        text.replacen(
+            "ports = [80, 443]\naction = \"allow\"",
+            "ports = [80]\naction = \"l7\"\nhosts = [\"httpbin.test\"]\nmax_upstream_connections = 2",
+            1,
+        )
+    });
+    let gw = Gateway::start(&lab, &config);
+    let out = lab.python(
+        "client",
+        r#"
+import socket, time
+def ask(s, n):
+    s.sendall(b"GET /ip?limit=%d HTTP/1.1\r\nHost: httpbin.test\r\n\r\n" % n)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        d = s.recv(4096)
+        if not d: break
+        data += d
+    return data.split(b"\r\n")[0].decode()
+held = [socket.create_connection(("203.0.113.10", 80), timeout=5) for _ in range(2)]
+print(ask(held[0], 1)); print(ask(held[1], 2))
+third = socket.create_connection(("203.0.113.10", 80), timeout=5)
+print(ask(third, 3))
+held[0].close()
+time.sleep(1.5)
+fourth = socket.create_connection(("203.0.113.10", 80), timeout=5)
+print(ask(fourth, 4))
+"#,
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        ["HTTP/1.1 200 OK", "HTTP/1.1 200 OK", "HTTP/1.1 503 Service Unavailable", "HTTP/1.1 200 OK"],
+        "gateway log:\n{}",
+        gw.log_text()
+    );
+    assert!(!lab.nginx_access_log().contains("limit=3 "), "the refused request reached the server");
+    wait_for(
+        || gw.metric(r#"egressd_l7_refused_total{reason="upstream_connection_limit"}"#) == 1.0,
+        "the refusal counted",
+    );
+}
+
 #[test]
 fn tls_hellos_in_one_byte_segments_and_50_mb_each_way_pass_intact() {
     let lab = Lab::up(false);

@@ -132,6 +132,9 @@ pub struct RuleConfig {
     pub upstream_cert: Option<Spanned<String>>,
     #[serde(default)]
     pub upstream_key: Option<Spanned<String>>,
+    /// For `l7` rules: upstream connections the rule's clients may hold at once (beyond: `503`).
+    #[serde(default)]
+    pub max_upstream_connections: Option<Spanned<i64>>,
     #[serde(default)]
     pub dry_run: bool,
 }
@@ -480,6 +483,13 @@ fn check_rule<'a>(
                 ("rate_limit is", r.rate_limit.as_ref()),
                 ("upstream_tls is", r.upstream_tls.as_ref()),
             ];
+            if let Some(v) = &r.max_upstream_connections {
+                diags.error(
+                    src,
+                    v.span(),
+                    "max_upstream_connections is only checked on rules with action = \"l7\"",
+                );
+            }
             for (what, first) in l7_only {
                 if let Some(v) = first {
                     diags.error(src, v.span(), format!("{what} only checked on rules with action = \"l7\""));
@@ -523,6 +533,15 @@ fn check_rule<'a>(
         }
     }
     check_upstream_tls(src, r, diags);
+    if let Some(v) = &r.max_upstream_connections {
+        if !(1..=1_000_000).contains(v.get_ref()) {
+            diags.error(
+                src,
+                v.span(),
+                format!("max_upstream_connections: {} must be 1..=1000000", v.get_ref()),
+            );
+        }
+    }
     let http_conditions = r.methods.first().or(r.paths.first()).or(r.headers.first());
     if let (Some(c), ActionConfig::L7) = (http_conditions, action) {
         if r.ports.iter().any(|p| parse_port_spec(p.get_ref()).is_ok_and(|p| p.first <= 443 && 443 <= p.last))

@@ -126,6 +126,8 @@ struct Conn {
     first_byte_at: Option<Instant>,
     /// Under TLS origination: whether the handshake completed.
     tls_established: bool,
+    /// The rule whose upstream connection count this connection's upstream is in.
+    counted_rule: Option<u32>,
     end: &'static str,
     /// The decision on the first bytes was recorded in the histogram.
     decided: bool,
@@ -158,6 +160,8 @@ struct Driver {
     resolver: Option<dns::Resolver>,
     rate_limits: RateLimiter,
     tls_configs: origination::Configs,
+    /// Upstream connections open per rule index (for `max_upstream_connections`).
+    upstream_counts: HashMap<u32, u32>,
 }
 
 impl Driver {
@@ -203,6 +207,7 @@ impl Driver {
             resolver,
             rate_limits: RateLimiter::new(),
             tls_configs: origination::Configs::default(),
+            upstream_counts: HashMap::new(),
         }
     }
 
@@ -307,6 +312,7 @@ impl Driver {
                         bytes_down: 0,
                         first_byte_at: None,
                         tls_established: false,
+                        counted_rule: None,
                         end: "",
                         decided: false,
                     }
@@ -386,7 +392,14 @@ impl Driver {
             Some(tls) => SocketAddrV4::new(*key.server.ip(), tls.port),
             None => key.server,
         };
-        // Upstream: connect once the engine wants it.
+        // Upstream: connect once the engine wants it, within the rule's connection limit.
+        let rule = conn.engine.rule().0;
+        let limit =
+            policy.l7_conditions(conn.engine.rule()).and_then(|c| c.conditions().max_upstream_connections);
+        let held = self.upstream_counts.get(&rule).copied().unwrap_or(0);
+        if conn.engine.wants_upstream() && conn.upstream.is_none() && limit.is_some_and(|l| held >= l) {
+            conn.engine.on_upstream_busy();
+        }
         if conn.engine.wants_upstream() && conn.upstream.is_none() && !conn.upstream_failed {
             match connect(&mut self.ports, conn.egress, server) {
                 Ok((mut stream, port)) => {
@@ -403,6 +416,8 @@ impl Driver {
                     }
                     conn.upstream = Some(Upstream::Plain(stream));
                     conn.local_port = Some(port);
+                    *self.upstream_counts.entry(rule).or_default() += 1;
+                    conn.counted_rule = Some(rule);
                     conn.connect_started = now;
                 }
                 Err(e) => {
@@ -605,6 +620,11 @@ impl Driver {
         }
         if let Some(mut stream) = conn.upstream.take() {
             let _ = self.poll.registry().deregister(stream.tcp_mut());
+        }
+        if let Some(rule) = conn.counted_rule {
+            if let Some(n) = self.upstream_counts.get_mut(&rule) {
+                *n = n.saturating_sub(1);
+            }
         }
         if let Some(port) = conn.local_port {
             self.ports.entry(conn.egress).or_default().push_back(port);

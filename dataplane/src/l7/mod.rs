@@ -90,6 +90,8 @@ pub enum Refusal {
     HostChanged,
     /// The TLS egressd originated towards the destination failed (handshake, certificate, or the connection).
     UpstreamTlsFailed,
+    /// The rule's clients already hold `max_upstream_connections` upstream connections.
+    UpstreamConnectionLimit,
 }
 
 impl Refusal {
@@ -108,6 +110,7 @@ impl Refusal {
             Refusal::RateLimited => "rate_limited",
             Refusal::HostChanged => "host_changed",
             Refusal::UpstreamTlsFailed => "upstream_tls_failed",
+            Refusal::UpstreamConnectionLimit => "upstream_connection_limit",
         }
     }
 }
@@ -433,6 +436,18 @@ impl Connection {
         self.refuse(Refusal::UpstreamTlsFailed);
     }
 
+    /// The rule's upstream connection limit is reached: nothing judged goes anywhere; the client gets `503`
+    /// (TLS: an `access_denied` alert) and the connection closes.
+    pub fn on_upstream_busy(&mut self) {
+        if matches!(self.state, State::Refused(_)) {
+            return;
+        }
+        self.pending.clear();
+        self.ready = 0;
+        self.upstream_wanted = false;
+        self.refuse(Refusal::UpstreamConnectionLimit);
+    }
+
     /// The rate limit the driver must ask about the request just judged (taken: asked once); answer with
     /// [`Connection::on_admitted`].
     pub fn take_admission(&mut self) -> Option<RateLimit> {
@@ -584,6 +599,10 @@ impl Connection {
                     self.pinned_host.as_deref().unwrap_or(""),
                     self.summary.name
                 ),
+            ),
+            Refusal::UpstreamConnectionLimit => (
+                "503 Service Unavailable",
+                "egressd: this rule's upstream connections are all in use; try again\n".to_string(),
             ),
             Refusal::UpstreamTlsFailed => (
                 "502 Bad Gateway",

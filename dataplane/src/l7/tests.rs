@@ -310,6 +310,7 @@ fn get_status_only() -> crate::policy::l7::L7Conditions {
         min_tls_version: None,
         rate_limit: None,
         upstream_tls: None,
+        max_upstream_connections: None,
     }
 }
 

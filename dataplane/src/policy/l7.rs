@@ -115,6 +115,8 @@ pub struct L7Conditions {
     pub rate_limit: Option<RateLimit>,
     /// Plain HTTP from the client leaves as HTTPS: TLS originated to the destination (Istio's TLS origination).
     pub upstream_tls: Option<UpstreamTls>,
+    /// Upstream connections this rule's clients may hold at once; beyond, a new one is refused (`503`).
+    pub max_upstream_connections: Option<u32>,
 }
 
 /// TLS egressd originates towards the destination for plain HTTP clients.
@@ -304,6 +306,7 @@ mod tests {
             min_tls_version: None,
             rate_limit: None,
             upstream_tls: None,
+            max_upstream_connections: None,
         })
         .unwrap()
     }

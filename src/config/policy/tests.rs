@@ -522,4 +522,15 @@ fn upstream_tls_needs_its_files_and_only_on_l7_rules() {
         "action = \"allow\"\nupstream_port = 443\n",
     ));
     assert_eq!(e, ["t.toml:16:17: upstream_port needs upstream_tls"]);
+    assert!(errors(&format!("{rule}max_upstream_connections = 100\n")).is_empty());
+    let e = errors(&format!("{rule}max_upstream_connections = 0\n"));
+    assert_eq!(e, ["t.toml:17:28: max_upstream_connections: 0 must be 1..=1000000"]);
+    let e = errors(&rule.replace(
+        "action = \"l7\"\nhosts = [\"secure.test\"]\n",
+        "action = \"allow\"\nmax_upstream_connections = 5\n",
+    ));
+    assert!(
+        e[0].ends_with("max_upstream_connections is only checked on rules with action = \"l7\""),
+        "{e:?}"
+    );
 }
