@@ -9,22 +9,7 @@ use crate::policy::{Action, HostPattern, PolicyBuilder, Prefix, ProtoMatch, Rule
 
 /// One group; rule 0 is `l7` for api.stripe.com, *.paypal.com and httpbin.test.
 fn policy() -> (PolicySnapshot, RuleId) {
-    let mut b = PolicyBuilder::new();
-    let g = b.add_group("payments", vec![Ipv4Addr::new(192, 0, 2, 30)]);
-    b.add_source(g, Prefix::new(IpAddr::V4(Ipv4Addr::new(10, 10, 1, 0)), 24).unwrap());
-    let mut rule = RuleSpec::new(
-        g,
-        vec![Prefix::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).unwrap()],
-        ProtoMatch::Any,
-        vec![],
-        Action::L7,
-    );
-    rule.hosts = ["api.stripe.com", "*.paypal.com", "httpbin.test"]
-        .iter()
-        .map(|h| HostPattern::parse(h).unwrap())
-        .collect();
-    let id = b.add_rule(rule);
-    (b.build(1).unwrap(), id)
+    policy_with_hosts(Default::default(), false, &["api.stripe.com", "*.paypal.com", "httpbin.test"])
 }
 
 fn connection() -> (Connection, PolicySnapshot) {
