@@ -21,10 +21,30 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 /// Where Debian keeps the system's CA bundle.
 const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
+/// Largest PEM file read (a CA bundle of the whole web is ~200 KiB).
+const MAX_PEM_BYTES: u64 = 4 << 20;
+
+/// A PEM file's bytes: a regular file of at most [`MAX_PEM_BYTES`] (a path to /dev/zero or a FIFO must not hang
+/// `check` or a reload).
+fn read_pem(path: &str) -> Result<Vec<u8>, String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("{path}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("{path}: not a regular file"));
+    }
+    if meta.len() > MAX_PEM_BYTES {
+        return Err(format!("{path}: {} bytes, more than a PEM file of {MAX_PEM_BYTES}", meta.len()));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_PEM_BYTES).read_to_end(&mut bytes))
+        .map_err(|e| format!("{path}: {e}"))?;
+    Ok(bytes)
+}
+
 /// The certificates of a PEM file (at least one).
 pub fn load_certificates(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("{path}: {e}"))?
+    let bytes = read_pem(path)?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{path}: {e}"))?;
     if certs.is_empty() {
@@ -35,7 +55,7 @@ pub fn load_certificates(path: &str) -> Result<Vec<CertificateDer<'static>>, Str
 
 /// The private key of a PEM file.
 pub fn load_key(path: &str) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{path}: {e}"))
+    PrivateKeyDer::from_pem_slice(&read_pem(path)?).map_err(|e| format!("{path}: {e}"))
 }
 
 /// A rustls client configuration for `tls`.

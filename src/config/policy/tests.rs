@@ -517,6 +517,9 @@ fn upstream_tls_needs_its_files_and_only_on_l7_rules() {
     assert!(e[2].contains(&format!("upstream_ca: {missing}:")), "{e:?}");
     assert!(e[3].ends_with("upstream_cert and upstream_key are for upstream_tls = \"mutual\""), "{e:?}");
     assert!(e[4].contains("no PEM certificate"), "{e:?}");
+    // Not a regular file: refused without reading (a device would never end).
+    let e = errors(&format!("{rule}upstream_tls = \"simple\"\nupstream_ca = \"/dev/zero\"\n"));
+    assert!(e[0].ends_with("upstream_ca: /dev/zero: not a regular file"), "{e:?}");
     let e = errors(&rule.replace(
         "action = \"l7\"\nhosts = [\"secure.test\"]\n",
         "action = \"allow\"\nupstream_port = 443\n",
