@@ -21,13 +21,18 @@ impl Drop for KillOnDrop {
 }
 
 fn l7_config(text: &str) -> String {
-    let allow = "ports = [80, 443]\naction = \"allow\"";
-    assert!(text.contains(allow), "conf/lab.toml changed: update this test");
-    text.replacen(
-        allow,
+    replace_web_rule(
+        text,
         "ports = [80, 443]\naction = \"l7\"\nhosts = [\"httpbin.test\", \"api.stripe.com\", \"*.x.test\"]",
-        1,
     )
+}
+
+/// The lab's first rule (web → the servers on TCP 80 and 443, allowed) with its ports and action replaced by
+/// `with`.
+fn replace_web_rule(text: &str, with: &str) -> String {
+    let own = "ports = [80, 443]\naction = \"allow\"";
+    assert!(text.contains(own), "conf/lab.toml changed: update this test");
+    text.replacen(own, with, 1)
 }
 
 /// A TLS server in ext on 203.0.113.10:443 (python's ssl module) with a certificate for api.stripe.com and
@@ -267,10 +272,9 @@ fn http_requests_are_judged_by_host_one_by_one() {
 fn http_methods_and_paths_are_checked_through_the_gateway() {
     let lab = Lab::up(false);
     let (_dir, config, _) = lab_config(|text| {
-        text.replacen(
-            "ports = [80, 443]\naction = \"allow\"",
+        replace_web_rule(
+            text,
             "ports = [80]\naction = \"l7\"\nhosts = [\"httpbin.test\"]\nmethods = [\"GET\", \"HEAD\"]\npaths = [\"/ip\"]",
-            1,
         )
     });
     let gw = Gateway::start(&lab, &config);
@@ -302,10 +306,9 @@ fn http_methods_and_paths_are_checked_through_the_gateway() {
 fn a_rate_limit_answers_429_per_client_address_and_keeps_refused_requests_from_the_server() {
     let lab = Lab::up(false);
     let (_dir, config, _) = lab_config(|text| {
-        text.replacen(
-            "ports = [80, 443]\naction = \"allow\"",
+        replace_web_rule(
+            text,
             "ports = [80]\naction = \"l7\"\nname = \"httpbin-limited\"\nhosts = [\"httpbin.test\"]\nrate_limit = \"3/30s\"",
-            1,
         )
     });
     let gw = Gateway::start(&lab, &config);
@@ -375,9 +378,7 @@ fn an_imported_istio_service_entry_is_enforced_by_the_gateway() {
     let imported = String::from_utf8_lossy(&out.stdout).into_owned();
     let (_dir, config, _) = lab_config(|text| {
         // The lab's own rule for the web group's TCP 80/443 steps aside (to a port nothing uses).
-        let own = "ports = [80, 443]\naction = \"allow\"";
-        assert!(text.contains(own), "conf/lab.toml changed: update this test");
-        format!("{}\n{imported}", text.replacen(own, "ports = [8443]\naction = \"allow\"", 1))
+        format!("{}\n{imported}", replace_web_rule(text, "ports = [8443]\naction = \"allow\""))
     });
     let gw = Gateway::start(&lab, &config);
     let (code, body, err, _) = curl(&lab, &["-H", "Host: httpbin.test", "http://203.0.113.10/ip"]);
@@ -466,8 +467,7 @@ while True:
         file("client.pem"),
         file("client.key")
     );
-    let (_dir, config, original) =
-        lab_config(|text| text.replacen("ports = [80, 443]\naction = \"allow\"\n", &rule(&mutual), 1));
+    let (_dir, config, original) = lab_config(|text| replace_web_rule(text, &rule(&mutual)));
     let gw = Gateway::start(&lab, &config);
 
     let (code, body, err, _) = curl(&lab, &["-H", "Host: secure.test", "http://203.0.113.10/"]);
@@ -493,8 +493,7 @@ while True:
 
     // No client certificate: the server ends the handshake; the client gets 502 and why.
     let reload = |tls: &str, n: f64| {
-        std::fs::write(&config, original.replacen("ports = [80, 443]\naction = \"allow\"\n", &rule(tls), 1))
-            .unwrap();
+        std::fs::write(&config, replace_web_rule(&original, &rule(tls))).unwrap();
         gw.signal("HUP");
         wait_for(|| gw.metric(r#"egressd_reloads_total{result="ok"}"#) >= n, "the reload");
     };
@@ -529,10 +528,9 @@ while True:
 fn an_upstream_connection_limit_answers_503_beyond_it() {
     let lab = Lab::up(false);
     let (_dir, config, _) = lab_config(|text| {
-        text.replacen(
-            "ports = [80, 443]\naction = \"allow\"",
+        replace_web_rule(
+            text,
             "ports = [80]\naction = \"l7\"\nhosts = [\"httpbin.test\"]\nmax_upstream_connections = 2",
-            1,
         )
     });
     let gw = Gateway::start(&lab, &config);
