@@ -379,6 +379,25 @@ impl Collector for CoreCollector {
             )?;
             counters(
                 &mut encoder,
+                "egressd_l7_endpoint_failures",
+                "Failures of service endpoints: connect failures (each retried on another endpoint while attempts \
+                 remain) and 5xx first responses.",
+                [(vec![], g(&l7.endpoint_failures))],
+            )?;
+            counters(
+                &mut encoder,
+                "egressd_l7_outlier_ejections",
+                "Service endpoints ejected for failing several times in a row.",
+                [(vec![], g(&l7.ejections))],
+            )?;
+            gauges(
+                &mut encoder,
+                "egressd_l7_ejected_endpoints",
+                "Service endpoints ejected now.",
+                [(vec![], g(&l7.ejected_endpoints))],
+            )?;
+            counters(
+                &mut encoder,
                 "egressd_l7_dropped_packets",
                 "Packets of L7 flows dropped: over max_connections, of no connection, or a full queue.",
                 [

@@ -96,6 +96,9 @@ pub fn compile_with_names(
             l7: l7_conditions(r)?,
         });
     }
+    for s in &config.service {
+        b.add_service(crate::config::service::compile(s.get_ref())?);
+    }
     b.build(generation).map_err(|e| e.to_string())
 }
 
@@ -103,23 +106,14 @@ pub fn compile_with_names(
 fn l7_conditions(
     r: &crate::config::policy::RuleConfig,
 ) -> Result<dataplane::policy::l7::L7Conditions, String> {
-    use dataplane::policy::l7::{
-        parse_tls_version, HeaderCondition, L7Conditions, PathPattern, RateLimit, UpstreamTls,
-    };
+    use dataplane::policy::l7::{parse_tls_version, HeaderCondition, L7Conditions, PathPattern, RateLimit};
     Ok(L7Conditions {
         methods: r.methods.iter().map(|m| m.get_ref().clone()).collect(),
         paths: r.paths.iter().map(|p| PathPattern::parse(p.get_ref())).collect::<Result<_, _>>()?,
         headers: r.headers.iter().map(|h| HeaderCondition::parse(h.get_ref())).collect::<Result<_, _>>()?,
         min_tls_version: r.min_tls_version.as_ref().map(|v| parse_tls_version(v.get_ref())).transpose()?,
         rate_limit: r.rate_limit.as_ref().map(|v| RateLimit::parse(v.get_ref())).transpose()?,
-        upstream_tls: r.upstream_tls.as_ref().map(|mode| UpstreamTls {
-            mutual: mode.get_ref() == "mutual",
-            port: r.upstream_port.as_ref().map_or(443, |p| *p.get_ref() as u16),
-            sni: r.upstream_sni.as_ref().map(|v| v.get_ref().clone()),
-            ca_file: r.upstream_ca.as_ref().map(|v| v.get_ref().clone()),
-            cert_file: r.upstream_cert.as_ref().map(|v| v.get_ref().clone()),
-            key_file: r.upstream_key.as_ref().map(|v| v.get_ref().clone()),
-        }),
+        upstream_tls: r.tls_keys().upstream_tls(),
         max_upstream_connections: r.max_upstream_connections.as_ref().map(|v| *v.get_ref() as u32),
     })
 }

@@ -391,18 +391,24 @@ fn an_imported_istio_service_entry_is_enforced_by_the_gateway() {
 /// Certificates for TLS origination: a CA, a server certificate for secure.test and other.test, a client
 /// certificate (CN egressd-client); all signed by the CA. Returns the directory.
 fn origination_certificates() -> tempfile::TempDir {
+    certificates_for("DNS:secure.test,DNS:other.test")
+}
+
+/// [`origination_certificates`] with the server certificate's subjectAltName `san`.
+fn certificates_for(san: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     let script = r#"
 set -e
 openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=lab-ca -keyout ca.key -out ca.pem 2>/dev/null
 openssl req -newkey rsa:2048 -nodes -subj /CN=secure.test -keyout server.key -out server.csr 2>/dev/null
-printf 'subjectAltName=DNS:secure.test,DNS:other.test\n' > server.ext
+printf 'subjectAltName=%s\n' "$1" > server.ext
 openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile server.ext -out server.pem 2>/dev/null
 openssl req -newkey rsa:2048 -nodes -subj /CN=egressd-client -keyout client.key -out client.csr 2>/dev/null
 printf 'extendedKeyUsage=clientAuth\n' > client.ext
 openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile client.ext -out client.pem 2>/dev/null
 "#;
-    let out = Command::new("sh").arg("-c").arg(script).current_dir(dir.path()).output().expect("openssl");
+    let out =
+        Command::new("sh").args(["-c", script, "sh", san]).current_dir(dir.path()).output().expect("openssl");
     assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
     dir
 }
@@ -863,4 +869,300 @@ time.sleep(3)
     // Each connection holds two 64 KiB socket buffers at most: 1000 connections, 128 MiB at worst.
     assert!(grown_mib < 160, "RSS grew {grown_mib} MiB under 1000 idle connections");
     eprintln!("L7 RSS: {rss_before} KiB before, {rss_peak} KiB with 1000 connections held");
+}
+
+/// nginx in ext serving HTTPS on `servers` (address, body prefix), each requiring a client certificate from the
+/// lab CA in `certs` (`ssl_verify_client on`) and answering `PREFIX client=<certificate subject> from=<address>`.
+/// Stopped on drop.
+struct TlsNginx {
+    dir: tempfile::TempDir,
+}
+
+impl TlsNginx {
+    fn start(lab: &Lab, certs: &Path, servers: &[(&str, &str)]) -> TlsNginx {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path().display();
+        let c = certs.display();
+        let mut conf = format!(
+            "daemon on;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 1024; }}\nhttp {{\n  access_log {d}/access.log;\n  \
+             client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; \
+             scgi_temp_path {d};\n"
+        );
+        for (address, prefix) in servers {
+            conf.push_str(&format!(
+                "  server {{\n    listen {address}:443 ssl;\n    ssl_certificate {c}/server.pem;\n    \
+                 ssl_certificate_key {c}/server.key;\n    ssl_client_certificate {c}/ca.pem;\n    \
+                 ssl_verify_client on;\n    default_type text/plain;\n    \
+                 location / {{ return 200 \"{prefix} client=$ssl_client_s_dn from=$remote_addr\\n\"; }}\n  }}\n"
+            ));
+        }
+        conf.push_str("}\n");
+        let path = dir.path().join("nginx.conf");
+        std::fs::write(&path, conf).unwrap();
+        let out =
+            lab.exec("ext", "nginx", &["-c", &path.display().to_string(), "-e", &format!("{d}/error.log")]);
+        assert!(out.status.success(), "nginx: {}", String::from_utf8_lossy(&out.stderr));
+        for (address, _) in servers {
+            wait_for(
+                || {
+                    String::from_utf8_lossy(&lab.sh("ext", "ss -lnt").stdout)
+                        .contains(&format!("{address}:443"))
+                },
+                "nginx listening with TLS",
+            );
+        }
+        TlsNginx { dir }
+    }
+}
+
+impl Drop for TlsNginx {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("nginx.pid")) {
+            let _ = Command::new("kill").arg(pid.trim()).status();
+        }
+    }
+}
+
+/// The client namespace's /etc/hosts (what `ip netns exec` mounts over /etc/hosts), removed on drop.
+struct ClientHosts(std::path::PathBuf);
+
+impl ClientHosts {
+    fn set(lab: &Lab, text: &str) -> ClientHosts {
+        let dir = Path::new("/etc/netns").join(lab.ns("client"));
+        std::fs::create_dir_all(&dir).expect("/etc/netns");
+        std::fs::write(dir.join("hosts"), format!("127.0.0.1 localhost\n{text}\n")).expect("hosts");
+        ClientHosts(dir)
+    }
+}
+
+impl Drop for ClientHosts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The service of the seeds' egress scenario: plain HTTP to nginx.external.svc.cluster.local:80, routed by the
+/// `want` header to subset v1 (203.0.113.20) or v2 (203.0.113.21), the rest split 80/20, over mutual TLS with the
+/// lab CA. `extra` is appended to the `[[service]]` table.
+fn seed_service(certs: &Path, extra: &str, tls: &str) -> String {
+    let f = |name: &str| certs.join(name).display().to_string();
+    format!(
+        r#"
+[[service]]
+name = "nginx"
+hosts = ["nginx.external.svc.cluster.local"]
+port = 80
+{tls}upstream_ca = "{ca}"
+{extra}
+[[service.endpoint]]
+address = "203.0.113.20"
+labels = {{ version = "v1" }}
+
+[[service.endpoint]]
+address = "203.0.113.21"
+labels = {{ version = "v2" }}
+
+[[service.subset]]
+name = "v1"
+labels = {{ version = "v1" }}
+
+[[service.subset]]
+name = "v2"
+labels = {{ version = "v2" }}
+
+[[service.route]]
+name = "want-v1"
+headers = {{ want = "v1" }}
+to = "v1"
+
+[[service.route]]
+name = "want-v2"
+headers = {{ want = "v2" }}
+to = "v2"
+
+[[service.route]]
+name = "split"
+to = [{{ subset = "v1", weight = 80 }}, {{ subset = "v2", weight = 20 }}]
+"#,
+        ca = f("ca.pem"),
+    )
+}
+
+fn mutual_tls(certs: &Path) -> String {
+    format!(
+        "upstream_tls = \"mutual\"\nupstream_cert = \"{}\"\nupstream_key = \"{}\"\n",
+        certs.join("client.pem").display(),
+        certs.join("client.key").display()
+    )
+}
+
+const SEED_RULE: &str = "ports = [80]\naction = \"l7\"\nhosts = [\"nginx.external.svc.cluster.local\"]";
+
+/// `n` requests without a `want` header, each on its own connection, from the client namespace: how many bodies
+/// started with each first word.
+fn split_counts(lab: &Lab, n: u32) -> std::collections::BTreeMap<String, u32> {
+    let out = lab.python(
+        "client",
+        &format!(
+            r#"
+import socket, collections
+counts = collections.Counter()
+for i in range({n}):
+    s = socket.create_connection(("nginx.external.svc.cluster.local", 80), timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: nginx.external.svc.cluster.local\r\nConnection: close\r\n\r\n")
+    data = b""
+    while True:
+        d = s.recv(4096)
+        if not d: break
+        data += d
+    s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    counts[body.split(b" ")[0].decode() if head.startswith(b"HTTP/1.1 200") else head[:40].decode()] += 1
+for k, v in counts.items(): print(k, v)
+"#
+        ),
+    );
+    out.lines()
+        .filter_map(|l| l.rsplit_once(' ').map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0))))
+        .collect()
+}
+
+/// The seeds' central scenario through the gateway: workloads speak plain HTTP to nginx.external.svc.cluster.local
+/// (resolved by the client's /etc/hosts to an address the policy sends to the L7 path); `want: v1` reaches the v1
+/// server and `want: v2` the v2 server, over mutual TLS with the client certificate the servers verify
+/// (`ssl_verify_client on`), from the group's egress IP; requests without the header split 80/20 over 1 000
+/// connections (within ±5 %); the access line names service, route, subset and endpoint; `explain --header` says
+/// the same. Without a client certificate nginx answers its own 400, which egressd relays.
+#[test]
+fn services_route_by_header_to_subsets_over_mutual_tls_and_split_by_weight() {
+    let lab = Lab::up(false);
+    let certs = certificates_for("DNS:nginx.external.svc.cluster.local");
+    let _nginx = TlsNginx::start(&lab, certs.path(), &[("203.0.113.20", "v1"), ("203.0.113.21", "v2")]);
+    let _hosts = ClientHosts::set(&lab, "203.0.113.10 nginx.external.svc.cluster.local");
+    let service = seed_service(certs.path(), "", &mutual_tls(certs.path()));
+    let (_dir, config, original) =
+        lab_config(|text| format!("{}\n{service}", replace_web_rule(text, SEED_RULE)));
+    let gw = Gateway::start(&lab, &config);
+
+    for want in ["v1", "v2"] {
+        let header = format!("want: {want}");
+        let (code, body, err, _) = curl(&lab, &["-H", &header, "http://nginx.external.svc.cluster.local/"]);
+        assert_eq!(code, 0, "{err}\ngateway log:\n{}", gw.log_text());
+        assert_eq!(
+            body.trim(),
+            format!("{want} client=CN=egressd-client from=192.0.2.10"),
+            "the {want} server saw egressd's client certificate and the egress IP"
+        );
+    }
+    wait_for(
+        || {
+            gw.log_text().lines().any(|l| {
+                l.contains("l7 connection")
+                    && l.contains(r#"service="nginx""#)
+                    && l.contains(r#"route="want-v2""#)
+                    && l.contains(r#"subset="v2""#)
+                    && l.contains("upstream=203.0.113.21:443")
+                    && l.contains(r#"upstream_tls="established""#)
+            })
+        },
+        &format!(
+            "the access line names service, route, subset and endpoint: {:?}",
+            gw.log_text().lines().rfind(|l| l.contains("l7 connection")).map(str::to_string)
+        ),
+    );
+
+    let counts = split_counts(&lab, 1000);
+    let v1 = counts.get("v1").copied().unwrap_or(0);
+    let v2 = counts.get("v2").copied().unwrap_or(0);
+    assert_eq!(v1 + v2, 1000, "every request answered by v1 or v2: {counts:?}");
+    assert!((750..=850).contains(&v1), "80/20 within ±5 %: {counts:?}");
+
+    // explain, in the client's view: the route a `want: v2` request takes.
+    let out = Command::new(support::egressd_bin())
+        .args(["explain", &config.display().to_string(), "--src", "10.10.0.2", "--dst"])
+        .args(["203.0.113.10:80", "--host", "nginx.external.svc.cluster.local", "--header", "want: v2"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("route:     want-v2"), "{text}");
+    assert!(text.contains("subset:    v2 100% -> 203.0.113.21:443 over mutual TLS"), "{text}");
+
+    // Without a client certificate nginx refuses the request itself (a 400 of its own), relayed as it is.
+    std::fs::write(
+        &config,
+        format!(
+            "{}\n{}",
+            replace_web_rule(&original, SEED_RULE),
+            seed_service(certs.path(), "", "upstream_tls = \"simple\"\n")
+        ),
+    )
+    .unwrap();
+    gw.signal("HUP");
+    wait_for(|| gw.metric(r#"egressd_reloads_total{result="ok"}"#) >= 1.0, "the reload");
+    let (_, body, _, _) = curl(&lab, &["-i", "-H", "want: v1", "http://nginx.external.svc.cluster.local/"]);
+    assert!(body.starts_with("HTTP/1.1 400"), "{body}");
+    assert!(body.contains("No required SSL certificate was sent"), "{body}");
+}
+
+/// Routing refusals and endpoint health: a request whose `want` header matches no route (with the split route
+/// gone) gets 404; a later request on a connection that routes elsewhere gets 421. In subset v1, an endpoint that
+/// refuses connections (203.0.113.22, nothing listening) costs no request (the next endpoint is tried), is ejected
+/// after 3 failures in a row and skipped while ejected; once something listens there and the ejection time is over,
+/// it gets requests again.
+#[test]
+fn a_failing_endpoint_is_retried_ejected_and_back_after_its_time_and_unrouted_requests_get_404() {
+    let lab = Lab::up(false);
+    let certs = certificates_for("DNS:nginx.external.svc.cluster.local");
+    let _nginx = TlsNginx::start(&lab, certs.path(), &[("203.0.113.20", "v1"), ("203.0.113.21", "v2")]);
+    let _hosts = ClientHosts::set(&lab, "203.0.113.10 nginx.external.svc.cluster.local");
+    let extra = "outlier_consecutive_failures = 3\noutlier_base_ejection_secs = 3\nconnect_attempts = 2\n";
+    let service = seed_service(certs.path(), extra, &mutual_tls(certs.path()))
+        .replace(
+            "[[service.endpoint]]\naddress = \"203.0.113.21\"",
+            "[[service.endpoint]]\naddress = \"203.0.113.22\"\nlabels = { version = \"v1\" }\n\n\
+             [[service.endpoint]]\naddress = \"203.0.113.21\"",
+        )
+        .replace(
+            "\n[[service.route]]\nname = \"split\"\nto = [{ subset = \"v1\", weight = 80 }, { subset = \"v2\", weight = 20 }]\n",
+            "",
+        );
+    assert!(!service.contains("split"), "the split route was removed");
+    let (_dir, config, _) = lab_config(|text| format!("{}\n{service}", replace_web_rule(text, SEED_RULE)));
+    let gw = Gateway::start(&lab, &config);
+
+    let (_, body, _, _) = curl(&lab, &["-i", "-H", "want: v9", "http://nginx.external.svc.cluster.local/"]);
+    assert!(body.starts_with("HTTP/1.1 404"), "{body}\n{}", gw.log_text());
+    let out = lab.sh(
+        "client",
+        "printf 'GET / HTTP/1.1\\r\\nHost: nginx.external.svc.cluster.local\\r\\nwant: v1\\r\\n\\r\\n\
+         GET / HTTP/1.1\\r\\nHost: nginx.external.svc.cluster.local\\r\\nwant: v2\\r\\n\\r\\n' \
+         | timeout 5 socat -t3 - TCP4:203.0.113.10:80",
+    );
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.contains("v1 client="), "{answer}");
+    assert!(answer.contains("HTTP/1.1 421 Misdirected Request"), "{answer}");
+
+    // 20 requests to v1: every one answered by .20, .22's failures retried on it; .22 ejected after its third.
+    for i in 0..20 {
+        let (code, body, err, _) =
+            curl(&lab, &["-H", "want: v1", "http://nginx.external.svc.cluster.local/"]);
+        assert_eq!(code, 0, "request {i}: {err}");
+        assert!(body.starts_with("v1 client="), "request {i}: {body}");
+    }
+    assert_eq!(gw.metric("egressd_l7_outlier_ejections_total"), 1.0, "{}", gw.log_text());
+    assert_eq!(gw.metric("egressd_l7_endpoint_failures_total"), 3.0, "no failure once ejected");
+    assert_eq!(gw.metric("egressd_l7_ejected_endpoints"), 1.0);
+    assert!(gw.log_text().contains("endpoint ejected after consecutive failures"));
+
+    // Something listens on .22 now; after the 3 s ejection it gets its share again.
+    let _back = TlsNginx::start(&lab, certs.path(), &[("203.0.113.22", "v1b")]);
+    std::thread::sleep(std::time::Duration::from_millis(3200));
+    let mut answered_by_22 = 0;
+    for _ in 0..6 {
+        let (_, body, _, _) = curl(&lab, &["-H", "want: v1", "http://nginx.external.svc.cluster.local/"]);
+        answered_by_22 += u32::from(body.starts_with("v1b client="));
+    }
+    assert!(answered_by_22 >= 2, "the endpoint is back in the rotation ({answered_by_22} of 6)");
+    assert_eq!(gw.metric("egressd_l7_endpoint_failures_total"), 3.0);
 }

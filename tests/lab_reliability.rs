@@ -347,9 +347,10 @@ print(ok, failed, udp_sent, udp_ok, flush=True)
     assert_eq!(counts[1], 0, "failed HTTP requests: {churn}");
     assert!(counts[0] > seconds * 5, "the churn ran: {churn}");
     assert!(counts[3] + counts[2] / 100 >= counts[2], "UDP answers: {churn}");
-    // Flat: RSS grows by less than 1 MiB a minute, and the flow count by less than 10 % of its level a minute.
+    // Flat: RSS grows by less than 1 MiB a minute, and the flow count by less than 10 % of its level a minute (a
+    // leak grows; a count that falls is closed flows expiring, which a 2-minute soak still sees).
     assert!(rss_slope < 1024.0, "RSS grows {rss_slope:.0} KiB/min in the second half: {samples:?}");
-    assert!(flow_slope.abs() < 0.1 * last.2.max(50.0), "flows drift {flow_slope:.1}/min: {samples:?}");
+    assert!(flow_slope < 0.1 * last.2.max(50.0), "flows grow {flow_slope:.1}/min: {samples:?}");
 }
 
 /// Hostile frames while good flows run: malformed, tagged, source-routed, TTL-expired and flag-abusing frames and

@@ -39,6 +39,9 @@ pub struct ExplainArgs {
     /// HTTP path of the request (checked against an l7 rule's `paths`; default / with --method).
     #[arg(long)]
     pub path: Option<String>,
+    /// A request header, `NAME:VALUE` (repeatable): checked against the rule's `headers` and a service's routes.
+    #[arg(long = "header", value_name = "NAME:VALUE")]
+    pub headers: Vec<String>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -57,6 +60,19 @@ pub struct Flow {
     /// The HTTP request's method and path, if given.
     pub method: Option<String>,
     pub path: Option<String>,
+    /// Request headers (lowercase names), if given.
+    pub headers: Vec<(String, String)>,
+}
+
+/// `NAME:VALUE` → (lowercase name, trimmed value).
+pub fn parse_header(text: &str) -> Result<(String, String), String> {
+    let (name, value) =
+        text.split_once(':').ok_or_else(|| format!("--header {text:?}: expected NAME:VALUE"))?;
+    let name = name.trim();
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)) {
+        return Err(format!("--header {text:?}: {name:?} is not a header name"));
+    }
+    Ok((name.to_ascii_lowercase(), value.trim().to_string()))
 }
 
 impl Flow {
@@ -88,7 +104,16 @@ impl Flow {
         if src.is_ipv4() != dst.is_ipv4() {
             return Err("--src and --dst must be of the same address family".to_string());
         }
-        Ok(Flow { src, dst, proto, port, host: host.map(str::to_string), method: None, path: None })
+        Ok(Flow {
+            src,
+            dst,
+            proto,
+            port,
+            host: host.map(str::to_string),
+            method: None,
+            path: None,
+            headers: Vec::new(),
+        })
     }
 
     fn proto_name(&self) -> &'static str {
@@ -141,6 +166,30 @@ pub struct Explanation {
     /// The policy's `to_hosts` names and the addresses they resolve to now (asked when explain runs).
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub to_hosts: std::collections::BTreeMap<String, Vec<String>>,
+    /// With `--host` naming a service on the flow's port: the service, and where the request goes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRoute>,
+}
+
+/// Where a request for a service goes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceRoute {
+    pub service: String,
+    /// The matching route's name; null: none matches (the client gets 404).
+    pub route: Option<String>,
+    /// The route's subsets with their share in percent and their endpoints.
+    pub subsets: Vec<SubsetShare>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct SubsetShare {
+    /// Empty: every endpoint of the service.
+    pub subset: String,
+    /// The share of connections, in percent (one decimal).
+    pub percent: String,
+    pub endpoints: Vec<String>,
+    /// "plain", "simple TLS (server name ...)" or "mutual TLS (server name ...)".
+    pub upstream: String,
 }
 
 /// Judges `flow` with `snapshot` (compiled from `loaded`) and says why.
@@ -183,6 +232,7 @@ pub fn explain_flow(loaded: &Loaded, snapshot: &PolicySnapshot, flow: &Flow) -> 
     };
     let mut reason = String::new();
     let mut host_allowed = None;
+    let mut service = None;
     let mut request_allowed = None;
     match (decision.group, decision.rule.and_then(|id| snapshot.rule(id).map(|r| (id, r)))) {
         (None, _) => reason.push_str(&format!("source {} is in no group's sources", flow.src)),
@@ -252,6 +302,9 @@ pub fn explain_flow(loaded: &Loaded, snapshot: &PolicySnapshot, flow: &Flow) -> 
                         if let (true, Some(c)) = (allowed, snapshot.l7_conditions(id)) {
                             request_allowed = explain_request(c, flow, &mut reason);
                         }
+                        if allowed && request_allowed != Some(false) {
+                            service = explain_service(snapshot, flow, host, &mut reason);
+                        }
                     }
                     None => {
                         let _ = write!(reason, "; the L7 path checks SNI/Host against {}", hosts.join(", "));
@@ -280,6 +333,7 @@ pub fn explain_flow(loaded: &Loaded, snapshot: &PolicySnapshot, flow: &Flow) -> 
             host_allowed,
             request_allowed,
             to_hosts: Default::default(),
+            service,
         };
     }
     if matches!(decision.verdict, Verdict::Deny(_)) {
@@ -304,7 +358,71 @@ pub fn explain_flow(loaded: &Loaded, snapshot: &PolicySnapshot, flow: &Flow) -> 
         host_allowed,
         request_allowed,
         to_hosts: Default::default(),
+        service,
     }
+}
+
+/// With `--host` naming a service on the flow's port: the route the request takes (by `--method`, `--path` and
+/// `--header`), its subsets' shares, endpoints and upstream TLS.
+fn explain_service(
+    snapshot: &PolicySnapshot,
+    flow: &Flow,
+    host: &str,
+    reason: &mut String,
+) -> Option<ServiceRoute> {
+    let services = snapshot.services();
+    let service = services.get(services.lookup(host, flow.port)?)?;
+    let (method, path) = (flow.method.as_deref().unwrap_or("GET"), flow.path.as_deref().unwrap_or("/"));
+    let header = |name: &str| flow.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_bytes());
+    let Some(route) = service.route(method, path, header) else {
+        let _ = write!(
+            reason,
+            "; service {}: no route matches {method} {path}, the client gets 404",
+            service.name()
+        );
+        return Some(ServiceRoute { service: service.name().to_string(), route: None, subsets: Vec::new() });
+    };
+    let destinations = service.destinations(route);
+    let total: u64 = destinations.iter().map(|d| u64::from(d.weight)).sum::<u64>().max(1);
+    let subsets: Vec<SubsetShare> = destinations
+        .iter()
+        .map(|d| SubsetShare {
+            subset: service.subset_name(d.subset).to_string(),
+            percent: format!("{}", (f64::from(d.weight) * 1000.0 / total as f64).round() / 10.0),
+            endpoints: service
+                .members(d.subset)
+                .iter()
+                .map(|&i| service.spec().endpoints[i].address.to_string())
+                .collect(),
+            upstream: match service.tls(d.subset) {
+                None => "plain".to_string(),
+                Some(tls) => format!(
+                    "{} TLS (server name {})",
+                    if tls.mutual { "mutual" } else { "simple" },
+                    tls.sni.as_deref().unwrap_or(host)
+                ),
+            },
+        })
+        .collect();
+    let shares: Vec<String> = subsets
+        .iter()
+        .map(|s| {
+            let name = if s.subset.is_empty() { "every endpoint" } else { s.subset.as_str() };
+            format!("{name} {}% ({}; {})", s.percent, s.endpoints.join(", "), s.upstream)
+        })
+        .collect();
+    let _ = write!(
+        reason,
+        "; service {}, route {}: to {} instead of the dialled address",
+        service.name(),
+        service.route_name(route),
+        shares.join(", ")
+    );
+    Some(ServiceRoute {
+        service: service.name().to_string(),
+        route: Some(service.route_name(route).to_string()),
+        subsets,
+    })
 }
 
 /// What an l7 rule's request conditions require, and with `--method`/`--path` whether they allow the request
@@ -347,8 +465,12 @@ fn explain_request(c: &dataplane::policy::l7::CompiledL7, flow: &Flow, reason: &
         return None;
     }
     let (method, path) = (flow.method.as_deref().unwrap_or("GET"), flow.path.as_deref().unwrap_or("/"));
-    // Headers as the rule wants them: explain judges method and path.
+    // The headers given with --header; without any, headers as the rule wants them (explain judges method and
+    // path).
     let wanted = |name: &str| {
+        if !flow.headers.is_empty() {
+            return flow.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_bytes());
+        }
         cond.headers.iter().find(|h| h.name == name).map(|h| h.value.as_deref().unwrap_or("").as_bytes())
     };
     match c.check_request(method, path, wanted) {
@@ -424,6 +546,28 @@ impl Explanation {
         if let Some(allowed) = self.request_allowed {
             let _ = writeln!(out, "request:   {}", if allowed { "allowed" } else { "refused (403)" });
         }
+        if let Some(s) = &self.service {
+            let _ = writeln!(out, "service:   {}", s.service);
+            match &s.route {
+                None => {
+                    let _ = writeln!(out, "route:     none matches (404)");
+                }
+                Some(route) => {
+                    let _ = writeln!(out, "route:     {route}");
+                    for share in &s.subsets {
+                        let name =
+                            if share.subset.is_empty() { "(every endpoint)" } else { share.subset.as_str() };
+                        let _ = writeln!(
+                            out,
+                            "subset:    {name} {}% -> {} over {}",
+                            share.percent,
+                            share.endpoints.join(", "),
+                            share.upstream
+                        );
+                    }
+                }
+            }
+        }
         let _ = writeln!(out, "why:       {}", self.reason);
         for (name, addresses) in &self.to_hosts {
             let now = if addresses.is_empty() { "no address".to_string() } else { addresses.join(", ") };
@@ -445,7 +589,13 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         eprintln!("warning: {w}");
     }
     let flow = match Flow::parse(&args.src, &args.dst, &args.proto, args.host.as_deref()) {
-        Ok(flow) => Flow { method: args.method.clone(), path: args.path.clone(), ..flow },
+        Ok(flow) => match args.headers.iter().map(|h| parse_header(h)).collect::<Result<Vec<_>, _>>() {
+            Ok(headers) => Flow { method: args.method.clone(), path: args.path.clone(), headers, ..flow },
+            Err(e) => {
+                eprintln!("egressd explain: {e}");
+                return Ok(ExitCode::FAILURE);
+            }
+        },
         Err(e) => {
             eprintln!("egressd explain: {e}");
             return Ok(ExitCode::FAILURE);

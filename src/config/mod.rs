@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod l7;
 pub mod nat;
 pub mod policy;
+pub mod service;
 
 use std::fmt;
 use std::ops::Range;
@@ -41,6 +42,9 @@ pub struct Config {
     /// header, so a `RuleId` (the index here) maps back to a file:line.
     #[serde(default)]
     pub rule: Vec<toml::Spanned<policy::RuleConfig>>,
+    /// Services: where plain HTTP requests for their names go (endpoints, subsets, routes, upstream TLS).
+    #[serde(default)]
+    pub service: Vec<toml::Spanned<service::ServiceConfig>>,
 }
 
 /// The text of a configuration file and where it came from; turns byte spans into positions.
@@ -198,6 +202,7 @@ pub fn parse(source: Source) -> Result<Loaded, ConfigErrors> {
     config.nat.validate(&source, &mut diags);
     config.l7.validate(&source, &mut diags);
     policy::validate(&config, &source, &mut diags);
+    service::validate(&config, &source, &mut diags);
     if diags.errors.is_empty() {
         Ok(Loaded { config, source, warnings: diags.warnings })
     } else {

@@ -532,7 +532,7 @@ fn check_rule<'a>(
             diags.error(src, v.span(), e);
         }
     }
-    check_upstream_tls(src, r, diags);
+    check_upstream_tls(src, &r.tls_keys(), diags);
     if let Some(v) = &r.max_upstream_connections {
         if !(1..=1_000_000).contains(v.get_ref()) {
             diags.error(
@@ -781,11 +781,51 @@ pub fn check_dns_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The `upstream_*` keys of a rule, a service or a subset: one reading for validation and compilation.
+#[derive(Clone, Copy, Default)]
+pub struct TlsKeys<'a> {
+    pub mode: Option<&'a Spanned<String>>,
+    /// Rules only: the TLS connection's destination port.
+    pub port: Option<&'a Spanned<i64>>,
+    pub sni: Option<&'a Spanned<String>>,
+    pub ca: Option<&'a Spanned<String>>,
+    pub cert: Option<&'a Spanned<String>>,
+    pub key: Option<&'a Spanned<String>>,
+}
+
+impl TlsKeys<'_> {
+    /// The TLS to originate, if a mode is given (validated before).
+    pub fn upstream_tls(&self) -> Option<dataplane::policy::l7::UpstreamTls> {
+        let text = |v: Option<&Spanned<String>>| v.map(|v| v.get_ref().clone());
+        self.mode.map(|mode| dataplane::policy::l7::UpstreamTls {
+            mutual: mode.get_ref() == "mutual",
+            port: self.port.map_or(443, |p| *p.get_ref() as u16),
+            sni: text(self.sni),
+            ca_file: text(self.ca),
+            cert_file: text(self.cert),
+            key_file: text(self.key),
+        })
+    }
+}
+
+impl RuleConfig {
+    pub fn tls_keys(&self) -> TlsKeys<'_> {
+        TlsKeys {
+            mode: self.upstream_tls.as_ref(),
+            port: self.upstream_port.as_ref(),
+            sni: self.upstream_sni.as_ref(),
+            ca: self.upstream_ca.as_ref(),
+            cert: self.upstream_cert.as_ref(),
+            key: self.upstream_key.as_ref(),
+        }
+    }
+}
+
 /// `upstream_*` keys: a known mode, the files mutual TLS needs (and only then), files that load.
-fn check_upstream_tls(src: &Source, r: &RuleConfig, diags: &mut Diagnostics) {
-    let mode = match &r.upstream_tls {
+pub fn check_upstream_tls(src: &Source, r: &TlsKeys<'_>, diags: &mut Diagnostics) {
+    let mode = match r.mode {
         None => {
-            let stray = [&r.upstream_sni, &r.upstream_ca, &r.upstream_cert, &r.upstream_key];
+            let stray = [r.sni, r.ca, r.cert, r.key];
             if let Some(v) = stray.into_iter().flatten().next() {
                 diags.error(
                     src,
@@ -793,7 +833,7 @@ fn check_upstream_tls(src: &Source, r: &RuleConfig, diags: &mut Diagnostics) {
                     "upstream_sni, upstream_ca, upstream_cert and upstream_key need upstream_tls",
                 );
             }
-            if let Some(v) = &r.upstream_port {
+            if let Some(v) = r.port {
                 diags.error(src, v.span(), "upstream_port needs upstream_tls");
             }
             return;
@@ -812,12 +852,12 @@ fn check_upstream_tls(src: &Source, r: &RuleConfig, diags: &mut Diagnostics) {
             return;
         }
     };
-    if let Some(v) = &r.upstream_port {
+    if let Some(v) = r.port {
         if !(1..=65535).contains(v.get_ref()) {
             diags.error(src, v.span(), format!("upstream_port: {} must be 1..=65535", v.get_ref()));
         }
     }
-    if let Some(v) = &r.upstream_sni {
+    if let Some(v) = r.sni {
         if v.get_ref().contains('*') {
             diags.error(
                 src,
@@ -828,7 +868,7 @@ fn check_upstream_tls(src: &Source, r: &RuleConfig, diags: &mut Diagnostics) {
             diags.error(src, v.span(), format!("upstream_sni: {e}"));
         }
     }
-    match (mutual, &r.upstream_cert, &r.upstream_key) {
+    match (mutual, r.cert, r.key) {
         (true, Some(_), Some(_)) | (false, None, None) => {}
         (true, _, _) => {
             diags.error(src, mode.span(), "upstream_tls = \"mutual\" needs upstream_cert and upstream_key")
@@ -837,14 +877,14 @@ fn check_upstream_tls(src: &Source, r: &RuleConfig, diags: &mut Diagnostics) {
             diags.error(src, v.span(), "upstream_cert and upstream_key are for upstream_tls = \"mutual\"")
         }
     }
-    for (key, value) in [("upstream_ca", &r.upstream_ca), ("upstream_cert", &r.upstream_cert)] {
+    for (key, value) in [("upstream_ca", r.ca), ("upstream_cert", r.cert)] {
         if let Some(v) = value {
             if let Err(e) = crate::l7::origination::load_certificates(v.get_ref()) {
                 diags.error(src, v.span(), format!("{key}: {e}"));
             }
         }
     }
-    if let Some(v) = &r.upstream_key {
+    if let Some(v) = r.key {
         if let Err(e) = crate::l7::origination::load_key(v.get_ref()) {
             diags.error(src, v.span(), format!("upstream_key: {e}"));
             return;
@@ -852,15 +892,7 @@ fn check_upstream_tls(src: &Source, r: &RuleConfig, diags: &mut Diagnostics) {
     }
     // The files load one by one: do they make a client configuration (a key that fits its certificate, a
     // certificate rustls accepts)?
-    if let (true, Some(cert), Some(_)) = (mutual, &r.upstream_cert, &r.upstream_key) {
-        let tls = dataplane::policy::l7::UpstreamTls {
-            mutual,
-            port: 443,
-            sni: None,
-            ca_file: r.upstream_ca.as_ref().map(|v| v.get_ref().clone()),
-            cert_file: Some(cert.get_ref().clone()),
-            key_file: r.upstream_key.as_ref().map(|v| v.get_ref().clone()),
-        };
+    if let (true, Some(cert), Some(_), Some(tls)) = (mutual, r.cert, r.key, r.upstream_tls()) {
         if let Err(e) = crate::l7::origination::client_config(&tls) {
             diags.error(src, cert.span(), format!("upstream_cert: {e}"));
         }

@@ -19,10 +19,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use dataplane::l7::balance::Balancer;
 use dataplane::l7::punt::{Punt, PuntedPacket};
 use dataplane::l7::ratelimit::RateLimiter;
 use dataplane::l7::stack::{ClientStack, FourTuple, StackDrop, StackLimits};
 use dataplane::l7::{Connection, L7Limits, Protocol};
+use dataplane::policy::l7::UpstreamTls;
+use dataplane::policy::service::ServiceId;
 use dataplane::policy::{PolicySnapshot, RuleId, SharedPolicy};
 use dataplane::time::Instant;
 use mio::net::TcpStream;
@@ -64,6 +67,11 @@ pub struct L7Stats {
     pub stray_packets: AtomicU64,
     pub bytes_up: AtomicU64,
     pub bytes_down: AtomicU64,
+    /// Service endpoints that failed (connect failure, 5xx first response).
+    pub endpoint_failures: AtomicU64,
+    /// Outlier ejections since start, and endpoints ejected now.
+    pub ejections: AtomicU64,
+    pub ejected_endpoints: AtomicU64,
 }
 
 impl Default for L7Stats {
@@ -85,6 +93,9 @@ impl Default for L7Stats {
             stray_packets: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
+            endpoint_failures: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            ejected_endpoints: AtomicU64::new(0),
         }
     }
 }
@@ -102,6 +113,32 @@ pub struct L7Thread {
     pub mtu: usize,
     /// With `verify_destination = "dns"`: the DNS server to ask.
     pub resolver: Option<std::net::SocketAddr>,
+}
+
+/// Where a connection's upstream goes.
+struct Target {
+    server: SocketAddrV4,
+    /// TLS to originate, and the key of its cached client configuration.
+    tls: Option<UpstreamTls>,
+    tls_key: (u32, u32, u32),
+    /// The server name for TLS when the settings name none: the first request's Host.
+    host: String,
+    service: Option<ServiceTarget>,
+}
+
+/// A connection routed to a service: which one, and the endpoints tried.
+struct ServiceTarget {
+    id: ServiceId,
+    name: String,
+    route: String,
+    subset: Option<usize>,
+    subset_name: String,
+    tried: Vec<SocketAddrV4>,
+    attempts: u32,
+    /// Counted in the balancer's in-flight connections.
+    opened: bool,
+    /// The first response was seen (its status judged the endpoint).
+    judged: bool,
 }
 
 struct Conn {
@@ -128,6 +165,8 @@ struct Conn {
     tls_established: bool,
     /// The rule whose upstream connection count this connection's upstream is in.
     counted_rule: Option<u32>,
+    /// Where the upstream goes, chosen when the engine first wants it.
+    target: Option<Target>,
     end: &'static str,
     /// The decision on the first bytes was recorded in the histogram.
     decided: bool,
@@ -162,6 +201,9 @@ struct Driver {
     tls_configs: origination::Configs,
     /// Upstream connections open per rule index (for `max_upstream_connections`).
     upstream_counts: HashMap<u32, u32>,
+    balancer: Balancer,
+    /// Connections to pump again at once (a service connection moving to its next endpoint).
+    again: Vec<FourTuple>,
 }
 
 impl Driver {
@@ -208,6 +250,8 @@ impl Driver {
             rate_limits: RateLimiter::new(),
             tls_configs: origination::Configs::default(),
             upstream_counts: HashMap::new(),
+            balancer: Balancer::new(),
+            again: Vec::new(),
         }
     }
 
@@ -226,7 +270,8 @@ impl Driver {
                     touched.push(key);
                 }
             }
-            let wait = if taken == 0 && self.t.punt.park() {
+            touched.append(&mut self.again);
+            let wait = if taken == 0 && touched.is_empty() && self.t.punt.park() {
                 Some(Duration::from_millis(10))
             } else {
                 Some(Duration::ZERO)
@@ -251,6 +296,8 @@ impl Driver {
                 last_sweep = now;
                 touched.extend(self.conns.keys().copied());
                 self.count_states();
+                let ejected = self.balancer.ejected_count(now) as u64;
+                self.t.stats.ejected_endpoints.store(ejected, Ordering::Relaxed);
                 if let Some(r) = self.resolver.as_mut() {
                     r.on_tick(now, &mut resolved);
                 }
@@ -294,7 +341,8 @@ impl Driver {
                     self.t.stats.accepted.fetch_add(1, Ordering::Relaxed);
                     self.t.stats.open.fetch_add(1, Ordering::Relaxed);
                     Conn {
-                        engine: Connection::new(now, RuleId(p.rule), self.limits),
+                        engine: Connection::new(now, RuleId(p.rule), self.limits)
+                            .with_dialled_port(key.server.port()),
                         worker,
                         egress: p.egress,
                         started: now,
@@ -313,6 +361,7 @@ impl Driver {
                         first_byte_at: None,
                         tls_established: false,
                         counted_rule: None,
+                        target: None,
                         end: "",
                         decided: false,
                     }
@@ -385,13 +434,14 @@ impl Driver {
             let secs = now.as_nanos().saturating_sub(conn.started.as_nanos()) as f64 / 1e9;
             self.t.stats.decision_seconds.observe(secs);
         }
-        // Under TLS origination (`upstream_tls`), the TLS connection goes to the rule's upstream port.
-        let origination =
-            policy.l7_conditions(conn.engine.rule()).and_then(|c| c.conditions().upstream_tls.as_ref());
-        let server = match origination {
-            Some(tls) => SocketAddrV4::new(*key.server.ip(), tls.port),
-            None => key.server,
-        };
+        // Where the upstream goes: a service's endpoint (the request's route), else the dialled address (under the
+        // rule's TLS origination, its upstream port).
+        if conn.engine.wants_upstream() && conn.target.is_none() {
+            match choose_target(now, &key, &conn.engine, policy, &mut self.balancer) {
+                Ok(target) => conn.target = Some(target),
+                Err(detail) => conn.engine.on_no_endpoint(&detail),
+            }
+        }
         // Upstream: connect once the engine wants it, within the rule's connection limit.
         let rule = conn.engine.rule().0;
         let limit =
@@ -400,8 +450,10 @@ impl Driver {
         if conn.engine.wants_upstream() && conn.upstream.is_none() && limit.is_some_and(|l| held >= l) {
             conn.engine.on_upstream_busy();
         }
-        if conn.engine.wants_upstream() && conn.upstream.is_none() && !conn.upstream_failed {
-            match connect(&mut self.ports, conn.egress, server) {
+        let mut connect_failure: Option<String> = None;
+        let wants = conn.engine.wants_upstream() && conn.upstream.is_none() && !conn.upstream_failed;
+        if let (true, Some(target)) = (wants, conn.target.as_ref()) {
+            match connect(&mut self.ports, conn.egress, target.server) {
                 Ok((mut stream, port)) => {
                     let token = Token(self.next_token);
                     self.next_token += 1;
@@ -421,24 +473,30 @@ impl Driver {
                     conn.connect_started = now;
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, server = %key.server, "upstream connect failed");
-                    conn.upstream_failed = true;
+                    tracing::debug!(error = %e, server = %target.server, "upstream connect failed");
+                    connect_failure = Some(e.to_string());
                 }
             }
         }
-        if let (Some(stream), false) = (conn.upstream.as_ref(), conn.connected) {
+        if let (Some(stream), false, Some(target)) =
+            (conn.upstream.as_ref(), conn.connected, conn.target.as_mut())
+        {
             match stream.tcp().take_error() {
-                Ok(Some(_)) | Err(_) => conn.upstream_failed = true,
+                Ok(Some(e)) | Err(e) => connect_failure = Some(e.to_string()),
                 Ok(None) => {
                     if stream.tcp().peer_addr().is_ok() {
                         conn.connected = true;
-                        if let Some(tls) = origination {
-                            // TLS on the connected socket, for the rule's name or the connection's Host.
-                            let name = tls.sni.as_deref().or(conn.engine.upstream_host()).unwrap_or_default();
+                        if let Some(service) = target.service.as_mut() {
+                            self.balancer.on_opened(&service.name, target.server);
+                            service.opened = true;
+                        }
+                        if let Some(tls) = &target.tls {
+                            // TLS on the connected socket, for the configured name or the connection's Host.
+                            let name = tls.sni.as_deref().unwrap_or(&target.host);
                             let plain = conn.upstream.take();
                             let started = self
                                 .tls_configs
-                                .get(policy.generation(), conn.engine.rule().0, tls)
+                                .get(policy.generation(), target.tls_key, tls)
                                 .and_then(|config| {
                                     plain.map_or(Err("no socket".into()), |p| p.start_tls(config, name))
                                 });
@@ -454,9 +512,53 @@ impl Driver {
                     } else if now.as_nanos().saturating_sub(conn.connect_started.as_nanos())
                         > settings.connect_timeout_secs * 1_000_000_000
                     {
-                        conn.upstream_failed = true;
+                        connect_failure =
+                            Some(format!("no answer within {} s", settings.connect_timeout_secs));
                     }
                 }
+            }
+        }
+        if let Some(detail) = connect_failure {
+            // Nothing was sent: the socket, its port and its place in the rule's count are given back.
+            if let Some(mut stream) = conn.upstream.take() {
+                let _ = self.poll.registry().deregister(stream.tcp_mut());
+            }
+            if let Some(token) = conn.token.take() {
+                self.tokens.remove(&token);
+            }
+            if let Some(port) = conn.local_port.take() {
+                self.ports.entry(conn.egress).or_default().push_back(port);
+            }
+            if let Some(n) = conn.counted_rule.take().and_then(|r| self.upstream_counts.get_mut(&r)) {
+                *n = n.saturating_sub(1);
+            }
+            match conn.target.as_mut() {
+                // A service: the endpoint is marked, and the next one tried while attempts remain.
+                Some(Target { server, service: Some(svc), .. }) => {
+                    self.t.stats.endpoint_failures.fetch_add(1, Ordering::Relaxed);
+                    endpoint_failed(now, &mut self.balancer, &self.t.stats, policy, svc, *server, &detail);
+                    let next = policy
+                        .services()
+                        .get(svc.id)
+                        .filter(|s| svc.attempts < s.spec().connect_attempts)
+                        .and_then(|s| {
+                            self.balancer.pick_endpoint(now, s, policy.generation(), svc.subset, &svc.tried)
+                        });
+                    match next {
+                        Some(next) => {
+                            tracing::debug!(failed = %server, next = %next, "trying the next endpoint");
+                            svc.tried.push(next);
+                            svc.attempts += 1;
+                            *server = next;
+                            self.again.push(key);
+                        }
+                        None => {
+                            let tried: Vec<String> = svc.tried.iter().map(ToString::to_string).collect();
+                            conn.engine.on_no_endpoint(&format!("{} ({detail})", tried.join(", ")));
+                        }
+                    }
+                }
+                _ => conn.upstream_failed = true,
             }
         }
         if conn.upstream_failed && !conn.client_closed {
@@ -509,6 +611,28 @@ impl Driver {
                 match stream.read(&mut buf[..room]) {
                     Ok(0) => conn.upstream_eof = true,
                     Ok(n) => {
+                        // A service endpoint is judged by its first response: a 5xx counts as a failure.
+                        if let Some(Target { server, service: Some(svc), .. }) = conn.target.as_mut() {
+                            if !std::mem::replace(&mut svc.judged, true) {
+                                match response_status(&buf[..n]) {
+                                    Some(status) if status >= 500 => {
+                                        self.t.stats.endpoint_failures.fetch_add(1, Ordering::Relaxed);
+                                        let why = format!("answered {status}");
+                                        endpoint_failed(
+                                            now,
+                                            &mut self.balancer,
+                                            &self.t.stats,
+                                            policy,
+                                            svc,
+                                            *server,
+                                            &why,
+                                        );
+                                    }
+                                    Some(_) => self.balancer.on_success(&svc.name, *server),
+                                    None => {}
+                                }
+                            }
+                        }
                         stack.send(&key, &buf[..n]);
                         conn.bytes_down += n as u64;
                         conn.first_byte_at.get_or_insert(now);
@@ -527,7 +651,11 @@ impl Driver {
             }
             // The client finished sending (or was refused after allowed requests): pass the half-close on.
             let client_done = client_finished || conn.engine.refusal_waits();
-            if client_done && conn.engine.to_upstream().is_empty() && !conn.upstream_write_shut {
+            if client_done
+                && conn.engine.to_upstream().is_empty()
+                && !stream.has_pending_output()
+                && !conn.upstream_write_shut
+            {
                 stream.shutdown_write();
                 conn.upstream_write_shut = true;
             }
@@ -629,6 +757,11 @@ impl Driver {
         if let Some(port) = conn.local_port {
             self.ports.entry(conn.egress).or_default().push_back(port);
         }
+        if let Some(Target { server, service: Some(svc), .. }) = &conn.target {
+            if svc.opened {
+                self.balancer.on_closed(&svc.name, *server);
+            }
+        }
         let stats = &self.t.stats;
         stats.open.fetch_sub(1, Ordering::Relaxed);
         let summary = conn.engine.summary();
@@ -681,6 +814,9 @@ impl Driver {
             (_, true) => "established",
             _ => "",
         };
+        let service = conn.target.as_ref().and_then(|t| t.service.as_ref());
+        // The address the upstream connection went to (a service's endpoint, or the destination).
+        let upstream = conn.target.as_ref().map_or(key.server, |t| t.server);
         let upstream_first_byte_ms = conn
             .first_byte_at
             .map_or(0, |t| t.as_nanos().saturating_sub(conn.connect_started.as_nanos()) / 1_000_000);
@@ -701,6 +837,10 @@ impl Driver {
             bytes_down = conn.bytes_down,
             upstream_tls,
             upstream_first_byte_ms,
+            service = service.map_or("", |s| s.name.as_str()),
+            route = service.map_or("", |s| s.route.as_str()),
+            subset = service.map_or("", |s| s.subset_name.as_str()),
+            upstream = %upstream,
             duration_ms = now.as_nanos().saturating_sub(conn.started.as_nanos()) / 1_000_000,
             end = conn.end,
             "l7 connection"
@@ -737,6 +877,87 @@ fn connect(
             Err(e)
         }
     }
+}
+
+/// Where the upstream of `engine`'s connection goes (see [`Target`]); an error when its service has no endpoint.
+fn choose_target(
+    now: Instant,
+    key: &FourTuple,
+    engine: &Connection,
+    policy: &PolicySnapshot,
+    balancer: &mut Balancer,
+) -> Result<Target, String> {
+    let host = engine.summary().name.clone();
+    if let Some((id, route)) = engine.upstream_route() {
+        let services = policy.services();
+        // The route was chosen under this snapshot unless a reload came in between: then the id may name another
+        // service, which the Host no longer leads to.
+        let service = services
+            .get(id)
+            .filter(|_| services.lookup(&host, key.server.port()) == Some(id))
+            .ok_or_else(|| format!("the service of {host} changed with a reload"))?;
+        let generation = policy.generation();
+        let subset = balancer.pick_subset(service, generation, route);
+        let server = balancer.pick_endpoint(now, service, generation, subset, &[]).ok_or_else(|| {
+            format!("subset {} of service {} has no endpoint", service.subset_name(subset), service.name())
+        })?;
+        return Ok(Target {
+            server,
+            tls: service.tls(subset).cloned(),
+            tls_key: (1, id.0, subset.map_or(0, |s| s as u32 + 1)),
+            host,
+            service: Some(ServiceTarget {
+                id,
+                name: service.name().to_string(),
+                route: service.route_name(route).to_string(),
+                subset,
+                subset_name: service.subset_name(subset).to_string(),
+                tried: vec![server],
+                attempts: 1,
+                opened: false,
+                judged: false,
+            }),
+        });
+    }
+    let tls = policy.l7_conditions(engine.rule()).and_then(|c| c.conditions().upstream_tls.clone());
+    let server = match &tls {
+        Some(t) => SocketAddrV4::new(*key.server.ip(), t.port),
+        None => key.server,
+    };
+    let host = engine.upstream_host().map_or(host, str::to_string);
+    Ok(Target { server, tls, tls_key: (0, engine.rule().0, 0), host, service: None })
+}
+
+/// A service endpoint failed (`why`): the balancer counts it, and an ejection is logged and counted.
+fn endpoint_failed(
+    now: Instant,
+    balancer: &mut Balancer,
+    stats: &L7Stats,
+    policy: &PolicySnapshot,
+    svc: &ServiceTarget,
+    server: SocketAddrV4,
+    why: &str,
+) {
+    let Some(service) = policy.services().get(svc.id).filter(|s| s.name() == svc.name) else { return };
+    if balancer.on_failure(now, service, svc.subset, server) {
+        stats.ejections.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            service = svc.name.as_str(),
+            endpoint = %server,
+            reason = why,
+            "endpoint ejected after consecutive failures"
+        );
+    }
+}
+
+/// The status code of an HTTP/1 response head starting `bytes` (`HTTP/1.1 503 ...`).
+fn response_status(bytes: &[u8]) -> Option<u16> {
+    let rest = bytes.strip_prefix(b"HTTP/1.")?;
+    let code = rest.get(2..5)?;
+    if rest.get(1) != Some(&b' ') || !code.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(code).ok()?.parse().ok()
 }
 
 fn rule_label(policy: &PolicySnapshot, rule: RuleId) -> String {

@@ -84,25 +84,26 @@ pub fn client_config(tls: &UpstreamTls) -> Result<Arc<ClientConfig>, String> {
     Ok(Arc::new(config))
 }
 
-/// Client configurations by (policy generation, rule index); older generations are dropped when a new one is asked.
+/// Client configurations by policy generation and owner (a rule, or a service's subset: the driver's key); older
+/// generations are dropped when a new one is asked.
 #[derive(Default)]
 pub struct Configs {
     generation: u64,
-    by_rule: HashMap<u32, Result<Arc<ClientConfig>, String>>,
+    by_owner: HashMap<(u32, u32, u32), Result<Arc<ClientConfig>, String>>,
 }
 
 impl Configs {
     pub fn get(
         &mut self,
         generation: u64,
-        rule: u32,
+        owner: (u32, u32, u32),
         tls: &UpstreamTls,
     ) -> Result<Arc<ClientConfig>, String> {
         if generation != self.generation {
             self.generation = generation;
-            self.by_rule.clear();
+            self.by_owner.clear();
         }
-        self.by_rule.entry(rule).or_insert_with(|| client_config(tls)).clone()
+        self.by_owner.entry(owner).or_insert_with(|| client_config(tls)).clone()
     }
 }
 
@@ -149,6 +150,13 @@ impl Upstream {
     /// Whether the TLS handshake is still going (nothing of the server's has been read yet).
     pub fn is_handshaking(&self) -> bool {
         matches!(self, Upstream::Tls(s) if s.conn.is_handshaking())
+    }
+
+    /// Whether TLS still has something to do before a half-close may follow: the handshake (plaintext written
+    /// during it waits in rustls), or records not yet taken by the socket. A `close_notify` sent earlier would end
+    /// the session before the request it follows.
+    pub fn has_pending_output(&self) -> bool {
+        matches!(self, Upstream::Tls(s) if s.conn.is_handshaking() || s.conn.wants_write())
     }
 
     /// Sends what TLS still holds (records written but not yet taken by the socket).

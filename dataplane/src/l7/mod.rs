@@ -32,6 +32,7 @@
 use std::fmt;
 
 use crate::policy::l7::{RateLimit, RequestDenial};
+use crate::policy::service::ServiceId;
 use crate::policy::{PolicySnapshot, RuleId};
 use crate::time::Instant;
 use crate::wire::http::{self, BodyFraming, ChunkedBody, HttpError};
@@ -92,6 +93,12 @@ pub enum Refusal {
     UpstreamTlsFailed,
     /// The rule's clients already hold `max_upstream_connections` upstream connections.
     UpstreamConnectionLimit,
+    /// The request names a service, but none of its routes matches it.
+    NoRoute,
+    /// A later request on the connection routes elsewhere than the first (the upstream is the first's).
+    RouteChanged,
+    /// No endpoint of the service's subset could be connected to.
+    NoHealthyEndpoint,
 }
 
 impl Refusal {
@@ -111,6 +118,9 @@ impl Refusal {
             Refusal::HostChanged => "host_changed",
             Refusal::UpstreamTlsFailed => "upstream_tls_failed",
             Refusal::UpstreamConnectionLimit => "upstream_connection_limit",
+            Refusal::NoRoute => "no_route",
+            Refusal::RouteChanged => "route_changed",
+            Refusal::NoHealthyEndpoint => "no_healthy_endpoint",
         }
     }
 }
@@ -209,6 +219,10 @@ pub struct Connection {
     to_admit: Option<RateLimit>,
     /// Under TLS origination: the Host of the first request, which the upstream TLS session is for.
     pinned_host: Option<String>,
+    /// The port the client dialled (services are found by Host and this port).
+    dialled_port: u16,
+    /// The service and route of the connection's first request: its upstream is that route's endpoint.
+    route: Option<(ServiceId, usize)>,
     /// The refusal response still to be sent to the client, and how much of it was sent.
     to_client: Vec<u8>,
     to_client_sent: usize,
@@ -234,9 +248,31 @@ impl Connection {
             verified_name: None,
             to_admit: None,
             pinned_host: None,
+            dialled_port: 0,
+            route: None,
             to_client: Vec::new(),
             to_client_sent: 0,
             summary: Summary::default(),
+        }
+    }
+
+    /// The port the client dialled, which finds services by (Host, port); without it no service matches.
+    pub fn with_dialled_port(mut self, port: u16) -> Connection {
+        self.dialled_port = port;
+        self
+    }
+
+    /// The service and route the connection's requests go to (set by its first request), if any.
+    pub fn upstream_route(&self) -> Option<(ServiceId, usize)> {
+        self.route
+    }
+
+    /// Whether a request routed to `routed` (a service's route, or `None`: the dialled address) would go elsewhere
+    /// than the connection's earlier requests.
+    fn route_changes(&self, routed: Option<(ServiceId, usize)>) -> bool {
+        match self.route {
+            Some(pinned) => routed != Some(pinned),
+            None => routed.is_some() && self.summary.requests_allowed > 0,
         }
     }
 
@@ -333,11 +369,21 @@ impl Connection {
                     self.summary.path.clear();
                     self.summary.path.push_str(head.path);
                     let (head_len, body) = (head.head_len, head.body);
-                    let originating = policy
-                        .l7_conditions(self.rule)
-                        .is_some_and(|c| c.conditions().upstream_tls.is_some());
+                    // A service named by the Host and the dialled port: its route for this request.
+                    let services = policy.services();
+                    let routed = services.lookup(&self.summary.name, self.dialled_port).and_then(|id| {
+                        services.get(id).map(|s| (id, s.route(head.method, head.path, |n| head.header(n))))
+                    });
+                    let originating = routed.is_none()
+                        && policy
+                            .l7_conditions(self.rule)
+                            .is_some_and(|c| c.conditions().upstream_tls.is_some());
                     let why = if !policy.host_allowed(self.rule, &self.summary.name) {
                         Some(Refusal::HostNotAllowed)
+                    } else if let Some((_, None)) = routed {
+                        Some(Refusal::NoRoute)
+                    } else if self.route_changes(routed.map(|(id, r)| (id, r.unwrap_or(0)))) {
+                        Some(Refusal::RouteChanged)
                     } else if originating
                         && self.pinned_host.as_ref().is_some_and(|h| *h != self.summary.name)
                     {
@@ -350,9 +396,17 @@ impl Connection {
                         })
                     };
                     if let Some(why) = why {
+                        // Without a route there is nowhere to send the request, even in a dry run.
+                        let routing = matches!(why, Refusal::NoRoute | Refusal::RouteChanged);
+                        if routing {
+                            return self.refuse(why);
+                        }
                         if self.refused(why, policy) {
                             return;
                         }
+                    }
+                    if let Some((id, Some(route))) = routed {
+                        self.route = Some((id, route));
                     }
                     if originating && self.pinned_host.is_none() {
                         self.pinned_host = Some(self.summary.name.clone());
@@ -446,6 +500,19 @@ impl Connection {
         self.ready = 0;
         self.upstream_wanted = false;
         self.refuse(Refusal::UpstreamConnectionLimit);
+    }
+
+    /// No endpoint of the route's subset took the connection (`detail`: what was tried): nothing judged goes
+    /// anywhere; the client gets `503` and the connection closes.
+    pub fn on_no_endpoint(&mut self, detail: &str) {
+        if matches!(self.state, State::Refused(_)) {
+            return;
+        }
+        self.summary.upstream_error = detail.to_string();
+        self.pending.clear();
+        self.ready = 0;
+        self.upstream_wanted = false;
+        self.refuse(Refusal::NoHealthyEndpoint);
     }
 
     /// The rate limit the driver must ask about the request just judged (taken: asked once); answer with
@@ -604,6 +671,25 @@ impl Connection {
                 "503 Service Unavailable",
                 "egressd: this rule's upstream connections are all in use; try again\n".to_string(),
             ),
+            Refusal::NoRoute => (
+                "404 Not Found",
+                format!(
+                    "egressd: no route of the service for {} matches {} {}\n",
+                    self.summary.name, self.summary.method, self.summary.path
+                ),
+            ),
+            Refusal::RouteChanged => (
+                "421 Misdirected Request",
+                format!(
+                    "egressd: this connection goes to another route than {} {} on {} does; send it on a new \
+                     connection\n",
+                    self.summary.method, self.summary.path, self.summary.name
+                ),
+            ),
+            Refusal::NoHealthyEndpoint => (
+                "503 Service Unavailable",
+                format!("egressd: no endpoint of the service answered: {}\n", self.summary.upstream_error),
+            ),
             Refusal::UpstreamTlsFailed => (
                 "502 Bad Gateway",
                 format!("egressd: TLS to the server failed: {}\n", self.summary.upstream_error),
@@ -745,6 +831,7 @@ fn tls_alert(why: Refusal) -> [u8; 7] {
     [ALERT, 3, 3, 0, 2, FATAL, description]
 }
 
+pub mod balance;
 pub mod punt;
 pub mod ratelimit;
 pub mod stack;

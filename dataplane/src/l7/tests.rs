@@ -492,3 +492,118 @@ fn under_tls_origination_a_connection_keeps_its_first_host_and_a_failed_tls_answ
     c.client_sent(n);
     assert!(c.should_close(), "the 502 sent: close");
 }
+
+/// A policy whose `l7` rule allows svc.test and httpbin.test, with a service for svc.test:80 routing `want: v1`
+/// to subset v1 and `want: v2` to v2 (no default route).
+fn service_policy() -> (PolicySnapshot, RuleId) {
+    use crate::policy::service::{
+        EndpointSpec, HeaderMatch, OutlierSpec, RouteSpec, ServiceSpec, SubsetSpec, ValueMatch,
+        WeightedSubset,
+    };
+    let mut b = PolicyBuilder::new();
+    let g = b.add_group("apps", vec![Ipv4Addr::new(192, 0, 2, 30)]);
+    b.add_source(g, Prefix::new(IpAddr::V4(Ipv4Addr::new(10, 10, 1, 0)), 24).unwrap());
+    let mut rule = RuleSpec::new(
+        g,
+        vec![Prefix::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).unwrap()],
+        ProtoMatch::Any,
+        vec![],
+        Action::L7,
+    );
+    rule.hosts = ["svc.test", "httpbin.test"].iter().map(|h| HostPattern::parse(h).unwrap()).collect();
+    let id = b.add_rule(rule);
+    let label = |v: &str| vec![("version".to_string(), v.to_string())];
+    let route = |v: &str, subset: usize| RouteSpec {
+        name: v.into(),
+        methods: vec![],
+        paths: vec![],
+        headers: vec![HeaderMatch { name: "want".into(), value: ValueMatch::Exact(v.into()) }],
+        to: vec![WeightedSubset { subset: Some(subset), weight: 1 }],
+    };
+    b.add_service(ServiceSpec {
+        name: "svc".into(),
+        hosts: vec!["svc.test".into()],
+        port: 80,
+        endpoints: vec![
+            EndpointSpec { address: "203.0.113.20:443".parse().unwrap(), labels: label("v1") },
+            EndpointSpec { address: "203.0.113.21:443".parse().unwrap(), labels: label("v2") },
+        ],
+        subsets: vec![
+            SubsetSpec { name: "v1".into(), labels: label("v1"), tls: None },
+            SubsetSpec { name: "v2".into(), labels: label("v2"), tls: None },
+        ],
+        routes: vec![route("v1", 0), route("v2", 1)],
+        tls: None,
+        balancing: Default::default(),
+        outlier: OutlierSpec::default(),
+        connect_attempts: 2,
+    });
+    (b.build(1).unwrap(), id)
+}
+
+#[test]
+fn a_request_for_a_service_takes_its_route_and_the_connection_keeps_it() {
+    let (policy, rule) = service_policy();
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    let v1 = b"GET / HTTP/1.1\r\nHost: svc.test\r\nWant: v1\r\n\r\n";
+    c.on_client_data(v1, &policy);
+    let id = policy.services().lookup("svc.test", 80).unwrap();
+    assert_eq!(c.upstream_route(), Some((id, 0)));
+    assert_eq!(flush_upstream(&mut c, &policy), v1, "forwarded untouched");
+    // The same route again on the connection: forwarded.
+    c.on_client_data(v1, &policy);
+    assert_eq!(flush_upstream(&mut c, &policy), v1);
+    // Another route: 421, nothing of it upstream.
+    c.on_client_data(b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v2\r\n\r\n", &policy);
+    assert!(flush_upstream(&mut c, &policy).is_empty());
+    assert_eq!(c.summary().refusal, Some(Refusal::RouteChanged));
+    assert!(String::from_utf8_lossy(c.to_client()).starts_with("HTTP/1.1 421 Misdirected Request"));
+}
+
+#[test]
+fn unrouted_requests_get_404_and_a_routed_connection_cannot_go_to_another_host() {
+    let (policy, rule) = service_policy();
+    // No route matches: 404 at once, never upstream.
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    c.on_client_data(b"GET /x HTTP/1.1\r\nHost: svc.test\r\nwant: v3\r\n\r\n", &policy);
+    assert!(!c.wants_upstream());
+    assert_eq!(c.summary().refusal, Some(Refusal::NoRoute));
+    let answer = String::from_utf8_lossy(c.to_client()).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 404 Not Found"), "{answer}");
+    assert!(answer.contains("no route of the service for svc.test matches GET /x"), "{answer}");
+
+    // Routed first, then a host that is not the service's (it would go to the dialled address): 421.
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    c.on_client_data(b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v2\r\n\r\n", &policy);
+    flush_upstream(&mut c, &policy);
+    c.on_client_data(b"GET / HTTP/1.1\r\nHost: httpbin.test\r\n\r\n", &policy);
+    assert!(flush_upstream(&mut c, &policy).is_empty());
+    assert_eq!(c.summary().refusal, Some(Refusal::RouteChanged));
+
+    // The other way round: the dialled address first, then the service.
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    c.on_client_data(b"GET / HTTP/1.1\r\nHost: httpbin.test\r\n\r\n", &policy);
+    assert_eq!(c.upstream_route(), None);
+    flush_upstream(&mut c, &policy);
+    c.on_client_data(b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v1\r\n\r\n", &policy);
+    assert_eq!(c.summary().refusal, Some(Refusal::RouteChanged));
+
+    // Another dialled port: the service is not there; the request goes to the dialled address.
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(8080);
+    c.on_client_data(b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v3\r\n\r\n", &policy);
+    assert!(c.wants_upstream() && c.upstream_route().is_none());
+}
+
+#[test]
+fn no_endpoint_answers_503_with_what_was_tried() {
+    let (policy, rule) = service_policy();
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    c.on_client_data(b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v1\r\n\r\n", &policy);
+    assert!(c.wants_upstream());
+    c.on_no_endpoint("203.0.113.20:443 (connection refused)");
+    assert!(!c.wants_upstream());
+    assert_eq!(c.summary().refusal, Some(Refusal::NoHealthyEndpoint));
+    let answer = String::from_utf8_lossy(c.to_client()).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 503 Service Unavailable"), "{answer}");
+    assert!(answer.contains("203.0.113.20:443 (connection refused)"), "{answer}");
+}

@@ -32,6 +32,7 @@
 mod host;
 pub mod l7;
 pub mod lpm;
+pub mod service;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -402,6 +403,8 @@ pub enum BuildError {
     TooLarge,
     #[error("rule {0}: {1}")]
     L7Conditions(u32, String),
+    #[error("{0}")]
+    Services(String),
 }
 
 struct GroupSpec {
@@ -417,10 +420,17 @@ pub struct PolicyBuilder {
     groups: Vec<GroupSpec>,
     sources: Vec<(Prefix, GroupId)>,
     rules: Vec<RuleSpec>,
+    services: Vec<service::ServiceSpec>,
     dry_run: bool,
 }
 
 impl PolicyBuilder {
+    /// Adds a service (see [`service`]): where requests for its hosts on its port go.
+    pub fn add_service(&mut self, spec: service::ServiceSpec) -> &mut Self {
+        self.services.push(spec);
+        self
+    }
+
     pub fn new() -> PolicyBuilder {
         PolicyBuilder::default()
     }
@@ -514,6 +524,7 @@ impl PolicyBuilder {
                     .transpose()
             })
             .collect::<Result<_, _>>()?;
+        let services = service::ServiceTable::new(self.services).map_err(BuildError::Services)?;
         Ok(PolicySnapshot {
             generation,
             dry_run: self.dry_run,
@@ -525,6 +536,7 @@ impl PolicyBuilder {
             groups,
             specs: self.rules,
             l7,
+            services,
             leaves,
             runs,
         })
@@ -914,6 +926,7 @@ pub struct PolicySnapshot {
     specs: Vec<RuleSpec>,
     /// Per rule: its compiled L7 conditions, if it has any.
     l7: Vec<Option<l7::CompiledL7>>,
+    services: service::ServiceTable,
     leaves: Vec<DestLeaf>,
     runs: Vec<PortRun>,
 }
@@ -1106,6 +1119,11 @@ impl PolicySnapshot {
     /// patterns. False for an unknown rule or one with no hosts.
     pub fn l7_conditions(&self, rule: RuleId) -> Option<&l7::CompiledL7> {
         self.l7.get(rule.0 as usize)?.as_ref()
+    }
+
+    /// The services, found by the Host of a request and the port its client dialled.
+    pub fn services(&self) -> &service::ServiceTable {
+        &self.services
     }
 
     /// Whether refusals of `rule` are only reported (the rule's or the policy's dry run): the L7 path then lets

@@ -537,3 +537,97 @@ fn upstream_tls_needs_its_files_and_only_on_l7_rules() {
         "{e:?}"
     );
 }
+
+/// An l7 rule for svc.test on port 80 (lines 10-16), then a service starting on line 17.
+const SERVICE_RULE: &str = "[[rule]]
+group = \"web\"
+to = [\"203.0.113.0/24\"]
+proto = \"tcp\"
+ports = [80]
+action = \"l7\"
+hosts = [\"svc.test\"]
+";
+
+const SERVICE: &str = "[[service]]
+name = \"svc\"
+hosts = [\"svc.test\"]
+port = 80
+
+[[service.endpoint]]
+address = \"203.0.113.20\"
+labels = { version = \"v1\" }
+
+[[service.subset]]
+name = \"v1\"
+labels = { version = \"v1\" }
+
+[[service.route]]
+headers = { want = \"v1\" }
+to = [{ subset = \"v1\", weight = 80 }]
+";
+
+#[test]
+fn a_service_compiles_with_its_routes_subsets_and_defaults() {
+    let text = format!("{BASE}{SERVICE_RULE}{SERVICE}");
+    let loaded = parse(Source::new("t.toml", text)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let spec = super::super::service::compile(loaded.config.service[0].get_ref()).unwrap();
+    assert_eq!(spec.endpoints[0].address, "203.0.113.20:80".parse().unwrap(), "plain: the service's port");
+    assert_eq!(spec.routes[0].name, "1", "unnamed routes are numbered");
+    assert_eq!(spec.routes[0].to[0].subset, Some(0));
+    assert_eq!(spec.outlier, dataplane::policy::service::OutlierSpec::default());
+    assert_eq!(spec.connect_attempts, 2);
+    let tls = format!(
+        "{BASE}{SERVICE_RULE}{}",
+        SERVICE.replace("port = 80\n", "port = 80\nupstream_tls = \"simple\"\n")
+    );
+    let loaded = parse(Source::new("t.toml", tls)).unwrap_or_else(|e| panic!("{e}"));
+    let spec = super::super::service::compile(loaded.config.service[0].get_ref()).unwrap();
+    assert_eq!(spec.endpoints[0].address.port(), 443, "with upstream_tls: 443");
+}
+
+#[test]
+fn service_errors_name_their_place() {
+    let bad = SERVICE
+        .replace(
+            "name = \"svc\"",
+            "name = \"svc\"\nload_balancer = \"random\"\noutlier_max_ejection_percent = 120",
+        )
+        .replace("address = \"203.0.113.20\"", "address = \"svc.test\"")
+        .replace(
+            "labels = { version = \"v1\" }\n\n[[service.route]]",
+            "labels = { version = \"v3\" }\n\n[[service.route]]",
+        )
+        .replace("headers = { want = \"v1\" }", "headers = { \"bad header\" = \"v1\", ok = \"regex:(\" }")
+        .replace("subset = \"v1\", weight = 80", "subset = \"v9\", weight = 80");
+    let e = errors(&format!("{SERVICE_RULE}{bad}"));
+    assert_eq!(
+        e,
+        [
+            "t.toml:19:17: load_balancer: \"random\" must be \"round_robin\" or \"least_request\"",
+            "t.toml:20:32: outlier_max_ejection_percent: 120 must be 0..=100",
+            "t.toml:25:11: address: \"svc.test\" is not an IPv4 address",
+            "t.toml:30:10: subset \"v1\": no endpoint carries all of its labels",
+            "t.toml:33:11: headers: \"bad header\" is not a header name",
+            "t.toml:33:11: headers: ok: header regex \"(\": unclosed group",
+            "t.toml:34:6: to: no subset \"v9\" in this service",
+        ],
+        "{e:#?}"
+    );
+    // Two services claiming one name and port; a service no rule reaches is a warning.
+    let twice = format!("{SERVICE_RULE}{SERVICE}{}", SERVICE.replace("name = \"svc\"", "name = \"svc2\""));
+    assert!(
+        errors(&twice).iter().any(|e| e.contains("hosts: svc.test:80 is claimed twice")),
+        "{:?}",
+        errors(&twice)
+    );
+    let w = warnings(SERVICE);
+    assert_eq!(
+        w,
+        ["t.toml:11:8: service \"svc\": no l7 rule allows its hosts on port 80, so no request reaches it"]
+    );
+    let e = errors("[[service]]\nname = \"s\"\nhosts = [\"*.x.test\"]\nport = 0\n");
+    assert!(e.iter().any(|e| e.contains("port: 0 must be 1..=65535")), "{e:?}");
+    assert!(e.iter().any(|e| e.contains("a service's hosts are exact names")), "{e:?}");
+    assert!(e.iter().any(|e| e.contains("has no [[service.endpoint]]")), "{e:?}");
+}
