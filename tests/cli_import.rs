@@ -47,11 +47,30 @@ fn rule<'a>(toml: &'a str, name: &str) -> &'a str {
     &rest[..rest.find("\n\n").unwrap_or(rest.len())]
 }
 
+/// The files the seeds' DestinationRule names (tls.crt, tls.key, ca.crt: a client certificate and its CA), made
+/// with openssl in a temporary directory.
+fn gateway_certificates() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let script = "set -e
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=ca -keyout ca.key -out ca.crt 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj /CN=egress -keyout tls.key -out tls.csr 2>/dev/null
+printf 'extendedKeyUsage=clientAuth\\n' > tls.ext
+openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -extfile tls.ext -out tls.crt 2>/dev/null";
+    let out = Command::new("sh").args(["-c", script]).current_dir(dir.path()).output().expect("openssl");
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
 #[test]
 fn istio_egress_objects_become_l7_and_dns_rules_that_check_accepts() {
     let files = [fixtures("istio-0"), fixtures("istio-more-")].concat();
-    let (ok, toml, err) =
-        import("istio", &files, &["--sources", "10.10.0.0/24", "--egress-ip", "192.0.2.10"]);
+    let certs = gateway_certificates();
+    let tls_dir = certs.path().display().to_string();
+    let (ok, toml, err) = import(
+        "istio",
+        &files,
+        &["--sources", "10.10.0.0/24", "--egress-ip", "192.0.2.10", "--tls-dir", &tls_dir],
+    );
     assert!(ok, "{err}");
     let (checked, report) = check(&toml);
     assert!(checked, "{report}\n{toml}");
@@ -70,11 +89,23 @@ fn istio_egress_objects_become_l7_and_dns_rules_that_check_accepts() {
     let db = rule(&toml, "tcp-5432");
     assert!(db.contains("to_hosts = [\"db1.external.com\", \"db2.external.com\"]"), "{db}");
     assert!(db.contains("action = \"allow\""), "{db}");
+    // The seeds' VirtualService, DestinationRule and ServiceEntry: one service routing by header to subsets over
+    // mutual TLS with the files from --tls-dir.
+    let service = &toml[toml.find("[[service]]").unwrap_or_else(|| panic!("no service:\n{toml}"))..];
+    for line in [
+        "hosts = [\"nginx.external.svc.cluster.local\"]\nport = 80\nupstream_tls = \"mutual\"",
+        &format!("upstream_cert = \"{tls_dir}/tls.crt\""),
+        "address = \"40.76.65.115\"\nport = 443\nlabels = { \"version\" = \"v1\" }",
+        "[[service.subset]]\nname = \"v2\"\nlabels = { \"version\" = \"v2\" }",
+        "headers = { \"want\" = \"v1\" }\nto = \"v1\"",
+        "headers = { \"want\" = \"v2\" }\nto = \"v2\"",
+    ] {
+        assert!(service.contains(line), "{line:?} missing:\n{service}");
+    }
+    assert!(!toml.contains("dr-nginx-ext: "), "the DestinationRule was translated whole:\n{toml}");
+    assert!(!toml.contains("vs-nginx-ext-egress: "), "the VirtualService was translated whole:\n{toml}");
     // What egressd does not do yet is named, with the object it comes from.
     for note in [
-        "DestinationRule dr-nginx-ext: TLS origination (mode MUTUAL; egressd's is per rule: upstream_tls), subsets \
-         not translated yet",
-        "VirtualService vs-nginx-ext-egress: match on headers, routes to subsets not translated yet",
         "DestinationRule external-api-destination: connectionPool, loadBalancer, outlierDetection",
         "verify_destination = \"dns\"",
     ] {

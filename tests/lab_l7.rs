@@ -1166,3 +1166,48 @@ fn a_failing_endpoint_is_retried_ejected_and_back_after_its_time_and_unrouted_re
     assert!(answered_by_22 >= 2, "the endpoint is back in the rotation ({answered_by_22} of 6)");
     assert_eq!(gw.metric("egressd_l7_endpoint_failures_total"), 3.0);
 }
+
+/// The seeds' Istio objects for the scenario (Gateway, VirtualServices, ServiceEntry, DestinationRule), imported
+/// with `--tls-dir` pointing at the lab's certificates under Istio's file names, with the ServiceEntry's public
+/// endpoint addresses mapped to the lab's servers: the imported policy routes `want: v1` and `want: v2` to their
+/// servers over mutual TLS, as the YAML says.
+#[test]
+fn the_seed_istio_objects_imported_route_by_header_over_mutual_tls() {
+    let lab = Lab::up(false);
+    let certs = certificates_for("DNS:nginx.external.svc.cluster.local");
+    for (ours, istio) in [("client.pem", "tls.crt"), ("client.key", "tls.key"), ("ca.pem", "ca.crt")] {
+        std::fs::copy(certs.path().join(ours), certs.path().join(istio)).unwrap();
+    }
+    let _nginx = TlsNginx::start(&lab, certs.path(), &[("203.0.113.20", "v1"), ("203.0.113.21", "v2")]);
+    let _hosts = ClientHosts::set(&lab, "203.0.113.10 nginx.external.svc.cluster.local");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/import");
+    let files: Vec<String> =
+        ["00-gateway", "01-virtualservice", "03-serviceentry", "04-destinationrule", "05-virtualservice"]
+            .iter()
+            .map(|f| format!("{dir}/istio-003-{f}.yaml"))
+            .collect();
+    let tls_dir = certs.path().display().to_string();
+    let out = Command::new(support::egressd_bin())
+        .args(["import", "istio"])
+        .args(&files)
+        .args(["--group", "web", "--rules-only", "--tls-dir", &tls_dir])
+        .output()
+        .expect("egressd import");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let imported = String::from_utf8_lossy(&out.stdout)
+        .replace("40.76.65.115", "203.0.113.20")
+        .replace("23.96.117.176", "203.0.113.21");
+    let (_dir, config, _) = lab_config(|text| {
+        format!("{}\n{imported}", replace_web_rule(text, "ports = [8443]\naction = \"allow\""))
+    });
+    let gw = Gateway::start(&lab, &config);
+    for want in ["v1", "v2"] {
+        let header = format!("want: {want}");
+        let (code, body, err, _) = curl(&lab, &["-H", &header, "http://nginx.external.svc.cluster.local/"]);
+        assert_eq!(code, 0, "{err}\nimported:\n{imported}\ngateway log:\n{}", gw.log_text());
+        assert_eq!(body.trim(), format!("{want} client=CN=egressd-client from=192.0.2.10"), "{imported}");
+    }
+    // The VirtualService has no route without the header: 404, as Istio answers.
+    let (_, body, _, _) = curl(&lab, &["-i", "http://nginx.external.svc.cluster.local/"]);
+    assert!(body.starts_with("HTTP/1.1 404"), "{body}");
+}

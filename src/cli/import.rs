@@ -5,9 +5,10 @@
 //! Istio: `ServiceEntry` ports become rules (HTTP and HTTPS/TLS ports: `l7` rules by host name, TLS passed through
 //! by SNI; other protocols: `allow` rules to the hosts by DNS, `to_hosts`, or to static endpoint addresses), and so
 //! do a `Gateway`'s servers; all `l7` hosts of one port share one rule (in a group the first matching rule decides,
-//! so two rules for the same port would hide each other's names). `VirtualService` routing, `DestinationRule` TLS
-//! origination, pools and outlier detection, and `AuthorizationPolicy` are named in comments: egressd forwards each
-//! connection to the address the client dialled.
+//! so two rules for the same port would hide each other's names). A `VirtualService` on a gateway whose HTTP
+//! routes go to a `ServiceEntry` with endpoints becomes a `[[service]]`: routes by header, uri and method to the
+//! `DestinationRule`'s subsets with weights, its TLS (files looked for in `--tls-dir`), load balancer and outlier
+//! detection. What is left (other routing, pools, retries, timeouts, `AuthorizationPolicy`) is named in comments.
 //!
 //! Cilium: a `CiliumEgressGatewayPolicy` becomes a group leaving from its `egressIP` with an `allow` rule for its
 //! `destinationCIDRs` (minus `excludedCIDRs` inside them); a `CiliumNetworkPolicy`'s egress rules become `allow`
@@ -42,6 +43,10 @@ pub struct ImportArgs {
     /// Print only the rules (for a group the configuration already has), not the `[[group]]` tables.
     #[arg(long)]
     pub rules_only: bool,
+    /// Where the certificates of DestinationRules' TLS are on this machine: each file is looked for here by its
+    /// name (Istio's paths are inside the gateway's pod). Without it the paths are kept as written.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -88,7 +93,7 @@ pub fn run(args: ImportArgs) -> anyhow::Result<ExitCode> {
         egress_ips: args.egress_ips.clone(),
     };
     let policy = match args.from {
-        ImportFrom::Istio => import_istio(&docs, &group),
+        ImportFrom::Istio => import_istio(&docs, &group, args.tls_dir.as_deref()),
         ImportFrom::Cilium => import_cilium(&docs, &group),
     };
     let mut policy = policy;
@@ -125,11 +130,51 @@ struct Rule {
     from: Vec<String>,
 }
 
+/// TLS towards a service's endpoints (a DestinationRule's `tls`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct TlsOut {
+    mode: &'static str,
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    sni: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct RouteOut {
+    name: String,
+    methods: Vec<String>,
+    paths: Vec<String>,
+    headers: BTreeMap<String, String>,
+    /// (subset, weight); empty subset: every endpoint.
+    to: Vec<(String, u32)>,
+}
+
+/// A `[[service]]`: a VirtualService's routes on a gateway port to a ServiceEntry's endpoints, with the
+/// DestinationRule's subsets, TLS, load balancer and outlier detection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Service {
+    name: String,
+    hosts: Vec<String>,
+    port: u16,
+    /// (address, port, labels).
+    endpoints: Vec<(String, u16, BTreeMap<String, String>)>,
+    /// (name, labels, TLS override).
+    subsets: Vec<(String, BTreeMap<String, String>, Option<TlsOut>)>,
+    tls: Option<TlsOut>,
+    routes: Vec<RouteOut>,
+    load_balancer: Option<&'static str>,
+    /// (consecutive failures, base ejection seconds, max ejection percent).
+    outlier: (Option<u32>, Option<u32>, Option<u32>),
+    from: Vec<String>,
+}
+
 /// What an import produced.
 #[derive(Debug, Default)]
 pub struct Imported {
     groups: Vec<GroupSpec>,
     rules: Vec<Rule>,
+    services: Vec<Service>,
     /// Everything not translated, one line each.
     notes: Vec<String>,
 }
@@ -196,7 +241,96 @@ impl Imported {
                 }
             }
         }
+        for s in &self.services {
+            s.write_toml(&mut out);
+        }
         out
+    }
+}
+
+fn write_tls(out: &mut String, tls: &TlsOut) {
+    let _ = writeln!(out, "upstream_tls = {}", q(tls.mode));
+    for (key, value) in [
+        ("upstream_sni", &tls.sni),
+        ("upstream_ca", &tls.ca),
+        ("upstream_cert", &tls.cert),
+        ("upstream_key", &tls.key),
+    ] {
+        if let Some(v) = value {
+            let _ = writeln!(out, "{key} = {}", q(v));
+        }
+    }
+}
+
+fn inline_table(map: &BTreeMap<String, String>) -> String {
+    let items: Vec<String> = map.iter().map(|(k, v)| format!("{} = {}", q(k), q(v))).collect();
+    format!("{{ {} }}", items.join(", "))
+}
+
+impl Service {
+    fn write_toml(&self, out: &mut String) {
+        let _ = writeln!(out, "\n# from {}", self.from.join(", "));
+        let _ = writeln!(
+            out,
+            "[[service]]\nname = {}\nhosts = {}\nport = {}",
+            q(&self.name),
+            list(&self.hosts),
+            self.port
+        );
+        if let Some(tls) = &self.tls {
+            write_tls(out, tls);
+        }
+        if let Some(lb) = self.load_balancer {
+            let _ = writeln!(out, "load_balancer = {}", q(lb));
+        }
+        let (failures, base, percent) = self.outlier;
+        for (key, value) in [
+            ("outlier_consecutive_failures", failures),
+            ("outlier_base_ejection_secs", base),
+            ("outlier_max_ejection_percent", percent),
+        ] {
+            if let Some(v) = value {
+                let _ = writeln!(out, "{key} = {v}");
+            }
+        }
+        for (address, port, labels) in &self.endpoints {
+            let _ = writeln!(out, "\n[[service.endpoint]]\naddress = {}\nport = {port}", q(address));
+            if !labels.is_empty() {
+                let _ = writeln!(out, "labels = {}", inline_table(labels));
+            }
+        }
+        for (name, labels, tls) in &self.subsets {
+            let _ =
+                writeln!(out, "\n[[service.subset]]\nname = {}\nlabels = {}", q(name), inline_table(labels));
+            if let Some(tls) = tls {
+                write_tls(out, tls);
+            }
+        }
+        for r in &self.routes {
+            let _ = writeln!(out, "\n[[service.route]]\nname = {}", q(&r.name));
+            if !r.methods.is_empty() {
+                let _ = writeln!(out, "methods = {}", list(&r.methods));
+            }
+            if !r.paths.is_empty() {
+                let _ = writeln!(out, "paths = {}", list(&r.paths));
+            }
+            if !r.headers.is_empty() {
+                let _ = writeln!(out, "headers = {}", inline_table(&r.headers));
+            }
+            match r.to.as_slice() {
+                [(subset, _)] if subset.is_empty() => {}
+                [(subset, _)] => {
+                    let _ = writeln!(out, "to = {}", q(subset));
+                }
+                many => {
+                    let items: Vec<String> = many
+                        .iter()
+                        .map(|(subset, weight)| format!("{{ subset = {}, weight = {weight} }}", q(subset)))
+                        .collect();
+                    let _ = writeln!(out, "to = [{}]", items.join(", "));
+                }
+            }
+        }
     }
 }
 
@@ -277,17 +411,22 @@ struct Allowances {
     l4: BTreeMap<u16, L4Destinations>,
 }
 
-pub fn import_istio(docs: &[Document], group: &GroupSpec) -> Imported {
+pub fn import_istio(docs: &[Document], group: &GroupSpec, tls_dir: Option<&std::path::Path>) -> Imported {
     let mut out = Imported { groups: vec![group.clone()], ..Imported::default() };
     let mut allow = Allowances::default();
+    let (mut services, routed_hosts) = routing_services(docs, &mut out.notes);
+    for service in &mut services {
+        relocate_tls_files(service, tls_dir, &mut out.notes);
+    }
+    out.services = services;
     for doc in docs {
         let v = &doc.value;
         let what = describe(v);
         match text(v, &["kind"]).as_deref() {
-            Some("ServiceEntry") => service_entry(v, &what, &mut allow, &mut out.notes),
+            Some("ServiceEntry") => service_entry(v, &what, &mut allow, &mut out.notes, &routed_hosts),
             Some("Gateway") => gateway(v, &what, &mut allow, &mut out.notes),
-            Some("VirtualService") => virtual_service(v, &what, &mut out.notes),
-            Some("DestinationRule") => destination_rule(v, &what, &mut out.notes),
+            Some("VirtualService") => virtual_service(v, &what, &mut out.notes, &routed_hosts),
+            Some("DestinationRule") => destination_rule(v, &what, &mut out.notes, &routed_hosts),
             Some("AuthorizationPolicy") => out.notes.push(format!(
                 "{what}: authorization policies are not translated; write their conditions as the l7 rules' methods, \
                  paths and headers"
@@ -336,7 +475,13 @@ fn l7_protocol(protocol: &str) -> bool {
     matches!(protocol.to_ascii_uppercase().as_str(), "HTTP" | "HTTP2" | "GRPC" | "HTTPS" | "TLS")
 }
 
-fn service_entry(v: &Value, what: &str, allow: &mut Allowances, notes: &mut Vec<String>) {
+fn service_entry(
+    v: &Value,
+    what: &str,
+    allow: &mut Allowances,
+    notes: &mut Vec<String>,
+    routed_hosts: &BTreeSet<String>,
+) {
     if text(v, &["spec", "location"]).as_deref() == Some("MESH_INTERNAL") {
         notes.push(format!(
             "{what}: location MESH_INTERNAL (in-mesh endpoints), translated as external destinations"
@@ -354,7 +499,7 @@ fn service_entry(v: &Value, what: &str, allow: &mut Allowances, notes: &mut Vec<
             let entry = allow.l7.entry(number).or_default();
             entry.hosts.extend(hosts.iter().cloned());
             entry.from.insert(what.to_string());
-            if !endpoints.is_empty() {
+            if !endpoints.is_empty() && !hosts.iter().any(|h| routed_hosts.contains(h)) {
                 notes.push(format!(
                     "{what}: port {number}: endpoints {} (egressd forwards to the address the client dialled; \
                      routing to endpoints is not translated yet)",
@@ -430,22 +575,25 @@ fn gateway(v: &Value, what: &str, allow: &mut Allowances, notes: &mut Vec<String
     }
 }
 
-fn virtual_service(v: &Value, what: &str, notes: &mut Vec<String>) {
+fn virtual_service(v: &Value, what: &str, notes: &mut Vec<String>, routed_hosts: &BTreeSet<String>) {
+    // Routes to a service were translated (see `routing_services`): only what services lack is named.
+    let routed = texts(v, &["spec", "hosts"]).iter().any(|h| routed_hosts.contains(h));
     let mut untranslated = BTreeSet::new();
     for kind in ["http", "tls", "tcp"] {
         for route in seq(v, &["spec", kind]) {
             for m in seq(route, &["match"]) {
                 for key in ["headers", "uri", "method", "queryParams", "sniHosts", "authority"] {
-                    if get(m, &[key]).is_some() {
+                    let done = routed && kind == "http" && matches!(key, "headers" | "uri" | "method");
+                    if get(m, &[key]).is_some() && !done {
                         untranslated.insert(format!("match on {key}"));
                     }
                 }
             }
             for d in seq(route, &["route"]) {
-                if get(d, &["destination", "subset"]).is_some() {
+                if get(d, &["destination", "subset"]).is_some() && !routed {
                     untranslated.insert("routes to subsets".to_string());
                 }
-                if text(d, &["weight"]).is_some_and(|w| w != "100") {
+                if text(d, &["weight"]).is_some_and(|w| w != "100") && !routed {
                     untranslated.insert("weighted routes".to_string());
                 }
             }
@@ -460,30 +608,41 @@ fn virtual_service(v: &Value, what: &str, notes: &mut Vec<String>) {
     }
     if !untranslated.is_empty() {
         notes.push(format!(
-            "{what}: {} not translated yet (egressd forwards each request to the address the client dialled)",
-            untranslated.into_iter().collect::<Vec<_>>().join(", ")
+            "{what}: {} not translated yet{}",
+            untranslated.into_iter().collect::<Vec<_>>().join(", "),
+            if routed { "" } else { " (egressd forwards each request to the address the client dialled)" }
         ));
     }
 }
 
-fn destination_rule(v: &Value, what: &str, notes: &mut Vec<String>) {
+fn destination_rule(v: &Value, what: &str, notes: &mut Vec<String>, routed_hosts: &BTreeSet<String>) {
+    // A DestinationRule of a service: its subsets, TLS, load balancer and outlier detection were translated.
+    let routed = text(v, &["spec", "host"]).is_some_and(|h| routed_hosts.contains(&h));
     let mut untranslated = BTreeSet::new();
     let mut policies: Vec<&Value> = get(v, &["spec", "trafficPolicy"]).into_iter().collect();
     policies.extend(seq(v, &["spec", "trafficPolicy", "portLevelSettings"]));
     policies.extend(seq(v, &["spec", "subsets"]).iter().filter_map(|s| get(s, &["trafficPolicy"])));
     for p in policies {
-        if let Some(mode) = text(p, &["tls", "mode"]).filter(|m| m != "DISABLE") {
-            // egressd originates TLS per l7 rule (upstream_tls), not per destination host behind a shared port.
-            untranslated
-                .insert(format!("TLS origination (mode {mode}; egressd's is per rule: upstream_tls)"));
+        match text(p, &["tls", "mode"]).filter(|m| m != "DISABLE") {
+            Some(mode) if routed && mode == "ISTIO_MUTUAL" => {
+                untranslated.insert("tls mode ISTIO_MUTUAL (the mesh's own certificates)".to_string());
+            }
+            Some(_) if routed => {}
+            Some(mode) => {
+                // Without a service, egressd originates TLS per l7 rule (upstream_tls), not per host.
+                untranslated
+                    .insert(format!("TLS origination (mode {mode}; egressd's is per rule: upstream_tls)"));
+            }
+            None => {}
         }
         for key in ["connectionPool", "outlierDetection", "loadBalancer"] {
-            if get(p, &[key]).is_some() {
+            let done = routed && key != "connectionPool";
+            if get(p, &[key]).is_some() && !done {
                 untranslated.insert(key.to_string());
             }
         }
     }
-    if !seq(v, &["spec", "subsets"]).is_empty() {
+    if !seq(v, &["spec", "subsets"]).is_empty() && !routed {
         untranslated.insert("subsets".to_string());
     }
     if !untranslated.is_empty() {
@@ -492,6 +651,260 @@ fn destination_rule(v: &Value, what: &str, notes: &mut Vec<String>) {
             untranslated.into_iter().collect::<Vec<_>>().join(", ")
         ));
     }
+}
+
+/// With `--tls-dir`: the service's certificate files are taken from there by name; without: a note says the paths
+/// are the gateway pod's.
+fn relocate_tls_files(service: &mut Service, tls_dir: Option<&std::path::Path>, notes: &mut Vec<String>) {
+    let name = service.name.clone();
+    let tls = service.tls.iter_mut().chain(service.subsets.iter_mut().filter_map(|s| s.2.as_mut()));
+    for t in tls {
+        for file in [&mut t.ca, &mut t.cert, &mut t.key].into_iter().flatten() {
+            match tls_dir {
+                Some(dir) => {
+                    let base = std::path::Path::new(file.as_str()).file_name().map(|n| dir.join(n));
+                    if let Some(path) = base {
+                        *file = path.display().to_string();
+                    }
+                }
+                None => notes.push(format!(
+                    "service {name}: {file} is a path in Istio's gateway pod: copy the file here or run the import \
+                     with --tls-dir (check loads every certificate)"
+                )),
+            }
+        }
+    }
+}
+
+/// An Istio duration ("30s", "1m", "500ms") in whole seconds, at least 1.
+fn duration_secs(text: &str) -> Option<u32> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit() && c != '.')?);
+    let n: f64 = number.parse().ok()?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    Some((secs.ceil() as u32).max(1))
+}
+
+/// A DestinationRule's TLS settings for `port` (its port-level settings first) as upstream TLS.
+fn tls_of(policy: &Value, port: Option<u16>) -> Option<TlsOut> {
+    let port_level = seq(policy, &["portLevelSettings"])
+        .iter()
+        .find(|p| get(p, &["port"]).and_then(port_number) == port && port.is_some())
+        .and_then(|p| get(p, &["tls"]));
+    let tls = port_level.or_else(|| get(policy, &["tls"]))?;
+    let mode = match text(tls, &["mode"]).as_deref() {
+        Some("SIMPLE") => "simple",
+        Some("MUTUAL") => "mutual",
+        _ => return None,
+    };
+    Some(TlsOut {
+        mode,
+        ca: text(tls, &["caCertificates"]),
+        cert: text(tls, &["clientCertificate"]).filter(|_| mode == "mutual"),
+        key: text(tls, &["privateKey"]).filter(|_| mode == "mutual"),
+        sni: text(tls, &["sni"]),
+    })
+}
+
+fn labels_of(v: &Value) -> BTreeMap<String, String> {
+    get(v, &["labels"])
+        .and_then(Value::as_mapping)
+        .map(|m| m.iter().filter_map(|(k, v)| Some((text(k, &[])?, text(v, &[])?))).collect())
+        .unwrap_or_default()
+}
+
+/// The services the objects describe: a VirtualService bound to a gateway whose HTTP routes go to a
+/// ServiceEntry with endpoints (addresses, labels) becomes a `[[service]]` for its hosts on the route's port, with
+/// the routes (headers, uri, method → subsets with weights) and the DestinationRule of the destination (subsets,
+/// TLS, load balancer, outlier detection). Returns them and the hosts they cover (whose other notes are spared).
+fn routing_services(docs: &[Document], notes: &mut Vec<String>) -> (Vec<Service>, BTreeSet<String>) {
+    let kind = |d: &&Document, k: &str| text(&d.value, &["kind"]).as_deref() == Some(k);
+    let entries: Vec<&Value> = docs.iter().filter(|d| kind(d, "ServiceEntry")).map(|d| &d.value).collect();
+    let rules: Vec<&Value> = docs.iter().filter(|d| kind(d, "DestinationRule")).map(|d| &d.value).collect();
+    let mut services: Vec<Service> = Vec::new();
+    let mut covered = BTreeSet::new();
+    for vs in docs.iter().filter(|d| kind(d, "VirtualService")).map(|d| &d.value) {
+        let what = describe(vs);
+        let vs_gateways = texts(vs, &["spec", "gateways"]);
+        let hosts = texts(vs, &["spec", "hosts"]);
+        for (index, route) in seq(vs, &["spec", "http"]).iter().enumerate() {
+            let destinations = seq(route, &["route"]);
+            let Some(dest_host) = destinations.first().and_then(|d| text(d, &["destination", "host"])) else {
+                continue;
+            };
+            let Some(entry) = entries.iter().find(|e| texts(e, &["spec", "hosts"]).contains(&dest_host))
+            else {
+                continue;
+            };
+            if seq(entry, &["spec", "endpoints"]).is_empty() {
+                continue;
+            }
+            if destinations.iter().any(|d| text(d, &["destination", "host"]).as_deref() != Some(&dest_host)) {
+                notes.push(format!(
+                    "{what}: http route {}: destinations on several hosts, not translated",
+                    index + 1
+                ));
+                continue;
+            }
+            let dest_port =
+                destinations.first().and_then(|d| get(d, &["destination", "port"])).and_then(port_number);
+            // The ServiceEntry port the destination names, for the endpoints' own port numbers.
+            let entry_port = seq(entry, &["spec", "ports"])
+                .iter()
+                .find(|p| dest_port.is_none() || port_number(p) == dest_port)
+                .cloned();
+            let port_name = entry_port.as_ref().and_then(|p| text(p, &["name"]));
+            let target_port = dest_port.or_else(|| entry_port.as_ref().and_then(port_number)).unwrap_or(80);
+            let rule = rules.iter().find(|r| text(r, &["spec", "host"]).as_deref() == Some(&dest_host));
+            let matches: Vec<&Value> = seq(route, &["match"]).iter().collect();
+            let on_gateway = |m: Option<&Value>| {
+                let gateways = m
+                    .map(|m| texts(m, &["gateways"]))
+                    .filter(|g| !g.is_empty())
+                    .unwrap_or(vs_gateways.clone());
+                gateways.is_empty() || gateways.iter().any(|g| g != "mesh")
+            };
+            let match_list: Vec<Option<&Value>> =
+                if matches.is_empty() { vec![None] } else { matches.into_iter().map(Some).collect() };
+            for m in match_list.into_iter().filter(|m| on_gateway(*m)) {
+                let port = m.and_then(|m| text(m, &["port"])).and_then(|p| p.parse().ok()).unwrap_or(80u16);
+                let mut r = RouteOut {
+                    name: rule_name(&[
+                        &text(route, &["name"]).unwrap_or_else(|| format!("route-{}", index + 1))
+                    ]),
+                    ..RouteOut::default()
+                };
+                if let Some(m) = m {
+                    if let Some(headers) = get(m, &["headers"]).and_then(Value::as_mapping) {
+                        for (name, how) in headers {
+                            let Some(name) = text(name, &[]) else { continue };
+                            let value = if let Some(v) = text(how, &["exact"]) {
+                                v
+                            } else if let Some(v) = text(how, &["prefix"]) {
+                                format!("prefix:{v}")
+                            } else if let Some(v) = text(how, &["regex"]) {
+                                format!("regex:{v}")
+                            } else {
+                                continue;
+                            };
+                            r.headers.insert(name.to_ascii_lowercase(), value);
+                        }
+                    }
+                    if let Some(v) = text(m, &["uri", "exact"]) {
+                        r.paths.push(v);
+                    } else if let Some(v) = text(m, &["uri", "prefix"]) {
+                        r.paths.push(format!("{v}*"));
+                    } else if let Some(v) = text(m, &["uri", "regex"]) {
+                        r.paths.push(format!("regex:{v}"));
+                    }
+                    if let Some(v) = text(m, &["method", "exact"]) {
+                        r.methods.push(v);
+                    }
+                }
+                r.to = destinations
+                    .iter()
+                    .map(|d| {
+                        let subset = text(d, &["destination", "subset"]).unwrap_or_default();
+                        let weight = text(d, &["weight"]).and_then(|w| w.parse().ok()).unwrap_or(100);
+                        (subset, weight)
+                    })
+                    .collect();
+                let hosts_here: Vec<String> =
+                    hosts.iter().filter(|h| !is_wildcard(h) && *h != "*").cloned().collect();
+                if hosts_here.is_empty() {
+                    continue;
+                }
+                let existing = services.iter_mut().find(|s| s.port == port && s.hosts == hosts_here);
+                let service = match existing {
+                    Some(s) => s,
+                    None => {
+                        services.push(new_service(
+                            &hosts_here,
+                            port,
+                            entry,
+                            port_name.as_deref(),
+                            target_port,
+                            rule.copied(),
+                        ));
+                        services.last_mut().unwrap_or_else(|| unreachable!("pushed above"))
+                    }
+                };
+                if service.routes.iter().any(|x| x.name == r.name) {
+                    r.name = format!("{}-{}", r.name, service.routes.len() + 1);
+                }
+                if !service.from.contains(&what) {
+                    service.from.push(what.clone());
+                }
+                service.routes.push(r);
+                covered.extend(hosts_here);
+                covered.insert(dest_host.clone());
+            }
+        }
+    }
+    (services, covered)
+}
+
+fn new_service(
+    hosts: &[String],
+    port: u16,
+    entry: &Value,
+    port_name: Option<&str>,
+    target_port: u16,
+    rule: Option<&Value>,
+) -> Service {
+    let endpoints = seq(entry, &["spec", "endpoints"])
+        .iter()
+        .filter_map(|e| {
+            let address = text(e, &["address"])?;
+            let own = port_name.and_then(|n| text(e, &["ports", n])).and_then(|p| p.parse().ok());
+            Some((address, own.unwrap_or(target_port), labels_of(e)))
+        })
+        .collect();
+    let mut service = Service {
+        name: rule_name(&[hosts[0].split('.').next().unwrap_or("service"), &port.to_string()]),
+        hosts: hosts.to_vec(),
+        port,
+        endpoints,
+        from: vec![describe(entry)],
+        ..Service::default()
+    };
+    if let Some(rule) = rule {
+        service.from.push(describe(rule));
+        let policy = get(rule, &["spec", "trafficPolicy"]);
+        service.tls = policy.and_then(|p| tls_of(p, Some(target_port)));
+        service.subsets = seq(rule, &["spec", "subsets"])
+            .iter()
+            .filter_map(|s| {
+                let tls = get(s, &["trafficPolicy"]).and_then(|p| tls_of(p, Some(target_port)));
+                Some((text(s, &["name"])?, labels_of(s), tls))
+            })
+            .collect();
+        if let Some(p) = policy {
+            service.load_balancer = match text(p, &["loadBalancer", "simple"]).as_deref() {
+                Some("LEAST_REQUEST" | "LEAST_CONN") => Some("least_request"),
+                Some(_) => Some("round_robin"),
+                None => None,
+            };
+            let outlier = get(p, &["outlierDetection"]);
+            let count = |key: &str| outlier.and_then(|o| text(o, &[key])).and_then(|n| n.parse().ok());
+            service.outlier = (
+                count("consecutive5xxErrors")
+                    .or_else(|| count("consecutiveErrors"))
+                    .or_else(|| count("consecutiveGatewayErrors")),
+                outlier
+                    .and_then(|o| text(o, &["baseEjectionTime"]))
+                    .and_then(|t| duration_secs(&t))
+                    .map(|s| s.min(300)),
+                count("maxEjectionPercent").map(|p: u32| p.min(100)),
+            );
+        }
+    }
+    service
 }
 
 // --- Cilium -------------------------------------------------------------------------------------------------------
@@ -698,5 +1111,49 @@ fn network_policy(v: &Value, what: &str, name: &str, defaults: &GroupSpec, out: 
                 ..base
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn istio_durations_become_whole_seconds() {
+        assert_eq!(duration_secs("30s"), Some(30));
+        assert_eq!(duration_secs("1m"), Some(60));
+        assert_eq!(duration_secs("1.5s"), Some(2));
+        assert_eq!(duration_secs("500ms"), Some(1), "at least a second");
+        assert_eq!(duration_secs("30"), None, "a unit is required");
+        assert_eq!(duration_secs("3x"), None);
+    }
+
+    #[test]
+    fn a_destination_rule_gives_the_service_its_balancer_and_outlier_detection() {
+        let docs: Vec<Document> = [
+            "kind: ServiceEntry\nmetadata: {name: se}\nspec:\n  hosts: [api.test]\n  ports: [{number: 443, name: https, \
+             protocol: HTTPS}]\n  endpoints: [{address: 203.0.113.5}, {address: 203.0.113.6}]",
+            "kind: DestinationRule\nmetadata: {name: dr}\nspec:\n  host: api.test\n  trafficPolicy:\n    loadBalancer: \
+             {simple: LEAST_REQUEST}\n    outlierDetection: {consecutive5xxErrors: 7, baseEjectionTime: 1m, \
+             maxEjectionPercent: 50}\n    tls: {mode: SIMPLE, sni: api.test}",
+            "kind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [api.test]\n  gateways: [egress]\n  http:\n  \
+             - match: [{port: 80, uri: {prefix: /v2}, method: {exact: GET}}]\n    route: [{destination: {host: \
+             api.test, port: {number: 443}}}]",
+        ]
+        .iter()
+        .map(|text| Document { origin: "t".into(), value: serde_yaml_ng::from_str(text).unwrap() })
+        .collect();
+        let mut notes = Vec::new();
+        let (services, covered) = routing_services(&docs, &mut notes);
+        assert!(covered.contains("api.test"));
+        let s = &services[0];
+        assert_eq!((s.port, s.load_balancer), (80, Some("least_request")));
+        assert_eq!(s.outlier, (Some(7), Some(60), Some(50)));
+        assert_eq!(s.endpoints[1], ("203.0.113.6".to_string(), 443, BTreeMap::new()));
+        assert_eq!(s.tls.as_ref().map(|t| (t.mode, t.sni.as_deref())), Some(("simple", Some("api.test"))));
+        assert_eq!(s.routes[0].paths, ["/v2*"]);
+        assert_eq!(s.routes[0].methods, ["GET"]);
+        assert_eq!(s.routes[0].to, [(String::new(), 100)]);
+        assert!(notes.is_empty(), "{notes:?}");
     }
 }
