@@ -1211,3 +1211,103 @@ fn the_seed_istio_objects_imported_route_by_header_over_mutual_tls() {
     let (_, body, _, _) = curl(&lab, &["-i", "http://nginx.external.svc.cluster.local/"]);
     assert!(body.starts_with("HTTP/1.1 404"), "{body}");
 }
+
+/// A service's limits through the gateway, against a plain HTTP endpoint in ext (203.0.113.23:8080) that answers
+/// `/slow` after 1.2 s and never answers `/hang`: the route for `/hang` times out after 1 s with 504 (counted, and
+/// the endpoint's failure counted); with `max_connections = 1` and `max_pending_requests = 1`, of three clients
+/// arriving together the first is served, the second waits for the first's connection and is served after it,
+/// and the third gets 503 at once.
+#[test]
+fn a_service_times_out_silent_requests_with_504_and_queues_beyond_max_connections() {
+    let lab = Lab::up(false);
+    let server = r#"
+import socket, threading, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("203.0.113.23", 8080)); s.listen(64)
+def serve(c):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = c.recv(4096)
+        if not d: c.close(); return
+        buf += d
+    if buf.startswith(b"GET /hang"):
+        time.sleep(30)
+    else:
+        time.sleep(1.2)
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nslow\n")
+    c.close()
+while True:
+    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+    let _server = KillOnDrop(lab.spawn_python_server("ext", server));
+    wait_for(
+        || String::from_utf8_lossy(&lab.sh("ext", "ss -lnt").stdout).contains("203.0.113.23:8080"),
+        "the slow server listening",
+    );
+    let service = r#"
+[[service]]
+name = "slow"
+hosts = ["slow.test"]
+port = 80
+max_connections = 1
+max_pending_requests = 1
+
+[[service.endpoint]]
+address = "203.0.113.23"
+port = 8080
+
+[[service.route]]
+name = "hang"
+paths = ["/hang"]
+request_timeout_secs = 1
+
+[[service.route]]
+name = "rest"
+"#;
+    let rule = "ports = [80]\naction = \"l7\"\nhosts = [\"slow.test\"]";
+    let (_dir, config, _) = lab_config(|text| format!("{}\n{service}", replace_web_rule(text, rule)));
+    let gw = Gateway::start(&lab, &config);
+
+    let (_, body, _, took) = curl(&lab, &["-i", "-H", "Host: slow.test", "http://203.0.113.10/hang"]);
+    assert!(body.starts_with("HTTP/1.1 504 Gateway Timeout"), "{body}\n{}", gw.log_text());
+    assert!(body.contains("no answer within 1 s"), "{body}");
+    assert!((0.9..3.0).contains(&took), "the timeout is 1 s: answered after {took:.2} s");
+    assert_eq!(gw.metric(r#"egressd_l7_refused_total{reason="upstream_timeout"}"#), 1.0);
+    assert_eq!(gw.metric("egressd_l7_endpoint_failures_total"), 1.0);
+    wait_for(|| gw.metric("egressd_l7_connections_open") == 0.0, "the timed-out connection closed");
+
+    let out = lab.python(
+        "client",
+        r#"
+import socket, threading, time
+results = {}
+def get(name, delay):
+    time.sleep(delay)
+    start = time.time()
+    s = socket.create_connection(("203.0.113.10", 80), timeout=10)
+    s.sendall(b"GET /slow HTTP/1.1\r\nHost: slow.test\r\nConnection: close\r\n\r\n")
+    data = b""
+    while True:
+        d = s.recv(4096)
+        if not d: break
+        data += d
+    results[name] = (data.split(b" ")[1].decode(), time.time() - start)
+threads = [threading.Thread(target=get, args=(n, d)) for n, d in [("a", 0), ("b", 0.2), ("c", 0.4)]]
+for t in threads: t.start()
+for t in threads: t.join()
+for n in "abc": print(n, results[n][0], "%.2f" % results[n][1])
+"#,
+    );
+    let row = |name: &str| -> (String, f64) {
+        let line = out.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{out}"));
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        (parts[1].to_string(), parts[2].parse().unwrap())
+    };
+    let (a, b, c) = (row("a"), row("b"), row("c"));
+    assert_eq!(a.0, "200", "{out}");
+    assert_eq!(b.0, "200", "the second waits for a connection: {out}");
+    assert!(b.1 > 1.5, "the second was served after the first: {out}");
+    assert_eq!(c.0, "503", "the third is beyond max_pending_requests: {out}");
+    assert!(c.1 < 0.5, "and is told at once: {out}");
+    assert_eq!(gw.metric(r#"egressd_l7_refused_total{reason="service_overloaded"}"#), 1.0);
+}

@@ -148,6 +148,7 @@ struct RouteOut {
     headers: BTreeMap<String, String>,
     /// (subset, weight); empty subset: every endpoint.
     to: Vec<(String, u32)>,
+    timeout_secs: Option<u32>,
 }
 
 /// A `[[service]]`: a VirtualService's routes on a gateway port to a ServiceEntry's endpoints, with the
@@ -166,6 +167,8 @@ struct Service {
     load_balancer: Option<&'static str>,
     /// (consecutive failures, base ejection seconds, max ejection percent).
     outlier: (Option<u32>, Option<u32>, Option<u32>),
+    /// (max connections, max pending requests): the DestinationRule's connection pool.
+    pool: (Option<u32>, Option<u32>),
     from: Vec<String>,
 }
 
@@ -293,6 +296,11 @@ impl Service {
                 let _ = writeln!(out, "{key} = {v}");
             }
         }
+        for (key, value) in [("max_connections", self.pool.0), ("max_pending_requests", self.pool.1)] {
+            if let Some(v) = value {
+                let _ = writeln!(out, "{key} = {v}");
+            }
+        }
         for (address, port, labels) in &self.endpoints {
             let _ = writeln!(out, "\n[[service.endpoint]]\naddress = {}\nport = {port}", q(address));
             if !labels.is_empty() {
@@ -316,6 +324,9 @@ impl Service {
             }
             if !r.headers.is_empty() {
                 let _ = writeln!(out, "headers = {}", inline_table(&r.headers));
+            }
+            if let Some(t) = r.timeout_secs {
+                let _ = writeln!(out, "request_timeout_secs = {t}");
             }
             match r.to.as_slice() {
                 [(subset, _)] if subset.is_empty() => {}
@@ -600,7 +611,8 @@ fn virtual_service(v: &Value, what: &str, notes: &mut Vec<String>, routed_hosts:
             for key in
                 ["retries", "timeout", "fault", "mirror", "rewrite", "redirect", "headers", "corsPolicy"]
             {
-                if get(route, &[key]).is_some() {
+                let done = routed && kind == "http" && key == "timeout";
+                if get(route, &[key]).is_some() && !done {
                     untranslated.insert(key.to_string());
                 }
             }
@@ -636,7 +648,7 @@ fn destination_rule(v: &Value, what: &str, notes: &mut Vec<String>, routed_hosts
             None => {}
         }
         for key in ["connectionPool", "outlierDetection", "loadBalancer"] {
-            let done = routed && key != "connectionPool";
+            let done = routed;
             if get(p, &[key]).is_some() && !done {
                 untranslated.insert(key.to_string());
             }
@@ -806,6 +818,8 @@ fn routing_services(docs: &[Document], notes: &mut Vec<String>) -> (Vec<Service>
                         r.methods.push(v);
                     }
                 }
+                r.timeout_secs =
+                    text(route, &["timeout"]).and_then(|t| duration_secs(&t)).map(|t| t.min(3600));
                 r.to = destinations
                     .iter()
                     .map(|d| {
@@ -892,6 +906,11 @@ fn new_service(
             };
             let outlier = get(p, &["outlierDetection"]);
             let count = |key: &str| outlier.and_then(|o| text(o, &[key])).and_then(|n| n.parse().ok());
+            let pool = |path: &[&str]| get(p, path).and_then(|v| text(v, &[])).and_then(|n| n.parse().ok());
+            service.pool = (
+                pool(&["connectionPool", "tcp", "maxConnections"]).map(|n: u32| n.clamp(1, 1_000_000)),
+                pool(&["connectionPool", "http", "http1MaxPendingRequests"]).map(|n: u32| n.min(1_000_000)),
+            );
             service.outlier = (
                 count("consecutive5xxErrors")
                     .or_else(|| count("consecutiveErrors"))
@@ -1135,10 +1154,11 @@ mod tests {
              protocol: HTTPS}]\n  endpoints: [{address: 203.0.113.5}, {address: 203.0.113.6}]",
             "kind: DestinationRule\nmetadata: {name: dr}\nspec:\n  host: api.test\n  trafficPolicy:\n    loadBalancer: \
              {simple: LEAST_REQUEST}\n    outlierDetection: {consecutive5xxErrors: 7, baseEjectionTime: 1m, \
-             maxEjectionPercent: 50}\n    tls: {mode: SIMPLE, sni: api.test}",
+             maxEjectionPercent: 50}\n    tls: {mode: SIMPLE, sni: api.test}\n    connectionPool: {tcp: \
+             {maxConnections: 10}, http: {http1MaxPendingRequests: 5}}",
             "kind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [api.test]\n  gateways: [egress]\n  http:\n  \
-             - match: [{port: 80, uri: {prefix: /v2}, method: {exact: GET}}]\n    route: [{destination: {host: \
-             api.test, port: {number: 443}}}]",
+             - match: [{port: 80, uri: {prefix: /v2}, method: {exact: GET}}]\n    timeout: 5s\n    route: \
+             [{destination: {host: api.test, port: {number: 443}}}]",
         ]
         .iter()
         .map(|text| Document { origin: "t".into(), value: serde_yaml_ng::from_str(text).unwrap() })
@@ -1149,6 +1169,8 @@ mod tests {
         let s = &services[0];
         assert_eq!((s.port, s.load_balancer), (80, Some("least_request")));
         assert_eq!(s.outlier, (Some(7), Some(60), Some(50)));
+        assert_eq!(s.pool, (Some(10), Some(5)));
+        assert_eq!(s.routes[0].timeout_secs, Some(5));
         assert_eq!(s.endpoints[1], ("203.0.113.6".to_string(), 443, BTreeMap::new()));
         assert_eq!(s.tls.as_ref().map(|t| (t.mode, t.sni.as_deref())), Some(("simple", Some("api.test"))));
         assert_eq!(s.routes[0].paths, ["/v2*"]);

@@ -71,6 +71,15 @@ pub struct ServiceConfig {
     /// Most of a subset's endpoints ejected at once, in percent (default 10; at least one, never the last).
     #[serde(default)]
     pub outlier_max_ejection_percent: Option<Spanned<i64>>,
+    /// Upstream connections to the service at once (default: no limit); beyond, new ones wait.
+    #[serde(default)]
+    pub max_connections: Option<Spanned<i64>>,
+    /// Connections that may wait for one of `max_connections`; beyond, `503` (default: no limit).
+    #[serde(default)]
+    pub max_pending_requests: Option<Spanned<i64>>,
+    /// Seconds from a request sent to the first byte of its answer; beyond, `504` (default: no limit).
+    #[serde(default)]
+    pub request_timeout_secs: Option<Spanned<i64>>,
     #[serde(default)]
     pub upstream_tls: Option<Spanned<String>>,
     #[serde(default)]
@@ -124,6 +133,9 @@ pub struct RouteConfig {
     /// A subset's name, or weighted subsets; absent: every endpoint.
     #[serde(default)]
     pub to: Option<Spanned<RouteTo>>,
+    /// Overrides the service's `request_timeout_secs`.
+    #[serde(default)]
+    pub request_timeout_secs: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -237,6 +249,9 @@ pub fn validate(config: &Config, src: &Source, diags: &mut Diagnostics) {
             ("outlier_consecutive_failures", &s.outlier_consecutive_failures, 0..=1000),
             ("outlier_base_ejection_secs", &s.outlier_base_ejection_secs, 1..=300),
             ("outlier_max_ejection_percent", &s.outlier_max_ejection_percent, 0..=100),
+            ("max_connections", &s.max_connections, 1..=1_000_000),
+            ("max_pending_requests", &s.max_pending_requests, 0..=1_000_000),
+            ("request_timeout_secs", &s.request_timeout_secs, 1..=3600),
         ] {
             if let Some(v) = value {
                 if !range.contains(v.get_ref()) {
@@ -311,6 +326,11 @@ pub fn validate(config: &Config, src: &Source, diags: &mut Diagnostics) {
 
 fn check_route(route: &Spanned<RouteConfig>, subsets: &HashSet<&str>, src: &Source, diags: &mut Diagnostics) {
     let r = route.get_ref();
+    if let Some(t) = &r.request_timeout_secs {
+        if !(1..=3600).contains(t.get_ref()) {
+            diags.error(src, t.span(), format!("request_timeout_secs: {} must be 1..=3600", t.get_ref()));
+        }
+    }
     if let Some(n) = &r.name {
         if !label_name_ok(n.get_ref()) {
             diags.error(
@@ -445,6 +465,7 @@ pub fn compile(s: &ServiceConfig) -> Result<ServiceSpec, String> {
                     })
                     .collect::<Result<_, String>>()?,
                 to,
+                timeout_secs: r.request_timeout_secs.as_ref().map(|t| *t.get_ref() as u32),
             })
         })
         .collect::<Result<_, String>>()?;
@@ -465,5 +486,8 @@ pub fn compile(s: &ServiceConfig) -> Result<ServiceSpec, String> {
             max_ejection_percent: number(&s.outlier_max_ejection_percent, outlier.max_ejection_percent),
         },
         connect_attempts: number(&s.connect_attempts, 2),
+        max_connections: s.max_connections.as_ref().map(|v| *v.get_ref() as u32),
+        max_pending_requests: s.max_pending_requests.as_ref().map(|v| *v.get_ref() as u32),
+        request_timeout_secs: s.request_timeout_secs.as_ref().map(|v| *v.get_ref() as u32),
     })
 }

@@ -124,6 +124,8 @@ struct Target {
     /// The server name for TLS when the settings name none: the first request's Host.
     host: String,
     service: Option<ServiceTarget>,
+    /// From a request sent to the first byte of the answer (a service route's `request_timeout_secs`).
+    request_timeout_nanos: Option<u64>,
 }
 
 /// A connection routed to a service: which one, and the endpoints tried.
@@ -137,6 +139,10 @@ struct ServiceTarget {
     attempts: u32,
     /// Counted in the balancer's in-flight connections.
     opened: bool,
+    /// Counted in the service's upstream connections (`max_connections`).
+    counted: bool,
+    /// Waiting for one of the service's `max_connections` since then (counted in its waiting connections).
+    waiting_since: Option<Instant>,
     /// The first response was seen (its status judged the endpoint).
     judged: bool,
 }
@@ -167,6 +173,8 @@ struct Conn {
     counted_rule: Option<u32>,
     /// Where the upstream goes, chosen when the engine first wants it.
     target: Option<Target>,
+    /// Bytes went upstream then and nothing came back since (for the request timeout).
+    awaiting_since: Option<Instant>,
     end: &'static str,
     /// The decision on the first bytes was recorded in the histogram.
     decided: bool,
@@ -202,6 +210,9 @@ struct Driver {
     /// Upstream connections open per rule index (for `max_upstream_connections`).
     upstream_counts: HashMap<u32, u32>,
     balancer: Balancer,
+    /// Per service: upstream connections open, and client connections waiting for one (`max_connections`).
+    service_connections: HashMap<String, u32>,
+    service_waiting: HashMap<String, u32>,
     /// Connections to pump again at once (a service connection moving to its next endpoint).
     again: Vec<FourTuple>,
 }
@@ -251,6 +262,8 @@ impl Driver {
             tls_configs: origination::Configs::default(),
             upstream_counts: HashMap::new(),
             balancer: Balancer::new(),
+            service_connections: HashMap::new(),
+            service_waiting: HashMap::new(),
             again: Vec::new(),
         }
     }
@@ -362,6 +375,7 @@ impl Driver {
                         tls_established: false,
                         counted_rule: None,
                         target: None,
+                        awaiting_since: None,
                         end: "",
                         decided: false,
                     }
@@ -451,10 +465,54 @@ impl Driver {
             conn.engine.on_upstream_busy();
         }
         let mut connect_failure: Option<String> = None;
-        let wants = conn.engine.wants_upstream() && conn.upstream.is_none() && !conn.upstream_failed;
-        if let (true, Some(target)) = (wants, conn.target.as_ref()) {
+        let mut wants = conn.engine.wants_upstream() && conn.upstream.is_none() && !conn.upstream_failed;
+        // A service at its `max_connections`: wait for one (within `max_pending_requests` and the connect timeout).
+        if let (true, Some(Target { service: Some(svc), .. })) = (wants, conn.target.as_mut()) {
+            let limits = policy
+                .services()
+                .get(svc.id)
+                .filter(|s| s.name() == svc.name)
+                .map(|s| (s.spec().max_connections, s.spec().max_pending_requests));
+            let open = self.service_connections.get(&svc.name).copied().unwrap_or(0);
+            if let Some((Some(max), pending_cap)) = limits.filter(|(max, _)| max.is_some_and(|m| open >= m)) {
+                wants = false;
+                let waiting = self.service_waiting.entry(svc.name.clone()).or_default();
+                let refusal = match svc.waiting_since {
+                    None if pending_cap.is_some_and(|cap| *waiting >= cap) => {
+                        Some(format!("{open} of {max} connections open, {waiting} waiting"))
+                    }
+                    None => {
+                        *waiting += 1;
+                        svc.waiting_since = Some(now);
+                        None
+                    }
+                    Some(since)
+                        if now.as_nanos().saturating_sub(since.as_nanos())
+                            > settings.connect_timeout_secs * 1_000_000_000 =>
+                    {
+                        Some(format!("no connection freed within {} s", settings.connect_timeout_secs))
+                    }
+                    Some(_) => None,
+                };
+                if let Some(detail) = refusal {
+                    if svc.waiting_since.take().is_some() {
+                        *waiting = waiting.saturating_sub(1);
+                    }
+                    conn.engine.on_upstream_refused(dataplane::l7::Refusal::ServiceOverloaded, &detail);
+                }
+            } else if svc.waiting_since.take().is_some() {
+                if let Some(w) = self.service_waiting.get_mut(&svc.name) {
+                    *w = w.saturating_sub(1);
+                }
+            }
+        }
+        if let (true, Some(target)) = (wants, conn.target.as_mut()) {
             match connect(&mut self.ports, conn.egress, target.server) {
                 Ok((mut stream, port)) => {
+                    if let Some(svc) = target.service.as_mut() {
+                        *self.service_connections.entry(svc.name.clone()).or_default() += 1;
+                        svc.counted = true;
+                    }
                     let token = Token(self.next_token);
                     self.next_token += 1;
                     if self
@@ -532,6 +590,13 @@ impl Driver {
             if let Some(n) = conn.counted_rule.take().and_then(|r| self.upstream_counts.get_mut(&r)) {
                 *n = n.saturating_sub(1);
             }
+            if let Some(Target { service: Some(svc), .. }) = conn.target.as_mut() {
+                if std::mem::take(&mut svc.counted) {
+                    if let Some(n) = self.service_connections.get_mut(&svc.name) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+            }
             match conn.target.as_mut() {
                 // A service: the endpoint is marked, and the next one tried while attempts remain.
                 Some(Target { server, service: Some(svc), .. }) => {
@@ -593,6 +658,7 @@ impl Driver {
                     Ok(n) => {
                         conn.engine.upstream_sent(n, policy);
                         conn.last_activity = now;
+                        conn.awaiting_since = Some(now);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -634,6 +700,7 @@ impl Driver {
                             }
                         }
                         stack.send(&key, &buf[..n]);
+                        conn.awaiting_since = None;
                         conn.bytes_down += n as u64;
                         conn.first_byte_at.get_or_insert(now);
                         conn.last_activity = now;
@@ -648,6 +715,30 @@ impl Driver {
             conn.tls_established |= stream.is_tls() && !stream.is_handshaking();
             if let Some(why) = tls_failure {
                 conn.engine.on_upstream_tls_failed(&why);
+            }
+            // The request timeout: nothing came back since the last bytes went up. The client gets 504 (the
+            // endpoint counts as failed), and the upstream connection is dropped.
+            let timeout = conn.target.as_ref().and_then(|t| t.request_timeout_nanos);
+            if let (Some(since), Some(limit)) = (conn.awaiting_since, timeout) {
+                if now.as_nanos().saturating_sub(since.as_nanos()) > limit && !conn.upstream_eof {
+                    let detail = format!("no answer within {} s", limit / 1_000_000_000);
+                    if let Some(Target { server, service: Some(svc), .. }) = conn.target.as_ref() {
+                        self.t.stats.endpoint_failures.fetch_add(1, Ordering::Relaxed);
+                        endpoint_failed(
+                            now,
+                            &mut self.balancer,
+                            &self.t.stats,
+                            policy,
+                            svc,
+                            *server,
+                            &detail,
+                        );
+                    }
+                    conn.engine.on_upstream_refused(dataplane::l7::Refusal::UpstreamTimeout, &detail);
+                    stream.shutdown_both();
+                    conn.upstream_eof = true;
+                    conn.awaiting_since = None;
+                }
             }
             // The client finished sending (or was refused after allowed requests): pass the half-close on.
             let client_done = client_finished || conn.engine.refusal_waits();
@@ -760,6 +851,15 @@ impl Driver {
         if let Some(Target { server, service: Some(svc), .. }) = &conn.target {
             if svc.opened {
                 self.balancer.on_closed(&svc.name, *server);
+            }
+            let counts = [
+                (svc.counted, &mut self.service_connections),
+                (svc.waiting_since.is_some(), &mut self.service_waiting),
+            ];
+            for (held, count) in counts {
+                if let Some(n) = count.get_mut(&svc.name).filter(|_| held) {
+                    *n = n.saturating_sub(1);
+                }
             }
         }
         let stats = &self.t.stats;
@@ -915,8 +1015,11 @@ fn choose_target(
                 tried: vec![server],
                 attempts: 1,
                 opened: false,
+                counted: false,
+                waiting_since: None,
                 judged: false,
             }),
+            request_timeout_nanos: service.request_timeout_secs(route).map(|s| u64::from(s) * 1_000_000_000),
         });
     }
     let tls = policy.l7_conditions(engine.rule()).and_then(|c| c.conditions().upstream_tls.clone());
@@ -925,7 +1028,14 @@ fn choose_target(
         None => key.server,
     };
     let host = engine.upstream_host().map_or(host, str::to_string);
-    Ok(Target { server, tls, tls_key: (0, engine.rule().0, 0), host, service: None })
+    Ok(Target {
+        server,
+        tls,
+        tls_key: (0, engine.rule().0, 0),
+        host,
+        service: None,
+        request_timeout_nanos: None,
+    })
 }
 
 /// A service endpoint failed (`why`): the balancer counts it, and an ejection is logged and counted.

@@ -260,11 +260,15 @@ mod tests {
                     WeightedSubset { subset: Some(0), weight: weights.0 },
                     WeightedSubset { subset: Some(1), weight: weights.1 },
                 ],
+                timeout_secs: None,
             }],
             tls: None,
             balancing,
             outlier: OutlierSpec::default(),
             connect_attempts: 2,
+            max_connections: None,
+            max_pending_requests: None,
+            request_timeout_secs: None,
         })
         .unwrap()
     }

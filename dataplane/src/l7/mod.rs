@@ -99,6 +99,10 @@ pub enum Refusal {
     RouteChanged,
     /// No endpoint of the service's subset could be connected to.
     NoHealthyEndpoint,
+    /// The service's upstream connections and its queue of requests waiting for one are full.
+    ServiceOverloaded,
+    /// The upstream did not start answering within the request timeout.
+    UpstreamTimeout,
 }
 
 impl Refusal {
@@ -121,6 +125,8 @@ impl Refusal {
             Refusal::NoRoute => "no_route",
             Refusal::RouteChanged => "route_changed",
             Refusal::NoHealthyEndpoint => "no_healthy_endpoint",
+            Refusal::ServiceOverloaded => "service_overloaded",
+            Refusal::UpstreamTimeout => "upstream_timeout",
         }
     }
 }
@@ -505,6 +511,14 @@ impl Connection {
     /// No endpoint of the route's subset took the connection (`detail`: what was tried): nothing judged goes
     /// anywhere; the client gets `503` and the connection closes.
     pub fn on_no_endpoint(&mut self, detail: &str) {
+        self.on_upstream_refused(Refusal::NoHealthyEndpoint, detail);
+    }
+
+    /// The upstream side refuses the connection's requests: no endpoint ([`Refusal::NoHealthyEndpoint`], `503`),
+    /// a full service ([`Refusal::ServiceOverloaded`], `503`), or no answer in time ([`Refusal::UpstreamTimeout`],
+    /// `504`). What was judged and not sent is dropped; the client gets the status (after what the upstream already
+    /// answered) and the connection closes.
+    pub fn on_upstream_refused(&mut self, why: Refusal, detail: &str) {
         if matches!(self.state, State::Refused(_)) {
             return;
         }
@@ -512,7 +526,7 @@ impl Connection {
         self.pending.clear();
         self.ready = 0;
         self.upstream_wanted = false;
-        self.refuse(Refusal::NoHealthyEndpoint);
+        self.refuse(why);
     }
 
     /// The rate limit the driver must ask about the request just judged (taken: asked once); answer with
@@ -685,6 +699,17 @@ impl Connection {
                      connection\n",
                     self.summary.method, self.summary.path, self.summary.name
                 ),
+            ),
+            Refusal::ServiceOverloaded => (
+                "503 Service Unavailable",
+                format!(
+                    "egressd: the service's connections and waiting requests are at their limits: {}\n",
+                    self.summary.upstream_error
+                ),
+            ),
+            Refusal::UpstreamTimeout => (
+                "504 Gateway Timeout",
+                format!("egressd: the server did not answer in time: {}\n", self.summary.upstream_error),
             ),
             Refusal::NoHealthyEndpoint => (
                 "503 Service Unavailable",

@@ -519,6 +519,7 @@ fn service_policy() -> (PolicySnapshot, RuleId) {
         paths: vec![],
         headers: vec![HeaderMatch { name: "want".into(), value: ValueMatch::Exact(v.into()) }],
         to: vec![WeightedSubset { subset: Some(subset), weight: 1 }],
+        timeout_secs: None,
     };
     b.add_service(ServiceSpec {
         name: "svc".into(),
@@ -537,6 +538,9 @@ fn service_policy() -> (PolicySnapshot, RuleId) {
         balancing: Default::default(),
         outlier: OutlierSpec::default(),
         connect_attempts: 2,
+        max_connections: None,
+        max_pending_requests: None,
+        request_timeout_secs: None,
     });
     (b.build(1).unwrap(), id)
 }

@@ -85,6 +85,8 @@ pub struct RouteSpec {
     pub headers: Vec<HeaderMatch>,
     /// At least one; weights need not add up to 100.
     pub to: Vec<WeightedSubset>,
+    /// Overrides the service's request timeout for this route.
+    pub timeout_secs: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -147,6 +149,13 @@ pub struct ServiceSpec {
     pub outlier: OutlierSpec,
     /// Endpoints tried for one connection when connecting fails (nothing was sent yet, so trying the next is safe).
     pub connect_attempts: u32,
+    /// Upstream connections to the service at once; beyond, a connection waits for one (see below).
+    pub max_connections: Option<u32>,
+    /// Client connections that may wait for an upstream connection when `max_connections` are in use; beyond,
+    /// `503` at once (`None`: no limit on waiting; waiting ends at the connect timeout).
+    pub max_pending_requests: Option<u32>,
+    /// Time from a request sent to the first byte of its answer; beyond, `504` (`None`: no limit).
+    pub request_timeout_secs: Option<u32>,
 }
 
 /// Identifies a service within one policy snapshot.
@@ -270,6 +279,11 @@ impl CompiledService {
         self.spec.routes.get(route).map_or(EVERY_ENDPOINT, |r| r.to.as_slice())
     }
 
+    /// The request timeout of `route`: its own, else the service's.
+    pub fn request_timeout_secs(&self, route: usize) -> Option<u32> {
+        self.spec.routes.get(route).and_then(|r| r.timeout_secs).or(self.spec.request_timeout_secs)
+    }
+
     pub fn route_name(&self, route: usize) -> &str {
         self.spec.routes.get(route).map_or("default", |r| r.name.as_str())
     }
@@ -353,6 +367,7 @@ mod tests {
             paths: vec![],
             headers,
             to,
+            timeout_secs: None,
         };
         let want = |v: &str| vec![HeaderMatch { name: "want".into(), value: ValueMatch::parse(v).unwrap() }];
         ServiceSpec {
@@ -375,6 +390,9 @@ mod tests {
             balancing: Balancing::RoundRobin,
             outlier: OutlierSpec::default(),
             connect_attempts: 2,
+            max_connections: None,
+            max_pending_requests: None,
+            request_timeout_secs: None,
         }
     }
 

@@ -630,4 +630,17 @@ fn service_errors_name_their_place() {
     assert!(e.iter().any(|e| e.contains("port: 0 must be 1..=65535")), "{e:?}");
     assert!(e.iter().any(|e| e.contains("a service's hosts are exact names")), "{e:?}");
     assert!(e.iter().any(|e| e.contains("has no [[service.endpoint]]")), "{e:?}");
+    let limits = SERVICE
+        .replace("port = 80\n", "port = 80\nmax_connections = 0\nrequest_timeout_secs = 7200\n")
+        .replace("to = [{ subset", "request_timeout_secs = 0\nto = [{ subset");
+    let e = errors(&format!("{SERVICE_RULE}{limits}"));
+    assert_eq!(
+        e,
+        [
+            "t.toml:21:19: max_connections: 0 must be 1..=1000000",
+            "t.toml:22:24: request_timeout_secs: 7200 must be 1..=3600",
+            "t.toml:34:24: request_timeout_secs: 0 must be 1..=3600",
+        ],
+        "{e:#?}"
+    );
 }
