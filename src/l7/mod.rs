@@ -28,6 +28,7 @@ use dataplane::policy::l7::UpstreamTls;
 use dataplane::policy::service::ServiceId;
 use dataplane::policy::{PolicySnapshot, RuleId, SharedPolicy};
 use dataplane::time::Instant;
+use dataplane::wire::response::ResponseEvent;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
@@ -143,8 +144,6 @@ struct ServiceTarget {
     counted: bool,
     /// Waiting for one of the service's `max_connections` since then (counted in its waiting connections).
     waiting_since: Option<Instant>,
-    /// The first response was seen (its status judged the endpoint).
-    judged: bool,
 }
 
 struct Conn {
@@ -175,6 +174,8 @@ struct Conn {
     target: Option<Target>,
     /// Bytes went upstream then and nothing came back since (for the request timeout).
     awaiting_since: Option<Instant>,
+    /// Upstream connections replaced because a request went to another route.
+    reroutes: u32,
     end: &'static str,
     /// The decision on the first bytes was recorded in the histogram.
     decided: bool,
@@ -376,6 +377,7 @@ impl Driver {
                         counted_rule: None,
                         target: None,
                         awaiting_since: None,
+                        reroutes: 0,
                         end: "",
                         decided: false,
                     }
@@ -443,6 +445,29 @@ impl Driver {
             break;
         }
 
+        // A request for another route: once the upstream has answered everything before it (or closed), that
+        // connection goes and the request gets one for its route.
+        if conn.engine.wants_reroute()
+            && (conn.engine.upstream_idle() || conn.upstream_eof || conn.upstream_failed)
+        {
+            let mut upstreams = Upstreams {
+                poll: &self.poll,
+                tokens: &mut self.tokens,
+                ports: &mut self.ports,
+                rule_counts: &mut self.upstream_counts,
+                service_connections: &mut self.service_connections,
+                balancer: &mut self.balancer,
+            };
+            upstreams.release(conn);
+            conn.target = None;
+            conn.connected = false;
+            conn.upstream_eof = false;
+            conn.upstream_failed = false;
+            conn.upstream_write_shut = false;
+            conn.awaiting_since = None;
+            conn.reroutes += 1;
+            conn.engine.on_rerouted(policy);
+        }
         if !conn.decided && (conn.engine.wants_upstream() || conn.engine.summary().refusal.is_some()) {
             conn.decided = true;
             let secs = now.as_nanos().saturating_sub(conn.started.as_nanos()) as f64 / 1e9;
@@ -577,26 +602,16 @@ impl Driver {
             }
         }
         if let Some(detail) = connect_failure {
-            // Nothing was sent: the socket, its port and its place in the rule's count are given back.
-            if let Some(mut stream) = conn.upstream.take() {
-                let _ = self.poll.registry().deregister(stream.tcp_mut());
-            }
-            if let Some(token) = conn.token.take() {
-                self.tokens.remove(&token);
-            }
-            if let Some(port) = conn.local_port.take() {
-                self.ports.entry(conn.egress).or_default().push_back(port);
-            }
-            if let Some(n) = conn.counted_rule.take().and_then(|r| self.upstream_counts.get_mut(&r)) {
-                *n = n.saturating_sub(1);
-            }
-            if let Some(Target { service: Some(svc), .. }) = conn.target.as_mut() {
-                if std::mem::take(&mut svc.counted) {
-                    if let Some(n) = self.service_connections.get_mut(&svc.name) {
-                        *n = n.saturating_sub(1);
-                    }
-                }
-            }
+            // Nothing was sent: the socket, its port and its places in the counts are given back.
+            let mut upstreams = Upstreams {
+                poll: &self.poll,
+                tokens: &mut self.tokens,
+                ports: &mut self.ports,
+                rule_counts: &mut self.upstream_counts,
+                service_connections: &mut self.service_connections,
+                balancer: &mut self.balancer,
+            };
+            upstreams.release(conn);
             match conn.target.as_mut() {
                 // A service: the endpoint is marked, and the next one tried while attempts remain.
                 Some(Target { server, service: Some(svc), .. }) => {
@@ -677,25 +692,31 @@ impl Driver {
                 match stream.read(&mut buf[..room]) {
                     Ok(0) => conn.upstream_eof = true,
                     Ok(n) => {
-                        // A service endpoint is judged by its first response: a 5xx counts as a failure.
-                        if let Some(Target { server, service: Some(svc), .. }) = conn.target.as_mut() {
-                            if !std::mem::replace(&mut svc.judged, true) {
-                                match response_status(&buf[..n]) {
-                                    Some(status) if status >= 500 => {
-                                        self.t.stats.endpoint_failures.fetch_add(1, Ordering::Relaxed);
-                                        let why = format!("answered {status}");
-                                        endpoint_failed(
-                                            now,
-                                            &mut self.balancer,
-                                            &self.t.stats,
-                                            policy,
-                                            svc,
-                                            *server,
-                                            &why,
-                                        );
-                                    }
-                                    Some(_) => self.balancer.on_success(&svc.name, *server),
-                                    None => {}
+                        // A service endpoint is judged by every response: a 5xx is a failure, anything else a success.
+                        let mut statuses = [0u16; 4];
+                        let mut seen = 0;
+                        conn.engine.on_upstream_data(&buf[..n], &mut |e| {
+                            if let (ResponseEvent::Status(code), Some(slot)) = (e, statuses.get_mut(seen)) {
+                                *slot = code;
+                                seen += 1;
+                            }
+                        });
+                        if let Some(Target { server, service: Some(svc), .. }) = conn.target.as_ref() {
+                            for &status in &statuses[..seen] {
+                                if status >= 500 {
+                                    self.t.stats.endpoint_failures.fetch_add(1, Ordering::Relaxed);
+                                    let why = format!("answered {status}");
+                                    endpoint_failed(
+                                        now,
+                                        &mut self.balancer,
+                                        &self.t.stats,
+                                        policy,
+                                        svc,
+                                        *server,
+                                        &why,
+                                    );
+                                } else {
+                                    self.balancer.on_success(&svc.name, *server);
                                 }
                             }
                         }
@@ -767,7 +788,7 @@ impl Driver {
                 stack.close(&key);
                 conn.client_closed = true;
                 conn.end = "refused";
-            } else if conn.upstream_eof && stack.unsent(&key) == 0 {
+            } else if conn.upstream_eof && stack.unsent(&key) == 0 && !conn.engine.wants_reroute() {
                 stack.close(&key);
                 conn.client_closed = true;
                 conn.end =
@@ -785,6 +806,10 @@ impl Driver {
             }
         }
 
+        // The upstream just finished answering before a request for another route: reroute on the next round.
+        if conn.engine.wants_reroute() && (conn.engine.upstream_idle() || conn.upstream_eof) {
+            self.again.push(key);
+        }
         let punt = &self.t.punt;
         let worker = conn.worker;
         stack.poll(now, &key, &mut |packet: &[u8]| {
@@ -979,6 +1004,46 @@ fn connect(
     }
 }
 
+/// What an upstream connection holds in the driver: its token, its port, its places in the rule's and the
+/// service's counts and in the balancer's in-flight connections.
+struct Upstreams<'a> {
+    poll: &'a Poll,
+    tokens: &'a mut HashMap<Token, FourTuple>,
+    ports: &'a mut HashMap<Ipv4Addr, VecDeque<u16>>,
+    rule_counts: &'a mut HashMap<u32, u32>,
+    service_connections: &'a mut HashMap<String, u32>,
+    balancer: &'a mut Balancer,
+}
+
+impl Upstreams<'_> {
+    /// Closes `conn`'s upstream connection and gives back all it holds.
+    fn release(&mut self, conn: &mut Conn) {
+        if let Some(mut stream) = conn.upstream.take() {
+            stream.shutdown_both();
+            let _ = self.poll.registry().deregister(stream.tcp_mut());
+        }
+        if let Some(token) = conn.token.take() {
+            self.tokens.remove(&token);
+        }
+        if let Some(port) = conn.local_port.take() {
+            self.ports.entry(conn.egress).or_default().push_back(port);
+        }
+        if let Some(n) = conn.counted_rule.take().and_then(|r| self.rule_counts.get_mut(&r)) {
+            *n = n.saturating_sub(1);
+        }
+        if let Some(Target { server, service: Some(svc), .. }) = conn.target.as_mut() {
+            if std::mem::take(&mut svc.counted) {
+                if let Some(n) = self.service_connections.get_mut(&svc.name) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            if std::mem::take(&mut svc.opened) {
+                self.balancer.on_closed(&svc.name, *server);
+            }
+        }
+    }
+}
+
 /// Where the upstream of `engine`'s connection goes (see [`Target`]); an error when its service has no endpoint.
 fn choose_target(
     now: Instant,
@@ -1017,7 +1082,6 @@ fn choose_target(
                 opened: false,
                 counted: false,
                 waiting_since: None,
-                judged: false,
             }),
             request_timeout_nanos: service.request_timeout_secs(route).map(|s| u64::from(s) * 1_000_000_000),
         });
@@ -1058,16 +1122,6 @@ fn endpoint_failed(
             "endpoint ejected after consecutive failures"
         );
     }
-}
-
-/// The status code of an HTTP/1 response head starting `bytes` (`HTTP/1.1 503 ...`).
-fn response_status(bytes: &[u8]) -> Option<u16> {
-    let rest = bytes.strip_prefix(b"HTTP/1.")?;
-    let code = rest.get(2..5)?;
-    if rest.get(1) != Some(&b' ') || !code.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(code).ok()?.parse().ok()
 }
 
 fn rule_label(policy: &PolicySnapshot, rule: RuleId) -> String {

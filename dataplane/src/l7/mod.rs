@@ -36,6 +36,7 @@ use crate::policy::service::ServiceId;
 use crate::policy::{PolicySnapshot, RuleId};
 use crate::time::Instant;
 use crate::wire::http::{self, BodyFraming, ChunkedBody, HttpError};
+use crate::wire::response::{ResponseEvent, ResponseFramer};
 use crate::wire::tls::{self, HelloError};
 
 /// Bounds of one connection.
@@ -95,8 +96,6 @@ pub enum Refusal {
     UpstreamConnectionLimit,
     /// The request names a service, but none of its routes matches it.
     NoRoute,
-    /// A later request on the connection routes elsewhere than the first (the upstream is the first's).
-    RouteChanged,
     /// No endpoint of the service's subset could be connected to.
     NoHealthyEndpoint,
     /// The service's upstream connections and its queue of requests waiting for one are full.
@@ -123,7 +122,6 @@ impl Refusal {
             Refusal::UpstreamTlsFailed => "upstream_tls_failed",
             Refusal::UpstreamConnectionLimit => "upstream_connection_limit",
             Refusal::NoRoute => "no_route",
-            Refusal::RouteChanged => "route_changed",
             Refusal::NoHealthyEndpoint => "no_healthy_endpoint",
             Refusal::ServiceOverloaded => "service_overloaded",
             Refusal::UpstreamTimeout => "upstream_timeout",
@@ -167,6 +165,9 @@ enum State {
     VerifyingRequest { head_len: usize, body: BodyFraming },
     /// Allowed by the rule, waiting for its rate limit to admit the request (or the TLS connection).
     Admitting(Admitted),
+    /// An allowed request of `head_len` bytes framed by `body` goes elsewhere than the earlier ones: waiting for the
+    /// upstream to finish answering them (see [`Connection::wants_reroute`]).
+    Rerouting { head_len: usize, body: BodyFraming },
 }
 
 /// What an admitted request goes on to.
@@ -227,8 +228,12 @@ pub struct Connection {
     pinned_host: Option<String>,
     /// The port the client dialled (services are found by Host and this port).
     dialled_port: u16,
-    /// The service and route of the connection's first request: its upstream is that route's endpoint.
+    /// The service and route the upstream connection is for (`None`: the dialled address).
     route: Option<(ServiceId, usize)>,
+    /// The service and route of the request being judged.
+    judged_route: Option<(ServiceId, usize)>,
+    /// The responses on the upstream connection, as they go by.
+    responses: ResponseFramer,
     /// The refusal response still to be sent to the client, and how much of it was sent.
     to_client: Vec<u8>,
     to_client_sent: usize,
@@ -256,10 +261,52 @@ impl Connection {
             pinned_host: None,
             dialled_port: 0,
             route: None,
+            judged_route: None,
+            responses: ResponseFramer::new(),
             to_client: Vec::new(),
             to_client_sent: 0,
             summary: Summary::default(),
         }
+    }
+
+    /// A judged request goes to another service, route or the dialled address than the upstream connection is
+    /// for: once the upstream has answered every earlier request ([`Connection::upstream_idle`]) or closed, the
+    /// driver drops that connection and calls [`Connection::on_rerouted`].
+    pub fn wants_reroute(&self) -> bool {
+        matches!(self.state, State::Rerouting { .. })
+    }
+
+    /// The upstream connection is gone: the waiting request goes on, to a new upstream connection for its route.
+    pub fn on_rerouted(&mut self, policy: &PolicySnapshot) {
+        let State::Rerouting { head_len, body } = self.state else { return };
+        // Judged for the old upstream but never sent (it closed first): gone with it.
+        self.pending.drain(..self.ready);
+        self.ready = 0;
+        self.upstream_connected = false;
+        self.responses = ResponseFramer::new();
+        self.route = self.judged_route;
+        self.forward_request(head_len, body);
+        self.advance(policy);
+    }
+
+    /// Bytes the upstream sent (relayed to the client as they are): `event` hears each final response's status and
+    /// end.
+    pub fn on_upstream_data(&mut self, data: &[u8], event: &mut impl FnMut(ResponseEvent)) {
+        if self.summary.protocol == Some(Protocol::Http) {
+            self.responses.feed(data, event);
+        }
+    }
+
+    /// Every request sent upstream was answered in full.
+    pub fn upstream_idle(&self) -> bool {
+        self.responses.is_idle()
+    }
+
+    /// The upstream connection may be kept for another client: HTTP, idle, framing known all along.
+    pub fn upstream_reusable(&self) -> bool {
+        self.summary.protocol == Some(Protocol::Http)
+            && self.responses.is_idle()
+            && !self.responses.is_opaque()
     }
 
     /// The port the client dialled, which finds services by (Host, port); without it no service matches.
@@ -354,7 +401,8 @@ impl Connection {
                 State::Splicing
                 | State::VerifyingTls
                 | State::VerifyingRequest { .. }
-                | State::Admitting(_) => return,
+                | State::Admitting(_)
+                | State::Rerouting { .. } => return,
                 State::RequestHead => {
                     if unjudged.is_empty() {
                         return;
@@ -388,8 +436,6 @@ impl Connection {
                         Some(Refusal::HostNotAllowed)
                     } else if let Some((_, None)) = routed {
                         Some(Refusal::NoRoute)
-                    } else if self.route_changes(routed.map(|(id, r)| (id, r.unwrap_or(0)))) {
-                        Some(Refusal::RouteChanged)
                     } else if originating
                         && self.pinned_host.as_ref().is_some_and(|h| *h != self.summary.name)
                     {
@@ -403,7 +449,7 @@ impl Connection {
                     };
                     if let Some(why) = why {
                         // Without a route there is nowhere to send the request, even in a dry run.
-                        let routing = matches!(why, Refusal::NoRoute | Refusal::RouteChanged);
+                        let routing = why == Refusal::NoRoute;
                         if routing {
                             return self.refuse(why);
                         }
@@ -411,9 +457,7 @@ impl Connection {
                             return;
                         }
                     }
-                    if let Some((id, Some(route))) = routed {
-                        self.route = Some((id, route));
-                    }
+                    self.judged_route = routed.map(|(id, r)| (id, r.unwrap_or(0)));
                     if originating && self.pinned_host.is_none() {
                         self.pinned_host = Some(self.summary.name.clone());
                     }
@@ -557,6 +601,14 @@ impl Connection {
 
     /// Lets an allowed request head through and follows its body.
     fn forward_request(&mut self, head_len: usize, body: BodyFraming) {
+        if self.route_changes(self.judged_route) {
+            self.state = State::Rerouting { head_len, body };
+            return;
+        }
+        self.route = self.judged_route;
+        if self.summary.protocol == Some(Protocol::Http) {
+            self.responses.on_request(&self.summary.method);
+        }
         self.summary.requests_allowed += 1;
         self.head_armed = false;
         self.head_arm_pending = false;
@@ -690,14 +742,6 @@ impl Connection {
                 format!(
                     "egressd: no route of the service for {} matches {} {}\n",
                     self.summary.name, self.summary.method, self.summary.path
-                ),
-            ),
-            Refusal::RouteChanged => (
-                "421 Misdirected Request",
-                format!(
-                    "egressd: this connection goes to another route than {} {} on {} does; send it on a new \
-                     connection\n",
-                    self.summary.method, self.summary.path, self.summary.name
                 ),
             ),
             Refusal::ServiceOverloaded => (

@@ -545,27 +545,40 @@ fn service_policy() -> (PolicySnapshot, RuleId) {
     (b.build(1).unwrap(), id)
 }
 
+const OK_5: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+
 #[test]
-fn a_request_for_a_service_takes_its_route_and_the_connection_keeps_it() {
+fn a_request_for_another_route_waits_for_the_answers_then_goes_to_a_new_upstream() {
     let (policy, rule) = service_policy();
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
     let v1 = b"GET / HTTP/1.1\r\nHost: svc.test\r\nWant: v1\r\n\r\n";
-    c.on_client_data(v1, &policy);
+    let v2 = b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v2\r\n\r\n";
+    // Two requests for v1, then one for v2, all in one segment.
+    c.on_client_data(&[&v1[..], v1, v2].concat(), &policy);
     let id = policy.services().lookup("svc.test", 80).unwrap();
     assert_eq!(c.upstream_route(), Some((id, 0)));
-    assert_eq!(flush_upstream(&mut c, &policy), v1, "forwarded untouched");
-    // The same route again on the connection: forwarded.
-    c.on_client_data(v1, &policy);
-    assert_eq!(flush_upstream(&mut c, &policy), v1);
-    // Another route: 421, nothing of it upstream.
-    c.on_client_data(b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v2\r\n\r\n", &policy);
-    assert!(flush_upstream(&mut c, &policy).is_empty());
-    assert_eq!(c.summary().refusal, Some(Refusal::RouteChanged));
-    assert!(String::from_utf8_lossy(c.to_client()).starts_with("HTTP/1.1 421 Misdirected Request"));
+    assert_eq!(flush_upstream(&mut c, &policy), [&v1[..], v1].concat(), "v2 waits");
+    assert!(c.wants_reroute() && !c.upstream_idle());
+    // The answers come; only after the second is the upstream idle.
+    let mut events = Vec::new();
+    c.on_upstream_data(OK_5, &mut |e| events.push(e));
+    assert!(!c.upstream_idle());
+    c.on_upstream_data(&OK_5[..20], &mut |e| events.push(e));
+    c.on_upstream_data(&OK_5[20..], &mut |e| events.push(e));
+    assert!(c.upstream_idle() && c.upstream_reusable());
+    use crate::wire::response::ResponseEvent::{Complete, Status};
+    assert_eq!(events, [Status(200), Complete, Status(200), Complete]);
+    // The driver drops that upstream: v2 goes to a new one, for its route.
+    c.on_rerouted(&policy);
+    assert!(!c.wants_reroute() && c.wants_upstream());
+    assert_eq!(c.upstream_route(), Some((id, 1)));
+    assert_eq!(flush_upstream(&mut c, &policy), v2);
+    assert_eq!(c.summary().requests_allowed, 3);
+    assert_eq!(c.summary().refusal, None);
 }
 
 #[test]
-fn unrouted_requests_get_404_and_a_routed_connection_cannot_go_to_another_host() {
+fn unrouted_requests_get_404_and_moves_between_a_service_and_the_dialled_address_reroute() {
     let (policy, rule) = service_policy();
     // No route matches: 404 at once, never upstream.
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
@@ -576,13 +589,16 @@ fn unrouted_requests_get_404_and_a_routed_connection_cannot_go_to_another_host()
     assert!(answer.starts_with("HTTP/1.1 404 Not Found"), "{answer}");
     assert!(answer.contains("no route of the service for svc.test matches GET /x"), "{answer}");
 
-    // Routed first, then a host that is not the service's (it would go to the dialled address): 421.
+    // Routed first, then a host that is not the service's: it goes to the dialled address, on a new upstream.
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
     c.on_client_data(b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v2\r\n\r\n", &policy);
     flush_upstream(&mut c, &policy);
     c.on_client_data(b"GET / HTTP/1.1\r\nHost: httpbin.test\r\n\r\n", &policy);
-    assert!(flush_upstream(&mut c, &policy).is_empty());
-    assert_eq!(c.summary().refusal, Some(Refusal::RouteChanged));
+    assert!(flush_upstream(&mut c, &policy).is_empty() && c.wants_reroute());
+    c.on_upstream_data(OK_5, &mut |_| {});
+    c.on_rerouted(&policy);
+    assert_eq!(c.upstream_route(), None);
+    assert_eq!(flush_upstream(&mut c, &policy), b"GET / HTTP/1.1\r\nHost: httpbin.test\r\n\r\n");
 
     // The other way round: the dialled address first, then the service.
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
@@ -590,7 +606,10 @@ fn unrouted_requests_get_404_and_a_routed_connection_cannot_go_to_another_host()
     assert_eq!(c.upstream_route(), None);
     flush_upstream(&mut c, &policy);
     c.on_client_data(b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v1\r\n\r\n", &policy);
-    assert_eq!(c.summary().refusal, Some(Refusal::RouteChanged));
+    assert!(c.wants_reroute());
+    // The upstream closed before answering: what was judged for it is dropped, the request goes on.
+    c.on_rerouted(&policy);
+    assert!(c.upstream_route().is_some() && c.wants_upstream());
 
     // Another dialled port: the service is not there; the request goes to the dialled address.
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(8080);

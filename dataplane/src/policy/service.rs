@@ -5,11 +5,11 @@
 //!
 //! The policy still decides first: a request reaches a service only under an `l7` rule that allows its Host. Then,
 //! when the Host and the port the client dialled name a service, its first matching route picks the subset (by
-//! weight) and the L7 path connects to one of the subset's endpoints instead of the dialled address. A connection
-//! keeps the route of its first request (the upstream connection, and its TLS session, are that subset's): a later
-//! request on it that routes elsewhere is answered `421 Misdirected Request`, which tells HTTP clients to retry on
-//! a new connection (RFC 9110 15.5.20). Weights therefore split connections, which for clients that open one per
-//! request is the same as splitting requests.
+//! weight) and the L7 path connects to one of the subset's endpoints instead of the dialled address. Each request
+//! is routed: one for another route than the upstream connection's waits until that connection has answered every
+//! earlier request (their responses are framed as they go by), then goes on a new upstream connection for its own
+//! route. Weights split upstream connections: a client connection keeps its subset while its requests keep their
+//! route.
 //!
 //! This module is the immutable, compiled half (matching, subsets resolved to endpoint lists); the mutable half
 //! (weighted choice, round robin, outlier ejection) is `crate::l7::balance`.

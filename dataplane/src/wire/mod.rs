@@ -20,6 +20,7 @@ pub mod ethernet;
 pub mod http;
 pub mod icmp;
 pub mod ipv4;
+pub mod response;
 pub mod tcp;
 pub mod tls;
 pub mod transport;
