@@ -59,6 +59,15 @@ heads = [
 for i, head in enumerate(heads):
     put("http_head", f"head-{i}", bytes([7]) + head)
 
+# http_response: byte 0 = split point, byte 1 = requests (bit i set: the i-th of 4 is HEAD), then responses.
+responses = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 503 x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\nHTTP/1.1 200 OK\r\n\r\nuntil the close",
+]
+for i, response in enumerate(responses):
+    put("http_response", f"response-{i}", bytes([20, 0b0100 if i == 2 else 0]) + response)
+
 rng = random.Random(20261206)
 for target in ["pipeline", "nat_icmp_errors"]:
     for i in range(8):
