@@ -398,6 +398,24 @@ impl Collector for CoreCollector {
             )?;
             counters(
                 &mut encoder,
+                "egressd_l7_pool_reused",
+                "Idle upstream connections of services a new client connection reused.",
+                [(vec![], g(&l7.pool_reused))],
+            )?;
+            counters(
+                &mut encoder,
+                "egressd_l7_pool_closed",
+                "Idle upstream connections closed in the pool (idle timeout, closed by the server).",
+                [(vec![], g(&l7.pool_closed))],
+            )?;
+            gauges(
+                &mut encoder,
+                "egressd_l7_pool_idle",
+                "Idle upstream connections of services kept for the next client.",
+                [(vec![], g(&l7.pool_idle))],
+            )?;
+            counters(
+                &mut encoder,
                 "egressd_l7_dropped_packets",
                 "Packets of L7 flows dropped: over max_connections, of no connection, or a full queue.",
                 [

@@ -1327,3 +1327,43 @@ for n in "abc": print(n, results[n][0], "%.2f" % results[n][1])
     assert!(c.1 < 0.5, "and is told at once: {out}");
     assert_eq!(gw.metric(r#"egressd_l7_refused_total{reason="service_overloaded"}"#), 1.0);
 }
+
+/// Upstream keep-alive pools: clients that each open their own connection to a service (nginx in ext, which says
+/// the address and port it saw) share one upstream connection, up to `max_requests_per_connection` (3); a
+/// connection idle longer than `pool_idle_timeout_secs` (2 s) is closed and the next client gets a new one.
+#[test]
+fn idle_upstream_connections_are_reused_up_to_their_request_limit_and_idle_time() {
+    let lab = Lab::up(false);
+    let service = r#"
+[[service]]
+name = "pooled"
+hosts = ["pool.test"]
+port = 80
+max_requests_per_connection = 3
+pool_idle_timeout_secs = 2
+
+[[service.endpoint]]
+address = "203.0.113.12"
+"#;
+    let rule = "ports = [80]\naction = \"l7\"\nhosts = [\"pool.test\"]";
+    let (_dir, config, _) = lab_config(|text| format!("{}\n{service}", replace_web_rule(text, rule)));
+    let gw = Gateway::start(&lab, &config);
+    let seen = || {
+        let (code, body, err, _) = curl(&lab, &["-H", "Host: pool.test", "http://203.0.113.10/ip"]);
+        assert_eq!(code, 0, "{err}\n{}", gw.log_text());
+        assert_from_l7_range(&body);
+        // The endpoint is fixed: the answer's port says which upstream connection carried the request.
+        body.trim().to_string()
+    };
+    let first: Vec<String> = (0..4).map(|_| seen()).collect();
+    assert_eq!(first[0], first[1], "the second client reused the first's upstream connection");
+    assert_eq!(first[1], first[2], "and the third");
+    assert_ne!(first[2], first[3], "the fourth request needs a new connection (3 per connection)");
+    assert_eq!(gw.metric("egressd_l7_pool_reused_total"), 2.0);
+    wait_for(|| gw.metric("egressd_l7_pool_idle") == 1.0, "the fourth's connection waits in the pool");
+    // Idle for longer than 2 s: closed; the next client gets a new connection.
+    wait_for(|| gw.metric("egressd_l7_pool_closed_total") == 1.0, "the idle connection closed after 2 s");
+    let last = seen();
+    assert_ne!(last, first[3], "a new connection after the idle timeout");
+    assert_eq!(gw.metric("egressd_l7_pool_reused_total"), 2.0);
+}

@@ -167,8 +167,9 @@ struct Service {
     load_balancer: Option<&'static str>,
     /// (consecutive failures, base ejection seconds, max ejection percent).
     outlier: (Option<u32>, Option<u32>, Option<u32>),
-    /// (max connections, max pending requests): the DestinationRule's connection pool.
-    pool: (Option<u32>, Option<u32>),
+    /// (max connections, max pending requests, idle timeout seconds, max requests per connection): the
+    /// DestinationRule's connection pool.
+    pool: (Option<u32>, Option<u32>, Option<u32>, Option<u32>),
     from: Vec<String>,
 }
 
@@ -296,7 +297,12 @@ impl Service {
                 let _ = writeln!(out, "{key} = {v}");
             }
         }
-        for (key, value) in [("max_connections", self.pool.0), ("max_pending_requests", self.pool.1)] {
+        for (key, value) in [
+            ("max_connections", self.pool.0),
+            ("max_pending_requests", self.pool.1),
+            ("pool_idle_timeout_secs", self.pool.2),
+            ("max_requests_per_connection", self.pool.3),
+        ] {
             if let Some(v) = value {
                 let _ = writeln!(out, "{key} = {v}");
             }
@@ -910,6 +916,13 @@ fn new_service(
             service.pool = (
                 pool(&["connectionPool", "tcp", "maxConnections"]).map(|n: u32| n.clamp(1, 1_000_000)),
                 pool(&["connectionPool", "http", "http1MaxPendingRequests"]).map(|n: u32| n.min(1_000_000)),
+                get(p, &["connectionPool", "http", "idleTimeout"])
+                    .and_then(|v| text(v, &[]))
+                    .and_then(|t| duration_secs(&t))
+                    .map(|t| t.min(3600)),
+                pool(&["connectionPool", "http", "maxRequestsPerConnection"])
+                    .filter(|n: &u32| *n > 0)
+                    .map(|n: u32| n.min(1_000_000)),
             );
             service.outlier = (
                 count("consecutive5xxErrors")
@@ -1155,7 +1168,7 @@ mod tests {
             "kind: DestinationRule\nmetadata: {name: dr}\nspec:\n  host: api.test\n  trafficPolicy:\n    loadBalancer: \
              {simple: LEAST_REQUEST}\n    outlierDetection: {consecutive5xxErrors: 7, baseEjectionTime: 1m, \
              maxEjectionPercent: 50}\n    tls: {mode: SIMPLE, sni: api.test}\n    connectionPool: {tcp: \
-             {maxConnections: 10}, http: {http1MaxPendingRequests: 5}}",
+             {maxConnections: 10}, http: {http1MaxPendingRequests: 5, idleTimeout: 90s, maxRequestsPerConnection: 100}}",
             "kind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [api.test]\n  gateways: [egress]\n  http:\n  \
              - match: [{port: 80, uri: {prefix: /v2}, method: {exact: GET}}]\n    timeout: 5s\n    route: \
              [{destination: {host: api.test, port: {number: 443}}}]",
@@ -1169,7 +1182,7 @@ mod tests {
         let s = &services[0];
         assert_eq!((s.port, s.load_balancer), (80, Some("least_request")));
         assert_eq!(s.outlier, (Some(7), Some(60), Some(50)));
-        assert_eq!(s.pool, (Some(10), Some(5)));
+        assert_eq!(s.pool, (Some(10), Some(5), Some(90), Some(100)));
         assert_eq!(s.routes[0].timeout_secs, Some(5));
         assert_eq!(s.endpoints[1], ("203.0.113.6".to_string(), 443, BTreeMap::new()));
         assert_eq!(s.tls.as_ref().map(|t| (t.mode, t.sni.as_deref())), Some(("simple", Some("api.test"))));

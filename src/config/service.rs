@@ -80,6 +80,12 @@ pub struct ServiceConfig {
     /// Seconds from a request sent to the first byte of its answer; beyond, `504` (default: no limit).
     #[serde(default)]
     pub request_timeout_secs: Option<Spanned<i64>>,
+    /// Seconds an idle upstream connection is kept for the next client (default 60; 0: never kept).
+    #[serde(default)]
+    pub pool_idle_timeout_secs: Option<Spanned<i64>>,
+    /// Requests one upstream connection carries before it is closed (default: no limit).
+    #[serde(default)]
+    pub max_requests_per_connection: Option<Spanned<i64>>,
     #[serde(default)]
     pub upstream_tls: Option<Spanned<String>>,
     #[serde(default)]
@@ -252,6 +258,8 @@ pub fn validate(config: &Config, src: &Source, diags: &mut Diagnostics) {
             ("max_connections", &s.max_connections, 1..=1_000_000),
             ("max_pending_requests", &s.max_pending_requests, 0..=1_000_000),
             ("request_timeout_secs", &s.request_timeout_secs, 1..=3600),
+            ("pool_idle_timeout_secs", &s.pool_idle_timeout_secs, 0..=3600),
+            ("max_requests_per_connection", &s.max_requests_per_connection, 1..=1_000_000),
         ] {
             if let Some(v) = value {
                 if !range.contains(v.get_ref()) {
@@ -489,5 +497,7 @@ pub fn compile(s: &ServiceConfig) -> Result<ServiceSpec, String> {
         max_connections: s.max_connections.as_ref().map(|v| *v.get_ref() as u32),
         max_pending_requests: s.max_pending_requests.as_ref().map(|v| *v.get_ref() as u32),
         request_timeout_secs: s.request_timeout_secs.as_ref().map(|v| *v.get_ref() as u32),
+        pool_idle_timeout_secs: number(&s.pool_idle_timeout_secs, 60),
+        max_requests_per_connection: s.max_requests_per_connection.as_ref().map(|v| *v.get_ref() as u32),
     })
 }

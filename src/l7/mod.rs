@@ -73,6 +73,11 @@ pub struct L7Stats {
     /// Outlier ejections since start, and endpoints ejected now.
     pub ejections: AtomicU64,
     pub ejected_endpoints: AtomicU64,
+    /// Upstream connections of services taken from the pool, closed there (idle too long, closed by the server),
+    /// and idle in it now.
+    pub pool_reused: AtomicU64,
+    pub pool_closed: AtomicU64,
+    pub pool_idle: AtomicU64,
 }
 
 impl Default for L7Stats {
@@ -97,6 +102,9 @@ impl Default for L7Stats {
             endpoint_failures: AtomicU64::new(0),
             ejections: AtomicU64::new(0),
             ejected_endpoints: AtomicU64::new(0),
+            pool_reused: AtomicU64::new(0),
+            pool_closed: AtomicU64::new(0),
+            pool_idle: AtomicU64::new(0),
         }
     }
 }
@@ -144,6 +152,10 @@ struct ServiceTarget {
     counted: bool,
     /// Waiting for one of the service's `max_connections` since then (counted in its waiting connections).
     waiting_since: Option<Instant>,
+    /// Requests the upstream connection carried before this client had it (taken from the pool), and the
+    /// client's requests when it got it.
+    requests_before: u32,
+    requests_at_attach: u32,
 }
 
 struct Conn {
@@ -214,6 +226,7 @@ struct Driver {
     /// Per service: upstream connections open, and client connections waiting for one (`max_connections`).
     service_connections: HashMap<String, u32>,
     service_waiting: HashMap<String, u32>,
+    pools: HashMap<PoolKey, Vec<Pooled>>,
     /// Connections to pump again at once (a service connection moving to its next endpoint).
     again: Vec<FourTuple>,
 }
@@ -265,6 +278,7 @@ impl Driver {
             balancer: Balancer::new(),
             service_connections: HashMap::new(),
             service_waiting: HashMap::new(),
+            pools: HashMap::new(),
             again: Vec::new(),
         }
     }
@@ -312,6 +326,20 @@ impl Driver {
                 self.count_states();
                 let ejected = self.balancer.ejected_count(now) as u64;
                 self.t.stats.ejected_endpoints.store(ejected, Ordering::Relaxed);
+                let policy = self.t.policy.load_full();
+                let mut upstreams = Upstreams {
+                    poll: &self.poll,
+                    tokens: &mut self.tokens,
+                    ports: &mut self.ports,
+                    rule_counts: &mut self.upstream_counts,
+                    service_connections: &mut self.service_connections,
+                    balancer: &mut self.balancer,
+                    pools: &mut self.pools,
+                };
+                let closed = upstreams.sweep_pools(now, &policy, &mut self.buf);
+                self.t.stats.pool_closed.fetch_add(closed as u64, Ordering::Relaxed);
+                let idle = self.pools.values().map(Vec::len).sum::<usize>() as u64;
+                self.t.stats.pool_idle.store(idle, Ordering::Relaxed);
                 if let Some(r) = self.resolver.as_mut() {
                     r.on_tick(now, &mut resolved);
                 }
@@ -457,8 +485,9 @@ impl Driver {
                 rule_counts: &mut self.upstream_counts,
                 service_connections: &mut self.service_connections,
                 balancer: &mut self.balancer,
+                pools: &mut self.pools,
             };
-            upstreams.release(conn);
+            upstreams.park_or_release(now, conn, policy);
             conn.target = None;
             conn.connected = false;
             conn.upstream_eof = false;
@@ -531,12 +560,43 @@ impl Driver {
                 }
             }
         }
+        // An idle upstream connection to the chosen endpoint, kept from an earlier client, is taken first.
+        if wants && conn.target.as_ref().is_some_and(|t| t.service.is_some()) {
+            let token = Token(self.next_token);
+            let mut upstreams = Upstreams {
+                poll: &self.poll,
+                tokens: &mut self.tokens,
+                ports: &mut self.ports,
+                rule_counts: &mut self.upstream_counts,
+                service_connections: &mut self.service_connections,
+                balancer: &mut self.balancer,
+                pools: &mut self.pools,
+            };
+            if upstreams.take_pooled(conn, key, token, policy) {
+                self.next_token += 1;
+                wants = false;
+                conn.connected = true;
+                conn.connect_started = now;
+                *self.upstream_counts.entry(rule).or_default() += 1;
+                conn.counted_rule = Some(rule);
+                if let Some(Target { server, service: Some(svc), .. }) = conn.target.as_mut() {
+                    *self.service_connections.entry(svc.name.clone()).or_default() += 1;
+                    svc.counted = true;
+                    self.balancer.on_opened(&svc.name, *server);
+                    svc.opened = true;
+                }
+                conn.engine.on_upstream_connected();
+                self.t.stats.pool_reused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         if let (true, Some(target)) = (wants, conn.target.as_mut()) {
             match connect(&mut self.ports, conn.egress, target.server) {
                 Ok((mut stream, port)) => {
                     if let Some(svc) = target.service.as_mut() {
                         *self.service_connections.entry(svc.name.clone()).or_default() += 1;
                         svc.counted = true;
+                        svc.requests_before = 0;
+                        svc.requests_at_attach = conn.engine.summary().requests_allowed.saturating_sub(1);
                     }
                     let token = Token(self.next_token);
                     self.next_token += 1;
@@ -610,6 +670,7 @@ impl Driver {
                 rule_counts: &mut self.upstream_counts,
                 service_connections: &mut self.service_connections,
                 balancer: &mut self.balancer,
+                pools: &mut self.pools,
             };
             upstreams.release(conn);
             match conn.target.as_mut() {
@@ -649,6 +710,29 @@ impl Driver {
             self.t.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
         }
 
+        // The client finished after every answer: its upstream connection is kept for the next client (if it may
+        // be), instead of being half-closed.
+        if client_finished
+            && conn.upstream.is_some()
+            && conn.engine.to_upstream().is_empty()
+            && conn.engine.upstream_reusable()
+            && conn.target.as_ref().is_some_and(|t| t.service.is_some())
+        {
+            let mut upstreams = Upstreams {
+                poll: &self.poll,
+                tokens: &mut self.tokens,
+                ports: &mut self.ports,
+                rule_counts: &mut self.upstream_counts,
+                service_connections: &mut self.service_connections,
+                balancer: &mut self.balancer,
+                pools: &mut self.pools,
+            };
+            if upstreams.park_or_release(now, conn, policy) {
+                conn.end = "client_closed";
+            } else {
+                conn.upstream_eof = true;
+            }
+        }
         if let (Some(stream), true) = (conn.upstream.as_mut(), conn.connected) {
             // What TLS failed at, before the server said anything: the client gets 502 with the reason.
             let mut tls_failure: Option<String> = None;
@@ -1004,6 +1088,28 @@ fn connect(
     }
 }
 
+/// Idle upstream connections of services, kept for the next client: by service, endpoint, TLS configuration
+/// (policy generation and owner, so a reload's new certificates are never mixed with old sessions) and egress IP.
+type PoolKey = (String, SocketAddrV4, Option<(u64, (u32, u32, u32))>, Ipv4Addr);
+
+/// Most idle connections kept per pool key.
+const MAX_POOLED_PER_KEY: usize = 32;
+
+struct Pooled {
+    upstream: Upstream,
+    local_port: u16,
+    since: Instant,
+    /// Requests it carried.
+    requests: u32,
+}
+
+fn pool_key(conn: &Conn, generation: u64) -> Option<PoolKey> {
+    let target = conn.target.as_ref()?;
+    let svc = target.service.as_ref()?;
+    let tls = target.tls.as_ref().map(|_| (generation, target.tls_key));
+    Some((svc.name.clone(), target.server, tls, conn.egress))
+}
+
 /// What an upstream connection holds in the driver: its token, its port, its places in the rule's and the
 /// service's counts and in the balancer's in-flight connections.
 struct Upstreams<'a> {
@@ -1013,9 +1119,111 @@ struct Upstreams<'a> {
     rule_counts: &'a mut HashMap<u32, u32>,
     service_connections: &'a mut HashMap<String, u32>,
     balancer: &'a mut Balancer,
+    pools: &'a mut HashMap<PoolKey, Vec<Pooled>>,
 }
 
 impl Upstreams<'_> {
+    /// Keeps `conn`'s upstream connection for the next client if it can carry more: a service's, connected, idle
+    /// (every response ended, framing known), not closed either way, its TLS established, under the service's
+    /// `max_requests_per_connection`. Otherwise closes it. Either way `conn` no longer holds it.
+    fn park_or_release(&mut self, now: Instant, conn: &mut Conn, policy: &PolicySnapshot) -> bool {
+        let service = conn.target.as_ref().and_then(|t| t.service.as_ref());
+        let spec = service.and_then(|svc| policy.services().get(svc.id).filter(|s| s.name() == svc.name));
+        let requests = service.map_or(0, |svc| {
+            svc.requests_before
+                + conn.engine.summary().requests_allowed.saturating_sub(svc.requests_at_attach)
+        });
+        let key = pool_key(conn, policy.generation());
+        let keep = spec.is_some_and(|s| {
+            s.spec().pool_idle_timeout_secs > 0
+                && s.spec().max_requests_per_connection.is_none_or(|m| requests < m)
+        }) && conn.connected
+            && !conn.upstream_eof
+            && !conn.upstream_write_shut
+            && !conn.upstream_failed
+            && conn.engine.upstream_reusable()
+            && conn.upstream.as_ref().is_some_and(|u| !u.is_tls() || conn.tls_established)
+            && key.as_ref().is_some_and(|k| self.pools.get(k).is_none_or(|v| v.len() < MAX_POOLED_PER_KEY));
+        if !keep {
+            self.release(conn);
+            return false;
+        }
+        let (Some(key), Some(mut upstream), Some(local_port)) =
+            (key, conn.upstream.take(), conn.local_port.take())
+        else {
+            self.release(conn);
+            return false;
+        };
+        let _ = self.poll.registry().deregister(upstream.tcp_mut());
+        if let Some(token) = conn.token.take() {
+            self.tokens.remove(&token);
+        }
+        conn.local_port = None;
+        self.pools.entry(key).or_default().push(Pooled { upstream, local_port, since: now, requests });
+        // Idle in the pool, it holds no place in the rule's and the service's counts.
+        self.release(conn);
+        true
+    }
+
+    /// An idle connection of the pool for `conn`'s target, attached to it (registered under `token`).
+    fn take_pooled(
+        &mut self,
+        conn: &mut Conn,
+        key: FourTuple,
+        token: Token,
+        policy: &PolicySnapshot,
+    ) -> bool {
+        let Some(pool_key) = pool_key(conn, policy.generation()) else { return false };
+        let Some(mut pooled) = self.pools.get_mut(&pool_key).and_then(Vec::pop) else { return false };
+        if self
+            .poll
+            .registry()
+            .register(pooled.upstream.tcp_mut(), token, Interest::READABLE | Interest::WRITABLE)
+            .is_err()
+        {
+            pooled.upstream.shutdown_both();
+            self.ports.entry(conn.egress).or_default().push_back(pooled.local_port);
+            return false;
+        }
+        self.tokens.insert(token, key);
+        conn.token = Some(token);
+        conn.tls_established = pooled.upstream.is_tls();
+        conn.upstream = Some(pooled.upstream);
+        conn.local_port = Some(pooled.local_port);
+        let requests_now = conn.engine.summary().requests_allowed;
+        if let Some(svc) = conn.target.as_mut().and_then(|t| t.service.as_mut()) {
+            svc.requests_before = pooled.requests;
+            // This client's requests so far went before it had the connection, except the one it is for.
+            svc.requests_at_attach = requests_now.saturating_sub(1);
+        }
+        true
+    }
+
+    /// Closes pooled connections idle longer than their service allows, closed by the server, or that sent
+    /// something nobody asked for (`buf`: scratch space).
+    fn sweep_pools(&mut self, now: Instant, policy: &PolicySnapshot, buf: &mut [u8]) -> usize {
+        let mut closed = 0;
+        let services = policy.services();
+        for ((service, _, _, egress), pooled) in self.pools.iter_mut() {
+            let idle_nanos = services
+                .iter()
+                .find(|s| s.name() == service)
+                .map_or(0, |s| u64::from(s.spec().pool_idle_timeout_secs) * 1_000_000_000);
+            pooled.retain_mut(|p| {
+                let expired = now.as_nanos().saturating_sub(p.since.as_nanos()) >= idle_nanos;
+                let alive = !expired
+                    && matches!(p.upstream.read(&mut buf[..1]), Err(e) if e.kind() == ErrorKind::WouldBlock);
+                if !alive {
+                    p.upstream.shutdown_both();
+                    self.ports.entry(*egress).or_default().push_back(p.local_port);
+                    closed += 1;
+                }
+                alive
+            });
+        }
+        self.pools.retain(|_, v| !v.is_empty());
+        closed
+    }
     /// Closes `conn`'s upstream connection and gives back all it holds.
     fn release(&mut self, conn: &mut Conn) {
         if let Some(mut stream) = conn.upstream.take() {
@@ -1082,6 +1290,8 @@ fn choose_target(
                 opened: false,
                 counted: false,
                 waiting_since: None,
+                requests_before: 0,
+                requests_at_attach: 0,
             }),
             request_timeout_nanos: service.request_timeout_secs(route).map(|s| u64::from(s) * 1_000_000_000),
         });

@@ -269,6 +269,8 @@ mod tests {
             max_connections: None,
             max_pending_requests: None,
             request_timeout_secs: None,
+            pool_idle_timeout_secs: 60,
+            max_requests_per_connection: None,
         })
         .unwrap()
     }

@@ -541,6 +541,8 @@ fn service_policy() -> (PolicySnapshot, RuleId) {
         max_connections: None,
         max_pending_requests: None,
         request_timeout_secs: None,
+        pool_idle_timeout_secs: 60,
+        max_requests_per_connection: None,
     });
     (b.build(1).unwrap(), id)
 }

@@ -156,6 +156,10 @@ pub struct ServiceSpec {
     pub max_pending_requests: Option<u32>,
     /// Time from a request sent to the first byte of its answer; beyond, `504` (`None`: no limit).
     pub request_timeout_secs: Option<u32>,
+    /// How long an idle upstream connection is kept for the next client (0: never kept).
+    pub pool_idle_timeout_secs: u32,
+    /// Requests one upstream connection carries before it is closed (`None`: no limit).
+    pub max_requests_per_connection: Option<u32>,
 }
 
 /// Identifies a service within one policy snapshot.
@@ -393,6 +397,8 @@ mod tests {
             max_connections: None,
             max_pending_requests: None,
             request_timeout_secs: None,
+            pool_idle_timeout_secs: 60,
+            max_requests_per_connection: None,
         }
     }
 
