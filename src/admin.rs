@@ -398,6 +398,12 @@ impl Collector for CoreCollector {
             )?;
             counters(
                 &mut encoder,
+                "egressd_l7_retries",
+                "Requests of services sent again after a gateway error, a reset or a timeout (safe requests only).",
+                [(vec![], g(&l7.retries))],
+            )?;
+            counters(
+                &mut encoder,
                 "egressd_l7_pool_reused",
                 "Idle upstream connections of services a new client connection reused.",
                 [(vec![], g(&l7.pool_reused))],

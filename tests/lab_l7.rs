@@ -1265,6 +1265,7 @@ while True:
 name = "slow"
 hosts = ["slow.test"]
 port = 80
+retries = 0
 max_connections = 1
 max_pending_requests = 1
 
@@ -1366,4 +1367,83 @@ address = "203.0.113.12"
     let last = seen();
     assert_ne!(last, first[3], "a new connection after the idle timeout");
     assert_eq!(gw.metric("egressd_l7_pool_reused_total"), 2.0);
+}
+
+/// Retries: a service whose endpoints are a failing server (203.0.113.24:8080: `/503` answers 503, `/close` closes
+/// without answering) and a healthy one (203.0.113.24:8081). A GET that meets the failing one is sent again to the
+/// healthy one: the client sees only the good answer. A POST is not safe to repeat: the client gets the 503. With
+/// only the failing endpoint, a GET is tried 1 + 2 times, then its 503 goes to the client.
+#[test]
+fn safe_requests_are_retried_on_gateway_errors_and_resets_and_unsafe_ones_are_not() {
+    let lab = Lab::up(false);
+    let server = r#"
+import socket, threading
+def serve(c, port):
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        d = c.recv(4096)
+        if not d: c.close(); return
+        buf += d
+    if port == 8081:
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\ngood\n")
+    elif b" /close " in buf.split(b"\r\n")[0]:
+        pass
+    else:
+        c.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\nConnection: close\r\n\r\nbad\n")
+    c.close()
+def listen(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("203.0.113.24", port)); s.listen(64)
+    while True:
+        c, _ = s.accept(); threading.Thread(target=serve, args=(c, port), daemon=True).start()
+threading.Thread(target=listen, args=(8081,), daemon=True).start()
+listen(8080)
+"#;
+    let _server = KillOnDrop(lab.spawn_python_server("ext", server));
+    wait_for(
+        || {
+            let ss = String::from_utf8_lossy(&lab.sh("ext", "ss -lnt").stdout).into_owned();
+            ss.contains("203.0.113.24:8080") && ss.contains("203.0.113.24:8081")
+        },
+        "the servers listening",
+    );
+    let service = |name: &str, host: &str, endpoints: &[u16]| {
+        let mut text = format!(
+            "\n[[service]]\nname = \"{name}\"\nhosts = [\"{host}\"]\nport = 80\noutlier_consecutive_failures = 0\n"
+        );
+        for port in endpoints {
+            text.push_str(&format!("\n[[service.endpoint]]\naddress = \"203.0.113.24\"\nport = {port}\n"));
+        }
+        text
+    };
+    let services =
+        format!("{}{}", service("mixed", "mixed.test", &[8080, 8081]), service("bad", "bad.test", &[8080]));
+    let rule = "ports = [80]\naction = \"l7\"\nhosts = [\"mixed.test\", \"bad.test\"]";
+    let (_dir, config, _) = lab_config(|text| format!("{}\n{services}", replace_web_rule(text, rule)));
+    let gw = Gateway::start(&lab, &config);
+    let request = |method: &str, host: &str, path: &str| {
+        let header = format!("Host: {host}");
+        let url = format!("http://203.0.113.10{path}");
+        let (_, body, _, _) = curl(&lab, &["-i", "-X", method, "-H", &header, &url]);
+        body
+    };
+    // Round robin: each GET meets the failing endpoint first (the retry's pick of the healthy one moves the
+    // rotation back to it), and each gets the good answer.
+    for path in ["/503", "/close", "/503", "/close"] {
+        let body = request("GET", "mixed.test", path);
+        assert!(
+            body.starts_with("HTTP/1.1 200") && body.ends_with("good\n"),
+            "GET {path}: {body}\n{}",
+            gw.log_text()
+        );
+    }
+    assert_eq!(gw.metric("egressd_l7_retries_total"), 4.0);
+    // POSTs are not repeated: one of two meets the failing endpoint and its 503 reaches the client.
+    let posts: Vec<String> = (0..2).map(|_| request("POST", "mixed.test", "/503")).collect();
+    assert_eq!(posts.iter().filter(|b| b.starts_with("HTTP/1.1 503")).count(), 1, "{posts:?}");
+    assert_eq!(gw.metric("egressd_l7_retries_total"), 4.0);
+    // Only the failing endpoint: tried three times, then the last 503 goes through.
+    let body = request("GET", "bad.test", "/503");
+    assert!(body.starts_with("HTTP/1.1 503") && body.ends_with("bad\n"), "{body}");
+    assert_eq!(gw.metric("egressd_l7_retries_total"), 6.0);
 }

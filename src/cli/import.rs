@@ -170,6 +170,9 @@ struct Service {
     /// (max connections, max pending requests, idle timeout seconds, max requests per connection): the
     /// DestinationRule's connection pool.
     pool: (Option<u32>, Option<u32>, Option<u32>, Option<u32>),
+    /// A VirtualService route's `retries`: attempts, and what they are for (egressd's names).
+    retries: Option<u32>,
+    retry_on: Vec<&'static str>,
     from: Vec<String>,
 }
 
@@ -305,6 +308,13 @@ impl Service {
         ] {
             if let Some(v) = value {
                 let _ = writeln!(out, "{key} = {v}");
+            }
+        }
+        if let Some(n) = self.retries {
+            let _ = writeln!(out, "retries = {n}");
+            if !self.retry_on.is_empty() {
+                let on: Vec<String> = self.retry_on.iter().map(|s| s.to_string()).collect();
+                let _ = writeln!(out, "retry_on = {}", list(&on));
             }
         }
         for (address, port, labels) in &self.endpoints {
@@ -617,7 +627,7 @@ fn virtual_service(v: &Value, what: &str, notes: &mut Vec<String>, routed_hosts:
             for key in
                 ["retries", "timeout", "fault", "mirror", "rewrite", "redirect", "headers", "corsPolicy"]
             {
-                let done = routed && kind == "http" && key == "timeout";
+                let done = routed && kind == "http" && matches!(key, "timeout" | "retries");
                 if get(route, &[key]).is_some() && !done {
                     untranslated.insert(key.to_string());
                 }
@@ -854,6 +864,26 @@ fn routing_services(docs: &[Document], notes: &mut Vec<String>) -> (Vec<Service>
                         services.last_mut().unwrap_or_else(|| unreachable!("pushed above"))
                     }
                 };
+                if let Some(attempts) = get(route, &["retries", "attempts"]).and_then(|v| text(v, &[])) {
+                    service.retries = attempts.parse::<u32>().ok().map(|n| n.min(10)).max(service.retries);
+                    let on = text(route, &["retries", "retryOn"]).unwrap_or_default();
+                    for what in on.split(',').map(str::trim) {
+                        let ours = match what {
+                            "5xx" => "5xx",
+                            "gateway-error" | "unavailable" | "retriable-status-codes" => "gateway-error",
+                            "reset" | "connect-failure" | "refused-stream" => "reset",
+                            _ => continue,
+                        };
+                        if !service.retry_on.contains(&ours) {
+                            service.retry_on.push(ours);
+                        }
+                    }
+                    if r.timeout_secs.is_none() {
+                        r.timeout_secs = text(route, &["retries", "perTryTimeout"])
+                            .and_then(|t| duration_secs(&t))
+                            .map(|t| t.min(3600));
+                    }
+                }
                 if service.routes.iter().any(|x| x.name == r.name) {
                     r.name = format!("{}-{}", r.name, service.routes.len() + 1);
                 }
@@ -1170,7 +1200,8 @@ mod tests {
              maxEjectionPercent: 50}\n    tls: {mode: SIMPLE, sni: api.test}\n    connectionPool: {tcp: \
              {maxConnections: 10}, http: {http1MaxPendingRequests: 5, idleTimeout: 90s, maxRequestsPerConnection: 100}}",
             "kind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [api.test]\n  gateways: [egress]\n  http:\n  \
-             - match: [{port: 80, uri: {prefix: /v2}, method: {exact: GET}}]\n    timeout: 5s\n    route: \
+             - match: [{port: 80, uri: {prefix: /v2}, method: {exact: GET}}]\n    timeout: 5s\n    retries: \
+             {attempts: 3, retryOn: \"connect-failure,5xx\"}\n    route: \
              [{destination: {host: api.test, port: {number: 443}}}]",
         ]
         .iter()
@@ -1184,6 +1215,7 @@ mod tests {
         assert_eq!(s.outlier, (Some(7), Some(60), Some(50)));
         assert_eq!(s.pool, (Some(10), Some(5), Some(90), Some(100)));
         assert_eq!(s.routes[0].timeout_secs, Some(5));
+        assert_eq!((s.retries, s.retry_on.as_slice()), (Some(3), &["reset", "5xx"][..]));
         assert_eq!(s.endpoints[1], ("203.0.113.6".to_string(), 443, BTreeMap::new()));
         assert_eq!(s.tls.as_ref().map(|t| (t.mode, t.sni.as_deref())), Some(("simple", Some("api.test"))));
         assert_eq!(s.routes[0].paths, ["/v2*"]);

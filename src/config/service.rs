@@ -32,8 +32,8 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 
 use dataplane::policy::l7::PathPattern;
 use dataplane::policy::service::{
-    Balancing, EndpointSpec, HeaderMatch, OutlierSpec, RouteSpec, ServiceSpec, SubsetSpec, ValueMatch,
-    WeightedSubset,
+    Balancing, EndpointSpec, HeaderMatch, OutlierSpec, RetryOn, RouteSpec, ServiceSpec, SubsetSpec,
+    ValueMatch, WeightedSubset,
 };
 use dataplane::policy::HostPattern;
 use serde::Deserialize;
@@ -86,6 +86,14 @@ pub struct ServiceConfig {
     /// Requests one upstream connection carries before it is closed (default: no limit).
     #[serde(default)]
     pub max_requests_per_connection: Option<Spanned<i64>>,
+    /// Times a request safe to repeat (GET, HEAD, OPTIONS, TRACE, DELETE without a body) is sent again after a
+    /// failure of `retry_on` (default 2).
+    #[serde(default)]
+    pub retries: Option<Spanned<i64>>,
+    /// "gateway-error" (502, 503, 504), "5xx", "reset" (closed before any answer, or timed out); default
+    /// ["gateway-error", "reset"].
+    #[serde(default)]
+    pub retry_on: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     pub upstream_tls: Option<Spanned<String>>,
     #[serde(default)]
@@ -260,6 +268,7 @@ pub fn validate(config: &Config, src: &Source, diags: &mut Diagnostics) {
             ("request_timeout_secs", &s.request_timeout_secs, 1..=3600),
             ("pool_idle_timeout_secs", &s.pool_idle_timeout_secs, 0..=3600),
             ("max_requests_per_connection", &s.max_requests_per_connection, 1..=1_000_000),
+            ("retries", &s.retries, 0..=10),
         ] {
             if let Some(v) = value {
                 if !range.contains(v.get_ref()) {
@@ -267,6 +276,17 @@ pub fn validate(config: &Config, src: &Source, diags: &mut Diagnostics) {
                         src,
                         v.span(),
                         format!("{key}: {} must be {}..={}", v.get_ref(), range.start(), range.end()),
+                    );
+                }
+            }
+        }
+        if let Some(on) = &s.retry_on {
+            for what in on.get_ref() {
+                if !matches!(what.as_str(), "gateway-error" | "5xx" | "reset") {
+                    diags.error(
+                        src,
+                        on.span(),
+                        format!("retry_on: \"{what}\" must be \"gateway-error\", \"5xx\" or \"reset\""),
                     );
                 }
             }
@@ -499,5 +519,10 @@ pub fn compile(s: &ServiceConfig) -> Result<ServiceSpec, String> {
         request_timeout_secs: s.request_timeout_secs.as_ref().map(|v| *v.get_ref() as u32),
         pool_idle_timeout_secs: number(&s.pool_idle_timeout_secs, 60),
         max_requests_per_connection: s.max_requests_per_connection.as_ref().map(|v| *v.get_ref() as u32),
+        retries: number(&s.retries, 2),
+        retry_on: s.retry_on.as_ref().map_or_else(RetryOn::default, |on| {
+            let has = |what: &str| on.get_ref().iter().any(|w| w == what);
+            RetryOn { server_error: has("5xx"), gateway_error: has("gateway-error"), reset: has("reset") }
+        }),
     })
 }

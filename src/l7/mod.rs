@@ -25,7 +25,7 @@ use dataplane::l7::ratelimit::RateLimiter;
 use dataplane::l7::stack::{ClientStack, FourTuple, StackDrop, StackLimits};
 use dataplane::l7::{Connection, L7Limits, Protocol};
 use dataplane::policy::l7::UpstreamTls;
-use dataplane::policy::service::ServiceId;
+use dataplane::policy::service::{RetryOn, ServiceId};
 use dataplane::policy::{PolicySnapshot, RuleId, SharedPolicy};
 use dataplane::time::Instant;
 use dataplane::wire::response::ResponseEvent;
@@ -78,6 +78,8 @@ pub struct L7Stats {
     pub pool_reused: AtomicU64,
     pub pool_closed: AtomicU64,
     pub pool_idle: AtomicU64,
+    /// Requests sent again after a failed attempt.
+    pub retries: AtomicU64,
 }
 
 impl Default for L7Stats {
@@ -105,6 +107,7 @@ impl Default for L7Stats {
             pool_reused: AtomicU64::new(0),
             pool_closed: AtomicU64::new(0),
             pool_idle: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
         }
     }
 }
@@ -152,6 +155,10 @@ struct ServiceTarget {
     counted: bool,
     /// Waiting for one of the service's `max_connections` since then (counted in its waiting connections).
     waiting_since: Option<Instant>,
+    /// Retries of the request upstream, and the service's policy for them.
+    retries_done: u32,
+    retries: u32,
+    retry_on: RetryOn,
     /// Requests the upstream connection carried before this client had it (taken from the pool), and the
     /// client's requests when it got it.
     requests_before: u32,
@@ -733,6 +740,8 @@ impl Driver {
                 conn.upstream_eof = true;
             }
         }
+        // Why the request upstream must go again (a retry), if it must.
+        let mut retry: Option<String> = None;
         if let (Some(stream), true) = (conn.upstream.as_mut(), conn.connected) {
             // What TLS failed at, before the server said anything: the client gets 502 with the reason.
             let mut tls_failure: Option<String> = None;
@@ -767,13 +776,23 @@ impl Driver {
                     }
                 }
             }
+            // A failed attempt at a request safe to repeat is retried (see `retry` below), if the service allows.
+            let retry_policy = conn
+                .target
+                .as_ref()
+                .and_then(|t| t.service.as_ref())
+                .filter(|svc| svc.retries_done < svc.retries)
+                .map(|svc| svc.retry_on);
             // Upstream → client, as much as the client's socket takes.
-            while !conn.upstream_eof {
+            while !conn.upstream_eof && retry.is_none() {
                 let room = stack.send_room(&key).min(buf.len());
                 if room == 0 {
                     break;
                 }
+                let could_retry = conn.engine.can_retry();
+                let reset_retry = retry_policy.is_some_and(|on| on.reset) && could_retry;
                 match stream.read(&mut buf[..room]) {
+                    Ok(0) if reset_retry => retry = Some("closed before answering".to_string()),
                     Ok(0) => conn.upstream_eof = true,
                     Ok(n) => {
                         // A service endpoint is judged by every response: a 5xx is a failure, anything else a success.
@@ -804,6 +823,13 @@ impl Driver {
                                 }
                             }
                         }
+                        if let (true, Some(on)) = (could_retry, retry_policy) {
+                            if let Some(status) = statuses[..seen].iter().find(|s| on.status(**s)) {
+                                // Nothing of this answer goes to the client: the request goes again.
+                                retry = Some(format!("answered {status}"));
+                                break;
+                            }
+                        }
                         stack.send(&key, &buf[..n]);
                         conn.awaiting_since = None;
                         conn.bytes_down += n as u64;
@@ -811,6 +837,7 @@ impl Driver {
                         conn.last_activity = now;
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if reset_retry && !stream.is_handshaking() => retry = Some(e.to_string()),
                     Err(e) => {
                         failed(&e, stream, conn.bytes_down);
                         conn.upstream_eof = true;
@@ -825,7 +852,14 @@ impl Driver {
             // endpoint counts as failed), and the upstream connection is dropped.
             let timeout = conn.target.as_ref().and_then(|t| t.request_timeout_nanos);
             if let (Some(since), Some(limit)) = (conn.awaiting_since, timeout) {
-                if now.as_nanos().saturating_sub(since.as_nanos()) > limit && !conn.upstream_eof {
+                let timed_out = now.as_nanos().saturating_sub(since.as_nanos()) > limit && !conn.upstream_eof;
+                if timed_out
+                    && retry.is_none()
+                    && retry_policy.is_some_and(|on| on.reset)
+                    && conn.engine.can_retry()
+                {
+                    retry = Some(format!("no answer within {} s", limit / 1_000_000_000));
+                } else if timed_out && retry.is_none() {
                     let detail = format!("no answer within {} s", limit / 1_000_000_000);
                     if let Some(Target { server, service: Some(svc), .. }) = conn.target.as_ref() {
                         self.t.stats.endpoint_failures.fetch_add(1, Ordering::Relaxed);
@@ -857,6 +891,49 @@ impl Driver {
             }
         }
 
+        if let Some(why) = retry {
+            // The failed attempt's connection goes; the request goes again on a new one, to another endpoint of
+            // the subset when there is one.
+            let mut upstreams = Upstreams {
+                poll: &self.poll,
+                tokens: &mut self.tokens,
+                ports: &mut self.ports,
+                rule_counts: &mut self.upstream_counts,
+                service_connections: &mut self.service_connections,
+                balancer: &mut self.balancer,
+                pools: &mut self.pools,
+            };
+            upstreams.release(conn);
+            if let Some(Target { server, service: Some(svc), .. }) = conn.target.as_mut() {
+                if !why.starts_with("answered") {
+                    // A reset or a timeout is the endpoint's failure too (a 5xx was counted as it came).
+                    self.t.stats.endpoint_failures.fetch_add(1, Ordering::Relaxed);
+                    endpoint_failed(now, &mut self.balancer, &self.t.stats, policy, svc, *server, &why);
+                }
+                svc.retries_done += 1;
+                let service = policy.services().get(svc.id).filter(|s| s.name() == svc.name);
+                let next = service.and_then(|s| {
+                    let generation = policy.generation();
+                    self.balancer
+                        .pick_endpoint(now, s, generation, svc.subset, &svc.tried)
+                        .or_else(|| self.balancer.pick_endpoint(now, s, generation, svc.subset, &[]))
+                });
+                tracing::debug!(endpoint = %server, next = ?next, reason = why.as_str(), "retrying the request");
+                if let Some(next) = next {
+                    if !svc.tried.contains(&next) {
+                        svc.tried.push(next);
+                    }
+                    *server = next;
+                }
+            }
+            self.t.stats.retries.fetch_add(1, Ordering::Relaxed);
+            conn.connected = false;
+            conn.upstream_eof = false;
+            conn.upstream_write_shut = false;
+            conn.awaiting_since = None;
+            conn.engine.on_retry();
+            self.again.push(key);
+        }
         // The refusal, once whatever the upstream still had to say has gone first.
         let upstream_done = conn.upstream.is_none() || conn.upstream_eof || conn.upstream_failed;
         if !conn.engine.to_client().is_empty() && (!conn.engine.refusal_waits() || upstream_done) {
@@ -1290,6 +1367,9 @@ fn choose_target(
                 opened: false,
                 counted: false,
                 waiting_since: None,
+                retries_done: 0,
+                retries: service.spec().retries,
+                retry_on: service.spec().retry_on,
                 requests_before: 0,
                 requests_at_attach: 0,
             }),

@@ -271,6 +271,8 @@ mod tests {
             request_timeout_secs: None,
             pool_idle_timeout_secs: 60,
             max_requests_per_connection: None,
+            retries: 2,
+            retry_on: Default::default(),
         })
         .unwrap()
     }

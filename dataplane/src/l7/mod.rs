@@ -234,6 +234,9 @@ pub struct Connection {
     judged_route: Option<(ServiceId, usize)>,
     /// The responses on the upstream connection, as they go by.
     responses: ResponseFramer,
+    /// The last request sent, if it may be sent again (see [`Connection::can_retry`]); whether it is a `HEAD`.
+    retry_copy: Vec<u8>,
+    retry_head: bool,
     /// The refusal response still to be sent to the client, and how much of it was sent.
     to_client: Vec<u8>,
     to_client_sent: usize,
@@ -263,6 +266,8 @@ impl Connection {
             route: None,
             judged_route: None,
             responses: ResponseFramer::new(),
+            retry_copy: Vec::new(),
+            retry_head: false,
             to_client: Vec::new(),
             to_client_sent: 0,
             summary: Summary::default(),
@@ -295,6 +300,31 @@ impl Connection {
         if self.summary.protocol == Some(Protocol::Http) {
             self.responses.feed(data, event);
         }
+    }
+
+    /// Whether the request upstream may be sent again now: it is safe to repeat, the only one outstanding, and
+    /// nothing of its answer has come (so nothing of it reached the client).
+    pub fn can_retry(&self) -> bool {
+        !self.retry_copy.is_empty()
+            && self.ready == 0
+            && self.responses.outstanding() == 1
+            && self.responses.at_response_start()
+    }
+
+    /// The upstream failed the request (a gateway error, a reset before any answer): it goes again, first thing,
+    /// on a new upstream connection the driver opens. Answer bytes of the failed attempt must not reach the client.
+    pub fn on_retry(&mut self) {
+        if self.retry_copy.is_empty() {
+            return;
+        }
+        let copy = std::mem::take(&mut self.retry_copy);
+        self.pending.splice(0..0, copy.iter().copied());
+        self.ready += copy.len();
+        self.retry_copy = copy;
+        self.responses = ResponseFramer::new();
+        self.responses.on_request(if self.retry_head { "HEAD" } else { "GET" });
+        self.upstream_connected = false;
+        self.upstream_wanted = true;
     }
 
     /// Every request sent upstream was answered in full.
@@ -607,6 +637,17 @@ impl Connection {
         }
         self.route = self.judged_route;
         if self.summary.protocol == Some(Protocol::Http) {
+            // A request safe to repeat (an idempotent method without a body) that is the only one upstream: kept,
+            // so that a gateway error or a reset before its answer can send it again elsewhere.
+            let safe =
+                matches!(self.summary.method.as_str(), "GET" | "HEAD" | "OPTIONS" | "TRACE" | "DELETE")
+                    && body == BodyFraming::None;
+            self.retry_copy.clear();
+            self.retry_head = false;
+            if safe && self.responses.outstanding() == 0 {
+                self.retry_copy.extend_from_slice(&self.pending[self.ready..self.ready + head_len]);
+                self.retry_head = self.summary.method == "HEAD";
+            }
             self.responses.on_request(&self.summary.method);
         }
         self.summary.requests_allowed += 1;

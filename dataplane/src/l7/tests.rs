@@ -543,6 +543,8 @@ fn service_policy() -> (PolicySnapshot, RuleId) {
         request_timeout_secs: None,
         pool_idle_timeout_secs: 60,
         max_requests_per_connection: None,
+        retries: 2,
+        retry_on: Default::default(),
     });
     (b.build(1).unwrap(), id)
 }
@@ -631,4 +633,33 @@ fn no_endpoint_answers_503_with_what_was_tried() {
     let answer = String::from_utf8_lossy(c.to_client()).into_owned();
     assert!(answer.starts_with("HTTP/1.1 503 Service Unavailable"), "{answer}");
     assert!(answer.contains("203.0.113.20:443 (connection refused)"), "{answer}");
+}
+
+#[test]
+fn a_safe_request_alone_upstream_can_go_again_and_others_cannot() {
+    let (policy, rule) = service_policy();
+    let get = b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v1\r\n\r\n";
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    c.on_client_data(get, &policy);
+    assert!(!c.can_retry(), "not sent yet");
+    assert_eq!(flush_upstream(&mut c, &policy), get);
+    assert!(c.can_retry());
+    // The attempt failed: the same bytes go again on a new upstream connection.
+    c.on_retry();
+    assert!(c.wants_upstream());
+    assert_eq!(flush_upstream(&mut c, &policy), get);
+    // Once its answer starts, it is the client's.
+    c.on_upstream_data(b"HTTP/1.1 2", &mut |_| {});
+    assert!(!c.can_retry());
+
+    // A POST is not safe to repeat; nor is a GET behind another one.
+    let post = b"POST / HTTP/1.1\r\nHost: svc.test\r\nwant: v1\r\nContent-Length: 2\r\n\r\nhi";
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    c.on_client_data(post, &policy);
+    flush_upstream(&mut c, &policy);
+    assert!(!c.can_retry());
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    c.on_client_data(&[&get[..], get].concat(), &policy);
+    flush_upstream(&mut c, &policy);
+    assert!(!c.can_retry(), "two outstanding");
 }

@@ -160,6 +160,35 @@ pub struct ServiceSpec {
     pub pool_idle_timeout_secs: u32,
     /// Requests one upstream connection carries before it is closed (`None`: no limit).
     pub max_requests_per_connection: Option<u32>,
+    /// Times a request safe to repeat is sent again (to another endpoint when there is one) after a failure of
+    /// `retry_on`.
+    pub retries: u32,
+    pub retry_on: RetryOn,
+}
+
+/// What a request is retried on (Envoy's `retry_on` names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RetryOn {
+    /// `5xx`: any 5xx answer.
+    pub server_error: bool,
+    /// `gateway-error`: 502, 503, 504.
+    pub gateway_error: bool,
+    /// `reset`: the connection closed or failed before any answer (also: the request timed out).
+    pub reset: bool,
+}
+
+impl Default for RetryOn {
+    fn default() -> Self {
+        RetryOn { server_error: false, gateway_error: true, reset: true }
+    }
+}
+
+impl RetryOn {
+    /// Whether an answer with `status` is retried.
+    pub fn status(&self, status: u16) -> bool {
+        (self.server_error && (500..600).contains(&status))
+            || (self.gateway_error && matches!(status, 502..=504))
+    }
 }
 
 /// Identifies a service within one policy snapshot.
@@ -399,6 +428,8 @@ mod tests {
             request_timeout_secs: None,
             pool_idle_timeout_secs: 60,
             max_requests_per_connection: None,
+            retries: 2,
+            retry_on: RetryOn::default(),
         }
     }
 

@@ -76,6 +76,11 @@ impl ResponseFramer {
         self.outstanding.is_empty() && self.state == State::Head && self.head.is_empty()
     }
 
+    /// Nothing of the next response has come yet.
+    pub fn at_response_start(&self) -> bool {
+        self.state == State::Head && self.head.is_empty()
+    }
+
     /// The framing is unknown (or runs to the close): never reuse the connection.
     pub fn is_opaque(&self) -> bool {
         matches!(self.state, State::Opaque | State::UntilClose)
