@@ -133,3 +133,27 @@ fn systemd_unit_commands_parse() {
     }
     assert!(unit.contains("Environment=GLIBC_TUNABLES=glibc.malloc.hugetlb=1"));
 }
+
+#[test]
+fn istio_routing_sends_each_want_header_to_its_subset() {
+    let loaded = load("istio-routing.toml");
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let snapshot = egressd::policy::compile(&loaded.config, 1).expect("compiles");
+    let host = Some("nginx.external.svc.cluster.local");
+    let route = |headers: &[(&str, &str)]| {
+        let flow = Flow::parse("10.10.0.5", "198.51.100.80:80", "tcp", host).expect("valid flow");
+        let headers = headers.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect();
+        let e = explain_flow(&loaded, &snapshot, &Flow { headers, ..flow });
+        assert_eq!(e.verdict, "l7", "{e:?}");
+        e.service.expect("routed to the service")
+    };
+    let v2 = route(&[("want", "v2")]);
+    assert_eq!((v2.service.as_str(), v2.route.as_deref()), ("nginx-ext", Some("want-v2")));
+    assert_eq!(v2.subsets.len(), 1);
+    assert_eq!(v2.subsets[0].endpoints, ["203.0.113.21:443"]);
+    let split = route(&[]);
+    assert_eq!(split.route.as_deref(), Some("split"));
+    let shares: Vec<(&str, &str)> =
+        split.subsets.iter().map(|s| (s.subset.as_str(), s.percent.as_str())).collect();
+    assert_eq!(shares, [("v1", "80"), ("v2", "20")]);
+}
