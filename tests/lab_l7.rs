@@ -1367,6 +1367,28 @@ address = "203.0.113.12"
     let last = seen();
     assert_ne!(last, first[3], "a new connection after the idle timeout");
     assert_eq!(gw.metric("egressd_l7_pool_reused_total"), 2.0);
+    // Clients that ask to close and read to the end: each gets its answer and egressd's FIN; the upstream
+    // connection stays for the next.
+    let out = lab.python(
+        "client",
+        r#"
+import socket
+for _ in range(2):
+    s = socket.create_connection(("203.0.113.10", 80), timeout=5)
+    s.sendall(b"GET /ip HTTP/1.1\r\nHost: pool.test\r\nConnection: close\r\n\r\n")
+    data = b""
+    while True:
+        d = s.recv(4096)
+        if not d: break
+        data += d
+    print(data.split(b"\r\n\r\n", 1)[1].decode().strip())
+"#,
+    );
+    let ports: Vec<&str> = out.lines().collect();
+    assert_eq!(ports.len(), 2, "{out}");
+    assert_eq!(ports[0], last, "the idle connection served the first");
+    assert_eq!(ports[1], last, "and the second");
+    assert_eq!(gw.metric("egressd_l7_pool_reused_total"), 4.0);
 }
 
 /// Retries: a service whose endpoints are a failing server (203.0.113.24:8080: `/503` answers 503, `/close` closes

@@ -717,9 +717,10 @@ impl Driver {
             self.t.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
         }
 
-        // The client finished after every answer: its upstream connection is kept for the next client (if it may
-        // be), instead of being half-closed.
-        if client_finished
+        // The client finished after every answer, or asked to close and has them all: its upstream connection is
+        // kept for the next client (if it may be), instead of being half-closed.
+        let closing_after_answers = conn.engine.client_asked_close() && conn.engine.upstream_idle();
+        if (client_finished || closing_after_answers)
             && conn.upstream.is_some()
             && conn.engine.to_upstream().is_empty()
             && conn.engine.upstream_reusable()
@@ -738,6 +739,12 @@ impl Driver {
                 conn.end = "client_closed";
             } else {
                 conn.upstream_eof = true;
+            }
+            if closing_after_answers && !conn.client_closed {
+                // The client asked for the close: a FIN after the answers it has in its socket.
+                stack.close(&key);
+                conn.client_closed = true;
+                conn.end = "done";
             }
         }
         // Why the request upstream must go again (a retry), if it must.
@@ -968,7 +975,10 @@ impl Driver {
         }
 
         // The upstream just finished answering before a request for another route: reroute on the next round.
-        if conn.engine.wants_reroute() && (conn.engine.upstream_idle() || conn.upstream_eof) {
+        let asked_close_done = conn.engine.client_asked_close() && conn.upstream.is_some();
+        if (conn.engine.wants_reroute() || asked_close_done)
+            && (conn.engine.upstream_idle() || conn.upstream_eof)
+        {
             self.again.push(key);
         }
         let punt = &self.t.punt;

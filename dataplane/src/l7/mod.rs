@@ -237,6 +237,8 @@ pub struct Connection {
     /// The last request sent, if it may be sent again (see [`Connection::can_retry`]); whether it is a `HEAD`.
     retry_copy: Vec<u8>,
     retry_head: bool,
+    /// The client asked to close after its last request (`Connection: close`), which did not go upstream.
+    client_asked_close: bool,
     /// The refusal response still to be sent to the client, and how much of it was sent.
     to_client: Vec<u8>,
     to_client_sent: usize,
@@ -268,6 +270,7 @@ impl Connection {
             responses: ResponseFramer::new(),
             retry_copy: Vec::new(),
             retry_head: false,
+            client_asked_close: false,
             to_client: Vec::new(),
             to_client_sent: 0,
             summary: Summary::default(),
@@ -325,6 +328,12 @@ impl Connection {
         self.responses.on_request(if self.retry_head { "HEAD" } else { "GET" });
         self.upstream_connected = false;
         self.upstream_wanted = true;
+    }
+
+    /// A request to a service asked to close the connection (the header stayed on the client's side): once its
+    /// answers are through, the driver closes the client's connection and may keep the upstream one.
+    pub fn client_asked_close(&self) -> bool {
+        self.client_asked_close
     }
 
     /// Every request sent upstream was answered in full.
@@ -452,12 +461,45 @@ impl Connection {
                     self.summary.method.push_str(head.method);
                     self.summary.path.clear();
                     self.summary.path.push_str(head.path);
-                    let (head_len, body) = (head.head_len, head.body);
+                    let (mut head_len, body, asks_close) = (head.head_len, head.body, head.close);
                     // A service named by the Host and the dialled port: its route for this request.
                     let services = policy.services();
                     let routed = services.lookup(&self.summary.name, self.dialled_port).and_then(|id| {
                         services.get(id).map(|s| (id, s.route(head.method, head.path, |n| head.header(n))))
                     });
+                    // To a service, `Connection: close` / `keep-alive` concern the client's hop only: they stay
+                    // here (the upstream connection may serve the next client; egressd closes the client's after
+                    // its answers). The header lines' places in the head, to cut before forwarding.
+                    let mut hop_lines = [(0usize, 0usize); 4];
+                    let mut hops = 0;
+                    if routed.is_some() && head.minor_version == 1 {
+                        let base = unjudged.as_ptr() as usize;
+                        for h in head.headers.iter().filter(|h| h.name.eq_ignore_ascii_case("connection")) {
+                            let only_close_or_keep_alive = std::str::from_utf8(h.value).is_ok_and(|v| {
+                                v.split(',').map(str::trim).all(|t| {
+                                    t.eq_ignore_ascii_case("close") || t.eq_ignore_ascii_case("keep-alive")
+                                })
+                            });
+                            let start = (h.name.as_ptr() as usize).checked_sub(base);
+                            let value_end = (h.value.as_ptr() as usize)
+                                .checked_sub(base)
+                                .map(|v| v + h.value.len())
+                                .filter(|v| *v <= head_len);
+                            let end = value_end.and_then(|v| {
+                                unjudged[v..head_len].windows(2).position(|w| w == b"\r\n").map(|p| v + p + 2)
+                            });
+                            match (only_close_or_keep_alive, start, end, hop_lines.get_mut(hops)) {
+                                (true, Some(start), Some(end), Some(slot)) if start < end => {
+                                    *slot = (start, end);
+                                    hops += 1;
+                                }
+                                _ => {
+                                    hops = 0;
+                                    break;
+                                }
+                            }
+                        }
+                    }
                     let originating = routed.is_none()
                         && policy
                             .l7_conditions(self.rule)
@@ -488,6 +530,13 @@ impl Connection {
                         }
                     }
                     self.judged_route = routed.map(|(id, r)| (id, r.unwrap_or(0)));
+                    for &(start, end) in hop_lines[..hops].iter().rev() {
+                        self.pending.drain(self.ready + start..self.ready + end);
+                        head_len -= end - start;
+                    }
+                    if routed.is_some() {
+                        self.client_asked_close = asks_close;
+                    }
                     if originating && self.pinned_host.is_none() {
                         self.pinned_host = Some(self.summary.name.clone());
                     }

@@ -663,3 +663,27 @@ fn a_safe_request_alone_upstream_can_go_again_and_others_cannot() {
     flush_upstream(&mut c, &policy);
     assert!(!c.can_retry(), "two outstanding");
 }
+
+#[test]
+fn connection_close_stays_on_the_clients_hop_for_services_only() {
+    let (policy, rule) = service_policy();
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    c.on_client_data(
+        b"GET / HTTP/1.1\r\nHost: svc.test\r\nConnection: close\r\nwant: v1\r\nconnection: Keep-Alive\r\n\r\n",
+        &policy,
+    );
+    assert_eq!(flush_upstream(&mut c, &policy), b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v1\r\n\r\n");
+    assert!(c.client_asked_close());
+    // An Upgrade stays whole (and the connection's framing opaque).
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    let upgrade =
+        b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v1\r\nConnection: close, Upgrade\r\nUpgrade: x\r\n\r\n";
+    c.on_client_data(upgrade, &policy);
+    assert_eq!(flush_upstream(&mut c, &policy), upgrade);
+    // Not a service: forwarded untouched.
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    let plain = b"GET / HTTP/1.1\r\nHost: httpbin.test\r\nConnection: close\r\n\r\n";
+    c.on_client_data(plain, &policy);
+    assert_eq!(flush_upstream(&mut c, &policy), plain);
+    assert!(!c.client_asked_close());
+}
