@@ -1469,3 +1469,34 @@ listen(8080)
     assert!(body.starts_with("HTTP/1.1 503") && body.ends_with("bad\n"), "{body}");
     assert_eq!(gw.metric("egressd_l7_retries_total"), 6.0);
 }
+
+/// A service's own connect timeout: its first endpoint (203.0.113.99, an address nobody in ext answers for) eats
+/// the SYN; after `connect_timeout_secs = 1` the next endpoint (nginx) takes the request, and the silent one's
+/// failure is counted.
+#[test]
+fn a_silent_endpoint_costs_the_services_connect_timeout_then_the_next_one_answers() {
+    let lab = Lab::up(false);
+    let service = r#"
+[[service]]
+name = "silent"
+hosts = ["silent.test"]
+port = 80
+connect_timeout_secs = 1
+
+[[service.endpoint]]
+address = "203.0.113.99"
+port = 80
+
+[[service.endpoint]]
+address = "203.0.113.12"
+port = 80
+"#;
+    let rule = "ports = [80]\naction = \"l7\"\nhosts = [\"silent.test\"]";
+    let (_dir, config, _) = lab_config(|text| format!("{}\n{service}", replace_web_rule(text, rule)));
+    let gw = Gateway::start(&lab, &config);
+    let (code, body, err, took) = curl(&lab, &["-H", "Host: silent.test", "http://203.0.113.10/ip"]);
+    assert_eq!(code, 0, "{err}\n{}", gw.log_text());
+    assert_from_l7_range(&body);
+    assert!((0.9..3.0).contains(&took), "one connect timeout of 1 s, then the answer: {took:.2} s");
+    assert_eq!(gw.metric("egressd_l7_endpoint_failures_total"), 1.0);
+}

@@ -170,6 +170,8 @@ struct Service {
     /// (max connections, max pending requests, idle timeout seconds, max requests per connection): the
     /// DestinationRule's connection pool.
     pool: (Option<u32>, Option<u32>, Option<u32>, Option<u32>),
+    /// The DestinationRule's `connectionPool.tcp.connectTimeout`, in seconds.
+    connect_timeout: Option<u32>,
     /// A VirtualService route's `retries`: attempts, and what they are for (egressd's names).
     retries: Option<u32>,
     retry_on: Vec<&'static str>,
@@ -301,6 +303,7 @@ impl Service {
             }
         }
         for (key, value) in [
+            ("connect_timeout_secs", self.connect_timeout),
             ("max_connections", self.pool.0),
             ("max_pending_requests", self.pool.1),
             ("pool_idle_timeout_secs", self.pool.2),
@@ -942,6 +945,10 @@ fn new_service(
             };
             let outlier = get(p, &["outlierDetection"]);
             let count = |key: &str| outlier.and_then(|o| text(o, &[key])).and_then(|n| n.parse().ok());
+            service.connect_timeout = get(p, &["connectionPool", "tcp", "connectTimeout"])
+                .and_then(|v| text(v, &[]))
+                .and_then(|t| duration_secs(&t))
+                .map(|t| t.min(300));
             let pool = |path: &[&str]| get(p, path).and_then(|v| text(v, &[])).and_then(|n| n.parse().ok());
             service.pool = (
                 pool(&["connectionPool", "tcp", "maxConnections"]).map(|n: u32| n.clamp(1, 1_000_000)),
@@ -1198,7 +1205,7 @@ mod tests {
             "kind: DestinationRule\nmetadata: {name: dr}\nspec:\n  host: api.test\n  trafficPolicy:\n    loadBalancer: \
              {simple: LEAST_REQUEST}\n    outlierDetection: {consecutive5xxErrors: 7, baseEjectionTime: 1m, \
              maxEjectionPercent: 50}\n    tls: {mode: SIMPLE, sni: api.test}\n    connectionPool: {tcp: \
-             {maxConnections: 10}, http: {http1MaxPendingRequests: 5, idleTimeout: 90s, maxRequestsPerConnection: 100}}",
+             {maxConnections: 10, connectTimeout: 3s}, http: {http1MaxPendingRequests: 5, idleTimeout: 90s, maxRequestsPerConnection: 100}}",
             "kind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [api.test]\n  gateways: [egress]\n  http:\n  \
              - match: [{port: 80, uri: {prefix: /v2}, method: {exact: GET}}]\n    timeout: 5s\n    retries: \
              {attempts: 3, retryOn: \"connect-failure,5xx\"}\n    route: \
@@ -1214,6 +1221,7 @@ mod tests {
         assert_eq!((s.port, s.load_balancer), (80, Some("least_request")));
         assert_eq!(s.outlier, (Some(7), Some(60), Some(50)));
         assert_eq!(s.pool, (Some(10), Some(5), Some(90), Some(100)));
+        assert_eq!(s.connect_timeout, Some(3));
         assert_eq!(s.routes[0].timeout_secs, Some(5));
         assert_eq!((s.retries, s.retry_on.as_slice()), (Some(3), &["reset", "5xx"][..]));
         assert_eq!(s.endpoints[1], ("203.0.113.6".to_string(), 443, BTreeMap::new()));

@@ -62,6 +62,9 @@ pub struct ServiceConfig {
     /// Endpoints tried for one connection when connecting fails (default 2).
     #[serde(default)]
     pub connect_attempts: Option<Spanned<i64>>,
+    /// Seconds connecting to an endpoint may take (default: `[l7] connect_timeout`).
+    #[serde(default)]
+    pub connect_timeout_secs: Option<Spanned<i64>>,
     /// Failures in a row that eject an endpoint (default 5; 0 turns ejection off).
     #[serde(default)]
     pub outlier_consecutive_failures: Option<Spanned<i64>>,
@@ -260,6 +263,7 @@ pub fn validate(config: &Config, src: &Source, diags: &mut Diagnostics) {
         }
         for (key, value, range) in [
             ("connect_attempts", &s.connect_attempts, 1..=10),
+            ("connect_timeout_secs", &s.connect_timeout_secs, 1..=300),
             ("outlier_consecutive_failures", &s.outlier_consecutive_failures, 0..=1000),
             ("outlier_base_ejection_secs", &s.outlier_base_ejection_secs, 1..=300),
             ("outlier_max_ejection_percent", &s.outlier_max_ejection_percent, 0..=100),
@@ -514,6 +518,7 @@ pub fn compile(s: &ServiceConfig) -> Result<ServiceSpec, String> {
             max_ejection_percent: number(&s.outlier_max_ejection_percent, outlier.max_ejection_percent),
         },
         connect_attempts: number(&s.connect_attempts, 2),
+        connect_timeout_secs: s.connect_timeout_secs.as_ref().map(|v| *v.get_ref() as u32),
         max_connections: s.max_connections.as_ref().map(|v| *v.get_ref() as u32),
         max_pending_requests: s.max_pending_requests.as_ref().map(|v| *v.get_ref() as u32),
         request_timeout_secs: s.request_timeout_secs.as_ref().map(|v| *v.get_ref() as u32),

@@ -138,6 +138,8 @@ struct Target {
     service: Option<ServiceTarget>,
     /// From a request sent to the first byte of the answer (a service route's `request_timeout_secs`).
     request_timeout_nanos: Option<u64>,
+    /// A service's own connect timeout (else `[l7] connect_timeout`).
+    connect_timeout_secs: Option<u64>,
 }
 
 /// A connection routed to a service: which one, and the endpoints tried.
@@ -526,6 +528,11 @@ impl Driver {
             conn.engine.on_upstream_busy();
         }
         let mut connect_failure: Option<String> = None;
+        let connect_timeout_secs = conn
+            .target
+            .as_ref()
+            .and_then(|t| t.connect_timeout_secs)
+            .unwrap_or(settings.connect_timeout_secs);
         let mut wants = conn.engine.wants_upstream() && conn.upstream.is_none() && !conn.upstream_failed;
         // A service at its `max_connections`: wait for one (within `max_pending_requests` and the connect timeout).
         if let (true, Some(Target { service: Some(svc), .. })) = (wants, conn.target.as_mut()) {
@@ -549,9 +556,9 @@ impl Driver {
                     }
                     Some(since)
                         if now.as_nanos().saturating_sub(since.as_nanos())
-                            > settings.connect_timeout_secs * 1_000_000_000 =>
+                            > connect_timeout_secs * 1_000_000_000 =>
                     {
-                        Some(format!("no connection freed within {} s", settings.connect_timeout_secs))
+                        Some(format!("no connection freed within {connect_timeout_secs} s"))
                     }
                     Some(_) => None,
                 };
@@ -660,10 +667,9 @@ impl Driver {
                         }
                         conn.engine.on_upstream_connected();
                     } else if now.as_nanos().saturating_sub(conn.connect_started.as_nanos())
-                        > settings.connect_timeout_secs * 1_000_000_000
+                        > connect_timeout_secs * 1_000_000_000
                     {
-                        connect_failure =
-                            Some(format!("no answer within {} s", settings.connect_timeout_secs));
+                        connect_failure = Some(format!("no answer within {connect_timeout_secs} s"));
                     }
                 }
             }
@@ -1384,6 +1390,7 @@ fn choose_target(
                 requests_at_attach: 0,
             }),
             request_timeout_nanos: service.request_timeout_secs(route).map(|s| u64::from(s) * 1_000_000_000),
+            connect_timeout_secs: service.spec().connect_timeout_secs.map(u64::from),
         });
     }
     let tls = policy.l7_conditions(engine.rule()).and_then(|c| c.conditions().upstream_tls.clone());
@@ -1399,6 +1406,7 @@ fn choose_target(
         host,
         service: None,
         request_timeout_nanos: None,
+        connect_timeout_secs: None,
     })
 }
 

@@ -266,6 +266,7 @@ mod tests {
             balancing,
             outlier: OutlierSpec::default(),
             connect_attempts: 2,
+            connect_timeout_secs: None,
             max_connections: None,
             max_pending_requests: None,
             request_timeout_secs: None,

@@ -538,6 +538,7 @@ fn service_policy() -> (PolicySnapshot, RuleId) {
         balancing: Default::default(),
         outlier: OutlierSpec::default(),
         connect_attempts: 2,
+        connect_timeout_secs: None,
         max_connections: None,
         max_pending_requests: None,
         request_timeout_secs: None,

@@ -149,6 +149,8 @@ pub struct ServiceSpec {
     pub outlier: OutlierSpec,
     /// Endpoints tried for one connection when connecting fails (nothing was sent yet, so trying the next is safe).
     pub connect_attempts: u32,
+    /// How long connecting to an endpoint may take (`None`: `[l7] connect_timeout`).
+    pub connect_timeout_secs: Option<u32>,
     /// Upstream connections to the service at once; beyond, a connection waits for one (see below).
     pub max_connections: Option<u32>,
     /// Client connections that may wait for an upstream connection when `max_connections` are in use; beyond,
@@ -423,6 +425,7 @@ mod tests {
             balancing: Balancing::RoundRobin,
             outlier: OutlierSpec::default(),
             connect_attempts: 2,
+            connect_timeout_secs: None,
             max_connections: None,
             max_pending_requests: None,
             request_timeout_secs: None,
