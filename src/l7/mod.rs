@@ -47,6 +47,21 @@ const SWEEP_NANOS: u64 = 50_000_000;
 /// Punted packets taken per loop iteration before the sockets get a turn.
 const PUNT_BURST: usize = 1024;
 
+/// The driver's [`Upstreams`], borrowed field by field (so a connection of `conns` can be held beside it).
+macro_rules! upstreams {
+    ($driver:ident) => {
+        Upstreams {
+            poll: &$driver.poll,
+            tokens: &mut $driver.tokens,
+            ports: &mut $driver.ports,
+            rule_counts: &mut $driver.upstream_counts,
+            service_connections: &mut $driver.service_connections,
+            balancer: &mut $driver.balancer,
+            pools: &mut $driver.pools,
+        }
+    };
+}
+
 /// Counters the admin endpoint exports.
 #[derive(Debug)]
 pub struct L7Stats {
@@ -336,15 +351,7 @@ impl Driver {
                 let ejected = self.balancer.ejected_count(now) as u64;
                 self.t.stats.ejected_endpoints.store(ejected, Ordering::Relaxed);
                 let policy = self.t.policy.load_full();
-                let mut upstreams = Upstreams {
-                    poll: &self.poll,
-                    tokens: &mut self.tokens,
-                    ports: &mut self.ports,
-                    rule_counts: &mut self.upstream_counts,
-                    service_connections: &mut self.service_connections,
-                    balancer: &mut self.balancer,
-                    pools: &mut self.pools,
-                };
+                let mut upstreams = upstreams!(self);
                 let closed = upstreams.sweep_pools(now, &policy, &mut self.buf);
                 self.t.stats.pool_closed.fetch_add(closed as u64, Ordering::Relaxed);
                 let idle = self.pools.values().map(Vec::len).sum::<usize>() as u64;
@@ -487,16 +494,7 @@ impl Driver {
         if conn.engine.wants_reroute()
             && (conn.engine.upstream_idle() || conn.upstream_eof || conn.upstream_failed)
         {
-            let mut upstreams = Upstreams {
-                poll: &self.poll,
-                tokens: &mut self.tokens,
-                ports: &mut self.ports,
-                rule_counts: &mut self.upstream_counts,
-                service_connections: &mut self.service_connections,
-                balancer: &mut self.balancer,
-                pools: &mut self.pools,
-            };
-            upstreams.park_or_release(now, conn, policy);
+            upstreams!(self).park_or_release(now, conn, policy);
             conn.target = None;
             conn.connected = false;
             conn.upstream_eof = false;
@@ -577,15 +575,7 @@ impl Driver {
         // An idle upstream connection to the chosen endpoint, kept from an earlier client, is taken first.
         if wants && conn.target.as_ref().is_some_and(|t| t.service.is_some()) {
             let token = Token(self.next_token);
-            let mut upstreams = Upstreams {
-                poll: &self.poll,
-                tokens: &mut self.tokens,
-                ports: &mut self.ports,
-                rule_counts: &mut self.upstream_counts,
-                service_connections: &mut self.service_connections,
-                balancer: &mut self.balancer,
-                pools: &mut self.pools,
-            };
+            let mut upstreams = upstreams!(self);
             if upstreams.take_pooled(conn, key, token, policy) {
                 self.next_token += 1;
                 wants = false;
@@ -676,16 +666,7 @@ impl Driver {
         }
         if let Some(detail) = connect_failure {
             // Nothing was sent: the socket, its port and its places in the counts are given back.
-            let mut upstreams = Upstreams {
-                poll: &self.poll,
-                tokens: &mut self.tokens,
-                ports: &mut self.ports,
-                rule_counts: &mut self.upstream_counts,
-                service_connections: &mut self.service_connections,
-                balancer: &mut self.balancer,
-                pools: &mut self.pools,
-            };
-            upstreams.release(conn);
+            upstreams!(self).release(conn);
             match conn.target.as_mut() {
                 // A service: the endpoint is marked, and the next one tried while attempts remain.
                 Some(Target { server, service: Some(svc), .. }) => {
@@ -732,15 +713,7 @@ impl Driver {
             && conn.engine.upstream_reusable()
             && conn.target.as_ref().is_some_and(|t| t.service.is_some())
         {
-            let mut upstreams = Upstreams {
-                poll: &self.poll,
-                tokens: &mut self.tokens,
-                ports: &mut self.ports,
-                rule_counts: &mut self.upstream_counts,
-                service_connections: &mut self.service_connections,
-                balancer: &mut self.balancer,
-                pools: &mut self.pools,
-            };
+            let mut upstreams = upstreams!(self);
             if upstreams.park_or_release(now, conn, policy) {
                 conn.end = "client_closed";
             } else {
@@ -907,16 +880,7 @@ impl Driver {
         if let Some(why) = retry {
             // The failed attempt's connection goes; the request goes again on a new one, to another endpoint of
             // the subset when there is one.
-            let mut upstreams = Upstreams {
-                poll: &self.poll,
-                tokens: &mut self.tokens,
-                ports: &mut self.ports,
-                rule_counts: &mut self.upstream_counts,
-                service_connections: &mut self.service_connections,
-                balancer: &mut self.balancer,
-                pools: &mut self.pools,
-            };
-            upstreams.release(conn);
+            upstreams!(self).release(conn);
             if let Some(Target { server, service: Some(svc), .. }) = conn.target.as_mut() {
                 if !why.starts_with("answered") {
                     // A reset or a timeout is the endpoint's failure too (a 5xx was counted as it came).
@@ -1036,32 +1000,12 @@ impl Driver {
     fn finish(&mut self, now: Instant, key: FourTuple, policy: &PolicySnapshot) {
         self.stack.remove(&key);
         let Some(mut conn) = self.conns.remove(&key) else { return };
-        if let Some(token) = conn.token {
-            self.tokens.remove(&token);
-        }
-        if let Some(mut stream) = conn.upstream.take() {
-            let _ = self.poll.registry().deregister(stream.tcp_mut());
-        }
-        if let Some(rule) = conn.counted_rule {
-            if let Some(n) = self.upstream_counts.get_mut(&rule) {
+        // For the access line: the port the upstream connection left from.
+        let local_port = conn.local_port;
+        upstreams!(self).release(&mut conn);
+        if let Some(Target { service: Some(svc), .. }) = &conn.target {
+            if let Some(n) = self.service_waiting.get_mut(&svc.name).filter(|_| svc.waiting_since.is_some()) {
                 *n = n.saturating_sub(1);
-            }
-        }
-        if let Some(port) = conn.local_port {
-            self.ports.entry(conn.egress).or_default().push_back(port);
-        }
-        if let Some(Target { server, service: Some(svc), .. }) = &conn.target {
-            if svc.opened {
-                self.balancer.on_closed(&svc.name, *server);
-            }
-            let counts = [
-                (svc.counted, &mut self.service_connections),
-                (svc.waiting_since.is_some(), &mut self.service_waiting),
-            ];
-            for (held, count) in counts {
-                if let Some(n) = count.get_mut(&svc.name).filter(|_| held) {
-                    *n = n.saturating_sub(1);
-                }
             }
         }
         let stats = &self.t.stats;
@@ -1109,7 +1053,7 @@ impl Driver {
                 "l7 refusal let through (dry run)"
             );
         }
-        let egress = SocketAddrV4::new(conn.egress, conn.local_port.unwrap_or(0));
+        let egress = SocketAddrV4::new(conn.egress, local_port.unwrap_or(0));
         // TLS egressd originated: established, failed, or none; and the time from connecting to the first byte.
         let upstream_tls = match (summary.refusal, conn.tls_established) {
             (Some(dataplane::l7::Refusal::UpstreamTlsFailed), _) => "failed",
