@@ -1289,9 +1289,10 @@ name = "rest"
     assert!(body.starts_with("HTTP/1.1 504 Gateway Timeout"), "{body}\n{}", gw.log_text());
     assert!(body.contains("no answer within 1 s"), "{body}");
     assert!((0.9..3.0).contains(&took), "the timeout is 1 s: answered after {took:.2} s");
+    // Refusals are counted when the connection ends, which may be just after curl read the whole answer.
+    wait_for(|| gw.metric("egressd_l7_connections_open") == 0.0, "the timed-out connection closed");
     assert_eq!(gw.metric(r#"egressd_l7_refused_total{reason="upstream_timeout"}"#), 1.0);
     assert_eq!(gw.metric("egressd_l7_endpoint_failures_total"), 1.0);
-    wait_for(|| gw.metric("egressd_l7_connections_open") == 0.0, "the timed-out connection closed");
 
     let out = lab.python(
         "client",
