@@ -26,8 +26,8 @@
 //! says so; the driver then half-closes the upstream after the judged bytes, relays the upstream's responses
 //! until it closes, and only then sends [`Connection::to_client`] and closes.
 //!
-//! Memory per connection is fixed when it is made (the head buffer and the TLS scratch buffer), so the L7
-//! threads' memory is bounded by their connection limit.
+//! Memory per connection is bounded from the start (the head buffer, and for TLS the scratch buffer made when
+//! the first byte says TLS), so the L7 threads' memory is bounded by their connection limit.
 
 use std::fmt;
 
@@ -214,7 +214,7 @@ pub struct Connection {
     pending: Vec<u8>,
     /// `pending[..ready]` is judged and may go upstream.
     ready: usize,
-    /// Where a ClientHello split over records is gathered.
+    /// Where a ClientHello split over records is gathered (empty until the connection turns out to be TLS).
     scratch: Box<[u8]>,
     upstream_wanted: bool,
     upstream_connected: bool,
@@ -257,7 +257,7 @@ impl Connection {
             state: State::Classifying,
             pending: Vec::with_capacity(limits.max_head_bytes),
             ready: 0,
-            scratch: vec![0; limits.max_head_bytes].into_boxed_slice(),
+            scratch: Box::default(),
             upstream_wanted: false,
             upstream_connected: false,
             to_resolve: None,
@@ -398,6 +398,8 @@ impl Connection {
                     Some(&tls::CONTENT_HANDSHAKE) => {
                         self.summary.protocol = Some(Protocol::Tls);
                         self.state = State::ClientHello;
+                        // Only TLS connections need it: plain HTTP ones never pay for zeroing it.
+                        self.scratch = vec![0; self.limits.max_head_bytes].into_boxed_slice();
                     }
                     Some(b) if b.is_ascii_uppercase() => {
                         self.summary.protocol = Some(Protocol::Http);

@@ -10,7 +10,8 @@
 //! packet, so one set for all connections would cost O(connections) per packet. Here a packet finds its
 //! connection in a hash map by 4-tuple and smoltcp sees a set of one: the cost per packet stays flat as
 //! connections grow. Memory per connection is the two socket buffers plus smoltcp's small per-interface state,
-//! fixed at creation; [`StackLimits::max_connections`] bounds the total.
+//! fixed at creation; [`StackLimits::max_connections`] bounds the total. A few closed endpoints are kept and
+//! reused (see [`SPARE_ENDPOINTS`]).
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -75,8 +76,15 @@ pub struct ClientStack {
     per_source: HashMap<Ipv4Addr, usize>,
     /// Where smoltcp writes a packet before `emit` sees it (reused: no allocation per packet).
     tx_buffer: Vec<u8>,
+    /// Endpoints of closed connections, kept for the next ones (see [`SPARE_ENDPOINTS`]).
+    spare: Vec<Endpoint>,
     seed: u64,
 }
+
+/// Closed endpoints kept for reuse. A new connection then costs no allocation and no zeroing of its two socket
+/// buffers (128 KiB at the default size, the largest cost of accepting a connection); the bound keeps what a
+/// burst of connections leaves behind small.
+const SPARE_ENDPOINTS: usize = 64;
 
 impl ClientStack {
     pub fn new(limits: StackLimits, seed: u64) -> ClientStack {
@@ -85,6 +93,7 @@ impl ClientStack {
             endpoints: HashMap::with_capacity(limits.max_connections.min(1 << 16)),
             per_source: HashMap::new(),
             tx_buffer: Vec::with_capacity(limits.mtu),
+            spare: Vec::new(),
             seed,
         }
     }
@@ -138,6 +147,18 @@ impl ClientStack {
     }
 
     fn new_endpoint(&mut self, now: Instant, server: SocketAddrV4) -> Endpoint {
+        let listen = IpListenEndpoint { addr: Some((*server.ip()).into()), port: server.port() };
+        if let Some(mut endpoint) = self.spare.pop() {
+            endpoint.iface.update_ip_addrs(|addrs| {
+                addrs.clear();
+                let _ = addrs.push(IpCidr::new((*server.ip()).into(), 32));
+            });
+            let _ = endpoint.iface.routes_mut().add_default_ipv4_route(*server.ip());
+            // Closed when it was spared; listening resets everything of the connection before (sequence numbers,
+            // timers, both buffers emptied).
+            let _ = endpoint.sockets.get_mut::<tcp::Socket>(endpoint.handle).listen(listen);
+            return endpoint;
+        }
         let mut config = Config::new(HardwareAddress::Ip);
         self.seed = self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15).wrapping_add(1);
         config.random_seed = self.seed;
@@ -153,7 +174,6 @@ impl ClientStack {
         let _ = iface.routes_mut().add_default_ipv4_route(*server.ip());
         let buffer = || tcp::SocketBuffer::new(vec![0; self.limits.socket_buffer]);
         let mut socket = tcp::Socket::new(buffer(), buffer());
-        let listen = IpListenEndpoint { addr: Some((*server.ip()).into()), port: server.port() };
         // Cannot fail: the port of a packet that parsed as TCP is nonzero or smoltcp refuses the SYN itself.
         let _ = socket.listen(listen);
         let mut sockets = SocketSet::new(Vec::with_capacity(1));
@@ -210,8 +230,13 @@ impl ClientStack {
 
     /// Forgets a connection (whatever its state).
     pub fn remove(&mut self, key: &FourTuple) {
-        if self.endpoints.remove(key).is_some() {
+        if let Some(mut endpoint) = self.endpoints.remove(key) {
             self.forget_source(key);
+            if self.spare.len() < SPARE_ENDPOINTS {
+                // Closed without a word: whatever the client must hear was sent before it was removed.
+                endpoint.sockets.get_mut::<tcp::Socket>(endpoint.handle).abort();
+                self.spare.push(endpoint);
+            }
         }
     }
 
@@ -481,6 +506,38 @@ mod tests {
         assert!(run(&mut stack, Instant::ZERO, &segment(40001, 5, 0, "S", b"")).0.is_ok());
         assert_eq!(stack.len(), 3);
         assert_eq!(run(&mut stack, Instant::ZERO, b"\x45garbage").0, Err(StackDrop::Malformed));
+    }
+
+    #[test]
+    fn a_reused_endpoint_forgets_its_last_connection() {
+        let mut stack = ClientStack::new(StackLimits::default(), 5);
+        let (key, seen) = run(&mut stack, Instant::ZERO, &segment(40000, 1000, 0, "S", b""));
+        let key = key.unwrap();
+        let isn = seen[0].2;
+        assert_eq!(run(&mut stack, Instant::ZERO, &segment(40000, 1001, isn + 1, "A", b"")).0, Ok(key));
+        // Left unread in the receive buffer, and queued unsent in the send buffer, when the connection goes.
+        run(&mut stack, Instant::ZERO, &segment(40000, 1001, isn + 1, "PA", b"stale request"));
+        assert_eq!(stack.send(&key, b"stale answer"), 12);
+        stack.remove(&key);
+        assert_eq!(stack.spare.len(), 1);
+
+        // The next connection (another client port, another server) takes the spare endpoint.
+        let mut syn = Vec::new();
+        etherparse::PacketBuilder::ipv4(CLIENT, [198, 51, 100, 8], 64)
+            .tcp(40001, 8443, 7000, 64240)
+            .syn()
+            .write(&mut syn, b"")
+            .unwrap();
+        let (key2, seen) = run(&mut stack, Instant::from_secs(1), &syn);
+        let key2 = key2.expect("a new connection on the spare endpoint");
+        assert!(stack.spare.is_empty());
+        assert_eq!(key2.server, SocketAddrV4::new(Ipv4Addr::new(198, 51, 100, 8), 8443));
+        assert_eq!(seen.len(), 1);
+        assert_eq!((seen[0].0, seen[0].1), (key2.server, key2.client), "from the new server's address");
+        assert!(seen[0].4 && seen[0].3 == 7001, "a SYN-ACK for the new SYN");
+        assert_eq!(stack.unsent(&key2), 0, "nothing of the last connection's answer");
+        let mut buf = [0u8; 64];
+        assert_eq!(stack.recv(&key2, &mut buf), 0, "nor of its request");
     }
 
     #[test]
