@@ -516,7 +516,10 @@ mod tests {
         let isn = seen[0].2;
         assert_eq!(run(&mut stack, Instant::ZERO, &segment(40000, 1001, isn + 1, "A", b"")).0, Ok(key));
         // Left unread in the receive buffer, and queued unsent in the send buffer, when the connection goes.
-        run(&mut stack, Instant::ZERO, &segment(40000, 1001, isn + 1, "PA", b"stale request"));
+        assert_eq!(
+            run(&mut stack, Instant::ZERO, &segment(40000, 1001, isn + 1, "PA", b"stale request")).0,
+            Ok(key)
+        );
         assert_eq!(stack.send(&key, b"stale answer"), 12);
         stack.remove(&key);
         assert_eq!(stack.spare.len(), 1);
