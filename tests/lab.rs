@@ -389,14 +389,7 @@ fn prometheus_scrapes_the_gateway() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("prometheus (scripts/setup installs the prometheus package)");
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _prometheus = KillOnDrop(prometheus);
+    let _prometheus = support::KillOnDrop(prometheus);
 
     // The value Prometheus holds for `query`, if it has one.
     let query = |query: &str| -> Option<f64> {

@@ -5,21 +5,12 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::Instant;
 
-use support::{lab_config, rss_kib, wait_for, Dnsmasq, Gateway, Lab};
+use support::{lab_config, rss_kib, wait_for, Dnsmasq, Gateway, KillOnDrop, Lab};
 
 /// The lab's first rule (web → the servers on TCP 80 and 443) made an `l7` rule for these names.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn l7_config(text: &str) -> String {
     replace_web_rule(
         text,
@@ -38,7 +29,7 @@ fn replace_web_rule(text: &str, with: &str) -> String {
 /// A TLS server in ext on 203.0.113.10:443 (python's ssl module) with a certificate for api.stripe.com and
 /// *.x.test, answering every request with the address it saw the client at. Killed on drop.
 struct TlsServer {
-    child: Child,
+    _process: KillOnDrop,
     _dir: tempfile::TempDir,
     cert: std::path::PathBuf,
 }
@@ -109,24 +100,12 @@ while True:
             cert = cert.display(),
             key = key.display()
         );
-        let child = lab.spawn_python_server("ext", &script);
-        let server = TlsServer { child, _dir: dir, cert };
-        wait_for(
-            || lab.sh("ext", "ss -ltn | grep -q '203.0.113.10:443'").status.success(),
-            "the TLS server listening",
-        );
-        server
+        let process = lab.start_python_server("ext", &script, &["203.0.113.10:443"]);
+        TlsServer { _process: process, _dir: dir, cert }
     }
 
     fn cert(&self) -> &Path {
         &self.cert
-    }
-}
-
-impl Drop for TlsServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -456,11 +435,7 @@ while True:
         key = file("server.key"),
         ca = file("ca.pem"),
     );
-    let _server = KillOnDrop(lab.spawn_python_server("ext", &server));
-    wait_for(
-        || String::from_utf8_lossy(&lab.sh("ext", "ss -lnt").stdout).contains("203.0.113.10:8443"),
-        "the mTLS server listening",
-    );
+    let _server = lab.start_python_server("ext", &server, &["203.0.113.10:8443"]);
     let rule = |tls: &str| {
         format!(
             "ports = [80]\naction = \"l7\"\nhosts = [\"secure.test\", \"other.test\"]\n{tls}upstream_port = 8443\n\
@@ -1255,11 +1230,7 @@ def serve(c):
 while True:
     c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
-    let _server = KillOnDrop(lab.spawn_python_server("ext", server));
-    wait_for(
-        || String::from_utf8_lossy(&lab.sh("ext", "ss -lnt").stdout).contains("203.0.113.23:8080"),
-        "the slow server listening",
-    );
+    let _server = lab.start_python_server("ext", server, &["203.0.113.23:8080"]);
     let service = r#"
 [[service]]
 name = "slow"
@@ -1422,14 +1393,7 @@ def listen(port):
 threading.Thread(target=listen, args=(8081,), daemon=True).start()
 listen(8080)
 "#;
-    let _server = KillOnDrop(lab.spawn_python_server("ext", server));
-    wait_for(
-        || {
-            let ss = String::from_utf8_lossy(&lab.sh("ext", "ss -lnt").stdout).into_owned();
-            ss.contains("203.0.113.24:8080") && ss.contains("203.0.113.24:8081")
-        },
-        "the servers listening",
-    );
+    let _server = lab.start_python_server("ext", server, &["203.0.113.24:8080", "203.0.113.24:8081"]);
     let service = |name: &str, host: &str, endpoints: &[u16]| {
         let mut text = format!(
             "\n[[service]]\nname = \"{name}\"\nhosts = [\"{host}\"]\nport = 80\noutlier_consecutive_failures = 0\n"

@@ -7,11 +7,11 @@ mod support;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use support::{lab_config, rss_kib, stdout_of, wait_for, Gateway, Lab};
+use support::{lab_config, rss_kib, stdout_of, wait_for, Gateway, KillOnDrop, Lab};
 
 /// A TCP sink in ext on 203.0.113.21:443 (a port the web group may use): reads a connection to its end and
 /// answers with the byte count and SHA-256 of what it read.
-fn start_sink(lab: &Lab) -> Child {
+fn start_sink(lab: &Lab) -> KillOnDrop {
     let script = r#"
 import hashlib, socket, threading
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -26,12 +26,7 @@ def serve(c):
 while True:
     c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
 "#;
-    let child = lab.spawn_python_server("ext", script);
-    wait_for(
-        || String::from_utf8_lossy(&lab.sh("ext", "ss -lnt").stdout).contains("203.0.113.21:443"),
-        "the sink",
-    );
-    child
+    lab.start_python_server("ext", script, &["203.0.113.21:443"])
 }
 
 /// From the client: sends `rate` bytes a second for `seconds` to the sink (a deterministic stream), then prints
@@ -97,7 +92,7 @@ fn reloads_every_second_while_traffic_runs_lose_nothing() {
     let lab = Lab::up(false);
     let (_dir, config, original) = lab_config(str::to_string);
     let gw = Gateway::start(&lab, &config);
-    let _sink = KillOnDrop(start_sink(&lab));
+    let _sink = start_sink(&lab);
     let transfer = start_transfer(&lab, seconds, 2_000_000);
     let udp = start_udp_stream(&lab, seconds);
 
@@ -144,15 +139,6 @@ fn reloads_every_second_while_traffic_runs_lose_nothing() {
     }
 }
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `kill -9` while a transfer runs, then a restart. Measured behaviour: the XDP programs go with the process
 /// (they are attached through BPF links, which close with it), so nothing is left in the new process's way and
 /// nothing crosses the node meanwhile (`ip_forward` is off); the new process attaches and forwards new flows at
@@ -163,7 +149,7 @@ fn a_crash_leaves_nothing_attached_and_a_restart_forwards_new_flows() {
     let lab = Lab::up(false);
     let (_dir, config, _) = lab_config(str::to_string);
     let mut gw = Gateway::start(&lab, &config);
-    let _sink = KillOnDrop(start_sink(&lab));
+    let _sink = start_sink(&lab);
     let transfer = start_transfer(&lab, 8, 500_000);
     std::thread::sleep(Duration::from_secs(2));
     gw.crash();
@@ -222,7 +208,7 @@ fn a_flooding_source_is_capped_and_a_full_table_spares_established_flows() {
     let (_dir, config, _) =
         lab_config(|text| format!("{text}\n[nat]\nmax_flows = 2000\nmax_flows_per_source = 500\n"));
     let gw = Gateway::start(&lab, &config);
-    let _sink = KillOnDrop(start_sink(&lab));
+    let _sink = start_sink(&lab);
     // The established flow, from 10.10.0.3.
     let transfer = start_transfer(&lab, 10, 500_000);
     std::thread::sleep(Duration::from_secs(1));
@@ -291,7 +277,7 @@ fn soak_mixed_traffic_and_reloads_keeps_memory_and_flows_flat() {
     let (_dir, config, _) = lab_config(|text| format!("{text}{timers}"));
     let gw = Gateway::start(&lab, &config);
     let pid = gw.pid();
-    let _sink = KillOnDrop(start_sink(&lab));
+    let _sink = start_sink(&lab);
     let transfer = start_transfer(&lab, seconds, 1_000_000);
     let churn = format!(
         r#"
@@ -364,7 +350,7 @@ fn hostile_frames_during_traffic_are_each_counted_and_cost_the_good_flows_nothin
     let lab = Lab::up(false);
     let (_dir, config, _) = lab_config(str::to_string);
     let gw = Gateway::start(&lab, &config);
-    let _sink = KillOnDrop(start_sink(&lab));
+    let _sink = start_sink(&lab);
     let transfer = start_transfer(&lab, 12, 1_000_000);
     let udp = start_udp_stream(&lab, 12);
     std::thread::sleep(Duration::from_secs(2));

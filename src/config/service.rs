@@ -502,12 +502,15 @@ pub fn compile(s: &ServiceConfig) -> Result<ServiceSpec, String> {
         })
         .collect::<Result<_, String>>()?;
     let number = |v: &Option<Spanned<i64>>, default: u32| v.as_ref().map_or(default, |v| *v.get_ref() as u32);
-    let outlier = OutlierSpec::default();
-    Ok(ServiceSpec {
-        name: s.name.get_ref().clone(),
-        hosts: s.hosts.iter().map(|h| h.get_ref().to_ascii_lowercase()).collect(),
-        port: *s.port.get_ref() as u16,
+    let defaults = ServiceSpec::new(
+        s.name.get_ref(),
+        s.hosts.iter().map(|h| h.get_ref().to_ascii_lowercase()).collect(),
+        *s.port.get_ref() as u16,
         endpoints,
+    );
+    let outlier = defaults.outlier;
+    let optional = |v: &Option<Spanned<i64>>| v.as_ref().map(|v| *v.get_ref() as u32);
+    Ok(ServiceSpec {
         subsets,
         routes,
         tls,
@@ -517,17 +520,18 @@ pub fn compile(s: &ServiceConfig) -> Result<ServiceSpec, String> {
             base_ejection_secs: number(&s.outlier_base_ejection_secs, outlier.base_ejection_secs),
             max_ejection_percent: number(&s.outlier_max_ejection_percent, outlier.max_ejection_percent),
         },
-        connect_attempts: number(&s.connect_attempts, 2),
-        connect_timeout_secs: s.connect_timeout_secs.as_ref().map(|v| *v.get_ref() as u32),
-        max_connections: s.max_connections.as_ref().map(|v| *v.get_ref() as u32),
-        max_pending_requests: s.max_pending_requests.as_ref().map(|v| *v.get_ref() as u32),
-        request_timeout_secs: s.request_timeout_secs.as_ref().map(|v| *v.get_ref() as u32),
-        pool_idle_timeout_secs: number(&s.pool_idle_timeout_secs, 60),
-        max_requests_per_connection: s.max_requests_per_connection.as_ref().map(|v| *v.get_ref() as u32),
-        retries: number(&s.retries, 2),
+        connect_attempts: number(&s.connect_attempts, defaults.connect_attempts),
+        connect_timeout_secs: optional(&s.connect_timeout_secs),
+        max_connections: optional(&s.max_connections),
+        max_pending_requests: optional(&s.max_pending_requests),
+        request_timeout_secs: optional(&s.request_timeout_secs),
+        pool_idle_timeout_secs: number(&s.pool_idle_timeout_secs, defaults.pool_idle_timeout_secs),
+        max_requests_per_connection: optional(&s.max_requests_per_connection),
+        retries: number(&s.retries, defaults.retries),
         retry_on: s.retry_on.as_ref().map_or_else(RetryOn::default, |on| {
             let has = |what: &str| on.get_ref().iter().any(|w| w == what);
             RetryOn { server_error: has("5xx"), gateway_error: has("gateway-error"), reset: has("reset") }
         }),
+        ..defaults
     })
 }

@@ -123,6 +123,20 @@ impl Lab {
             .unwrap_or_else(|e| panic!("cannot start python in {role}: {e}"))
     }
 
+    /// Starts a Python server in the namespace of `role` and waits until it listens on every TCP address of
+    /// `listening` ("203.0.113.23:8080"); it is killed when the returned guard drops.
+    pub fn start_python_server(&self, role: &str, script: &str, listening: &[&str]) -> KillOnDrop {
+        let server = KillOnDrop(self.spawn_python_server(role, script));
+        wait_for(
+            || {
+                let ss = String::from_utf8_lossy(&self.sh(role, "ss -lnt").stdout).into_owned();
+                listening.iter().all(|address| ss.contains(address))
+            },
+            &format!("a Python server in {role} listening on {}", listening.join(", ")),
+        );
+        server
+    }
+
     /// Starts a Python server in the namespace of `role`, its output discarded.
     pub fn spawn_python_server(&self, role: &str, script: &str) -> Child {
         Command::new("ip")
@@ -390,6 +404,16 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// A child process killed (and reaped) when this drops, also when the test panics.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 pub fn wait_for(condition: impl FnMut() -> bool, what: &str) {

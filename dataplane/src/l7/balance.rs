@@ -229,9 +229,7 @@ impl Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::service::{
-        EndpointSpec, OutlierSpec, RouteSpec, ServiceSpec, SubsetSpec, WeightedSubset,
-    };
+    use crate::policy::service::{EndpointSpec, RouteSpec, ServiceSpec, SubsetSpec, WeightedSubset};
 
     fn address(last: u8) -> SocketAddrV4 {
         SocketAddrV4::new([203, 0, 113, last].into(), 443)
@@ -245,11 +243,8 @@ mod tests {
         };
         let subset =
             |v: &str| SubsetSpec { name: v.into(), labels: vec![("version".into(), v.into())], tls: None };
+        let endpoints = vec![endpoint(1, "v1"), endpoint(2, "v1"), endpoint(3, "v2")];
         CompiledService::new(ServiceSpec {
-            name: "svc".into(),
-            hosts: vec!["svc.test".into()],
-            port: 80,
-            endpoints: vec![endpoint(1, "v1"), endpoint(2, "v1"), endpoint(3, "v2")],
             subsets: vec![subset("v1"), subset("v2")],
             routes: vec![RouteSpec {
                 name: "split".into(),
@@ -262,18 +257,8 @@ mod tests {
                 ],
                 timeout_secs: None,
             }],
-            tls: None,
             balancing,
-            outlier: OutlierSpec::default(),
-            connect_attempts: 2,
-            connect_timeout_secs: None,
-            max_connections: None,
-            max_pending_requests: None,
-            request_timeout_secs: None,
-            pool_idle_timeout_secs: 60,
-            max_requests_per_connection: None,
-            retries: 2,
-            retry_on: Default::default(),
+            ..ServiceSpec::new("svc", vec!["svc.test".into()], 80, endpoints)
         })
         .unwrap()
     }

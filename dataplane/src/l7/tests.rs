@@ -497,8 +497,7 @@ fn under_tls_origination_a_connection_keeps_its_first_host_and_a_failed_tls_answ
 /// to subset v1 and `want: v2` to v2 (no default route).
 fn service_policy() -> (PolicySnapshot, RuleId) {
     use crate::policy::service::{
-        EndpointSpec, HeaderMatch, OutlierSpec, RouteSpec, ServiceSpec, SubsetSpec, ValueMatch,
-        WeightedSubset,
+        EndpointSpec, HeaderMatch, RouteSpec, ServiceSpec, SubsetSpec, ValueMatch, WeightedSubset,
     };
     let mut b = PolicyBuilder::new();
     let g = b.add_group("apps", vec![Ipv4Addr::new(192, 0, 2, 30)]);
@@ -521,31 +520,17 @@ fn service_policy() -> (PolicySnapshot, RuleId) {
         to: vec![WeightedSubset { subset: Some(subset), weight: 1 }],
         timeout_secs: None,
     };
+    let endpoints = vec![
+        EndpointSpec { address: "203.0.113.20:443".parse().unwrap(), labels: label("v1") },
+        EndpointSpec { address: "203.0.113.21:443".parse().unwrap(), labels: label("v2") },
+    ];
     b.add_service(ServiceSpec {
-        name: "svc".into(),
-        hosts: vec!["svc.test".into()],
-        port: 80,
-        endpoints: vec![
-            EndpointSpec { address: "203.0.113.20:443".parse().unwrap(), labels: label("v1") },
-            EndpointSpec { address: "203.0.113.21:443".parse().unwrap(), labels: label("v2") },
-        ],
         subsets: vec![
             SubsetSpec { name: "v1".into(), labels: label("v1"), tls: None },
             SubsetSpec { name: "v2".into(), labels: label("v2"), tls: None },
         ],
         routes: vec![route("v1", 0), route("v2", 1)],
-        tls: None,
-        balancing: Default::default(),
-        outlier: OutlierSpec::default(),
-        connect_attempts: 2,
-        connect_timeout_secs: None,
-        max_connections: None,
-        max_pending_requests: None,
-        request_timeout_secs: None,
-        pool_idle_timeout_secs: 60,
-        max_requests_per_connection: None,
-        retries: 2,
-        retry_on: Default::default(),
+        ..ServiceSpec::new("svc", vec!["svc.test".into()], 80, endpoints)
     });
     (b.build(1).unwrap(), id)
 }

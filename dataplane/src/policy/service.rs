@@ -168,6 +168,32 @@ pub struct ServiceSpec {
     pub retry_on: RetryOn,
 }
 
+impl ServiceSpec {
+    /// A service with no subsets or routes, plain HTTP, and every other setting at its documented default.
+    pub fn new(name: &str, hosts: Vec<String>, port: u16, endpoints: Vec<EndpointSpec>) -> ServiceSpec {
+        ServiceSpec {
+            name: name.to_string(),
+            hosts,
+            port,
+            endpoints,
+            subsets: Vec::new(),
+            routes: Vec::new(),
+            tls: None,
+            balancing: Balancing::default(),
+            outlier: OutlierSpec::default(),
+            connect_attempts: 2,
+            connect_timeout_secs: None,
+            max_connections: None,
+            max_pending_requests: None,
+            request_timeout_secs: None,
+            pool_idle_timeout_secs: 60,
+            max_requests_per_connection: None,
+            retries: 2,
+            retry_on: RetryOn::default(),
+        }
+    }
+}
+
 /// What a request is retried on (Envoy's `retry_on` names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RetryOn {
@@ -405,11 +431,8 @@ mod tests {
             timeout_secs: None,
         };
         let want = |v: &str| vec![HeaderMatch { name: "want".into(), value: ValueMatch::parse(v).unwrap() }];
+        let endpoints = vec![endpoint(20, "v1"), endpoint(21, "v2"), endpoint(22, "v1")];
         ServiceSpec {
-            name: "nginx".into(),
-            hosts: vec!["nginx.example.test".into()],
-            port: 80,
-            endpoints: vec![endpoint(20, "v1"), endpoint(21, "v2"), endpoint(22, "v1")],
             subsets: vec![subset("v1"), subset("v2")],
             routes: vec![
                 route("v1", want("v1"), vec![WeightedSubset { subset: Some(0), weight: 100 }]),
@@ -421,18 +444,7 @@ mod tests {
                     ..route("uploads", vec![], vec![WeightedSubset { subset: Some(1), weight: 1 }])
                 },
             ],
-            tls: None,
-            balancing: Balancing::RoundRobin,
-            outlier: OutlierSpec::default(),
-            connect_attempts: 2,
-            connect_timeout_secs: None,
-            max_connections: None,
-            max_pending_requests: None,
-            request_timeout_secs: None,
-            pool_idle_timeout_secs: 60,
-            max_requests_per_connection: None,
-            retries: 2,
-            retry_on: RetryOn::default(),
+            ..ServiceSpec::new("nginx", vec!["nginx.example.test".into()], 80, endpoints)
         }
     }
 
