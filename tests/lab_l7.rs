@@ -1066,6 +1066,36 @@ for want in ["v2", "v1", "v2"]:
     assert_eq!(v1 + v2, 1000, "every request answered by v1 or v2: {counts:?}");
     assert!((750..=850).contains(&v1), "80/20 within ±5 %: {counts:?}");
 
+    // Weights split requests, not connections (as Envoy's weighted clusters do): 100 requests on one keep-alive
+    // connection split 80/20 too; a request for the other subset takes an idle upstream connection of that subset
+    // from the pool once the first exist.
+    let reused_before = gw.metric("egressd_l7_pool_reused_total");
+    let out = lab.python(
+        "client",
+        r#"
+import http.client, collections
+c = http.client.HTTPConnection("nginx.external.svc.cluster.local", 80, timeout=5)
+counts = collections.Counter()
+for i in range(100):
+    c.request("GET", "/")
+    counts[c.getresponse().read().decode().split(" ")[0]] += 1
+for k, v in counts.items(): print(k, v)
+"#,
+    );
+    let keep_alive: std::collections::BTreeMap<&str, u32> = out
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k, v.trim().parse().unwrap_or(0)))
+        .collect();
+    assert_eq!(keep_alive.values().sum::<u32>(), 100, "{out}\n{}", gw.log_text());
+    let v1 = keep_alive.get("v1").copied().unwrap_or(0);
+    assert!((75..=85).contains(&v1), "80/20 within ±5 % on one connection: {out}");
+    assert!(
+        gw.metric("egressd_l7_pool_reused_total") - reused_before >= 10.0,
+        "subset changes reuse pooled upstream connections: {} reused",
+        gw.metric("egressd_l7_pool_reused_total") - reused_before
+    );
+
     // explain, in the client's view: the route a `want: v2` request takes.
     let out = Command::new(support::egressd_bin())
         .args(["explain", &config.display().to_string(), "--src", "10.10.0.2", "--dst"])

@@ -23,7 +23,7 @@ use dataplane::l7::balance::Balancer;
 use dataplane::l7::punt::{Punt, PuntedPacket};
 use dataplane::l7::ratelimit::RateLimiter;
 use dataplane::l7::stack::{ClientStack, FourTuple, StackDrop, StackLimits};
-use dataplane::l7::{Connection, L7Limits, Protocol};
+use dataplane::l7::{Connection, L7Limits, Protocol, UpstreamRoute};
 use dataplane::policy::l7::UpstreamTls;
 use dataplane::policy::service::{RetryOn, ServiceId};
 use dataplane::policy::{PolicySnapshot, RuleId, SharedPolicy};
@@ -468,12 +468,21 @@ impl Driver {
             conn.engine.on_client_data(&buf[..n], policy);
         }
         // What the engine asks before a judged request goes on: its rule's rate limit, then (verify_destination =
-        // "dns") that the name resolves to the address the client dialled. Answering one may judge the next
-        // pipelined request, which asks again.
+        // "dns") that the name resolves to the address the client dialled, then for a service's route the subset
+        // (weights split requests, not connections). Answering one may judge the next pipelined request, which
+        // asks again.
         loop {
             if let Some(limit) = conn.engine.take_admission() {
                 let admitted = self.rate_limits.admit(now, conn.engine.rule(), *key.client.ip(), limit);
                 conn.engine.on_admitted(admitted, policy);
+                continue;
+            }
+            if let Some((id, route)) = conn.engine.take_subset_pick() {
+                let subset = policy
+                    .services()
+                    .get(id)
+                    .and_then(|service| self.balancer.pick_subset(service, policy.generation(), route));
+                conn.engine.on_subset_picked(subset, policy);
                 continue;
             }
             if let Some(name) = conn.engine.take_resolution() {
@@ -1298,7 +1307,7 @@ fn choose_target(
     balancer: &mut Balancer,
 ) -> Result<Target, String> {
     let host = engine.summary().name.clone();
-    if let Some((id, route)) = engine.upstream_route() {
+    if let Some(UpstreamRoute { service: id, route, subset }) = engine.upstream_route() {
         let services = policy.services();
         // The route was chosen under this snapshot unless a reload came in between: then the id may name another
         // service, which the Host no longer leads to.
@@ -1307,7 +1316,6 @@ fn choose_target(
             .filter(|_| services.lookup(&host, key.server.port()) == Some(id))
             .ok_or_else(|| format!("the service of {host} changed with a reload"))?;
         let generation = policy.generation();
-        let subset = balancer.pick_subset(service, generation, route);
         let server = balancer.pick_endpoint(now, service, generation, subset, &[]).ok_or_else(|| {
             format!("subset {} of service {} has no endpoint", service.subset_name(subset), service.name())
         })?;

@@ -168,6 +168,18 @@ enum State {
     /// An allowed request of `head_len` bytes framed by `body` goes elsewhere than the earlier ones: waiting for the
     /// upstream to finish answering them (see [`Connection::wants_reroute`]).
     Rerouting { head_len: usize, body: BodyFraming },
+    /// An allowed request for a service's route, waiting for the driver to pick its subset (see
+    /// [`Connection::take_subset_pick`]).
+    Picking { head_len: usize, body: BodyFraming },
+}
+
+/// Where a connection's upstream goes under a service: the service, the route its requests matched, and the subset
+/// picked for them (`None`: every endpoint of the service).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UpstreamRoute {
+    pub service: ServiceId,
+    pub route: usize,
+    pub subset: Option<usize>,
 }
 
 /// What an admitted request goes on to.
@@ -228,10 +240,14 @@ pub struct Connection {
     pinned_host: Option<String>,
     /// The port the client dialled (services are found by Host and this port).
     dialled_port: u16,
-    /// The service and route the upstream connection is for (`None`: the dialled address).
-    route: Option<(ServiceId, usize)>,
+    /// The service, route and subset the upstream connection is for (`None`: the dialled address).
+    route: Option<UpstreamRoute>,
     /// The service and route of the request being judged.
     judged_route: Option<(ServiceId, usize)>,
+    /// The subset picked for the request being judged (`None`: not picked yet; `Some(None)`: every endpoint).
+    judged_subset: Option<Option<usize>>,
+    /// The route whose subset the driver must pick (see [`Connection::take_subset_pick`]).
+    to_pick: Option<(ServiceId, usize)>,
     /// The responses on the upstream connection, as they go by.
     responses: ResponseFramer,
     /// The last request sent, if it may be sent again (see [`Connection::can_retry`]); whether it is a `HEAD`.
@@ -267,6 +283,8 @@ impl Connection {
             dialled_port: 0,
             route: None,
             judged_route: None,
+            judged_subset: None,
+            to_pick: None,
             responses: ResponseFramer::new(),
             retry_copy: Vec::new(),
             retry_head: false,
@@ -292,7 +310,7 @@ impl Connection {
         self.ready = 0;
         self.upstream_connected = false;
         self.responses = ResponseFramer::new();
-        self.route = self.judged_route;
+        self.route = self.judged_upstream();
         self.forward_request(head_len, body);
         self.advance(policy);
     }
@@ -354,14 +372,39 @@ impl Connection {
         self
     }
 
-    /// The service and route the connection's requests go to (set by its first request), if any.
-    pub fn upstream_route(&self) -> Option<(ServiceId, usize)> {
+    /// The service, route and subset the upstream connection is for (set by the request it was opened for), if
+    /// any.
+    pub fn upstream_route(&self) -> Option<UpstreamRoute> {
         self.route
     }
 
-    /// Whether a request routed to `routed` (a service's route, or `None`: the dialled address) would go elsewhere
-    /// than the connection's earlier requests.
-    fn route_changes(&self, routed: Option<(ServiceId, usize)>) -> bool {
+    /// Where the request being judged goes, once its subset is picked.
+    fn judged_upstream(&self) -> Option<UpstreamRoute> {
+        self.judged_route.map(|(service, route)| UpstreamRoute {
+            service,
+            route,
+            subset: self.judged_subset.flatten(),
+        })
+    }
+
+    /// A request for a service's route was allowed: the driver picks the subset it goes to (taken: asked once),
+    /// per request as Envoy's weighted clusters do, and answers with [`Connection::on_subset_picked`].
+    pub fn take_subset_pick(&mut self) -> Option<(ServiceId, usize)> {
+        self.to_pick.take()
+    }
+
+    /// The subset the request goes to (`None`: any endpoint of the service). When it differs from the upstream
+    /// connection's, the request waits for a connection of its own (see [`Connection::wants_reroute`]).
+    pub fn on_subset_picked(&mut self, subset: Option<usize>, policy: &PolicySnapshot) {
+        let State::Picking { head_len, body } = self.state else { return };
+        self.judged_subset = Some(subset);
+        self.forward_request(head_len, body);
+        self.advance(policy);
+    }
+
+    /// Whether a request routed to `routed` (a service's route and subset, or `None`: the dialled address) would go
+    /// elsewhere than the connection's earlier requests.
+    fn route_changes(&self, routed: Option<UpstreamRoute>) -> bool {
         match self.route {
             Some(pinned) => routed != Some(pinned),
             None => routed.is_some() && self.summary.requests_allowed > 0,
@@ -443,7 +486,8 @@ impl Connection {
                 | State::VerifyingTls
                 | State::VerifyingRequest { .. }
                 | State::Admitting(_)
-                | State::Rerouting { .. } => return,
+                | State::Rerouting { .. }
+                | State::Picking { .. } => return,
                 State::RequestHead => {
                     if unjudged.is_empty() {
                         return;
@@ -532,6 +576,7 @@ impl Connection {
                         }
                     }
                     self.judged_route = routed.map(|(id, r)| (id, r.unwrap_or(0)));
+                    self.judged_subset = None;
                     for &(start, end) in hop_lines[..hops].iter().rev() {
                         self.pending.drain(self.ready + start..self.ready + end);
                         head_len -= end - start;
@@ -682,11 +727,17 @@ impl Connection {
 
     /// Lets an allowed request head through and follows its body.
     fn forward_request(&mut self, head_len: usize, body: BodyFraming) {
-        if self.route_changes(self.judged_route) {
+        if let (Some(route), None) = (self.judged_route, self.judged_subset) {
+            self.to_pick = Some(route);
+            self.state = State::Picking { head_len, body };
+            return;
+        }
+        let judged = self.judged_upstream();
+        if self.route_changes(judged) {
             self.state = State::Rerouting { head_len, body };
             return;
         }
-        self.route = self.judged_route;
+        self.route = judged;
         if self.summary.protocol == Some(Protocol::Http) {
             // A request safe to repeat (an idempotent method without a body) that is the only one upstream: kept,
             // so that a gateway error or a reset before its answer can send it again elsewhere.

@@ -4,6 +4,7 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::*;
+use crate::l7::balance::Balancer;
 use crate::policy::l7::RequestDenial;
 use crate::policy::{Action, HostPattern, PolicyBuilder, Prefix, ProtoMatch, RuleSpec};
 
@@ -41,11 +42,13 @@ fn client_hello(name: &str) -> Vec<u8> {
 
 /// Drains everything judged to "upstream" (connecting it first if asked); returns the bytes.
 fn flush_upstream(c: &mut Connection, policy: &PolicySnapshot) -> Vec<u8> {
+    answer_picks(c, policy, &mut Balancer::new());
     if c.wants_upstream() {
         c.on_upstream_connected();
     }
     let mut out = Vec::new();
     loop {
+        answer_picks(c, policy, &mut Balancer::new());
         let chunk = c.to_upstream().to_vec();
         if chunk.is_empty() {
             return out;
@@ -53,6 +56,21 @@ fn flush_upstream(c: &mut Connection, policy: &PolicySnapshot) -> Vec<u8> {
         c.upstream_sent(chunk.len(), policy);
         out.extend_from_slice(&chunk);
     }
+}
+
+/// Plays the driver's part when a request for a service's route needs its subset: `balancer` picks it.
+fn answer_picks(c: &mut Connection, policy: &PolicySnapshot, balancer: &mut Balancer) {
+    while let Some((id, route)) = c.take_subset_pick() {
+        let subset =
+            policy.services().get(id).and_then(|s| balancer.pick_subset(s, policy.generation(), route));
+        c.on_subset_picked(subset, policy);
+    }
+}
+
+/// Client bytes, with the subsets of their requests picked as the driver would.
+fn client_data(c: &mut Connection, data: &[u8], policy: &PolicySnapshot) {
+    c.on_client_data(data, policy);
+    answer_picks(c, policy, &mut Balancer::new());
 }
 
 #[test]
@@ -529,7 +547,17 @@ fn service_policy() -> (PolicySnapshot, RuleId) {
             SubsetSpec { name: "v1".into(), labels: label("v1"), tls: None },
             SubsetSpec { name: "v2".into(), labels: label("v2"), tls: None },
         ],
-        routes: vec![route("v1", 0), route("v2", 1)],
+        routes: vec![
+            route("v1", 0),
+            route("v2", 1),
+            RouteSpec {
+                to: vec![
+                    WeightedSubset { subset: Some(0), weight: 1 },
+                    WeightedSubset { subset: Some(1), weight: 1 },
+                ],
+                ..route("split", 0)
+            },
+        ],
         ..ServiceSpec::new("svc", vec!["svc.test".into()], 80, endpoints)
     });
     (b.build(1).unwrap(), id)
@@ -544,9 +572,9 @@ fn a_request_for_another_route_waits_for_the_answers_then_goes_to_a_new_upstream
     let v1 = b"GET / HTTP/1.1\r\nHost: svc.test\r\nWant: v1\r\n\r\n";
     let v2 = b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v2\r\n\r\n";
     // Two requests for v1, then one for v2, all in one segment.
-    c.on_client_data(&[&v1[..], v1, v2].concat(), &policy);
+    client_data(&mut c, &[&v1[..], v1, v2].concat(), &policy);
     let id = policy.services().lookup("svc.test", 80).unwrap();
-    assert_eq!(c.upstream_route(), Some((id, 0)));
+    assert_eq!(c.upstream_route(), Some(UpstreamRoute { service: id, route: 0, subset: Some(0) }));
     assert_eq!(flush_upstream(&mut c, &policy), [&v1[..], v1].concat(), "v2 waits");
     assert!(c.wants_reroute() && !c.upstream_idle());
     // The answers come; only after the second is the upstream idle.
@@ -560,11 +588,37 @@ fn a_request_for_another_route_waits_for_the_answers_then_goes_to_a_new_upstream
     assert_eq!(events, [Status(200), Complete, Status(200), Complete]);
     // The driver drops that upstream: v2 goes to a new one, for its route.
     c.on_rerouted(&policy);
+    answer_picks(&mut c, &policy, &mut Balancer::new());
     assert!(!c.wants_reroute() && c.wants_upstream());
-    assert_eq!(c.upstream_route(), Some((id, 1)));
+    assert_eq!(c.upstream_route(), Some(UpstreamRoute { service: id, route: 1, subset: Some(1) }));
     assert_eq!(flush_upstream(&mut c, &policy), v2);
     assert_eq!(c.summary().requests_allowed, 3);
     assert_eq!(c.summary().refusal, None);
+}
+
+#[test]
+fn a_weighted_route_picks_the_subset_of_every_request_on_a_keep_alive_connection() {
+    let (policy, rule) = service_policy();
+    let mut balancer = Balancer::new();
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    let split = b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: split\r\n\r\n";
+    let mut subsets = Vec::new();
+    for i in 0..4 {
+        c.on_client_data(split, &policy);
+        answer_picks(&mut c, &policy, &mut balancer);
+        if i > 0 {
+            // Half and half: each request goes to the other subset than the one before, so it needs another
+            // upstream connection once the earlier answer is in.
+            assert!(c.wants_reroute(), "request {i}");
+            c.on_rerouted(&policy);
+        }
+        subsets.push(c.upstream_route().map(|r| r.subset));
+        assert_eq!(flush_upstream(&mut c, &policy), split);
+        c.on_upstream_data(OK_5, &mut |_| {});
+        assert!(c.upstream_idle());
+    }
+    assert_eq!(subsets, [Some(Some(0)), Some(Some(1)), Some(Some(0)), Some(Some(1))]);
+    assert_eq!(c.summary().requests_allowed, 4);
 }
 
 #[test]
@@ -572,7 +626,7 @@ fn unrouted_requests_get_404_and_moves_between_a_service_and_the_dialled_address
     let (policy, rule) = service_policy();
     // No route matches: 404 at once, never upstream.
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
-    c.on_client_data(b"GET /x HTTP/1.1\r\nHost: svc.test\r\nwant: v3\r\n\r\n", &policy);
+    client_data(&mut c, b"GET /x HTTP/1.1\r\nHost: svc.test\r\nwant: v3\r\n\r\n", &policy);
     assert!(!c.wants_upstream());
     assert_eq!(c.summary().refusal, Some(Refusal::NoRoute));
     let answer = String::from_utf8_lossy(c.to_client()).into_owned();
@@ -581,29 +635,31 @@ fn unrouted_requests_get_404_and_moves_between_a_service_and_the_dialled_address
 
     // Routed first, then a host that is not the service's: it goes to the dialled address, on a new upstream.
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
-    c.on_client_data(b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v2\r\n\r\n", &policy);
+    client_data(&mut c, b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v2\r\n\r\n", &policy);
     flush_upstream(&mut c, &policy);
-    c.on_client_data(b"GET / HTTP/1.1\r\nHost: httpbin.test\r\n\r\n", &policy);
+    client_data(&mut c, b"GET / HTTP/1.1\r\nHost: httpbin.test\r\n\r\n", &policy);
     assert!(flush_upstream(&mut c, &policy).is_empty() && c.wants_reroute());
     c.on_upstream_data(OK_5, &mut |_| {});
     c.on_rerouted(&policy);
+    answer_picks(&mut c, &policy, &mut Balancer::new());
     assert_eq!(c.upstream_route(), None);
     assert_eq!(flush_upstream(&mut c, &policy), b"GET / HTTP/1.1\r\nHost: httpbin.test\r\n\r\n");
 
     // The other way round: the dialled address first, then the service.
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
-    c.on_client_data(b"GET / HTTP/1.1\r\nHost: httpbin.test\r\n\r\n", &policy);
+    client_data(&mut c, b"GET / HTTP/1.1\r\nHost: httpbin.test\r\n\r\n", &policy);
     assert_eq!(c.upstream_route(), None);
     flush_upstream(&mut c, &policy);
-    c.on_client_data(b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v1\r\n\r\n", &policy);
+    client_data(&mut c, b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v1\r\n\r\n", &policy);
     assert!(c.wants_reroute());
     // The upstream closed before answering: what was judged for it is dropped, the request goes on.
     c.on_rerouted(&policy);
+    answer_picks(&mut c, &policy, &mut Balancer::new());
     assert!(c.upstream_route().is_some() && c.wants_upstream());
 
     // Another dialled port: the service is not there; the request goes to the dialled address.
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(8080);
-    c.on_client_data(b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v3\r\n\r\n", &policy);
+    client_data(&mut c, b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v3\r\n\r\n", &policy);
     assert!(c.wants_upstream() && c.upstream_route().is_none());
 }
 
@@ -611,7 +667,7 @@ fn unrouted_requests_get_404_and_moves_between_a_service_and_the_dialled_address
 fn no_endpoint_answers_503_with_what_was_tried() {
     let (policy, rule) = service_policy();
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
-    c.on_client_data(b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v1\r\n\r\n", &policy);
+    client_data(&mut c, b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v1\r\n\r\n", &policy);
     assert!(c.wants_upstream());
     c.on_no_endpoint("203.0.113.20:443 (connection refused)");
     assert!(!c.wants_upstream());
@@ -626,7 +682,7 @@ fn a_safe_request_alone_upstream_can_go_again_and_others_cannot() {
     let (policy, rule) = service_policy();
     let get = b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v1\r\n\r\n";
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
-    c.on_client_data(get, &policy);
+    client_data(&mut c, get, &policy);
     assert!(!c.can_retry(), "not sent yet");
     assert_eq!(flush_upstream(&mut c, &policy), get);
     assert!(c.can_retry());
@@ -641,11 +697,11 @@ fn a_safe_request_alone_upstream_can_go_again_and_others_cannot() {
     // A POST is not safe to repeat; nor is a GET behind another one.
     let post = b"POST / HTTP/1.1\r\nHost: svc.test\r\nwant: v1\r\nContent-Length: 2\r\n\r\nhi";
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
-    c.on_client_data(post, &policy);
+    client_data(&mut c, post, &policy);
     flush_upstream(&mut c, &policy);
     assert!(!c.can_retry());
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
-    c.on_client_data(&[&get[..], get].concat(), &policy);
+    client_data(&mut c, &[&get[..], get].concat(), &policy);
     flush_upstream(&mut c, &policy);
     assert!(!c.can_retry(), "two outstanding");
 }
@@ -654,7 +710,8 @@ fn a_safe_request_alone_upstream_can_go_again_and_others_cannot() {
 fn connection_close_stays_on_the_clients_hop_for_services_only() {
     let (policy, rule) = service_policy();
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
-    c.on_client_data(
+    client_data(
+        &mut c,
         b"GET / HTTP/1.1\r\nHost: svc.test\r\nConnection: close\r\nwant: v1\r\nconnection: Keep-Alive\r\n\r\n",
         &policy,
     );
@@ -664,12 +721,12 @@ fn connection_close_stays_on_the_clients_hop_for_services_only() {
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
     let upgrade =
         b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v1\r\nConnection: close, Upgrade\r\nUpgrade: x\r\n\r\n";
-    c.on_client_data(upgrade, &policy);
+    client_data(&mut c, upgrade, &policy);
     assert_eq!(flush_upstream(&mut c, &policy), upgrade);
     // Not a service: forwarded untouched.
     let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
     let plain = b"GET / HTTP/1.1\r\nHost: httpbin.test\r\nConnection: close\r\n\r\n";
-    c.on_client_data(plain, &policy);
+    client_data(&mut c, plain, &policy);
     assert_eq!(flush_upstream(&mut c, &policy), plain);
     assert!(!c.client_asked_close());
 }
