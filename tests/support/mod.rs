@@ -420,6 +420,14 @@ pub fn wait_for(condition: impl FnMut() -> bool, what: &str) {
     wait_for_within(Duration::from_secs(10), condition, what);
 }
 
+/// [`wait_for`], and on timeout the panic also says what `explain` returns then (metrics, logs).
+pub fn wait_for_explained(condition: impl FnMut() -> bool, what: &str, explain: impl Fn() -> String) {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wait_for(condition, what)));
+    if result.is_err() {
+        panic!("timed out waiting for: {what}\n{}", explain());
+    }
+}
+
 /// [`wait_for`] with another time limit.
 pub fn wait_for_within(limit: Duration, mut condition: impl FnMut() -> bool, what: &str) {
     let deadline = Instant::now() + limit;
