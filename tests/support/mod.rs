@@ -421,18 +421,24 @@ pub fn wait_for(condition: impl FnMut() -> bool, what: &str) {
 }
 
 /// [`wait_for`], and on timeout the panic also says what `explain` returns then (metrics, logs).
-pub fn wait_for_explained(condition: impl FnMut() -> bool, what: &str, explain: impl Fn() -> String) {
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wait_for(condition, what)));
-    if result.is_err() {
-        panic!("timed out waiting for: {what}\n{}", explain());
-    }
+pub fn wait_for_explained(condition: impl FnMut() -> bool, what: &str, explain: impl FnOnce() -> String) {
+    wait_until(Duration::from_secs(10), condition, || {
+        format!("timed out waiting for: {what}\n{}", explain())
+    });
 }
 
 /// [`wait_for`] with another time limit.
-pub fn wait_for_within(limit: Duration, mut condition: impl FnMut() -> bool, what: &str) {
+pub fn wait_for_within(limit: Duration, condition: impl FnMut() -> bool, what: &str) {
+    wait_until(limit, condition, || format!("timed out waiting for: {what}"));
+}
+
+/// Polls `condition` every 100 ms; past `limit`, panics with what `message` says.
+fn wait_until(limit: Duration, mut condition: impl FnMut() -> bool, message: impl FnOnce() -> String) {
     let deadline = Instant::now() + limit;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        if Instant::now() >= deadline {
+            panic!("{}", message());
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
