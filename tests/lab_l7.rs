@@ -1403,6 +1403,86 @@ for _ in range(2):
     assert_eq!(gw.metric("egressd_l7_pool_reused_total"), 4.0);
 }
 
+/// A pooled upstream connection the server closes while it is idle is never handed to a client: the next client
+/// gets a new connection and its answer, even with retries off (a closed connection taken from the pool would fail
+/// its request). The server here keeps connections open until the test tells it to close them all, and says when
+/// it has; the next request follows at once, before or after egressd's periodic pool sweep has seen the close.
+#[test]
+fn a_pooled_connection_the_server_closed_is_not_given_to_the_next_client() {
+    let lab = Lab::up(false);
+    let server = r#"
+import socket, threading
+conns, lock = [], threading.Lock()
+def serve(c):
+    with lock: conns.append(c)
+    buf = b""
+    while True:
+        try: d = c.recv(4096)
+        except OSError: return
+        if not d: return
+        buf += d
+        while b"\r\n\r\n" in buf:
+            _, buf = buf.split(b"\r\n\r\n", 1)
+            body = ("%s:%d\n" % c.getpeername()).encode()
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+def close_all():
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("203.0.113.24", 9000)); s.listen(8)
+    while True:
+        c, _ = s.accept()
+        with lock:
+            for k in conns:
+                try: k.shutdown(socket.SHUT_RDWR)
+                except OSError: pass
+                k.close()
+            conns.clear()
+        c.sendall(b"closed\n"); c.close()
+threading.Thread(target=close_all, daemon=True).start()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("203.0.113.24", 8082)); s.listen(64)
+while True:
+    c, _ = s.accept(); threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+    let _server = lab.start_python_server("ext", server, &["203.0.113.24:8082", "203.0.113.24:9000"]);
+    let service = r#"
+[[service]]
+name = "closing"
+hosts = ["closing.test"]
+port = 80
+retries = 0
+pool_idle_timeout_secs = 60
+
+[[service.endpoint]]
+address = "203.0.113.24"
+port = 8082
+"#;
+    let rule = "ports = [80]\naction = \"l7\"\nhosts = [\"closing.test\"]";
+    let (_dir, config, _) = lab_config(|text| format!("{}\n{service}", replace_web_rule(text, rule)));
+    let gw = Gateway::start(&lab, &config);
+    let seen = || {
+        let (code, body, err, _) = curl(&lab, &["-H", "Host: closing.test", "http://203.0.113.10/"]);
+        assert_eq!(code, 0, "{err}\n{}", gw.log_text());
+        assert_from_l7_range(&body);
+        body.trim().to_string()
+    };
+    let mut last = seen();
+    assert_eq!(last, seen(), "an idle connection is reused while the server keeps it");
+    for round in 1..=3 {
+        let said = lab.python(
+            "ext",
+            "import socket\ns = socket.create_connection(('203.0.113.24', 9000))\nprint(s.recv(64).decode().strip())",
+        );
+        assert_eq!(said.trim(), "closed");
+        let now = seen();
+        assert_ne!(
+            now, last,
+            "round {round}: a new upstream connection after the server closed the idle one"
+        );
+        assert_eq!(gw.metric("egressd_l7_pool_closed_total"), f64::from(round), "round {round}");
+        last = now;
+    }
+}
+
 /// Retries: a service whose endpoints are a failing server (203.0.113.24:8080: `/503` answers 503, `/close` closes
 /// without answering) and a healthy one (203.0.113.24:8081). A GET that meets the failing one is sent again to the
 /// healthy one: the client sees only the good answer. A POST is not safe to repeat: the client gets the 503. With

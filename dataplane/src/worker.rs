@@ -75,6 +75,8 @@ impl Worker {
         // The L7 path's wake-up socket too, so that its packets for clients do not wait out an idle sleep.
         let mut fds = vec![self.inside.fd(), self.outside.fd()];
         fds.extend(self.pipeline.l7_wake_fd());
+        // The L7 wake-up socket's place in `fds` (the third).
+        const L7_WAKE_FD_BIT: u8 = 1 << 2;
         let mut empty_polls: u32 = 0;
         let mut last_gauges = Instant::ZERO;
         // Where hairpinned frames are copied on their way back out of the port they came in by, and handed-over
@@ -111,10 +113,12 @@ impl Worker {
             match self.config.idle {
                 IdleMode::Busy => std::hint::spin_loop(),
                 IdleMode::Adaptive if empty_polls >= self.config.idle_polls => {
+                    let mut woken_by_l7 = false;
                     if self.pipeline.l7_park() {
-                        wait_readable(&fds, self.config.idle_timeout_ms);
+                        let ready = wait_readable(&fds, self.config.idle_timeout_ms);
+                        woken_by_l7 = ready & L7_WAKE_FD_BIT != 0;
                     }
-                    self.pipeline.l7_unpark();
+                    self.pipeline.l7_unpark(woken_by_l7);
                 }
                 IdleMode::Adaptive => std::hint::spin_loop(),
             }

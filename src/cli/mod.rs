@@ -97,17 +97,28 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
-pub fn init_logging(format: LogFormat) {
+/// Logs go to stderr through a writer thread: the threads that log (the L7 thread writes an access line per
+/// connection) hand over a formatted line and go on, and the writer thread writes whatever has piled up in one
+/// system call. Nothing is dropped: when the writer falls behind by `LOG_LINES_QUEUED` lines, loggers wait.
+/// The returned guard flushes what is queued when dropped; keep it until the program ends.
+pub fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
+    const LOG_LINES_QUEUED: usize = 65_536;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(LOG_LINES_QUEUED)
+        .thread_name("egressd-log")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    guard
 }
 
 pub fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {

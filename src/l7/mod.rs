@@ -12,7 +12,7 @@
 //! untouched. Refusals go to the client as the engine wrote them (a TLS alert, a 403), then FIN. Half-closes pass
 //! both ways. At the end one access line (target `egressd::l7`) and, for a refusal, one audit line.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,6 +29,8 @@ use dataplane::policy::service::{RetryOn, ServiceId};
 use dataplane::policy::{PolicySnapshot, RuleId, SharedPolicy};
 use dataplane::time::Instant;
 use dataplane::wire::response::ResponseEvent;
+// Keys come from clients (addresses, ports): seeded foldhash, much faster than SipHash.
+use foldhash::HashMap;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token, Waker};
 
@@ -58,6 +60,7 @@ macro_rules! upstreams {
             service_connections: &mut $driver.service_connections,
             balancer: &mut $driver.balancer,
             pools: &mut $driver.pools,
+            pool_closed: &$driver.t.stats.pool_closed,
         }
     };
 }
@@ -88,8 +91,8 @@ pub struct L7Stats {
     /// Outlier ejections since start, and endpoints ejected now.
     pub ejections: AtomicU64,
     pub ejected_endpoints: AtomicU64,
-    /// Upstream connections of services taken from the pool, closed there (idle too long, closed by the server),
-    /// and idle in it now.
+    /// Upstream connections of services taken from the pool, closed there (idle too long, closed by the server or
+    /// written to while idle: found by the sweep or when a client would have taken it), and idle in it now.
     pub pool_reused: AtomicU64,
     pub pool_closed: AtomicU64,
     pub pool_idle: AtomicU64,
@@ -289,8 +292,8 @@ impl Driver {
             t,
             poll,
             stack,
-            conns: HashMap::new(),
-            tokens: HashMap::new(),
+            conns: HashMap::default(),
+            tokens: HashMap::default(),
             next_token: 1,
             ports,
             buf: vec![0; 64 * 1024],
@@ -298,11 +301,11 @@ impl Driver {
             resolver,
             rate_limits: RateLimiter::new(),
             tls_configs: origination::Configs::default(),
-            upstream_counts: HashMap::new(),
+            upstream_counts: HashMap::default(),
             balancer: Balancer::new(),
-            service_connections: HashMap::new(),
-            service_waiting: HashMap::new(),
-            pools: HashMap::new(),
+            service_connections: HashMap::default(),
+            service_waiting: HashMap::default(),
+            pools: HashMap::default(),
             again: Vec::new(),
         }
     }
@@ -352,8 +355,7 @@ impl Driver {
                 self.t.stats.ejected_endpoints.store(ejected, Ordering::Relaxed);
                 let policy = self.t.policy.load_full();
                 let mut upstreams = upstreams!(self);
-                let closed = upstreams.sweep_pools(now, &policy, &mut self.buf);
-                self.t.stats.pool_closed.fetch_add(closed as u64, Ordering::Relaxed);
+                upstreams.sweep_pools(now, &policy, &mut self.buf);
                 let idle = self.pools.values().map(Vec::len).sum::<usize>() as u64;
                 self.t.stats.pool_idle.store(idle, Ordering::Relaxed);
                 if let Some(r) = self.resolver.as_mut() {
@@ -583,10 +585,8 @@ impl Driver {
         }
         // An idle upstream connection to the chosen endpoint, kept from an earlier client, is taken first.
         if wants && conn.target.as_ref().is_some_and(|t| t.service.is_some()) {
-            let token = Token(self.next_token);
             let mut upstreams = upstreams!(self);
-            if upstreams.take_pooled(conn, key, token, policy) {
-                self.next_token += 1;
+            if upstreams.take_pooled(conn, key, policy, buf) {
                 wants = false;
                 conn.connected = true;
                 conn.connect_started = now;
@@ -1143,10 +1143,32 @@ const MAX_POOLED_PER_KEY: usize = 32;
 
 struct Pooled {
     upstream: Upstream,
+    /// It stays registered with the poll under this token while idle (its events are ignored: no client holds
+    /// it), so parking and taking it cost no `epoll_ctl`.
+    token: Token,
     local_port: u16,
     since: Instant,
     /// Requests it carried.
     requests: u32,
+}
+
+impl Pooled {
+    /// Nothing arrived while it was idle: no FIN, no reset, no bytes nobody asked for (`buf`: scratch space).
+    fn is_alive(&mut self, buf: &mut [u8]) -> bool {
+        matches!(self.upstream.read(&mut buf[..1]), Err(e) if e.kind() == ErrorKind::WouldBlock)
+    }
+}
+
+/// Closes an idle pooled connection and gives its local port back.
+fn close_pooled(
+    poll: &Poll,
+    ports: &mut HashMap<Ipv4Addr, VecDeque<u16>>,
+    egress: Ipv4Addr,
+    pooled: &mut Pooled,
+) {
+    pooled.upstream.shutdown_both();
+    let _ = poll.registry().deregister(pooled.upstream.tcp_mut());
+    ports.entry(egress).or_default().push_back(pooled.local_port);
 }
 
 fn pool_key(conn: &Conn, generation: u64) -> Option<PoolKey> {
@@ -1166,6 +1188,7 @@ struct Upstreams<'a> {
     service_connections: &'a mut HashMap<String, u32>,
     balancer: &'a mut Balancer,
     pools: &'a mut HashMap<PoolKey, Vec<Pooled>>,
+    pool_closed: &'a AtomicU64,
 }
 
 impl Upstreams<'_> {
@@ -1194,43 +1217,41 @@ impl Upstreams<'_> {
             self.release(conn);
             return false;
         }
-        let (Some(key), Some(mut upstream), Some(local_port)) =
-            (key, conn.upstream.take(), conn.local_port.take())
-        else {
+        let (Some(key), Some(token)) = (key, conn.token) else {
             self.release(conn);
             return false;
         };
-        let _ = self.poll.registry().deregister(upstream.tcp_mut());
-        if let Some(token) = conn.token.take() {
-            self.tokens.remove(&token);
-        }
-        conn.local_port = None;
-        self.pools.entry(key).or_default().push(Pooled { upstream, local_port, since: now, requests });
+        let (Some(upstream), Some(local_port)) = (conn.upstream.take(), conn.local_port.take()) else {
+            self.release(conn);
+            return false;
+        };
+        self.tokens.remove(&token);
+        conn.token = None;
+        self.pools.entry(key).or_default().push(Pooled { upstream, token, local_port, since: now, requests });
         // Idle in the pool, it holds no place in the rule's and the service's counts.
         self.release(conn);
         true
     }
 
-    /// An idle connection of the pool for `conn`'s target, attached to it (registered under `token`).
+    /// An idle connection of the pool for `conn`'s target, attached to it. One the server closed or wrote to while
+    /// it was idle is closed instead, and the next one tried (`buf`: scratch space).
     fn take_pooled(
         &mut self,
         conn: &mut Conn,
         key: FourTuple,
-        token: Token,
         policy: &PolicySnapshot,
+        buf: &mut [u8],
     ) -> bool {
         let Some(pool_key) = pool_key(conn, policy.generation()) else { return false };
-        let Some(mut pooled) = self.pools.get_mut(&pool_key).and_then(Vec::pop) else { return false };
-        if self
-            .poll
-            .registry()
-            .register(pooled.upstream.tcp_mut(), token, Interest::READABLE | Interest::WRITABLE)
-            .is_err()
-        {
-            pooled.upstream.shutdown_both();
-            self.ports.entry(conn.egress).or_default().push_back(pooled.local_port);
-            return false;
-        }
+        let pooled = loop {
+            let Some(mut pooled) = self.pools.get_mut(&pool_key).and_then(Vec::pop) else { return false };
+            if pooled.is_alive(buf) {
+                break pooled;
+            }
+            close_pooled(self.poll, self.ports, conn.egress, &mut pooled);
+            self.pool_closed.fetch_add(1, Ordering::Relaxed);
+        };
+        let token = pooled.token;
         self.tokens.insert(token, key);
         conn.token = Some(token);
         conn.tls_established = pooled.upstream.is_tls();
@@ -1247,8 +1268,7 @@ impl Upstreams<'_> {
 
     /// Closes pooled connections idle longer than their service allows, closed by the server, or that sent
     /// something nobody asked for (`buf`: scratch space).
-    fn sweep_pools(&mut self, now: Instant, policy: &PolicySnapshot, buf: &mut [u8]) -> usize {
-        let mut closed = 0;
+    fn sweep_pools(&mut self, now: Instant, policy: &PolicySnapshot, buf: &mut [u8]) {
         let services = policy.services();
         for ((service, _, _, egress), pooled) in self.pools.iter_mut() {
             let idle_nanos = services
@@ -1257,19 +1277,17 @@ impl Upstreams<'_> {
                 .map_or(0, |s| u64::from(s.spec().pool_idle_timeout_secs) * 1_000_000_000);
             pooled.retain_mut(|p| {
                 let expired = now.as_nanos().saturating_sub(p.since.as_nanos()) >= idle_nanos;
-                let alive = !expired
-                    && matches!(p.upstream.read(&mut buf[..1]), Err(e) if e.kind() == ErrorKind::WouldBlock);
+                let alive = !expired && p.is_alive(buf);
                 if !alive {
-                    p.upstream.shutdown_both();
-                    self.ports.entry(*egress).or_default().push_back(p.local_port);
-                    closed += 1;
+                    close_pooled(self.poll, self.ports, *egress, p);
+                    self.pool_closed.fetch_add(1, Ordering::Relaxed);
                 }
                 alive
             });
         }
         self.pools.retain(|_, v| !v.is_empty());
-        closed
     }
+
     /// Closes `conn`'s upstream connection and gives back all it holds.
     fn release(&mut self, conn: &mut Conn) {
         if let Some(mut stream) = conn.upstream.take() {

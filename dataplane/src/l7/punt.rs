@@ -114,12 +114,16 @@ impl Punt {
         true
     }
 
-    /// On worker `worker` after it woke: no more wake-ups needed; the wake-up bytes are read away.
-    pub fn worker_unpark(&self, worker: u16) {
+    /// On worker `worker` after it woke: no more wake-ups needed. `woken`: its wake-up socket was readable, and
+    /// the bytes are read away (only then: a read that finds nothing is a wasted system call per sleep).
+    pub fn worker_unpark(&self, worker: u16, woken: bool) {
         if let Some(wake) = self.worker_wakes.get(usize::from(worker)) {
             wake.parked.store(false, Ordering::SeqCst);
-            let mut sink = [0u8; 64];
-            while matches!((&wake.read).read(&mut sink), Ok(n) if n > 0) {}
+            if woken {
+                // One byte per wake-up, and one wake-up per sleep: a few bytes at most are waiting.
+                let mut sink = [0u8; 64];
+                while matches!((&wake.read).read(&mut sink), Ok(n) if n == sink.len()) {}
+            }
         }
     }
 
@@ -216,12 +220,13 @@ mod tests {
         assert_eq!(punt.dropped_to_l7.load(Ordering::Relaxed), 1);
         assert!(punt.worker_park(1));
         assert!(punt.to_worker(p));
-        // The parked worker's socket is readable; unparking reads it empty.
-        let mut byte = [0u8; 1];
-        let fd_ready = (&punt.worker_wakes[1].read).read(&mut byte).is_ok();
-        assert!(fd_ready, "the wake-up byte was written");
+        // The parked worker's socket is readable; unparking after the wake-up reads it empty.
+        let fd = punt.worker_wake_fd(1).unwrap();
+        assert_eq!(crate::xsk::wait_readable(&[fd], 0), 1, "the wake-up byte was written");
+        punt.worker_unpark(1, true);
+        assert_eq!(crate::xsk::wait_readable(&[fd], 0), 0, "read away: the next sleep is not cut short");
         assert!(!punt.worker_park(1), "a packet is waiting: do not sleep");
-        punt.worker_unpark(1);
+        punt.worker_unpark(1, false);
         assert_eq!(punt.pop_for_worker(1).map(|p| p.len), Some(4));
         assert!(punt.pop_for_worker(0).is_none());
         assert!(PuntedPacket::new(&[0; PUNT_MAX_PACKET + 1], 0, 0, Ipv4Addr::UNSPECIFIED).is_none());

@@ -10,12 +10,13 @@
 //! full, idle ones (full buckets, which a fresh one equals) are dropped; if none is idle, a new client is
 //! refused (the L7 path's clients completed a TCP handshake, so they are real inside hosts, never spoofed).
 
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use crate::policy::l7::RateLimit;
 use crate::policy::RuleId;
 use crate::time::Instant;
+// Keys come from clients (addresses, ports): seeded foldhash, much faster than SipHash.
+use foldhash::HashMap;
 
 /// Buckets held at most.
 pub const MAX_CLIENTS: usize = 65_536;
@@ -52,7 +53,7 @@ impl RateLimiter {
     }
 
     pub fn with_capacity(capacity: usize) -> RateLimiter {
-        RateLimiter { buckets: HashMap::new(), capacity: capacity.max(1) }
+        RateLimiter { buckets: HashMap::default(), capacity: capacity.max(1) }
     }
 
     /// One request of `client` under `rule` at `now`: admitted, or refused with the whole seconds (≥ 1) until

@@ -13,9 +13,10 @@
 //! fixed at creation; [`StackLimits::max_connections`] bounds the total. A few closed endpoints are kept and
 //! reused (see [`SPARE_ENDPOINTS`]).
 
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 
+// Keys come from clients (addresses, ports): seeded foldhash, much faster than SipHash.
+use foldhash::HashMap;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
@@ -90,8 +91,11 @@ impl ClientStack {
     pub fn new(limits: StackLimits, seed: u64) -> ClientStack {
         ClientStack {
             limits,
-            endpoints: HashMap::with_capacity(limits.max_connections.min(1 << 16)),
-            per_source: HashMap::new(),
+            endpoints: HashMap::with_capacity_and_hasher(
+                limits.max_connections.min(1 << 16),
+                Default::default(),
+            ),
+            per_source: HashMap::default(),
             tx_buffer: Vec::with_capacity(limits.mtu),
             spare: Vec::new(),
             seed,

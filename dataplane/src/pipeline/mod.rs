@@ -902,10 +902,10 @@ impl Pipeline {
         self.l7.as_ref().is_none_or(|p| p.worker_park(self.worker))
     }
 
-    /// After the worker woke.
-    pub fn l7_unpark(&self) {
+    /// After the worker woke; `woken` if its L7 wake-up socket was readable.
+    pub fn l7_unpark(&self, woken: bool) {
         if let Some(p) = &self.l7 {
-            p.worker_unpark(self.worker);
+            p.worker_unpark(self.worker, woken);
         }
     }
 

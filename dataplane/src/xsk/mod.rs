@@ -530,9 +530,9 @@ impl Port {
     }
 }
 
-/// Blocks until one of `fds` is readable or `timeout_ms` passes. Interrupted calls return early (the caller
-/// re-checks its stop flag).
-pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) {
+/// Blocks until one of `fds` (at most 8) is readable or `timeout_ms` passes. Returns which were readable, bit `i`
+/// for `fds[i]`. Interrupted calls return early (the caller re-checks its stop flag).
+pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) -> u8 {
     let mut pollfds = [libc::pollfd { fd: -1, events: 0, revents: 0 }; 8];
     let n = fds.len().min(pollfds.len());
     for (p, &fd) in pollfds.iter_mut().zip(fds) {
@@ -540,7 +540,13 @@ pub fn wait_readable(fds: &[RawFd], timeout_ms: i32) {
     }
     // SAFETY: `pollfds` is a live array of `n` initialised pollfd structs that outlives the call; poll only
     // writes their `revents` fields.
-    unsafe {
-        libc::poll(pollfds.as_mut_ptr(), n as libc::nfds_t, timeout_ms);
+    let ready = unsafe { libc::poll(pollfds.as_mut_ptr(), n as libc::nfds_t, timeout_ms) };
+    if ready <= 0 {
+        return 0;
     }
+    pollfds[..n]
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.revents & libc::POLLIN != 0)
+        .fold(0, |mask, (i, _)| mask | 1 << i)
 }
