@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod explain;
 pub mod flows;
 pub mod import;
+pub mod log_writer;
 pub mod reload;
 pub mod run;
 pub mod stats;
@@ -97,19 +98,12 @@ pub struct ConfigArg {
     pub config: PathBuf,
 }
 
-/// Logs go to stderr through a writer thread: the threads that log (the L7 thread writes an access line per
-/// connection) hand over a formatted line and go on, and the writer thread writes whatever has piled up in one
-/// system call. Nothing is dropped: when the writer falls behind by `LOG_LINES_QUEUED` lines, loggers wait.
-/// The returned guard flushes what is queued when dropped; keep it until the program ends.
-pub fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs go to stderr in batches (see [`log_writer`]). The returned guard writes what is pending when dropped;
+/// keep it until the program ends.
+pub fn init_logging(format: LogFormat) -> log_writer::FlushGuard {
     use tracing_subscriber::EnvFilter;
-    const LOG_LINES_QUEUED: usize = 65_536;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(LOG_LINES_QUEUED)
-        .thread_name("egressd-log")
-        .finish(std::io::BufWriter::new(std::io::stderr()));
+    let (writer, guard) = log_writer::batched_stderr();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
