@@ -207,6 +207,10 @@ struct Conn {
     first_byte_at: Option<Instant>,
     /// Under TLS origination: whether the handshake completed.
     tls_established: bool,
+    /// The upstream socket may have something to read: set by its poll events and when a new one is opened,
+    /// cleared only when a read finds it empty (not on a short read: under edge-triggered polling only the
+    /// kernel's "would block" proves it drained). A packet from the client then costs no read of an empty socket.
+    upstream_readable: bool,
     /// The rule whose upstream connection count this connection's upstream is in.
     counted_rule: Option<u32>,
     /// Where the upstream goes, chosen when the engine first wants it.
@@ -344,6 +348,11 @@ impl Driver {
                         r.on_readable(now, &mut resolved);
                     }
                 } else if let Some(key) = self.tokens.get(&event.token()) {
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        if let Some(conn) = self.conns.get_mut(key) {
+                            conn.upstream_readable = true;
+                        }
+                    }
                     touched.push(*key);
                 }
             }
@@ -420,6 +429,7 @@ impl Driver {
                         bytes_down: 0,
                         first_byte_at: None,
                         tls_established: false,
+                        upstream_readable: false,
                         counted_rule: None,
                         target: None,
                         awaiting_since: None,
@@ -623,6 +633,7 @@ impl Driver {
                         conn.token = Some(token);
                     }
                     conn.upstream = Some(Upstream::Plain(stream));
+                    conn.upstream_readable = true;
                     conn.local_port = Some(port);
                     *self.upstream_counts.entry(rule).or_default() += 1;
                     conn.counted_rule = Some(rule);
@@ -779,7 +790,7 @@ impl Driver {
                 .filter(|svc| svc.retries_done < svc.retries)
                 .map(|svc| svc.retry_on);
             // Upstream → client, as much as the client's socket takes.
-            while !conn.upstream_eof && retry.is_none() {
+            while !conn.upstream_eof && retry.is_none() && conn.upstream_readable {
                 let room = stack.send_room(&key).min(buf.len());
                 if room == 0 {
                     break;
@@ -831,7 +842,10 @@ impl Driver {
                         conn.first_byte_at.get_or_insert(now);
                         conn.last_activity = now;
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        conn.upstream_readable = false;
+                        break;
+                    }
                     Err(e) if reset_retry && !stream.is_handshaking() => retry = Some(e.to_string()),
                     Err(e) => {
                         failed(&e, stream, conn.bytes_down);
@@ -1255,6 +1269,8 @@ impl Upstreams<'_> {
         self.tokens.insert(token, key);
         conn.token = Some(token);
         conn.tls_established = pooled.upstream.is_tls();
+        // Found empty just now; whatever comes later raises a poll event under its token.
+        conn.upstream_readable = false;
         conn.upstream = Some(pooled.upstream);
         conn.local_port = Some(pooled.local_port);
         let requests_now = conn.engine.summary().requests_allowed;
