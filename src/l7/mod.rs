@@ -726,26 +726,7 @@ impl Driver {
 
         // The client finished after every answer, or asked to close and has them all: its upstream connection is
         // kept for the next client (if it may be), instead of being half-closed.
-        let closing_after_answers = conn.engine.client_asked_close() && conn.engine.upstream_idle();
-        if (client_finished || closing_after_answers)
-            && conn.upstream.is_some()
-            && conn.engine.to_upstream().is_empty()
-            && conn.engine.upstream_reusable()
-            && conn.target.as_ref().is_some_and(|t| t.service.is_some())
-        {
-            let mut upstreams = upstreams!(self);
-            if upstreams.park_or_release(now, conn, policy) {
-                conn.end = "client_closed";
-            } else {
-                conn.upstream_eof = true;
-            }
-            if closing_after_answers && !conn.client_closed {
-                // The client asked for the close: a FIN after the answers it has in its socket.
-                stack.close(&key);
-                conn.client_closed = true;
-                conn.end = "done";
-            }
-        }
+        settle_after_answers(&mut upstreams!(self), stack, now, key, conn, policy, client_finished);
         // Why the request upstream must go again (a retry), if it must.
         let mut retry: Option<String> = None;
         if let (Some(stream), true) = (conn.upstream.as_mut(), conn.connected) {
@@ -934,6 +915,9 @@ impl Driver {
             conn.engine.on_retry();
             self.again.push(key);
         }
+        // Answers that completed just now for a client that asked to close: the FIN leaves with their last bytes,
+        // not a round later.
+        settle_after_answers(&mut upstreams!(self), stack, now, key, conn, policy, false);
         // The refusal, once whatever the upstream still had to say has gone first.
         let upstream_done = conn.upstream.is_none() || conn.upstream_eof || conn.upstream_failed;
         if !conn.engine.to_client().is_empty() && (!conn.engine.refusal_waits() || upstream_done) {
@@ -1164,6 +1148,38 @@ struct Pooled {
     since: Instant,
     /// Requests it carried.
     requests: u32,
+}
+
+/// Once every answer is in: a client that finished (`client_finished`) or asked to close leaves its upstream
+/// connection to the pool, if it may be kept, or closed; one that asked to close gets its FIN after the answers.
+fn settle_after_answers(
+    upstreams: &mut Upstreams<'_>,
+    stack: &mut ClientStack,
+    now: Instant,
+    key: FourTuple,
+    conn: &mut Conn,
+    policy: &PolicySnapshot,
+    client_finished: bool,
+) {
+    let closing_after_answers = conn.engine.client_asked_close() && conn.engine.upstream_idle();
+    if (client_finished || closing_after_answers)
+        && conn.upstream.is_some()
+        && conn.engine.to_upstream().is_empty()
+        && conn.engine.upstream_reusable()
+        && conn.target.as_ref().is_some_and(|t| t.service.is_some())
+    {
+        if upstreams.park_or_release(now, conn, policy) {
+            conn.end = "client_closed";
+        } else {
+            conn.upstream_eof = true;
+        }
+        if closing_after_answers && !conn.client_closed {
+            // The client asked for the close: a FIN after the answers it has in its socket.
+            stack.close(&key);
+            conn.client_closed = true;
+            conn.end = "done";
+        }
+    }
 }
 
 impl Pooled {
