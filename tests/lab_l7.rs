@@ -1379,12 +1379,14 @@ address = "203.0.113.12"
     let last = seen();
     assert_ne!(last, first[3], "a new connection after the idle timeout");
     assert_eq!(gw.metric("egressd_l7_pool_reused_total"), 2.0);
-    // Clients that ask to close and read to the end: each gets its answer and egressd's FIN; the upstream
-    // connection stays for the next.
+    // Clients that ask to close and read to the end: each gets its answer and egressd's FIN, in the answer's
+    // segment (seen on the client's interface); the upstream connection stays for the next.
     let out = lab.python(
         "client",
         r#"
-import socket
+import socket, struct
+sniff = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(0x0800))
+sniff.bind(("cl0", 0))
 for _ in range(2):
     s = socket.create_connection(("203.0.113.10", 80), timeout=5)
     s.sendall(b"GET /ip HTTP/1.1\r\nHost: pool.test\r\nConnection: close\r\n\r\n")
@@ -1394,10 +1396,25 @@ for _ in range(2):
         if not d: break
         data += d
     print(data.split(b"\r\n\r\n", 1)[1].decode().strip())
+sniff.setblocking(False)
+data_segments = fin_with_data = 0
+while True:
+    try: frame = sniff.recv(65535)
+    except BlockingIOError: break
+    ip = frame[14:]
+    if ip[9] != 6 or ip[12:16] != socket.inet_aton("203.0.113.10"): continue
+    ihl = (ip[0] & 15) * 4
+    tcp = ip[ihl:]
+    if struct.unpack("!H", tcp[0:2])[0] != 80: continue
+    if struct.unpack("!H", ip[2:4])[0] - ihl - (tcp[12] >> 4) * 4 > 0:
+        data_segments += 1
+        fin_with_data += tcp[13] & 1
+print("segments", data_segments, fin_with_data)
 "#,
     );
-    let ports: Vec<&str> = out.lines().collect();
+    let (ports, segments): (Vec<&str>, Vec<&str>) = out.lines().partition(|l| !l.starts_with("segments"));
     assert_eq!(ports.len(), 2, "{out}");
+    assert_eq!(segments, ["segments 2 2"], "one segment per answer, each with the FIN: {out}");
     assert_eq!(ports[0], last, "the idle connection served the first");
     assert_eq!(ports[1], last, "and the second");
     assert_eq!(gw.metric("egressd_l7_pool_reused_total"), 4.0);
