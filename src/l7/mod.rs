@@ -933,7 +933,8 @@ impl Driver {
                 stack.close(&key);
                 conn.client_closed = true;
                 conn.end = "refused";
-            } else if conn.upstream_eof && conn.engine.to_client().is_empty() && !conn.engine.wants_reroute() {
+            } else if conn.upstream_eof && conn.engine.to_client().is_empty() && !conn.engine.wants_reroute()
+            {
                 // Everything for the client is in its socket: the FIN follows it, in the last segment when it
                 // fits (waiting for the client's acknowledgement first would cost a round trip and a segment).
                 stack.close(&key);
