@@ -179,7 +179,7 @@ fn policy_decides_in_the_lab_and_sighup_reloads_it() {
     std::fs::write(&config, original.replace("action = \"allow\"", "action = \"alow\"")).unwrap();
     gw.signal("HUP");
     wait_for(|| gw.metric(r#"egressd_reloads_total{result="failed"}"#) >= 1.0, "failed reload counted");
-    assert!(gw.log_text().contains("lab.toml:"), "the refused reload is logged with file:line:col");
+    wait_for(|| gw.log_text().contains("lab.toml:"), "the refused reload is logged with file:line:col");
     assert!(payments_get("http://198.51.100.10/"), "the running policy stays after a bad reload");
 
     // A good file that lets payments reach 203.0.113.0/24 too (and changes a setting only a restart applies).
@@ -194,11 +194,12 @@ fn policy_decides_in_the_lab_and_sighup_reloads_it() {
     wait_for(|| gw.metric(r#"egressd_reloads_total{result="ok"}"#) >= 1.0, "good reload counted");
     assert!(payments_get("http://203.0.113.10/"), "reloaded policy allows payments → 203.0.113.10");
     // What the reload could not apply is said, key by key.
-    assert!(
-        gw.log_text()
-            .contains("[dataplane] batch_size changed (64 -> 32): takes effect after a restart; 64 stays"),
-        "{}",
-        gw.log_text()
+    wait_for(
+        || {
+            gw.log_text()
+                .contains("[dataplane] batch_size changed (64 -> 32): takes effect after a restart; 64 stays")
+        },
+        "the setting a reload cannot apply is named",
     );
     // The refused file did not count as a generation; the good one did, and the last reload shows as applied.
     assert_eq!(gw.metric("egressd_policy_generation"), 2.0);
@@ -492,7 +493,10 @@ fn to_hosts_follow_dns_without_a_reload() {
     assert!(!get("203.0.113.10"), "the old address is no longer allowed");
     assert!(gw.metric("egressd_policy_generation") > generation, "a new policy generation");
     assert_eq!(gw.metric(r#"egressd_reloads_total{result="ok"}"#), 0.0, "without a reload");
-    assert!(gw.log_text().contains("policy recompiled: to_hosts addresses changed"));
+    wait_for(
+        || gw.log_text().contains("policy recompiled: to_hosts addresses changed"),
+        "the recompile is logged",
+    );
     assert!(gw.metric("egressd_to_hosts_updates_total") >= 2.0, "the first answer and the move");
     // explain asks the same resolver and judges with what the name has now.
     let bin = support::egressd_bin();

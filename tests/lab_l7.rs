@@ -1184,7 +1184,10 @@ fn a_failing_endpoint_is_retried_ejected_and_back_after_its_time_and_unrouted_re
     assert_eq!(gw.metric("egressd_l7_outlier_ejections_total"), 1.0, "{}", gw.log_text());
     assert_eq!(gw.metric("egressd_l7_endpoint_failures_total"), 3.0, "no failure once ejected");
     assert_eq!(gw.metric("egressd_l7_ejected_endpoints"), 1.0);
-    assert!(gw.log_text().contains("endpoint ejected after consecutive failures"));
+    wait_for(
+        || gw.log_text().contains("endpoint ejected after consecutive failures"),
+        "the ejection is logged",
+    );
 
     // Something listens on .22 now; after the 3 s ejection it gets its share again.
     let _back = TlsNginx::start(&lab, certs.path(), &[("203.0.113.22", "v1b")]);

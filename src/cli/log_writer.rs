@@ -2,8 +2,9 @@
 //!
 //! The L7 thread writes an access line per connection; one `write` system call per line (and, behind a channel,
 //! one thread wake-up per line) costs it more than formatting the line. Here a logging thread appends its line to
-//! a shared buffer and goes on; a writer thread, woken when the buffer stops being empty, waits `FLUSH_EVERY` for
-//! more lines to gather and writes them all at once. Nothing is dropped: a logger that finds `MAX_PENDING` bytes
+//! a shared buffer and goes on; a writer thread, woken when the buffer stops being empty, writes it out at once if
+//! it wrote nothing in the last `FLUSH_EVERY` (a quiet log reads as it happens), else waits out the rest of that
+//! time for more lines to gather: at most one write per `FLUSH_EVERY`. Nothing is dropped: a logger that finds `MAX_PENDING` bytes
 //! waiting (stderr is slow or blocked) writes them itself. What is pending is written before a panic message and
 //! when the guard is dropped at the end of the program.
 
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use tracing_subscriber::fmt::MakeWriter;
 
-/// How long the writer thread lets lines gather once the first one is waiting.
+/// The writer thread's shortest interval between writes.
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// Bytes waiting beyond which loggers write themselves.
 const MAX_PENDING: usize = 4 << 20;
@@ -82,17 +83,19 @@ pub fn batched_stderr() -> (BatchedStderr, FlushGuard) {
 
 fn write_batches(shared: &Shared) {
     let mut batch = Vec::with_capacity(64 << 10);
+    let mut last_write: Option<std::time::Instant> = None;
     loop {
         {
             let mut pending = shared.lock();
             while pending.bytes.is_empty() && !pending.stop {
                 pending = shared.wake.wait(pending).unwrap_or_else(std::sync::PoisonError::into_inner);
             }
-            if !pending.stop {
-                // Let more lines gather (a stop cuts the wait short).
+            let since_last = last_write.map_or(FLUSH_EVERY, |t| t.elapsed());
+            if !pending.stop && since_last < FLUSH_EVERY {
+                // Lines are coming fast: let more gather (a stop cuts the wait short).
                 pending = shared
                     .wake
-                    .wait_timeout_while(pending, FLUSH_EVERY, |p| !p.stop)
+                    .wait_timeout_while(pending, FLUSH_EVERY - since_last, |p| !p.stop)
                     .map_or_else(|e| e.into_inner().0, |(p, _)| p);
             }
             std::mem::swap(&mut batch, &mut pending.bytes);
@@ -102,6 +105,7 @@ fn write_batches(shared: &Shared) {
         }
         let _ = std::io::stderr().write_all(&batch);
         batch.clear();
+        last_write = Some(std::time::Instant::now());
     }
 }
 
