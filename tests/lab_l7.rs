@@ -129,6 +129,16 @@ fn assert_from_l7_range(seen: &str) {
     assert!((61000..=65535).contains(&port), "upstream port {port} is outside [l7] upstream_ports");
 }
 
+/// A request for `url` with `Host: host` through the gateway to a server that answers with the address and port
+/// it saw: that upstream connection's source, checked to be in the L7 range.
+fn upstream_connection_seen(lab: &Lab, gw: &Gateway, host: &str, url: &str) -> String {
+    let header = format!("Host: {host}");
+    let (code, body, err, _) = curl(lab, &["-H", &header, url]);
+    assert_eq!(code, 0, "{err}\n{}", gw.log_text());
+    assert_from_l7_range(&body);
+    body.trim().to_string()
+}
+
 #[test]
 fn tls_passes_through_by_sni_and_other_names_get_an_alert() {
     let lab = Lab::up(false);
@@ -1364,13 +1374,8 @@ address = "203.0.113.12"
     let rule = "ports = [80]\naction = \"l7\"\nhosts = [\"pool.test\"]";
     let (_dir, config, _) = lab_config(|text| format!("{}\n{service}", replace_web_rule(text, rule)));
     let gw = Gateway::start(&lab, &config);
-    let seen = || {
-        let (code, body, err, _) = curl(&lab, &["-H", "Host: pool.test", "http://203.0.113.10/ip"]);
-        assert_eq!(code, 0, "{err}\n{}", gw.log_text());
-        assert_from_l7_range(&body);
-        // The endpoint is fixed: the answer's port says which upstream connection carried the request.
-        body.trim().to_string()
-    };
+    // The endpoint is fixed: the answer's port says which upstream connection carried the request.
+    let seen = || upstream_connection_seen(&lab, &gw, "pool.test", "http://203.0.113.10/ip");
     let first: Vec<String> = (0..4).map(|_| seen()).collect();
     assert_eq!(first[0], first[1], "the second client reused the first's upstream connection");
     assert_eq!(first[1], first[2], "and the third");
@@ -1479,12 +1484,7 @@ port = 8082
     let rule = "ports = [80]\naction = \"l7\"\nhosts = [\"closing.test\"]";
     let (_dir, config, _) = lab_config(|text| format!("{}\n{service}", replace_web_rule(text, rule)));
     let gw = Gateway::start(&lab, &config);
-    let seen = || {
-        let (code, body, err, _) = curl(&lab, &["-H", "Host: closing.test", "http://203.0.113.10/"]);
-        assert_eq!(code, 0, "{err}\n{}", gw.log_text());
-        assert_from_l7_range(&body);
-        body.trim().to_string()
-    };
+    let seen = || upstream_connection_seen(&lab, &gw, "closing.test", "http://203.0.113.10/");
     let mut last = seen();
     assert_eq!(last, seen(), "an idle connection is reused while the server keeps it");
     for round in 1..=3 {

@@ -74,9 +74,9 @@ impl Worker {
         let stats = self.pipeline.stats().clone();
         // The L7 path's wake-up socket too, so that its packets for clients do not wait out an idle sleep.
         let mut fds = vec![self.inside.fd(), self.outside.fd()];
+        // The L7 wake-up socket's bit in what `wait_readable` returns.
+        let l7_wake_bit = 1u8 << fds.len();
         fds.extend(self.pipeline.l7_wake_fd());
-        // The L7 wake-up socket's place in `fds` (the third).
-        const L7_WAKE_FD_BIT: u8 = 1 << 2;
         let mut empty_polls: u32 = 0;
         let mut last_gauges = Instant::ZERO;
         // Where hairpinned frames are copied on their way back out of the port they came in by, and handed-over
@@ -116,7 +116,7 @@ impl Worker {
                     let mut woken_by_l7 = false;
                     if self.pipeline.l7_park() {
                         let ready = wait_readable(&fds, self.config.idle_timeout_ms);
-                        woken_by_l7 = ready & L7_WAKE_FD_BIT != 0;
+                        woken_by_l7 = ready & l7_wake_bit != 0;
                     }
                     self.pipeline.l7_unpark(woken_by_l7);
                 }

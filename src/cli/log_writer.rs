@@ -4,9 +4,9 @@
 //! one thread wake-up per line) costs it more than formatting the line. Here a logging thread appends its line to
 //! a shared buffer and goes on; a writer thread, woken when the buffer stops being empty, writes it out at once if
 //! it wrote nothing in the last `FLUSH_EVERY` (a quiet log reads as it happens), else waits out the rest of that
-//! time for more lines to gather: at most one write per `FLUSH_EVERY`. Nothing is dropped: a logger that finds `MAX_PENDING` bytes
-//! waiting (stderr is slow or blocked) writes them itself. What is pending is written before a panic message and
-//! when the guard is dropped at the end of the program.
+//! time for more lines to gather: at most one write per `FLUSH_EVERY`. Nothing is dropped: a logger that finds
+//! `MAX_PENDING` bytes waiting (stderr is slow or blocked) writes them itself. What is pending is written before a
+//! panic message and when the guard is dropped at the end of the program.
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};

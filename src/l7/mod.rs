@@ -1192,16 +1192,18 @@ impl Pooled {
     }
 }
 
-/// Closes an idle pooled connection and gives its local port back.
+/// Closes an idle pooled connection, gives its local port back and counts it in `closed`.
 fn close_pooled(
     poll: &Poll,
     ports: &mut HashMap<Ipv4Addr, VecDeque<u16>>,
+    closed: &AtomicU64,
     egress: Ipv4Addr,
     pooled: &mut Pooled,
 ) {
     pooled.upstream.shutdown_both();
     let _ = poll.registry().deregister(pooled.upstream.tcp_mut());
     ports.entry(egress).or_default().push_back(pooled.local_port);
+    closed.fetch_add(1, Ordering::Relaxed);
 }
 
 fn pool_key(conn: &Conn, generation: u64) -> Option<PoolKey> {
@@ -1258,10 +1260,9 @@ impl Upstreams<'_> {
             self.release(conn);
             return false;
         };
-        self.tokens.remove(&token);
-        conn.token = None;
         self.pools.entry(key).or_default().push(Pooled { upstream, token, local_port, since: now, requests });
-        // Idle in the pool, it holds no place in the rule's and the service's counts.
+        // Idle in the pool, it holds no place in the rule's and the service's counts, and its token no longer
+        // names `conn`.
         self.release(conn);
         true
     }
@@ -1281,8 +1282,7 @@ impl Upstreams<'_> {
             if pooled.is_alive(buf) {
                 break pooled;
             }
-            close_pooled(self.poll, self.ports, conn.egress, &mut pooled);
-            self.pool_closed.fetch_add(1, Ordering::Relaxed);
+            close_pooled(self.poll, self.ports, self.pool_closed, conn.egress, &mut pooled);
         };
         let token = pooled.token;
         self.tokens.insert(token, key);
@@ -1314,8 +1314,7 @@ impl Upstreams<'_> {
                 let expired = now.as_nanos().saturating_sub(p.since.as_nanos()) >= idle_nanos;
                 let alive = !expired && p.is_alive(buf);
                 if !alive {
-                    close_pooled(self.poll, self.ports, *egress, p);
-                    self.pool_closed.fetch_add(1, Ordering::Relaxed);
+                    close_pooled(self.poll, self.ports, self.pool_closed, *egress, p);
                 }
                 alive
             });
