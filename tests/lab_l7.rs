@@ -404,7 +404,8 @@ openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 
 
 /// TLS origination (`upstream_tls`): plain HTTP from the client leaves as mutual TLS to the destination's port
 /// 8443, where a server that requires a client certificate from the lab CA answers with the certificate's name
-/// and the address it saw. A second Host on the same connection gets 421. After a reload to `simple` (no client
+/// and the address it saw. A second Host on the same connection gets 421; a new connection resumes the TLS
+/// session. After a reload to `simple` (no client
 /// certificate) the server refuses the handshake, and with a server name the certificate does not carry
 /// verification fails: both answered 502 with the reason, audited.
 #[test]
@@ -432,7 +433,7 @@ def serve(c, addr):
                 if not d: return
                 buf += d
             head, buf = buf.split(b"\r\n\r\n", 1)
-            body = ("client=%s from=%s\n" % (peer, addr[0])).encode()
+            body = ("client=%s from=%s reused=%s\n" % (peer, addr[0], t.session_reused)).encode()
             t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     except Exception:
         pass
@@ -463,7 +464,11 @@ while True:
 
     let (code, body, err, _) = curl(&lab, &["-H", "Host: secure.test", "http://203.0.113.10/"]);
     assert_eq!(code, 0, "{err}\ngateway log:\n{}", gw.log_text());
-    assert_eq!(body.trim(), "client=egressd-client from=192.0.2.10", "the server saw the client certificate");
+    assert_eq!(
+        body.trim(),
+        "client=egressd-client from=192.0.2.10 reused=False",
+        "the server saw the client certificate"
+    );
     wait_for(
         || {
             gw.log_text().lines().any(|l| {
@@ -481,6 +486,10 @@ while True:
     let answer = String::from_utf8_lossy(&out.stdout);
     assert!(answer.contains("client=egressd-client"), "{answer}");
     assert!(answer.contains("HTTP/1.1 421 Misdirected Request"), "{answer}");
+    // A new connection resumes the TLS session of an earlier one (no second full handshake, no second signature).
+    let (code, body, err, _) = curl(&lab, &["-H", "Host: secure.test", "http://203.0.113.10/"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(body.trim(), "client=egressd-client from=192.0.2.10 reused=True", "the session was resumed");
 
     // No client certificate: the server ends the handshake; the client gets 502 and why.
     let reload = |tls: &str, n: f64| {
@@ -868,7 +877,8 @@ time.sleep(3)
 
 /// nginx in ext serving HTTPS on `servers` (address, body prefix), each requiring a client certificate from the
 /// lab CA in `certs` (`ssl_verify_client on`) and answering `PREFIX client=<certificate subject> from=<address>`.
-/// Stopped on drop.
+/// Its access log holds each request's key exchange group and whether the TLS session was resumed. Stopped on
+/// drop.
 struct TlsNginx {
     dir: tempfile::TempDir,
 }
@@ -880,7 +890,9 @@ impl TlsNginx {
         let c = certs.display();
         let mut conf = format!(
             "daemon on;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 1024; }}\nhttp {{\n  access_log {d}/access.log;\n  \
+             events {{ worker_connections 1024; }}\nhttp {{\n  \
+             log_format tls \"$remote_addr group=$ssl_curve reused=$ssl_session_reused\";\n  \
+             access_log {d}/access.log tls;\n  \
              client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; \
              scgi_temp_path {d};\n"
         );
@@ -908,6 +920,11 @@ impl TlsNginx {
             );
         }
         TlsNginx { dir }
+    }
+
+    /// The access log: a line per request, `ADDRESS group=GROUP reused=r|.`.
+    fn access_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
     }
 }
 
@@ -1028,12 +1045,13 @@ for k, v in counts.items(): print(k, v)
 /// server and `want: v2` the v2 server, over mutual TLS with the client certificate the servers verify
 /// (`ssl_verify_client on`), from the group's egress IP; requests without the header split 80/20 over 1 000
 /// connections (within ±5 %); the access line names service, route, subset and endpoint; `explain --header` says
-/// the same. Without a client certificate nginx answers its own 400, which egressd relays.
+/// the same; the handshakes use X25519. Without a client certificate nginx answers its own 400, which egressd
+/// relays.
 #[test]
 fn services_route_by_header_to_subsets_over_mutual_tls_and_split_by_weight() {
     let lab = Lab::up(false);
     let certs = certificates_for("DNS:nginx.external.svc.cluster.local");
-    let _nginx = TlsNginx::start(&lab, certs.path(), &[("203.0.113.20", "v1"), ("203.0.113.21", "v2")]);
+    let nginx = TlsNginx::start(&lab, certs.path(), &[("203.0.113.20", "v1"), ("203.0.113.21", "v2")]);
     let _hosts = ClientHosts::set(&lab, "203.0.113.10 nginx.external.svc.cluster.local");
     let service = seed_service(certs.path(), "", &mutual_tls(certs.path()));
     let (_dir, config, original) =
@@ -1050,6 +1068,12 @@ fn services_route_by_header_to_subsets_over_mutual_tls_and_split_by_weight() {
             "the {want} server saw egressd's client certificate and the egress IP"
         );
     }
+    // Key exchange over X25519 (rustls's ring provider would start with P-384, several times dearer).
+    let handshakes = nginx.access_log();
+    assert!(
+        handshakes.lines().count() == 2 && handshakes.lines().all(|l| l.contains("group=X25519")),
+        "{handshakes}"
+    );
     wait_for(
         || {
             gw.log_text().lines().any(|l| {
