@@ -214,7 +214,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
                     IdleConfig::Busy => IdleMode::Busy,
                     IdleConfig::Adaptive => IdleMode::Adaptive,
                 },
-                idle_polls: dp.idle_polls(),
+                idle_spin: dp.idle_spin(),
                 ..WorkerConfig::default()
             },
             inside: inside_port,

@@ -138,7 +138,7 @@ pub fn restart_only_settings(config: &Config) -> Vec<(&'static str, String)> {
         ("[dataplane] ring_size", dp.ring_size().to_string()),
         ("[dataplane] frame_size", dp.frame_size().to_string()),
         ("[dataplane] idle", format!("{:?}", dp.idle)),
-        ("[dataplane] idle_polls", dp.idle_polls().to_string()),
+        ("[dataplane] idle_spin_us", dp.idle_spin().as_micros().to_string()),
         ("[dataplane] xdp_mode", format!("{:?}", dp.xdp_mode)),
         ("[dataplane] egress_ips", format!("{:?}", dp.egress_ips())),
         ("[dataplane] clamp_mss", dp.clamp_mss.to_string()),

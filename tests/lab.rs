@@ -514,3 +514,62 @@ fn to_hosts_follow_dns_without_a_reload() {
     wait_for_within(Duration::from_secs(20), || !get("203.0.113.11"), "the answer expires");
     assert!(gw.metric("egressd_to_hosts_lookup_failures_total") >= 1.0, "the silent resolver counted");
 }
+
+/// `idle = "adaptive"` (the default): after traffic the workers keep polling for `idle_spin_us` (here a second),
+/// so the next packet of a conversation finds them awake; then they block in poll(), and an idle gateway costs
+/// no CPU.
+#[test]
+fn adaptive_workers_poll_on_after_traffic_then_block() {
+    let lab = Lab::up(false);
+    let (_dir, config, _) = lab_config(|text| {
+        assert!(text.contains("\nbatch_size = 64\n"), "conf/lab.toml changed: update this test");
+        text.replacen("\nbatch_size = 64\n", "\nbatch_size = 64\nidle_spin_us = 1000000\n", 1)
+    });
+    let gw = Gateway::start(&lab, &config);
+    // Let the start-up traffic (ARP, the first neighbour lookups) pass and the workers block.
+    std::thread::sleep(Duration::from_millis(1500));
+    let before_traffic = workers_cpu_share(gw.pid(), Duration::from_millis(500));
+    assert!(
+        lab.curl("http://203.0.113.10/", 5).is_some(),
+        "curl through the gateway failed:\n{}",
+        gw.log_text()
+    );
+    let after_traffic = workers_cpu_share(gw.pid(), Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(1000));
+    let idle = workers_cpu_share(gw.pid(), Duration::from_secs(2));
+    eprintln!("workers' CPU: {before_traffic:.2} idle, {after_traffic:.2} just after traffic, {idle:.2} a second later");
+    assert!(before_traffic < 0.05, "idle workers used {before_traffic:.2} of a core");
+    assert!(after_traffic > 0.2, "the workers blocked at once after traffic ({after_traffic:.2} of a core)");
+    assert!(idle < 0.05, "the workers still used {idle:.2} of a core after idle_spin_us");
+}
+
+/// The CPU time the gateway's worker threads (`egressd-w*`) use over `window`, as a share of one core.
+fn workers_cpu_share(pid: u32, window: Duration) -> f64 {
+    let ticks = || -> u64 {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the gateway's threads");
+        tasks
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("egressd-w"))
+            })
+            .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+            .map(|stat| {
+                // After the command (which may hold spaces) come the state, then fields 4..; utime and stime
+                // are fields 14 and 15.
+                let rest = &stat[stat.rfind(')').map_or(0, |i| i + 2)..];
+                let fields: Vec<&str> = rest.split_whitespace().collect();
+                let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+                field(14) + field(15)
+            })
+            .sum()
+    };
+    let clock_ticks: f64 = String::from_utf8_lossy(
+        &std::process::Command::new("getconf").arg("CLK_TCK").output().expect("getconf").stdout,
+    )
+    .trim()
+    .parse()
+    .expect("CLK_TCK");
+    let start = ticks();
+    std::thread::sleep(window);
+    (ticks() - start) as f64 / clock_ticks / window.as_secs_f64()
+}

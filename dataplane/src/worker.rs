@@ -6,9 +6,11 @@
 //! port's tx ring, give the rx frames back; then reap completions, refill the fill rings and kick TX.
 //!
 //! Idle behaviour ([`IdleMode`]): `Busy` spins forever (lowest latency, burns its core). `Adaptive` (default)
-//! spins while there is traffic and, after `idle_polls` empty iterations in a row, blocks in `poll()` on both
-//! sockets for at most `idle_timeout_ms`: a frame wakes it at once, and an idle gateway costs no CPU. This
-//! matters on small machines where the worker shares cores with the kernel's NAPI threads and other work.
+//! keeps polling for `idle_spin` after the last frame it moved, giving way to any other runnable thread between
+//! polls (`sched_yield`), then blocks in `poll()` on both sockets for at most `idle_timeout_ms`: a frame wakes it
+//! at once, and an idle gateway costs no CPU. Polling on after traffic spares the next packet of a conversation
+//! (a request's answer, the next request) a wake-up; yielding keeps the spin from taking the CPU from the
+//! kernel's NAPI threads, the L7 thread and other work on machines where the worker shares its core.
 //!
 //! Once per iteration it also finishes frames other workers handed over (`crate::handoff`), expires idle flows
 //! within a budget, and about once a second publishes its NAT gauges.
@@ -25,12 +27,16 @@ use crate::time::Instant;
 use crate::xsk::{wait_readable, Port};
 use crate::Side;
 
+/// How long an adaptive worker polls on after traffic by default (`[dataplane] idle_spin_us`).
+pub const DEFAULT_IDLE_SPIN_US: u64 = 50_000;
+
 /// How a worker waits when there is no traffic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum IdleMode {
     /// Never block: poll the rings continuously.
     Busy,
-    /// Poll continuously while busy; block in `poll()` after a run of empty polls.
+    /// Poll while there is traffic and for `idle_spin` after it, yielding between empty polls; then block in
+    /// `poll()`.
     #[default]
     Adaptive,
 }
@@ -41,15 +47,20 @@ pub struct WorkerConfig {
     /// Core to pin the thread to (`None`: leave it to the scheduler).
     pub core: Option<usize>,
     pub idle: IdleMode,
-    /// Empty iterations in a row before an adaptive worker blocks.
-    pub idle_polls: u32,
+    /// How long an adaptive worker keeps polling after the last frame it moved before it blocks.
+    pub idle_spin: std::time::Duration,
     /// Longest block in `poll()`; bounds how late the stop flag is noticed.
     pub idle_timeout_ms: i32,
 }
 
 impl Default for WorkerConfig {
     fn default() -> Self {
-        WorkerConfig { core: None, idle: IdleMode::Adaptive, idle_polls: 1000, idle_timeout_ms: 20 }
+        WorkerConfig {
+            core: None,
+            idle: IdleMode::Adaptive,
+            idle_spin: std::time::Duration::from_micros(DEFAULT_IDLE_SPIN_US),
+            idle_timeout_ms: 20,
+        }
     }
 }
 
@@ -77,7 +88,8 @@ impl Worker {
         // The L7 wake-up socket's bit in what `wait_readable` returns.
         let l7_wake_bit = 1u8 << fds.len();
         fds.extend(self.pipeline.l7_wake_fd());
-        let mut empty_polls: u32 = 0;
+        // When this worker last moved a frame (or had transmissions in flight).
+        let mut last_busy = Instant::monotonic();
         let mut last_gauges = Instant::ZERO;
         // Where hairpinned frames are copied on their way back out of the port they came in by, and handed-over
         // frames out of their ring (allocated once).
@@ -106,13 +118,12 @@ impl Worker {
                 port.refill();
             }
             if moved > 0 || self.inside.tx_outstanding() || self.outside.tx_outstanding() {
-                empty_polls = 0;
+                last_busy = now;
                 continue;
             }
-            empty_polls = empty_polls.saturating_add(1);
             match self.config.idle {
                 IdleMode::Busy => std::hint::spin_loop(),
-                IdleMode::Adaptive if empty_polls >= self.config.idle_polls => {
+                IdleMode::Adaptive if now.saturating_since(last_busy) >= self.config.idle_spin => {
                     let mut woken_by_l7 = false;
                     if self.pipeline.l7_park() {
                         let ready = wait_readable(&fds, self.config.idle_timeout_ms);
@@ -120,7 +131,7 @@ impl Worker {
                     }
                     self.pipeline.l7_unpark(woken_by_l7);
                 }
-                IdleMode::Adaptive => std::hint::spin_loop(),
+                IdleMode::Adaptive => std::thread::yield_now(),
             }
         }
         self.publish_gauges(&stats);

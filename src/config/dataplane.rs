@@ -8,8 +8,8 @@
 //! batch_size = 64                   # frames per rx burst
 //! ring_size = 2048                  # each AF_XDP ring; the UMEM has 2 × ring_size frames
 //! frame_size = 2048                 # UMEM frame bytes (2048 or 4096)
-//! idle = "adaptive"                 # "busy" | "adaptive": block in poll() after idle_polls empty polls
-//! idle_polls = 1000
+//! idle = "adaptive"                 # "busy" | "adaptive": poll on for idle_spin_us after traffic, then block
+//! idle_spin_us = 50000              # adaptive: how long to keep polling (yielding the core) after the last frame
 //! xdp_mode = "auto"                 # "auto" (native, else skb) | "native" | "skb"
 //! egress_ips = ["192.0.2.10"]       # addresses on `outside` that belong to egressd, not to the kernel
 //! clamp_mss = false                 # lower the MSS of TCP SYNs to fit the smaller interface MTU (MTU - 40)
@@ -28,6 +28,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{Diagnostics, Source};
+
+/// Longest `idle_spin_us`: past a second of polling an idle gateway is not spinning for the next packet.
+const MAX_IDLE_SPIN_US: u64 = 1_000_000;
 
 /// Longest Linux interface name (IFNAMSIZ - 1).
 const MAX_IFNAME_LEN: usize = 15;
@@ -67,8 +70,9 @@ pub struct DataplaneConfig {
     /// How workers wait when idle. Default adaptive.
     #[serde(default)]
     pub idle: IdleMode,
-    /// Empty polls before an adaptive worker blocks. Default 1000.
-    pub idle_polls: Option<u32>,
+    /// Microseconds an adaptive worker keeps polling after the last frame before it blocks (0..=1 000 000).
+    /// Default [`dataplane::worker::DEFAULT_IDLE_SPIN_US`].
+    pub idle_spin_us: Option<Spanned<u64>>,
     /// XDP attach mode. Default auto.
     #[serde(default)]
     pub xdp_mode: XdpMode,
@@ -100,8 +104,10 @@ impl DataplaneConfig {
         self.frame_size.as_ref().map_or(2048, |s| *s.get_ref())
     }
 
-    pub fn idle_polls(&self) -> u32 {
-        self.idle_polls.unwrap_or(1000)
+    pub fn idle_spin(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(
+            self.idle_spin_us.as_ref().map_or(dataplane::worker::DEFAULT_IDLE_SPIN_US, |s| *s.get_ref()),
+        )
     }
 
     pub fn egress_ips(&self) -> Vec<Ipv4Addr> {
@@ -154,6 +160,15 @@ impl DataplaneConfig {
                 diags.error(src, b.span(), format!("batch_size: {batch} must be 1..=min(1024, ring_size)"));
             }
         }
+        if let Some(spin) = &self.idle_spin_us {
+            if *spin.get_ref() > MAX_IDLE_SPIN_US {
+                diags.error(
+                    src,
+                    spin.span(),
+                    format!("idle_spin_us: {} is more than {MAX_IDLE_SPIN_US} (one second)", spin.get_ref()),
+                );
+            }
+        }
         if let Some(f) = &self.frame_size {
             if !matches!(*f.get_ref(), 2048 | 4096) {
                 diags.error(src, f.span(), format!("frame_size: {} must be 2048 or 4096", f.get_ref()));
@@ -193,6 +208,7 @@ mod tests {
         assert_eq!(d.cores(), vec![0]);
         assert_eq!((d.batch_size(), d.ring_size(), d.frame_size()), (64, 2048, 2048));
         assert_eq!(d.idle, super::IdleMode::Adaptive);
+        assert_eq!(d.idle_spin(), std::time::Duration::from_millis(50));
         assert_eq!(d.xdp_mode, super::XdpMode::Auto);
         assert!(d.egress_ips().is_empty());
     }
@@ -209,6 +225,7 @@ mod tests {
     fn bad_values_are_reported_with_positions() {
         let text = "[dataplane]\ninside = \"same\"\noutside = \"same\"\nring_size = 1000\nbatch_size = 0\n\
                     frame_size = 3000\ncores = [1, 1]\negress_ips = [\"192.0.2.10\", \"192.0.2.10\"]\n\
+                    idle_spin_us = 2000000\n\
                     [[group]]\nname = \"g\"\nsources = [\"10.0.0.0/8\"]\negress_ips = [\"192.0.2.10\"]\n";
         let e = errors(text);
         let expect = [
@@ -218,6 +235,7 @@ mod tests {
             "t.toml:6:14: frame_size: 3000",
             "t.toml:7:9: cores: core 1 is listed twice",
             "t.toml:8:29: egress_ips: 192.0.2.10 is listed twice",
+            "t.toml:9:16: idle_spin_us: 2000000 is more than 1000000",
         ];
         assert_eq!(e.len(), expect.len(), "{e:#?}");
         for (got, want) in e.iter().zip(expect) {
