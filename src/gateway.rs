@@ -265,6 +265,7 @@ pub fn run(loaded: Loaded, options: RunOptions) -> anyhow::Result<()> {
                 egress_ips: egress_ips.clone(),
                 mtu: inside_mtu,
                 resolver,
+                idle_spin: dp.idle_spin(),
             }
             .spawn()
             .context("starting the L7 thread")?;

@@ -515,43 +515,54 @@ fn to_hosts_follow_dns_without_a_reload() {
     assert!(gw.metric("egressd_to_hosts_lookup_failures_total") >= 1.0, "the silent resolver counted");
 }
 
-/// `idle = "adaptive"` (the default): after traffic the workers keep polling for `idle_spin_us` (here a second),
-/// so the next packet of a conversation finds them awake; then they block in poll(), and an idle gateway costs
-/// no CPU.
+/// `idle = "adaptive"` (the default): after traffic the workers and the L7 thread keep polling for
+/// `idle_spin_us` (here a second), so the next packet of a conversation finds them awake; then they block, and an
+/// idle gateway costs no CPU.
 #[test]
-fn adaptive_workers_poll_on_after_traffic_then_block() {
+fn adaptive_workers_and_the_l7_thread_poll_on_after_traffic_then_block() {
     let lab = Lab::up(false);
     let (_dir, config, _) = lab_config(|text| {
-        assert!(text.contains("\nbatch_size = 64\n"), "conf/lab.toml changed: update this test");
-        text.replacen("\nbatch_size = 64\n", "\nbatch_size = 64\nidle_spin_us = 1000000\n", 1)
+        let web_rule = "ports = [80, 443]\naction = \"allow\"\n";
+        assert!(
+            text.contains("\nbatch_size = 64\n") && text.contains(web_rule),
+            "conf/lab.toml changed: update this test"
+        );
+        text.replacen("\nbatch_size = 64\n", "\nbatch_size = 64\nidle_spin_us = 1000000\n", 1).replacen(
+            web_rule,
+            "ports = [80]\naction = \"l7\"\nhosts = [\"web.test\"]\n",
+            1,
+        )
     });
     let gw = Gateway::start(&lab, &config);
-    // Let the start-up traffic (ARP, the first neighbour lookups) pass and the workers block.
+    let threads = ["egressd-w", "egressd-l7"];
+    // Let the start-up traffic (ARP, the first neighbour lookups) pass and the threads block.
     std::thread::sleep(Duration::from_millis(1500));
-    let before_traffic = workers_cpu_share(gw.pid(), Duration::from_millis(500));
-    assert!(
-        lab.curl("http://203.0.113.10/", 5).is_some(),
-        "curl through the gateway failed:\n{}",
-        gw.log_text()
-    );
-    let after_traffic = workers_cpu_share(gw.pid(), Duration::from_millis(500));
+    let before_traffic = cpu_shares(gw.pid(), &threads, Duration::from_millis(500));
+    let out = lab.exec("client", "curl", &["-sf", "-m", "5", "-H", "Host: web.test", "http://203.0.113.10/"]);
+    assert!(out.status.success(), "curl through the L7 path failed:\n{}", gw.log_text());
+    let after_traffic = cpu_shares(gw.pid(), &threads, Duration::from_millis(500));
     std::thread::sleep(Duration::from_millis(1000));
-    let idle = workers_cpu_share(gw.pid(), Duration::from_secs(2));
-    eprintln!("workers' CPU: {before_traffic:.2} idle, {after_traffic:.2} just after traffic, {idle:.2} a second later");
-    assert!(before_traffic < 0.05, "idle workers used {before_traffic:.2} of a core");
-    assert!(after_traffic > 0.2, "the workers blocked at once after traffic ({after_traffic:.2} of a core)");
-    assert!(idle < 0.05, "the workers still used {idle:.2} of a core after idle_spin_us");
+    let idle = cpu_shares(gw.pid(), &threads, Duration::from_secs(2));
+    eprintln!("CPU of {threads:?}: {before_traffic:.2?} idle, {after_traffic:.2?} just after traffic, {idle:.2?} later");
+    for (i, thread) in threads.iter().enumerate() {
+        assert!(before_traffic[i] < 0.05, "idle {thread}* used {:.2} of a core", before_traffic[i]);
+        assert!(
+            after_traffic[i] > 0.2,
+            "{thread}* blocked at once after traffic ({:.2} of a core)",
+            after_traffic[i]
+        );
+        assert!(idle[i] < 0.05, "{thread}* still used {:.2} of a core after idle_spin_us", idle[i]);
+    }
 }
 
-/// The CPU time the gateway's worker threads (`egressd-w*`) use over `window`, as a share of one core.
-fn workers_cpu_share(pid: u32, window: Duration) -> f64 {
-    let ticks = || -> u64 {
+/// The CPU time the gateway's threads whose names start with each of `prefixes` use over `window`, as shares of
+/// one core.
+fn cpu_shares(pid: u32, prefixes: &[&str], window: Duration) -> Vec<f64> {
+    let ticks = |prefix: &str| -> u64 {
         let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the gateway's threads");
         tasks
             .flatten()
-            .filter(|t| {
-                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("egressd-w"))
-            })
+            .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix)))
             .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
             .map(|stat| {
                 // After the command (which may hold spaces) come the state, then fields 4..; utime and stime
@@ -569,7 +580,11 @@ fn workers_cpu_share(pid: u32, window: Duration) -> f64 {
     .trim()
     .parse()
     .expect("CLK_TCK");
-    let start = ticks();
+    let start: Vec<u64> = prefixes.iter().map(|p| ticks(p)).collect();
     std::thread::sleep(window);
-    (ticks() - start) as f64 / clock_ticks / window.as_secs_f64()
+    prefixes
+        .iter()
+        .zip(start)
+        .map(|(p, start)| (ticks(p) - start) as f64 / clock_ticks / window.as_secs_f64())
+        .collect()
 }

@@ -70,7 +70,8 @@ pub struct DataplaneConfig {
     /// How workers wait when idle. Default adaptive.
     #[serde(default)]
     pub idle: IdleMode,
-    /// Microseconds an adaptive worker keeps polling after the last frame before it blocks (0..=1 000 000).
+    /// Microseconds an adaptive worker (and the L7 thread) keeps polling after the last frame before it blocks
+    /// (0..=1 000 000).
     /// Default [`dataplane::worker::DEFAULT_IDLE_SPIN_US`].
     pub idle_spin_us: Option<Spanned<u64>>,
     /// XDP attach mode. Default auto.

@@ -4,7 +4,9 @@
 //! kernel: the kernel brings SACK, congestion control and path-MTU discovery towards the internet).
 //!
 //! One thread, one mio poll: packets punted by the workers wake it; upstream sockets are edge-triggered; every
-//! 50 ms it visits every connection for deadlines, idle timeouts and smoltcp's retransmissions. It never blocks a
+//! 50 ms it visits every connection for deadlines, idle timeouts and smoltcp's retransmissions. Like the workers it
+//! keeps polling (yielding the core between empty polls) for `[dataplane] idle_spin_us` after its last work before it
+//! sleeps, so that the packets of one exchange do not each pay a wake-up. It never blocks a
 //! worker: its queues are bounded both ways and full ones drop (TCP retransmits).
 //!
 //! Per connection: the engine judges the client's bytes; once it wants upstream, the thread connects (connect
@@ -143,6 +145,8 @@ pub struct L7Thread {
     pub mtu: usize,
     /// With `verify_destination = "dns"`: the DNS server to ask.
     pub resolver: Option<std::net::SocketAddr>,
+    /// How long the thread keeps polling after its last work before it sleeps (`[dataplane] idle_spin_us`).
+    pub idle_spin: Duration,
 }
 
 /// Where a connection's upstream goes.
@@ -319,6 +323,8 @@ impl Driver {
         let mut touched: Vec<FourTuple> = Vec::new();
         let mut resolved: Vec<(FourTuple, Vec<Ipv4Addr>)> = Vec::new();
         let mut last_sweep = Instant::ZERO;
+        // When the thread last had a packet, a connection to visit or a poll event.
+        let mut last_busy = Instant::ZERO;
         while !self.t.stop.load(Ordering::Relaxed) {
             let now = Instant::monotonic();
             let mut taken = 0;
@@ -330,7 +336,12 @@ impl Driver {
                 }
             }
             touched.append(&mut self.again);
-            let wait = if taken == 0 && touched.is_empty() && self.t.punt.park() {
+            let busy = taken > 0 || !touched.is_empty();
+            if busy {
+                last_busy = now;
+            }
+            let spinning = now.saturating_since(last_busy) < self.t.idle_spin;
+            let wait = if !busy && !spinning && self.t.punt.park() {
                 Some(Duration::from_millis(10))
             } else {
                 Some(Duration::ZERO)
@@ -342,6 +353,11 @@ impl Driver {
             }
             self.t.punt.unpark();
             let now = Instant::monotonic();
+            if !events.is_empty() {
+                last_busy = now;
+            } else if !busy && spinning {
+                std::thread::yield_now();
+            }
             for event in events.iter() {
                 if event.token() == DNS {
                     if let Some(r) = self.resolver.as_mut() {
