@@ -4,10 +4,10 @@
 //! kernel: the kernel brings SACK, congestion control and path-MTU discovery towards the internet).
 //!
 //! One thread, one mio poll: packets punted by the workers wake it; upstream sockets are edge-triggered; every
-//! 50 ms it visits every connection for deadlines, idle timeouts and smoltcp's retransmissions. Like the workers it
-//! keeps polling (yielding the core between empty polls) for `[dataplane] idle_spin_us` after its last work before it
-//! sleeps, so that the packets of one exchange do not each pay a wake-up. It never blocks a
-//! worker: its queues are bounded both ways and full ones drop (TCP retransmits).
+//! 50 ms it visits every connection for deadlines, idle timeouts and smoltcp's retransmissions. Like the workers
+//! it keeps polling (yielding the core between empty polls) for `[dataplane] idle_spin_us` after its last work
+//! before it sleeps, so that the packets of one exchange do not each pay a wake-up. It never blocks a worker: its
+//! queues are bounded both ways and full ones drop (TCP retransmits).
 //!
 //! Per connection: the engine judges the client's bytes; once it wants upstream, the thread connects (connect
 //! timeout → the client is reset), replays what the engine judged, and relays the upstream's bytes to the client
