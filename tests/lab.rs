@@ -553,6 +553,10 @@ fn adaptive_workers_and_the_l7_thread_poll_on_after_traffic_then_block() {
         );
         assert!(idle[i] < 0.05, "{thread}* still used {:.2} of a core after idle_spin_us", idle[i]);
     }
+    // New flows one after another: the first finds the worker blocked, the rest find it polling (and yielding
+    // between polls); not one datagram or echo may be lost on either side of that change.
+    let echoed = lab.udp_flows("10.10.0.2", 30000, 130);
+    assert_eq!(echoed, 130, "echoes of 130 new UDP flows; {}\n{}", gw.drops(), gw.log_text());
 }
 
 /// The CPU time the gateway's threads whose names start with each of `prefixes` use over `window`, as shares of

@@ -516,23 +516,6 @@ print("path mtu", s.getsockopt(socket.IPPROTO_IP, 14))  # IP_MTU
 }
 
 /// Opens UDP flows 10.10.0.2:first..first+count → 203.0.113.10:7 and prints how many got their echo.
-const UDP_FLOWS: &str = r#"
-import socket, sys
-first, count = int(sys.argv[1]), int(sys.argv[2])
-ok = 0
-for port in range(first, first + count):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("10.10.0.2", port)); s.settimeout(1)
-    s.sendto(b"x", ("203.0.113.10", 7))
-    try:
-        ok += s.recv(10) == b"x"
-    except socket.timeout:
-        pass
-    s.close()
-print(ok)
-"#;
-
 /// Issue: sessions that an outsider creates through address-dependent filtering (the server's other ports
 /// reaching a mapping) counted against the inside host's `max_flows_per_source`: spoofing the server from many
 /// ports locked the host out of its own new flows. Now they have their own bound (`unsolicited_flow_limit`) and
@@ -545,11 +528,8 @@ fn outsiders_cannot_use_up_an_inside_hosts_flow_quota() {
     let text = std::fs::read_to_string(&path).unwrap();
     std::fs::write(&path, format!("{text}\n[nat]\nmax_flows_per_source = 400\n")).unwrap();
     let gw = Gateway::start(&lab, &path);
-    let run = |first: u16, count: u16| -> u32 {
-        let out = lab.exec("client", "python3", &["-c", UDP_FLOWS, &first.to_string(), &count.to_string()]);
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
-    };
-    assert_eq!(run(30000, 130), 130, "the host's 130 flows:\n{}", gw.log_text());
+    let run = |first: u16, count: u16| lab.udp_flows("10.10.0.2", first, count);
+    assert_eq!(run(30000, 130), 130, "the host's 130 flows; {}\n{}", gw.drops(), gw.log_text());
     // From ext, spoofing the server: 40 source ports at each of the 130 mapped ports.
     let ext_mac = lab.mac("ext", "ext0");
     let gw_out_mac = lab.mac("gw", "gw-out");
@@ -573,7 +553,7 @@ fn outsiders_cannot_use_up_an_inside_hosts_flow_quota() {
         "the spray beyond 32 sessions per mapping refused as unsolicited_flow_limit",
     );
     // The host's own quota is untouched: 50 more flows work (200 per worker of the 400 with two workers).
-    assert_eq!(run(31000, 50), 50, "the host's own new flows after the spray");
+    assert_eq!(run(31000, 50), 50, "the host's own new flows after the spray; {}", gw.drops());
     assert_eq!(counter(&gw, "source_flow_limit"), 0.0);
 }
 
@@ -626,11 +606,7 @@ fn a_group_cap_keeps_one_group_from_taking_a_shared_egress_ip() {
     );
     std::fs::write(&path, text).unwrap();
     let gw = Gateway::start(&lab, &path);
-    let flows = |src: &str, first: u16, count: u16| -> u32 {
-        let script = UDP_FLOWS.replace("10.10.0.2", src);
-        let out = lab.exec("client", "python3", &["-c", &script, &first.to_string(), &count.to_string()]);
-        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
-    };
+    let flows = |src: &str, first: u16, count: u16| lab.udp_flows(src, first, count);
     // Ports in both workers' slices (with two workers each holds half of the cap).
     let web = flows("10.10.0.2", 20000, 15) + flows("10.10.0.2", 40000, 15);
     assert_eq!(web, 20, "web gets its 20 ports:\n{}", gw.log_text());

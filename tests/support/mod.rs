@@ -153,6 +153,14 @@ impl Lab {
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Opens `count` new UDP flows one after another from `src` (client ports `first`..), each sending one
+    /// datagram to the echo at 203.0.113.10:7 and waiting at most 1 s for it to come back; returns how many did.
+    pub fn udp_flows(&self, src: &str, first: u16, count: u16) -> u32 {
+        let out =
+            self.exec("client", "python3", &["-c", UDP_FLOWS, src, &first.to_string(), &count.to_string()]);
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    }
+
     /// Sends `payload` to `addr:port` over UDP from the client; returns what came back within 2 s.
     pub fn udp_echo(&self, target: &str, payload: &str) -> String {
         let out = self.sh("client", &format!("printf '%s' '{payload}' | socat -T2 - UDP4:{target}"));
@@ -346,6 +354,17 @@ impl<'a> Gateway<'a> {
         self.metrics().into_iter().find(|(n, _)| n == series).map_or(0.0, |(_, v)| v)
     }
 
+    /// Every drop counter (egressd's and the kernel's at its sockets) that is not zero, for failure messages.
+    pub fn drops(&self) -> String {
+        let drops: Vec<String> = self
+            .metrics()
+            .into_iter()
+            .filter(|(name, value)| name.contains("drops_total") && *value != 0.0)
+            .map(|(name, value)| format!("{name} {value}"))
+            .collect();
+        format!("drops: [{}]", drops.join(", "))
+    }
+
     /// Sends `signal` (e.g. "HUP") to egressd (`ip netns exec` execs it, so the child is egressd itself).
     pub fn signal(&self, signal: &str) {
         let child = self.child.as_ref().expect("egressd is running");
@@ -390,7 +409,6 @@ impl Drop for Gateway<'_> {
     }
 }
 
-/// Polls `condition` every 100 ms for at most 10 s; fails the test naming `what` if it never holds.
 /// Waits for a child started with a piped stdout and returns that output, trimmed.
 pub fn stdout_of(child: Child) -> String {
     String::from_utf8_lossy(&child.wait_with_output().expect("wait for the child").stdout).trim().to_string()
@@ -523,3 +541,21 @@ impl Drop for Dnsmasq {
         self.stop();
     }
 }
+
+/// [`Lab::udp_flows`]: argv is the source address, the first port and the number of flows.
+const UDP_FLOWS: &str = r#"
+import socket, sys
+src, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ok = 0
+for port in range(first, first + count):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((src, port)); s.settimeout(1)
+    s.sendto(b"x", ("203.0.113.10", 7))
+    try:
+        ok += s.recv(10) == b"x"
+    except socket.timeout:
+        pass
+    s.close()
+print(ok)
+"#;
