@@ -1281,8 +1281,9 @@ fn the_seed_istio_objects_imported_route_by_header_over_mutual_tls() {
 }
 
 /// A service's limits through the gateway, against a plain HTTP endpoint in ext (203.0.113.23:8080) that answers
-/// `/slow` after 1.2 s and never answers `/hang`: the route for `/hang` times out after 1 s with 504 (counted, and
-/// the endpoint's failure counted); with `max_connections = 1` and `max_pending_requests = 1`, of three clients
+/// `/slow` after 1.2 s, never answers `/hang`, and trickles `/drip` a byte every 0.3 s: the route for both times
+/// out after 1 s (counted, and the endpoint's failure counted), `/hang` with 504 and `/drip`, whose answer had
+/// begun, with a reset after the bytes that came (the deadline is for the whole answer, not its first byte); with `max_connections = 1` and `max_pending_requests = 1`, of three clients
 /// arriving together the first is served, the second waits for the first's connection and is served after it,
 /// and the third gets 503 at once.
 #[test]
@@ -1300,6 +1301,11 @@ def serve(c):
         buf += d
     if buf.startswith(b"GET /hang"):
         time.sleep(30)
+    elif buf.startswith(b"GET /drip"):
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nd")
+        for _ in range(30):
+            time.sleep(0.3)
+            c.sendall(b"r")
     else:
         time.sleep(1.2)
         c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nslow\n")
@@ -1323,7 +1329,7 @@ port = 8080
 
 [[service.route]]
 name = "hang"
-paths = ["/hang"]
+paths = ["/hang", "/drip"]
 request_timeout_secs = 1
 
 [[service.route]]
@@ -1341,6 +1347,20 @@ name = "rest"
     wait_for(|| gw.metric("egressd_l7_connections_open") == 0.0, "the timed-out connection closed");
     assert_eq!(gw.metric(r#"egressd_l7_refused_total{reason="upstream_timeout"}"#), 1.0);
     assert_eq!(gw.metric("egressd_l7_endpoint_failures_total"), 1.0);
+
+    let (code, body, err, took) = curl(&lab, &["-i", "-H", "Host: slow.test", "http://203.0.113.10/drip"]);
+    assert!(
+        body.starts_with("HTTP/1.1 200 OK") && body.contains("\r\n\r\ndr"),
+        "{body:?}\n{}",
+        gw.log_text()
+    );
+    assert!(!body.contains("504"), "no status after part of an answer: {body:?}");
+    // 56: the connection was reset; 18: closed with the body short. Not 28 (curl's own 5 s limit).
+    assert!(code == 56 || code == 18, "curl exit {code}: {err}");
+    assert!((0.9..3.0).contains(&took), "the whole answer had 1 s: cut after {took:.2} s");
+    wait_for(|| gw.metric("egressd_l7_connections_open") == 0.0, "the cut connection closed");
+    assert_eq!(gw.metric(r#"egressd_l7_refused_total{reason="upstream_timeout"}"#), 2.0);
+    assert_eq!(gw.metric("egressd_l7_endpoint_failures_total"), 2.0);
 
     let out = lab.python(
         "client",

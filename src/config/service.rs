@@ -80,7 +80,8 @@ pub struct ServiceConfig {
     /// Connections that may wait for one of `max_connections`; beyond, `503` (default: no limit).
     #[serde(default)]
     pub max_pending_requests: Option<Spanned<i64>>,
-    /// Seconds from a request sent to the first byte of its answer; beyond, `504` (default: no limit).
+    /// Seconds from a request sent to the last byte of its answer; beyond, `504` before any of the answer, a reset
+    /// of the client after part of it (default: no limit).
     #[serde(default)]
     pub request_timeout_secs: Option<Spanned<i64>>,
     /// Seconds an idle upstream connection is kept for the next client (default 60; 0: never kept).

@@ -158,7 +158,7 @@ struct Target {
     /// The server name for TLS when the settings name none: the first request's Host.
     host: String,
     service: Option<ServiceTarget>,
-    /// From a request sent to the first byte of the answer (a service route's `request_timeout_secs`).
+    /// From a request sent to the last byte of its answer (a service route's `request_timeout_secs`).
     request_timeout_nanos: Option<u64>,
     /// A service's own connect timeout (else `[l7] connect_timeout`).
     connect_timeout_secs: Option<u64>,
@@ -769,7 +769,10 @@ impl Driver {
                     Ok(n) => {
                         conn.engine.upstream_sent(n, policy);
                         conn.last_activity = now;
-                        conn.awaiting_since = Some(now);
+                        if !conn.engine.answer_end_unknown() {
+                            // (Bytes of an upgraded connection are not requests: nothing is due for them.)
+                            conn.awaiting_since = Some(now);
+                        }
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) => {
@@ -834,7 +837,10 @@ impl Driver {
                             }
                         }
                         stack.send(&key, &buf[..n]);
-                        conn.awaiting_since = None;
+                        if conn.engine.upstream_idle() || conn.engine.answer_end_unknown() {
+                            // Every answer is whole (or where they end cannot be told): no deadline runs.
+                            conn.awaiting_since = None;
+                        }
                         conn.bytes_down += n as u64;
                         conn.first_byte_at.get_or_insert(now);
                         conn.last_activity = now;
@@ -854,19 +860,27 @@ impl Driver {
             if let Some(why) = tls_failure {
                 conn.engine.on_upstream_tls_failed(&why);
             }
-            // The request timeout: nothing came back since the last bytes went up. The client gets 504 (the
-            // endpoint counts as failed), and the upstream connection is dropped.
+            // The request timeout, as Envoy's route timeout: from the request going up to the last byte of its
+            // answer. Before any of the answer reached the client it gets 504 (or the request goes again); after
+            // that no status can follow, and the client is reset. Either way the endpoint counts as failed and the
+            // upstream connection is dropped.
             let timeout = conn.target.as_ref().and_then(|t| t.request_timeout_nanos);
             if let (Some(since), Some(limit)) = (conn.awaiting_since, timeout) {
                 let timed_out = now.as_nanos().saturating_sub(since.as_nanos()) > limit && !conn.upstream_eof;
+                let answer_started = conn.engine.answer_started();
                 if timed_out
                     && retry.is_none()
+                    && !answer_started
                     && retry_policy.is_some_and(|on| on.reset)
                     && conn.engine.can_retry()
                 {
                     retry = Some(format!("no answer within {} s", limit / 1_000_000_000));
                 } else if timed_out && retry.is_none() {
-                    let detail = format!("no answer within {} s", limit / 1_000_000_000);
+                    let detail = if answer_started {
+                        format!("answer not complete within {} s", limit / 1_000_000_000)
+                    } else {
+                        format!("no answer within {} s", limit / 1_000_000_000)
+                    };
                     if let Some(Target { server, service: Some(svc), .. }) = conn.target.as_ref() {
                         self.t.stats.endpoint_failures.fetch_add(1, Ordering::Relaxed);
                         endpoint_failed(
@@ -879,7 +893,16 @@ impl Driver {
                             &detail,
                         );
                     }
-                    conn.engine.on_upstream_refused(dataplane::l7::Refusal::UpstreamTimeout, &detail);
+                    if answer_started {
+                        conn.engine.on_answer_cut(&detail);
+                        if !conn.client_closed {
+                            stack.abort(&key);
+                            conn.client_closed = true;
+                            conn.end = "upstream_timeout";
+                        }
+                    } else {
+                        conn.engine.on_upstream_refused(dataplane::l7::Refusal::UpstreamTimeout, &detail);
+                    }
                     stream.shutdown_both();
                     conn.upstream_eof = true;
                     conn.awaiting_since = None;

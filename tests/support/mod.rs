@@ -354,15 +354,21 @@ impl<'a> Gateway<'a> {
         self.metrics().into_iter().find(|(n, _)| n == series).map_or(0.0, |(_, v)| v)
     }
 
-    /// Every drop counter (egressd's and the kernel's at its sockets) that is not zero, for failure messages.
+    /// Every drop counter (egressd's and the kernel's at its sockets) that is not zero, and the frames received,
+    /// sent and handed over, for failure messages: they tell whether a lost packet died in egressd or beyond it.
     pub fn drops(&self) -> String {
-        let drops: Vec<String> = self
+        let shown: Vec<String> = self
             .metrics()
             .into_iter()
-            .filter(|(name, value)| name.contains("drops_total") && *value != 0.0)
+            .filter(|(name, value)| {
+                (name.contains("drops_total") && *value != 0.0)
+                    || name.starts_with("egressd_rx_packets_total")
+                    || name.starts_with("egressd_tx_packets_total")
+                    || name.starts_with("egressd_handoffs_total")
+            })
             .map(|(name, value)| format!("{name} {value}"))
             .collect();
-        format!("drops: [{}]", drops.join(", "))
+        format!("counters: [{}]", shown.join(", "))
     }
 
     /// Sends `signal` (e.g. "HUP") to egressd (`ip netns exec` execs it, so the child is egressd itself).

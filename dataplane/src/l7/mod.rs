@@ -699,6 +699,34 @@ impl Connection {
         self.refuse(why);
     }
 
+    /// Part of an answer already reached the client when the upstream ran out of time: no status can follow it, so
+    /// the driver resets the client. Recorded as [`Refusal::UpstreamTimeout`] with `detail`; nothing more is sent
+    /// either way.
+    pub fn on_answer_cut(&mut self, detail: &str) {
+        if matches!(self.state, State::Refused(_)) {
+            return;
+        }
+        self.summary.upstream_error = detail.to_string();
+        self.summary.refusal = Some(Refusal::UpstreamTimeout);
+        self.pending.clear();
+        self.ready = 0;
+        self.upstream_wanted = false;
+        self.to_client.clear();
+        self.state = State::Refused(Refusal::UpstreamTimeout);
+    }
+
+    /// Something of the next answer has come from upstream (and gone to the client): a refusal can no longer be
+    /// said in its place.
+    pub fn answer_started(&self) -> bool {
+        !self.responses.at_response_start()
+    }
+
+    /// Where the upstream's answers end is no longer known (an upgraded or malformed exchange): a deadline for
+    /// "the whole answer" cannot be kept.
+    pub fn answer_end_unknown(&self) -> bool {
+        self.responses.is_framing_lost()
+    }
+
     /// The rate limit the driver must ask about the request just judged (taken: asked once); answer with
     /// [`Connection::on_admitted`].
     pub fn take_admission(&mut self) -> Option<RateLimit> {

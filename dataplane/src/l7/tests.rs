@@ -596,6 +596,44 @@ fn a_request_for_another_route_waits_for_the_answers_then_goes_to_a_new_upstream
     assert_eq!(c.summary().refusal, None);
 }
 
+/// The request timeout's two outcomes depend on whether the answer has begun: before, a `504` can still be said;
+/// after part of it went to the client, the answer is cut and nothing is added to it.
+#[test]
+fn a_timeout_before_the_answer_gets_504_and_one_during_it_is_a_cut_with_nothing_added() {
+    let (policy, rule) = service_policy();
+    let request = b"GET / HTTP/1.1\r\nHost: svc.test\r\nwant: v1\r\n\r\n";
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    client_data(&mut c, request, &policy);
+    flush_upstream(&mut c, &policy);
+    assert!(!c.answer_started());
+    c.on_upstream_data(&OK_5[..OK_5.len() - 2], &mut |_| {});
+    assert!(c.answer_started() && !c.upstream_idle() && !c.answer_end_unknown());
+    c.on_answer_cut("answer not complete within 1 s");
+    assert_eq!(c.summary().refusal, Some(Refusal::UpstreamTimeout));
+    assert_eq!(c.summary().upstream_error, "answer not complete within 1 s");
+    assert!(c.to_client().is_empty(), "no status after part of an answer");
+    assert!(!c.wants_upstream());
+
+    // A whole answer, then a second request with nothing back yet: a 504 may follow the first answer.
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    client_data(&mut c, request, &policy);
+    flush_upstream(&mut c, &policy);
+    c.on_upstream_data(OK_5, &mut |_| {});
+    client_data(&mut c, request, &policy);
+    flush_upstream(&mut c, &policy);
+    assert!(!c.answer_started() && !c.upstream_idle());
+    c.on_upstream_refused(Refusal::UpstreamTimeout, "no answer within 1 s");
+    let answer = String::from_utf8_lossy(c.to_client()).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 504 Gateway Timeout"), "{answer}");
+
+    // An answer whose end cannot be told (a malformed head): no deadline can be kept for it.
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    client_data(&mut c, request, &policy);
+    flush_upstream(&mut c, &policy);
+    c.on_upstream_data(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", &mut |_| {});
+    assert!(c.answer_end_unknown());
+}
+
 #[test]
 fn a_weighted_route_picks_the_subset_of_every_request_on_a_keep_alive_connection() {
     let (policy, rule) = service_policy();

@@ -86,6 +86,11 @@ impl ResponseFramer {
         matches!(self.state, State::Opaque | State::UntilClose)
     }
 
+    /// The framing is unknown from here on (not merely running to the close).
+    pub fn is_framing_lost(&self) -> bool {
+        self.state == State::Opaque
+    }
+
     /// Bytes from upstream, in order; `event` hears of each final status and each end of response.
     pub fn feed(&mut self, mut data: &[u8], event: &mut impl FnMut(ResponseEvent)) {
         while !data.is_empty() {
