@@ -529,7 +529,7 @@ fn outsiders_cannot_use_up_an_inside_hosts_flow_quota() {
     std::fs::write(&path, format!("{text}\n[nat]\nmax_flows_per_source = 400\n")).unwrap();
     let gw = Gateway::start(&lab, &path);
     let run = |first: u16, count: u16| lab.udp_flows("10.10.0.2", first, count);
-    assert_eq!(run(30000, 130), 130, "the host's 130 flows; {}\n{}", gw.drops(), gw.log_text());
+    assert_eq!(run(30000, 130), 130, "the host's 130 flows; {}\n{}", gw.packet_counters(), gw.log_text());
     // From ext, spoofing the server: 40 source ports at each of the 130 mapped ports.
     let ext_mac = lab.mac("ext", "ext0");
     let gw_out_mac = lab.mac("gw", "gw-out");
@@ -553,7 +553,7 @@ fn outsiders_cannot_use_up_an_inside_hosts_flow_quota() {
         "the spray beyond 32 sessions per mapping refused as unsolicited_flow_limit",
     );
     // The host's own quota is untouched: 50 more flows work (200 per worker of the 400 with two workers).
-    assert_eq!(run(31000, 50), 50, "the host's own new flows after the spray; {}", gw.drops());
+    assert_eq!(run(31000, 50), 50, "the host's own new flows after the spray; {}", gw.packet_counters());
     assert_eq!(counter(&gw, "source_flow_limit"), 0.0);
 }
 

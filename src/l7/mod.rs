@@ -867,19 +867,19 @@ impl Driver {
             let timeout = conn.target.as_ref().and_then(|t| t.request_timeout_nanos);
             if let (Some(since), Some(limit)) = (conn.awaiting_since, timeout) {
                 let timed_out = now.as_nanos().saturating_sub(since.as_nanos()) > limit && !conn.upstream_eof;
-                let answer_started = conn.engine.answer_started();
+                let (answer_started, secs) = (conn.engine.answer_started(), limit / 1_000_000_000);
+                // (`can_retry` holds only while nothing of the answer has come.)
                 if timed_out
                     && retry.is_none()
-                    && !answer_started
                     && retry_policy.is_some_and(|on| on.reset)
                     && conn.engine.can_retry()
                 {
-                    retry = Some(format!("no answer within {} s", limit / 1_000_000_000));
+                    retry = Some(format!("no answer within {secs} s"));
                 } else if timed_out && retry.is_none() {
                     let detail = if answer_started {
-                        format!("answer not complete within {} s", limit / 1_000_000_000)
+                        format!("answer not complete within {secs} s")
                     } else {
-                        format!("no answer within {} s", limit / 1_000_000_000)
+                        format!("no answer within {secs} s")
                     };
                     if let Some(Target { server, service: Some(svc), .. }) = conn.target.as_ref() {
                         self.t.stats.endpoint_failures.fetch_add(1, Ordering::Relaxed);

@@ -356,7 +356,7 @@ impl<'a> Gateway<'a> {
 
     /// Every drop counter (egressd's and the kernel's at its sockets) that is not zero, and the frames received,
     /// sent and handed over, for failure messages: they tell whether a lost packet died in egressd or beyond it.
-    pub fn drops(&self) -> String {
+    pub fn packet_counters(&self) -> String {
         let shown: Vec<String> = self
             .metrics()
             .into_iter()

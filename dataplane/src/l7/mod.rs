@@ -706,13 +706,9 @@ impl Connection {
         if matches!(self.state, State::Refused(_)) {
             return;
         }
-        self.summary.upstream_error = detail.to_string();
-        self.summary.refusal = Some(Refusal::UpstreamTimeout);
-        self.pending.clear();
-        self.ready = 0;
-        self.upstream_wanted = false;
+        self.on_upstream_refused(Refusal::UpstreamTimeout, detail);
+        // The 504 written for it cannot follow part of an answer.
         self.to_client.clear();
-        self.state = State::Refused(Refusal::UpstreamTimeout);
     }
 
     /// Something of the next answer has come from upstream (and gone to the client): a refusal can no longer be
