@@ -1167,6 +1167,122 @@ for k, v in counts.items(): print(k, v)
     assert!(body.contains("No required SSL certificate was sent"), "{body}");
 }
 
+/// The seed service for TLS clients: nginx.external.svc.cluster.local:443, endpoints v1 (203.0.113.20) and v2
+/// (.21), a route by the `want` header to v1, then `more_routes`.
+fn tls_client_service(more_routes: &str) -> String {
+    format!(
+        r#"
+[[service]]
+name = "nginx-tls"
+hosts = ["nginx.external.svc.cluster.local"]
+port = 443
+
+[[service.endpoint]]
+address = "203.0.113.20"
+labels = {{ version = "v1" }}
+
+[[service.endpoint]]
+address = "203.0.113.21"
+labels = {{ version = "v2" }}
+
+[[service.subset]]
+name = "v1"
+labels = {{ version = "v1" }}
+
+[[service.subset]]
+name = "v2"
+labels = {{ version = "v2" }}
+
+[[service.route]]
+name = "want-v1"
+headers = {{ want = "v1" }}
+to = "v1"
+{more_routes}"#
+    )
+}
+
+/// TLS clients routed by their SNI (Istio's VirtualService `tls` routes): a client that speaks TLS itself to
+/// nginx.external.svc.cluster.local:443, dialling an address no server has, reaches an endpoint of the service's
+/// route without conditions (v2), with its own TLS session passed through: it verifies the server's certificate,
+/// and the server sees the client's certificate and the egress IP (without one, nginx's own 400 comes back). A
+/// `want: v1` header changes nothing (egressd cannot see it). With only the header route left after a reload, the
+/// same client gets an alert at once, counted as `no_route`, and no server hears of it.
+#[test]
+fn tls_clients_naming_a_service_reach_its_endpoints_with_their_own_tls() {
+    let lab = Lab::up(false);
+    let certs = certificates_for("DNS:nginx.external.svc.cluster.local");
+    let nginx = TlsNginx::start(&lab, certs.path(), &[("203.0.113.20", "v1"), ("203.0.113.21", "v2")]);
+    let rule = "ports = [443]\naction = \"l7\"\nhosts = [\"nginx.external.svc.cluster.local\"]";
+    let tls_route = "\n[[service.route]]\nname = \"tls\"\nto = \"v2\"\n";
+    let (_dir, config, original) =
+        lab_config(|text| format!("{}\n{}", replace_web_rule(text, rule), tls_client_service(tls_route)));
+    let gw = Gateway::start(&lab, &config);
+    let file = |name: &str| certs.path().join(name).display().to_string();
+    let (ca, cert, key) = (file("ca.pem"), file("client.pem"), file("client.key"));
+    let to_the_service = [
+        "--cacert",
+        &ca,
+        "--resolve",
+        "nginx.external.svc.cluster.local:443:203.0.113.10",
+        "https://nginx.external.svc.cluster.local/",
+    ];
+    let with_cert = |extra: &[&str]| {
+        let mut args = vec!["--cert", cert.as_str(), "--key", key.as_str()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&to_the_service);
+        curl(&lab, &args)
+    };
+
+    let (code, body, err, _) = with_cert(&[]);
+    assert_eq!(code, 0, "{err}\ngateway log:\n{}", gw.log_text());
+    assert_eq!(
+        body.trim(),
+        "v2 client=CN=egressd-client from=192.0.2.10",
+        "the client's own certificate at v2"
+    );
+    let (code, body, err, _) = with_cert(&["-H", "want: v1"]);
+    assert_eq!((code, body.trim()), (0, "v2 client=CN=egressd-client from=192.0.2.10"), "{err}");
+    // No client certificate: egressd has none to add (its TLS is the client's), so nginx refuses on its own.
+    let (code, body, err, _) = curl(&lab, &[&["-i"][..], &to_the_service].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(body.starts_with("HTTP/1.1 400") && body.contains("No required SSL certificate"), "{body}");
+    wait_for(
+        || {
+            gw.log_text().lines().any(|l| {
+                l.contains("l7 connection")
+                    && l.contains(r#"service="nginx-tls""#)
+                    && l.contains(r#"route="tls""#)
+                    && l.contains(r#"subset="v2""#)
+                    && l.contains("upstream=203.0.113.21:443")
+            })
+        },
+        "the access line names service, route, subset and endpoint",
+    );
+    let out = Command::new(support::egressd_bin())
+        .args(["explain", &config.display().to_string(), "--src", "10.10.0.2", "--dst", "203.0.113.10:443"])
+        .args(["--sni", "nginx.external.svc.cluster.local"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("TLS clients naming it take route tls"), "{text}");
+
+    // Hostile to the routing: every route left needs the request. Refused at once, nothing reaches a server.
+    std::fs::write(&config, format!("{}\n{}", replace_web_rule(&original, rule), tls_client_service("")))
+        .unwrap();
+    gw.signal("HUP");
+    wait_for(|| gw.metric(r#"egressd_reloads_total{result="ok"}"#) >= 1.0, "the reload");
+    let handshakes = nginx.access_log().lines().count();
+    let (code, _, err, took) = with_cert(&[]);
+    assert_ne!(code, 0, "refused");
+    assert!(err.to_lowercase().contains("alert") || err.contains("access denied"), "{err}");
+    assert!(took < 2.0, "refused after {took:.1} s: must be immediate");
+    wait_for(
+        || gw.metric(r#"egressd_l7_refused_total{reason="no_route"}"#) >= 1.0,
+        "the refusal counted as no_route",
+    );
+    assert_eq!(nginx.access_log().lines().count(), handshakes, "no server heard of it");
+}
+
 /// Routing and endpoint health: a request whose `want` header matches no route (with the split route gone) gets
 /// 404; requests for two routes on one client connection each reach their subset. In subset v1, an endpoint that
 /// refuses connections (203.0.113.22, nothing listening) costs no request (the next endpoint is tried), is ejected

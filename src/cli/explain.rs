@@ -374,10 +374,18 @@ fn explain_service(
     let service = services.get(services.lookup(host, flow.port)?)?;
     let (method, path) = (flow.method.as_deref().unwrap_or("GET"), flow.path.as_deref().unwrap_or("/"));
     let header = |name: &str| flow.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_bytes());
+    // A TLS client shows only the name: its route is the first without conditions on the request.
+    let tls_clients = match service.tls_route() {
+        Some(r) => format!(
+            "TLS clients naming it take route {}, their own TLS passed through",
+            service.route_name(r)
+        ),
+        None => "TLS clients naming it are refused (every route needs to see the request)".to_string(),
+    };
     let Some(route) = service.route(method, path, header) else {
         let _ = write!(
             reason,
-            "; service {}: no route matches {method} {path}, the client gets 404",
+            "; service {}: no route matches {method} {path}, the client gets 404; {tls_clients}",
             service.name()
         );
         return Some(ServiceRoute { service: service.name().to_string(), route: None, subsets: Vec::new() });
@@ -413,7 +421,7 @@ fn explain_service(
         .collect();
     let _ = write!(
         reason,
-        "; service {}, route {}: to {} instead of the dialled address",
+        "; service {}, route {}: to {} instead of the dialled address; {tls_clients}",
         service.name(),
         service.route_name(route),
         shares.join(", ")

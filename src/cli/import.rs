@@ -613,7 +613,9 @@ fn virtual_service(v: &Value, what: &str, notes: &mut Vec<String>, routed_hosts:
         for route in seq(v, &["spec", kind]) {
             for m in seq(route, &["match"]) {
                 for key in ["headers", "uri", "method", "queryParams", "sniHosts", "authority"] {
-                    let done = routed && kind == "http" && matches!(key, "headers" | "uri" | "method");
+                    let done = routed
+                        && ((kind == "http" && matches!(key, "headers" | "uri" | "method"))
+                            || (kind == "tls" && key == "sniHosts"));
                     if get(m, &[key]).is_some() && !done {
                         untranslated.insert(format!("match on {key}"));
                     }
@@ -763,7 +765,11 @@ fn routing_services(docs: &[Document], notes: &mut Vec<String>) -> (Vec<Service>
         let what = describe(vs);
         let vs_gateways = texts(vs, &["spec", "gateways"]);
         let hosts = texts(vs, &["spec", "hosts"]);
-        for (index, route) in seq(vs, &["spec", "http"]).iter().enumerate() {
+        // HTTP routes, and TLS routes (by SNI, for clients that speak TLS themselves: no request conditions).
+        let routes = ["http", "tls"].into_iter().flat_map(|kind| {
+            seq(vs, &["spec", kind]).iter().enumerate().map(move |(index, route)| (kind, index, route))
+        });
+        for (kind, index, route) in routes {
             let destinations = seq(route, &["route"]);
             let Some(dest_host) = destinations.first().and_then(|d| text(d, &["destination", "host"])) else {
                 continue;
@@ -777,7 +783,7 @@ fn routing_services(docs: &[Document], notes: &mut Vec<String>) -> (Vec<Service>
             }
             if destinations.iter().any(|d| text(d, &["destination", "host"]).as_deref() != Some(&dest_host)) {
                 notes.push(format!(
-                    "{what}: http route {}: destinations on several hosts, not translated",
+                    "{what}: {kind} route {}: destinations on several hosts, not translated",
                     index + 1
                 ));
                 continue;
@@ -803,10 +809,13 @@ fn routing_services(docs: &[Document], notes: &mut Vec<String>) -> (Vec<Service>
             let match_list: Vec<Option<&Value>> =
                 if matches.is_empty() { vec![None] } else { matches.into_iter().map(Some).collect() };
             for m in match_list.into_iter().filter(|m| on_gateway(*m)) {
-                let port = m.and_then(|m| text(m, &["port"])).and_then(|p| p.parse().ok()).unwrap_or(80u16);
+                let default_port = if kind == "tls" { 443 } else { 80 };
+                let port =
+                    m.and_then(|m| text(m, &["port"])).and_then(|p| p.parse().ok()).unwrap_or(default_port);
+                let unnamed = if kind == "tls" { "tls-route" } else { "route" };
                 let mut r = RouteOut {
                     name: rule_name(&[
-                        &text(route, &["name"]).unwrap_or_else(|| format!("route-{}", index + 1))
+                        &text(route, &["name"]).unwrap_or_else(|| format!("{unnamed}-{}", index + 1))
                     ]),
                     ..RouteOut::default()
                 };
@@ -847,8 +856,11 @@ fn routing_services(docs: &[Document], notes: &mut Vec<String>) -> (Vec<Service>
                         (subset, weight)
                     })
                     .collect();
+                // A TLS route's sniHosts narrow the VirtualService's hosts.
+                let sni_hosts = m.map(|m| texts(m, &["sniHosts"])).unwrap_or_default();
+                let names = if sni_hosts.is_empty() { &hosts } else { &sni_hosts };
                 let hosts_here: Vec<String> =
-                    hosts.iter().filter(|h| !is_wildcard(h) && *h != "*").cloned().collect();
+                    names.iter().filter(|h| !is_wildcard(h) && *h != "*").cloned().collect();
                 if hosts_here.is_empty() {
                     continue;
                 }
@@ -1229,6 +1241,37 @@ mod tests {
         assert_eq!(s.routes[0].paths, ["/v2*"]);
         assert_eq!(s.routes[0].methods, ["GET"]);
         assert_eq!(s.routes[0].to, [(String::new(), 100)]);
+        assert!(notes.is_empty(), "{notes:?}");
+    }
+
+    /// A VirtualService's `tls` route (by SNI) becomes a route without conditions on a service of the matched port,
+    /// for the sniHosts; its subset split carries over, and sniHosts is not reported as untranslated.
+    #[test]
+    fn a_tls_route_by_sni_becomes_a_route_without_conditions() {
+        let docs: Vec<Document> = [
+            "kind: ServiceEntry\nmetadata: {name: se}\nspec:\n  hosts: [api.test, www.api.test]\n  ports: [{number: 443, \
+             name: tls, protocol: TLS}]\n  endpoints: [{address: 203.0.113.5, labels: {v: a}}, {address: 203.0.113.6, \
+             labels: {v: b}}]",
+            "kind: DestinationRule\nmetadata: {name: dr}\nspec:\n  host: api.test\n  subsets: [{name: a, labels: {v: a}}, \
+             {name: b, labels: {v: b}}]",
+            "kind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [api.test, www.api.test]\n  gateways: [egress]\n  \
+             tls:\n  - match: [{port: 443, sniHosts: [api.test]}]\n    route: [{destination: {host: api.test, subset: a}, \
+             weight: 90}, {destination: {host: api.test, subset: b}, weight: 10}]",
+        ]
+        .iter()
+        .map(|text| Document { origin: "t".into(), value: serde_yaml_ng::from_str(text).unwrap() })
+        .collect();
+        let mut notes = Vec::new();
+        let (services, covered) = routing_services(&docs, &mut notes);
+        assert_eq!(services.len(), 1, "{notes:?}");
+        let s = &services[0];
+        assert_eq!((s.port, s.hosts.as_slice()), (443, &["api.test".to_string()][..]));
+        let r = &s.routes[0];
+        assert_eq!(r.name, "tls-route-1");
+        assert!(r.headers.is_empty() && r.paths.is_empty() && r.methods.is_empty());
+        assert_eq!(r.to, [("a".to_string(), 90), ("b".to_string(), 10)]);
+        assert_eq!(s.endpoints[0].1, 443);
+        virtual_service(&docs[2].value, "vs", &mut notes, &covered);
         assert!(notes.is_empty(), "{notes:?}");
     }
 }

@@ -609,8 +609,12 @@ impl Driver {
                 }
             }
         }
-        // An idle upstream connection to the chosen endpoint, kept from an earlier client, is taken first.
-        if wants && conn.target.as_ref().is_some_and(|t| t.service.is_some()) {
+        // An idle upstream connection to the chosen endpoint, kept from an earlier client, is taken first (by plain
+        // HTTP clients only: a TLS client's session needs a connection of its own).
+        if wants
+            && conn.engine.summary().protocol == Some(Protocol::Http)
+            && conn.target.as_ref().is_some_and(|t| t.service.is_some())
+        {
             let mut upstreams = upstreams!(self);
             if upstreams.take_pooled(conn, key, policy, buf) {
                 wants = false;
@@ -1410,9 +1414,12 @@ fn choose_target(
         let server = balancer.pick_endpoint(now, service, generation, subset, &[]).ok_or_else(|| {
             format!("subset {} of service {} has no endpoint", service.subset_name(subset), service.name())
         })?;
+        // A TLS client's session passes through untouched: egressd neither wraps it in TLS of its own nor can it
+        // see where a request ends (no request timeout, no retries).
+        let client_tls = engine.summary().protocol == Some(Protocol::Tls);
         return Ok(Target {
             server,
-            tls: service.tls(subset).cloned(),
+            tls: service.tls(subset).filter(|_| !client_tls).cloned(),
             tls_key: (1, id.0, subset.map_or(0, |s| s as u32 + 1)),
             host,
             service: Some(ServiceTarget {
@@ -1427,12 +1434,15 @@ fn choose_target(
                 counted: false,
                 waiting_since: None,
                 retries_done: 0,
-                retries: service.spec().retries,
+                retries: if client_tls { 0 } else { service.spec().retries },
                 retry_on: service.spec().retry_on,
                 requests_before: 0,
                 requests_at_attach: 0,
             }),
-            request_timeout_nanos: service.request_timeout_secs(route).map(|s| u64::from(s) * 1_000_000_000),
+            request_timeout_nanos: service
+                .request_timeout_secs(route)
+                .filter(|_| !client_tls)
+                .map(|s| u64::from(s) * 1_000_000_000),
             connect_timeout_secs: service.spec().connect_timeout_secs.map(u64::from),
         });
     }

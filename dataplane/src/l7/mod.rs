@@ -171,6 +171,8 @@ enum State {
     /// An allowed request for a service's route, waiting for the driver to pick its subset (see
     /// [`Connection::take_subset_pick`]).
     Picking { head_len: usize, body: BodyFraming },
+    /// An allowed ClientHello naming a service, waiting for the driver to pick its subset; then it splices.
+    PickingTls,
 }
 
 /// Where a connection's upstream goes under a service: the service, the route its requests matched, and the subset
@@ -396,10 +398,18 @@ impl Connection {
     /// The subset the request goes to (`None`: any endpoint of the service). When it differs from the upstream
     /// connection's, the request waits for a connection of its own (see [`Connection::wants_reroute`]).
     pub fn on_subset_picked(&mut self, subset: Option<usize>, policy: &PolicySnapshot) {
-        let State::Picking { head_len, body } = self.state else { return };
-        self.judged_subset = Some(subset);
-        self.forward_request(head_len, body);
-        self.advance(policy);
+        match self.state {
+            State::Picking { head_len, body } => {
+                self.judged_subset = Some(subset);
+                self.forward_request(head_len, body);
+                self.advance(policy);
+            }
+            State::PickingTls => {
+                self.judged_subset = Some(subset);
+                self.splice();
+            }
+            _ => {}
+        }
     }
 
     /// Whether a request routed to `routed` (a service's route and subset, or `None`: the dialled address) would go
@@ -460,8 +470,17 @@ impl Connection {
                     self.summary.name = hello.server_name.to_ascii_lowercase();
                     let max_version = hello.max_version;
                     let conditions = policy.l7_conditions(self.rule).map(|c| c.conditions());
+                    // A service named by the SNI and the dialled port: the route a TLS client can take (one
+                    // without conditions on the request, which stays encrypted).
+                    let services = policy.services();
+                    let routed = services
+                        .lookup(&self.summary.name, self.dialled_port)
+                        .and_then(|id| services.get(id).map(|s| (id, s.tls_route())));
                     let why = if !policy.host_allowed(self.rule, &self.summary.name) {
                         Some(Refusal::HostNotAllowed)
+                    } else if let Some((_, None)) = routed {
+                        // Nowhere to send it, even in a dry run.
+                        return self.refuse(Refusal::NoRoute);
                     } else if conditions.is_some_and(|c| c.needs_plaintext()) {
                         Some(Refusal::TlsNeedsPlaintext)
                     } else if conditions.and_then(|c| c.min_tls_version).is_some_and(|min| max_version < min)
@@ -475,6 +494,7 @@ impl Connection {
                             return;
                         }
                     }
+                    self.judged_route = routed.and_then(|(id, r)| r.map(|r| (id, r)));
                     if let Some(limit) = conditions.and_then(|c| c.rate_limit) {
                         self.to_admit = Some(limit);
                         self.state = State::Admitting(Admitted::Tls);
@@ -487,7 +507,8 @@ impl Connection {
                 | State::VerifyingRequest { .. }
                 | State::Admitting(_)
                 | State::Rerouting { .. }
-                | State::Picking { .. } => return,
+                | State::Picking { .. }
+                | State::PickingTls => return,
                 State::RequestHead => {
                     if unjudged.is_empty() {
                         return;
@@ -633,6 +654,18 @@ impl Connection {
             self.state = State::VerifyingTls;
             return;
         }
+        self.splice();
+    }
+
+    /// A TLS connection allowed in full: its bytes go through untouched from now on, to the dialled address, or
+    /// (its SNI naming a service) once the driver picked the subset, to one of the service's endpoints.
+    fn splice(&mut self) {
+        if let (Some(route), None) = (self.judged_route, self.judged_subset) {
+            self.to_pick = Some(route);
+            self.state = State::PickingTls;
+            return;
+        }
+        self.route = self.judged_upstream();
         self.upstream_wanted = true;
         self.ready = self.pending.len();
         self.state = State::Splicing;
@@ -805,9 +838,7 @@ impl Connection {
         match self.state {
             State::VerifyingTls if verified => {
                 self.verified_name = Some(self.summary.name.clone());
-                self.upstream_wanted = true;
-                self.ready = self.pending.len();
-                self.state = State::Splicing;
+                self.splice();
             }
             State::VerifyingRequest { head_len, body } if verified => {
                 self.verified_name = Some(self.summary.name.clone());
@@ -824,9 +855,7 @@ impl Connection {
                     self.forward_request(head_len, body);
                     self.advance(policy);
                 } else {
-                    self.upstream_wanted = true;
-                    self.ready = self.pending.len();
-                    self.state = State::Splicing;
+                    self.splice();
                 }
             }
             _ => {}
@@ -1053,6 +1082,7 @@ fn tls_alert(why: Refusal) -> [u8; 7] {
     const DECODE_ERROR: u8 = 50;
     const UNRECOGNIZED_NAME: u8 = 112;
     const PROTOCOL_VERSION: u8 = 70;
+    const INTERNAL_ERROR: u8 = 80;
     let description = match why {
         Refusal::BadClientHello(
             HelloError::NoServerName
@@ -1062,6 +1092,8 @@ fn tls_alert(why: Refusal) -> [u8; 7] {
         ) => UNRECOGNIZED_NAME,
         Refusal::BadClientHello(_) => DECODE_ERROR,
         Refusal::TlsVersionTooOld => PROTOCOL_VERSION,
+        // Not the client's doing: the upstream side failed it.
+        Refusal::NoHealthyEndpoint | Refusal::ServiceOverloaded | Refusal::UpstreamTimeout => INTERNAL_ERROR,
         _ => ACCESS_DENIED,
     };
     [ALERT, 3, 3, 0, 2, FATAL, description]

@@ -514,6 +514,11 @@ fn under_tls_origination_a_connection_keeps_its_first_host_and_a_failed_tls_answ
 /// A policy whose `l7` rule allows svc.test and httpbin.test, with a service for svc.test:80 routing `want: v1`
 /// to subset v1 and `want: v2` to v2 (no default route).
 fn service_policy() -> (PolicySnapshot, RuleId) {
+    service_policy_with(false)
+}
+
+/// [`service_policy`]; `default_route`: its last route (`split`, half to each subset) has no conditions.
+fn service_policy_with(default_route: bool) -> (PolicySnapshot, RuleId) {
     use crate::policy::service::{
         EndpointSpec, HeaderMatch, RouteSpec, ServiceSpec, SubsetSpec, ValueMatch, WeightedSubset,
     };
@@ -555,6 +560,7 @@ fn service_policy() -> (PolicySnapshot, RuleId) {
                     WeightedSubset { subset: Some(0), weight: 1 },
                     WeightedSubset { subset: Some(1), weight: 1 },
                 ],
+                headers: if default_route { vec![] } else { route("split", 0).headers },
                 ..route("split", 0)
             },
         ],
@@ -767,4 +773,64 @@ fn connection_close_stays_on_the_clients_hop_for_services_only() {
     client_data(&mut c, plain, &policy);
     assert_eq!(flush_upstream(&mut c, &policy), plain);
     assert!(!c.client_asked_close());
+}
+
+/// A TLS client shows only its SNI: when that name and the dialled port are a service's, the connection takes the
+/// service's first route without conditions on the request, and its bytes (the ClientHello first) go untouched to
+/// an endpoint of the subset picked. A service whose every route needs to see the request refuses it with an
+/// alert; another port or a name that is no service's goes to the dialled address.
+#[test]
+fn a_client_hello_naming_a_service_splices_to_its_route_without_conditions() {
+    let (policy, rule) = service_policy_with(true);
+    let id = policy.services().lookup("svc.test", 80).unwrap();
+    let hello = client_hello("svc.test");
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    c.on_client_data(&hello, &policy);
+    assert!(!c.wants_upstream(), "no upstream before the subset is picked");
+    let mut balancer = Balancer::new();
+    answer_picks(&mut c, &policy, &mut balancer);
+    let route = c.upstream_route().expect("routed to the service");
+    assert_eq!((route.service, route.route), (id, 2), "the split route, the only one without conditions");
+    assert!(route.subset.is_some());
+    assert!(c.wants_upstream() && c.is_splicing());
+    assert_eq!(flush_upstream(&mut c, &policy), hello, "the ClientHello goes upstream untouched");
+    // What follows is TLS too: spliced, never read as HTTP, never answered by egressd.
+    let records = b"\x17\x03\x03\x00\x03abcGET / HTTP/1.1\r\n\r\n";
+    c.on_client_data(records, &policy);
+    assert_eq!(flush_upstream(&mut c, &policy), records);
+    assert_eq!((c.summary().refusal, c.summary().requests_allowed), (None, 0));
+    // The subset is picked per connection by the route's weights: both subsets get connections.
+    let mut subsets = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+        c.on_client_data(&hello, &policy);
+        answer_picks(&mut c, &policy, &mut balancer);
+        subsets.insert(c.upstream_route().and_then(|r| r.subset));
+    }
+    assert_eq!(subsets.len(), 2, "{subsets:?}");
+
+    // Hostile: every route of the service matches on headers, which TLS hides. Refused with an alert at once,
+    // nothing upstream, even though the rule allows the name.
+    let (policy, rule) = service_policy();
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    client_data(&mut c, &hello, &policy);
+    assert!(!c.wants_upstream() && c.to_upstream().is_empty());
+    assert_eq!(c.summary().refusal, Some(Refusal::NoRoute));
+    assert_eq!(c.to_client(), [21, 3, 3, 0, 2, 2, 49], "a fatal access_denied alert");
+
+    // Another dialled port, or a name that is no service's: the dialled address.
+    for (name, port) in [("svc.test", 443), ("httpbin.test", 80)] {
+        let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(port);
+        client_data(&mut c, &client_hello(name), &policy);
+        assert!(c.is_splicing() && c.upstream_route().is_none(), "{name}:{port}");
+    }
+
+    // No endpoint left for it: an internal_error alert (not the client's fault), not an HTTP status.
+    let (policy, rule) = service_policy_with(true);
+    let mut c = Connection::new(Instant::ZERO, rule, L7Limits::default()).with_dialled_port(80);
+    client_data(&mut c, &hello, &policy);
+    c.on_no_endpoint("203.0.113.21:443 (connection refused)");
+    assert_eq!(c.to_client(), [21, 3, 3, 0, 2, 2, 80]);
+    assert_eq!(c.summary().refusal, Some(Refusal::NoHealthyEndpoint));
+    assert!(!c.wants_upstream());
 }

@@ -1,7 +1,10 @@
-//! Services: where plain HTTP requests for a name go instead of the address the client dialled. One `[[service]]`
-//! holds what Istio spreads over a ServiceEntry (hosts, port, endpoints with labels), a DestinationRule (subsets by
-//! label, upstream TLS, load balancing, outlier ejection) and a VirtualService (routes by header, path and method to
-//! subsets, with weights).
+//! Services: where plain HTTP requests (and TLS clients, by SNI) for a name go instead of the address the client
+//! dialled. One `[[service]]` holds what Istio spreads over a ServiceEntry (hosts, port, endpoints with labels), a
+//! DestinationRule (subsets by label, upstream TLS, load balancing, outlier ejection) and a VirtualService (routes
+//! by header, path and method to subsets, with weights).
+//!
+//! A TLS client shows only its SNI: it takes the first route without conditions on the request
+//! ([`CompiledService::tls_route`]) and its own TLS passes through to the endpoint.
 //!
 //! The policy still decides first: a request reaches a service only under an `l7` rule that allows its Host. Then,
 //! when the Host and the port the client dialled name a service, its first matching route picks the subset (by
@@ -332,6 +335,19 @@ impl CompiledService {
             });
             method_ok && path_ok && headers_ok
         })
+    }
+
+    /// The route a TLS client takes: its ClientHello shows the name and nothing of the request, so the first route
+    /// without conditions on method, path or headers (with no routes at all, the implicit route 0). `None`: every
+    /// route needs to see the request.
+    pub fn tls_route(&self) -> Option<usize> {
+        if self.spec.routes.is_empty() {
+            return Some(0);
+        }
+        self.spec
+            .routes
+            .iter()
+            .position(|r| r.methods.is_empty() && r.paths.is_empty() && r.headers.is_empty())
     }
 
     /// Route `route`'s destinations (the implicit route: every endpoint).
