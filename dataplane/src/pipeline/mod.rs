@@ -919,8 +919,15 @@ impl Pipeline {
             taken += 1;
             let packet = p.packet();
             let len = ethernet::HEADER_LEN + packet.len();
-            let Some(out) = frame.get_mut(..len) else { continue };
-            let Some(dst) = ipv4::fixed(packet).map(|h| Ipv4Addr::from(ipv4::dst(h))) else { continue };
+            // (The L7 stack writes whole IPv4 packets within its MTU: both are never expected, and still counted.)
+            let Some(out) = frame.get_mut(..len) else {
+                self.stats.count_drop(DropReason::FrameTooLarge);
+                continue;
+            };
+            let Some(dst) = ipv4::fixed(packet).map(|h| Ipv4Addr::from(ipv4::dst(h))) else {
+                self.stats.count_drop(DropReason::BadIpLength);
+                continue;
+            };
             match self.snapshot.lookup_l2(Side::Inside, dst) {
                 Ok(macs) => {
                     out[..ethernet::MACS_LEN].copy_from_slice(&macs);
