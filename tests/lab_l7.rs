@@ -954,6 +954,24 @@ impl Drop for ClientHosts {
     }
 }
 
+/// The seed scenario's endpoints: v1 at 203.0.113.20, v2 at 203.0.113.21, and a subset of each.
+const SEED_ENDPOINTS: &str = r#"[[service.endpoint]]
+address = "203.0.113.20"
+labels = { version = "v1" }
+
+[[service.endpoint]]
+address = "203.0.113.21"
+labels = { version = "v2" }
+
+[[service.subset]]
+name = "v1"
+labels = { version = "v1" }
+
+[[service.subset]]
+name = "v2"
+labels = { version = "v2" }
+"#;
+
 /// The service of the seeds' egress scenario: plain HTTP to nginx.external.svc.cluster.local:80, routed by the
 /// `want` header to subset v1 (203.0.113.20) or v2 (203.0.113.21), the rest split 80/20, over mutual TLS with the
 /// lab CA. `extra` is appended to the `[[service]]` table.
@@ -967,22 +985,7 @@ hosts = ["nginx.external.svc.cluster.local"]
 port = 80
 {tls}upstream_ca = "{ca}"
 {extra}
-[[service.endpoint]]
-address = "203.0.113.20"
-labels = {{ version = "v1" }}
-
-[[service.endpoint]]
-address = "203.0.113.21"
-labels = {{ version = "v2" }}
-
-[[service.subset]]
-name = "v1"
-labels = {{ version = "v1" }}
-
-[[service.subset]]
-name = "v2"
-labels = {{ version = "v2" }}
-
+{SEED_ENDPOINTS}
 [[service.route]]
 name = "want-v1"
 headers = {{ want = "v1" }}
@@ -1177,22 +1180,7 @@ name = "nginx-tls"
 hosts = ["nginx.external.svc.cluster.local"]
 port = 443
 
-[[service.endpoint]]
-address = "203.0.113.20"
-labels = {{ version = "v1" }}
-
-[[service.endpoint]]
-address = "203.0.113.21"
-labels = {{ version = "v2" }}
-
-[[service.subset]]
-name = "v1"
-labels = {{ version = "v1" }}
-
-[[service.subset]]
-name = "v2"
-labels = {{ version = "v2" }}
-
+{SEED_ENDPOINTS}
 [[service.route]]
 name = "want-v1"
 headers = {{ want = "v1" }}

@@ -28,7 +28,7 @@ use crate::xsk::{wait_readable, Port};
 use crate::Side;
 
 /// How long an adaptive worker polls on after traffic by default (`[dataplane] idle_spin_us`).
-pub const DEFAULT_IDLE_SPIN_US: u64 = 0;
+pub const DEFAULT_IDLE_SPIN_US: u64 = 50_000;
 
 /// How a worker waits when there is no traffic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

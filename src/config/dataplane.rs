@@ -9,7 +9,7 @@
 //! ring_size = 2048                  # each AF_XDP ring; the UMEM has 2 × ring_size frames
 //! frame_size = 2048                 # UMEM frame bytes (2048 or 4096)
 //! idle = "adaptive"                 # "busy" | "adaptive": poll on for idle_spin_us after traffic, then block
-//! idle_spin_us = 0                  # adaptive: how long to keep polling (yielding the core) after the last frame
+//! idle_spin_us = 50000              # adaptive: how long to keep polling (yielding the core) after the last frame
 //! xdp_mode = "auto"                 # "auto" (native, else skb) | "native" | "skb"
 //! egress_ips = ["192.0.2.10"]       # addresses on `outside` that belong to egressd, not to the kernel
 //! clamp_mss = false                 # lower the MSS of TCP SYNs to fit the smaller interface MTU (MTU - 40)
@@ -209,7 +209,7 @@ mod tests {
         assert_eq!(d.cores(), vec![0]);
         assert_eq!((d.batch_size(), d.ring_size(), d.frame_size()), (64, 2048, 2048));
         assert_eq!(d.idle, super::IdleMode::Adaptive);
-        assert_eq!(d.idle_spin(), std::time::Duration::ZERO);
+        assert_eq!(d.idle_spin(), std::time::Duration::from_millis(50));
         assert_eq!(d.xdp_mode, super::XdpMode::Auto);
         assert!(d.egress_ips().is_empty());
     }
