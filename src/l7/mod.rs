@@ -609,12 +609,8 @@ impl Driver {
                 }
             }
         }
-        // An idle upstream connection to the chosen endpoint, kept from an earlier client, is taken first (by plain
-        // HTTP clients only: a TLS client's session needs a connection of its own).
-        if wants
-            && conn.engine.summary().protocol == Some(Protocol::Http)
-            && conn.target.as_ref().is_some_and(|t| t.service.is_some())
-        {
+        // An idle upstream connection to the chosen endpoint, kept from an earlier client, is taken first.
+        if wants && conn.target.as_ref().is_some_and(|t| t.service.is_some()) {
             let mut upstreams = upstreams!(self);
             if upstreams.take_pooled(conn, key, policy, buf) {
                 wants = false;
@@ -1250,6 +1246,10 @@ fn close_pooled(
 }
 
 fn pool_key(conn: &Conn, generation: u64) -> Option<PoolKey> {
+    // Only plain HTTP clients share upstream connections: a TLS client's session is its own.
+    if conn.engine.summary().protocol != Some(Protocol::Http) {
+        return None;
+    }
     let target = conn.target.as_ref()?;
     let svc = target.service.as_ref()?;
     let tls = target.tls.as_ref().map(|_| (generation, target.tls_key));
